@@ -1,0 +1,28 @@
+"""The `minidisk` command: a click group that gathers the command modules."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+from minidisk.cli import serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+def cli(verbose: int) -> None:
+    """Userspace block storage for Linux."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="minidisk[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+for module in (serve,):
+    module.register(cli)
+
+
+def main() -> None:
+    cli(prog_name="minidisk", auto_envvar_prefix=None,
+        obj={"server": os.environ.get("MINIDISK_SERVER")})

@@ -1,0 +1,23 @@
+"""Block devices: the one interface every backend, target and server speaks."""
+
+from minidisk.device.api import (
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    BlockDevice,
+    BlockSize,
+    Caps,
+    Extent,
+    check_range,
+)
+from minidisk.device.adapter import from_object
+
+__all__ = [
+    "EXTENT_HOLE",
+    "EXTENT_ZERO",
+    "BlockDevice",
+    "BlockSize",
+    "Caps",
+    "Extent",
+    "check_range",
+    "from_object",
+]

@@ -1,0 +1,141 @@
+"""The block-device interface.
+
+Every device in minidisk (memory, host file, remote NBD export, device-mapper target) is a
+`BlockDevice`. The interface is asynchronous so that a device may wait (on a thread pool, on
+another server, on a suspended table) without blocking the event loop that serves it; devices
+that never wait simply do not await anything, and the server runs them without a task switch.
+
+Buffers are caller-owned `memoryview`s: `pread` fills the buffer the server will send, and
+`pwrite` receives the buffer the server read the payload into. Nothing copies to `bytes`.
+
+Errors are `OSError` with an errno. The server (not the device) maps them to NBD codes.
+
+Callers guarantee that every request lies inside the device and that only advertised
+operations are called: range and capability checks live in the server core (and in dm
+targets, which forward to their children), never in each device.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+# base:allocation flags, shared with the NBD wire format on purpose.
+EXTENT_HOLE = 1  # not allocated: a later write may fail with ENOSPC
+EXTENT_ZERO = 2  # reads as zeroes
+
+MAX_REQUEST = 32 * 1024 * 1024  # the payload every NBD client may assume (proto.md)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSize:
+    """Block-size constraints, as NBD_INFO_BLOCK_SIZE advertises them."""
+
+    minimum: int = 1
+    preferred: int = 4096
+    maximum: int = MAX_REQUEST
+
+    def __post_init__(self) -> None:
+        if not _power_of_two(self.minimum) or self.minimum > 65536:
+            raise ValueError(f"minimum block size {self.minimum} is not a power of two <= 64 KiB")
+        if not _power_of_two(self.preferred) or self.preferred < max(self.minimum, 512):
+            raise ValueError(f"preferred block size {self.preferred} is invalid")
+        if self.maximum < self.preferred or self.maximum % self.minimum:
+            raise ValueError(f"maximum block size {self.maximum} is invalid")
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """What a device really implements; the server advertises exactly this."""
+
+    read_only: bool = False
+    flush: bool = False
+    fua: bool = False
+    trim: bool = False
+    zero: bool = False
+    fast_zero: bool = False
+    extents: bool = False
+    cache: bool = False
+    multi_conn: bool = False
+    rotational: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of the device with the same allocation state (EXTENT_* flags)."""
+
+    offset: int
+    length: int
+    flags: int = 0
+
+
+class BlockDevice:
+    """Base class of every device. Subclasses override what their `caps` advertise.
+
+    Defaults are deliberately honest: an operation a device does not implement raises
+    EOPNOTSUPP, and `caps` defaults to a writable device with nothing optional.
+    """
+
+    size: int = 0
+    block_size: BlockSize = BlockSize()
+    caps: Caps = Caps()
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "read not implemented")
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        raise OSError(errno.EOPNOTSUPP, "write not implemented")
+
+    async def flush(self) -> None:
+        raise OSError(errno.EOPNOTSUPP, "flush not implemented")
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise OSError(errno.EOPNOTSUPP, "trim not implemented")
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        """Make the range read as zeroes. With `fast`, fail with ENOTSUP rather than be slow."""
+        if fast:
+            raise OSError(errno.ENOTSUP, "no fast zero")
+        await self.write_zeroes_slowly(offset, length, fua)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Ascending, contiguous extents starting at `offset` (the last may be short)."""
+        return [Extent(offset, length, 0)]
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch hint; the default reads and discards, like nbdkit's cache=emulate."""
+        chunk = bytearray(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            await self.pread(memoryview(chunk)[:n], offset)
+            offset += n
+
+    async def close(self) -> None:
+        """Release resources. Called once, when the device leaves the namespace."""
+
+    async def write_zeroes_slowly(self, offset: int, length: int, fua: bool) -> None:
+        """Emulate zeroing with writes of a zero buffer (for devices without native zero)."""
+        zeroes = memoryview(bytes(min(length, 1 << 20)))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            await self.pwrite(zeroes[:n], offset, fua)
+            offset += n
+
+    def describe(self) -> str:
+        """One line for status output."""
+        return type(self).__name__
+
+
+def check_range(size: int, offset: int, length: int) -> None:
+    """Raise EINVAL for a request that does not lie inside a device of `size` bytes."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise OSError(errno.EINVAL, f"range {offset}+{length} outside device of {size} bytes")
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
