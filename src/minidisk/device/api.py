@@ -27,6 +27,10 @@ EXTENT_ZERO = 2  # reads as zeroes
 MAX_REQUEST = 32 * 1024 * 1024  # the payload every NBD client may assume (proto.md)
 
 
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 @dataclass(frozen=True, slots=True)
 class BlockSize:
     """Block-size constraints, as NBD_INFO_BLOCK_SIZE advertises them."""
@@ -136,6 +140,3 @@ def check_range(size: int, offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > size:
         raise OSError(errno.EINVAL, f"range {offset}+{length} outside device of {size} bytes")
 
-
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
