@@ -1,0 +1,71 @@
+"""`attach` and `detach`: pick a backend, bring an export online, take it down again.
+
+Backends, best first:
+  netlink  kernel nbd configured over generic netlink (no process has to stay behind)
+  ioctl    kernel nbd configured by ioctls, a helper process blocked in NBD_DO_IT
+  nbdfuse  nbdfuse + loop device, for kernels without nbd (the CI machines)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from minidisk.kernel import fuseloop, nbdkernel, state
+from minidisk.kernel.errors import AttachError, NotAttachedError
+from minidisk.kernel.uri import NbdUri, parse_nbd_uri
+
+METHODS = ("auto", "netlink", "ioctl", "nbdfuse")
+
+
+def choose_method(uri: NbdUri, method: str = "auto") -> str:
+    if method not in METHODS:
+        raise AttachError(f"unknown attach method {method!r}; use one of {', '.join(METHODS)}")
+    if method != "auto":
+        return method
+    # The kernel client speaks plain NBD only; TLS URIs go through libnbd in nbdfuse.
+    if not uri.tls and uri.transport != "vsock":
+        kernel = nbdkernel.available()
+        if kernel:
+            return kernel
+    if fuseloop.available():
+        return "nbdfuse"
+    raise AttachError("no way to attach here: no nbd kernel module, and no /dev/fuse, "
+                      "nbdfuse (libnbd-bin) or losetup")
+
+
+def attach(uri_text: str, *, read_only: bool = False, method: str = "auto") -> state.Attachment:
+    """Bring the export at `uri_text` online as a kernel block device; return its state.
+
+    Returns once the device is usable; helpers it needed keep running after we exit.
+    """
+    uri = parse_nbd_uri(uri_text)
+    chosen = choose_method(uri, method)
+    if chosen == "nbdfuse":
+        return fuseloop.attach(uri, read_only)
+    return nbdkernel.attach(uri, read_only, use_netlink=chosen == "netlink")
+
+
+def device_name(device: str) -> str:
+    """`loop3`, `/dev/loop3` or a symlink to it → `loop3`; unknown paths are an error."""
+    path = device if "/" in device else f"/dev/{device}"
+    name = os.path.basename(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        # A kernel nbd device destroyed by a server disconnect leaves only our state behind.
+        if state.state_path(name).exists():
+            return name
+        raise NotAttachedError(f"{device}: no such device") from None
+    if not stat.S_ISBLK(mode):
+        raise NotAttachedError(f"{device} is not a block device")
+    return name
+
+
+def detach(device: str) -> None:
+    """Take down an attachment made by `attach`, in order; safe to repeat after a failure."""
+    with state.locked(device_name(device)) as attachment:
+        if attachment.method == "nbdfuse":
+            fuseloop.detach(attachment)
+        else:
+            nbdkernel.detach(attachment)

@@ -1,0 +1,191 @@
+"""Attach without a kernel nbd module: nbdfuse exposes the export as a file, losetup makes it
+a block device.
+
+Choices, and why:
+
+* nbdfuse mounts "naked" over a regular file in a private 0700 directory, so the FUSE mount
+  point *is* the loop device's backing file: no directory listing to go through and nothing for
+  other users to open.
+* nbdfuse is given the URI (so libnbd handles TLS and every transport) and keeps its default
+  multi-conn when the server advertises it: `-C` = number of CPUs, 2 to 4. One connection per
+  operation thread; more than the CPUs only adds context switches, fewer serialises the loop
+  device's parallel requests. nbdfuse itself turns multi-conn off when the server does not
+  offer it, so this is safe for any server.
+* Multithreaded FUSE (no `-s`) so the loop device's concurrent requests stay concurrent.
+* `losetup --direct-io=on`: the loop driver then submits O_DIRECT I/O to the FUSE file, so
+  data is cached once (in the loop device's page cache, above) instead of twice, and no dirty
+  FUSE pages wait for write-back under memory pressure — the deadlock nbdfuse(1) warns about
+  needs exactly those. Flushes still arrive: the loop driver turns REQ_PREFLUSH into fsync,
+  which nbdfuse turns into NBD_CMD_FLUSH.
+* nbdfuse runs in its own session with stdin closed and its cwd at "/", so it survives the
+  `minidisk attach` command and its terminal, and pins no directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+from minidisk.kernel import state
+from minidisk.kernel.commands import Helper, run, wait_until
+from minidisk.kernel.errors import AttachError, CommandError, DetachError
+from minidisk.kernel.mount import mounted_at, mounts_of
+from minidisk.kernel.uri import NbdUri
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0  # handshake with a slow or remote server
+EXIT_GRACE = 10.0  # nbdfuse exits by itself once unmounted
+
+
+def available() -> bool:
+    return (os.path.exists("/dev/fuse") and shutil.which("nbdfuse") is not None
+            and shutil.which("losetup") is not None)
+
+
+def connections() -> int:
+    return max(2, min(4, os.cpu_count() or 1))
+
+
+def attach(uri: NbdUri, read_only: bool) -> state.Attachment:
+    workdir = state.state_dir() / secrets.token_hex(6)
+    workdir.mkdir(parents=True, mode=0o700)
+    backing = workdir / "export"
+    backing.touch(mode=0o600)
+    fuse: Helper | None = None
+    device = ""
+    try:
+        fuse = _start_nbdfuse(uri, read_only, workdir, backing)
+        argv = ["losetup", "--find", "--show", "--direct-io=on"]
+        if read_only:
+            argv.append("--read-only")
+        device = run([*argv, str(backing)]).stdout.strip()
+        attachment = state.Attachment(
+            device=device, method="nbdfuse", uri=str(uri), read_only=read_only,
+            workdir=str(workdir), backing_file=str(backing), helpers=[fuse])
+        if _loop_sysfs(attachment, "dio") != "1":
+            log.warning("%s: loop direct I/O is off; data is cached twice", device)
+        state.save(attachment)
+        return attachment
+    except BaseException as e:  # also KeyboardInterrupt: never leave a half attachment
+        partial = state.Attachment(
+            device=device or "/dev/none", method="nbdfuse", uri=str(uri), read_only=read_only,
+            workdir=str(workdir), backing_file=str(backing), helpers=[fuse] if fuse else [])
+        try:
+            detach(partial)
+        except DetachError as cleanup:
+            log.error("cleaning up the failed attach: %s", cleanup)
+        if isinstance(e, CommandError):
+            raise AttachError(str(e)) from None
+        raise
+
+
+def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path) -> Helper:
+    pidfile = workdir / "nbdfuse.pid"
+    logfile = workdir / "nbdfuse.log"
+    argv = ["nbdfuse", "-P", str(pidfile), "-C", str(connections())]
+    if read_only:
+        argv.append("-r")
+    argv += [str(backing), str(uri)]
+    log.debug("starting %s", " ".join(argv))
+    with open(logfile, "wb") as log_out:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
+                                   stderr=subprocess.STDOUT, cwd="/", start_new_session=True)
+    helper = Helper.of("nbdfuse", process.pid)
+
+    def ready() -> bool:
+        return process.poll() is not None or (pidfile.exists() and pidfile.stat().st_size > 0)
+
+    if not wait_until(ready, READY_TIMEOUT):
+        raise AttachError(f"nbdfuse did not become ready within {READY_TIMEOUT:g} s "
+                          f"for {uri}: {_tail(logfile)}")
+    if process.returncode is not None:
+        raise AttachError(f"nbdfuse could not attach {uri} "
+                          f"(exit {process.returncode}): {_tail(logfile)}")
+    # Popen would reap nbdfuse in its finaliser; once we exit, init does.
+    process.returncode = 0
+    return helper
+
+
+def _tail(logfile: Path) -> str:
+    try:
+        lines = logfile.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        lines = []
+    return " / ".join(lines[-3:]) if lines else "no message"
+
+
+def _loop_sysfs(attachment: state.Attachment, item: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{attachment.name}/loop/{item}").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _loop_is_ours(attachment: state.Attachment) -> bool:
+    """Whether the loop device still points at our FUSE file (it may be gone, or reused)."""
+    return _loop_sysfs(attachment, "backing_file") == attachment.backing_file
+
+
+def detach(attachment: state.Attachment) -> None:
+    """Undo in order: loop device, FUSE mount, nbdfuse process, work directory.
+
+    Every step first looks whether it is still needed, so a detach that failed halfway (or an
+    attach that did) can be repeated until it finishes.
+    """
+    device = attachment.device
+    if _loop_is_ours(attachment):
+        holders = mounts_of(device)
+        if holders:
+            raise DetachError(f"{device} is mounted on {', '.join(holders)}; unmount it first")
+        try:
+            # O_EXCL on a block device fails with EBUSY while anyone holds it exclusively
+            # (a mount in another namespace, dm, md); losetup -d would only defer the detach.
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+        except OSError as e:
+            raise DetachError(f"{device} is in use ({e.strerror}); not detaching") from None
+        try:
+            run(["losetup", "-d", device])
+        except CommandError as e:
+            raise DetachError(str(e)) from None
+        if not wait_until(lambda: not _loop_is_ours(attachment), 10.0):
+            raise DetachError(f"{device} still points at {attachment.backing_file} "
+                              "after losetup -d (held open by someone?)")
+
+    backing = attachment.backing_file
+    if backing and mounted_at(backing):
+        try:
+            run(["fusermount3", "-u", backing])
+        except CommandError as e:
+            # Busy although the loop device is gone: only a process of ours (root, 0700
+            # directory) can hold it. Lazy unmount detaches it now and nbdfuse exits when
+            # the last user closes the file.
+            log.warning("%s; unmounting lazily", e)
+            try:
+                run(["fusermount3", "-u", "-z", backing])
+            except CommandError as e2:
+                raise DetachError(str(e2)) from None
+
+    for helper in attachment.helpers:
+        try:
+            helper.stop(EXIT_GRACE)
+        except (TimeoutError, PermissionError) as e:
+            raise DetachError(str(e)) from None
+
+    if attachment.workdir:
+        workdir = Path(attachment.workdir)
+        for leftover in ("export", "nbdfuse.pid", "nbdfuse.log"):
+            with contextlib.suppress(FileNotFoundError):
+                (workdir / leftover).unlink()
+        try:
+            workdir.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise DetachError(f"cannot remove {workdir}: {e.strerror}") from None
+    state.remove(attachment)

@@ -1,0 +1,239 @@
+"""Attach through the kernel's nbd driver: netlink where the family exists, else ioctls.
+
+UNTESTED ON THE CI MACHINES: they have no nbd module. Only the parts that do not need it
+(handshake, netlink framing, backend choice) run in tests; the kernel calls below follow
+include/uapi/linux/nbd.h and nbd-netlink.h and what nbd-client does, and are kept small.
+
+Both paths connect and negotiate the sockets themselves (handshake.py), then hand them to the
+kernel, which speaks the transmission phase from then on. With netlink the kernel keeps the
+sockets and nothing stays behind (DESTROY_ON_DISCONNECT removes the device when it ends); with
+ioctls a forked helper must block in NBD_DO_IT for the life of the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import struct
+from pathlib import Path
+
+from minidisk.kernel import state
+from minidisk.kernel.commands import Helper, wait_until
+from minidisk.kernel.errors import AttachError, DetachError
+from minidisk.kernel.handshake import TFLAG_READ_ONLY, Negotiated, connect
+from minidisk.kernel.mount import mounts_of
+from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32, attr_u64
+from minidisk.kernel.uri import NbdUri
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 60  # seconds before the kernel fails a request the server never answered
+MAX_CONNECTIONS = 4
+
+# nbd-netlink.h
+NBD_CMD_CONNECT = 1
+NBD_CMD_DISCONNECT = 2
+NBD_ATTR_INDEX = 1
+NBD_ATTR_SIZE_BYTES = 2
+NBD_ATTR_BLOCK_SIZE_BYTES = 3
+NBD_ATTR_TIMEOUT = 4
+NBD_ATTR_SERVER_FLAGS = 5
+NBD_ATTR_CLIENT_FLAGS = 6
+NBD_ATTR_SOCKETS = 7
+NBD_ATTR_BACKEND_IDENTIFIER = 10
+NBD_SOCK_ITEM = 1
+NBD_SOCK_FD = 1
+NBD_CFLAG_DESTROY_ON_DISCONNECT = 1 << 0
+
+# nbd.h: _IO(0xab, n)
+NBD_SET_SOCK = 0xAB00
+NBD_SET_BLKSIZE = 0xAB01
+NBD_DO_IT = 0xAB03
+NBD_CLEAR_SOCK = 0xAB04
+NBD_CLEAR_QUE = 0xAB05
+NBD_SET_SIZE_BLOCKS = 0xAB07
+NBD_DISCONNECT = 0xAB08
+NBD_SET_TIMEOUT = 0xAB09
+NBD_SET_FLAGS = 0xAB0A
+
+
+def available() -> str | None:
+    """"netlink" or "ioctl" when the kernel has nbd, else None."""
+    if not (os.path.exists("/sys/module/nbd") or os.path.exists("/dev/nbd0")):
+        return None
+    try:
+        with GenericNetlink() as nl:
+            nl.family("nbd")
+        return "netlink"
+    except OSError:
+        return "ioctl" if os.path.exists("/dev/nbd0") else None
+
+
+def _connect_all(uri: NbdUri) -> list[Negotiated]:
+    first = connect(uri)
+    links = [first]
+    try:
+        while first.multi_conn and len(links) < min(MAX_CONNECTIONS, os.cpu_count() or 1):
+            links.append(connect(uri))
+    except AttachError as e:
+        log.warning("extra connection refused, going on with %d: %s", len(links), e)
+    return links
+
+
+def attach(uri: NbdUri, read_only: bool, *, use_netlink: bool) -> state.Attachment:
+    links = _connect_all(uri)
+    try:
+        flags = links[0].flags | (TFLAG_READ_ONLY if read_only else 0)
+        if use_netlink:
+            return _attach_netlink(uri, read_only or links[0].read_only, links, flags)
+        return _attach_ioctl(uri, read_only or links[0].read_only, links, flags)
+    finally:
+        for link in links:  # the kernel holds its own references now
+            link.sock.close()
+
+
+def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
+                    flags: int) -> state.Attachment:
+    identifier = f"minidisk-{secrets.token_hex(6)}"
+    sockets = [attr_nested(NBD_SOCK_ITEM, [attr_u32(NBD_SOCK_FD, link.sock.fileno())])
+               for link in links]
+    try:
+        with GenericNetlink() as nl:
+            reply = nl.request(nl.family("nbd"), NBD_CMD_CONNECT, 1, [
+                attr_u64(NBD_ATTR_SIZE_BYTES, links[0].size),
+                attr_u64(NBD_ATTR_BLOCK_SIZE_BYTES, links[0].block_size),
+                attr_u64(NBD_ATTR_SERVER_FLAGS, flags),
+                attr_u64(NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT),
+                attr_u64(NBD_ATTR_TIMEOUT, REQUEST_TIMEOUT),
+                attr(NBD_ATTR_BACKEND_IDENTIFIER, identifier.encode() + b"\0"),
+                attr_nested(NBD_ATTR_SOCKETS, sockets),
+            ])
+    except OSError as e:
+        raise AttachError(f"nbd netlink CONNECT failed: {e.strerror or e}") from None
+    index = struct.unpack("=I", reply[NBD_ATTR_INDEX][:4])[0]
+    attachment = state.Attachment(device=f"/dev/nbd{index}", method="netlink", uri=str(uri),
+                                  read_only=read_only, nbd_index=index,
+                                  backing_file=identifier)
+    _wait_for_node(attachment)
+    state.save(attachment)
+    return attachment
+
+
+def _attach_ioctl(uri: NbdUri, read_only: bool, links: list[Negotiated],
+                  flags: int) -> state.Attachment:
+    for index in range(len(list(Path("/sys/block").glob("nbd*")))):
+        if os.path.exists(f"/sys/block/nbd{index}/pid"):
+            continue  # connected already
+        device = f"/dev/nbd{index}"
+        fd = os.open(device, os.O_RDWR)
+        try:
+            fcntl.ioctl(fd, NBD_SET_SOCK, links[0].sock.fileno())
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EBUSY:  # someone else took it in the meantime
+                continue
+            raise AttachError(f"NBD_SET_SOCK on {device}: {e.strerror}") from None
+        try:
+            for link in links[1:]:
+                fcntl.ioctl(fd, NBD_SET_SOCK, link.sock.fileno())
+            fcntl.ioctl(fd, NBD_SET_BLKSIZE, links[0].block_size)
+            fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, links[0].size // links[0].block_size)
+            fcntl.ioctl(fd, NBD_SET_FLAGS, flags)
+            fcntl.ioctl(fd, NBD_SET_TIMEOUT, REQUEST_TIMEOUT)
+            helper = _fork_do_it(fd, device)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+            if isinstance(e, OSError):
+                raise AttachError(f"configuring {device}: {e.strerror}") from None
+            raise
+        finally:
+            os.close(fd)
+        attachment = state.Attachment(device=device, method="ioctl", uri=str(uri),
+                                      read_only=read_only, nbd_index=index, helpers=[helper])
+        state.save(attachment)
+        return attachment
+    raise AttachError("no free /dev/nbdN device")
+
+
+def _fork_do_it(fd: int, device: str) -> Helper:
+    """Fork the process that sits in NBD_DO_IT until the device is disconnected."""
+    pid = os.fork()
+    if pid == 0:  # child: no Python-level cleanup may run here, hence os._exit
+        try:
+            os.setsid()
+            # Signals must not interrupt DO_IT (that would tear the device down); detach
+            # ends it with NBD_DISCONNECT instead.
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            null = os.open("/dev/null", os.O_RDWR)
+            for std in (0, 1, 2):  # never hold our caller's pipes open
+                os.dup2(null, std)
+            os.closerange(3, fd)
+            os.closerange(fd + 1, 65536)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, NBD_DO_IT)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, NBD_CLEAR_QUE)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+        finally:
+            os._exit(0)
+    name = os.path.basename(device)
+    helper = Helper.of("nbd-do-it", pid)
+    if not wait_until(lambda: os.path.exists(f"/sys/block/{name}/pid") or not helper.alive(),
+                      10.0) or not helper.alive():
+        raise AttachError(f"{device}: NBD_DO_IT did not start")
+    return helper
+
+
+def _wait_for_node(attachment: state.Attachment) -> None:
+    if not wait_until(lambda: os.path.exists(attachment.device), 10.0):
+        raise AttachError(f"{attachment.device} did not appear (is udev/devtmpfs running?)")
+
+
+def _connected(attachment: state.Attachment) -> bool:
+    sysfs = Path(f"/sys/block/{attachment.name}")
+    if not (sysfs / "pid").exists():
+        return False
+    if attachment.method == "netlink" and (sysfs / "backend").exists():
+        # The index may have been reused after the server ended our connection.
+        return (sysfs / "backend").read_text().strip() == attachment.backing_file
+    return True
+
+
+def detach(attachment: state.Attachment) -> None:
+    device = attachment.device
+    if _connected(attachment):
+        holders = mounts_of(device)
+        if holders:
+            raise DetachError(f"{device} is mounted on {', '.join(holders)}; unmount it first")
+        try:
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+        except OSError as e:
+            raise DetachError(f"{device} is in use ({e.strerror}); not detaching") from None
+        try:
+            if attachment.method == "netlink":
+                with GenericNetlink() as nl:
+                    nl.request(nl.family("nbd"), NBD_CMD_DISCONNECT, 1,
+                               [attr_u32(NBD_ATTR_INDEX, attachment.nbd_index)])
+            else:
+                fd = os.open(device, os.O_RDWR)
+                try:
+                    fcntl.ioctl(fd, NBD_DISCONNECT)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise DetachError(f"disconnecting {device}: {e.strerror or e}") from None
+        if not wait_until(lambda: not _connected(attachment), 10.0):
+            raise DetachError(f"{device} is still connected after the disconnect request")
+    for helper in attachment.helpers:
+        try:
+            helper.stop(10.0)
+        except (TimeoutError, PermissionError) as e:
+            raise DetachError(str(e)) from None
+    state.remove(attachment)
