@@ -1,5 +1,6 @@
 """Block devices: the one interface every backend, target and server speaks."""
 
+from minidisk.device.adapter import from_object
 from minidisk.device.api import (
     EXTENT_HOLE,
     EXTENT_ZERO,
@@ -9,7 +10,6 @@ from minidisk.device.api import (
     Extent,
     check_range,
 )
-from minidisk.device.adapter import from_object
 
 __all__ = [
     "EXTENT_HOLE",

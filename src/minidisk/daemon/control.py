@@ -1,0 +1,165 @@
+"""The control channel: JSON commands carried in a private NBD option.
+
+A control client connects to the server's own URL, completes the fixed-newstyle greeting,
+sends OPT_MINIDISK_CONTROL with ``{"command": NAME, "args": {...}}`` and reads one
+REP_MINIDISK_RESULT reply holding ``{"ok": true, "result": {...}}`` or
+``{"ok": false, "errno": N, "error": "text"}``; then it sends OPT_ABORT. Riding on the NBD
+listener means one URL per server (as rump clients use one RUMP_SERVER) and that TLS and
+peer identity apply to control exactly as to data. Other NBD servers answer the option
+with ERR_UNSUP, which the client reports as "not a minidisk server".
+
+Who may send control commands is decided by the NBD server (same uid or root on a unix
+socket, a verified TLS client certificate on TCP).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from minidisk.nbd import protocol as p
+from minidisk.nbd.exports import Identity
+from minidisk.nbd.listen import parse_url
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class ControlError(Exception):
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Control:
+    """Server side: a table of named async handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def add(self, name: str, handler: Handler) -> None:
+        if name in self.handlers:
+            raise ValueError(f"control command {name!r} registered twice")
+        self.handlers[name] = handler
+
+    def update(self, handlers: dict[str, Handler]) -> None:
+        for name, handler in handlers.items():
+            self.add(name, handler)
+
+    async def __call__(self, identity: Identity, request: bytes) -> bytes:
+        try:
+            message = json.loads(request)
+            command = message["command"]
+            args = message.get("args", {})
+            if not isinstance(args, dict):
+                raise TypeError("args must be an object")
+        except (ValueError, KeyError, TypeError) as e:
+            return _reply_error(errno.EINVAL, f"malformed control request: {e}")
+        handler = self.handlers.get(command)
+        if handler is None:
+            return _reply_error(errno.ENOSYS, f"unknown control command {command!r}")
+        try:
+            result = await handler(args)
+        except OSError as e:
+            return _reply_error(e.errno or errno.EIO, e.strerror or str(e))
+        except (ValueError, KeyError, TypeError) as e:
+            return _reply_error(errno.EINVAL, str(e))
+        except Exception as e:
+            log.exception("control command %s failed", command)
+            return _reply_error(errno.EIO, f"{type(e).__name__}: {e}")
+        log.info("control %s by %s", command, identity)
+        return json.dumps({"ok": True, "result": result}).encode()
+
+
+def _reply_error(err: int, message: str) -> bytes:
+    return json.dumps({"ok": False, "errno": err, "error": message}).encode()
+
+
+# -- client side (blocking: CLI commands are one-shot) --
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ControlError(errno.ECONNRESET, "server closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def connect(url: str, timeout: float = 30.0) -> socket.socket:
+    address = parse_url(url)
+    try:
+        if address.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(address.path)
+        elif address.kind == "tcp":
+            host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
+            sock = socket.create_connection((host, address.port), timeout=timeout)
+        else:
+            raise ControlError(errno.EINVAL, f"cannot reach a server at {url}")
+    except OSError as e:
+        raise ControlError(e.errno or errno.EIO,
+                           f"cannot connect to {url}: {e.strerror or e}") from None
+    return sock
+
+
+def call(url: str, command: str, args: dict[str, Any] | None = None,
+         tls: ssl.SSLContext | None = None, timeout: float = 300.0) -> dict[str, Any]:
+    """Run one control command on the server at `url` and return its result."""
+    sock = connect(url, timeout)
+    try:
+        magic, opt_magic, _flags = p.GREETING.unpack(_recv_exactly(sock, p.GREETING.size))
+        if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
+            raise ControlError(errno.EPROTO, f"{url} is not an NBD server")
+        sock.sendall(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
+        if tls is not None:
+            _send_option(sock, p.OPT_STARTTLS, b"")
+            _, reply, data = _recv_reply(sock)
+            if reply != p.REP_ACK:
+                raise ControlError(errno.EPROTO, f"STARTTLS refused: {data.decode()!r}")
+            sock = tls.wrap_socket(sock)
+        body = json.dumps({"command": command, "args": args or {}}).encode()
+        _send_option(sock, p.OPT_MINIDISK_CONTROL, body)
+        _, reply, data = _recv_reply(sock)
+        try:
+            _send_option(sock, p.OPT_ABORT, b"")
+        except OSError:
+            pass
+    finally:
+        sock.close()
+    if reply == p.REP_ERR_UNSUP:
+        raise ControlError(errno.EPERM, f"{url} refused control commands "
+                           "(not a minidisk server, or not permitted for this client)")
+    if reply != p.REP_MINIDISK_RESULT:
+        raise ControlError(errno.EPROTO, f"unexpected reply {reply:#x}: {data[:200]!r}")
+    message = json.loads(data)
+    if not message.get("ok"):
+        raise ControlError(int(message.get("errno", errno.EIO)), str(message.get("error")))
+    result = message.get("result", {})
+    assert isinstance(result, dict)
+    return result
+
+
+def _send_option(sock: socket.socket, option: int, data: bytes) -> None:
+    sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
+
+
+def _recv_reply(sock: socket.socket) -> tuple[int, int, bytes]:
+    magic, option, reply, length = p.OPTION_REPLY.unpack(
+        _recv_exactly(sock, p.OPTION_REPLY.size))
+    if magic != p.REPLY_MAGIC:
+        raise ControlError(errno.EPROTO, f"bad option reply magic {magic:#x}")
+    return option, reply, _recv_exactly(sock, length)

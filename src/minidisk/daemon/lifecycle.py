@@ -1,0 +1,73 @@
+"""Process lifecycle of a server: detaching, readiness, and signals.
+
+`minidisk serve` detaches by default, as rump_server does: the parent exits 0 once the
+child accepts connections, or non-zero with the child's error message, so a script can
+rely on the server being reachable the moment the command returns. The readiness report
+travels over a pipe: the child writes "ok" or "error: ..." and closes it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class Readiness:
+    """The child's end of the readiness pipe (a no-op in the foreground)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def _write(self, text: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, text.encode())
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def ready(self) -> None:
+        self._write("ok")
+
+    def failed(self, message: str) -> None:
+        self._write("error: " + message)
+
+
+def detach(run: Callable[[Readiness], int], log_file: str | None) -> int:
+    """Fork; the child runs `run` in a new session; the parent waits for readiness."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        if log_file:
+            log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+        else:
+            os.dup2(devnull, 2)
+        os.close(devnull)
+        code = 1
+        try:
+            code = run(Readiness(write_fd))
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 4096):
+        chunks.append(chunk)
+    os.close(read_fd)
+    report = b"".join(chunks).decode(errors="replace")
+    if report == "ok":
+        return 0
+    _, status = os.waitpid(pid, 0)
+    message = report.removeprefix("error: ") or "server exited during start-up"
+    print(f"minidisk serve: {message}", file=sys.stderr)
+    return os.waitstatus_to_exitcode(status) or 1

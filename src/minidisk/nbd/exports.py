@@ -1,0 +1,84 @@
+"""What the NBD server serves: a source of named exports, and who is asking.
+
+The server never imports the namespace; anything with `export_names` and `open_export`
+will do (the daemon passes its namespace, tests and `serve_object` pass a `DictExports`).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from minidisk.device.api import BlockDevice
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The peer of a connection, as far as the transport can prove it.
+
+    `subject` is the verified TLS client certificate's subject (RFC 4514 string) when the
+    client presented one; `uid`/`gid`/`pid` come from SO_PEERCRED on unix sockets.
+    """
+
+    transport: str  # "unix", "tcp", "stdio", "socket"
+    address: str = ""
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    subject: str | None = None
+    tls: bool = False
+
+
+class OpenedExport(Protocol):
+    device: BlockDevice
+    name: str
+    description: str
+
+    def close(self) -> None: ...
+
+
+class ExportSource(Protocol):
+    def export_names(self) -> list[str]: ...
+
+    def open_export(self, name: str) -> OpenedExport: ...
+
+
+# An export policy: may this identity see and open this export? (Later issues authorize.)
+ExportPolicy = Callable[[Identity, str], bool]
+
+
+def allow_all(identity: Identity, name: str) -> bool:
+    return True
+
+
+@dataclass(slots=True)
+class _Opened:
+    device: BlockDevice
+    name: str
+    description: str
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class DictExports:
+    """A fixed map of export names to devices; the first one is also the default ("")."""
+
+    def __init__(self, devices: dict[str, BlockDevice]) -> None:
+        self.devices = {name.lstrip("/"): dev for name, dev in devices.items()}
+
+    def export_names(self) -> list[str]:
+        return list(self.devices)
+
+    def open_export(self, name: str) -> OpenedExport:
+        name = name.lstrip("/")
+        if name == "" and self.devices:
+            name = next(iter(self.devices))
+        try:
+            device = self.devices[name]
+        except KeyError:
+            raise OSError(errno.ENOENT, f"no export {name!r}") from None
+        return _Opened(device, name, device.describe())

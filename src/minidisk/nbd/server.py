@@ -1,0 +1,679 @@
+"""The NBD server: asyncio (uvloop) connections over the sans-I/O protocol module.
+
+Shape, from the measurements in research/python-stack.md §2:
+
+* A `BufferedProtocol` per connection. Request headers land in one receive buffer and are
+  all parsed per wakeup; a WRITE payload is received straight into its own buffer (the
+  kernel copies into the bytearray the device will read from), never via `bytes`.
+* One coroutine per request. It is first stepped inline: a device that never waits (memory,
+  and targets over it) completes without creating a task. Only a request that really
+  suspends (thread pool, remote server, suspended table) is handed to a task.
+* Replies may complete out of order. Each reply is appended whole to one output list, which
+  is written with one `writelines` per loop iteration, so replies never interleave.
+* Back-pressure: reading pauses while the transport's write buffer is over its high-water
+  mark or while too many requests are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import struct
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+from minidisk.device.api import EXTENT_ZERO, BlockDevice
+from minidisk.nbd import protocol as p
+from minidisk.nbd.checks import MAX_DRAIN, check_request
+from minidisk.nbd.exports import (
+    DictExports,
+    ExportPolicy,
+    ExportSource,
+    Identity,
+    OpenedExport,
+    allow_all,
+)
+from minidisk.nbd.listen import ListenAddress, bind, parse_url, socket_activation
+from minidisk.nbd.negotiation import (
+    Action,
+    ControlHandler,
+    Negotiation,
+    Outcome,
+    Session,
+    TLSMode,
+)
+from minidisk.nbd.tls import peer_subject
+
+log = logging.getLogger(__name__)
+
+RX_BUFFER = 256 * 1024
+MAX_INFLIGHT = 512  # requests in flight per connection before reading pauses
+MAX_EXTENTS = 1 << 20  # proto.md: SHOULD NOT send more descriptors than this
+_PEERCRED = struct.Struct("3i")
+
+
+class _Resume:
+    """Continue a coroutine, already stepped once by hand, inside a Task.
+
+    The first `send(None)` happened inline; what it yielded (an asyncio future) is yielded
+    on to the Task, which then drives the rest exactly as if it had started it.
+    """
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self.coro, self.first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        value = self.first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # cancellation and friends go to the coroutine
+                try:
+                    value = self.coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = self.coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _resume(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    await _Resume(coro, first)
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: NBDServer, transport_kind: str) -> None:
+        self.server = server
+        self.kind = transport_kind
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.negotiation: Negotiation | None = None
+        self.handshake = p.HandshakeReader()
+        self.session: Session | None = None
+        self.export: OpenedExport | None = None
+        self.device: BlockDevice | None = None
+        self.rx = bytearray(RX_BUFFER)
+        self.rx_view = memoryview(self.rx)
+        self.rx_start = self.rx_end = 0
+        # A WRITE whose payload is still arriving: (payload, received, request fields)
+        self.payload: bytearray | None = None
+        self.payload_view: memoryview | None = None
+        self.payload_pos = 0
+        self.payload_request: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.out: list[bytes | bytearray | memoryview] = []
+        self.flush_scheduled = False
+        self.inflight = 0
+        self.write_paused = False
+        self.reading_paused = False
+        self.busy = False  # STARTTLS or a control command in progress
+        self.disconnecting = False
+        self.shutting_down = False
+        self.closed = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- connection lifecycle --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        identity = self._identity(sock)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        srv = self.server
+        self.negotiation = Negotiation(
+            srv.exports, identity, srv.policy, srv.tls_mode, srv.read_only,
+            control_allowed=srv.control is not None and srv.control_permitted(identity),
+        )
+        self.negotiation.shutting_down = srv.shutting_down
+        srv.connections.add(self)
+        log.debug("connection from %s", identity)
+        self._send(p.greeting())
+
+    def _identity(self, sock: socket.socket | None) -> Identity:
+        if sock is None:
+            return Identity(self.kind)
+        if sock.family == socket.AF_UNIX:
+            try:
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                pid, uid, gid = _PEERCRED.unpack(raw)
+            except OSError:
+                return Identity(self.kind)
+            return Identity(self.kind, address=str(sock.getsockname()), uid=uid, gid=gid,
+                            pid=pid)
+        try:
+            host, port = sock.getpeername()[:2]
+        except OSError:
+            return Identity(self.kind)
+        return Identity(self.kind, address=f"{host}:{port}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.server.connections.discard(self)
+        if self.export is not None:
+            self.export.close()
+        self.closed.set()
+        if exc is not None:
+            log.debug("connection lost: %s", exc)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+    def _abort(self, reason: str) -> None:
+        log.warning("dropping connection: %s", reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- output --
+
+    def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        if self.transport is None:
+            return
+        self.out.extend(parts)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            out, self.out = self.out, []
+            self.transport.writelines(out)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        want_pause = (self.write_paused or self.inflight >= MAX_INFLIGHT or self.busy
+                      or self.disconnecting)
+        if self.transport is None or want_pause == self.reading_paused:
+            return
+        self.reading_paused = want_pause
+        if want_pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # -- input --
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.payload_view is not None:
+            return self.payload_view[self.payload_pos:]
+        if len(self.rx) - self.rx_end < p.REQUEST.size:
+            # Move the unparsed tail to the front; it is always shorter than one header.
+            tail = self.rx_end - self.rx_start
+            self.rx[:tail] = self.rx[self.rx_start:self.rx_end]
+            self.rx_start, self.rx_end = 0, tail
+        return self.rx_view[self.rx_end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.payload_view is not None:
+            self.payload_pos += nbytes
+            if self.payload_pos < len(self.payload_view):
+                return
+            payload = self.payload
+            self.payload = self.payload_view = None
+            flags, cmd, cookie, offset = self.payload_request
+            assert payload is not None
+            self._request(flags, cmd, cookie, offset, len(payload), payload)
+            return
+        self.rx_end += nbytes
+        try:
+            if self.session is None:
+                self._handshake_input()
+            else:
+                self._transmission_input()
+        except p.ProtocolError as e:
+            self._abort(str(e))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    # -- handshake --
+
+    def _handshake_input(self) -> None:
+        data = self.rx_view[self.rx_start:self.rx_end]
+        self.rx_start = self.rx_end = 0
+        neg = self.negotiation
+        assert neg is not None
+        for event in self.handshake.feed(data):
+            if isinstance(event, p.ClientFlags):
+                outcome = neg.client_flags(event.flags)
+            else:
+                outcome = neg.option(event.option, event.data)
+            if self._carry_out(outcome):
+                return
+
+    def _carry_out(self, outcome: Outcome) -> bool:
+        """Write the replies and act; True when no further option may be processed now."""
+        self._send(*outcome.replies)
+        neg = self.negotiation
+        assert neg is not None
+        if outcome.action is Action.CLOSE:
+            self._close()
+            return True
+        if outcome.action is Action.STARTTLS:
+            self._pause_for(self._start_tls())
+            return True
+        if outcome.action is Action.CONTROL:
+            self._pause_for(self._control(outcome.control))
+            return True
+        if outcome.action is Action.TRANSMIT:
+            assert outcome.export is not None and neg.session is not None
+            self.export = outcome.export
+            self.device = outcome.export.device
+            self.session = neg.session
+            rest = self.handshake.take_rest()
+            self.rx[:len(rest)] = rest
+            self.rx_start, self.rx_end = 0, len(rest)
+            log.debug("transmission on %r, flags %#x", self.export.name, self.session.tflags)
+            if rest:
+                self._transmission_input()
+            return True
+        return False
+
+    def _pause_for(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a handshake step that must finish before the next option is read."""
+        self.busy = True
+        self._update_reading()
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _resume_options(self) -> None:
+        self.busy = False
+        self._update_reading()
+        # Options the client pipelined behind the one we just finished.
+        neg = self.negotiation
+        assert neg is not None
+        for event in self.handshake.feed(b""):
+            assert isinstance(event, p.Option)
+            if self._carry_out(neg.option(event.option, event.data)):
+                return
+
+    async def _start_tls(self) -> None:
+        ctx = self.server.tls_context
+        assert ctx is not None and self.transport is not None and self.negotiation is not None
+        self._flush()
+        try:
+            transport = await self.loop.start_tls(self.transport, self, ctx, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            log.info("TLS handshake failed: %s", e)
+            self._abort("TLS handshake failed")
+            return
+        if transport is None:
+            return
+        self.transport = transport
+        self.reading_paused = False
+        neg = self.negotiation
+        neg.tls_started()
+        subject = peer_subject(transport.get_extra_info("ssl_object"))
+        neg.identity = Identity(neg.identity.transport, neg.identity.address, neg.identity.uid,
+                                neg.identity.gid, neg.identity.pid, subject, tls=True)
+        neg.control_allowed = (self.server.control is not None
+                               and self.server.control_permitted(neg.identity))
+        self._resume_options()
+
+    async def _control(self, request: bytes) -> None:
+        neg = self.negotiation
+        assert neg is not None and self.server.control is not None
+        result = await self.server.control(neg.identity, request)
+        self._send(p.option_reply(p.OPT_MINIDISK_CONTROL, p.REP_MINIDISK_RESULT, result))
+        self._resume_options()
+
+    # -- transmission --
+
+    def _transmission_input(self) -> None:
+        rx, pos, end = self.rx, self.rx_start, self.rx_end
+        unpack = p.REQUEST.unpack_from
+        while end - pos >= p.REQUEST.size and not self.disconnecting:
+            magic, flags, cmd, cookie, offset, length = unpack(rx, pos)
+            if magic != p.REQUEST_MAGIC:
+                raise p.ProtocolError(f"bad request magic {magic:#x}")
+            pos += p.REQUEST.size
+            if cmd != p.CMD_WRITE:
+                self._request(flags, cmd, cookie, offset, length, None)
+                continue
+            if length > MAX_DRAIN:
+                raise p.ProtocolError(f"WRITE payload of {length} bytes")
+            payload = bytearray(length)
+            have = min(end - pos, length)
+            payload[:have] = rx[pos:pos + have]
+            pos += have
+            if have < length:
+                self.payload, self.payload_view = payload, memoryview(payload)
+                self.payload_pos = have
+                self.payload_request = (flags, cmd, cookie, offset)
+                break
+            self._request(flags, cmd, cookie, offset, length, payload)
+        if pos == end:
+            pos = end = 0
+        self.rx_start, self.rx_end = pos, end
+
+    def _request(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                 payload: bytearray | None) -> None:
+        if cmd == p.CMD_DISC:
+            log.debug("client sent DISC")
+            self.disconnecting = True
+            self._update_reading()
+            self._maybe_finish()
+            return
+        session, device = self.session, self.device
+        assert session is not None and device is not None
+        if self.shutting_down:
+            self._fail(cookie, cmd, p.NBD_ESHUTDOWN, "server is shutting down")
+            return
+        err, reason = check_request(session, device, cmd, flags, offset, length)
+        if err:
+            log.debug("%s refused: %s", p.CMD_NAMES.get(cmd, cmd), reason)
+            self._fail(cookie, cmd, err, reason)
+            return
+        self.inflight += 1
+        if self.inflight >= MAX_INFLIGHT:
+            self._update_reading()
+        coro = self._execute(device, flags, cmd, cookie, offset, length, payload)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return
+        task = self.loop.create_task(_resume(coro, first))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _execute(self, device: BlockDevice, flags: int, cmd: int, cookie: int,
+                       offset: int, length: int, payload: bytearray | None) -> None:
+        fua = bool(flags & p.CMD_FLAG_FUA)
+        try:
+            if cmd == p.CMD_READ:
+                await self._read(device, flags, cookie, offset, length)
+                return
+            if cmd == p.CMD_BLOCK_STATUS:
+                await self._block_status(device, flags, cookie, offset, length)
+                return
+            if cmd == p.CMD_WRITE:
+                assert payload is not None
+                if length:
+                    await device.pwrite(memoryview(payload), offset, fua)
+            elif cmd == p.CMD_FLUSH:
+                await device.flush()
+            elif cmd == p.CMD_TRIM:
+                if length:
+                    await device.trim(offset, length, fua)
+            elif cmd == p.CMD_WRITE_ZEROES:
+                if length:
+                    await device.zero(offset, length, not flags & p.CMD_FLAG_NO_HOLE,
+                                      bool(flags & p.CMD_FLAG_FAST_ZERO), fua)
+            elif cmd == p.CMD_CACHE:
+                if length:
+                    await device.cache(offset, length)
+            self._ok(cookie)
+        except OSError as e:
+            self._fail(cookie, cmd, p.nbd_error(e.errno), e.strerror or str(e))
+        except Exception as e:
+            log.exception("%s failed in %s", p.CMD_NAMES[cmd], device.describe())
+            self._fail(cookie, cmd, p.NBD_EIO, f"internal error: {type(e).__name__}")
+        finally:
+            self.inflight -= 1
+            if self.inflight == MAX_INFLIGHT - 1 or self.inflight == 0:
+                self._update_reading()
+                self._maybe_finish()
+
+    def _ok(self, cookie: int) -> None:
+        session = self.session
+        assert session is not None
+        # Only READ and BLOCK_STATUS need structured replies; the rest may stay simple.
+        self._send(p.simple_reply(cookie))
+
+    def _fail(self, cookie: int, cmd: int, error: int, message: str) -> None:
+        session = self.session
+        assert session is not None
+        if session.structured and cmd in (p.CMD_READ, p.CMD_BLOCK_STATUS):
+            self._send(p.error_chunk(cookie, error, message))
+        else:
+            self._send(p.simple_reply(cookie, error))
+
+    async def _read(self, device: BlockDevice, flags: int, cookie: int, offset: int,
+                    length: int) -> None:
+        session = self.session
+        assert session is not None
+        buf = bytearray(length)
+        view = memoryview(buf)
+        if not session.structured:
+            if length:
+                await device.pread(view, offset)
+            self._send(p.simple_reply(cookie), buf)
+            return
+        if length == 0:
+            self._send(p.chunk_header(cookie, p.REPLY_TYPE_NONE, 0, True))
+            return
+        if flags & p.CMD_FLAG_DF or not device.caps.extents:
+            await device.pread(view, offset)
+            self._send(p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + length, True),
+                       p.OFFSET.pack(offset), buf)
+            return
+        # Holes are not read at all: they go out as OFFSET_HOLE chunks.
+        pieces = _data_and_holes(await device.extents(offset, length), offset, length)
+        for start, size, hole in pieces:
+            if not hole:
+                await device.pread(view[start - offset:start - offset + size], start)
+        parts: list[bytes | memoryview] = []
+        last = len(pieces) - 1
+        for i, (start, size, hole) in enumerate(pieces):
+            if hole:
+                parts.append(p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_HOLE, 12, i == last))
+                parts.append(p.CHUNK_OFFSET_HOLE.pack(start, size))
+            else:
+                parts.append(p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + size,
+                                            i == last))
+                parts.append(p.OFFSET.pack(start))
+                parts.append(view[start - offset:start - offset + size])
+        self._send(*parts)
+
+    async def _block_status(self, device: BlockDevice, flags: int, cookie: int, offset: int,
+                            length: int) -> None:
+        if device.caps.extents:
+            extents = await device.extents(offset, length)
+        else:
+            extents = []
+        end = offset + length
+        descriptors = []
+        pos = offset
+        for ext in extents:
+            if ext.offset != pos or ext.length <= 0:
+                break  # a device bug must not produce a non-contiguous reply
+            size = min(ext.length, end - pos, 0xFFFFFFFF & ~511)
+            descriptors.append(p.BLOCK_STATUS_DESCRIPTOR.pack(size, ext.flags & 3))
+            pos += size
+            if pos >= end or len(descriptors) >= MAX_EXTENTS or flags & p.CMD_FLAG_REQ_ONE:
+                break
+            if size < ext.length:
+                break
+        if not descriptors:  # nothing known: "allocated data" is always a safe answer
+            descriptors.append(p.BLOCK_STATUS_DESCRIPTOR.pack(length, 0))
+        payload = p.U32.pack(1) + b"".join(descriptors)  # context id: negotiation.META_CONTEXT_ID
+        self._send(p.chunk_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(payload), True),
+                   payload)
+
+    # -- shutdown --
+
+    def begin_shutdown(self) -> None:
+        """Finish in-flight requests; answer new ones with ESHUTDOWN; then hang up."""
+        self.shutting_down = True
+        if self.negotiation is not None:
+            self.negotiation.shutting_down = True
+        if self.session is None:
+            if not self.busy:
+                self._close()
+            return
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if (self.disconnecting or self.shutting_down) and self.inflight == 0:
+            self._close()
+
+
+def _data_and_holes(extents: list[Any], offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """Clip extents to the request and merge neighbours into (start, size, is_hole) pieces."""
+    end = offset + length
+    pieces: list[tuple[int, int, bool]] = []
+    pos = offset
+    for ext in extents:
+        if pos >= end:
+            break
+        if ext.offset != pos or ext.length <= 0:
+            break
+        stop = min(ext.offset + ext.length, end)
+        hole = bool(ext.flags & EXTENT_ZERO)
+        if pieces and pieces[-1][2] == hole:
+            start, size, _ = pieces.pop()
+            pieces.append((start, size + stop - pos, hole))
+        else:
+            pieces.append((pos, stop - pos, hole))
+        pos = stop
+    if pos < end:  # extents stopped short: the rest is read as data
+        if pieces and not pieces[-1][2]:
+            start, size, _ = pieces.pop()
+            pieces.append((start, size + end - pos, False))
+        else:
+            pieces.append((pos, end - pos, False))
+    return pieces
+
+
+class NBDServer:
+    def __init__(
+        self,
+        exports: ExportSource,
+        *,
+        read_only: bool = False,
+        tls_mode: TLSMode = TLSMode.OFF,
+        tls_context: ssl.SSLContext | None = None,
+        policy: ExportPolicy = allow_all,
+        control: ControlHandler | None = None,
+    ) -> None:
+        if tls_mode is not TLSMode.OFF and tls_context is None:
+            raise ValueError("TLS needs certificates (--tls-certificates DIR)")
+        self.exports = exports
+        self.read_only = read_only
+        self.tls_mode = tls_mode
+        self.tls_context = tls_context
+        self.policy = policy
+        self.control = control
+        self.connections: set[Connection] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.shutting_down = False
+        self.unix_paths: list[str] = []
+        self.stdio_done: asyncio.Event | None = None
+
+    def control_permitted(self, identity: Identity) -> bool:
+        """Who may send control commands: our own uid (or root) on a unix socket, or a TLS
+        client with a verified certificate. Plain TCP peers never may."""
+        if identity.transport in ("unix", "stdio", "socket") and identity.uid is not None:
+            return identity.uid in (0, os.geteuid())
+        return identity.tls and identity.subject is not None
+
+    async def listen(self, address: ListenAddress) -> None:
+        loop = asyncio.get_running_loop()
+        if address.kind == "stdio":
+            sock = socket.socket(fileno=os.dup(0))
+            self.stdio_done = asyncio.Event()
+            _, proto = await loop.connect_accepted_socket(
+                lambda: Connection(self, "stdio"), sock)
+            assert isinstance(proto, Connection)
+            closed = proto.closed
+            loop.create_task(closed.wait()).add_done_callback(
+                lambda _: self.stdio_done.set() if self.stdio_done else None)
+            return
+        sock = bind(address)
+        await self.listen_socket(sock, address.kind)
+        if address.kind == "unix":
+            self.unix_paths.append(address.path)
+
+    async def listen_socket(self, sock: socket.socket, kind: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        kind = kind or ("unix" if sock.family == socket.AF_UNIX else "tcp")
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(lambda: Connection(self, kind), sock=sock)
+        else:
+            srv = await loop.create_server(lambda: Connection(self, kind), sock=sock)
+        self.servers.append(srv)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop listening, let in-flight requests finish, fail the rest with ESHUTDOWN."""
+        self.shutting_down = True
+        for srv in self.servers:
+            srv.close()
+        for conn in list(self.connections):
+            conn.begin_shutdown()
+        waits = [conn.closed.wait() for conn in list(self.connections)]
+        if waits:
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(w) for w in waits], timeout=timeout)
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            for fut in pending:
+                fut.cancel()
+        for path in self.unix_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when available (it is a dependency); stdlib asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def serve_until_signalled(server: NBDServer, urls: list[str]) -> None:
+    """Listen on `urls` (or inherited sockets) and serve until SIGINT/SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    inherited = socket_activation()
+    for sock in inherited:
+        await server.listen_socket(sock, "socket")
+    if not inherited:
+        for url in urls:
+            await server.listen(parse_url(url))
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if server.stdio_done is not None:
+        waiters.append(asyncio.ensure_future(server.stdio_done.wait()))
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+    await server.shutdown()
+
+
+def serve_object(obj: Any, url: str, name: str = "disk", read_only: bool = False) -> None:
+    """Serve one Python object (see minidisk.device.adapter) at `url` until Ctrl-C."""
+    from minidisk.device.adapter import from_object
+
+    device = from_object(obj, read_only=read_only)
+    server = NBDServer(DictExports({name: device}), read_only=read_only)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(serve_until_signalled(server, [url]))
+    finally:
+        loop.run_until_complete(device.close())
+        loop.close()
