@@ -1,0 +1,307 @@
+"""The namespace: keys → devices. The NBD server exports it; dm tables reference it.
+
+Keys follow rump_etfs (see keys.py). A key maps to a window of a host file (`reg`, `blk`,
+`chr`), to a host directory whose regular files appear below the key on demand (`dir`: the
+immediate children, `dir_subdirs`: the whole tree), or to any `BlockDevice` registered as is
+(memory disks, dm mapped devices).
+
+**In use, and removal.** NetBSD's rump_etfs_remove has no in-use check at all: it revokes the
+vnodes and returns 0 (and older DIAGNOSTIC kernels panic). We define it instead:
+
+* A key is *in use* while it has references: one per NBD connection (`open_export`) and one per
+  dm table that maps it (`hold`). A directory key is in use while any file below it is.
+* `remove(key)` of a key in use is EBUSY, and changes nothing. That is the safe default, it is
+  what the rump_etfs man page promises, and it is what dmsetup does for an open device.
+* `remove(key, force=True)` takes the key out of the namespace at once (it may be registered
+  again immediately) and revokes the device: later requests of its users fail with ESHUTDOWN,
+  and requests in flight fail with ESHUTDOWN when they come back from the host file (see
+  revocable.py for why they are not abandoned). The device is then closed: a `blk` cache writes
+  back what it holds, so data acknowledged before the removal is not lost. Other keys and their
+  connections never notice. Users keep their references, which then do nothing on close.
+
+Each registration gets its own device and window, even for the same host file (NetBSD reuses
+the first registration's minor and window, a bug we do not copy).
+
+Directory keys are not exports of their own and are not listed by `export_names` (rump_etfs
+keys never show in readdir either); the files below them are opened by name. The default
+export (the empty NBD name) is the first-registered key that is not a directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from minidisk.device.api import BlockDevice
+from minidisk.namespace.blockcache import DEFAULT_CACHE_LIMIT, CacheMemory
+from minidisk.namespace.hostdev import open_host_device, open_window
+from minidisk.namespace.keys import (
+    RUMP_ETFS_SIZE_ENDOFF,
+    EtfsType,
+    canonical_key,
+    export_name,
+    under_directory,
+)
+from minidisk.namespace.revocable import RevocableDevice
+
+DEVICE_TYPE = "device"  # the type column of a key registered with register_device
+
+
+@dataclass(eq=False)
+class Entry:
+    key: str
+    type: str  # an EtfsType value or DEVICE_TYPE
+    device: RevocableDevice | None  # None for directory keys
+    description: str
+    hostpath: str | None = None
+    begin: int = 0
+    users: int = 0
+    parent: Entry | None = None  # the directory key a file below it was found under
+    children: dict[str, Entry] = field(default_factory=dict)  # live files below a directory
+    removed: bool = False
+
+
+@dataclass(frozen=True)
+class NamespaceRow:
+    """One line of `minidisk etfs ls`."""
+
+    key: str
+    type: str
+    hostpath: str | None
+    begin: int
+    size: int | None  # None for directory keys
+    users: int
+    description: str
+
+
+class Reference:
+    """A counted use of a key: one per NBD connection, one per dm table mapping it."""
+
+    def __init__(self, namespace: Namespace, entry: Entry) -> None:
+        assert entry.device is not None
+        self.device: BlockDevice = entry.device
+        self.key = entry.key
+        self.name = export_name(entry.key)
+        self.description = entry.description
+        self._namespace = namespace
+        self._entry: Entry | None = entry
+        entry.users += 1
+
+    def close(self) -> None:
+        """Drop the use. Idempotent; after a forced removal it does nothing else."""
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            self._namespace._unuse(entry)
+
+    release = close
+
+
+OpenedExport = Reference  # the NBD server's name for a connection's reference
+
+
+class Namespace:
+    def __init__(self, cache_limit: int = DEFAULT_CACHE_LIMIT) -> None:
+        self.cache_memory = CacheMemory(cache_limit)
+        self._entries: dict[str, Entry] = {}  # in registration order
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # Registration.
+
+    def register(self, key: str, hostpath: str, type: str | EtfsType = EtfsType.BLK,
+                 begin: int = 0, size: int = RUMP_ETFS_SIZE_ENDOFF) -> str:
+        """rump_etfs_register_withsize: map `key` to a window of `hostpath`; returns the key."""
+        etfs_type = EtfsType.parse(type)
+        key = canonical_key(key)
+        hostpath = os.path.abspath(hostpath)  # a later chdir (daemonizing) must not move it
+        self.check_free(key, etfs_type.is_dir)
+        if etfs_type.is_dir:
+            if not os.path.isdir(hostpath):
+                raise OSError(errno.ENOTDIR, f"{hostpath} is not a directory")
+            if begin != 0 or size != RUMP_ETFS_SIZE_ENDOFF:
+                raise OSError(errno.EISDIR, "a directory key takes no window")
+            entry = Entry(key, etfs_type.value, None, f"{etfs_type.value} {hostpath}",
+                          hostpath=hostpath)
+        else:
+            device = open_host_device(hostpath, etfs_type, begin, size, self.cache_memory)
+            entry = Entry(key, etfs_type.value, RevocableDevice(device),
+                          f"{etfs_type.value} {hostpath} [{begin}, +{device.size}]",
+                          hostpath=hostpath, begin=begin)
+        self._entries[key] = entry
+        return key
+
+    def register_device(self, key: str, device: BlockDevice, description: str | None = None) -> str:
+        """Map `key` to an already-built device, which the namespace now owns (closes)."""
+        key = canonical_key(key)
+        self.check_free(key, False)
+        self._entries[key] = Entry(key, DEVICE_TYPE, RevocableDevice(device),
+                                   description or device.describe())
+        return key
+
+    def check_free(self, key: str, is_dir: bool = False) -> None:
+        """EEXIST unless the canonical `key` could be registered now."""
+        if key in self._entries:
+            raise OSError(errno.EEXIST, f"key {key} is already registered")
+        for other in self._entries.values():
+            if other.type in _DIR_TYPES and under_directory(other.key, key) is not None:
+                raise OSError(errno.EEXIST, f"key {key} lies under directory key {other.key}")
+            if is_dir and under_directory(key, other.key) is not None:
+                raise OSError(errno.EEXIST, f"directory key {key} would cover key {other.key}")
+
+    async def remove(self, key: str, force: bool = False) -> None:
+        """rump_etfs_remove, with EBUSY for a key in use unless `force` (module docstring)."""
+        key = canonical_key(key)
+        entry = self._entries.get(key)
+        if entry is None:
+            raise OSError(errno.ENOENT, f"key {key} is not registered")
+        users = entry.users + sum(child.users for child in entry.children.values())
+        if users and not force:
+            raise OSError(errno.EBUSY, f"key {key} is in use ({users} references)")
+        del self._entries[key]
+        await self._close_entry(entry)
+
+    async def _close_entry(self, entry: Entry) -> None:
+        entries = [entry, *entry.children.values()]
+        entry.children.clear()
+        devices = [e.device for e in entries if e.device is not None]
+        for e in entries:
+            e.removed = True
+        for device in devices:  # all revoked before the first await: one atomic step
+            device.revoke()
+        errors = []
+        for device in devices:
+            try:
+                await device.close()
+            except OSError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    # Lookup and use.
+
+    def lookup(self, key: str) -> BlockDevice:
+        """The device at `key` (files below directory keys are opened on demand), uncounted."""
+        device = self._resolve(canonical_key(key)).device
+        assert device is not None
+        return device
+
+    def hold(self, key: str) -> Reference:
+        """A counted reference, for a dm table that maps `key`; `release()` it when done."""
+        return Reference(self, self._resolve(canonical_key(key)))
+
+    def export_names(self) -> list[str]:
+        """Export names (keys without the leading slash) for NBD_OPT_LIST."""
+        return [export_name(e.key) for e in self._entries.values() if e.device is not None]
+
+    def open_export(self, name: str) -> Reference:
+        """The reference for one NBD connection; "" (or only slashes) is the default export."""
+        stripped = name.lstrip("/")
+        if not stripped:
+            for entry in self._entries.values():
+                if entry.device is not None:
+                    return Reference(self, entry)
+            raise OSError(errno.ENOENT, "no default export: the namespace is empty")
+        try:
+            return Reference(self, self._resolve(canonical_key("/" + stripped)))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENAMETOOLONG, errno.EISDIR):
+                raise OSError(errno.ENOENT, f"no export {name!r}: {e.strerror}") from None
+            raise
+
+    def ls(self) -> list[NamespaceRow]:
+        rows = []
+        for entry in self._entries.values():
+            for e in (entry, *entry.children.values()):
+                rows.append(NamespaceRow(
+                    e.key, e.type, e.hostpath, e.begin,
+                    e.device.size if e.device is not None else None,
+                    e.users, e.device.describe() if e.device is not None else e.description))
+        return rows
+
+    def _resolve(self, key: str) -> Entry:
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.device is None:
+                raise OSError(errno.EISDIR, f"{key} is a directory key")
+            return entry
+        for directory in self._entries.values():
+            if directory.type in _DIR_TYPES:
+                below = under_directory(directory.key, key)
+                if below is not None:
+                    return directory.children.get(key) or self._open_below(directory, below, key)
+        raise OSError(errno.ENOENT, f"key {key} is not registered")
+
+    def _open_below(self, directory: Entry, below: str, key: str) -> Entry:
+        """The entry for the regular file `below` (a relative path) of a directory key."""
+        assert directory.hostpath is not None
+        parts = below.split("/")
+        if ".." in parts:
+            raise OSError(errno.EOPNOTSUPP, f"{key}: '..' is not looked up (as in rump_etfs)")
+        if "" in parts or "." in parts:  # one key per file: "a//b" and "a/./b" are not it
+            raise OSError(errno.ENOENT, f"{key}: empty or '.' path component")
+        if directory.type == EtfsType.DIR.value and len(parts) > 1:
+            raise OSError(errno.ENOENT, f"{key}: a dir key shows only its immediate children")
+        path = directory.hostpath
+        for i, part in enumerate(parts):
+            path = os.path.join(path, part)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                raise OSError(errno.ENOENT, f"{key}: no such file") from None
+            # Symbolic links are not followed: they could lead out of the directory.
+            wanted = stat.S_ISREG if i == len(parts) - 1 else stat.S_ISDIR
+            if not wanted(mode):
+                raise OSError(errno.ENOENT, f"{key}: not a regular file or directory")
+        device = open_window(path, 0, RUMP_ETFS_SIZE_ENDOFF)
+        entry = Entry(key, EtfsType.REG.value, RevocableDevice(device),
+                      f"reg {path} (below {directory.key})", hostpath=path, parent=directory)
+        directory.children[key] = entry
+        return entry
+
+    def _unuse(self, entry: Entry) -> None:
+        entry.users -= 1
+        parent = entry.parent
+        if entry.users or parent is None or entry.removed:
+            return
+        # The last user of a file below a directory key is gone: close it, in the background
+        # when a loop runs (Reference.close is synchronous), and forget it either way.
+        del parent.children[entry.key]
+        entry.removed = True
+        assert entry.device is not None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(entry.device.close())
+            return
+        task = loop.create_task(entry.device.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    # Shutdown.
+
+    async def sync(self) -> None:
+        """Write back every cache and flush every writable host file (halt's first step)."""
+        for entry in list(self._entries.values()):
+            for e in (entry, *entry.children.values()):
+                if e.device is not None and e.device.caps.flush and not e.device.revoked:
+                    await e.device.flush()
+
+    async def aclose(self) -> None:
+        """Flush and close every device and forget every key (halt)."""
+        await self.sync()
+        entries, self._entries = list(self._entries.values()), {}
+        errors = []
+        for entry in entries:
+            try:
+                await self._close_entry(entry)
+            except OSError as e:
+                errors.append(e)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        if errors:
+            raise errors[0]
+
+
+_DIR_TYPES = (EtfsType.DIR.value, EtfsType.DIR_SUBDIRS.value)

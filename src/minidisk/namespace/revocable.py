@@ -1,0 +1,97 @@
+"""A device that can be revoked: how a forced `remove` takes a device away from its users.
+
+After `revoke()` every new request fails at once with ESHUTDOWN. A request already inside the
+inner device is allowed to finish there, and then fails with ESHUTDOWN whatever its outcome:
+abandoning it instead would leave a pool thread reading into (or writing from) a buffer the
+server has already reused for another request, and closing the host file under it could let
+the write land in whatever file reuses the descriptor number. So the inner device is closed
+only after the last in-flight request has come back (`drained`), which a forced `remove`
+awaits. Other devices are not involved in any of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from minidisk.device.api import BlockDevice, Extent
+
+T = TypeVar("T")
+
+
+def _shutdown() -> OSError:
+    return OSError(errno.ESHUTDOWN, "device was removed from the namespace")
+
+
+class RevocableDevice(BlockDevice):
+    def __init__(self, inner: BlockDevice) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.block_size = inner.block_size
+        self.caps = inner.caps
+        self.revoked = False
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None  # created on first use, in the serving loop
+        self._closed = False
+
+    async def _forward(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self.revoked:
+            raise _shutdown()
+        self.in_flight += 1
+        try:
+            result = await call()
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+        if self.revoked:
+            raise _shutdown()
+        return result
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        await self._forward(lambda: self.inner.pread(buf, offset))
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        await self._forward(lambda: self.inner.pwrite(buf, offset, fua))
+
+    async def flush(self) -> None:
+        await self._forward(self.inner.flush)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._forward(lambda: self.inner.trim(offset, length, fua))
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self._forward(lambda: self.inner.zero(offset, length, may_trim, fast, fua))
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return await self._forward(lambda: self.inner.extents(offset, length))
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._forward(lambda: self.inner.cache(offset, length))
+
+    def revoke(self) -> None:
+        """Fail every later request, and every in-flight one when it returns."""
+        self.revoked = True
+
+    async def drained(self) -> None:
+        """Return once no request is inside the inner device."""
+        while self.in_flight:
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        """Revoke, wait for in-flight requests, then close the inner device (once)."""
+        self.revoke()
+        await self.drained()
+        if not self._closed:
+            self._closed = True
+            await self.inner.close()
+
+    def describe(self) -> str:
+        return ("revoked " if self.revoked else "") + self.inner.describe()
