@@ -1,0 +1,11 @@
+"""The lock manager: VMS/Linux DLM semantics (modes, queues, value blocks, basts, fencing
+tokens), an embedded service on a unix socket, and a client for asyncio and trio.
+
+`modes` and `engine` are pure logic; `protocol` is the wire format; `service` hosts an engine;
+`client` talks to a service. Nothing here imports nbd or dm.
+"""
+
+from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
+from minidisk.dlm.modes import Mode, compatible
+
+__all__ = ["LVB_LEN", "DlmError", "Flag", "Mode", "compatible"]
