@@ -26,6 +26,7 @@ that names the offending token and value.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Iterable
@@ -211,6 +212,9 @@ def apply(spec: Drivespec, namespace: Namespace) -> Applied:
             fsize = host_size(fd)
             if fsize < begin + size:
                 try:
+                    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                        # Opened read-only because read-write was refused: say why.
+                        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
                     os.ftruncate(fd, begin + size)  # sparse: no blocks are allocated
                 except OSError as e:
                     raise DrivespecError(token, value, f"cannot extend {spec.hostpath} to "
