@@ -1,0 +1,262 @@
+"""A mapped device: a `BlockDevice` with a live and an inactive table slot.
+
+Semantics follow the kernel's dm-ioctl (include/uapi/linux/dm-ioctl.h):
+
+- `load` puts a table in the inactive slot; the device need not be suspended, I/O goes on
+  through the live table. `clear` drops the inactive table.
+- `suspend` stops new I/O (it waits, queued, it does not fail), lets the target release
+  anything it holds back, waits for in-flight I/O to finish and, unless `noflush`, flushes
+  the live table so that everything acknowledged is on stable storage when it returns.
+- `resume` swaps the inactive table in (suspending first if needed), hands back the old live
+  table to be destroyed, and releases the queued I/O onto the new table. As in the kernel, a
+  table swap is not an event: the counter moves when a target raises one.
+
+The I/O path is the hot path: a flag test, a counter, one await of the table. The counter
+exists only so that a suspend can wait for it to reach zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from dataclasses import dataclass, replace
+
+from minidisk.device.api import BlockDevice, Extent
+from minidisk.dm.mapping import Mapping
+
+EMPTY = Mapping()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What `dmsetup info` shows, as data."""
+
+    name: str
+    uuid: str
+    minor: int
+    suspended: bool
+    read_only: bool
+    live_table: bool
+    inactive_table: bool
+    open_count: int
+    event_nr: int
+    target_count: int
+    sectors: int
+
+
+class MappedDevice(BlockDevice):
+    def __init__(self, name: str, minor: int, uuid: str = "", read_only: bool = False) -> None:
+        self.name = name
+        self.uuid = uuid
+        self.minor = minor
+        self.read_only = read_only
+        self.live: Mapping = EMPTY
+        self.has_live = False
+        self.inactive: Mapping | None = None
+        self.event_nr = 0
+        self.open_count = 0
+        self.removed = False
+        self._apply(EMPTY)
+        # Suspension: `_blocked` is tested on every request; the event releases them.
+        self._blocked = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+        self._event_changed = asyncio.Event()
+
+    @property
+    def mapper_key(self) -> str:
+        """The namespace key; tables that hold this device print it (see DeviceRef)."""
+        return f"/dev/mapper/{self.name}"
+
+    @property
+    def suspended(self) -> bool:
+        return self._blocked
+
+    def _apply(self, mapping: Mapping) -> None:
+        self.live = mapping
+        self.size = mapping.size
+        caps = mapping.caps
+        if self.read_only and not caps.read_only:
+            caps = replace(caps, read_only=True, fua=False, trim=False, zero=False,
+                           fast_zero=False)
+        self.caps = caps
+        self.block_size = mapping.block_size
+
+    # Open counting: tables that hold this device, and clients (the server calls these).
+
+    def open(self) -> None:
+        self.open_count += 1
+
+    def release(self) -> None:
+        if self.open_count <= 0:
+            raise RuntimeError(f"{self.name}: release without open")
+        self.open_count -= 1
+
+    # Events
+
+    def raise_event(self) -> None:
+        self.event_nr += 1
+        self._event_changed.set()
+        self._event_changed = asyncio.Event()
+
+    async def wait_event(self, after: int) -> int:
+        """Return the event number once it is greater than `after`."""
+        while self.event_nr <= after:
+            if self.removed:
+                raise OSError(errno.ENXIO, f"{self.name} was removed")
+            await self._event_changed.wait()
+        return self.event_nr
+
+    # Table slots and suspension
+
+    def load(self, mapping: Mapping) -> Mapping | None:
+        """Put `mapping` in the inactive slot; return the table it replaced (to destroy)."""
+        old, self.inactive = self.inactive, mapping
+        return old
+
+    def clear(self) -> Mapping | None:
+        old, self.inactive = self.inactive, None
+        return old
+
+    async def suspend(self, noflush: bool = False) -> None:
+        if self._blocked:
+            return
+        self._blocked = True
+        self._resumed.clear()
+        live = self.live
+        await live.presuspend(noflush)
+        while self._inflight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        self._idle = None
+        if not noflush and self.has_live:
+            await live.flush()
+
+    async def resume(self) -> Mapping | None:
+        """Swap in the inactive table if there is one; return the table it replaced."""
+        old: Mapping | None = None
+        if self.inactive is not None:
+            await self.suspend()
+            new, self.inactive = self.inactive, None
+            await new.resume()
+            old = self.live if self.has_live else None
+            self._apply(new)
+            self.has_live = True
+        elif self._blocked and self.has_live:
+            await self.live.resume()
+        self._blocked = False
+        self._resumed.set()
+        return old
+
+    def take_tables(self) -> list[Mapping]:
+        """For removal: empty both slots and fail queued I/O; return the tables to destroy."""
+        tables = [m for m in (self.live if self.has_live else None, self.inactive) if m]
+        self.inactive = None
+        self.has_live = False
+        self._apply(EMPTY)
+        self.removed = True
+        self._blocked = False
+        self._resumed.set()
+        self._event_changed.set()
+        return tables
+
+    def info(self) -> DeviceInfo:
+        return DeviceInfo(
+            name=self.name, uuid=self.uuid, minor=self.minor, suspended=self._blocked,
+            read_only=self.read_only, live_table=self.has_live,
+            inactive_table=self.inactive is not None, open_count=self.open_count,
+            event_nr=self.event_nr, target_count=len(self.live) if self.has_live else 0,
+            sectors=self.live.sectors)
+
+    # I/O
+
+    async def _wait_resumed(self) -> None:
+        while self._blocked:
+            await self._resumed.wait()
+        if self.removed:
+            raise OSError(errno.ENXIO, f"{self.name} was removed")
+
+    def _done(self) -> None:
+        self._inflight -= 1
+        if not self._inflight and self._idle is not None:
+            self._idle.set()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, f"{self.name} is read-only")
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        if self._blocked:
+            await self._wait_resumed()
+        self._inflight += 1
+        try:
+            await self.live.pread(buf, offset)
+        finally:
+            self._done()
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        if self._blocked:
+            await self._wait_resumed()
+        if self.read_only:
+            self._check_writable()
+        self._inflight += 1
+        try:
+            await self.live.pwrite(buf, offset, fua)
+        finally:
+            self._done()
+
+    async def flush(self) -> None:
+        if self._blocked:
+            await self._wait_resumed()
+        self._inflight += 1
+        try:
+            await self.live.flush()
+        finally:
+            self._done()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if self._blocked:
+            await self._wait_resumed()
+        self._check_writable()
+        self._inflight += 1
+        try:
+            await self.live.trim(offset, length, fua)
+        finally:
+            self._done()
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        if self._blocked:
+            await self._wait_resumed()
+        self._check_writable()
+        self._inflight += 1
+        try:
+            await self.live.zero(offset, length, may_trim, fast, fua)
+        finally:
+            self._done()
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        if self._blocked:
+            await self._wait_resumed()
+        self._inflight += 1
+        try:
+            return await self.live.extents(offset, length)
+        finally:
+            self._done()
+
+    async def cache(self, offset: int, length: int) -> None:
+        if self._blocked:
+            await self._wait_resumed()
+        self._inflight += 1
+        try:
+            await self.live.cache(offset, length)
+        finally:
+            self._done()
+
+    def describe(self) -> str:
+        state = "suspended" if self._blocked else "active"
+        return f"dm {self.name} ({state}, {len(self.live)} targets, {self.live.sectors} sectors)"

@@ -1,0 +1,303 @@
+"""The set of mapped devices and the dmsetup lifecycle over it.
+
+One `Registry` per server. It resolves table device keys (`/dev/mapper/NAME` itself, the
+rest through a `DeviceSource`), publishes each mapped device under `/dev/mapper/NAME`, and
+implements create, load, suspend, resume, clear, remove, rename, info, deps, table,
+status, wait and message with the kernel's rules and errnos:
+
+- ENXIO for a device that does not exist, EBUSY for a name in use or a device still open,
+  EINVAL (a `TableError`, which is a ValueError) for a table the load rules refuse.
+- A table is built completely before it touches the device, so a refused table leaves the
+  device exactly as it was.
+- A table may not make a device hold itself, directly or through other mapped devices.
+
+Operations on one device run one at a time (its lock); `wait` and I/O do not take it, and
+devices do not wait for each other, so a suspend stuck behind a suspended lower device
+never blocks the resume that frees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from minidisk.device.api import BlockDevice
+from minidisk.dm.devices import MAPPER_PREFIX, DeviceSource, Publisher
+from minidisk.dm.mapped import DeviceInfo, MappedDevice
+from minidisk.dm.mapping import Mapping, TableLine, build_mapping
+from minidisk.dm.table import Segment, TableError, parse_table
+from minidisk.dm.target import Target
+from minidisk.dm.targets import TARGET_TYPES
+
+DM_MAJOR = 253  # what Linux usually gives device-mapper; shown where dmsetup shows one
+DRIVER_VERSION = (4, 48, 0)
+MAX_NAME = 127  # DM_NAME_LEN - 1
+
+
+def no_device(name: str) -> OSError:
+    return OSError(errno.ENXIO, f"device {name} does not exist")
+
+
+def check_name(name: str) -> None:
+    if not name or len(name) > MAX_NAME or "/" in name or name in (".", ".."):
+        raise OSError(errno.EINVAL, f"invalid device name {name!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    key: str
+    mapped: MappedDevice | None  # set when the dependency is itself a mapped device
+
+
+class Registry:
+    def __init__(
+        self, source: DeviceSource | None = None, publisher: Publisher | None = None,
+        types: dict[str, type[Target]] | None = None,
+    ) -> None:
+        self.source = source
+        self.publisher = publisher
+        self.types = dict(TARGET_TYPES if types is None else types)
+        self.devices: dict[str, MappedDevice] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._next_minor = 0
+
+    # Lookup
+
+    def get(self, name: str) -> MappedDevice:
+        try:
+            return self.devices[name]
+        except KeyError:
+            raise no_device(name) from None
+
+    def _lock(self, dev: MappedDevice) -> asyncio.Lock:
+        return self._locks.setdefault(id(dev), asyncio.Lock())
+
+    def by_uuid(self, uuid: str) -> MappedDevice:
+        for dev in self.devices.values():
+            if uuid and dev.uuid == uuid:
+                return dev
+        raise OSError(errno.ENXIO, f"no device with uuid {uuid}")
+
+    # Device resolution for tables
+
+    def _opener(self, loading: MappedDevice) -> Callable[[str], BlockDevice]:
+        def open_device(key: str) -> BlockDevice:
+            if key.startswith(MAPPER_PREFIX):
+                child = self.get(key[len(MAPPER_PREFIX):])
+                if child is loading or self._reaches(child, loading):
+                    raise OSError(errno.ELOOP,
+                                  f"{loading.name} would hold itself through {key}")
+                child.open()
+                return child
+            if self.source is None:
+                raise OSError(errno.ENOENT, f"no namespace to look up {key}")
+            device = self.source.lookup(key)
+            self.source.hold(key)
+            return device
+
+        return open_device
+
+    def _close_device(self, key: str, device: BlockDevice) -> None:
+        if isinstance(device, MappedDevice):
+            device.release()
+        elif self.source is not None:
+            self.source.release(key)
+
+    def _reaches(self, start: MappedDevice, goal: MappedDevice) -> bool:
+        """Does `start` hold `goal` through its tables (live or inactive), at any depth?"""
+        seen: set[int] = set()
+        todo = [start]
+        while todo:
+            dev = todo.pop()
+            if dev is goal:
+                return True
+            if id(dev) in seen:
+                continue
+            seen.add(id(dev))
+            for mapping in (dev.live, dev.inactive):
+                if mapping is not None:
+                    todo += [r.device for r in mapping.devices()
+                             if isinstance(r.device, MappedDevice)]
+        return False
+
+    # Lifecycle
+
+    async def create(self, name: str, table: str | None = None, uuid: str = "",
+                     read_only: bool = False) -> MappedDevice:
+        """dmsetup create: a new device, and with a table, loaded and resumed."""
+        check_name(name)
+        if name in self.devices:
+            raise OSError(errno.EBUSY, f"device {name} already exists")
+        if uuid and any(d.uuid == uuid for d in self.devices.values()):
+            raise OSError(errno.EBUSY, f"uuid {uuid} is already in use")
+        # Parse first: a table with a syntax error creates nothing.
+        segments = parse_table(table) if table is not None else None
+        dev = MappedDevice(name, self._next_minor, uuid, read_only)
+        self._next_minor += 1
+        self.devices[name] = dev
+        try:
+            if segments is not None:
+                await self._load(dev, segments)
+                old = await dev.resume()
+                assert old is None
+            if self.publisher is not None:
+                self.publisher.register(dev.mapper_key, dev)
+        except BaseException:
+            del self.devices[name]
+            for mapping in dev.take_tables():
+                await mapping.destroy()
+            raise
+        return dev
+
+    async def load(self, name: str, table: str) -> None:
+        """dmsetup load/reload: build `table` into the inactive slot."""
+        await self.load_segments(name, parse_table(table))
+
+    async def load_segments(self, name: str, segments: list[Segment]) -> None:
+        dev = self.get(name)
+        async with self._lock(dev):
+            await self._load(dev, segments)
+
+    async def _load(self, dev: MappedDevice, segments: list[Segment]) -> None:
+        mapping = build_mapping(segments, self.types, self._opener(dev), self._close_device,
+                                dev.raise_event, dev.read_only)
+        try:
+            self._check_replacement(dev, mapping)
+        except BaseException:
+            await mapping.destroy()
+            raise
+        old = dev.load(mapping)
+        if old is not None:
+            await old.destroy()
+
+    @staticmethod
+    def _check_replacement(dev: MappedDevice, new: Mapping) -> None:
+        if not dev.has_live:
+            return
+        immutable = dev.live.immutable_type()
+        if immutable is not None and new.immutable_type() != immutable:
+            raise TableError(f"can't replace immutable target type {immutable}")
+
+    async def suspend(self, name: str, noflush: bool = False) -> None:
+        dev = self.get(name)
+        async with self._lock(dev):
+            await dev.suspend(noflush)
+
+    async def resume(self, name: str) -> None:
+        dev = self.get(name)
+        async with self._lock(dev):
+            old = await dev.resume()
+            if old is not None:
+                await old.destroy()
+
+    async def clear(self, name: str) -> None:
+        dev = self.get(name)
+        async with self._lock(dev):
+            old = dev.clear()
+            if old is not None:
+                await old.destroy()
+
+    async def remove(self, name: str, force: bool = False) -> None:
+        """dmsetup remove: EBUSY while open; with `force`, an open device gets an error table."""
+        dev = self.get(name)
+        async with self._lock(dev):
+            if dev.open_count:
+                if force and dev.has_live:
+                    await self._load(dev, [Segment(0, dev.live.sectors, "error", ())])
+                    old = await dev.resume()
+                    if old is not None:
+                        await old.destroy()
+                raise OSError(errno.EBUSY, f"device {name} is open ({dev.open_count} holders)")
+            if self.publisher is not None:
+                self.publisher.unregister(dev.mapper_key)
+            del self.devices[name]
+            for mapping in dev.take_tables():
+                await mapping.destroy()
+        self._locks.pop(id(dev), None)
+
+    async def remove_all(self, force: bool = False) -> list[str]:
+        """Remove every device that can be; return the names left (still open)."""
+        left: list[str] = []
+        progress = True
+        while progress:  # parents first frees their children for the next round
+            progress = False
+            for name in list(self.devices):
+                try:
+                    await self.remove(name, force)
+                    progress = True
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise
+        left = sorted(self.devices)
+        return left
+
+    async def rename(self, name: str, new_name: str) -> None:
+        dev = self.get(name)
+        check_name(new_name)
+        async with self._lock(dev):
+            if new_name in self.devices:
+                raise OSError(errno.EBUSY, f"device {new_name} already exists")
+            old_key = dev.mapper_key
+            del self.devices[name]
+            dev.name = new_name
+            self.devices[new_name] = dev
+            if self.publisher is not None:
+                self.publisher.unregister(old_key)
+                self.publisher.register(dev.mapper_key, dev)
+
+    async def set_uuid(self, name: str, uuid: str) -> None:
+        """dmsetup rename --setuuid: only a device without a UUID may be given one."""
+        dev = self.get(name)
+        if dev.uuid:
+            raise OSError(errno.EINVAL, f"device {name} already has uuid {dev.uuid}")
+        if any(d.uuid == uuid for d in self.devices.values()):
+            raise OSError(errno.EBUSY, f"uuid {uuid} is already in use")
+        dev.uuid = uuid
+
+    # Queries
+
+    def info(self, name: str) -> DeviceInfo:
+        return self.get(name).info()
+
+    def names(self) -> list[str]:
+        return sorted(self.devices)
+
+    def deps(self, name: str) -> list[Dependency]:
+        dev = self.get(name)
+        if not dev.has_live:
+            return []
+        return [Dependency(r.key, r.device if isinstance(r.device, MappedDevice) else None)
+                for r in dev.live.devices()]
+
+    def _slot(self, name: str, inactive: bool) -> Mapping | None:
+        dev = self.get(name)
+        if inactive:
+            return dev.inactive
+        return dev.live if dev.has_live else None
+
+    def table(self, name: str, inactive: bool = False) -> list[TableLine]:
+        mapping = self._slot(name, inactive)
+        return mapping.table_lines() if mapping is not None else []
+
+    def status(self, name: str, inactive: bool = False) -> list[tuple[int, int, str, str]]:
+        mapping = self._slot(name, inactive)
+        return mapping.status_lines() if mapping is not None else []
+
+    async def wait(self, name: str, event_nr: int | None = None) -> int:
+        """dmsetup wait: return once the event counter exceeds `event_nr` (default: now)."""
+        dev = self.get(name)
+        return await dev.wait_event(dev.event_nr if event_nr is None else event_nr)
+
+    async def message(self, name: str, sector: int, args: list[str]) -> str | None:
+        dev = self.get(name)
+        if not args:
+            raise OSError(errno.EINVAL, "empty message")
+        if not dev.has_live:
+            raise OSError(errno.EINVAL, f"device {name} has no live table")
+        async with self._lock(dev):
+            return await dev.live.target_at(sector).message(args)
+
+    def target_versions(self) -> list[tuple[str, tuple[int, int, int]]]:
+        return [(name, t.version) for name, t in self.types.items()]

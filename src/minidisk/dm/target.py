@@ -1,0 +1,165 @@
+"""What every target is: a `BlockDevice` over child devices, plus table/status/message text.
+
+A target instance is one constructed segment of a table. Its I/O offsets are bytes relative
+to the start of its segment; the mapped device (`mapping.py`) splits requests between
+segments. Constructors get a `TargetContext`, through which they open child devices (held
+until the table is destroyed, as the kernel's `dm_get_device`) and raise events, and they
+report bad arguments by raising `TargetError` with the kernel's wording where there is one.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterable
+from typing import ClassVar
+
+from minidisk.device.api import BlockDevice, Caps
+from minidisk.dm.table import SECTOR
+
+
+class TargetError(ValueError):
+    """A constructor rejected its arguments; the table builder names the segment."""
+
+
+class DeviceRef:
+    """A child device as a table names it.
+
+    The key is read back when the table is printed. A mapped device can be renamed while a
+    table above it holds it, so for those the current name is asked of the device itself.
+    """
+
+    __slots__ = ("device", "given_key")
+
+    def __init__(self, device: BlockDevice, key: str) -> None:
+        self.device = device
+        self.given_key = key
+
+    @property
+    def key(self) -> str:
+        current = getattr(self.device, "mapper_key", None)
+        return current if isinstance(current, str) else self.given_key
+
+    @property
+    def sectors(self) -> int:
+        return self.device.size // SECTOR
+
+
+Opener = Callable[[str], BlockDevice]
+Closer = Callable[[str, BlockDevice], None]
+
+
+class TargetContext:
+    """Constructor services for one segment: open devices, raise events."""
+
+    def __init__(
+        self, length: int, open_device: Opener, close_device: Closer,
+        raise_event: Callable[[], None], read_only: bool = False,
+    ) -> None:
+        self.length = length
+        self.read_only = read_only
+        self.raise_event = raise_event
+        self._open = open_device
+        self._close = close_device
+        self.opened: list[tuple[str, BlockDevice]] = []
+
+    def device(self, key: str, start: int, length: int | None = None) -> DeviceRef:
+        """Open `key` and check that sectors [start, start+length) lie inside it."""
+        if length is None:
+            length = self.length
+        try:
+            device = self._open(key)
+        except (KeyError, OSError) as e:
+            raise TargetError(f"Device lookup failed: {key}: {_reason(e)}") from None
+        self.opened.append((key, device))
+        ref = DeviceRef(device, key)
+        if start + length > ref.sectors:
+            raise TargetError(
+                f"device {key} too small for target: needs sectors {start}..{start + length}, "
+                f"has {ref.sectors}")
+        return ref
+
+    def close_all(self) -> None:
+        while self.opened:
+            self._close(*self.opened.pop())
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e.args[0]) if e.args else type(e).__name__
+
+
+def parse_uint(word: str, error: str, maximum: int = 2**64 - 1) -> int:
+    """A decimal as the kernel's sscanf("%llu%c") reads it; `error` is the kernel's message."""
+    if not word.isdigit() or int(word) > maximum:
+        raise TargetError(f"{error}: {word!r}")
+    return int(word)
+
+
+def combine_caps(children: Iterable[Caps], read_only: bool = False) -> Caps:
+    """Caps of a target that forwards every operation to all of `children`.
+
+    Flush and zero are always offered: a flush skips children that have nothing to flush, and
+    zero falls back to writing zeroes. The rest needs every child to really have it.
+    """
+    caps = list(children)
+    return Caps(
+        read_only=read_only or any(c.read_only for c in caps),
+        flush=True,
+        fua=all(c.fua for c in caps),
+        trim=all(c.trim for c in caps),
+        zero=True,
+        fast_zero=all(c.fast_zero for c in caps),
+        extents=all(c.extents for c in caps),
+        cache=True,
+        multi_conn=all(c.multi_conn for c in caps),
+        rotational=any(c.rotational for c in caps),
+    )
+
+
+async def flush_device(device: BlockDevice) -> None:
+    if device.caps.flush:
+        await device.flush()
+
+
+class Target(BlockDevice):
+    """Base of all targets. Subclasses set `name`, `version` and implement the I/O."""
+
+    name: ClassVar[str]
+    version: ClassVar[tuple[int, int, int]]
+    # DM_TARGET_SINGLETON: must be the only segment; DM_TARGET_IMMUTABLE: a device that has
+    # it may never load a table of another type.
+    singleton: ClassVar[bool] = False
+    immutable: ClassVar[bool] = False
+
+    def __init__(self, ctx: TargetContext, args: list[str]) -> None:
+        self.length = ctx.length
+        self.size = ctx.length * SECTOR
+
+    def table_args(self) -> list[str]:
+        """STATUSTYPE_TABLE: arguments that construct this target again."""
+        return []
+
+    def status(self) -> str:
+        """STATUSTYPE_INFO text (`dmsetup status`)."""
+        return ""
+
+    def devices(self) -> list[DeviceRef]:
+        """Children, for `deps`, `ls --tree` and flushes."""
+        return []
+
+    async def message(self, args: list[str]) -> str | None:
+        raise OSError(errno.EINVAL, f"{self.name} target does not accept messages")
+
+    async def flush(self) -> None:
+        for ref in self.devices():
+            await flush_device(ref.device)
+
+    async def presuspend(self, noflush: bool) -> None:
+        """Before a suspend waits for in-flight I/O: release anything the target holds back."""
+
+    async def resume(self) -> None:
+        """The table this target is in has become live (or the device resumed)."""
+
+    async def destroy(self) -> None:
+        """The table is being dropped; the builder closes the devices afterwards."""

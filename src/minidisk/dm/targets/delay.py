@@ -1,0 +1,141 @@
+"""`delay <dev> <off> <ms> [<wdev> <woff> <wms> [<fdev> <foff> <fms>]]` (DOC/delay.rst).
+
+Reads use the first triple; writes, trims and zeroes the second (or the first); flushes the
+third (or the write triple). A request waits its class's delay before it is sent on, as the
+kernel queues bios before submission. Status shows how many requests of each class are
+being held right now. Suspending releases everything held at once (`delay_presuspend`), so
+a suspend never waits out the delays; holding starts again on resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from minidisk.device.api import BlockDevice, Extent
+from minidisk.dm.table import SECTOR
+from minidisk.dm.target import (
+    DeviceRef,
+    Target,
+    TargetContext,
+    TargetError,
+    combine_caps,
+    parse_uint,
+)
+
+
+@dataclass(eq=False)
+class DelayClass:
+    ref: DeviceRef
+    start: int  # sectors
+    delay_ms: int
+    held: int = 0  # requests waiting out their delay now (status field)
+
+    @property
+    def child(self) -> BlockDevice:
+        return self.ref.device
+
+    @property
+    def base(self) -> int:
+        return self.start * SECTOR
+
+    def table_args(self) -> list[str]:
+        return [self.ref.key, str(self.start), str(self.delay_ms)]
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Delay(Target):
+    name = "delay"
+    version = (1, 4, 0)
+
+    def __init__(self, ctx: TargetContext, args: list[str]) -> None:
+        super().__init__(ctx, args)
+        if len(args) not in (3, 6, 9):
+            raise TargetError(f"Requires exactly 3, 6 or 9 arguments, got {len(args)}")
+        classes = [self._class(ctx, args[i:i + 3]) for i in range(0, len(args), 3)]
+        self.nargs = len(args)
+        self.read = classes[0]
+        self.write = classes[1] if len(classes) > 1 else self.read
+        self.flush_class = classes[2] if len(classes) > 2 else self.write
+        self.classes = classes
+        self.caps = combine_caps(c.child.caps for c in classes)
+        self.block_size = self.read.child.block_size
+        self._may_delay = True
+        self._waiting: set[asyncio.Future[None]] = set()
+
+    @staticmethod
+    def _class(ctx: TargetContext, args: list[str]) -> DelayClass:
+        start = parse_uint(args[1], "Invalid device sector")
+        delay_ms = parse_uint(args[2], "Invalid delay", 2**32 - 1)
+        return DelayClass(ctx.device(args[0], start), start, delay_ms)
+
+    def table_args(self) -> list[str]:
+        out: list[str] = []
+        for c in (self.read, self.write, self.flush_class)[:self.nargs // 3]:
+            out += c.table_args()
+        return out
+
+    def status(self) -> str:
+        return f"{self.read.held} {self.write.held} {self.flush_class.held}"
+
+    def devices(self) -> list[DeviceRef]:
+        return [c.ref for c in self.classes]
+
+    async def _wait(self, cls: DelayClass) -> None:
+        if not cls.delay_ms or not self._may_delay:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(cls.delay_ms / 1000, _wake, fut)
+        self._waiting.add(fut)
+        cls.held += 1
+        try:
+            await fut
+        finally:
+            cls.held -= 1
+            timer.cancel()
+            self._waiting.discard(fut)
+
+    async def presuspend(self, noflush: bool) -> None:
+        self._may_delay = False
+        for fut in list(self._waiting):
+            _wake(fut)
+
+    async def resume(self) -> None:
+        self._may_delay = True
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        await self._wait(self.read)
+        await self.read.child.pread(buf, offset + self.read.base)
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        await self._wait(self.write)
+        await self.write.child.pwrite(buf, offset + self.write.base, fua)
+
+    async def flush(self) -> None:
+        await self._wait(self.flush_class)
+        if self.flush_class.child.caps.flush:
+            await self.flush_class.child.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._wait(self.write)
+        await self.write.child.trim(offset + self.write.base, length, fua)
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self._wait(self.write)
+        await self.write.child.zero(offset + self.write.base, length, may_trim, fast, fua)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        base = self.read.base
+        return [Extent(e.offset - base, e.length, e.flags)
+                for e in await self.read.child.extents(offset + base, length)]
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.read.child.cache(offset + self.read.base, length)
