@@ -18,7 +18,8 @@ size=host not with offset — all checked whatever the order.
 
 `apply` then does what rump_server does before registering: a missing hostpath is created with
 mode 0644 & ~umask, and a regular file shorter than offset+size is extended sparsely (ftruncate)
-before the key appears. A file it created is removed, and a file it grew is cut back, when any
+before the key appears (an explicit size only: a partition past the end of its image is an
+error, not a reason to grow it). A file it created is removed, and a file it grew is cut back, when any
 later step fails, so an error leaves nothing behind. Every error is a `DrivespecError`, one line
 that names the offending token and value.
 """
@@ -208,7 +209,9 @@ def apply(spec: Drivespec, namespace: Namespace) -> Applied:
     grown_from = None
     try:
         begin, size, token, value = _window(spec, fd)
-        if size != RUMP_ETFS_SIZE_ENDOFF and stat.S_ISREG(os.fstat(fd).st_mode):
+        # Only an explicit size grows a file: a table that points past the end of its image
+        # means a truncated image, which growing would hide.
+        if spec.size is not None and stat.S_ISREG(os.fstat(fd).st_mode):
             fsize = host_size(fd)
             if fsize < begin + size:
                 try:
