@@ -27,7 +27,7 @@ def attach(uri: str, read_only: bool, method: str) -> None:
 @click.command()
 @click.argument("device")
 def detach(device: str) -> None:
-    """Take down DEVICE (e.g. /dev/loop3) that `minidisk attach` made."""
+    """Undo `minidisk attach` for DEVICE, such as /dev/loop3."""
     try:
         kernel.detach(device)
     except kernel.KernelError as e:

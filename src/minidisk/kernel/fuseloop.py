@@ -96,17 +96,22 @@ def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path) -
     with open(logfile, "wb") as log_out:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
                                    stderr=subprocess.STDOUT, cwd="/", start_new_session=True)
-    helper = Helper.of("nbdfuse", process.pid)
 
     def ready() -> bool:
         return process.poll() is not None or (pidfile.exists() and pidfile.stat().st_size > 0)
 
     if not wait_until(ready, READY_TIMEOUT):
+        process.kill()
+        process.wait()
         raise AttachError(f"nbdfuse did not become ready within {READY_TIMEOUT:g} s "
                           f"for {uri}: {_tail(logfile)}")
     if process.returncode is not None:
         raise AttachError(f"nbdfuse could not attach {uri} "
                           f"(exit {process.returncode}): {_tail(logfile)}")
+    try:
+        helper = Helper.of("nbdfuse", process.pid)
+    except ProcessLookupError:
+        raise AttachError(f"nbdfuse exited right after starting: {_tail(logfile)}") from None
     # Popen would reap nbdfuse in its finaliser; once we exit, init does.
     process.returncode = 0
     return helper

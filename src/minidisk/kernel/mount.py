@@ -76,11 +76,11 @@ def fsck(device: str, *, fstype: str | None = None, force: bool = True,
     argv = ["fsck"]
     if fstype:
         argv += ["-t", fstype]
-    argv.append("--")  # fsck's own options end here; the rest go to fsck.TYPE
+    # -f/-n/-p are not fsck's own and pass through to fsck.TYPE. Never put "--" before them:
+    # fsck then takes the device for a checker option too, checks nothing and exits 0.
     if force:
         argv.append("-f")
-    argv.append("-p" if repair else "-n")
-    argv.append(device)
+    argv += ["-p" if repair else "-n", device]
     done = run(argv, timeout=600, ok_codes=range(8))
     return FsckResult(done.returncode, done.stdout + done.stderr)
 

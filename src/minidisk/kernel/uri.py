@@ -83,7 +83,8 @@ def parse_nbd_uri(text: str) -> NbdUri:
             query["socket"] = [absolute]
             new_query = urllib.parse.urlencode({k: v[0] for k, v in query.items()},
                                                safe="/", quote_via=urllib.parse.quote)
-            text = urllib.parse.urlunsplit(parts._replace(query=new_query))
+            # Not urlunsplit: it drops the "//" of an empty authority for unknown schemes.
+            text = f"{parts.scheme}://{parts.path}?{new_query}"
         return NbdUri(text=text, transport=transport, tls=tls, export=export,
                       socket=absolute, port=0)
 

@@ -1,0 +1,145 @@
+"""The kernel path end to end through the CLI: attach, file system, detach, nothing left."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from minidisk.kernel import mount, state
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+StateOf = Callable[[str], state.Attachment]
+NothingLeft = Callable[[state.Attachment], None]
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180),
+              pytest.mark.usefixtures("cleanup_attachments")]
+
+MIB = 1 << 20
+
+
+def write_files(directory: Path, total_mib: int) -> dict[str, str]:
+    """Write `total_mib` MiB of random data as files of 1 to 4 MiB; return name → sha256."""
+    digests, written, n = {}, 0, 0
+    while written < total_mib:
+        size = min(1 + n % 4, total_mib - written)
+        data = os.urandom(size * MIB)
+        name = f"f{n:03d}.bin"
+        (directory / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+        written += size
+        n += 1
+    return digests
+
+
+def read_digests(directory: Path, names: list[str]) -> dict[str, str]:
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in names}
+
+
+@pytest.mark.slow
+def test_ext4_lifecycle(md: Cli, nbd_uri: str, mountpoint: Path, state_of: StateOf,
+                        nothing_left: NothingLeft) -> None:
+    device = md("attach", nbd_uri).stdout.strip()
+    assert device.startswith("/dev/loop"), device
+    attachment = state_of(device)
+    assert attachment.method == "nbdfuse" and attachment.uri == nbd_uri
+    assert all(helper.alive() for helper in attachment.helpers)  # outlived `minidisk attach`
+
+    assert mount.detect_filesystem(device) is None
+    mount.mkfs(device, "ext4", label="minidisk")
+    assert mount.detect_filesystem(device) == "ext4"
+    mount.mount(device, mountpoint)
+    digests = write_files(mountpoint, 50)
+    os.sync()
+    mount.umount(mountpoint)
+    result = mount.fsck(device, force=True)
+    assert result.returncode == 0, result.output
+
+    md("detach", device)
+    nothing_left(attachment)
+
+    # The data is on the server, not in some cache: attach again and read it back.
+    device = md("attach", nbd_uri).stdout.strip()
+    again = state_of(device)
+    mount.mount(device, mountpoint, read_only=True)
+    assert read_digests(mountpoint, list(digests)) == digests
+    mount.umount(mountpoint)
+    md("detach", device)
+    nothing_left(again)
+
+
+def test_read_only_refuses_writes(md: Cli, nbd_uri: str, state_of: StateOf,
+                                  nothing_left: NothingLeft) -> None:
+    pattern = os.urandom(MIB)
+    device = md("attach", nbd_uri).stdout.strip()
+    with open(device, "r+b", buffering=0) as f:
+        f.write(pattern)
+        os.fsync(f.fileno())
+    md("detach", device)
+
+    device = md("attach", "--read-only", nbd_uri).stdout.strip()
+    attachment = state_of(device)
+    assert attachment.read_only
+    name = os.path.basename(device)
+    assert Path(f"/sys/block/{name}/ro").read_text().strip() == "1"
+    # Linux lets a read-only block device be opened for writing; the writes fail.
+    with open(device, "r+b", buffering=0) as f, pytest.raises(PermissionError):
+        f.write(bytes(4096))
+    write = subprocess.run(["dd", "if=/dev/zero", f"of={device}", "bs=4096", "count=1",
+                            "oflag=direct", "conv=notrunc"], capture_output=True, text=True)
+    assert write.returncode != 0, write.stderr
+    with open(device, "rb", buffering=0) as f:
+        assert f.read(MIB) == pattern
+    md("detach", device)
+    nothing_left(attachment)
+
+
+def test_detach_refuses_mounted_device(md: Cli, nbd_uri: str, mountpoint: Path,
+                                       state_of: StateOf, nothing_left: NothingLeft) -> None:
+    device = md("attach", nbd_uri).stdout.strip()
+    attachment = state_of(device)
+    mount.mkfs(device)
+    mount.mount(device, mountpoint)
+    refused = md("detach", device, check=False)
+    assert refused.returncode == 1
+    assert "mounted on" in refused.stderr and str(mountpoint) in refused.stderr
+    assert state_of(device) == attachment  # nothing was undone
+    mount.umount(mountpoint)
+    md("detach", device)
+    nothing_left(attachment)
+
+
+def test_detach_after_nbdfuse_was_killed(md: Cli, nbd_uri: str, state_of: StateOf,
+                                         nothing_left: NothingLeft) -> None:
+    device = md("attach", nbd_uri).stdout.strip()
+    attachment = state_of(device)
+    (helper,) = attachment.helpers
+    os.kill(helper.pid, 9)
+    md("detach", device)
+    nothing_left(attachment)
+
+
+def test_detach_finishes_after_loop_was_removed(md: Cli, nbd_uri: str, state_of: StateOf,
+                                                nothing_left: NothingLeft) -> None:
+    """A detach that stopped after its first step (here: done by hand) can be completed."""
+    device = md("attach", nbd_uri).stdout.strip()
+    attachment = state_of(device)
+    subprocess.run(["losetup", "-d", device], check=True)
+    md("detach", device)
+    nothing_left(attachment)
+
+
+def test_attach_with_relative_socket_path(md: Cli, nbd_uri: str, state_of: StateOf,
+                                          nothing_left: NothingLeft,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    socket_path = Path(nbd_uri.split("socket=", 1)[1])
+    monkeypatch.chdir(socket_path.parent)
+    device = md("attach", f"nbd+unix:///?socket={socket_path.name}").stdout.strip()
+    attachment = state_of(device)
+    assert attachment.uri == nbd_uri  # made absolute: nbdfuse runs in "/"
+    md("detach", device)
+    nothing_left(attachment)

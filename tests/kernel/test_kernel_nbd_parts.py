@@ -1,0 +1,93 @@
+"""The parts of the kernel-nbd backend that run without an nbd module: URI parsing, the
+handshake (against a real server) and generic netlink framing (against the real kernel)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from minidisk.kernel import BadUriError, nbdkernel, parse_nbd_uri
+from minidisk.kernel.attach import choose_method
+from minidisk.kernel.errors import AttachError
+from minidisk.kernel.handshake import connect
+from minidisk.kernel.netlink import GenericNetlink
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(("text", "transport", "host", "port", "export", "tls"), [
+    ("nbd://example.com/disk", "tcp", "example.com", 10809, "disk", False),
+    ("nbd://example.com:1234/", "tcp", "example.com", 1234, "", False),
+    ("nbds://[::1]:99/a%20b", "tcp", "::1", 99, "a b", True),
+    ("nbd://h//dev/dk", "tcp", "h", 10809, "/dev/dk", False),
+    ("nbd+vsock://3/x", "vsock", "3", 10809, "x", False),
+])
+def test_network_uris(text: str, transport: str, host: str, port: int, export: str,
+                      tls: bool) -> None:
+    uri = parse_nbd_uri(text)
+    assert (uri.transport, uri.host, uri.port, uri.export, uri.tls) == (
+        transport, host, port, export, tls)
+    assert str(uri) == text
+
+
+def test_unix_uri_keeps_absolute_and_resolves_relative_sockets(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = parse_nbd_uri("nbd+unix:///dev/dk?socket=/run/md.sock")
+    assert (uri.transport, uri.socket, uri.export) == ("unix", "/run/md.sock", "dev/dk")
+    assert str(uri) == "nbd+unix:///dev/dk?socket=/run/md.sock"
+    monkeypatch.chdir("/tmp")
+    relative = parse_nbd_uri("nbds+unix:///x?socket=s.sock&tls-certificates=/etc/pki")
+    assert relative.socket == "/tmp/s.sock"
+    assert str(relative) == "nbds+unix:///x?socket=/tmp/s.sock&tls-certificates=/etc/pki"
+
+
+@pytest.mark.parametrize("text", [
+    "", "nbd", "file:///x", "nbd+unix:///x", "nbd+unix://h/x?socket=/s", "nbd:///x",
+    "nbd://h:99999/", "nbd+vsock://host/x", "nbd://h/x#frag", "nbd://user@h/x",
+    "nbd://h/x?socket=/s", "nbd+unix:///x?socket=/a&socket=/b",
+])
+def test_bad_uris(text: str) -> None:
+    with pytest.raises(BadUriError, match="bad NBD URI"):
+        parse_nbd_uri(text)
+
+
+def test_handshake_with_a_real_server(make_export: Callable[..., str]) -> None:
+    uri = parse_nbd_uri(make_export("64M"))
+    negotiated = connect(uri)
+    try:
+        assert negotiated.size == 64 << 20
+        assert negotiated.multi_conn and not negotiated.read_only
+        assert negotiated.block_size in (512, 1024, 2048, 4096)
+        assert negotiated.sock.gettimeout() is None  # blocking, as the kernel expects
+    finally:
+        negotiated.sock.close()
+    read_only = connect(parse_nbd_uri(make_export("1M", read_only=True)))
+    read_only.sock.close()
+    assert read_only.read_only and read_only.size == 1 << 20
+
+
+def test_handshake_errors(short_tmp: Path) -> None:
+    with pytest.raises(AttachError, match="cannot connect"):
+        connect(parse_nbd_uri(f"nbd+unix:///?socket={short_tmp}/none.sock"))
+    with pytest.raises(AttachError, match="cannot use TLS"):
+        connect(parse_nbd_uri("nbds://localhost/"))
+
+
+def test_generic_netlink_resolves_families() -> None:
+    with GenericNetlink() as nl:
+        assert nl.family("nlctrl") == 0x10  # the controller resolves itself
+        with pytest.raises(FileNotFoundError):
+            nl.family("no-such-family")
+
+
+def test_backend_choice_here() -> None:
+    """On a kernel without nbd the kernel backend must step aside (CI machines)."""
+    has_nbd = os.path.exists("/sys/module/nbd") or os.path.exists("/dev/nbd0")
+    if has_nbd:
+        assert nbdkernel.available() in ("netlink", "ioctl")
+    else:
+        assert nbdkernel.available() is None
+        assert choose_method(parse_nbd_uri("nbd://h/")) == "nbdfuse"
