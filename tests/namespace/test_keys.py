@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def test_directory_keys_need_directories_and_no_window(
 
 def test_host_file_kinds(ns: Namespace, tmp_path: Path) -> None:
     for kind in ("reg", "blk", "chr"):
-        assert errno_of(lambda: ns.register("/d", str(tmp_path), kind)) == errno.EISDIR
+        assert errno_of(partial(ns.register, "/d", str(tmp_path), kind)) == errno.EISDIR
     os.mkfifo(tmp_path / "fifo")  # refused before open(), which would block
     assert errno_of(lambda: ns.register("/p", str(tmp_path / "fifo"), "reg")) == errno.EINVAL
     assert errno_of(lambda: ns.register("/m", str(tmp_path / "missing"), "reg")) == errno.ENOENT

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import struct
 import subprocess
 from collections.abc import Callable
@@ -165,7 +164,7 @@ def test_bsd_disklabel(ns: Namespace, tmp_path: Path, run: Run, order: str, wher
         f.truncate((FAR + 4096) * 512)  # sparse, ~4.8 GiB
         f.seek(where)
         f.write(bsd_disklabel(order, LABEL_PARTITIONS))
-    for letter, (size, offset) in zip("abe", [LABEL_PARTITIONS[i] for i in (0, 1, 4)]):
+    for letter, (size, offset) in zip("abe", [LABEL_PARTITIONS[i] for i in (0, 1, 4)], strict=True):
         found = disklabel_partition(reader_sparse(image), letter)
         assert (found.offset, found.length) == (offset * 512, size * 512)
         served_exactly(ns, run, image, f"key=/{letter},hostpath={image},disklabel={letter}",

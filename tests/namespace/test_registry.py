@@ -14,6 +14,10 @@ from minidisk.device.api import BlockDevice, Caps
 from minidisk.device.memory import MemoryDevice
 from minidisk.namespace import Namespace
 
+Run = Callable[..., object]
+MakeFile = Callable[..., Path]
+Pattern = Callable[..., bytes]
+
 
 async def read(device: BlockDevice, offset: int, length: int) -> bytes:
     buf = bytearray(length)
@@ -32,7 +36,7 @@ async def fails_with(code: int, awaitable: object) -> None:
 
 
 @pytest.mark.parametrize("kind", ["reg", "blk", "chr"])
-def test_window_byte_for_byte(ns: Namespace, make_file: Callable[..., Path], run: Callable[..., object], pattern: Callable[..., bytes],
+def test_window_byte_for_byte(ns: Namespace, make_file: MakeFile, run: Run, pattern: Pattern,
                               kind: str) -> None:
     """Writes through the device land in the host file at begin+offset, and nowhere else."""
     host = make_file("host", 1 << 20, seed=7)
@@ -64,8 +68,8 @@ def test_window_byte_for_byte(ns: Namespace, make_file: Callable[..., Path], run
 
 
 @pytest.mark.parametrize("kind", ["blk", "chr"])
-def test_sector_types_refuse_partial_sectors(ns: Namespace, make_file: Callable[..., Path],
-                                             run: Callable[..., object], pattern: Callable[..., bytes], kind: str) -> None:
+def test_sector_types_refuse_partial_sectors(ns: Namespace, make_file: MakeFile,
+                                             run: Run, pattern: Pattern, kind: str) -> None:
     ns.register("/s", str(make_file("host", 8192)), kind)
     device = ns.lookup("/s")
 
@@ -80,8 +84,8 @@ def test_sector_types_refuse_partial_sectors(ns: Namespace, make_file: Callable[
     run(scenario())
 
 
-def test_reg_is_byte_granular(ns: Namespace, make_file: Callable[..., Path],
-                              run: Callable[..., object], pattern: Callable[..., bytes]) -> None:
+def test_reg_is_byte_granular(ns: Namespace, make_file: MakeFile,
+                              run: Run, pattern: Pattern) -> None:
     host = make_file("host", 100)
     ns.register("/r", str(host), "reg", 10, 50)
     device = ns.lookup("/r")
@@ -90,8 +94,8 @@ def test_reg_is_byte_granular(ns: Namespace, make_file: Callable[..., Path],
     assert run(read(device, 2, 5)) == pattern(100, 1)[12:13] + b"abc" + pattern(100, 1)[16:17]
 
 
-def test_same_host_file_twice_gets_two_windows(ns: Namespace, make_file: Callable[..., Path],
-                                               run: Callable[..., object], pattern: Callable[..., bytes]) -> None:
+def test_same_host_file_twice_gets_two_windows(ns: Namespace, make_file: MakeFile,
+                                               run: Run, pattern: Pattern) -> None:
     """NetBSD reuses the first registration's window for the same hostpath; we do not."""
     host = str(make_file("host", 8192))
     ns.register("/a", host, "blk", 0, 4096)
@@ -100,7 +104,7 @@ def test_same_host_file_twice_gets_two_windows(ns: Namespace, make_file: Callabl
     assert ns.lookup("/a").size == ns.lookup("/b").size == 4096
 
 
-def test_export_interface(ns: Namespace, tmp_path: Path, make_file: Callable[..., Path]) -> None:
+def test_export_interface(ns: Namespace, tmp_path: Path, make_file: MakeFile) -> None:
     assert ns.export_names() == []
     with pytest.raises(OSError) as info:
         ns.open_export("")
@@ -123,7 +127,7 @@ def test_export_interface(ns: Namespace, tmp_path: Path, make_file: Callable[...
         assert info.value.errno == errno.ENOENT, name
 
 
-def test_references_count_and_close_is_idempotent(ns: Namespace, run: Callable[..., object]) -> None:
+def test_references_count_and_close_is_idempotent(ns: Namespace, run: Run) -> None:
     ns.register_device("/m", MemoryDevice(4096))
     a, b = ns.open_export("m"), ns.hold("/m")
     assert [row.users for row in ns.ls()] == [2]
@@ -159,7 +163,7 @@ class GatedDevice(MemoryDevice):
 
 
 def test_forced_removal_fails_in_flight_and_later_requests_only_of_that_device(
-        ns: Namespace, run: Callable[..., object]) -> None:
+        ns: Namespace, run: Run) -> None:
     async def scenario() -> None:
         gated = GatedDevice(1 << 20)
         ns.register_device("/victim", gated)
@@ -195,7 +199,7 @@ def test_forced_removal_fails_in_flight_and_later_requests_only_of_that_device(
 
 
 def test_forced_removal_of_blk_keeps_acknowledged_writes(
-        ns: Namespace, make_file: Callable[..., Path], run: Callable[..., object]) -> None:
+        ns: Namespace, make_file: MakeFile, run: Run) -> None:
     host = make_file("host", 1 << 20)
 
     async def scenario() -> None:
@@ -215,7 +219,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def make_tree(root: Path, pattern: Callable[..., bytes]) -> None:
+def make_tree(root: Path, pattern: Pattern) -> None:
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / "top.img").write_bytes(pattern(4096, 1))
     (root / "sub" / "mid.img").write_bytes(pattern(8192, 2))
@@ -226,7 +230,7 @@ def make_tree(root: Path, pattern: Callable[..., bytes]) -> None:
 
 
 def test_dir_shows_immediate_children_on_demand(
-        ns: Namespace, tmp_path: Path, run: Callable[..., object], pattern: Callable[..., bytes]) -> None:
+        ns: Namespace, tmp_path: Path, run: Run, pattern: Pattern) -> None:
     make_tree(tmp_path, pattern)
     ns.register("/d", str(tmp_path), "dir")
     assert ns.export_names() == []  # looked up on demand, never listed
@@ -244,7 +248,7 @@ def test_dir_shows_immediate_children_on_demand(
 
 
 def test_dir_subdirs_shows_the_tree_and_counts_users(
-        ns: Namespace, tmp_path: Path, run: Callable[..., object], pattern: Callable[..., bytes]) -> None:
+        ns: Namespace, tmp_path: Path, run: Run, pattern: Pattern) -> None:
     make_tree(tmp_path, pattern)
     ns.register("/t", str(tmp_path), "dir_subdirs")
     before = open_fds()
@@ -273,8 +277,8 @@ def test_dir_subdirs_shows_the_tree_and_counts_users(
 
 
 def test_forced_removal_of_a_dir_revokes_its_open_files(
-        ns: Namespace, tmp_path: Path, run: Callable[..., object],
-        pattern: Callable[..., bytes]) -> None:
+        ns: Namespace, tmp_path: Path, run: Run,
+        pattern: Pattern) -> None:
     make_tree(tmp_path, pattern)
     ns.register("/t", str(tmp_path), "dir_subdirs")
     ref = ns.open_export("t/top.img")

@@ -17,11 +17,11 @@ them); disklabel and partition must each be used alone (not with size, offset or
 size=host not with offset — all checked whatever the order.
 
 `apply` then does what rump_server does before registering: a missing hostpath is created with
-mode 0644 & ~umask, and a regular file shorter than offset+size is extended sparsely (ftruncate)
-before the key appears (an explicit size only: a partition past the end of its image is an
-error, not a reason to grow it). A file it created is removed, and a file it grew is cut back, when any
-later step fails, so an error leaves nothing behind. Every error is a `DrivespecError`, one line
-that names the offending token and value.
+mode 0644 & ~umask, and a regular file shorter than offset+size is extended sparsely
+(ftruncate) before the key appears (an explicit size only: a partition past the end of its
+image is an error, not a reason to grow it). A file it created is removed, and a file it grew
+is cut back, when any later step fails, so an error leaves nothing behind. Every error is a
+`DrivespecError`, one line that names the offending token and value.
 """
 
 from __future__ import annotations
