@@ -1,13 +1,15 @@
-"""What the dm layer needs from the namespace, as a small protocol.
+"""What the dm layer needs from the namespace, as two small protocols.
 
 Tables name devices by namespace key (`/dev/dk`). The registry resolves `/dev/mapper/NAME`
-itself and asks a `DeviceSource` for every other key: `lookup` to find the device, `hold`
-and `release` around the time a table uses it (so the namespace can refuse to remove a
-device a table holds). It publishes each mapped device back under `/dev/mapper/NAME`
-through a `Publisher`, so the server exports it like any other device.
+itself and asks a `DeviceSource` for every other key: `lookup` finds the device, `hold`
+returns a counted reference that the table keeps until it is destroyed (so the namespace
+refuses to remove a device a table maps). Each mapped device is published back under
+`/dev/mapper/NAME` through a `Publisher`, so the server exports it like any other device;
+`remove` of a key still exported to clients fails with EBUSY, which is how `dmsetup
+remove` learns that an NBD client has the device open.
 
-`DeviceDict` implements both over a plain dict: enough for tests, and for embedding dm
-without a namespace.
+`minidisk.namespace.Namespace` is both. `DeviceDict` is both over a plain dict: enough for
+tests, and for embedding dm without a namespace.
 """
 
 from __future__ import annotations
@@ -20,20 +22,39 @@ from minidisk.device.api import BlockDevice
 MAPPER_PREFIX = "/dev/mapper/"
 
 
+class Held(Protocol):
+    def release(self) -> None: ...
+
+
 class DeviceSource(Protocol):
     def lookup(self, key: str) -> BlockDevice:
-        """The device at `key`; raise KeyError or OSError(ENOENT/ENXIO) if there is none."""
+        """The device at `key`; OSError(ENOENT) (or KeyError) if there is none."""
         ...
 
-    def hold(self, key: str) -> None: ...
-
-    def release(self, key: str) -> None: ...
+    def hold(self, key: str) -> Held: ...
 
 
 class Publisher(Protocol):
-    def register(self, key: str, device: BlockDevice) -> None: ...
+    def register_device(self, key: str, device: BlockDevice,
+                        description: str | None = None) -> str: ...
 
-    def unregister(self, key: str) -> None: ...
+    async def remove(self, key: str, force: bool = False) -> None:
+        """Take `key` out; EBUSY if clients still use it (unless `force`)."""
+        ...
+
+
+class _DictHold:
+    def __init__(self, owner: DeviceDict, key: str) -> None:
+        self._owner: DeviceDict | None = owner
+        self._key = key
+        owner.holds[key] = owner.holds.get(key, 0) + 1
+
+    def release(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.holds[self._key] -= 1
+            if not owner.holds[self._key]:
+                del owner.holds[self._key]
 
 
 class DeviceDict:
@@ -47,24 +68,22 @@ class DeviceDict:
         try:
             return self.devices[key]
         except KeyError:
-            raise OSError(errno.ENOENT, f"no device {key}") from None
+            raise OSError(errno.ENOENT, f"key {key} is not registered") from None
 
-    def hold(self, key: str) -> None:
-        self.holds[key] = self.holds.get(key, 0) + 1
+    def hold(self, key: str) -> Held:
+        self.lookup(key)
+        return _DictHold(self, key)
 
-    def release(self, key: str) -> None:
-        left = self.holds[key] - 1
-        if left:
-            self.holds[key] = left
-        else:
-            del self.holds[key]
-
-    def register(self, key: str, device: BlockDevice) -> None:
+    def register_device(self, key: str, device: BlockDevice,
+                        description: str | None = None) -> str:
         if key in self.devices:
-            raise OSError(errno.EEXIST, f"{key} exists")
+            raise OSError(errno.EEXIST, f"key {key} is already registered")
         self.devices[key] = device
+        return key
 
-    def unregister(self, key: str) -> None:
-        if self.holds.get(key):
-            raise OSError(errno.EBUSY, f"{key} is in use")
-        self.devices.pop(key, None)
+    async def remove(self, key: str, force: bool = False) -> None:
+        if key not in self.devices:
+            raise OSError(errno.ENOENT, f"key {key} is not registered")
+        if self.holds.get(key) and not force:
+            raise OSError(errno.EBUSY, f"key {key} is in use ({self.holds[key]} references)")
+        del self.devices[key]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from minidisk.device.api import MAX_REQUEST, BlockSize, Caps, Extent
 from minidisk.dm.table import SECTOR, Segment, TableError
-from minidisk.dm.target import Closer, DeviceRef, Opener, Target, TargetContext, TargetError
+from minidisk.dm.target import DeviceRef, Opener, Target, TargetContext, TargetError
 
 TableLine = tuple[int, int, str, list[str]]
 
@@ -181,7 +181,7 @@ def _table_block_size(targets: Sequence[Target]) -> BlockSize:
 
 def build_mapping(
     segments: Sequence[Segment], types: dict[str, type[Target]], open_device: Opener,
-    close_device: Closer, raise_event: Callable[[], None],
+    raise_event: Callable[[], None],
     read_only: bool = False,
 ) -> Mapping:
     """Construct every segment's target; on any error close what was opened and raise."""
@@ -196,7 +196,7 @@ def build_mapping(
                 raise seg.error(f"unknown target type {seg.target!r}")
             if kind.singleton and len(segments) > 1:
                 raise seg.error(f"{seg.target} target must be the only segment in its table")
-            ctx = TargetContext(seg.length, open_device, close_device, raise_event, read_only)
+            ctx = TargetContext(seg.length, open_device, raise_event, read_only)
             contexts.append(ctx)
             try:
                 targets.append(kind(ctx, list(seg.args)))

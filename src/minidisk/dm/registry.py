@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from minidisk.device.api import BlockDevice
 from minidisk.dm.devices import MAPPER_PREFIX, DeviceSource, Publisher
 from minidisk.dm.mapped import DeviceInfo, MappedDevice
 from minidisk.dm.mapping import Mapping, TableLine, build_mapping
 from minidisk.dm.table import Segment, TableError, parse_table
-from minidisk.dm.target import Target
+from minidisk.dm.target import Opener, Target
 from minidisk.dm.targets import TARGET_TYPES
 
 DM_MAJOR = 253  # what Linux usually gives device-mapper; shown where dmsetup shows one
@@ -82,28 +82,21 @@ class Registry:
 
     # Device resolution for tables
 
-    def _opener(self, loading: MappedDevice) -> Callable[[str], BlockDevice]:
-        def open_device(key: str) -> BlockDevice:
+    def _opener(self, loading: MappedDevice) -> Opener:
+        def open_device(key: str) -> tuple[BlockDevice, Callable[[], None]]:
             if key.startswith(MAPPER_PREFIX):
                 child = self.get(key[len(MAPPER_PREFIX):])
                 if child is loading or self._reaches(child, loading):
                     raise OSError(errno.ELOOP,
                                   f"{loading.name} would hold itself through {key}")
                 child.open()
-                return child
+                return child, child.release
             if self.source is None:
                 raise OSError(errno.ENOENT, f"no namespace to look up {key}")
             device = self.source.lookup(key)
-            self.source.hold(key)
-            return device
+            return device, self.source.hold(key).release
 
         return open_device
-
-    def _close_device(self, key: str, device: BlockDevice) -> None:
-        if isinstance(device, MappedDevice):
-            device.release()
-        elif self.source is not None:
-            self.source.release(key)
 
     def _reaches(self, start: MappedDevice, goal: MappedDevice) -> bool:
         """Does `start` hold `goal` through its tables (live or inactive), at any depth?"""
@@ -143,7 +136,7 @@ class Registry:
                 old = await dev.resume()
                 assert old is None
             if self.publisher is not None:
-                self.publisher.register(dev.mapper_key, dev)
+                self.publisher.register_device(dev.mapper_key, dev, f"dm {name}")
         except BaseException:
             del self.devices[name]
             for mapping in dev.take_tables():
@@ -161,8 +154,8 @@ class Registry:
             await self._load(dev, segments)
 
     async def _load(self, dev: MappedDevice, segments: list[Segment]) -> None:
-        mapping = build_mapping(segments, self.types, self._opener(dev), self._close_device,
-                                dev.raise_event, dev.read_only)
+        mapping = build_mapping(segments, self.types, self._opener(dev), dev.raise_event,
+                                dev.read_only)
         try:
             self._check_replacement(dev, mapping)
         except BaseException:
@@ -211,7 +204,8 @@ class Registry:
                         await old.destroy()
                 raise OSError(errno.EBUSY, f"device {name} is open ({dev.open_count} holders)")
             if self.publisher is not None:
-                self.publisher.unregister(dev.mapper_key)
+                # EBUSY while NBD clients have it open: they count as openers too.
+                await self.publisher.remove(dev.mapper_key)
             del self.devices[name]
             for mapping in dev.take_tables():
                 await mapping.destroy()
@@ -219,7 +213,6 @@ class Registry:
 
     async def remove_all(self, force: bool = False) -> list[str]:
         """Remove every device that can be; return the names left (still open)."""
-        left: list[str] = []
         progress = True
         while progress:  # parents first frees their children for the next round
             progress = False
@@ -230,8 +223,7 @@ class Registry:
                 except OSError as e:
                     if e.errno != errno.EBUSY:
                         raise
-        left = sorted(self.devices)
-        return left
+        return sorted(self.devices)
 
     async def rename(self, name: str, new_name: str) -> None:
         dev = self.get(name)
@@ -239,13 +231,14 @@ class Registry:
         async with self._lock(dev):
             if new_name in self.devices:
                 raise OSError(errno.EBUSY, f"device {new_name} already exists")
-            old_key = dev.mapper_key
+            if self.publisher is not None:
+                # The export name is the key: clients still connected keep it busy.
+                await self.publisher.remove(dev.mapper_key)
             del self.devices[name]
             dev.name = new_name
             self.devices[new_name] = dev
             if self.publisher is not None:
-                self.publisher.unregister(old_key)
-                self.publisher.register(dev.mapper_key, dev)
+                self.publisher.register_device(dev.mapper_key, dev, f"dm {new_name}")
 
     async def set_uuid(self, name: str, uuid: str) -> None:
         """dmsetup rename --setuuid: only a device without a UUID may be given one."""
@@ -259,7 +252,18 @@ class Registry:
     # Queries
 
     def info(self, name: str) -> DeviceInfo:
-        return self.get(name).info()
+        dev = self.get(name)
+        info = dev.info()
+        exported = self._exported_users(dev)
+        return replace(info, open_count=info.open_count + exported) if exported else info
+
+    def _exported_users(self, dev: MappedDevice) -> int:
+        """NBD connections to the device, which the namespace counts (its `ls` rows)."""
+        rows = getattr(self.publisher, "ls", None)
+        if not callable(rows):
+            return 0
+        return sum(int(getattr(r, "users", 0)) for r in rows()
+                   if getattr(r, "key", None) == dev.mapper_key)
 
     def names(self) -> list[str]:
         return sorted(self.devices)

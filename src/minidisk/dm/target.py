@@ -44,33 +44,32 @@ class DeviceRef:
         return self.device.size // SECTOR
 
 
-Opener = Callable[[str], BlockDevice]
-Closer = Callable[[str, BlockDevice], None]
+# Opening a key gives the device and the function that lets go of it again.
+Opener = Callable[[str], tuple[BlockDevice, Callable[[], None]]]
 
 
 class TargetContext:
     """Constructor services for one segment: open devices, raise events."""
 
     def __init__(
-        self, length: int, open_device: Opener, close_device: Closer,
-        raise_event: Callable[[], None], read_only: bool = False,
+        self, length: int, open_device: Opener, raise_event: Callable[[], None],
+        read_only: bool = False,
     ) -> None:
         self.length = length
         self.read_only = read_only
         self.raise_event = raise_event
         self._open = open_device
-        self._close = close_device
-        self.opened: list[tuple[str, BlockDevice]] = []
+        self._releases: list[Callable[[], None]] = []
 
     def device(self, key: str, start: int, length: int | None = None) -> DeviceRef:
         """Open `key` and check that sectors [start, start+length) lie inside it."""
         if length is None:
             length = self.length
         try:
-            device = self._open(key)
+            device, release = self._open(key)
         except (KeyError, OSError) as e:
             raise TargetError(f"Device lookup failed: {key}: {_reason(e)}") from None
-        self.opened.append((key, device))
+        self._releases.append(release)
         ref = DeviceRef(device, key)
         if start + length > ref.sectors:
             raise TargetError(
@@ -79,8 +78,8 @@ class TargetContext:
         return ref
 
     def close_all(self) -> None:
-        while self.opened:
-            self._close(*self.opened.pop())
+        while self._releases:
+            self._releases.pop()()
 
 
 def _reason(e: BaseException) -> str:

@@ -1,0 +1,352 @@
+"""`minidisk dmsetup ...` (dmsetup's commands and output, against a running server) and
+`minidisk replay-log` (replay a log-writes log onto a host file).
+
+Output formats are lvm2 dmsetup's (see minidisk.dm.report). A failure prints what dmsetup
+prints — `device-mapper: <op> ioctl on <name>  failed: <strerror>` — then the server's
+one-line reason (for a refused table: which segment and why) and `Command failed.`, and
+exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import click
+
+from minidisk.cli.common import require_server, server_option
+from minidisk.dm import report
+
+
+@dataclass
+class Session:
+    server: str | None
+    verbose: int
+
+
+def _failed(op: str, name: str | None, err: int, message: str) -> NoReturn:
+    on = f" on {name} " if name else " "
+    click.echo(f"device-mapper: {op} ioctl{on} failed: {os.strerror(err)}", err=True)
+    if message and message != os.strerror(err):
+        click.echo(f"device-mapper: {op}: {message}", err=True)
+    click.echo("Command failed.", err=True)
+    sys.exit(1)
+
+
+def _call(s: Session, command: str, args: dict[str, Any], op: str,
+          name: str | None = None) -> dict[str, Any]:
+    from minidisk.daemon.control import ControlError, call
+
+    url = require_server(s.server)
+    try:
+        return call(url, command, args)
+    except ControlError as e:
+        if e.errno == 6 and op == "info":  # ENXIO: dmsetup's own wording
+            click.echo("Device does not exist.", err=True)
+            click.echo("Command failed.", err=True)
+            sys.exit(1)
+        _failed(op, name, e.errno, e.message)
+
+
+def _read_table(table: str | None, table_file: str | None) -> str:
+    if table is not None:
+        return table
+    if table_file is not None:
+        with open(table_file) as f:
+            return f.read()
+    return click.get_text_stream("stdin").read()
+
+
+@click.group(name="dmsetup")
+@server_option
+@click.option("-v", "--verbose", count=True, help="Show device info with results.")
+@click.pass_context
+def dmsetup(ctx: click.Context, server: str | None, verbose: int) -> None:
+    """Device-mapper on a running server, with dmsetup's commands and output."""
+    ctx.obj = Session(server or (ctx.obj or {}).get("server"), verbose)
+
+
+pass_session = click.make_pass_decorator(Session)
+
+
+@dmsetup.command()
+@click.argument("name")
+@click.argument("table_file", required=False)
+@click.option("--table", "table", metavar="TABLE", help="A one-line table.")
+@click.option("-n", "--notable", is_flag=True, help="Create without a table.")
+@click.option("-u", "--uuid", default="", help="The device's UUID.")
+@click.option("-r", "--readonly", is_flag=True, help="Create read-only.")
+@pass_session
+def create(s: Session, name: str, table_file: str | None, table: str | None, notable: bool,
+           uuid: str, readonly: bool) -> None:
+    """Create NAME; with a table (TABLE_FILE, --table or stdin) make it live."""
+    text = None if notable else _read_table(table, table_file)
+    _call(s, "dm.create", {"name": name, "table": text, "uuid": uuid, "read_only": readonly},
+          "create", name)
+
+
+def _load(s: Session, name: str, table_file: str | None, table: str | None) -> None:
+    _call(s, "dm.load", {"name": name, "table": _read_table(table, table_file)},
+          "reload", name)
+
+
+@dmsetup.command()
+@click.argument("name")
+@click.argument("table_file", required=False)
+@click.option("--table", "table", metavar="TABLE", help="A one-line table.")
+@pass_session
+def load(s: Session, name: str, table_file: str | None, table: str | None) -> None:
+    """Load a table into NAME's inactive slot."""
+    _load(s, name, table_file, table)
+
+
+@dmsetup.command()
+@click.argument("name")
+@click.argument("table_file", required=False)
+@click.option("--table", "table", metavar="TABLE", help="A one-line table.")
+@pass_session
+def reload(s: Session, name: str, table_file: str | None, table: str | None) -> None:
+    """Same as load."""
+    _load(s, name, table_file, table)
+
+
+@dmsetup.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--noflush", is_flag=True, help="Do not flush the table's devices.")
+@click.option("--nolockfs", is_flag=True, help="Accepted for dmsetup compatibility.")
+@pass_session
+def suspend(s: Session, names: tuple[str, ...], noflush: bool, nolockfs: bool) -> None:
+    """Suspend: wait for I/O in flight; later I/O waits until resume."""
+    for name in names:
+        _call(s, "dm.suspend", {"name": name, "noflush": noflush}, "suspend", name)
+
+
+@dmsetup.command()
+@click.argument("names", nargs=-1, required=True)
+@pass_session
+def resume(s: Session, names: tuple[str, ...]) -> None:
+    """Make the inactive table live (if any) and release queued I/O."""
+    for name in names:
+        _call(s, "dm.resume", {"name": name}, "resume", name)
+
+
+@dmsetup.command()
+@click.argument("name")
+@pass_session
+def clear(s: Session, name: str) -> None:
+    """Drop NAME's inactive table."""
+    _call(s, "dm.clear", {"name": name}, "clear", name)
+
+
+@dmsetup.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Swap in an error table if it is open.")
+@pass_session
+def remove(s: Session, names: tuple[str, ...], force: bool) -> None:
+    """Remove devices (EBUSY while open)."""
+    for name in names:
+        _call(s, "dm.remove", {"name": name, "force": force}, "remove", name)
+
+
+@dmsetup.command(name="remove_all")
+@click.option("-f", "--force", is_flag=True, help="Swap in error tables for open devices.")
+@pass_session
+def remove_all(s: Session, force: bool) -> None:
+    """Remove every device that is not open."""
+    left = _call(s, "dm.remove_all", {"force": force}, "remove_all")["left"]
+    if left:
+        click.echo(f"Unable to remove {len(left)} device(s): {' '.join(left)}", err=True)
+
+
+@dmsetup.command()
+@click.argument("name")
+@click.argument("new_name", required=False)
+@click.option("--setuuid", metavar="UUID", help="Give a device without a UUID one.")
+@pass_session
+def rename(s: Session, name: str, new_name: str | None, setuuid: str | None) -> None:
+    """Rename NAME to NEW_NAME, or set its UUID."""
+    if (new_name is None) == (setuuid is None):
+        raise click.UsageError("give NEW_NAME or --setuuid UUID")
+    args: dict[str, Any] = {"name": name}
+    if setuuid is not None:
+        args["uuid"] = setuuid
+    else:
+        args["new_name"] = new_name
+    _call(s, "dm.rename", args, "rename", name)
+
+
+@dmsetup.command()
+@click.argument("name", required=False)
+@click.option("-c", "--columns", is_flag=True, help="One line per device.")
+@click.option("--noheadings", is_flag=True, help="With -c: no heading line.")
+@pass_session
+def info(s: Session, name: str | None, columns: bool, noheadings: bool) -> None:
+    """State, tables present, open count, event number of NAME (or all)."""
+    devices = _call(s, "dm.info", {"name": name}, "info", name)["devices"]
+    if columns:
+        click.echo(report.info_columns(devices, not noheadings), nl=False)
+    elif not devices:
+        click.echo("No devices found")
+    else:
+        click.echo("".join(report.info_long(d) for d in devices), nl=False)
+
+
+def _names_output(option: str | None) -> bool:
+    if option not in (None, "devno", "devname", "blkdevname"):
+        raise click.BadParameter("expected devno, devname or blkdevname", param_hint="-o")
+    return option in ("devname", "blkdevname")
+
+
+@dmsetup.command(name="ls")
+@click.option("--tree", is_flag=True, help="Show how devices stack.")
+@click.option("--target", "target_type", metavar="TYPE", help="Only devices using TYPE.")
+@click.option("-o", "output", metavar="devno|devname", help="How to show devices.")
+@pass_session
+def ls_(s: Session, tree: bool, target_type: str | None, output: str | None) -> None:
+    """List devices."""
+    by_name = _names_output(output)
+    devices = _call(s, "dm.ls", {}, "list")["devices"]
+    if target_type is not None:
+        tables = _call(s, "dm.table", {}, "table")["devices"]
+        using = {t["name"] for t in tables
+                 if any(line.split()[2] == target_type for line in t["lines"])}
+        devices = [d for d in devices if d["name"] in using]
+    if tree:
+        utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
+        click.echo(report.tree(devices, utf8), nl=False)
+    else:
+        click.echo(report.ls(devices, by_name), nl=False)
+
+
+@dmsetup.command()
+@click.argument("name", required=False)
+@click.option("-o", "output", metavar="devno|devname", help="How to show devices.")
+@pass_session
+def deps(s: Session, name: str | None, output: str | None) -> None:
+    """Devices NAME's live table uses."""
+    devices = _call(s, "dm.deps", {"name": name}, "deps", name)["devices"]
+    click.echo(report.deps(devices, name is None, _names_output(output)), nl=False)
+
+
+@dmsetup.command()
+@click.argument("name", required=False)
+@click.option("--inactive", is_flag=True, help="Show the inactive table.")
+@click.option("--showkeys", is_flag=True, help="Accepted for dmsetup compatibility.")
+@pass_session
+def table(s: Session, name: str | None, inactive: bool, showkeys: bool) -> None:
+    """NAME's table, in a form `load` accepts."""
+    devices = _call(s, "dm.table", {"name": name, "inactive": inactive}, "table",
+                    name)["devices"]
+    click.echo(report.lines(devices, name is None), nl=False)
+
+
+@dmsetup.command()
+@click.argument("name", required=False)
+@click.option("--inactive", is_flag=True, help="Status of the inactive table.")
+@click.option("--noflush", is_flag=True, help="Accepted for dmsetup compatibility.")
+@pass_session
+def status(s: Session, name: str | None, inactive: bool, noflush: bool) -> None:
+    """Each target's status line."""
+    devices = _call(s, "dm.status", {"name": name, "inactive": inactive}, "status",
+                    name)["devices"]
+    click.echo(report.lines(devices, name is None), nl=False)
+
+
+@dmsetup.command()
+@click.argument("name")
+@click.argument("event_nr", type=click.IntRange(min=0), required=False)
+@click.option("-v", "--verbose", count=True, help="Print the device's info afterwards.")
+@pass_session
+def wait(s: Session, name: str, event_nr: int | None, verbose: int) -> None:
+    """Sleep until NAME's event counter exceeds EVENT_NR (default: its value now)."""
+    result = _call(s, "dm.wait", {"name": name, "event_nr": event_nr}, "waitevent", name)
+    if verbose or s.verbose:
+        click.echo(report.info_long(result), nl=False)
+
+
+@dmsetup.command()
+@click.argument("name")
+@click.argument("sector", type=click.IntRange(min=0))
+@click.argument("words", nargs=-1, required=True)
+@pass_session
+def message(s: Session, name: str, sector: int, words: tuple[str, ...]) -> None:
+    """Send a message to the target at SECTOR of NAME."""
+    result = _call(s, "dm.message", {"name": name, "sector": sector, "args": list(words)},
+                   "message", name)["result"]
+    if result:
+        click.echo(result)
+
+
+@dmsetup.command()
+@pass_session
+def targets(s: Session) -> None:
+    """Target types and their versions."""
+    click.echo(report.targets(_call(s, "dm.targets", {}, "list_versions")["targets"]),
+               nl=False)
+
+
+@dmsetup.command()
+@pass_session
+def version(s: Session) -> None:
+    """Library and driver versions."""
+    click.echo(report.version(_call(s, "dm.version", {}, "version")), nl=False)
+
+
+@click.command(name="replay-log")
+@click.option("--log", "log_path", required=True, metavar="FILE", help="The log device/file.")
+@click.option("--replay", "replay_path", metavar="FILE", help="Device/file to replay onto.")
+@click.option("--limit", type=click.IntRange(min=0), help="Replay the first N entries.")
+@click.option("--end-mark", metavar="MARK", help="Replay up to and including MARK.")
+@click.option("--start-entry", type=click.IntRange(min=0), default=0,
+              help="Skip entries before this one.")
+@click.option("--find", is_flag=True, help="Print the entry number of --end-mark.")
+@click.option("--num-entries", is_flag=True, help="Print the number of entries.")
+@click.option("-v", "--verbose", is_flag=True, help="List entries as they are replayed.")
+def replay_log(log_path: str, replay_path: str | None, limit: int | None,
+               end_mark: str | None, start_entry: int, find: bool, num_entries: bool,
+               verbose: bool) -> None:
+    """Replay a log-writes log onto a device, up to an entry or a mark (xfstests style)."""
+    from minidisk.device.file import FileDevice
+    from minidisk.dm import writelog
+
+    async def run() -> None:
+        log = FileDevice(log_path, read_only=True)
+        try:
+            if num_entries:
+                click.echo((await writelog.read_super(log)).nr_entries)
+                return
+            if find:
+                if end_mark is None:
+                    raise click.UsageError("--find needs --end-mark")
+                index = await writelog.find_mark(log, end_mark)
+                if index is None:
+                    raise click.ClickException(f"mark {end_mark!r} not found")
+                click.echo(index)
+                return
+            if replay_path is None:
+                raise click.UsageError("--replay is required to replay")
+            if verbose:
+                async for entry in writelog.entries(log):
+                    click.echo(entry.describe())
+            target = FileDevice(replay_path)
+            try:
+                await writelog.replay(log, target, limit=limit, end_mark=end_mark,
+                                      start_entry=start_entry)
+                await target.flush()
+            finally:
+                await target.close()
+        finally:
+            await log.close()
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        raise click.ClickException(e.strerror or str(e)) from None
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(dmsetup)
+    cli.add_command(replay_log)

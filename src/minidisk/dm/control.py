@@ -1,0 +1,201 @@
+"""The dm commands of the server's control channel: JSON-able dicts in, dicts out.
+
+`control_handlers(registry)` maps command names (`dm.create`, `dm.status`, ...) to async
+handlers. Every failure is an `OSError` whose errno says what kind (ENXIO no such device,
+EBUSY in use, EINVAL bad table or argument, ELOOP a device holding itself) and whose
+message is one line; the daemon passes both to the client. Arguments are checked here,
+since they come off the wire.
+
+`create_from_table_file` is what `minidisk serve --table NAME=FILE` calls at start-up.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from minidisk.dm.mapped import MappedDevice
+from minidisk.dm.registry import DM_MAJOR, DRIVER_VERSION, Registry
+from minidisk.dm.table import TableError, format_line
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+LIBRARY_VERSION = "1.02.185 (minidisk)"
+
+
+def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = args.get(key, default)
+    if not isinstance(value, str):
+        raise OSError(errno.EINVAL, f"argument {key!r} must be a string")
+    return value
+
+
+def _opt_str(args: dict[str, Any], key: str) -> str | None:
+    value = args.get(key)
+    if value is not None and not isinstance(value, str):
+        raise OSError(errno.EINVAL, f"argument {key!r} must be a string")
+    return value
+
+
+def _bool(args: dict[str, Any], key: str) -> bool:
+    value = args.get(key, False)
+    if not isinstance(value, bool):
+        raise OSError(errno.EINVAL, f"argument {key!r} must be true or false")
+    return value
+
+
+def _opt_int(args: dict[str, Any], key: str) -> int | None:
+    value = args.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < 0):
+        raise OSError(errno.EINVAL, f"argument {key!r} must be a non-negative integer")
+    return value
+
+
+def _table_errors(handler: Handler) -> Handler:
+    """Report a refused table as EINVAL with its one-line reason."""
+
+    async def wrapped(args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await handler(args)
+        except TableError as e:
+            raise OSError(errno.EINVAL, str(e)) from None
+
+    return wrapped
+
+
+def device_info(registry: Registry, name: str) -> dict[str, Any]:
+    info = asdict(registry.info(name))
+    info["major"] = DM_MAJOR
+    return info
+
+
+def _dependencies(registry: Registry, name: str) -> list[dict[str, Any]]:
+    out = []
+    for dep in registry.deps(name):
+        entry: dict[str, Any] = {"key": dep.key, "name": None, "major": None, "minor": None}
+        if dep.mapped is not None:
+            entry.update(name=dep.mapped.name, major=DM_MAJOR, minor=dep.mapped.minor)
+        out.append(entry)
+    return out
+
+
+def control_handlers(registry: Registry) -> dict[str, Handler]:
+    def names(args: dict[str, Any]) -> list[str]:
+        """One named device, or all of them (dmsetup with no device argument)."""
+        name = _opt_str(args, "name")
+        if name is None:
+            return registry.names()
+        registry.get(name)
+        return [name]
+
+    async def create(args: dict[str, Any]) -> dict[str, Any]:
+        dev = await registry.create(_str(args, "name"), _opt_str(args, "table"),
+                                    _str(args, "uuid", ""), _bool(args, "read_only"))
+        return device_info(registry, dev.name)
+
+    async def load(args: dict[str, Any]) -> dict[str, Any]:
+        await registry.load(_str(args, "name"), _str(args, "table"))
+        return device_info(registry, _str(args, "name"))
+
+    async def suspend(args: dict[str, Any]) -> dict[str, Any]:
+        await registry.suspend(_str(args, "name"), _bool(args, "noflush"))
+        return device_info(registry, _str(args, "name"))
+
+    async def resume(args: dict[str, Any]) -> dict[str, Any]:
+        await registry.resume(_str(args, "name"))
+        return device_info(registry, _str(args, "name"))
+
+    async def clear(args: dict[str, Any]) -> dict[str, Any]:
+        await registry.clear(_str(args, "name"))
+        return device_info(registry, _str(args, "name"))
+
+    async def remove(args: dict[str, Any]) -> dict[str, Any]:
+        await registry.remove(_str(args, "name"), _bool(args, "force"))
+        return {}
+
+    async def remove_all(args: dict[str, Any]) -> dict[str, Any]:
+        return {"left": await registry.remove_all(_bool(args, "force"))}
+
+    async def rename(args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        uuid = _opt_str(args, "uuid")
+        if uuid is not None:
+            await registry.set_uuid(name, uuid)
+            return device_info(registry, name)
+        new_name = _str(args, "new_name")
+        await registry.rename(name, new_name)
+        return device_info(registry, new_name)
+
+    async def info(args: dict[str, Any]) -> dict[str, Any]:
+        return {"devices": [device_info(registry, n) for n in names(args)]}
+
+    async def ls(args: dict[str, Any]) -> dict[str, Any]:
+        return {"devices": [dict(device_info(registry, n), deps=_dependencies(registry, n))
+                            for n in registry.names()]}
+
+    async def deps(args: dict[str, Any]) -> dict[str, Any]:
+        return {"devices": [{"name": n, "deps": _dependencies(registry, n)}
+                            for n in names(args)]}
+
+    async def table(args: dict[str, Any]) -> dict[str, Any]:
+        inactive = _bool(args, "inactive")
+        return {"devices": [
+            {"name": n, "lines": [format_line(*line) for line in registry.table(n, inactive)]}
+            for n in names(args)]}
+
+    async def status(args: dict[str, Any]) -> dict[str, Any]:
+        inactive = _bool(args, "inactive")
+        return {"devices": [
+            {"name": n, "lines": [f"{s} {n_} {t} {text}"
+                                  for s, n_, t, text in registry.status(n, inactive)]}
+            for n in names(args)]}
+
+    async def wait(args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        await registry.wait(name, _opt_int(args, "event_nr"))
+        return device_info(registry, name)
+
+    async def message(args: dict[str, Any]) -> dict[str, Any]:
+        words = args.get("args")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise OSError(errno.EINVAL, "argument 'args' must be a list of strings")
+        sector = _opt_int(args, "sector") or 0
+        return {"result": await registry.message(_str(args, "name"), sector, words)}
+
+    async def targets(args: dict[str, Any]) -> dict[str, Any]:
+        return {"targets": [{"name": n, "version": list(v)}
+                            for n, v in registry.target_versions()]}
+
+    async def version(args: dict[str, Any]) -> dict[str, Any]:
+        return {"library": LIBRARY_VERSION, "driver": ".".join(map(str, DRIVER_VERSION))}
+
+    handlers: dict[str, Handler] = {
+        "dm.create": create, "dm.load": load, "dm.reload": load, "dm.suspend": suspend,
+        "dm.resume": resume, "dm.clear": clear, "dm.remove": remove,
+        "dm.remove_all": remove_all, "dm.rename": rename, "dm.info": info, "dm.ls": ls,
+        "dm.deps": deps, "dm.table": table, "dm.status": status, "dm.wait": wait,
+        "dm.message": message, "dm.targets": targets, "dm.version": version,
+    }
+    return {name: _table_errors(h) for name, h in handlers.items()}
+
+
+async def create_from_table_file(registry: Registry, name: str, path: str | Path
+                                 ) -> MappedDevice:
+    """`serve --table NAME=FILE`: create NAME from the table in FILE, live at once."""
+    text = Path(path).read_text()
+    try:
+        return await registry.create(name, text)
+    except TableError as e:
+        raise TableError(f"{path}: {e}") from None
+
+
+def parse_table_option(spec: str) -> tuple[str, str]:
+    """Split a `NAME=FILE` option value."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--table wants NAME=FILE, not {spec!r}")
+    return name, path

@@ -1,0 +1,135 @@
+"""dmsetup's output formats, from the dicts the control handlers return.
+
+Matched to lvm2's tools/dmsetup.c so that scripts written for dmsetup read our output:
+`info` (long form), `ls` (`name\\t(major:minor)`), `ls --tree`, `deps`
+(`N dependencies\\t: (major, minor)...`), `table`/`status` (`name: ` prefixed when all
+devices are listed; a device without a table prints an empty line), `targets`, `version`.
+
+Devices in the namespace have no major:minor; where dmsetup would print one for a
+non-dm device, the namespace key is printed instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+READ_AHEAD = 256  # the kernel's default, in sectors; we do no read-ahead of our own
+
+
+def info_long(info: dict[str, Any]) -> str:
+    state = "SUSPENDED" if info["suspended"] else "ACTIVE"
+    if info["read_only"]:
+        state += " (READ-ONLY)"
+    live, inactive = info["live_table"], info["inactive_table"]
+    tables = "None" if not (live or inactive) else (
+        ("LIVE" if live else "") + (" & " if live and inactive else "")
+        + ("INACTIVE" if inactive else ""))
+    lines = [
+        f"Name:              {info['name']}",
+        f"State:             {state}",
+        f"Read Ahead:        {READ_AHEAD}",
+        f"Tables present:    {tables}",
+        f"Open count:        {info['open_count']}",
+        f"Event number:      {info['event_nr']}",
+        f"Major, minor:      {info['major']}, {info['minor']}",
+        f"Number of targets: {info['target_count']}",
+    ]
+    if info["uuid"]:
+        lines.append(f"UUID: {info['uuid']}")
+    return "\n".join(lines) + "\n\n"
+
+
+def info_columns(infos: Sequence[dict[str, Any]], headings: bool = True) -> str:
+    """`dmsetup info -c` in its classic fixed-column form."""
+    out = ["Name             Maj Min Stat Open Targ Event  UUID"] if headings else []
+    for i in infos:
+        stat = (("L" if i["live_table"] else "-") + ("I" if i["inactive_table"] else "-")
+                + ("s" if i["suspended"] else "-") + ("r" if i["read_only"] else "w"))
+        out.append(f"{i['name']:<16} {i['major']:3d} {i['minor']:3d} {stat} "
+                   f"{i['open_count']:4d} {i['target_count']:4d} {i['event_nr']:6d} {i['uuid']}")
+    return "".join(line + "\n" for line in out)
+
+
+def ls(devices: Sequence[dict[str, Any]], by_name: bool = False) -> str:
+    if not devices:
+        return "No devices found\n"
+    if by_name:
+        return "".join(f"{d['name']}\t({d['name']})\n" for d in devices)
+    return "".join(f"{d['name']}\t({d['major']}:{d['minor']})\n" for d in devices)
+
+
+def _dep_text(dep: dict[str, Any], by_name: bool) -> str:
+    if dep["name"] is None:
+        return f"({dep['key']})"
+    if by_name:
+        return f"({dep['name']})"
+    return f"({dep['major']}, {dep['minor']})"
+
+
+def deps(devices: Sequence[dict[str, Any]], multiple: bool, by_name: bool = False) -> str:
+    out = []
+    for d in devices:
+        prefix = f"{d['name']}: " if multiple else ""
+        listed = "".join(" " + _dep_text(dep, by_name) for dep in d["deps"])
+        out.append(f"{prefix}{len(d['deps'])} dependencies\t:{listed}\n")
+    return "".join(out)
+
+
+def lines(devices: Sequence[dict[str, Any]], multiple: bool) -> str:
+    """`table` and `status`: one line per segment; an empty line for a device without one."""
+    out = []
+    for d in devices:
+        prefix = f"{d['name']}: " if multiple else ""
+        for line in d["lines"] or [""]:
+            out.append(f"{prefix}{line}\n")
+    return "".join(out)
+
+
+def targets(entries: Sequence[dict[str, Any]]) -> str:
+    return "".join(f"{t['name']:<16} v{'.'.join(map(str, t['version']))}\n" for t in entries)
+
+
+def version(result: dict[str, Any]) -> str:
+    return (f"Library version:   {result['library']}\n"
+            f"Driver version:    {result['driver']}\n")
+
+
+# ls --tree, drawn as dmsetup draws it (pstree's characters, not compact).
+
+_UTF = {"branch": "\u251c\u2500", "last": "\u2514\u2500", "vert": "\u2502 ", "empty": "  "}
+_ASCII = {"branch": "|-", "last": "`-", "vert": "| ", "empty": "  "}
+
+
+def tree(devices: Sequence[dict[str, Any]], utf8: bool = True) -> str:
+    """Top-level devices (held by no other) first, each with its children below it."""
+    if not devices:
+        return "No devices found\n"
+    sym = _UTF if utf8 else _ASCII
+    by_name = {d["name"]: d for d in devices}
+    held = {dep["name"] for d in devices for dep in d["deps"] if dep["name"] is not None}
+    out: list[str] = []
+
+    def node(label: str, children: list[dict[str, Any]], more: list[bool]) -> None:
+        prefix = ""
+        depth = len(more)
+        for level in range(depth):
+            prefix += " "
+            if level == depth - 1:
+                prefix += sym["branch"] if more[level] else sym["last"]
+            else:
+                prefix += sym["vert"] if more[level] else sym["empty"]
+        out.append(prefix + label + "\n")
+        for i, dep in enumerate(children):
+            last = i == len(children) - 1
+            child = by_name.get(dep["name"]) if dep["name"] is not None else None
+            if child is None:
+                node(f" ({dep['key']})", [], more + [not last])
+            else:
+                node(f"{child['name']} ({child['major']}:{child['minor']})", child["deps"],
+                     more + [not last])
+
+    for d in devices:
+        if d["name"] not in held:
+            node(f"{d['name']} ({d['major']}:{d['minor']})", d["deps"], [])
+    return "".join(out)

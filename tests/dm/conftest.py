@@ -1,0 +1,49 @@
+"""Fixtures for the dm tests: host files with FileDevice windows.
+
+Tests are plain functions that run their coroutine with `dm_helpers.run(...)`; every device
+a fixture opens is closed at teardown. The helpers live in dm_helpers.py, importable
+because this directory is put on sys.path (pytest runs with --import-mode=importlib).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from minidisk.device.file import FileDevice
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dm_helpers import pattern  # noqa: E402
+
+
+@pytest.fixture
+def host_file(tmp_path: Path) -> Callable[[str, int], Path]:
+    """Make a host file of `size` bytes of seeded random data (so nothing reads as zero)."""
+    def make(name: str, size: int) -> Path:
+        path = tmp_path / name
+        path.write_bytes(pattern(zlib.crc32(name.encode()), size))
+        return path
+    return make
+
+
+@pytest.fixture
+def file_devices() -> Iterator[Callable[..., FileDevice]]:
+    """Open FileDevice windows that are closed at teardown."""
+    opened: list[FileDevice] = []
+
+    def open_window(path: Path, offset: int = 0, length: int | None = None) -> FileDevice:
+        dev = FileDevice(str(path), offset, length)
+        opened.append(dev)
+        return dev
+
+    yield open_window
+    for dev in opened:
+        if dev.fd >= 0:
+            os.close(dev.fd)
+            dev.fd = -1
