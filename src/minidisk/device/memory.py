@@ -1,7 +1,10 @@
 """Sparse memory device: only written pages use RAM.
 
-Pages are 4 KiB so that scattered small writes cost what they write (a 1 TiB device with
-100 MiB written holds ~100 MiB). A sorted index of allocated pages answers extent queries
+Pages are 32 KiB, as in nbdkit's sparse array: small enough that a 1 TiB device with
+100 MiB written holds about 100 MiB, large enough that a 1 MiB request touches only 32
+pages (per-page Python overhead dominated big requests with 4 KiB pages: 1 MiB reads ran at
+0.7 GiB/s). Scattered 4 KiB writes cost a page each, which is the price of that choice.
+A sorted index of allocated pages answers extent queries
 without walking the holes, so `nbdinfo --map` of a huge, mostly empty device is instant.
 All operations finish without awaiting: the server runs them inline, with no task switch.
 """
@@ -19,7 +22,7 @@ from minidisk.device.api import (
     Extent,
 )
 
-PAGE = 4096
+PAGE = 32 * 1024
 _ZERO_PAGE = bytes(PAGE)
 
 
@@ -60,8 +63,10 @@ class MemoryDevice(BlockDevice):
             page = pages.get(n)
             if page is None:
                 buf[pos:pos + step] = _ZERO_PAGE[:step]
+            elif step == PAGE:
+                buf[pos:pos + step] = page  # no intermediate slice copy
             else:
-                buf[pos:pos + step] = page[start:start + step]
+                buf[pos:pos + step] = memoryview(page)[start:start + step]
             pos += step
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
@@ -106,28 +111,25 @@ class MemoryDevice(BlockDevice):
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         end = offset + length
+        index = self._index
+        lo = bisect.bisect_left(index, offset // PAGE)
+        hi = bisect.bisect_left(index, -(-end // PAGE))
         out: list[Extent] = []
-
-        def add(start: int, stop: int, flags: int) -> None:
-            if stop <= start:
-                return
-            if out and out[-1].flags == flags and out[-1].offset + out[-1].length == start:
-                last = out.pop()
-                start = last.offset
-            out.append(Extent(start, stop - start, flags))
-
         pos = offset
-        lo = bisect.bisect_left(self._index, offset // PAGE)
-        for n in self._index[lo:]:
-            page_start = n * PAGE
-            if page_start >= end:
-                break
-            add(pos, page_start, EXTENT_HOLE | EXTENT_ZERO)
-            pos = max(pos, page_start)
-            stop = min(end, page_start + PAGE)
-            add(pos, stop, 0)
-            pos = stop
-        add(pos, end, EXTENT_HOLE | EXTENT_ZERO)
+        i = lo
+        while i < hi:  # one data extent per run of consecutive allocated pages
+            first = index[i]
+            while i + 1 < hi and index[i + 1] == index[i] + 1:
+                i += 1
+            run_start = max(first * PAGE, offset)
+            run_end = min((index[i] + 1) * PAGE, end)
+            if run_start > pos:
+                out.append(Extent(pos, run_start - pos, EXTENT_HOLE | EXTENT_ZERO))
+            out.append(Extent(run_start, run_end - run_start, 0))
+            pos = run_end
+            i += 1
+        if pos < end:
+            out.append(Extent(pos, end - pos, EXTENT_HOLE | EXTENT_ZERO))
         return out
 
     async def cache(self, offset: int, length: int) -> None:

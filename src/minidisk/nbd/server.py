@@ -38,6 +38,7 @@ from minidisk.nbd.exports import (
     allow_all,
 )
 from minidisk.nbd.listen import ListenAddress, bind, parse_url, socket_activation
+from minidisk.nbd.malloc_tuning import keep_buffers_on_heap
 from minidisk.nbd.negotiation import (
     Action,
     ControlHandler,
@@ -637,6 +638,7 @@ class NBDServer:
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when available (it is a dependency); stdlib asyncio otherwise."""
+    keep_buffers_on_heap()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency
