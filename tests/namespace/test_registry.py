@@ -295,3 +295,36 @@ def test_register_device_keeps_caps(ns: Namespace) -> None:
     ns.register_device("/m", device)
     assert ns.lookup("/m").caps == device.caps
     assert ns.lookup("/m").caps != Caps()
+
+
+def test_registered_device_size_is_read_through(ns: Namespace) -> None:
+    """A dm mapped device changes size when a new table is resumed; the key must follow."""
+    device = MemoryDevice(4096)
+    ns.register_device("/dev/mapper/grow", device)
+    ref = ns.hold("/dev/mapper/grow")
+    device.size = 8192
+    assert ref.device.size == ns.lookup("/dev/mapper/grow").size == 8192
+    assert [(row.type, row.size, row.users) for row in ns.ls()] == [("device", 8192, 1)]
+    ref.release()
+
+
+def test_sync_and_aclose_write_back_blk_caches(make_file: MakeFile, run: Run) -> None:
+    """halt: acknowledged writes reach the host file, and every key is gone."""
+    host = make_file("host", 1 << 20)
+    ns = Namespace()
+
+    async def scenario() -> None:
+        ns.register("/b", str(host), "blk")
+        ref = ns.open_export("b")
+        await write(ref.device, 4096, b"S" * 512)
+        await ns.sync()
+        assert host.read_bytes()[4096:4608] == b"S" * 512
+        await write(ref.device, 8192, b"C" * 512)
+        assert host.read_bytes()[8192:8704] != b"C" * 512
+        await ns.aclose()
+        assert host.read_bytes()[8192:8704] == b"C" * 512
+        assert ns.ls() == [] and ns.export_names() == []
+        await fails_with(errno.ESHUTDOWN, read(ref.device, 0, 512))
+        ref.close()
+
+    run(scenario())

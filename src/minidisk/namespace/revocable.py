@@ -16,7 +16,7 @@ import errno
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from minidisk.device.api import BlockDevice, Extent
+from minidisk.device.api import BlockDevice, BlockSize, Caps, Extent
 
 T = TypeVar("T")
 
@@ -28,13 +28,24 @@ def _shutdown() -> OSError:
 class RevocableDevice(BlockDevice):
     def __init__(self, inner: BlockDevice) -> None:
         self.inner = inner
-        self.size = inner.size
-        self.block_size = inner.block_size
-        self.caps = inner.caps
         self.revoked = False
         self.in_flight = 0
         self._idle: asyncio.Event | None = None  # created on first use, in the serving loop
         self._closed = False
+
+    # Read through, not copied: a dm mapped device changes size when a new table is resumed.
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self.inner.size
+
+    @property
+    def block_size(self) -> BlockSize:  # type: ignore[override]
+        return self.inner.block_size
+
+    @property
+    def caps(self) -> Caps:  # type: ignore[override]
+        return self.inner.caps
 
     async def _forward(self, call: Callable[[], Awaitable[T]]) -> T:
         if self.revoked:
