@@ -31,7 +31,7 @@ import fcntl
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from minidisk.device.file import host_size
 from minidisk.namespace.keys import RUMP_ETFS_SIZE_ENDOFF, EtfsType, canonical_key
@@ -197,6 +197,8 @@ def _restore_host_file(hostpath: str, created: bool, grown_from: int | None) -> 
 
 def apply(spec: Drivespec, namespace: Namespace) -> Applied:
     """Create or grow the host file as needed and register the key (module docstring)."""
+    # Absolute now, so that undo() after a chdir (daemonizing) touches the same file.
+    spec = replace(spec, hostpath=os.path.abspath(spec.hostpath))
     try:
         namespace.check_free(spec.key, spec.type.is_dir)
     except OSError as e:
