@@ -69,6 +69,7 @@ class DlmError(OSError):
 
     def __init__(self, err: int, detail: str, events: list[Event] | None = None) -> None:
         super().__init__(err, f"{os.strerror(err)}: {detail}")
+        self.detail = detail
         # Events the refused call still caused (the basts of a NOQUEUEBAST trylock).
         self.events: list[Event] = events or []
 

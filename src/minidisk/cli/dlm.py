@@ -1,0 +1,117 @@
+"""`minidisk dlm serve|status|purge` and `minidisk dlmfs MOUNTPOINT`.
+
+The lock manager's URL comes from `--server`, else $MINIDISK_DLM, else
+unix:///run/minidisk/dlm.sock (`unix:///abs/path`, `unix://relative/path` or a bare path).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+SERVER_HELP = "Lock manager URL (default: $MINIDISK_DLM or unix:///run/minidisk/dlm.sock)."
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(dlm)
+    cli.add_command(dlmfs)
+
+
+@click.group()
+def dlm() -> None:
+    """The lock manager (VMS/Linux DLM semantics)."""
+
+
+@dlm.command()
+@click.argument("url", required=False)
+def serve(url: str | None) -> None:
+    """Run a lock manager in the foreground on URL until SIGINT/SIGTERM."""
+    from minidisk.dlm.service import run_dlm_service
+
+    try:
+        run_dlm_service(url, ready="listening on {path}")
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _with_client(url: str | None, work: Any) -> Any:
+    import anyio
+
+    from minidisk.dlm.client import connect
+
+    async def main() -> Any:
+        async with connect(url, name="minidisk-cli") as client:
+            return await work(client)
+
+    try:
+        return anyio.run(main)
+    except OSError as err:
+        raise click.ClickException(f"lock manager: {err}") from None
+
+
+@dlm.command()
+@click.option("--server", "url", help=SERVER_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
+def status(url: str | None, as_json: bool) -> None:
+    """Domains, resources, holders, waiters, modes and fencing tokens."""
+    snapshot = _with_client(url, lambda client: client.status())
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=2))
+        return
+    for line in format_status(snapshot):
+        click.echo(line)
+
+
+def format_status(snapshot: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for domain in snapshot["domains"]:
+        lines.append(f"domain {domain['name']}  members: {', '.join(domain['members']) or '-'}")
+        for res in domain["resources"]:
+            lvb = res["lvb"]
+            state = f"seq {lvb['seq']}" if lvb["valid"] else f"INVALID (seq {lvb['seq']})"
+            lines.append(f"  resource {res['name']}  lvb {state}")
+            for queue in ("granted", "converting", "waiting"):
+                for lk in res[queue]:
+                    modes = lk["grmode"] or "-"
+                    if lk["rqmode"]:
+                        modes = f"{modes}->{lk['rqmode']}" if lk["grmode"] else lk["rqmode"]
+                    owner = lk["owner"] or f"ORPHAN of {lk['orphan_of']}"
+                    extra = " persistent" if lk["persistent"] else ""
+                    token = f"token {lk['token']}" if queue != "waiting" else ""
+                    lines.append(f"    {queue:<10} {modes:<7} {owner:<24} "
+                                 f"lkid {lk['lkid']:<6} {token}{extra}".rstrip())
+    clients = snapshot.get("clients", [])
+    lines.append(f"clients: {len(clients)}")
+    for client in clients:
+        lines.append(f"  {client['owner']:<24} locks {client['locks']}")
+    return lines
+
+
+@dlm.command()
+@click.option("--server", "url", help=SERVER_HELP)
+@click.option("--domain", help="Only orphans in this domain.")
+@click.option("--pid", type=int, help="Only orphans left by this (dead) process.")
+def purge(url: str | None, domain: str | None, pid: int | None) -> None:
+    """Remove orphans: PERSISTENT locks whose owner died."""
+    count = _with_client(url, lambda client: client.purge(domain, pid))
+    click.echo(f"purged {count} orphan lock{'s' if count != 1 else ''}")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--server", "url", help=SERVER_HELP)
+@click.option("--wait-limit", type=float, default=30.0, show_default=True,
+              help="Longest a blocking open waits for its lock before failing with "
+                   "ETIMEDOUT (a process blocked in a FUSE open cannot be killed).")
+@click.option("--debug-fuse", is_flag=True, help="Log every FUSE request.")
+def dlmfs(mountpoint: str, url: str | None, wait_limit: float, debug_fuse: bool) -> None:
+    """Mount the lock file system (OCFS2 dlmfs semantics) on MOUNTPOINT, in the foreground.
+    Unmount with `fusermount3 -u MOUNTPOINT` (or SIGINT/SIGTERM)."""
+    from minidisk.dlmfs.mount import run_dlmfs
+
+    try:
+        run_dlmfs(mountpoint, url, wait_limit=wait_limit, debug=debug_fuse)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from None

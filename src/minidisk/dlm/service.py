@@ -1,0 +1,335 @@
+"""The embedded lock manager: one `Engine` served on a unix socket, on asyncio.
+
+The wire format is documented in `minidisk.dlm.protocol`. Each connection is one lock owner;
+when it drops (the process exited, was killed, or closed the socket) its locks are released and
+the waiters behind them granted, in queue order, in the same event-loop step.
+
+Embedding (what `minidisk serve` does to host the DLM next to its NBD server)::
+
+    from minidisk.dlm.service import start_dlm_service
+
+    dlm = await start_dlm_service("unix:///run/minidisk/dlm.sock")   # or a bare path
+    ...                                                              # serve NBD meanwhile
+    await dlm.close()
+
+On its own: `minidisk dlm serve URL`, which is `run_dlm_service(url)`.
+
+The engine is synchronous and does no I/O, so every request is handled to completion inside
+`data_received`; replies and events are queued per connection and written once per wakeup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from typing import Any, cast
+
+from minidisk.dlm import protocol
+from minidisk.dlm.engine import Cancelled, DlmError, Engine, Event, Granted
+from minidisk.dlm.modes import Mode
+
+log = logging.getLogger("minidisk.dlm")
+
+# A client that stops reading while events pile up for it is cut off (and loses its locks)
+# rather than letting the service's memory grow without bound.
+MAX_WRITE_BUFFER = 8 << 20
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection, which is also one lock owner in the engine."""
+
+    def __init__(self, service: DlmService) -> None:
+        self._service = service
+        self._decoder = protocol.FrameDecoder()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self.refs: dict[int, int] = {}  # the client's lock number -> engine lock id
+        self.pid = 0
+        self.name = ""
+
+    def __str__(self) -> str:
+        who = self.name or "client"
+        return f"{who}[{self.pid}]"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            self.pid = _PEERCRED.unpack(creds)[0]
+        self._service.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except protocol.ProtocolError as err:
+            log.warning("%s: %s; closing", self, err)
+            self.abort()
+            return
+        for message in messages:
+            self._service.handle(self, message)
+        self._service.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._service.connection_gone(self)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self._transport is not None:
+            self._out.append(protocol.encode(message))
+            self._service.dirty.add(self)
+
+    def flush(self) -> None:
+        transport = self._transport
+        if transport is None or not self._out:
+            self._out.clear()
+            return
+        transport.writelines(self._out)
+        self._out.clear()
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("%s: not reading its events; disconnecting", self)
+            self.abort()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _event_message(event: Event, ref: int) -> dict[str, Any]:
+    if isinstance(event, Granted):
+        return {"ev": "grant", "ref": ref, "mode": event.mode.name, "token": event.token,
+                "lvb": None if event.lvb is None else event.lvb.hex(), "seq": event.lvb_seq,
+                "valid": event.lvb_valid, "demoted": event.demoted}
+    if isinstance(event, Cancelled):
+        return {"ev": "cancel", "ref": ref,
+                "mode": None if event.mode is None else event.mode.name}
+    return {"ev": "bast", "ref": ref, "mode": event.mode.name}
+
+
+class DlmService:
+    """A lock manager serving one engine on a unix socket. Start it with
+    `start_dlm_service()`; stop it with `close()`."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        # Tokens start at the wall clock in microseconds, so they keep increasing across a
+        # restart of the service (as long as it granted fewer than a million locks a second).
+        self.engine = engine or Engine(first_token=time.time_ns() // 1000)
+        self.connections: set[_Connection] = set()
+        self.dirty: set[_Connection] = set()
+        self.path = ""
+        self._server: asyncio.AbstractServer | None = None
+        self._routes: dict[int, tuple[_Connection, int]] = {}  # engine lock id -> (conn, ref)
+        self._closed = asyncio.Event()
+
+    async def start(self, path: str) -> None:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_socket(path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), path)
+        self.path = path
+        log.info("lock manager listening on %s", path)
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection (releasing its locks), remove the socket."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for conn in list(self.connections):
+            conn.abort()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def handle(self, conn: _Connection, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        events: list[Event] = []
+        try:
+            handler = _HANDLERS.get(str(message.get("op")))
+            if handler is None:
+                raise DlmError(errno.EINVAL, f"unknown op {message.get('op')!r}")
+            result, events = handler(self, conn, message)
+            reply: dict[str, Any] = {"id": request_id, "ok": True, **result}
+        except DlmError as err:
+            events = err.events
+            reply = {"id": request_id, "ok": False, "errno": err.errno, "error": err.detail}
+        except (KeyError, ValueError, TypeError) as err:
+            reply = {"id": request_id, "ok": False, "errno": errno.EINVAL,
+                     "error": f"bad request: {err!r}"}
+        conn.send(reply)
+        self.deliver(events)
+
+    def deliver(self, events: list[Event]) -> None:
+        for event in events:
+            route = self._routes.get(event.lkid)
+            if route is None:
+                continue
+            conn, ref = route
+            conn.send(_event_message(event, ref))
+            if isinstance(event, Cancelled) and event.mode is None:
+                self._forget(conn, ref)
+
+    def flush(self) -> None:
+        for conn in self.dirty:
+            conn.flush()
+        self.dirty.clear()
+
+    def connection_gone(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        self.dirty.discard(conn)
+        for lkid in conn.refs.values():
+            self._routes.pop(lkid, None)
+        conn.refs.clear()
+        self.deliver(self.engine.owner_gone(conn))
+        self.flush()
+
+    def _route(self, conn: _Connection, ref: int, lkid: int) -> None:
+        conn.refs[ref] = lkid
+        self._routes[lkid] = (conn, ref)
+
+    def _forget(self, conn: _Connection, ref: int) -> None:
+        lkid = conn.refs.pop(ref, None)
+        if lkid is not None:
+            self._routes.pop(lkid, None)
+
+    def _lkid(self, conn: _Connection, message: dict[str, Any]) -> int:
+        ref = int(message["ref"])
+        try:
+            return conn.refs[ref]
+        except KeyError:
+            raise DlmError(errno.ENOENT, f"no lock with ref {ref}") from None
+
+    # One method per op: (connection, message) -> (result fields, events).
+
+    def _op_hello(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        conn.name = str(msg.get("name", ""))[:100]
+        return {"server": "minidisk-dlm", "version": protocol.VERSION, "pid": os.getpid()}, []
+
+    def _op_join(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        self.engine.join(conn, str(msg["domain"]))
+        return {}, []
+
+    def _op_leave(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        self.engine.leave(conn, str(msg["domain"]))
+        return {}, []
+
+    def _op_lock(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        ref = int(msg["ref"])
+        if ref in conn.refs:
+            raise DlmError(errno.EINVAL, f"ref {ref} is already in use")
+        lkid, events = self.engine.request(
+            conn, str(msg["domain"]), str(msg["name"]), Mode.parse(msg["mode"]),
+            protocol.flags_from_wire(msg.get("flags", [])))
+        self._route(conn, ref, lkid)
+        return {"lkid": lkid}, events
+
+    def _op_convert(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        lvb = msg.get("lvb")
+        events = self.engine.convert(
+            self._lkid(conn, msg), Mode.parse(msg["mode"]),
+            protocol.flags_from_wire(msg.get("flags", [])),
+            None if lvb is None else bytes.fromhex(lvb))
+        return {}, events
+
+    def _op_unlock(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        lvb = msg.get("lvb")
+        events = self.engine.unlock(
+            self._lkid(conn, msg), None if lvb is None else bytes.fromhex(lvb),
+            protocol.flags_from_wire(msg.get("flags", [])))
+        self._forget(conn, int(msg["ref"]))
+        return {}, events
+
+    def _op_cancel(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        return {}, self.engine.cancel(self._lkid(conn, msg))
+
+    def _op_drop(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        self.engine.drop(str(msg["domain"]), str(msg["name"]))
+        return {}, []
+
+    def _op_status(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        clients = [{"owner": str(c), "pid": c.pid, "locks": len(c.refs)}
+                   for c in sorted(self.connections, key=str)]
+        return {**self.engine.snapshot(), "clients": clients}, []
+
+    def _op_purge(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+        pid = msg.get("pid")
+        domain = msg.get("domain")
+        count, events = self.engine.purge(
+            None if domain is None else str(domain),
+            None if pid is None else (lambda owner: getattr(owner, "pid", None) == int(pid)))
+        return {"purged": count}, events
+
+
+_Result = tuple[dict[str, Any], list[Event]]
+_HANDLERS = {
+    name.removeprefix("_op_"): getattr(DlmService, name)
+    for name in vars(DlmService) if name.startswith("_op_")
+}
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead service; refuse to steal one that still answers."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, "a lock manager is already listening", path)
+
+
+async def start_dlm_service(url: str | None = None) -> DlmService:
+    """Start a lock manager on the running asyncio loop; returns once it is listening.
+
+    `url` is `unix:///abs/path`, `unix://relative/path` or a path; None means $MINIDISK_DLM or
+    `protocol.DEFAULT_URL`. Call `await service.close()` to stop it.
+    """
+    service = DlmService()
+    await service.start(protocol.socket_path(url))
+    return service
+
+
+def run_dlm_service(url: str | None = None, *, ready: str | None = None) -> None:
+    """Serve in the foreground until SIGINT or SIGTERM (`minidisk dlm serve`). When `ready`
+    is given, print it on stdout once listening (for scripts that wait for the socket)."""
+
+    async def main() -> None:
+        service = await start_dlm_service(url)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(service.close()))
+        if ready is not None:
+            print(ready.format(path=service.path), flush=True)
+        await service.wait_closed()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but stay usable without
+        asyncio.run(main())
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())

@@ -1,0 +1,55 @@
+"""Running dlmfs: connect to the lock manager, mount, serve FUSE requests on trio until
+unmounted (`fusermount3 -u`) or signalled, then unmount and disconnect -- which releases every
+lock the mount still held."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import pyfuse3
+import trio
+
+from minidisk.dlm.client import connect
+from minidisk.dlmfs.fs import DlmFs
+
+log = logging.getLogger("minidisk.dlmfs")
+
+
+def run_dlmfs(mountpoint: str, url: str | None = None, *, wait_limit: float = 30.0,
+              debug: bool = False) -> None:
+    """Mount dlmfs on `mountpoint` and serve it in the foreground."""
+    if wait_limit <= 0:
+        raise ValueError("the wait limit must be positive")
+    trio.run(_serve, mountpoint, url, wait_limit, debug)
+
+
+async def _serve(mountpoint: str, url: str | None, wait_limit: float, debug: bool) -> None:
+    async with connect(url, name=f"dlmfs {mountpoint}") as client:
+        fs = DlmFs(client, mountpoint, wait_limit)
+
+        def lost() -> None:
+            log.error("lock manager connection lost: every lock of %s is gone", mountpoint)
+            for handle in fs.handles.values():
+                handle.wake_pollers()
+
+        client.on_lost = lost
+        options = set(pyfuse3.default_options) | {"fsname=dlmfs", "subtype=minidisk"}
+        if debug:
+            options.add("debug")
+        pyfuse3.init(fs, mountpoint, options)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signal)
+                await pyfuse3.main()  # returns once unmounted, or terminate()d by a signal
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
