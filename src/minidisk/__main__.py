@@ -1,0 +1,5 @@
+"""`python -m minidisk` is the `minidisk` command."""
+
+from minidisk.cli.main import main
+
+main()
