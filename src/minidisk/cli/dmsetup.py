@@ -57,7 +57,7 @@ def _read_table(table: str | None, table_file: str | None) -> str:
     if table_file is not None:
         with open(table_file) as f:
             return f.read()
-    return click.get_text_stream("stdin").read()
+    return sys.stdin.read()
 
 
 @click.group(name="dmsetup")

@@ -56,11 +56,16 @@ class Delay(Target):
         super().__init__(ctx, args)
         if len(args) not in (3, 6, 9):
             raise TargetError(f"Requires exactly 3, 6 or 9 arguments, got {len(args)}")
-        classes = [self._class(ctx, args[i:i + 3]) for i in range(0, len(args), 3)]
+        # Each class has its own counter even when it borrows another's triple (as the
+        # kernel constructs dc->read, dc->write and dc->flush separately).
+        read_args = args[0:3]
+        write_args = args[3:6] if len(args) >= 6 else read_args
+        flush_args = args[6:9] if len(args) == 9 else write_args
         self.nargs = len(args)
-        self.read = classes[0]
-        self.write = classes[1] if len(classes) > 1 else self.read
-        self.flush_class = classes[2] if len(classes) > 2 else self.write
+        self.read = self._class(ctx, read_args)
+        self.write = self._class(ctx, write_args)
+        self.flush_class = self._class(ctx, flush_args)
+        classes = [self.read, self.write, self.flush_class]
         self.classes = classes
         self.caps = combine_caps(c.child.caps for c in classes)
         self.block_size = self.read.child.block_size

@@ -103,7 +103,7 @@ class Flakey(Target):
                 if not words:
                     raise TargetError(f"Feature {feature} requires a parameter")
                 p = parse_uint(words.pop(0), f"Invalid {feature} probability", PROBABILITY_BASE)
-                setattr(self, feature.split("_")[1], p)
+                setattr(self, "random_" + feature.split("_")[1], p)
             else:
                 raise TargetError(f"Unrecognised flakey feature requested: {feature}")
         if self.corrupt_byte and self.corrupt_write and (self.drop_writes or self.error_writes):

@@ -1,0 +1,332 @@
+"""Each target: table text round-trips, status text, and documented behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+
+import pytest
+from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+
+from minidisk.dm.table import format_table
+
+ROUND_TRIP = [
+    "0 64 linear /dev/a 7",
+    "0 64 striped 2 8 /dev/a 0 /dev/b 16",
+    "0 64 zero",
+    "0 64 error",
+    "0 64 delay /dev/a 0 0",
+    "0 64 delay /dev/a 0 5 /dev/b 8 10",
+    "0 64 delay /dev/a 0 5 /dev/b 8 10 /dev/a 100 1",
+    "0 64 flakey /dev/a 0 1 1 0",
+    "0 64 flakey /dev/a 0 1 1 1 drop_writes",
+    "0 64 flakey /dev/a 0 1 1 1 error_writes",
+    "0 64 flakey /dev/a 0 0 5 5 corrupt_bio_byte 32 r 1 0",
+    "0 64 flakey /dev/a 0 0 5 7 corrupt_bio_byte 3 w 255 0 random_read_corrupt 10",
+    "0 64 flakey /dev/a 0 0 5 2 random_write_corrupt 1000000000",
+    "0 64 dust /dev/a 8 4096",
+    "0 64 log-writes /dev/a /dev/b",
+    "0 8 zero\n8 16 linear /dev/a 0\n24 40 error",
+]
+
+
+@pytest.mark.parametrize("table", ROUND_TRIP)
+def test_table_output_loads_back_unchanged(table: str) -> None:
+    reg = registry_over(memory_namespace(a=1 << 20, b=1 << 20))
+
+    async def go() -> None:
+        await reg.create("first", table)
+        printed = format_table(reg.table("first"))
+        await reg.create("second", printed)
+        assert format_table(reg.table("second")) == printed
+        assert printed.split() == table.split()  # and it is what was given
+        for name in ("second", "first"):
+            await reg.remove(name)
+
+    run(go())
+
+
+def test_flakey_normal_form_adds_the_feature_count() -> None:
+    reg = registry_over(memory_namespace(a=1 << 20))
+
+    async def go() -> None:
+        await reg.create("f", "0 64 flakey /dev/a 0 1 1")
+        assert reg.table("f") == [(0, 64, "flakey", ["/dev/a", "0", "1", "1", "0"])]
+
+    run(go())
+
+
+def test_status_text_of_each_target() -> None:
+    reg = registry_over(memory_namespace(a=1 << 20, b=1 << 20))
+
+    async def go() -> None:
+        await reg.create("t", "\n".join([
+            "0 16 linear /dev/a 0", "16 16 striped 2 8 /dev/a 64 /dev/b 0", "32 8 zero",
+            "40 8 error", "48 8 delay /dev/a 0 0 /dev/b 0 0", "56 8 flakey /dev/a 0 1 0",
+            "64 8 dust /dev/a 0 512"]))
+        assert [s[3] for s in reg.status("t")] == [
+            "", "2 /dev/a /dev/b 1 AA", "", "", "0 0 0", "",
+            "/dev/a bypass verbose"]
+        await reg.create("lw", "0 8 log-writes /dev/a /dev/b")
+        assert reg.status("lw") == [(0, 8, "log-writes", "0 0")]
+
+    run(go())
+
+
+@pytest.mark.parametrize("table,reason", [
+    ("0 64 striped 0 8", "Invalid stripe count"),
+    ("0 64 striped 2 0 /dev/a 0 /dev/b 0", "Invalid chunk_size"),
+    ("0 64 striped 2 8 /dev/a 0", "Not enough destinations"),
+    ("0 60 striped 2 8 /dev/a 0 /dev/b 0", "not divisible by chunk size"),
+    ("0 64 delay /dev/a 0", "Requires exactly 3, 6 or 9 arguments"),
+    ("0 64 delay /dev/a 0 x", "Invalid delay"),
+    ("0 64 flakey /dev/a 0 0 0", "Total (up + down) interval is zero"),
+    ("0 64 flakey /dev/a 0 1 1 2 drop_writes error_writes", "conflicts with feature"),
+    ("0 64 flakey /dev/a 0 1 1 5 corrupt_bio_byte 1 x 0 0", "Invalid corrupt bio direction"),
+    ("0 64 flakey /dev/a 0 1 1 5 corrupt_bio_byte 1 r 256 0", "(0-255)"),
+    ("0 64 flakey /dev/a 0 1 1 6 drop_writes corrupt_bio_byte 1 w 0 0",
+     "incompatible with corrupt_bio_byte"),
+    ("0 64 flakey /dev/a 0 1 1 1 frobnicate", "Unrecognised flakey feature"),
+    ("0 64 dust /dev/a 0 1000", "power of 2"),
+    ("0 64 dust /dev/a 0 256", "512 or above"),
+    ("0 64 log-writes /dev/a", "Invalid argument count"),
+    ("0 64 linear /dev/a 2040", "too small for target"),
+])
+def test_constructor_errors(table: str, reason: str) -> None:
+    reg = registry_over(memory_namespace(a=1 << 20, b=1 << 20))
+
+    async def go() -> None:
+        with pytest.raises(ValueError) as e:
+            await reg.create("x", table)
+        assert reason in str(e.value) and str(e.value).startswith("line 1 (")
+
+    run(go())
+
+
+async def _expect_errno(coro: object, err: int = errno.EIO) -> None:
+    with pytest.raises(OSError) as e:
+        await coro  # type: ignore[misc]
+    assert e.value.errno == err
+
+
+def test_error_target_fails_io_but_flushes() -> None:
+    reg = registry_over(memory_namespace(a=1 << 20))
+
+    async def go() -> None:
+        dev = await reg.create("e", "0 8 linear /dev/a 0\n8 8 error")
+        await write(dev, 0, pattern(1, SECTOR))
+        await _expect_errno(read(dev, 8 * SECTOR, SECTOR))
+        await _expect_errno(write(dev, 8 * SECTOR, pattern(1, SECTOR)))
+        await _expect_errno(dev.trim(8 * SECTOR, SECTOR))
+        await _expect_errno(read(dev, 7 * SECTOR, 2 * SECTOR))  # spans into the error part
+        await dev.flush()  # the kernel sends no flush to an error target
+
+    run(go())
+
+
+def test_zero_target_reads_zeroes_and_drops_writes() -> None:
+    reg = registry_over(memory_namespace())
+
+    async def go() -> None:
+        dev = await reg.create("z", "0 4096 zero")
+        await write(dev, 100, pattern(2, 3000))
+        assert await read(dev, 0, 4096 * SECTOR) == bytes(4096 * SECTOR)
+
+    run(go())
+
+
+def test_flakey_down_with_no_features_fails_everything() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+
+    async def go() -> None:
+        dev = await reg.create("f", "0 64 flakey /dev/a 0 0 10")  # down from the start
+        await _expect_errno(read(dev, 0, SECTOR))
+        await _expect_errno(write(dev, 0, pattern(1, SECTOR)))
+        await _expect_errno(dev.flush())
+        up = await reg.create("g", "0 64 flakey /dev/a 0 10 0")  # never down
+        await write(up, 0, pattern(1, SECTOR))
+        assert await read(up, 0, SECTOR) == pattern(1, SECTOR)
+
+    run(go())
+
+
+def test_flakey_drop_writes_and_error_writes() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+    a = ns.devices["/dev/a"]
+
+    async def go() -> None:
+        await write(a, 0, b"old" * 512)
+        drop = await reg.create("drop", "0 64 flakey /dev/a 0 0 10 1 drop_writes")
+        await write(drop, 0, b"new" * 512)  # succeeds...
+        assert await read(a, 0, 1536) == b"old" * 512  # ...but never reaches the device
+        assert await read(drop, 0, 1536) == b"old" * 512  # reads pass
+        err = await reg.create("err", "0 64 flakey /dev/a 0 0 10 1 error_writes")
+        await _expect_errno(write(err, 0, b"new" * 512))
+        assert await read(err, 0, 1536) == b"old" * 512
+
+    run(go())
+
+
+def test_flakey_corrupts_the_nth_byte_of_reads_or_writes() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+    a = ns.devices["/dev/a"]
+    data = pattern(5, 4 * SECTOR)
+
+    async def go() -> None:
+        await write(a, 0, data)
+        r = await reg.create("r", "0 64 flakey /dev/a 0 0 10 5 corrupt_bio_byte 100 r 7 0")
+        got = await read(r, 0, 4 * SECTOR)
+        assert got[99] == 7 and got[:99] + got[100:] == data[:99] + data[100:]
+        assert await read(a, 0, 4 * SECTOR) == data  # the device itself is untouched
+        w = await reg.create("w", "0 64 flakey /dev/a 0 0 10 5 corrupt_bio_byte 1 w 0 0")
+        buf = bytearray(b"\xff" * SECTOR)
+        await w.pwrite(memoryview(buf), 8 * SECTOR)
+        assert buf == b"\xff" * SECTOR  # the caller's buffer is not changed
+        assert await read(a, 8 * SECTOR, SECTOR) == b"\x00" + b"\xff" * (SECTOR - 1)
+        rnd = await reg.create("rnd", "0 64 flakey /dev/a 0 0 10 2 random_read_corrupt "
+                                      "1000000000")
+        got = await read(rnd, 0, 4 * SECTOR)
+        assert sum(x != y for x, y in zip(got, data, strict=True)) == 1
+
+    run(go())
+
+
+@pytest.mark.slow
+def test_flakey_goes_down_and_up_on_its_intervals() -> None:
+    reg = registry_over(memory_namespace(a=1 << 20))
+
+    async def go() -> None:
+        dev = await reg.create("f", "0 64 flakey /dev/a 0 1 1")
+        start = time.monotonic()
+        seen = []
+        while time.monotonic() - start < 2.9:
+            try:
+                await read(dev, 0, SECTOR)
+                seen.append("up")
+            except OSError:
+                seen.append("down")
+            await asyncio.sleep(0.05)
+        # up for the first second, down for the second, up again in the third
+        changes = [s for i, s in enumerate(seen) if i == 0 or seen[i - 1] != s]
+        assert changes == ["up", "down", "up"]
+
+    run(go())
+
+
+def test_delay_holds_each_class_for_its_time_and_counts_it() -> None:
+    ns = memory_namespace(a=1 << 20, b=1 << 20)
+    reg = registry_over(ns)
+
+    async def go() -> None:
+        dev = await reg.create("d", "0 64 delay /dev/a 0 200 /dev/b 0 400")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = asyncio.ensure_future(read(dev, 0, SECTOR))
+        w = asyncio.ensure_future(write(dev, 0, b"D" * SECTOR))
+        await asyncio.sleep(0.05)
+        assert reg.status("d")[0][3] == "1 1 0"  # one read, one write held right now
+        await r
+        t_read = loop.time() - t0
+        await w
+        t_write = loop.time() - t0
+        assert 0.19 <= t_read < 0.39 and t_write >= 0.39
+        assert reg.status("d")[0][3] == "0 0 0"
+        # writes went to the write device
+        assert await read(ns.devices["/dev/b"], 0, SECTOR) == b"D" * SECTOR
+        assert await read(ns.devices["/dev/a"], 0, SECTOR) == bytes(SECTOR)
+
+    run(go())
+
+
+def test_delay_releases_held_io_on_suspend() -> None:
+    reg = registry_over(memory_namespace(a=1 << 20))
+
+    async def go() -> None:
+        dev = await reg.create("d", "0 64 delay /dev/a 0 5000")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        w = asyncio.ensure_future(write(dev, 0, b"S" * SECTOR))
+        await asyncio.sleep(0.05)
+        await reg.suspend("d")
+        assert w.done() and loop.time() - t0 < 1
+        await reg.resume("d")
+        t1 = loop.time()
+        await read(dev, 0, SECTOR)  # delays again after resume
+        assert loop.time() - t1 >= 4.9
+
+    run(go(), timeout=20)
+
+
+def test_dust_fails_reads_of_bad_blocks_once_enabled_and_writes_remap() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+
+    async def go() -> None:
+        # 4 KiB blocks numbered on /dev/a; the target starts 8 sectors (block 1) in.
+        dev = await reg.create("d", "0 128 dust /dev/a 8 4096")
+        m = reg.message
+        assert await m("d", 0, ["addbadblock", "3"]) is None
+        assert await m("d", 0, ["addbadblock", "5", "2"]) is None
+        await _expect_errno(m("d", 0, ["addbadblock", "3"]), errno.EINVAL)
+        assert await m("d", 0, ["queryblock", "3"]) == \
+            "dust_query_block: block 3 found in badblocklist"
+        assert await m("d", 0, ["countbadblocks"]) == "countbadblocks: 2 badblock(s) found"
+        assert await m("d", 0, ["listbadblocks"]) == "3\n5"
+        # bypass mode: nothing fails yet
+        await read(dev, 2 * 4096, 4096)
+        await m("d", 0, ["enable"])
+        assert reg.status("d")[0][3] == "/dev/a fail_read_on_bad_block verbose"
+        await _expect_errno(read(dev, 2 * 4096, 4096))  # device block 3
+        await _expect_errno(read(dev, 2 * 4096 - 512, 1024))  # straddles into block 3
+        await read(dev, 0, 2 * 4096)  # blocks 1 and 2 are fine
+        # a write to block 3 remaps it: the block leaves the list and reads work
+        await write(dev, 2 * 4096, pattern(3, 4096))
+        assert await read(dev, 2 * 4096, 4096) == pattern(3, 4096)
+        # block 5 fails two writes before the third remaps it
+        for _ in range(2):
+            await _expect_errno(write(dev, 4 * 4096, pattern(4, 4096)))
+        await write(dev, 4 * 4096, pattern(4, 4096))
+        assert await m("d", 0, ["countbadblocks"]) == "countbadblocks: 0 badblock(s) found"
+        assert await m("d", 0, ["clearbadblocks"]) == "dust_clear_badblocks: no badblocks found"
+        await m("d", 0, ["addbadblock", "7"])
+        await m("d", 0, ["quiet"])
+        assert reg.status("d")[0][3] == "/dev/a fail_read_on_bad_block quiet"
+        await m("d", 0, ["disable"])
+        await read(dev, 6 * 4096, 4096)
+        assert await m("d", 0, ["clearbadblocks"]) == "dust_clear_badblocks: badblocks cleared"
+        await _expect_errno(m("d", 0, ["removebadblock", "7"]), errno.EINVAL)
+        await _expect_errno(m("d", 0, ["addbadblock", "99999"]), errno.EINVAL)
+        await _expect_errno(m("d", 0, ["frob"]), errno.EINVAL)
+
+    run(go())
+
+
+def test_striped_trim_zero_and_extents_follow_the_chunks() -> None:
+    ns = memory_namespace(a=1 << 20, b=1 << 20)
+    reg = registry_over(ns)
+    size = 2048 * SECTOR
+
+    async def go() -> None:
+        dev = await reg.create("s", "0 2048 striped 2 16 /dev/a 0 /dev/b 0")
+        await write(dev, 0, pattern(9, size))
+        await dev.zero(10 * SECTOR, 40 * SECTOR)
+        got = await read(dev, 0, size)
+        want = bytearray(pattern(9, size))
+        want[10 * SECTOR:50 * SECTOR] = bytes(40 * SECTOR)
+        assert got == want
+        # 128 KiB..640 KiB is rows 8..39 of each stripe: whole pages of each memory device
+        await dev.trim(128 << 10, 512 << 10)
+        want[128 << 10:640 << 10] = bytes(512 << 10)
+        assert await read(dev, 0, size) == want
+        extents = await dev.extents(0, size)
+        assert sum(e.length for e in extents) == size and extents[0].offset == 0
+        pairs = zip(extents, extents[1:], strict=False)
+        assert all(a.offset + a.length == b.offset for a, b in pairs)
+        holes = [(e.offset, e.length) for e in extents if e.flags]
+        assert (128 << 10, 512 << 10) in holes
+
+    run(go())
