@@ -1,0 +1,193 @@
+"""The client API against a real service process, on asyncio and on trio."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import anyio
+import pytest
+
+from minidisk.dlm.client import (
+    BusyLock,
+    LvbInvalid,
+    RecursiveLock,
+    TrylockFailed,
+    connect,
+)
+from minidisk.dlm.engine import DlmError, Flag
+from minidisk.dlm.modes import Mode
+from minidisk.dlm.service import start_dlm_service
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
+
+
+async def waiting_on(url: str, name: str) -> list[str]:
+    async with connect(url, name="observer") as client:
+        for domain in (await client.status())["domains"]:
+            for res in domain["resources"]:
+                if res["name"] == name:
+                    return [lk["owner"] for lk in res["converting"] + res["waiting"]]
+    return []
+
+
+async def test_acquire_release_token_and_lvb(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
+        first = a.lock("d", "r", Mode.EX)
+        assert await first.acquire()
+        assert first.lvb_valid and first.lvb == bytes(64)
+        first.write_lvb(b"v1")
+        token = first.token
+        await first.release()
+        second = b.lock("d", "r", Mode.PR)
+        assert await second.acquire()
+        assert second.lvb.rstrip(b"\0") == b"v1" and second.lvb_seq == 1
+        assert second.token is not None and token is not None and second.token > token
+        with pytest.raises(DlmError) as err:
+            second.write_lvb(b"x")          # a PR holder may not write
+        assert err.value.errno == errno.EBADF
+
+
+async def test_timeout_returns_false_and_leaves_nothing_queued(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
+        assert await a.lock("d", "r", Mode.EX).acquire()
+        waiter = b.lock("d", "r", Mode.EX)
+        started = time.monotonic()
+        assert not await waiter.acquire(timeout=0.3)
+        assert 0.25 < time.monotonic() - started < 2
+        assert await waiting_on(dlm_server.url, "r") == []
+        assert not await waiter.acquire(blocking=False)       # trylock
+        assert await waiting_on(dlm_server.url, "r") == []
+
+
+async def test_cancel_and_cancel_scope_take_the_request_back(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
+        holder = a.lock("d", "r", Mode.PR)
+        assert await holder.acquire()
+        waiter = b.lock("d", "r", Mode.EX)
+        results: list[bool] = []
+        async with anyio.create_task_group() as tasks:
+            async def wait() -> None:
+                results.append(await waiter.acquire())
+            tasks.start_soon(wait)
+            while await waiting_on(dlm_server.url, "r") == []:
+                await anyio.sleep(0.01)
+            await waiter.cancel()
+        assert results == [False] and not waiter.held
+        with anyio.move_on_after(0.2):
+            await waiter.acquire()
+        assert not waiter.held
+        assert await waiting_on(dlm_server.url, "r") == []
+        # A conversion cancelled keeps the old mode.
+        other = b.lock("d", "r", Mode.PR)
+        assert await other.acquire()
+        assert not await holder.convert(Mode.EX, timeout=0.2)
+        assert holder.mode == Mode.PR
+
+
+async def test_basts_reach_the_holder(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    seen: list[Mode] = []
+    async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
+        holder = a.lock("d", "r", Mode.PR, on_blocking=lambda lock, mode: seen.append(mode))
+        assert await holder.acquire()
+        assert await b.lock("d", "r", Mode.CR).acquire()       # compatible: no bast
+        assert not await b.lock("d", "r", Mode.EX).acquire(timeout=0.3)
+        assert seen == [Mode.EX] and holder.blocking == Mode.EX
+
+
+async def test_conversion_deadlock_through_the_service(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
+        la, lb = a.lock("d", "r", Mode.PR), b.lock("d", "r", Mode.PR)
+        assert await la.acquire() and await lb.acquire()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(la.convert, Mode.EX)
+            while await waiting_on(dlm_server.url, "r") == []:
+                await anyio.sleep(0.01)
+            with pytest.raises(DlmError) as err:
+                await lb.convert(Mode.EX)
+            assert err.value.errno == errno.EDEADLK
+            assert await lb.convert(Mode.EX, flags=Flag.CONVDEADLK, timeout=0.5) is False
+            assert lb.mode == Mode.NL                  # demoted, and la got its EX
+            await la.release()
+        assert await lb.convert(Mode.EX, timeout=2)
+
+
+async def test_dropped_connection_releases_and_grants_waiters_in_order(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    order: list[str] = []
+    async with connect(dlm_server.url, name="b") as b, connect(dlm_server.url, name="c") as c:
+        async with connect(dlm_server.url, name="a") as a:
+            assert await a.lock("d", "r", Mode.EX).acquire()
+            lb, lc = b.lock("d", "r", Mode.EX), c.lock("d", "r", Mode.EX)
+
+            async def take(lock, who: str) -> None:  # type: ignore[no-untyped-def]
+                assert await lock.acquire(timeout=5)
+                order.append(who)
+                await anyio.sleep(0.05)
+                await lock.release()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(take, lb, "b")
+                while len(await waiting_on(dlm_server.url, "r")) < 1:
+                    await anyio.sleep(0.01)
+                tasks.start_soon(take, lc, "c")
+                while len(await waiting_on(dlm_server.url, "r")) < 2:
+                    await anyio.sleep(0.01)
+                await a.aclose()                     # a's connection drops with its EX
+        assert order == ["b", "c"]
+
+
+async def test_o2dlm_shaped_api(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    async with connect(dlm_server.url) as a, connect(dlm_server.url) as b:
+        ctx_a, ctx_b = await a.initialize("o2"), await b.initialize("o2")
+        await ctx_a.lock("res", Mode.EX)
+        with pytest.raises(RecursiveLock):
+            await ctx_a.lock("res", Mode.PR)
+        with pytest.raises(TrylockFailed):
+            await ctx_b.lock("res", Mode.PR, trylock=True)
+        assert await ctx_a.write_lvb("res", b"x" * 100) == 64
+        with pytest.raises(BusyLock):
+            await ctx_a.drop("res")
+        await ctx_a.unlock("res")
+        await ctx_b.lock("res", "PR")
+        assert await ctx_b.read_lvb("res") == b"x" * 64
+        with pytest.raises(BusyLock):
+            await ctx_a.drop("res")                 # b holds it
+        await ctx_b.destroy()
+        with pytest.raises(DlmError) as err:
+            await ctx_a.lock(".reserved", Mode.PR)
+        assert err.value.errno == errno.EINVAL
+        await ctx_a.destroy()
+        status = await a.status()
+        assert status["domains"] == []
+
+
+async def test_lvb_invalid_error_in_o2dlm_api(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    async with connect(dlm_server.url) as a:
+        ctx = await a.initialize("o2")
+        await ctx.lock("res", Mode.EX)
+        await ctx.write_lvb("res", b"data")
+        lock = ctx._locks["res"]
+        await lock.release(invalidate_lvb=True)
+        del ctx._locks["res"]
+        await ctx.lock("res", Mode.PR)
+        with pytest.raises(LvbInvalid):
+            await ctx.read_lvb("res")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_embedded_service_api(tmp_short) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_short / "embedded.sock")
+    service = await start_dlm_service(f"unix://{path}")
+    try:
+        async with connect(path) as client:
+            lock = client.lock("d", "r", Mode.EX)
+            assert await lock.acquire()
+            assert client.server["pid"] == os.getpid()
+            with pytest.raises(FileExistsError):
+                await start_dlm_service(path)          # refuses to steal a live socket
+    finally:
+        await service.close()
+    assert not os.path.exists(path)
+    service = await start_dlm_service(path)            # and reuses a dead one
+    await service.close()
