@@ -1,54 +1,155 @@
-"""`minidisk serve` (start a server) and `minidisk halt` (sync and stop one)."""
+"""`minidisk serve` (start a server), `minidisk halt` (sync and stop one), `minidisk etfs`."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from typing import Any
 
 import click
 
 from minidisk.cli.common import fail, require_server, server_option
 from minidisk.daemon import control
-from minidisk.daemon.daemon import DaemonConfig, run_daemon
+from minidisk.daemon.config import DaemonConfig
+from minidisk.daemon.daemon import run_daemon
 from minidisk.daemon.lifecycle import detach
+from minidisk.namespace import RUMP_ETFS_SIZE_ENDOFF, SizeError, parse_size
+from minidisk.nbd.listen import parse_url
 
 
 @click.command()
 @click.option("-s", "foreground", is_flag=True, help="Stay in the foreground.")
-@click.option("--memory", "memory", multiple=True, metavar="KEY=SIZE",
+@click.option("-d", "drive", multiple=True, metavar="DRIVESPEC",
+              help="key=/KEY,hostpath=PATH,size=SIZE|disklabel=L|partition=N,offset=,type=")
+@click.option("--memory", multiple=True, metavar="KEY=SIZE",
               help="A sparse memory disk, e.g. --memory /dev/dk=1G.")
-@click.option("--file", "files", multiple=True, metavar="KEY=PATH[:OFFSET:LENGTH]",
+@click.option("--file", multiple=True, metavar="KEY=PATH[:OFFSET:LENGTH]",
               help="A host file, whole or a window of it.")
-@click.option("--read-only", is_flag=True, help="Serve every export read-only.")
-@click.option("--tls", type=click.Choice(["off", "on", "require"]), default="off",
-              show_default=True)
+@click.option("--nbd", multiple=True, metavar="KEY=NBD-URI",
+              help="Another NBD server's export, served here as a device.")
+@click.option("--table", multiple=True, metavar="NAME=FILE",
+              help="A device-mapper table (dmsetup syntax) for /dev/mapper/NAME.")
+@click.option("-r", "ram", metavar="TOTAL_RAM", help="Memory for block caches (e.g. 64m).")
+@click.option("--config", "config_file", metavar="FILE", help="A TOML file of these options.")
+@click.option("--read-only", is_flag=True, default=None, help="Serve every export read-only.")
+@click.option("--tls", type=click.Choice(["off", "on", "require"]), default=None,
+              help="TLS policy (default off).")
 @click.option("--tls-certificates", metavar="DIR",
               help="ca-cert.pem, server-cert.pem and server-key.pem.")
-@click.option("--tls-verify-peer", is_flag=True, help="Require client certificates.")
+@click.option("--tls-verify-peer", is_flag=True, default=None,
+              help="Require client certificates.")
 @click.option("--log-file", metavar="FILE", help="Where a detached server logs.")
-@click.argument("urls", nargs=-1, metavar="URL")
-def serve(foreground: bool, urls: tuple[str, ...], log_file: str | None, **opts: Any) -> None:
+@click.argument("url", nargs=-1, metavar="URL")
+def serve(foreground: bool, config_file: str | None, **options: Any) -> None:
     """Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - for stdio).
 
-    Detaches once the server accepts connections, unless -s is given. Started by systemd
-    socket activation (nbdinfo -- [ minidisk serve ... ]) it serves the inherited socket.
+    Detaches once the server accepts connections (exit status 0), or exits non-zero with
+    the error; -s stays in the foreground. Started by systemd socket activation
+    (nbdinfo -- [ minidisk serve ... ]) it serves the inherited socket.
     """
     try:
-        config = DaemonConfig.from_options(list(urls), **opts)
+        config = DaemonConfig.load(options, config_file)
     except ValueError as e:
         fail(str(e), code=2)
     if foreground or config.must_stay_in_foreground():
         sys.exit(run_daemon(config, None))
-    sys.exit(detach(lambda readiness: run_daemon(config, readiness), log_file))
+    sys.exit(detach(lambda readiness: run_daemon(config, readiness), config.log_file))
 
 
 @click.command()
 @server_option
 @click.argument("url", required=False)
-def halt(server: str | None, url: str | None) -> None:
-    """Flush caches, sync host files and stop the server at URL (or --server)."""
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for exit.")
+def halt(server: str | None, url: str | None, timeout: float) -> None:
+    """Flush caches, sync host files and stop the server at URL (or --server).
+
+    Returns once the server process is gone (when it runs on this machine).
+    """
+    target = require_server(server, url)
     try:
-        control.call(require_server(server, url), "halt")
+        result = control.call(target, "halt")
+    except control.ControlError as e:
+        fail(str(e))
+    address = parse_url(target)
+    local = address.kind == "unix" or address.host in ("127.0.0.1", "::1", "0.0.0.0")
+    pid = int(result.get("pid", 0))
+    deadline = time.monotonic() + timeout
+    while local and pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    if local and pid:
+        fail(f"server {pid} still running after {timeout:g} s")
+
+
+@click.group()
+def etfs() -> None:
+    """Change the namespace of a running server (as rump_etfs)."""
+
+
+@etfs.command("ls")
+@server_option
+def etfs_ls(server: str | None) -> None:
+    """List keys: key, type, host path, window, users."""
+    try:
+        rows = control.call(require_server(server), "etfs.ls")["keys"]
+    except control.ControlError as e:
+        fail(str(e))
+    click.echo(f"{'KEY':<24} {'TYPE':<11} {'BEGIN':>12} {'SIZE':>14} {'USERS':>5}  HOSTPATH")
+    for row in rows:
+        size = "-" if row["size"] is None else str(row["size"])
+        click.echo(f"{row['key']:<24} {row['type']:<11} {row['begin']:>12} {size:>14} "
+                   f"{row['users']:>5}  {row['hostpath'] or row['description']}")
+
+
+def _size(text: str | None) -> int | None:
+    if text is None or text == "end":
+        return None
+    try:
+        return parse_size(text)
+    except SizeError as e:
+        fail(str(e), code=2)
+
+
+@etfs.command("register")
+@server_option
+@click.option("-t", "--type", "etfs_type", default="blk", show_default=True,
+              type=click.Choice(["reg", "blk", "chr", "dir", "dir_subdirs"]))
+@click.option("--begin", default="0", help="Window start in the host file.")
+@click.option("--size", default=None, help="Window size (default: to the end).")
+@click.option("-d", "drivespec", help="Register with a drivespec instead.")
+@click.argument("key", required=False)
+@click.argument("hostpath", required=False)
+def etfs_register(server: str | None, etfs_type: str, begin: str, size: str | None,
+                  drivespec: str | None, key: str | None, hostpath: str | None) -> None:
+    """Map KEY to HOSTPATH (or -d DRIVESPEC) on a running server."""
+    if drivespec:
+        args: dict[str, Any] = {"drivespec": drivespec}
+    elif key and hostpath:
+        length = _size(size)
+        args = {"key": key, "hostpath": os.path.abspath(hostpath), "type": etfs_type,
+                "begin": _size(begin) or 0,
+                "size": RUMP_ETFS_SIZE_ENDOFF if length is None else length}
+    else:
+        fail("give KEY HOSTPATH or -d DRIVESPEC", code=2)
+    try:
+        result = control.call(require_server(server), "etfs.register", args)
+    except control.ControlError as e:
+        fail(str(e))
+    click.echo(result["key"])
+
+
+@etfs.command("remove")
+@server_option
+@click.option("-f", "--force", is_flag=True, help="Revoke even while in use.")
+@click.argument("key")
+def etfs_remove(server: str | None, force: bool, key: str) -> None:
+    """Remove KEY (EBUSY while in use, unless -f)."""
+    try:
+        control.call(require_server(server), "etfs.remove", {"key": key, "force": force})
     except control.ControlError as e:
         fail(str(e))
 
@@ -56,3 +157,4 @@ def halt(server: str | None, url: str | None) -> None:
 def register(cli: click.Group) -> None:
     cli.add_command(serve)
     cli.add_command(halt)
+    cli.add_command(etfs)

@@ -1,0 +1,154 @@
+"""What a server is told to do: command-line options and a TOML file, merged.
+
+The TOML file can say everything the flags say, under the flags' long names::
+
+    url = "unix:///run/minidisk/server.sock"      # or a list of URLs
+    memory = ["/dev/dk=1G"]                       # --memory KEY=SIZE
+    file = ["/img=/srv/disk.img:1M:64M"]          # --file KEY=PATH[:OFFSET:LENGTH]
+    drive = ["key=/wd0,hostpath=wd0.img,size=1g"] # -d DRIVESPEC
+    nbd = ["/remote=nbd://10.0.0.2/disk"]         # --nbd KEY=URI: another server's export
+    table = ["striped=/etc/minidisk/striped.table"]  # --table NAME=FILE
+    ram = "64m"                                   # -r TOTAL_RAM for block caches
+    read_only = false
+    tls = "require"                               # off | on | require
+    tls_certificates = "/etc/minidisk/pki"
+    tls_verify_peer = true
+    log_file = "/var/log/minidisk.log"
+
+Lists from the file and from the command line are concatenated (file first); a scalar
+given on the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from minidisk.namespace import parse_size
+from minidisk.nbd.listen import parse_url
+from minidisk.nbd.negotiation import TLSMode
+
+_HUMAN_SIZE = re.compile(r"^(\d+)([kmgtp]?)(i?b?)$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+_LISTS = ("url", "memory", "file", "drive", "nbd", "table")
+_SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
+            "tls_verify_peer": bool, "log_file": str}
+
+
+def parse_human_size(text: str) -> int:
+    """128M, 1G, 4096, 1GiB: binary units, either case (for --memory and --file windows)."""
+    m = _HUMAN_SIZE.match(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r} (expected e.g. 128M or 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def normalize_key(key: str) -> str:
+    """Namespace keys begin with '/'; on the command line the slash may be left out."""
+    if not key.strip("/"):
+        raise ValueError(f"bad key {key!r}")
+    return "/" + key.lstrip("/")
+
+
+def _split_pair(option: str, spec: str, what: str) -> tuple[str, str]:
+    left, sep, right = spec.partition("=")
+    if not sep or not left or not right:
+        raise ValueError(f"--{option} {spec!r}: expected {what}")
+    return left, right
+
+
+@dataclass
+class DaemonConfig:
+    urls: list[str] = field(default_factory=list)
+    memory: list[tuple[str, int]] = field(default_factory=list)
+    files: list[tuple[str, str, int, int | None]] = field(default_factory=list)
+    drives: list[str] = field(default_factory=list)
+    remotes: list[tuple[str, str]] = field(default_factory=list)
+    tables: list[tuple[str, str]] = field(default_factory=list)
+    ram: int | None = None
+    read_only: bool = False
+    tls_mode: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    log_file: str | None = None
+
+    @classmethod
+    def load(cls, options: dict[str, Any], config_file: str | None = None) -> DaemonConfig:
+        """Build from CLI `options` (long names; lists as tuples) and an optional TOML file."""
+        merged: dict[str, Any] = {name: [] for name in _LISTS}
+        if config_file:
+            merged.update(_read_toml(config_file))
+        for name in _LISTS:
+            merged[name] = list(merged.get(name, [])) + list(options.get(name) or ())
+        for name in _SCALARS:
+            if options.get(name) not in (None, False):
+                merged[name] = options[name]
+        return cls._from_merged(merged)
+
+    @classmethod
+    def _from_merged(cls, m: dict[str, Any]) -> DaemonConfig:
+        config = cls(urls=[str(u) for u in m["url"]], drives=[str(d) for d in m["drive"]])
+        for spec in m["memory"]:
+            key, size = _split_pair("memory", spec, "KEY=SIZE")
+            config.memory.append((normalize_key(key), parse_human_size(size)))
+        for spec in m["file"]:
+            key, rest = _split_pair("file", spec, "KEY=PATH[:OFFSET:LENGTH]")
+            parts = rest.rsplit(":", 2)
+            if len(parts) == 3 and parts[1] and parts[2]:
+                config.files.append((normalize_key(key), parts[0], parse_human_size(parts[1]),
+                                     parse_human_size(parts[2])))
+            else:
+                config.files.append((normalize_key(key), rest, 0, None))
+        for spec in m["nbd"]:
+            key, uri = _split_pair("nbd", spec, "KEY=NBD-URI")
+            config.remotes.append((normalize_key(key), uri))
+        for spec in m["table"]:
+            name, path = _split_pair("table", spec, "NAME=FILE")
+            config.tables.append((name, os.path.abspath(path)))
+        if m.get("ram"):
+            config.ram = parse_size(str(m["ram"]))
+        config.read_only = bool(m.get("read_only", False))
+        config.tls_mode = TLSMode(m.get("tls", "off"))
+        config.tls_certificates = m.get("tls_certificates")
+        config.tls_verify_peer = bool(m.get("tls_verify_peer", False))
+        config.log_file = m.get("log_file")
+        if config.tls_mode is not TLSMode.OFF and not config.tls_certificates:
+            raise ValueError("--tls=on/require needs --tls-certificates DIR")
+        for url in config.urls:
+            parse_url(url)  # reject a bad URL before detaching
+        if not config.urls and not socket_activated():
+            raise ValueError("no URL to listen on (unix://PATH, tcp://IP:PORT/ or -)")
+        return config
+
+    def must_stay_in_foreground(self) -> bool:
+        return self.urls == ["-"] or socket_activated()
+
+
+def socket_activated() -> bool:
+    return os.environ.get("LISTEN_PID") == str(os.getpid())
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    unknown = set(data) - set(_LISTS) - set(_SCALARS)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    for name in _LISTS:
+        if name in data and isinstance(data[name], str):
+            data[name] = [data[name]]
+        if name in data and not isinstance(data[name], list):
+            raise ValueError(f"--config {path}: {name} must be a string or a list")
+    for name, kind in _SCALARS.items():
+        if name in data and not isinstance(data[name], kind):
+            raise ValueError(f"--config {path}: {name} must be a {kind.__name__}")
+    return data
