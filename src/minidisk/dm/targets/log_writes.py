@@ -10,7 +10,10 @@ write or mark is acknowledged only after its entries (and the log device) are fl
 
 Status: `<entries logged> <highest log sector allocated>`. When the log device fills,
 logging stops (as the kernel's "Ran out of space on the logdev") and I/O carries on.
-The format is the kernel's (see `writelog.py`), so xfstests' replay-log reads our logs.
+The format is the kernel's (see `writelog.py`), so xfstests' replay-log reads our logs. One
+difference: the kernel rewrites the super's entry count only after FUA writes and marks; we
+rewrite it after every batch of entries (every flush too), so a log cut at any acknowledged
+flush is complete up to that flush.
 """
 
 from __future__ import annotations
@@ -182,10 +185,13 @@ class LogWrites(Target):
             if not self.queue:
                 return
             try:
+                logged = self.logged
                 while self.queue:
                     block = self.queue.popleft()
                     if self.enabled:
                         await self._log_one(block)
+                if self.logged != logged:
+                    await self._write_super()
                 if self.logdev.caps.flush:
                     await self.logdev.flush()
             except OSError as e:
@@ -211,9 +217,10 @@ class LogWrites(Target):
         await self.logdev.pwrite(memoryview(header), at)
         if blocks > 1:
             await self._write_data(block, at + ss)
-        if block.flags & (FUA | MARK):
-            await self.logdev.pwrite(
-                memoryview(writelog.encode_super(self.logged, ss)), 0)
+
+    async def _write_super(self) -> None:
+        await self.logdev.pwrite(
+            memoryview(writelog.encode_super(self.logged, self.sectorsize)), 0)
 
     async def _write_data(self, block: Pending, at: int) -> None:
         if block.data is not None:
