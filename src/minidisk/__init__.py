@@ -7,5 +7,6 @@ The public entry points for a user who wants a Python object served as a block d
 """
 
 from minidisk.device import BlockDevice, BlockSize, Caps, Extent, from_object
+from minidisk.nbd.server import serve_object
 
-__all__ = ["BlockDevice", "BlockSize", "Caps", "Extent", "from_object"]
+__all__ = ["BlockDevice", "BlockSize", "Caps", "Extent", "from_object", "serve_object"]

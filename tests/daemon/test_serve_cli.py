@@ -1,0 +1,198 @@
+"""`minidisk serve` as a daemon: detaching, exit status, config file, halt, etfs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from tests.daemon.conftest import Server, nbdinfo_json, run_cli
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_detached_server_is_ready_when_serve_returns(short_tmp: Path) -> None:
+    sock = short_tmp / "d.sock"
+    done = run_cli("serve", "--memory", "disk=8M", f"unix://{sock}")
+    assert done.returncode == 0, done.stderr
+    try:
+        # No waiting: the parent returned only once the child accepts connections.
+        info = nbdinfo_json(f"nbd+unix:///disk?socket={sock}")
+        assert info["exports"][0]["export-size"] == 8 << 20
+    finally:
+        assert run_cli("halt", f"unix://{sock}").returncode == 0
+    assert not sock.exists()
+
+
+def test_detach_reports_address_in_use(short_tmp: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        done = run_cli("serve", "--memory", "disk=8M", f"tcp://127.0.0.1:{port}/")
+    finally:
+        busy.close()
+    assert done.returncode != 0
+    assert "Address already in use" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-d", "key=/a,hostpath=/tmp/x,size=1m,size=2m"], "size"),
+    (["-d", "key=/a,bogus=1"], "bogus"),
+    (["--memory", "disk"], "KEY=SIZE"),
+    (["--memory", "disk=12Q"], "12Q"),
+    (["--tls=require"], "--tls-certificates"),
+])
+def test_bad_options_fail_with_one_line(short_tmp: Path, args: list[str], message: str) -> None:
+    done = run_cli("serve", *args, f"unix://{short_tmp}/x.sock")
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (short_tmp / "x.sock").exists()
+
+
+def test_bad_url_is_refused(short_tmp: Path) -> None:
+    done = run_cli("serve", "--memory", "d=1M", "http://example/")
+    assert done.returncode == 2
+    assert "unix://" in done.stderr
+
+
+def test_halt_keeps_acknowledged_writes_and_removes_socket(short_tmp: Path) -> None:
+    image = short_tmp / "disk.img"
+    sock = short_tmp / "h.sock"
+    done = run_cli("serve", "-d", f"key=/dk,hostpath={image},size=4m", f"unix://{sock}")
+    assert done.returncode == 0, done.stderr
+    pattern = os.urandom(1 << 20)
+    src = short_tmp / "pattern"
+    src.write_bytes(pattern)
+    # blk type goes through the write-back cache: only halt's sync puts it in the file.
+    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -s {src} 1M 1M",
+                    f"nbd+unix:///dk?socket={sock}"], check=True, capture_output=True)
+    servers = [p for p in (int(x) for x in os.listdir("/proc") if x.isdigit())
+               if _cmdline(p).endswith(f"unix://{sock}")]
+    assert len(servers) == 1
+    assert run_cli("halt", "--server", f"unix://{sock}").returncode == 0
+    # halt returned only after the server synced and exited.
+    assert not _pid_alive(servers[0])
+    assert not sock.exists()
+    assert image.read_bytes()[1 << 20:2 << 20] == pattern
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def test_sigterm_syncs_and_exits(serve: Server, short_tmp: Path) -> None:
+    image = short_tmp / "t.img"
+    sock = serve("-d", f"key=/dk,hostpath={image},size=1m")
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 0 64k",
+                    f"nbd+unix:///dk?socket={sock}"], check=True, capture_output=True)
+    server = next(p for p in (int(x) for x in os.listdir("/proc") if x.isdigit())
+                  if _cmdline(p).endswith(f"unix://{sock}"))
+    os.kill(server, 15)
+    deadline = time.monotonic() + 10
+    while _pid_alive(server) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert image.read_bytes()[:65536] == b"\x7e" * 65536
+    assert not Path(sock).exists()
+
+
+def test_config_file_says_what_flags_say(short_tmp: Path) -> None:
+    image = short_tmp / "c.img"
+    config = short_tmp / "server.toml"
+    sock = short_tmp / "c.sock"
+    config.write_text(f'''
+url = "unix://{sock}"
+memory = ["mem=2M"]
+drive = ["key=/img,hostpath={image},size=1m,type=reg"]
+read_only = true
+''')
+    done = run_cli("serve", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    try:
+        names = sorted(e["export-name"] for e in nbdinfo_json(
+            f"nbd+unix:///?socket={sock}")["exports"])
+        info = nbdinfo_json(f"nbd+unix:///img?socket={sock}")["exports"][0]
+        assert names == ["mem"]  # nbdinfo without --list shows the default export
+        assert info["is_read_only"] is True and info["export-size"] == 1 << 20
+    finally:
+        run_cli("halt", f"unix://{sock}")
+
+
+def test_config_file_errors_name_the_setting(short_tmp: Path) -> None:
+    config = short_tmp / "bad.toml"
+    config.write_text('memroy = ["x=1M"]\n')
+    done = run_cli("serve", "--config", str(config), f"unix://{short_tmp}/b.sock")
+    assert done.returncode == 2 and "memroy" in done.stderr
+
+
+def test_etfs_register_ls_remove(serve: Server, short_tmp: Path) -> None:
+    host = short_tmp / "host.img"
+    host.write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    sock = serve("--memory", "m=1M")
+    env = {"MINIDISK_SERVER": f"unix://{sock}"}
+    done = run_cli("etfs", "register", "--type", "reg", "--begin", "4096", "--size", "8192",
+                   "/win", str(host), env=env)
+    assert done.returncode == 0, done.stderr
+    listing = run_cli("etfs", "ls", env=env).stdout
+    assert "/win" in listing and "reg" in listing and "8192" in listing
+    out = subprocess.run(["nbdcopy", f"nbd+unix:///win?socket={sock}", "-"],
+                         capture_output=True, check=True).stdout
+    assert out == host.read_bytes()[4096:4096 + 8192]
+    assert run_cli("etfs", "remove", "/win", env=env).returncode == 0
+    gone = run_cli("etfs", "remove", "/win", env=env)
+    assert gone.returncode == 1 and "not registered" in gone.stderr
+    past_end = run_cli("etfs", "register", "--type", "reg", "--begin", "20000", "/w2",
+                       str(host), env=env)
+    assert past_end.returncode == 1 and "/w2" not in run_cli("etfs", "ls", env=env).stdout
+
+
+def test_etfs_remove_in_use_is_busy(serve: Server) -> None:
+    sock = serve("--memory", "m=1M")
+    env = {"MINIDISK_SERVER": f"unix://{sock}"}
+    holder = subprocess.Popen(
+        ["/usr/bin/python3", "-c",
+         "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); print('up', flush=True);"
+         " sys.stdin.read()", f"nbd+unix:///m?socket={sock}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"up\n"
+        busy = run_cli("etfs", "remove", "/m", env=env)
+        assert busy.returncode == 1 and "in use" in busy.stderr
+        assert run_cli("etfs", "remove", "-f", "/m", env=env).returncode == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_control_refused_for_other_uids(serve: Server) -> None:
+    sock = serve("--memory", "m=1M")
+    os.chmod(os.path.dirname(sock), 0o755)
+    os.chmod(sock, 0o777)
+    # Import while still root (the interpreter lives under /root), then become nobody.
+    code = ("import os, sys; from minidisk.daemon import control;"
+            "os.setgid(65534); os.setuid(65534);"
+            "control.call(sys.argv[1], 'halt')")
+    done = subprocess.run([os.environ.get("PYTHON", _venv_python()), "-c", code,
+                           f"unix://{sock}"], capture_output=True, text=True)
+    assert done.returncode != 0 and "refused control commands" in done.stderr
+    assert Path(sock).exists()
+
+
+def _venv_python() -> str:
+    import sys
+
+    return sys.executable
