@@ -1,0 +1,523 @@
+#!/usr/bin/env python3
+"""minidisk against nbdkit and qemu-nbd on the same workloads, in the same run.
+
+Starts the three servers side by side (each on its own unix socket under a fresh temporary
+directory), prefills every device, then runs each workload on each server in turn, repeated
+and interleaved so that noise on this shared VM spreads evenly over the servers; the median of
+the repeats is reported.  Issue 4's device-mapper rows (linear and 4-way striped over memory
+devices against the raw memory device) are added when `minidisk serve` has `--table`.
+
+Prints Markdown tables with ratios and the issues' targets, and writes everything, every
+sample included, to bench/results/<timestamp>.json.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = REPO / ".venv" / "bin" / "python"
+MINIDISK = REPO / ".venv" / "bin" / "minidisk"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+MiB = 1 << 20
+GiB = 1 << 30
+SECTOR = 512
+DEVICE_SIZE = GiB
+# 64 KiB chunks, LVM's default stripe size, so a 1 MiB request crosses every stripe.
+STRIPE_CHUNK_SECTORS = 128
+STRIPES = 4
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    unit: str
+    higher_is_better: bool
+
+
+IOPS = Metric("iops", "IOPS", True)
+LATENCY = Metric("lat_us", "mean lat µs", False)
+BANDWIDTH = Metric("mib_s", "MiB/s", True)
+SECONDS = Metric("seconds", "s", False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    runtime_s: int
+    repeat: int
+    source_image: Path  # 1 GiB of random data in /dev/shm: nbdcopy's input and the prefill
+
+
+@dataclass(frozen=True)
+class FioJob:
+    name: str
+    rw: str
+    block_size: str
+    iodepth: int
+    metrics: tuple[Metric, ...]
+
+    def run(self, uri: str, settings: Settings) -> dict[str, float]:
+        argv = ["fio", f"--name={self.name}", "--ioengine=nbd", f"--uri={uri}",
+                f"--rw={self.rw}", f"--bs={self.block_size}", f"--iodepth={self.iodepth}",
+                f"--size={DEVICE_SIZE}", "--time_based", f"--runtime={settings.runtime_s}",
+                # The first second fills pipelines and warms caches; leave it out.
+                "--ramp_time=1", "--output-format=json"]
+        done = subprocess.run(argv, capture_output=True, text=True,
+                              timeout=settings.runtime_s + 120)
+        if done.returncode != 0:
+            raise RuntimeError(f"fio {self.name} failed ({done.returncode}): {done.stderr.strip()}")
+        job = parse_fio_json(done.stdout)["jobs"][0]
+        if job.get("error"):
+            raise RuntimeError(f"fio {self.name} reported error {job['error']}")
+        side = job["read" if "read" in self.rw else "write"]
+        return {"iops": side["iops"], "lat_us": side["lat_ns"]["mean"] / 1000,
+                "mib_s": side["bw_bytes"] / MiB}
+
+
+@dataclass(frozen=True)
+class CopyJob:
+    name: str
+    inbound: bool  # True: file -> export; False: export -> null:
+    metrics: tuple[Metric, ...] = (SECONDS,)
+
+    def run(self, uri: str, settings: Settings) -> dict[str, float]:
+        source, destination = (str(settings.source_image), uri) if self.inbound else (uri, "null:")
+        start = time.monotonic()
+        nbdcopy(source, destination)
+        return {"seconds": time.monotonic() - start}
+
+
+Workload = FioJob | CopyJob
+
+FIO_JOBS: list[FioJob] = [
+    FioJob("4k-randread-qd32", "randread", "4k", 32, (IOPS, LATENCY)),
+    FioJob("4k-randwrite-qd32", "randwrite", "4k", 32, (IOPS, LATENCY)),
+    FioJob("4k-randread-qd1", "randread", "4k", 1, (IOPS, LATENCY)),
+    FioJob("4k-randwrite-qd1", "randwrite", "4k", 1, (IOPS, LATENCY)),
+    FioJob("1m-read-qd8", "read", "1m", 8, (BANDWIDTH,)),
+    FioJob("1m-write-qd8", "write", "1m", 8, (BANDWIDTH,)),
+]
+COPY_JOBS: list[CopyJob] = [CopyJob("nbdcopy-1g-in", True), CopyJob("nbdcopy-1g-out", False)]
+
+
+def parse_fio_json(stdout: str) -> dict:
+    """The JSON document in fio's output; the nbd engine prints lines before it."""
+    decoder = json.JSONDecoder()
+    start = stdout.find("{")
+    while start != -1:
+        try:
+            document, _ = decoder.raw_decode(stdout, start)
+        except json.JSONDecodeError:
+            start = stdout.find("{", start + 1)
+            continue
+        if isinstance(document, dict) and "jobs" in document:
+            return document
+        start = stdout.find("{", start + 1)
+    raise RuntimeError(f"no fio JSON in output: {stdout[:500]!r}")
+
+
+def nbdcopy(source: str, destination: str) -> None:
+    subprocess.run(["nbdcopy", source, destination], check=True, timeout=600)
+
+
+def nbd_uri(socket: Path, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={socket}"
+
+
+@dataclass
+class Server:
+    """One NBD server process we started; only this pid is ever signalled."""
+    name: str
+    argv: list[str]
+    socket: Path
+    log: Path
+    env: dict[str, str] | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, probe_export: str, timeout_s: float = 60) -> None:
+        with open(self.log, "wb") as log:
+            # Own session: a Ctrl-C reaches only us, and the finally block stops the server.
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            env=self.env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: "
+                                   f"{self.log_tail()}")
+            if self.socket.exists():
+                probe = subprocess.run(["nbdinfo", "--size", nbd_uri(self.socket, probe_export)],
+                                       capture_output=True, timeout=30)
+                if probe.returncode == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer within {timeout_s} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # SIGTERM lets minidisk finish in-flight requests (and cProfile write its stats).
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self) -> str:
+        try:
+            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-5:])
+        except OSError:
+            return "(no log)"
+
+
+@contextmanager
+def running(server: Server, probe_export: str) -> Iterator[Server]:
+    try:
+        server.start(probe_export)
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class Minidisk:
+    """How to start minidisk: from the working tree (the venv's editable install) or from a
+    snapshot of a commit (PYTHONPATH wins over the editable path), optionally under cProfile."""
+    snapshot_src: Path | None = None
+    cprofile_out: Path | None = None
+
+    def argv(self, *args: str) -> list[str]:
+        if self.snapshot_src is None and self.cprofile_out is None:
+            return [str(MINIDISK), *args]
+        if self.cprofile_out is None:
+            call = "main()"
+        else:
+            # cProfile.run swallows click's SystemExit and dumps the stats once SIGTERM returns.
+            call = f"import cProfile; cProfile.run('main()', {str(self.cprofile_out)!r})"
+        code = ("import sys; sys.argv = ['minidisk', *sys.argv[1:]]; "
+                f"from minidisk.cli.main import main; {call}")
+        return [str(PYTHON), "-c", code, *args]
+
+    def env(self) -> dict[str, str] | None:
+        if self.snapshot_src is None:
+            return None
+        return {**os.environ, "PYTHONPATH": str(self.snapshot_src)}
+
+    def profiled_as(self, suffix: str) -> Minidisk:
+        out = self.cprofile_out
+        return Minidisk(self.snapshot_src, out.with_name(out.name + suffix) if out else None)
+
+
+def snapshot(revision: str, scratch: Path) -> Path:
+    """src/ of `revision`, extracted under scratch; other engineers edit the shared tree."""
+    target = scratch / "snapshot"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "src"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target / "src"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One export measured as a column: a label, the server's socket, the export name."""
+    label: str
+    socket: Path
+    export: str
+
+    @property
+    def uri(self) -> str:
+        return nbd_uri(self.socket, self.export)
+
+
+Samples = dict[str, dict[str, list[float]]]  # row -> column label -> one value per repeat
+
+
+def row_name(workload: Workload, metric: Metric) -> str:
+    return f"{workload.name} {metric.unit}"
+
+
+def measure(workloads: list[Workload], targets: list[Target], settings: Settings,
+            loads: list[float]) -> Samples:
+    samples: Samples = {}
+    for workload in workloads:
+        for repeat in range(settings.repeat):
+            # Interleave the columns within each repeat so a noisy minute hurts all of them.
+            for target in targets:
+                values = workload.run(target.uri, settings)
+                loads.append(os.getloadavg()[0])
+                shown = ", ".join(f"{values[m.key]:.1f} {m.unit}"
+                                  for m in workload.metrics)
+                print(f"  {workload.name} #{repeat + 1} {target.label}: {shown}", flush=True)
+                for metric in workload.metrics:
+                    row = samples.setdefault(row_name(workload, metric), {})
+                    row.setdefault(target.label, []).append(values[metric.key])
+    return samples
+
+
+def prefill(targets: list[Target], settings: Settings) -> None:
+    # Read tests must read data, not holes a sparse backend answers without touching memory.
+    for target in targets:
+        print(f"  prefill {target.label}", flush=True)
+        nbdcopy(str(settings.source_image), target.uri)
+
+
+def run_core(workloads: list[Workload], settings: Settings, scratch: Path, shm: Path,
+             server_names: list[str], minidisk: Minidisk, loads: list[float]) -> Samples:
+    qemu_image = shm / "qemu-nbd.img"
+    with open(qemu_image, "wb") as f:
+        f.truncate(DEVICE_SIZE)
+    servers = {
+        "minidisk": (Server("minidisk", minidisk.argv("serve", "-s", "--memory",
+                                                      f"disk={DEVICE_SIZE}",
+                                                      f"unix://{scratch / 'minidisk.sock'}"),
+                            scratch / "minidisk.sock", scratch / "minidisk.log",
+                            minidisk.env()), "disk"),
+        "nbdkit": (Server("nbdkit", ["nbdkit", "-f", "-U", str(scratch / "nbdkit.sock"),
+                                     "memory", str(DEVICE_SIZE)],
+                          scratch / "nbdkit.sock", scratch / "nbdkit.log"), ""),
+        # Backed by a tmpfs file, not memory: page cache and a syscall per request.
+        "qemu-nbd": (Server("qemu-nbd", ["qemu-nbd", "-f", "raw", "-t", "-e", "8",
+                                         "--cache=unsafe", "--aio=threads",
+                                         "-k", str(scratch / "qemu-nbd.sock"), str(qemu_image)],
+                            scratch / "qemu-nbd.sock", scratch / "qemu-nbd.log"), ""),
+    }
+    with ExitStack() as stack:
+        targets = []
+        for name in server_names:
+            server, export = servers[name]
+            stack.enter_context(running(server, export))
+            targets.append(Target(name, server.socket, export))
+        prefill(targets, settings)
+        return measure(workloads, targets, settings, loads)
+
+
+def dm_unavailable_reason(minidisk: Minidisk) -> str | None:
+    done = subprocess.run(minidisk.argv("serve", "--help"), capture_output=True, text=True,
+                          env=minidisk.env())
+    if done.returncode != 0:
+        return f"`minidisk serve --help` failed: {done.stderr.strip()}"
+    if "--table" not in done.stdout:
+        return "`minidisk serve --help` has no --table option yet"
+    return None
+
+
+def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk: Minidisk,
+           loads: list[float]) -> Samples:
+    """Issue 4: raw memory vs linear over memory vs 4-way striped over memory, one server."""
+    sectors = DEVICE_SIZE // SECTOR
+    stripe_sectors = sectors // STRIPES
+    tables = {
+        "lin": f"0 {sectors} linear /dev/linbase 0\n",
+        "str": f"0 {sectors} striped {STRIPES} {STRIPE_CHUNK_SECTORS} "
+               + " ".join(f"/dev/stripe{i} 0" for i in range(STRIPES)) + "\n",
+    }
+    serve_args = ["--memory", f"/dev/raw={DEVICE_SIZE}", "--memory", f"/dev/linbase={DEVICE_SIZE}"]
+    serve_args += [arg for i in range(STRIPES)
+                   for arg in ("--memory", f"/dev/stripe{i}={stripe_sectors * SECTOR}")]
+    for name, text in tables.items():
+        table_file = scratch / f"{name}.table"
+        table_file.write_text(text)
+        serve_args += ["--table", f"{name}={table_file}"]
+    socket = scratch / "dm.sock"
+    server = Server("minidisk-dm",
+                    minidisk.argv("serve", "-s", *serve_args, f"unix://{socket}"),
+                    socket, scratch / "dm.log", minidisk.env())
+    targets = [Target("raw", socket, "dev/raw"), Target("linear", socket, "dev/mapper/lin"),
+               Target("striped", socket, "dev/mapper/str")]
+    with running(server, "dev/mapper/str"):
+        prefill(targets, settings)
+        return measure(list(workloads), targets, settings, loads)
+
+
+def median_table(samples: Samples, columns: list[str],
+                 ratios: list[tuple[str, str]]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    medians = {row: {c: statistics.median(v) for c, v in by_column.items()}
+               for row, by_column in samples.items()}
+    header = ["workload", *columns, *(f"{a}/{b}" for a, b in ratios)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, by_column in medians.items():
+        cells = [row, *(f"{by_column[c]:,.1f}" if c in by_column else "—" for c in columns)]
+        for a, b in ratios:
+            cells.append(f"{by_column[a] / by_column[b]:.2f}×"
+                         if a in by_column and by_column.get(b) else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines, medians
+
+
+@dataclass(frozen=True)
+class Goal:
+    """An issue's target: medians[row][subject] / medians[row][baseline] against a bound."""
+    text: str
+    rows: tuple[str, ...]
+    subject: str
+    baseline: str
+    bound: float
+    at_most: bool  # True for latencies and times: the ratio must not exceed the bound
+
+    def check(self, medians: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
+        verdicts = []
+        for row in self.rows:
+            values = medians.get(row, {})
+            if self.subject not in values or self.baseline not in values:
+                continue
+            ratio = values[self.subject] / values[self.baseline]
+            met = ratio <= self.bound if self.at_most else ratio >= self.bound
+            verdicts.append((f"{self.text} — {row}: {ratio:.2f}×", "met" if met else "NOT MET"))
+        return verdicts
+
+
+CORE_GOALS = [
+    Goal("1 MiB sequential ≥ 0.8× nbdkit", ("1m-read-qd8 MiB/s", "1m-write-qd8 MiB/s"),
+         "minidisk", "nbdkit", 0.8, False),
+    Goal("4 KiB depth 32 ≥ 0.5× nbdkit", ("4k-randread-qd32 IOPS", "4k-randwrite-qd32 IOPS"),
+         "minidisk", "nbdkit", 0.5, False),
+    Goal("depth-1 latency ≤ 3× nbdkit",
+         ("4k-randread-qd1 mean lat µs", "4k-randwrite-qd1 mean lat µs"),
+         "minidisk", "nbdkit", 3.0, True),
+]
+# Device-mapper goals are about throughput, so they are judged on the IOPS and MiB/s rows.
+DM_ROWS = tuple(row_name(job, m) for job in FIO_JOBS for m in job.metrics if m.higher_is_better)
+DM_GOALS = [Goal("linear ≥ 0.9× raw", DM_ROWS, "linear", "raw", 0.9, False),
+            Goal("4-way striped ≥ 0.85× raw", DM_ROWS, "striped", "raw", 0.85, False)]
+
+
+def make_source_image(path: Path) -> None:
+    # Random bytes so that no server can shortcut zeroes; 64 MiB of urandom repeated is enough.
+    block = os.urandom(64 * MiB)
+    with open(path, "wb") as f:
+        for _ in range(DEVICE_SIZE // len(block)):
+            f.write(block)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
+    parser.add_argument("--only", metavar="NAME", action="append",
+                        help="only workloads whose name contains NAME (repeatable); "
+                             "'dm' selects the device-mapper section, 'core' the servers' one")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--runtime", type=int, help="seconds per fio run (overrides --quick)")
+    parser.add_argument("--servers", default="minidisk,nbdkit,qemu-nbd",
+                        help="comma-separated subset of minidisk,nbdkit,qemu-nbd")
+    parser.add_argument("--cprofile", metavar="FILE", type=Path,
+                        help="run minidisk under cProfile and write its stats to FILE "
+                             "(the dm server's to FILE.dm)")
+    parser.add_argument("--snapshot", metavar="REV",
+                        help="run minidisk from `git archive REV src` instead of the working "
+                             "tree, which other engineers may be editing")
+    args = parser.parse_args()
+
+    settings_runtime = args.runtime or (3 if args.quick else 10)
+    only: list[str] = args.only or []
+    server_names = [s for s in args.servers.split(",") if s]
+
+    # --only words are section names ("core", "dm") or parts of workload names.
+    sections = {"core", "dm"} & set(only) or ({"core"} if only else {"core", "dm"})
+    name_words = [word for word in only if word not in ("core", "dm")]
+
+    def selected(workload: Workload) -> bool:
+        return not name_words or any(word in workload.name for word in name_words)
+
+    core_workloads: list[Workload] = [w for w in [*COPY_JOBS, *FIO_JOBS]
+                                      if "core" in sections and selected(w)]
+    dm_workloads = [w for w in FIO_JOBS if "dm" in sections and selected(w)]
+
+    started = time.strftime("%Y%m%d-%H%M%S")
+    report: dict = {"started": started, "argv": sys.argv[1:], "runtime_s": settings_runtime,
+                    "repeat": args.repeat, "nproc": os.cpu_count(), "uptime_start": uptime()}
+    print(f"# minidisk bench {started}: {settings_runtime} s runs, median of {args.repeat}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    print(f"load at start: {report['uptime_start']}", flush=True)
+
+    loads: list[float] = []
+    output: list[str] = []
+    verdicts: list[tuple[str, str]] = []
+    scratch = Path(tempfile.mkdtemp(prefix="minidisk-bench-", dir="/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="minidisk-bench-", dir="/dev/shm"))
+    try:
+        settings = Settings(settings_runtime, args.repeat, shm / "source.img")
+        make_source_image(settings.source_image)
+        minidisk = Minidisk(snapshot(args.snapshot, scratch) if args.snapshot else None,
+                            args.cprofile.resolve() if args.cprofile else None)
+        if args.snapshot:
+            report["snapshot"] = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", args.snapshot],
+                capture_output=True, text=True).stdout.strip()
+        if core_workloads:
+            print("## servers", flush=True)
+            samples = run_core(core_workloads, settings, scratch, shm, server_names,
+                               minidisk, loads)
+            ratios = [("minidisk", other) for other in ("nbdkit", "qemu-nbd")
+                      if "minidisk" in server_names and other in server_names]
+            lines, medians = median_table(samples, server_names, ratios)
+            output += ["", "## minidisk vs nbdkit vs qemu-nbd "
+                       "(medians; lat and s: lower is better)", "", *lines]
+            report["core"] = {"samples": samples, "medians": medians}
+            for goal in CORE_GOALS:
+                verdicts += goal.check(medians)
+        if dm_workloads:
+            reason = dm_unavailable_reason(minidisk)
+            if reason:
+                output += ["", f"dm not available: {reason}"]
+                report["dm"] = {"unavailable": reason}
+            else:
+                print("## device-mapper", flush=True)
+                try:
+                    samples = run_dm(dm_workloads, settings, scratch,
+                                     minidisk.profiled_as(".dm"), loads)
+                except (RuntimeError, subprocess.SubprocessError) as e:
+                    output += ["", f"dm not available: {e}"]
+                    report["dm"] = {"unavailable": str(e)}
+                else:
+                    columns = ["raw", "linear", "striped"]
+                    lines, medians = median_table(samples, columns,
+                                                  [("linear", "raw"), ("striped", "raw")])
+                    output += ["", "## device-mapper over memory devices (medians, one server)",
+                               "", *lines]
+                    report["dm"] = {"samples": samples, "medians": medians,
+                                    "stripe_chunk_sectors": STRIPE_CHUNK_SECTORS}
+                    for goal in DM_GOALS:
+                        verdicts += goal.check(medians)
+    finally:
+        for directory in (scratch, shm):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
+
+    report["uptime_end"] = uptime()
+    report["load_1min_per_sample"] = loads
+    report["targets"] = [{"target": text, "verdict": verdict} for text, verdict in verdicts]
+    output += ["", "## targets", "", *(f"- [{verdict}] {text}" for text, verdict in verdicts)]
+    if loads:
+        output += ["", f"1-min load during the samples: min {min(loads):.2f}, "
+                       f"median {statistics.median(loads):.2f}, max {max(loads):.2f} "
+                       f"on {os.cpu_count()} CPUs"]
+    output += [f"load at end: {report['uptime_end']}"]
+    print("\n".join(output))
+
+    RESULTS_DIR.mkdir(exist_ok=True)
+    result_file = RESULTS_DIR / f"{started}.json"
+    result_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nresults: {result_file.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
