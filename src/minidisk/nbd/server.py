@@ -239,7 +239,11 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._transmission_input()
         except p.ProtocolError as e:
-            self._abort(str(e))
+            # Hang up without reading further, but after the replies already produced for
+            # the valid requests that came before the bad bytes (abort would discard them).
+            log.warning("dropping connection: %s", e)
+            self.disconnecting = True
+            self._close()
 
     def eof_received(self) -> bool:
         return False  # close our side too
