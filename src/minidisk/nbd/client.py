@@ -90,10 +90,14 @@ class RemoteDevice(BlockDevice):
 
     async def _connect(self) -> None:
         u = self.uri
-        if u.socket:
-            self.reader, self.writer = await asyncio.open_unix_connection(u.socket)
-        else:
-            self.reader, self.writer = await asyncio.open_connection(u.host, u.port)
+        try:
+            if u.socket:
+                self.reader, self.writer = await asyncio.open_unix_connection(u.socket)
+            else:
+                self.reader, self.writer = await asyncio.open_connection(u.host, u.port)
+        except OSError as e:
+            raise NBDError(e.errno or errno.EIO,
+                           f"cannot connect to {self.describe()}: {e.strerror or e}") from None
         try:
             await self._handshake()
         except BaseException:
