@@ -143,3 +143,15 @@ def test_attach_with_relative_socket_path(md: Cli, nbd_uri: str, state_of: State
     assert attachment.uri == nbd_uri  # made absolute: nbdfuse runs in "/"
     md("detach", device)
     nothing_left(attachment)
+
+
+def test_read_only_export_gives_read_only_device(md: Cli, make_export: Callable[..., str],
+                                                 state_of: StateOf,
+                                                 nothing_left: NothingLeft) -> None:
+    device = md("attach", make_export("16M", read_only=True)).stdout.strip()
+    attachment = state_of(device)
+    assert attachment.read_only  # not asked for, but the server only allows reading
+    with open(device, "r+b", buffering=0) as f, pytest.raises(PermissionError):
+        f.write(bytes(4096))
+    md("detach", device)
+    nothing_left(attachment)

@@ -21,6 +21,8 @@ def attach(uri: str, read_only: bool, method: str) -> None:
         attachment = kernel.attach(uri, read_only=read_only, method=method)
     except kernel.KernelError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. not root: the state directory or /dev/loop-control
+        raise click.ClickException(f"cannot attach: {e}") from None
     click.echo(attachment.device)
 
 
@@ -32,6 +34,8 @@ def detach(device: str) -> None:
         kernel.detach(device)
     except kernel.KernelError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot detach {device}: {e}") from None
 
 
 def register(cli: click.Group) -> None:
