@@ -196,3 +196,31 @@ def _venv_python() -> str:
     import sys
 
     return sys.executable
+
+
+def test_serve_hosts_the_lock_manager(serve: Server, short_tmp: Path) -> None:
+    dlm_sock = short_tmp / "dlm.sock"
+    serve("--memory", "m=1M", "--dlm", f"unix://{dlm_sock}")
+    assert dlm_sock.exists()
+    # Two clients of the hosted DLM: an EX trylock held by one refuses the other.
+    code = f"""
+import anyio
+from minidisk.dlm.client import connect
+async def main():
+    async with connect("unix://{dlm_sock}") as a, connect("unix://{dlm_sock}") as b:
+        one = await a.initialize("dom")
+        two = await b.initialize("dom")
+        await one.lock("res", "EX", trylock=True)
+        try:
+            await two.lock("res", "EX", trylock=True)
+        except OSError as e:
+            print("refused", e.errno)
+        await one.unlock("res")
+anyio.run(main)
+"""
+    done = subprocess.run([_venv_python(), "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused"), done.stdout
+    status = run_cli("dlm", "status", "--server", f"unix://{dlm_sock}")
+    assert status.returncode == 0, status.stderr

@@ -40,6 +40,7 @@ from minidisk.nbd.listen import parse_url
 @click.option("--tls-verify-peer", is_flag=True, default=None,
               help="Require client certificates.")
 @click.option("--log-file", metavar="FILE", help="Where a detached server logs.")
+@click.option("--dlm", metavar="URL", help="Also host the lock manager at URL (unix://PATH).")
 @click.argument("url", nargs=-1, metavar="URL")
 def serve(foreground: bool, config_file: str | None, **options: Any) -> None:
     """Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - for stdio).

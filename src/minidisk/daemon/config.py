@@ -14,6 +14,7 @@ The TOML file can say everything the flags say, under the flags' long names::
     tls_certificates = "/etc/minidisk/pki"
     tls_verify_peer = true
     log_file = "/var/log/minidisk.log"
+    dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
 
 Lists from the file and from the command line are concatenated (file first); a scalar
 given on the command line wins over the file.
@@ -36,7 +37,7 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 
 _LISTS = ("url", "memory", "file", "drive", "nbd", "table")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
-            "tls_verify_peer": bool, "log_file": str}
+            "tls_verify_peer": bool, "log_file": str, "dlm": str}
 
 
 def parse_human_size(text: str) -> int:
@@ -75,6 +76,7 @@ class DaemonConfig:
     tls_certificates: str | None = None
     tls_verify_peer: bool = False
     log_file: str | None = None
+    dlm: str | None = None
 
     @classmethod
     def load(cls, options: dict[str, Any], config_file: str | None = None) -> DaemonConfig:
@@ -116,6 +118,7 @@ class DaemonConfig:
         config.tls_certificates = m.get("tls_certificates")
         config.tls_verify_peer = bool(m.get("tls_verify_peer", False))
         config.log_file = m.get("log_file")
+        config.dlm = m.get("dlm")
         if config.tls_mode is not TLSMode.OFF and not config.tls_certificates:
             raise ValueError("--tls=on/require needs --tls-certificates DIR")
         for url in config.urls:

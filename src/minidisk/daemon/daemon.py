@@ -23,6 +23,7 @@ from minidisk.daemon.control import Control
 from minidisk.daemon.lifecycle import Readiness
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import MemoryDevice
+from minidisk.dlm.service import DlmService, start_dlm_service
 from minidisk.dm import control as dm_control
 from minidisk.dm.registry import Registry
 from minidisk.namespace import DEFAULT_CACHE_LIMIT, Namespace, apply_all
@@ -51,6 +52,7 @@ class Daemon:
         self.control.add("exports", self._exports)
         self.control.update(etfs.control_handlers(self.namespace))
         self.control.update(dm_control.control_handlers(self.dm))
+        self.dlm: DlmService | None = None
 
     async def populate(self) -> None:
         """Create every device the configuration names; on error, undo what was made."""
@@ -91,6 +93,8 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop.set)
         await self.populate()
         try:
+            if self.config.dlm:
+                self.dlm = await start_dlm_service(self.config.dlm)
             inherited = socket_activation()
             for sock in inherited:
                 await self.server.listen_socket(sock, "socket")
@@ -99,7 +103,7 @@ class Daemon:
                     await self.server.listen(parse_url(url))
         except BaseException:
             await self.server.shutdown()
-            await self.close_devices()
+            await self.close_services()
             raise
         if readiness is not None:
             readiness.ready()
@@ -112,8 +116,13 @@ class Daemon:
         for w in waiters:
             w.cancel()
         await self.server.shutdown()
-        await self.close_devices()
+        await self.close_services()
         return 0
+
+    async def close_services(self) -> None:
+        if self.dlm is not None:
+            await self.dlm.close()
+        await self.close_devices()
 
 
 def run_daemon(config: DaemonConfig, readiness: Readiness | None) -> int:
