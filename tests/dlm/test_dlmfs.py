@@ -62,14 +62,23 @@ class Other:
     """Another process that opens and closes lock files on command (stdin/stdout)."""
 
     SCRIPT = r"""
-import os, sys
+import os, socket, sys
 fds = {}
+parked = []
 for line in sys.stdin:
     op, path, flags = line.split()
     try:
         if op == "open":
             fds[path] = os.open(path, int(flags))
             print("ok", flush=True)
+        elif op == "park":
+            # Send the descriptor into a socket nobody reads, then close it: the description
+            # lives on in flight, so FUSE sends FLUSH now but RELEASE never.
+            pair = socket.socketpair()
+            socket.send_fds(pair[0], [b"x"], [fds[path]])
+            parked.append(pair)
+            os.close(fds.pop(path))
+            print("closed", flush=True)
         else:
             os.close(fds.pop(path))
             print("closed", flush=True)
@@ -226,10 +235,12 @@ def test_close_drops_the_lock_before_returning(dlmfs: Mount, other: Other) -> No
     dom = dlmfs.path / "dom"
     dom.mkdir()
     lk = dom / "lk"
-    for _ in range(30):
+    for close in ("close", "park") * 15:
         assert other.ask("open", lk, os.O_CREAT | os.O_RDWR) == "ok"
-        assert other.ask("close", lk) == "closed"
-        fd = os.open(lk, os.O_RDWR | os.O_NONBLOCK)      # right after close(2) returned
+        assert other.ask(close, lk) == "closed"
+        # Right after close(2) returned; with "park" no RELEASE ever comes, so only a drop
+        # in FLUSH lets this through.
+        fd = os.open(lk, os.O_RDWR | os.O_NONBLOCK)
         os.close(fd)
         assert other.ask("open", lk, os.O_RDWR | os.O_NONBLOCK) == "ok"
         assert other.ask("close", lk) == "closed"
