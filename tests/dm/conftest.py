@@ -8,7 +8,9 @@ because this directory is put on sys.path (pytest runs with --import-mode=import
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from minidisk.device.file import FileDevice
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dm_helpers import pattern  # noqa: E402
+from dm_helpers import MINIDISK, Server, pattern  # noqa: E402
 
 
 @pytest.fixture
@@ -47,3 +49,34 @@ def file_devices() -> Iterator[Callable[..., FileDevice]]:
         if dev.fd >= 0:
             os.close(dev.fd)
             dev.fd = -1
+
+
+@pytest.fixture
+def serve(short_tmp: Path) -> Iterator[Callable[..., Server]]:
+    """Start servers with the given `minidisk serve` options; stopped at teardown."""
+    started: list[Server] = []
+
+    def start(*options: str) -> Server:
+        sock = short_tmp / f"s{len(started)}.sock"
+        log = open(short_tmp / f"s{len(started)}.log", "wb")
+        proc = subprocess.Popen([MINIDISK, "serve", "-s", *options, f"unix://{sock}"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        server = Server(proc, sock)
+        started.append(server)
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"server did not start: {(short_tmp / f's{len(started) - 1}.log').read_text()}")
+            time.sleep(0.05)
+        return server
+
+    yield start
+    for server in started:
+        server.proc.terminate()
+        try:
+            server.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 from minidisk.device.api import BlockDevice
@@ -12,6 +15,7 @@ from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry
 
 SECTOR = 512
+MINIDISK = str(Path(sys.executable).parent / "minidisk")
 T = TypeVar("T")
 
 
@@ -42,3 +46,21 @@ def memory_namespace(**sizes: int) -> DeviceDict:
 
 def registry_over(ns: DeviceDict) -> Registry:
     return Registry(ns, ns)
+
+
+class Server:
+    """A `minidisk serve -s` process on a private unix socket."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: Path) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.url = f"unix://{sock}"
+
+    def uri(self, key: str) -> str:
+        return f"nbd+unix://{key}?socket={self.sock}"
+
+    def dmsetup(self, *args: str, check: bool = True, timeout: float = 60,
+                stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MINIDISK, "dmsetup", "--server", self.url, *args],
+                              capture_output=True, text=True, check=check, timeout=timeout,
+                              input=stdin)

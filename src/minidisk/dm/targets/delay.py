@@ -10,7 +10,7 @@ a suspend never waits out the delays; holding starts again on resume.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from minidisk.device.api import BlockDevice, Extent
 from minidisk.dm.table import SECTOR
@@ -67,7 +67,9 @@ class Delay(Target):
         self.flush_class = self._class(ctx, flush_args)
         classes = [self.read, self.write, self.flush_class]
         self.classes = classes
-        self.caps = combine_caps(c.child.caps for c in classes)
+        # No extents: a server skips reading holes, and every read here must reach this
+        # target (to be delayed).
+        self.caps = replace(combine_caps(c.child.caps for c in classes), extents=False)
         self.block_size = self.read.child.block_size
         self._may_delay = True
         self._waiting: set[asyncio.Future[None]] = set()

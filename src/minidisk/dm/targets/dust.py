@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from dataclasses import replace
 
 from minidisk.device.api import Extent
 from minidisk.dm.table import SECTOR
@@ -49,7 +50,9 @@ class Dust(Target):
         self.ref = ctx.device(args[0], self.start)
         self.child = self.ref.device
         self.base = self.start * SECTOR
-        self.caps = combine_caps([self.child.caps])
+        # No extents: a server skips reading holes, and every read here must reach this
+        # target (to fail or be corrupted).
+        self.caps = replace(combine_caps([self.child.caps]), extents=False)
         self.block_size = self.child.block_size
         self.bad: dict[int, int] = {}  # block -> writes that must still fail
         self.fail_reads = False
