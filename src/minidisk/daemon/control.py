@@ -29,6 +29,8 @@ from minidisk.nbd.listen import parse_url
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# For commands that act on behalf of the caller (link, unlink): the caller's proven identity.
+IdentityHandler = Callable[[dict[str, Any], Identity], Awaitable[dict[str, Any]]]
 
 
 class ControlError(Exception):
@@ -45,9 +47,15 @@ class Control:
     """Server side: a table of named async handlers."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, Handler] = {}
+        self.handlers: dict[str, IdentityHandler] = {}
 
     def add(self, name: str, handler: Handler) -> None:
+        async def ignoring_identity(args: dict[str, Any], identity: Identity) -> dict[str, Any]:
+            return await handler(args)
+
+        self.add_with_identity(name, ignoring_identity)
+
+    def add_with_identity(self, name: str, handler: IdentityHandler) -> None:
         if name in self.handlers:
             raise ValueError(f"control command {name!r} registered twice")
         self.handlers[name] = handler
@@ -69,7 +77,7 @@ class Control:
         if handler is None:
             return _reply_error(errno.ENOSYS, f"unknown control command {command!r}")
         try:
-            result = await handler(args)
+            result = await handler(args, identity)
         except OSError as e:
             return _reply_error(e.errno or errno.EIO, e.strerror or str(e))
         except (ValueError, KeyError, TypeError) as e:

@@ -28,6 +28,7 @@ from minidisk.dm import control as dm_control
 from minidisk.dm.registry import Registry
 from minidisk.namespace import DEFAULT_CACHE_LIMIT, Namespace, apply_all
 from minidisk.nbd.client import RemoteDevice
+from minidisk.nbd.exports import Access, ExportPolicy, Identity
 from minidisk.nbd.listen import parse_url, socket_activation
 from minidisk.nbd.negotiation import TLSMode
 from minidisk.nbd.server import NBDServer, new_event_loop
@@ -46,8 +47,12 @@ class Daemon:
         tls = None
         if config.tls_certificates and config.tls_mode is not TLSMode.OFF:
             tls = server_context(config.tls_certificates, config.tls_verify_peer)
+        # Export policies, all of which must allow a connection (later layers add theirs:
+        # the link layer admits only identities with a live link).
+        self.policies: list[ExportPolicy] = []
         self.server = NBDServer(self.namespace, read_only=config.read_only,
-                                tls_mode=config.tls_mode, tls_context=tls, control=self.control)
+                                tls_mode=config.tls_mode, tls_context=tls, control=self.control,
+                                policy=self._policy)
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)
         self.control.update(etfs.control_handlers(self.namespace))
@@ -70,6 +75,17 @@ class Daemon:
         except BaseException:
             await self.close_devices()
             raise
+
+    def _policy(self, identity: Identity, name: str) -> Access:
+        """The strictest answer of every registered policy."""
+        access = Access.READ_WRITE
+        for policy in self.policies:
+            answer = policy(identity, name)
+            if answer is Access.DENY:
+                return answer
+            if answer is Access.READ_ONLY:
+                access = answer
+        return access
 
     async def _halt(self, args: dict[str, Any]) -> dict[str, Any]:
         await self.namespace.sync()

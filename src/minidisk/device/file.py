@@ -132,7 +132,8 @@ class FileDevice(BlockDevice):
         await self.write_zeroes_slowly(offset, length, fua)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await run_blocking(self._extents, offset, length)
+        extents: list[Extent] = await run_blocking(self._extents, offset, length)
+        return extents
 
     def _extents(self, offset: int, length: int) -> list[Extent]:
         start, end = self.base + offset, self.base + offset + length

@@ -6,6 +6,7 @@ will do (the daemon passes its namespace, tests and `serve_object` pass a `DictE
 
 from __future__ import annotations
 
+import enum
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,12 +46,20 @@ class ExportSource(Protocol):
     def open_export(self, name: str) -> OpenedExport: ...
 
 
-# An export policy: may this identity see and open this export? (Later issues authorize.)
-ExportPolicy = Callable[[Identity, str], bool]
+class Access(enum.Enum):
+    """What an export policy grants one identity on one export."""
+
+    DENY = "deny"  # not listed; ERR_POLICY at INFO/GO; EXPORT_NAME hangs up
+    READ_ONLY = "read-only"  # served with READ_ONLY set: writes fail with EPERM
+    READ_WRITE = "read-write"
 
 
-def allow_all(identity: Identity, name: str) -> bool:
-    return True
+# An export policy: may this identity see and open this export, and how?
+ExportPolicy = Callable[[Identity, str], Access]
+
+
+def allow_all(identity: Identity, name: str) -> Access:
+    return Access.READ_WRITE
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from minidisk.nbd import protocol as p
-from minidisk.nbd.exports import ExportPolicy, ExportSource, Identity, OpenedExport
+from minidisk.nbd.exports import Access, ExportPolicy, ExportSource, Identity, OpenedExport
 
 log = logging.getLogger(__name__)
 
@@ -166,22 +166,24 @@ class Negotiation:
             return self._error(opt, p.REP_ERR_INVALID, "TLS is already active")
         return Outcome([p.option_reply(opt, p.REP_ACK)], Action.STARTTLS)
 
-    def _open(self, name: str) -> OpenedExport:
-        """Open an export the identity may see; OSError(ENOENT/EACCES) otherwise."""
+    def _open(self, name: str) -> tuple[OpenedExport, bool]:
+        """Open an export the identity may see, and say whether it is read-only for it;
+        OSError(ENOENT/EACCES) otherwise."""
         export = self.exports.open_export(name)
-        if not self.policy(self.identity, export.name):
+        access = self.policy(self.identity, export.name)
+        if access is Access.DENY:
             export.close()
             raise OSError(errno.EACCES, f"{export.name!r} is not allowed for this client")
-        return export
+        return export, self.read_only or access is Access.READ_ONLY
 
     def _export_name(self, opt: int, data: bytes) -> Outcome:
         try:
             name = data.decode("utf-8")
-            export = self._open(name)
+            export, read_only = self._open(name)
         except (UnicodeDecodeError, OSError) as e:
             log.info("EXPORT_NAME refused: %s", e)
             return Outcome(action=Action.CLOSE)  # the only answer the spec allows
-        tflags = transmission_flags(export, self.read_only, self.structured)
+        tflags = transmission_flags(export, read_only, self.structured)
         reply = p.EXPORT_NAME_REPLY.pack(export.device.size, tflags)
         if not self.no_zeroes:
             reply += bytes(124)
@@ -193,7 +195,7 @@ class Negotiation:
             return self._error(opt, p.REP_ERR_INVALID, "LIST takes no data")
         replies = []
         for name in self.exports.export_names():
-            if not self.policy(self.identity, name):
+            if self.policy(self.identity, name) is Access.DENY:
                 continue
             raw = name.encode()
             replies.append(p.option_reply(opt, p.REP_SERVER, p.U32.pack(len(raw)) + raw))
@@ -203,11 +205,11 @@ class Negotiation:
     def _info_or_go(self, opt: int, data: bytes) -> Outcome:
         name, infos = p.parse_info_request(data)
         try:
-            export = self._open(name)
+            export, read_only = self._open(name)
         except OSError as e:
             reply = p.REP_ERR_POLICY if e.errno == errno.EACCES else p.REP_ERR_UNKNOWN
             return self._error(opt, reply, e.strerror or str(e))
-        tflags = transmission_flags(export, self.read_only, self.structured)
+        tflags = transmission_flags(export, read_only, self.structured)
         device = export.device
         replies = [p.option_reply(opt, p.REP_INFO, p.INFO_EXPORT.pack(
             p.INFO_TYPE_EXPORT, device.size, tflags))]
@@ -249,7 +251,7 @@ class Negotiation:
             return self._error(opt, p.REP_ERR_INVALID, "negotiate STRUCTURED_REPLY first")
         name, queries = p.parse_meta_context_request(data)
         try:
-            export = self._open(name)
+            export, _ = self._open(name)
         except OSError as e:
             reply = p.REP_ERR_POLICY if e.errno == errno.EACCES else p.REP_ERR_UNKNOWN
             return self._error(opt, reply, e.strerror or str(e))
