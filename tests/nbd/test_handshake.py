@@ -16,6 +16,8 @@ from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(60)
 
+SMALL = 1 << 20
+
 OPT_LIST = struct.pack(">QII", p.IHAVEOPT, p.OPT_LIST, 0)
 
 
@@ -371,3 +373,22 @@ def test_pipelined_options(server: Server) -> None:
         assert r.reply_type == p.REP_ACK
         c.structured = True
         assert c.request(p.CMD_BLOCK_STATUS, 0, 512).errno == 0
+
+
+@pytest.mark.parametrize("option", [p.OPT_GO, p.OPT_EXPORT_NAME])
+def test_first_request_pipelined_behind_go(server: Server, option: int) -> None:
+    """Bytes after GO/EXPORT_NAME are transmission, even when they arrive in one segment."""
+    with RawClient(server.socket) as c:
+        c.handshake()
+        data = p.info_request("small", []) if option == p.OPT_GO else b"small"
+        c.send(struct.pack(">QII", p.IHAVEOPT, option, len(data)) + data
+               + struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_READ, 5, 0, 16))
+        c.pending[5] = (p.CMD_READ, 16)
+        if option == p.OPT_GO:
+            while (r := c.read_option_reply()).reply_type == p.REP_INFO:
+                pass
+            assert r.reply_type == p.REP_ACK
+        else:
+            assert struct.unpack(">QH", c.recv_exact(10))[0] == SMALL
+        reply = c.replies(1)[5]
+        assert reply.simple and reply.errno == 0 and len(reply.data) == 16

@@ -246,11 +246,28 @@ class HandshakeReader:
 
     Framing errors raise ProtocolError. The reader never buffers more than one option (at
     most MAX_OPTION_DATA bytes of payload): a larger declared length is refused at once.
+
+    A server takes events one at a time (`append`, then `next_event` until None): what
+    follows GO or EXPORT_NAME is transmission, and what follows STARTTLS is TLS, so bytes
+    after such an option must stay unparsed. `feed` parses greedily, for whole streams of
+    options.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._have_flags = False
+
+    def append(self, data: bytes | memoryview) -> None:
+        self._buf += data
+
+    def next_event(self) -> HandshakeEvent | None:
+        """The next complete event, or None until more bytes arrive."""
+        return self._next()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as events."""
+        return len(self._buf)
 
     def feed(self, data: bytes | memoryview) -> list[HandshakeEvent]:
         self._buf += data

@@ -255,7 +255,9 @@ class Connection(asyncio.BufferedProtocol):
         self.rx_start = self.rx_end = 0
         neg = self.negotiation
         assert neg is not None
-        for event in self.handshake.feed(data):
+        self.handshake.append(data)
+        # One event at a time: after GO the rest is transmission, after STARTTLS it is TLS.
+        while (event := self.handshake.next_event()) is not None:
             if isinstance(event, p.ClientFlags):
                 outcome = neg.client_flags(event.flags)
             else:
@@ -272,6 +274,11 @@ class Connection(asyncio.BufferedProtocol):
             self._close()
             return True
         if outcome.action is Action.STARTTLS:
+            if self.handshake.buffered:
+                # Plaintext sent behind STARTTLS must never be taken as if it had come over
+                # TLS (STARTTLS command injection); the client may not pipeline here.
+                self._abort("data pipelined after STARTTLS")
+                return True
             self._pause_for(self._start_tls())
             return True
         if outcome.action is Action.CONTROL:
@@ -305,10 +312,13 @@ class Connection(asyncio.BufferedProtocol):
         # Options the client pipelined behind the one we just finished.
         neg = self.negotiation
         assert neg is not None
-        for event in self.handshake.feed(b""):
-            assert isinstance(event, p.Option)
-            if self._carry_out(neg.option(event.option, event.data)):
-                return
+        try:
+            while (event := self.handshake.next_event()) is not None:
+                assert isinstance(event, p.Option)
+                if self._carry_out(neg.option(event.option, event.data)):
+                    return
+        except p.ProtocolError as e:
+            self._abort(str(e))
 
     async def _start_tls(self) -> None:
         ctx = self.server.tls_context
@@ -331,6 +341,8 @@ class Connection(asyncio.BufferedProtocol):
                                 neg.identity.gid, neg.identity.pid, subject, tls=True)
         neg.control_allowed = (self.server.control is not None
                                and self.server.control_permitted(neg.identity))
+        # The identity export policies see; logged so that it can be checked from outside.
+        log.debug("TLS established; client certificate subject %s", subject)
         self._resume_options()
 
     async def _control(self, request: bytes) -> None:

@@ -1,0 +1,309 @@
+"""TLS: H10 of research/nbd.md §1.10 over raw sockets, nbdinfo and qemu-img with X.509
+certificates in the nbdkit/qemu layout, --tls=require refusing plaintext, and the client
+certificate's subject reaching the server's identity (seen in the server's debug log)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import ssl
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from nbd_helpers import Closed, RawClient
+
+from conftest import Server, StartServer, short_dir
+from minidisk.nbd import protocol as p
+
+pytestmark = pytest.mark.timeout(90)
+
+MiB = 1 << 20
+CLIENT_CN = "nbd-test-client"
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "minidisk tests"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def make_certificates(directory: Path, client: bool = True) -> None:
+    """ca-cert.pem, server-cert.pem, server-key.pem (+ client-cert.pem, client-key.pem)
+    with the extensions GnuTLS (libnbd, qemu) insists on."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("minidisk test CA"))
+          .issuer_name(_name("minidisk test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (directory / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, prefix: str) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+                   .add_extension(x509.KeyUsage(True, False, True, False, False, False, False,
+                                                False, False), True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), False))
+        if prefix == "server":
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost")]), False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        (directory / f"{prefix}-cert.pem").write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(directory / f"{prefix}-key.pem", key)
+
+    leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, "server")
+    if client:
+        leaf(CLIENT_CN, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[Path]:
+    directory = short_dir()
+    make_certificates(directory)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def anonymous_pki(pki: Path) -> Iterator[Path]:
+    """The same CA, without a client certificate."""
+    directory = short_dir()
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        shutil.copy(pki / name, directory / name)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def tls_server(start: StartServer, pki: Path, mode: str, *extra: str) -> Server:
+    return start(f"--tls={mode}", "--tls-certificates", str(pki), *extra,
+                 "--memory", "disk=4M")
+
+
+def client_context(pki: Path, with_cert: bool = True) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(pki / "ca-cert.pem")
+    if with_cert:
+        ctx.load_cert_chain(pki / "client-cert.pem", pki / "client-key.pem")
+    return ctx
+
+
+def starttls(c: RawClient, ctx: ssl.SSLContext) -> None:
+    [reply] = c.option(p.OPT_STARTTLS)
+    assert reply.reply_type == p.REP_ACK and reply.data == b""
+    c.sock = ctx.wrap_socket(c.sock)
+    assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+# -- H10 over raw sockets -------------------------------------------------------------------
+
+
+def test_h10_starttls_refused_without_tls(start_server: StartServer) -> None:
+    srv = start_server("--memory", "disk=1M")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        [reply] = c.option(p.OPT_STARTTLS)
+        assert reply.reply_type in (p.REP_ERR_UNSUP, p.REP_ERR_POLICY)
+        assert c.go("disk")[0] == MiB
+
+
+def test_h10_require_refuses_everything_but_starttls(start_server: StartServer,
+                                                     pki: Path) -> None:
+    srv = tls_server(start_server, pki, "require")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        for opt, data in ((p.OPT_LIST, b""), (p.OPT_STRUCTURED_REPLY, b""), (99, b""),
+                          (p.OPT_INFO, p.info_request("disk", [])),
+                          (p.OPT_GO, p.info_request("disk", [])),
+                          (p.OPT_LIST_META_CONTEXT, p.meta_context_request("disk", []))):
+            [reply] = c.option(opt, data)
+            assert reply.reply_type == p.REP_ERR_TLS_REQD, opt
+        # STARTTLS with data is invalid, and does not start TLS.
+        [reply] = c.option(p.OPT_STARTTLS, b"x")
+        assert reply.reply_type == p.REP_ERR_INVALID
+        starttls(c, client_context(pki))
+        assert c.go("disk")[0] == 4 * MiB
+        c.request(p.CMD_WRITE, 0, 5, payload=b"hello")
+        assert c.read(0, 5) == b"hello"
+
+
+def test_h10_require_export_name_disconnects(start_server: StartServer, pki: Path) -> None:
+    srv = tls_server(start_server, pki, "require")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        c.send_option(p.OPT_EXPORT_NAME, b"disk")
+        assert c.is_closed()
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        assert c.option(p.OPT_ABORT)[0].reply_type == p.REP_ACK
+        assert c.is_closed()
+
+
+def test_h10_double_starttls_and_state_reset(start_server: StartServer, pki: Path) -> None:
+    srv = tls_server(start_server, pki, "on")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        assert c.option(p.OPT_STRUCTURED_REPLY)[-1].reply_type == p.REP_ACK
+        assert c.option(p.OPT_SET_META_CONTEXT, p.meta_context_request(
+            "disk", ["base:allocation"]))[-1].reply_type == p.REP_ACK
+        starttls(c, client_context(pki))
+        [reply] = c.option(p.OPT_STARTTLS)
+        assert reply.reply_type == p.REP_ERR_INVALID  # TLS is already on
+        # Structured replies and contexts negotiated in plaintext are forgotten.
+        c.structured = False
+        _, tflags = c.go("disk", structured=False)
+        assert not tflags & p.TFLAG_SEND_DF
+        reply = c.request(p.CMD_READ, 0, 512)
+        assert reply.simple and reply.errno == 0
+        assert c.request(p.CMD_BLOCK_STATUS, 0, 512).errno == p.NBD_EINVAL
+
+
+def test_h10_renegotiate_after_tls(start_server: StartServer, pki: Path) -> None:
+    srv = tls_server(start_server, pki, "on")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        starttls(c, client_context(pki))
+        _, tflags = c.go("disk")  # SR and base:allocation again, under TLS
+        assert tflags & p.TFLAG_SEND_DF
+        assert c.request(p.CMD_BLOCK_STATUS, 0, 512).errno == 0
+
+
+def test_h10_on_still_serves_plaintext(start_server: StartServer, pki: Path) -> None:
+    srv = tls_server(start_server, pki, "on")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        assert c.go("disk")[0] == 4 * MiB
+
+
+def test_h10_failed_tls_handshake(start_server: StartServer, pki: Path) -> None:
+    """A client that sends garbage instead of a TLS ClientHello is dropped; others go on."""
+    srv = tls_server(start_server, pki, "require")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        assert c.option(p.OPT_STARTTLS)[0].reply_type == p.REP_ACK
+        c.send_unless_closed(b"GET / HTTP/1.0\r\n\r\n" * 10)
+        assert c.is_closed()
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        starttls(c, client_context(pki))
+        assert c.go("disk")[0] == 4 * MiB
+    assert srv.alive()
+
+
+def test_verify_peer_requires_client_certificate(start_server: StartServer, pki: Path) -> None:
+    srv = tls_server(start_server, pki, "require", "--tls-verify-peer")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        assert c.option(p.OPT_STARTTLS)[0].reply_type == p.REP_ACK
+        try:
+            c.sock = client_context(pki, with_cert=False).wrap_socket(c.sock)
+            # TLS 1.3: the refusal arrives after the client's handshake completes
+            c.send_option(p.OPT_LIST)
+            c.read_option_reply()
+        except (ssl.SSLError, Closed, OSError):
+            pass
+        else:
+            raise AssertionError("a client without a certificate was served")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        starttls(c, client_context(pki))
+        assert c.go("disk")[0] == 4 * MiB
+
+
+# -- real clients ---------------------------------------------------------------------------
+
+
+def test_nbdinfo_tls(start_server: StartServer, pki: Path) -> None:
+    srv = tls_server(start_server, pki, "require", "--tls-verify-peer")
+    proc = run("nbdinfo", "--json", srv.uri("disk", "nbds+unix", f"tls-certificates={pki}"))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["TLS"] is True and info["exports"][0]["export-size"] == 4 * MiB
+    # The verified client certificate became the connection's identity.
+    assert f"client certificate subject CN={CLIENT_CN},O=minidisk tests" in srv.log_text()
+
+
+def test_nbdinfo_tls_without_client_certificate(start_server: StartServer, pki: Path,
+                                                anonymous_pki: Path) -> None:
+    srv = tls_server(start_server, pki, "require")
+    proc = run("nbdinfo", "--json",
+               srv.uri("disk", "nbds+unix", f"tls-certificates={anonymous_pki}"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["TLS"] is True
+    assert "client certificate subject None" in srv.log_text()
+
+
+def test_require_refuses_plaintext_clients(start_server: StartServer, pki: Path) -> None:
+    srv = tls_server(start_server, pki, "require")
+    proc = run("nbdinfo", "--json", srv.uri("disk"))
+    assert proc.returncode != 0  # libnbd reports ERR_TLS_REQD as ENOTSUP, as for nbdkit
+    assert json.loads(proc.stdout.replace(",\n}", "}"))["TLS"] is False
+    proc = run("qemu-img", "info", "-f", "raw", srv.uri("disk"))
+    assert proc.returncode != 0
+    assert srv.alive()
+
+
+def test_qemu_img_tls(start_server: StartServer, pki: Path, tmp_path: Path) -> None:
+    srv = tls_server(start_server, pki, "require", "--tls-verify-peer")
+    source = tmp_path / "source.img"
+    source.write_bytes(bytes(range(256)) * (4 * MiB // 256))
+    creds = f"tls-creds-x509,id=tls0,dir={pki},endpoint=client"
+    image = (f"driver=nbd,server.type=unix,server.path={srv.socket},export=disk,tls-creds=tls0,"
+             "tls-hostname=localhost")
+    proc = run("qemu-img", "convert", "-n", "--object", creds, "-f", "raw", str(source),
+               "--target-image-opts", image)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("qemu-img", "compare", "--object", creds, "--image-opts",
+               f"driver=raw,file.filename={source}", image)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"CN={CLIENT_CN}" in srv.log_text()
+
+
+def test_tls_mode_needs_certificates(start_server: StartServer) -> None:
+    with pytest.raises(RuntimeError, match="tls-certificates"):
+        start_server("--tls=require", "--memory", "disk=1M")
+
+
+def test_raw_h10_starttls_pipelined_garbage_is_not_plaintext(start_server: StartServer,
+                                                             pki: Path) -> None:
+    """Plaintext sent right behind STARTTLS must never be taken as an option under TLS
+    (STARTTLS command injection): the server hangs up without answering it."""
+    srv = tls_server(start_server, pki, "require")
+    with RawClient(srv.socket) as c:
+        c.handshake()
+        c.send(struct.pack(">QII", p.IHAVEOPT, p.OPT_STARTTLS, 0)
+               + struct.pack(">QII", p.IHAVEOPT, p.OPT_LIST, 0))
+        received = b""
+        while chunk := c.sock.recv(4096):
+            received += chunk
+        # Nothing, or just the STARTTLS ACK; never a LIST reply.
+        assert received in (b"", p.option_reply(p.OPT_STARTTLS, p.REP_ACK)), received
+    assert srv.alive()
