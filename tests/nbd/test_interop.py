@@ -193,3 +193,23 @@ def test_halt(start_server: StartServer) -> None:
     assert srv.proc.wait(15) == 0
     assert halt.wait(15) == 0
     assert not os.path.exists(srv.socket)
+
+
+def test_sigterm_with_clients_connected(start_server: StartServer) -> None:
+    """SIGTERM stops the server promptly with clients in the handshake and in transmission;
+    the socket file is removed and every client sees the connection close."""
+    from nbd_helpers import RawClient
+
+    srv = start_server("--memory", "disk=1M")
+    negotiating = RawClient(srv.socket)
+    negotiating.handshake()
+    transmitting = RawClient(srv.socket)
+    transmitting.handshake()
+    transmitting.go("disk")
+    try:
+        assert srv.stop() == 0
+        assert not os.path.exists(srv.socket)
+        assert negotiating.is_closed(1) and transmitting.is_closed(1)
+    finally:
+        negotiating.close()
+        transmitting.close()

@@ -515,3 +515,32 @@ def test_t15_requests_after_disc_are_ignored(server: Server) -> None:
         c.send(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_DISC, 1, 0, 0)
                + struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_READ, 2, 0, 512))
         assert c.is_closed()
+
+
+# -- sizes ----------------------------------------------------------------------------------
+
+
+def test_huge_sparse_export(start_server: StartServer) -> None:
+    """64-bit offsets: a 1 TiB export, data beyond 4 GiB and near the end."""
+    srv = start_server("--memory", "big=1T")
+    size = 1 << 40
+    with connect(srv, "big") as c:
+        for offset in (5 << 30, size - 4096, (1 << 32) - 2):
+            data = os.urandom(4096)
+            assert c.request(p.CMD_WRITE, offset, 4096, payload=data).errno == 0
+            assert c.read(offset, 4096) == data
+        _, extents = block_status(c.request(p.CMD_BLOCK_STATUS, 0, 0xFFFFFFFF & ~511))
+        assert extents[0] == ((1 << 32) - 32768, 3)  # the hole before the first page
+        assert c.request(p.CMD_READ, size - 1, 2).errno == p.NBD_EINVAL
+        assert c.request(p.CMD_WRITE_ZEROES, 0, 0xFFFFF000).errno == 0
+
+
+def test_size_not_a_multiple_of_512(start_server: StartServer) -> None:
+    srv = start_server("--memory", "odd=1000")
+    with connect(srv, "odd") as c:
+        assert c.request(p.CMD_WRITE, 990, 10, payload=b"0123456789").errno == 0
+        assert c.read(0, 1000)[990:] == b"0123456789"
+        assert c.request(p.CMD_READ, 999, 2).errno == p.NBD_EINVAL
+        assert c.request(p.CMD_WRITE, 999, 2, payload=b"xx").errno == p.NBD_ENOSPC
+        _, extents = block_status(c.request(p.CMD_BLOCK_STATUS, 0, 1000))
+        assert sum(n for n, _ in extents) >= 1000
