@@ -57,10 +57,13 @@ def test_format_size_round_trips(n: int) -> None:
        st.sampled_from(["x", "*"]))
 def test_products_multiply(factors: list[tuple[int, str]], sep: str) -> None:
     text = sep.join(f"{n}{suffix}" for n, suffix in factors)
-    expected = 1
+    # Like strsuftoll, the product is checked after every factor: an intermediate overflow
+    # is an error even when a later factor of 0 would bring it back (1kx8192tx0).
+    expected, overflowed = 1, False
     for n, suffix in factors:
         expected *= n * SUFFIXES.get(suffix, 1)
-    if expected > MAX_SIZE:
+        overflowed = overflowed or expected > MAX_SIZE
+    if overflowed:
         with pytest.raises(SizeError):
             parse_size(text)
     else:
