@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 from minidisk.device.api import MAX_REQUEST, BlockSize, Caps, Extent
 from minidisk.dm.table import SECTOR, Segment, TableError
-from minidisk.dm.target import DeviceRef, Opener, Target, TargetContext, TargetError
+from minidisk.dm.target import (
+    DeviceRef,
+    Opener,
+    Target,
+    TargetContext,
+    TargetError,
+    combine_caps,
+)
 
 TableLine = tuple[int, int, str, list[str]]
 
@@ -155,21 +162,9 @@ class Mapping:
 
 
 def _table_caps(targets: Sequence[Target]) -> Caps:
-    if not targets:
-        return Caps(flush=True)
-    caps = [t.caps for t in targets]
-    return Caps(
-        read_only=any(c.read_only for c in caps),
-        flush=True,
-        fua=all(c.fua for c in caps),
-        trim=all(c.trim for c in caps),
-        zero=True,
-        fast_zero=all(c.fast_zero for c in caps),
-        extents=all(c.extents for c in caps),
-        cache=True,
-        multi_conn=all(c.multi_conn for c in caps),
-        rotational=any(c.rotational for c in caps),
-    )
+    # Each target's caps already say what forwarding to it offers; a table offers what all
+    # of its targets do (and an empty table only a flush, of nothing).
+    return combine_caps(t.caps for t in targets) if targets else Caps(flush=True)
 
 
 def _table_block_size(targets: Sequence[Target]) -> BlockSize:

@@ -13,7 +13,7 @@ import errno
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
-from minidisk.device.api import BlockDevice, Caps
+from minidisk.device.api import BlockDevice, Caps, Extent
 from minidisk.dm.table import SECTOR
 
 
@@ -162,3 +162,47 @@ class Target(BlockDevice):
 
     async def destroy(self) -> None:
         """The table is being dropped; the builder closes the devices afterwards."""
+
+
+class WindowTarget(Target):
+    """A target over one child device from a sector offset; I/O is forwarded unless a
+    subclass overrides it (linear overrides nothing; flakey and dust intervene)."""
+
+    def open_window(self, ctx: TargetContext, key: str, start: str,
+                    error: str = "Invalid device sector") -> None:
+        self.start = parse_uint(start, error)
+        self.ref = ctx.device(key, self.start)
+        self.child = self.ref.device
+        self.base = self.start * SECTOR
+        self.caps = combine_caps([self.child.caps])
+        self.block_size = self.child.block_size
+
+    def devices(self) -> list[DeviceRef]:
+        return [self.ref]
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        await self.child.pread(buf, offset + self.base)
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        await self.child.pwrite(buf, offset + self.base, fua)
+
+    async def flush(self) -> None:
+        if self.child.caps.flush:
+            await self.child.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.child.trim(offset + self.base, length, fua)
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self.child.zero(offset + self.base, length, may_trim, fast, fua)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        base = self.base
+        return [Extent(e.offset - base, e.length, e.flags)
+                for e in await self.child.extents(offset + base, length)]
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.child.cache(offset + self.base, length)

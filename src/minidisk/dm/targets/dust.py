@@ -17,23 +17,15 @@ import errno
 from collections.abc import Iterator
 from dataclasses import replace
 
-from minidisk.device.api import Extent
 from minidisk.dm.table import SECTOR
-from minidisk.dm.target import (
-    DeviceRef,
-    Target,
-    TargetContext,
-    TargetError,
-    combine_caps,
-    parse_uint,
-)
+from minidisk.dm.target import TargetContext, TargetError, WindowTarget, parse_uint
 
 
 def _bad_block() -> OSError:
     return OSError(errno.EIO, "read of a bad block")
 
 
-class Dust(Target):
+class Dust(WindowTarget):
     name = "dust"
     version = (1, 0, 0)
 
@@ -46,14 +38,10 @@ class Dust(Target):
             raise TargetError("Invalid block size parameter -- please enter 512 or above")
         if self.block_bytes & (self.block_bytes - 1):
             raise TargetError("Invalid block size parameter -- please enter a power of 2")
-        self.start = parse_uint(args[1], "Invalid device offset sector")
-        self.ref = ctx.device(args[0], self.start)
-        self.child = self.ref.device
-        self.base = self.start * SECTOR
+        self.open_window(ctx, args[0], args[1], "Invalid device offset sector")
         # No extents: a server skips reading holes, and every read here must reach this
-        # target (to fail or be corrupted).
-        self.caps = replace(combine_caps([self.child.caps]), extents=False)
-        self.block_size = self.child.block_size
+        # target (to fail).
+        self.caps = replace(self.caps, extents=False)
         self.bad: dict[int, int] = {}  # block -> writes that must still fail
         self.fail_reads = False
         self.quiet = False
@@ -64,9 +52,6 @@ class Dust(Target):
     def status(self) -> str:
         mode = "fail_read_on_bad_block" if self.fail_reads else "bypass"
         return f"{self.ref.key} {mode} {'quiet' if self.quiet else 'verbose'}"
-
-    def devices(self) -> list[DeviceRef]:
-        return [self.ref]
 
     def _blocks(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(block, position in request, bytes) for each device block the request touches."""
@@ -110,13 +95,6 @@ class Dust(Target):
         if failed:
             raise OSError(errno.EIO, "write to a bad block")
 
-    async def flush(self) -> None:
-        if self.child.caps.flush:
-            await self.child.flush()
-
-    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self.child.trim(offset + self.base, length, fua)
-
     async def zero(
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
         fua: bool = False,
@@ -126,14 +104,6 @@ class Dust(Target):
             if self._write_fails(block):
                 raise OSError(errno.EIO, "write to a bad block")
         await self.child.zero(offset + self.base, length, may_trim, fast, fua)
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        base = self.base
-        return [Extent(e.offset - base, e.length, e.flags)
-                for e in await self.child.extents(offset + base, length)]
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.child.cache(offset + self.base, length)
 
     # Messages, with the kernel's result strings (dust_message).
 

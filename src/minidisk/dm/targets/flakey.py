@@ -20,16 +20,7 @@ import random
 import time
 from dataclasses import replace
 
-from minidisk.device.api import Extent
-from minidisk.dm.table import SECTOR
-from minidisk.dm.target import (
-    DeviceRef,
-    Target,
-    TargetContext,
-    TargetError,
-    combine_caps,
-    parse_uint,
-)
+from minidisk.dm.target import TargetContext, TargetError, WindowTarget, parse_uint
 
 PROBABILITY_BASE = 1_000_000_000
 
@@ -38,7 +29,7 @@ def _down_error() -> OSError:
     return OSError(errno.EIO, "flakey device is down")
 
 
-class Flakey(Target):
+class Flakey(WindowTarget):
     name = "flakey"
     version = (1, 5, 0)
 
@@ -46,7 +37,6 @@ class Flakey(Target):
         super().__init__(ctx, args)
         if len(args) < 4:
             raise TargetError("Invalid argument count: expected <dev> <offset> <up> <down> ...")
-        self.start = parse_uint(args[1], "Invalid device sector")
         self.up = parse_uint(args[2], "Invalid up interval", 2**32 - 1)
         self.down = parse_uint(args[3], "Invalid down interval", 2**32 - 1)
         if self.up + self.down == 0:
@@ -60,13 +50,10 @@ class Flakey(Target):
         self.random_read = 0
         self.random_write = 0
         self._parse_features(args[4:])
-        self.ref = ctx.device(args[0], self.start)
-        self.child = self.ref.device
-        self.base = self.start * SECTOR
+        self.open_window(ctx, args[0], args[1])
         # No extents: a server skips reading holes, and every read here must reach this
         # target (to fail or be corrupted).
-        self.caps = replace(combine_caps([self.child.caps]), extents=False)
-        self.block_size = self.child.block_size
+        self.caps = replace(self.caps, extents=False)
         self.started = time.monotonic()
         self._random = random.Random()
 
@@ -134,9 +121,6 @@ class Flakey(Target):
         return [self.ref.key, str(self.start), str(self.up), str(self.down),
                 str(len(features)), *features]
 
-    def devices(self) -> list[DeviceRef]:
-        return [self.ref]
-
     def is_down(self) -> bool:
         elapsed = int(time.monotonic() - self.started)
         return elapsed % (self.up + self.down) >= self.up
@@ -200,11 +184,3 @@ class Flakey(Target):
         if self.is_down() and not self._write_allowed_down():
             return
         await self.child.zero(offset + self.base, length, may_trim, fast, fua)
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        base = self.base
-        return [Extent(e.offset - base, e.length, e.flags)
-                for e in await self.child.extents(offset + base, length)]
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.child.cache(offset + self.base, length)
