@@ -151,7 +151,7 @@ def test_rename_keeps_the_tables_above_pointing_at_it() -> None:
         assert reg.names() == ["new", "top"]
         assert "/dev/mapper/new" in ns.devices and "/dev/mapper/old" not in ns.devices
         assert reg.table("top") == [(0, 8, "linear", ["/dev/mapper/new", "0"])]
-        assert reg.by_uuid("U-1").name == "new"
+        assert reg.info("new").uuid == "U-1"
         with pytest.raises(OSError):
             await reg.set_uuid("new", "U-2")  # it already has one
         await reg.create("bare")

@@ -10,6 +10,7 @@ exits 1.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ def _call(s: Session, command: str, args: dict[str, Any], op: str,
     try:
         return call(url, command, args)
     except ControlError as e:
-        if e.errno == 6 and op == "info":  # ENXIO: dmsetup's own wording
+        if e.errno == errno.ENXIO and op == "info":  # dmsetup's own wording
             click.echo("Device does not exist.", err=True)
             click.echo("Command failed.", err=True)
             sys.exit(1)

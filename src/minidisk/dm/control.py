@@ -191,11 +191,3 @@ async def create_from_table_file(registry: Registry, name: str, path: str | Path
         return await registry.create(name, text)
     except TableError as e:
         raise TableError(f"{path}: {e}") from None
-
-
-def parse_table_option(spec: str) -> tuple[str, str]:
-    """Split a `NAME=FILE` option value."""
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise ValueError(f"--table wants NAME=FILE, not {spec!r}")
-    return name, path

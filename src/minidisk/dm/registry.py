@@ -74,12 +74,6 @@ class Registry:
     def _lock(self, dev: MappedDevice) -> asyncio.Lock:
         return self._locks.setdefault(id(dev), asyncio.Lock())
 
-    def by_uuid(self, uuid: str) -> MappedDevice:
-        for dev in self.devices.values():
-            if uuid and dev.uuid == uuid:
-                return dev
-        raise OSError(errno.ENXIO, f"no device with uuid {uuid}")
-
     # Device resolution for tables
 
     def _opener(self, loading: MappedDevice) -> Opener:
