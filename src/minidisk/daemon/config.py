@@ -15,6 +15,8 @@ The TOML file can say everything the flags say, under the flags' long names::
     tls_verify_peer = true
     log_file = "/var/log/minidisk.log"
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
+    directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
+    link_dlm = "unix:///run/minidisk/dlm.sock"    # --link-dlm URL: lock manager for links
 
 Lists from the file and from the command line are concatenated (file first); a scalar
 given on the command line wins over the file.
@@ -37,7 +39,8 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 
 _LISTS = ("url", "memory", "file", "drive", "nbd", "table")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
-            "tls_verify_peer": bool, "log_file": str, "dlm": str}
+            "tls_verify_peer": bool, "log_file": str, "dlm": str,
+            "directory": str, "link_dlm": str}
 
 
 def parse_human_size(text: str) -> int:
@@ -77,6 +80,8 @@ class DaemonConfig:
     tls_verify_peer: bool = False
     log_file: str | None = None
     dlm: str | None = None
+    directory: str | None = None  # the link directory (minidisk.link); None: no link layer
+    link_dlm: str | None = None  # where links take their locks (default: --dlm, $MINIDISK_DLM)
 
     @classmethod
     def load(cls, options: dict[str, Any], config_file: str | None = None) -> DaemonConfig:
@@ -119,6 +124,8 @@ class DaemonConfig:
         config.tls_verify_peer = bool(m.get("tls_verify_peer", False))
         config.log_file = m.get("log_file")
         config.dlm = m.get("dlm")
+        config.directory = os.path.abspath(m["directory"]) if m.get("directory") else None
+        config.link_dlm = m.get("link_dlm")
         if config.tls_mode is not TLSMode.OFF and not config.tls_certificates:
             raise ValueError("--tls=on/require needs --tls-certificates DIR")
         for url in config.urls:

@@ -8,8 +8,11 @@ listener means one URL per server (as rump clients use one RUMP_SERVER) and that
 peer identity apply to control exactly as to data. Other NBD servers answer the option
 with ERR_UNSUP, which the client reports as "not a minidisk server".
 
-Who may send control commands is decided by the NBD server (same uid or root on a unix
-socket, a verified TLS client certificate on TCP).
+Who may send control commands: the NBD server admits administrators (same uid or root on a
+unix socket, a verified TLS client certificate on TCP) and, when the daemon runs the link
+layer, any authenticated peer (any uid on a unix socket). `Control.admin` then tells the two
+apart: commands added with `add_for_anyone` (link, unlink, resolve, links: they act only on
+the caller's own links) run for every admitted peer, all others for administrators only.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class Control:
 
     def __init__(self) -> None:
         self.handlers: dict[str, IdentityHandler] = {}
+        self.for_anyone: set[str] = set()
+        # Who is an administrator; None: everyone the server admits (no link layer).
+        self.admin: Callable[[Identity], bool] | None = None
 
     def add(self, name: str, handler: Handler) -> None:
         async def ignoring_identity(args: dict[str, Any], identity: Identity) -> dict[str, Any]:
@@ -59,6 +65,11 @@ class Control:
         if name in self.handlers:
             raise ValueError(f"control command {name!r} registered twice")
         self.handlers[name] = handler
+
+    def add_for_anyone(self, name: str, handler: IdentityHandler) -> None:
+        """A command every admitted peer may run, not only administrators."""
+        self.add_with_identity(name, handler)
+        self.for_anyone.add(name)
 
     def update(self, handlers: dict[str, Handler]) -> None:
         for name, handler in handlers.items():
@@ -76,6 +87,9 @@ class Control:
         handler = self.handlers.get(command)
         if handler is None:
             return _reply_error(errno.ENOSYS, f"unknown control command {command!r}")
+        if command not in self.for_anyone and self.admin is not None and not self.admin(identity):
+            log.info("control %s refused to %s: not an administrator", command, identity)
+            return _reply_error(errno.EPERM, f"{command!r} is for administrators only")
         try:
             result = await handler(args, identity)
         except OSError as e:
@@ -124,41 +138,67 @@ def connect(url: str, timeout: float = 30.0) -> socket.socket:
     return sock
 
 
+class Session:
+    """One control connection for several commands, in order. `call()` uses one per command;
+    a link keeper keeps one open for as long as its link must live (the server ends the link
+    when this connection closes)."""
+
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None,
+                 timeout: float = 300.0) -> None:
+        self.url = url
+        self.sock = connect(url, timeout)
+        try:
+            magic, opt_magic, _flags = p.GREETING.unpack(
+                _recv_exactly(self.sock, p.GREETING.size))
+            if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
+                raise ControlError(errno.EPROTO, f"{url} is not an NBD server")
+            self.sock.sendall(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
+            if tls is not None:
+                _send_option(self.sock, p.OPT_STARTTLS, b"")
+                _, reply, data = _recv_reply(self.sock)
+                if reply != p.REP_ACK:
+                    raise ControlError(errno.EPROTO, f"STARTTLS refused: {data.decode()!r}")
+                self.sock = tls.wrap_socket(self.sock)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def call(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"command": command, "args": args or {}}).encode()
+        _send_option(self.sock, p.OPT_MINIDISK_CONTROL, body)
+        _, reply, data = _recv_reply(self.sock)
+        if reply == p.REP_ERR_UNSUP:
+            raise ControlError(errno.EPERM, f"{self.url} refused control commands "
+                               "(not a minidisk server, or not permitted for this client)")
+        if reply != p.REP_MINIDISK_RESULT:
+            raise ControlError(errno.EPROTO, f"unexpected reply {reply:#x}: {data[:200]!r}")
+        message = json.loads(data)
+        if not message.get("ok"):
+            raise ControlError(int(message.get("errno", errno.EIO)), str(message.get("error")))
+        result = message.get("result", {})
+        assert isinstance(result, dict)
+        return result
+
+    def close(self) -> None:
+        try:
+            _send_option(self.sock, p.OPT_ABORT, b"")
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def call(url: str, command: str, args: dict[str, Any] | None = None,
          tls: ssl.SSLContext | None = None, timeout: float = 300.0) -> dict[str, Any]:
     """Run one control command on the server at `url` and return its result."""
-    sock = connect(url, timeout)
-    try:
-        magic, opt_magic, _flags = p.GREETING.unpack(_recv_exactly(sock, p.GREETING.size))
-        if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
-            raise ControlError(errno.EPROTO, f"{url} is not an NBD server")
-        sock.sendall(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
-        if tls is not None:
-            _send_option(sock, p.OPT_STARTTLS, b"")
-            _, reply, data = _recv_reply(sock)
-            if reply != p.REP_ACK:
-                raise ControlError(errno.EPROTO, f"STARTTLS refused: {data.decode()!r}")
-            sock = tls.wrap_socket(sock)
-        body = json.dumps({"command": command, "args": args or {}}).encode()
-        _send_option(sock, p.OPT_MINIDISK_CONTROL, body)
-        _, reply, data = _recv_reply(sock)
-        try:
-            _send_option(sock, p.OPT_ABORT, b"")
-        except OSError:
-            pass
-    finally:
-        sock.close()
-    if reply == p.REP_ERR_UNSUP:
-        raise ControlError(errno.EPERM, f"{url} refused control commands "
-                           "(not a minidisk server, or not permitted for this client)")
-    if reply != p.REP_MINIDISK_RESULT:
-        raise ControlError(errno.EPROTO, f"unexpected reply {reply:#x}: {data[:200]!r}")
-    message = json.loads(data)
-    if not message.get("ok"):
-        raise ControlError(int(message.get("errno", errno.EIO)), str(message.get("error")))
-    result = message.get("result", {})
-    assert isinstance(result, dict)
-    return result
+    with Session(url, tls, timeout) as session:
+        return session.call(command, args)
 
 
 def _send_option(sock: socket.socket, option: int, data: bytes) -> None:

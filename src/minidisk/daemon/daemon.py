@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from minidisk.device.memory import MemoryDevice
 from minidisk.dlm.service import DlmService, start_dlm_service
 from minidisk.dm import control as dm_control
 from minidisk.dm.registry import Registry
+from minidisk.link.authority import LinkAuthority
+from minidisk.link.directory import Directory
 from minidisk.namespace import DEFAULT_CACHE_LIMIT, Namespace, apply_all
 from minidisk.nbd.client import RemoteDevice
 from minidisk.nbd.exports import Access, ExportPolicy, Identity
@@ -35,6 +38,39 @@ from minidisk.nbd.server import NBDServer, new_event_loop
 from minidisk.nbd.tls import server_context
 
 log = logging.getLogger(__name__)
+
+
+class DaemonServer(NBDServer):
+    """The NBD server plus what the link layer asks of the connections it carries."""
+
+    # With the link layer, any authenticated peer may send control commands (Control.admin
+    # then keeps everything but the link commands for administrators).
+    control_for_anyone = False
+
+    def control_permitted(self, identity: Identity) -> bool:
+        if super().control_permitted(identity):
+            return True
+        authenticated = identity.uid is not None or (identity.tls and bool(identity.subject))
+        return self.control_for_anyone and authenticated
+
+    def is_admin(self, identity: Identity) -> bool:
+        return super().control_permitted(identity)
+
+    def connection_closed(self, identity: Identity) -> asyncio.Event | None:
+        """The event set when the connection carrying `identity` (that very object, as a
+        control handler receives it) closes: a link lives exactly as long as it."""
+        for conn in self.connections:
+            if conn.negotiation is not None and conn.negotiation.identity is identity:
+                return conn.closed
+        return None
+
+    def hang_up(self, wanted: Callable[[Identity, str], bool]) -> None:
+        """Finish in-flight requests and close each data connection `wanted` names."""
+        for conn in list(self.connections):
+            neg = conn.negotiation
+            if conn.export is not None and neg is not None and wanted(neg.identity,
+                                                                      conn.export.name):
+                conn.begin_shutdown()
 
 
 class Daemon:
@@ -50,7 +86,7 @@ class Daemon:
         # Export policies, all of which must allow a connection (later layers add theirs:
         # the link layer admits only identities with a live link).
         self.policies: list[ExportPolicy] = []
-        self.server = NBDServer(self.namespace, read_only=config.read_only,
+        self.server = DaemonServer(self.namespace, read_only=config.read_only,
                                 tls_mode=config.tls_mode, tls_context=tls, control=self.control,
                                 policy=self._policy)
         self.control.add("halt", self._halt)
@@ -58,6 +94,23 @@ class Daemon:
         self.control.update(etfs.control_handlers(self.namespace))
         self.control.update(dm_control.control_handlers(self.dm))
         self.dlm: DlmService | None = None
+        self.links: LinkAuthority | None = None
+        if config.directory:
+            self._start_link_layer(config.directory)
+
+    def _start_link_layer(self, path: str) -> None:
+        """--directory: the directory's disks served here may be opened only by their owners
+        and by identities with a live link (minidisk.link.authority)."""
+        self.links = LinkAuthority(Directory(path), self.config.link_dlm or self.config.dlm,
+                                   self.server, self._serves, self.server.is_admin)
+        self.policies.append(self.links.policy)
+        self.server.control_for_anyone = True
+        self.control.admin = self.server.is_admin
+        for name, handler in self.links.control_handlers().items():
+            self.control.add_for_anyone(name, handler)
+
+    def _serves(self, key: str) -> bool:
+        return key.lstrip("/") in self.namespace.export_names()
 
     async def populate(self) -> None:
         """Create every device the configuration names; on error, undo what was made."""
@@ -117,6 +170,11 @@ class Daemon:
             if not inherited:
                 for url in self.config.urls:
                     await self.server.listen(parse_url(url))
+            if self.links is not None:
+                # Linking is for every local user; the export policy, not the socket's
+                # permissions, decides who gets what (ungoverned exports: administrators).
+                for path in self.server.unix_paths:
+                    os.chmod(path, 0o666)
         except BaseException:
             await self.server.shutdown()
             await self.close_services()
@@ -136,6 +194,8 @@ class Daemon:
         return 0
 
     async def close_services(self) -> None:
+        if self.links is not None:
+            await self.links.aclose()
         if self.dlm is not None:
             await self.dlm.close()
         await self.close_devices()

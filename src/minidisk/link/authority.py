@@ -1,0 +1,323 @@
+"""The server side of linking: who may link, who holds a link now, and who may therefore
+open a disk.
+
+A daemon started with `--directory FILE` is the authority for the directory's disks it
+serves. Its control channel gains three commands any authenticated peer may send (the
+caller's identity is the one the NBD server proved: SO_PEERCRED uid or TLS subject):
+
+    resolve {key}                    where a disk lives, and the caller's grant on it
+    link {disk, mode, password?}     authorize, lock, record a live link tied to this connection
+    unlink {}                        end the link made on this same connection
+
+A live link is bound to the control connection that made it: it ends when that connection
+closes for any reason (clean unlink, the holder killed with -9, a lost network), and then the
+lock is released and every data connection of that principal to that disk is hung up.
+The export policy admits an identity to a governed disk only while it holds a live link
+(read links read-only); the owner always. Exports the directory does not name stay as they
+were for network peers; on the unix socket (made 0666 so that every local user can link)
+they are for administrators only.
+
+Each link has its own lock-manager connection, named `vmlink MODE PRINCIPAL`, so the lock
+dies with the link (and with this daemon), and so that a refused linker can be told which
+mode of whose link is in the way — also for links made through other servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from minidisk.dlm import client as dlm_client
+from minidisk.link.directory import Directory, DirectoryError, Disk
+from minidisk.link.modes import (
+    DEFAULT_MODE,
+    FALLBACK_TEST,
+    LinkMode,
+    parse_link_mode,
+)
+from minidisk.link.names import DiskKey, parse_key, principal_of
+from minidisk.nbd.exports import Access, Identity
+
+log = logging.getLogger(__name__)
+
+LOCK_DOMAIN = "vmlink"
+
+
+class Connections(Protocol):
+    """What the authority needs from the NBD server that carries its control commands."""
+
+    def connection_closed(self, identity: Identity) -> asyncio.Event | None:
+        """Set when the connection whose identity object is `identity` has closed."""
+
+    def hang_up(self, wanted: Callable[[Identity, str], bool]) -> None:
+        """End every data connection for which wanted(identity, export name) is true."""
+
+
+class LinkConflict(OSError):
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EBUSY, message)
+
+
+@dataclass(eq=False)
+class LiveLink:
+    principal: str
+    disk: Disk
+    mode: LinkMode
+    writes: bool  # False for read modes and for a degraded WR/MR
+    degraded: bool
+    why: str
+    identity: Identity  # the exact object of the control connection that made it
+    since: float = field(default_factory=time.time)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+
+    def end(self, reason: str) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    def describe(self) -> dict[str, Any]:
+        return {"disk": self.disk.name, "export": self.disk.export, "mode": self.mode.name,
+                "access": "read-write" if self.writes else "read-only",
+                "degraded": self.degraded, "why": self.why, "principal": self.principal,
+                "since": self.since}
+
+
+class LinkAuthority:
+    def __init__(self, directory: Directory, dlm_url: str | None, connections: Connections,
+                 has_export: Callable[[str], bool], is_admin: Callable[[Identity], bool]
+                 ) -> None:
+        self.directory = directory
+        self.is_admin = is_admin
+        self.dlm_url = dlm_url
+        self.connections = connections
+        self.has_export = has_export
+        self.links: list[LiveLink] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- the export policy --
+
+    def policy(self, identity: Identity, export: str) -> Access:
+        disk = self._governing(export)
+        if disk is None:
+            # Not the directory's: as before the link layer for network peers; on the unix
+            # socket, which is now open to every local user, administrators only.
+            if identity.uid is None or self.is_admin(identity):
+                return Access.READ_WRITE
+            return Access.DENY
+        principal = principal_of(identity)
+        if principal is None:
+            return Access.DENY
+        if principal == disk.owner_principal:
+            return Access.READ_WRITE
+        access = Access.DENY
+        for link in self.links:
+            if link.principal == principal and link.disk.name == disk.name:
+                if link.writes:
+                    return Access.READ_WRITE
+                access = Access.READ_ONLY
+        return access
+
+    def _governing(self, export: str) -> Disk | None:
+        export = export.lstrip("/")
+        for disk in self.directory.disks():
+            if disk.export == export:
+                return disk
+        return None
+
+    # -- control commands --
+
+    def control_handlers(self) -> dict[str, Callable[..., Any]]:
+        return {"resolve": self.resolve, "link": self.link, "unlink": self.unlink,
+                "links": self.list_links}
+
+    async def resolve(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
+        principal = self._principal(identity)
+        raw = str(args.get("key", ""))
+        try:
+            key = parse_key(raw)
+        except ValueError as e:
+            self._audit(principal, "resolve", raw[:300], "", "refused", str(e), args)
+            raise OSError(errno.ENOENT, str(e)) from None
+        disk = self.directory.disk(key)
+        if disk is None:
+            why = (f"no disk {key.name} in the directory" if
+                   self.directory.owner_exists(key.owner) else f"no owner {key.owner!r}")
+            self._audit(principal, "resolve", str(key), "", "refused", why, args)
+            raise OSError(errno.ENOENT, why)
+        granted = self.directory.granted_mode(principal, key)
+        return {"disk": disk.name, "partition": key.partition, "server": disk.server,
+                "export": disk.export, "owner": principal == disk.owner_principal,
+                "grant": granted.name if granted else None}
+
+    async def link(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
+        principal = self._principal(identity)
+        raw_key = str(args.get("disk", ""))
+        mode_text = str(args.get("mode") or DEFAULT_MODE)
+        try:
+            key = parse_key(raw_key, partition=False)
+            mode = parse_link_mode(mode_text)
+        except ValueError as e:
+            self._audit(principal, "link", raw_key[:300], mode_text[:8], "refused", str(e), args)
+            raise OSError(errno.EINVAL, str(e)) from None
+        try:
+            disk, why = self._authorize(principal, key, mode, args.get("password"))
+            for other in self.links:
+                if other.principal == principal and other.disk.name == disk.name:
+                    raise OSError(errno.EEXIST, f"{disk.name} is already linked by "
+                                  f"{principal} in mode {other.mode.name}; unlink it first")
+            closed = self.connections.connection_closed(identity)
+            if closed is None:
+                raise OSError(errno.ENOTCONN, "the linking connection is gone")
+            link = LiveLink(principal, disk, mode, mode.writes, False, why, identity)
+            degraded = await self._admit(link)
+        except OSError as e:
+            self._audit(principal, "link", key.name, mode.name, "refused", str(e.strerror), args)
+            raise
+        link.degraded = degraded
+        link.writes = mode.writes and not degraded
+        self.links.append(link)
+        self._spawn(self._watch(link, closed))
+        outcome = "degraded to read-only" if degraded else "linked"
+        self._audit(principal, "link", disk.name, mode.name, outcome, why, args)
+        log.info("%s linked %s %s (%s)", principal, disk.name, mode.name, outcome)
+        return link.describe()
+
+    async def unlink(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
+        """End the link made on this connection (the keeper's clean way out)."""
+        for link in self.links:
+            if link.identity is identity:
+                link.end("unlink")
+                return {"disk": link.disk.name}
+        raise OSError(errno.ENOENT, "no link was made on this connection")
+
+    async def list_links(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
+        principal = self._principal(identity)
+        return {"links": [link.describe() for link in self.links
+                          if link.principal == principal]}
+
+    def _principal(self, identity: Identity) -> str:
+        principal = principal_of(identity)
+        if principal is None:
+            raise OSError(errno.EACCES, "an anonymous peer cannot link: use a unix socket or "
+                          "a TLS client certificate")
+        return principal
+
+    def _authorize(self, principal: str, key: DiskKey, mode: LinkMode,
+                   password: object) -> tuple[Disk, str]:
+        disk = self.directory.disk(key)
+        if disk is None:
+            raise DirectoryError(errno.ENOENT, f"no disk {key.name} in the directory")
+        if not self.has_export(disk.key):
+            raise OSError(errno.ENXIO, f"{disk.name} is held by {disk.server}, not here")
+        why = self.directory.authorize(principal, disk, mode,
+                                       password if isinstance(password, str) else None)
+        return disk, why
+
+    # -- locking --
+
+    async def _admit(self, link: LiveLink) -> bool:
+        """Take the link's lock as §2.3 says; True when WR/MR fell back to a read link.
+        Never waits for other links: LinkConflict names the one in the way."""
+        admitted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._spawn(self._hold(link, admitted))
+        return await admitted
+
+    async def _hold(self, link: LiveLink, admitted: asyncio.Future[bool]) -> None:
+        mode = link.mode
+        try:
+            async with dlm_client.connect(
+                    self.dlm_url, name=f"vmlink {mode.name} {link.principal}") as dlm:
+                dlm.on_lost = lambda: link.end("the lock manager connection was lost")
+                lock = dlm.lock(LOCK_DOMAIN, link.disk.name, mode.test)
+                if await lock.acquire(blocking=False):
+                    await lock.convert(mode.held)  # down: granted at once
+                    admitted.set_result(False)
+                elif mode.fallback and await lock.acquire(blocking=False, mode=FALLBACK_TEST):
+                    admitted.set_result(True)
+                else:
+                    holders = await _holders(dlm, link.disk.name)
+                    admitted.set_exception(LinkConflict(
+                        f"{link.disk.name} cannot be linked {mode.name}: it is linked "
+                        f"{', '.join(holders) or 'by someone'}"))
+                    return
+                await link.ended.wait()
+        except Exception as e:  # the lock manager is down or refused us
+            if not admitted.done():
+                admitted.set_exception(OSError(errno.EAGAIN, f"lock manager: {e}"))
+            else:
+                log.error("link %s of %s: %s", link.disk.name, link.principal, e)
+            link.end(f"lock manager: {e}")
+
+    async def _watch(self, link: LiveLink, closed: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(closed.wait()), asyncio.ensure_future(link.ended.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            link.end("the holder's connection closed")
+            self.links.remove(link)
+            self._hang_up(link)
+            self._audit(link.principal, "unlink", link.disk.name, link.mode.name, "unlinked",
+                        link.end_reason, {})
+            log.info("%s unlinked %s: %s", link.principal, link.disk.name, link.end_reason)
+
+    def _hang_up(self, link: LiveLink) -> None:
+        """A principal that lost its link loses its data connections to the disk too, unless
+        another live link of it (or ownership) still admits them."""
+        export = link.disk.export
+
+        def wanted(identity: Identity, name: str) -> bool:
+            return (name.lstrip("/") == export and principal_of(identity) == link.principal
+                    and self.policy(identity, name) is Access.DENY)
+
+        self.connections.hang_up(wanted)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _audit(self, who: str, action: str, disk: str, mode: str, outcome: str, why: str,
+               args: dict[str, Any]) -> None:
+        if args.get("on_behalf_of") is not None:
+            why = f"{why} (for {str(args['on_behalf_of'])[:64]})"
+        try:
+            self.directory.audit(who, action, disk, mode, outcome, why)
+        except Exception:
+            log.exception("could not write the audit log")
+
+    async def aclose(self) -> None:
+        """End every link (the daemon is stopping) and wait until their locks are gone."""
+        for link in list(self.links):
+            link.end("the server stopped")
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=10)
+
+
+async def _holders(dlm: dlm_client.DlmClient, resource: str) -> list[str]:
+    """`W by uid:0`, … for every granted lock on `resource` (from the owners' names)."""
+    found = []
+    with contextlib.suppress(Exception):
+        status = await dlm.status()
+        for domain in status["domains"]:
+            if domain["name"] != LOCK_DOMAIN:
+                continue
+            for res in domain["resources"]:
+                if res["name"] != resource:
+                    continue
+                for lock in res["granted"]:
+                    owner = str(lock["owner"] or "")
+                    words = owner.rsplit("[", 1)[0].split(" ", 2)
+                    if len(words) == 3 and words[0] == "vmlink":
+                        found.append(f"{words[1]} by {words[2]}")
+                    else:
+                        found.append(f"by {owner} ({lock['grmode']})")
+    return found
