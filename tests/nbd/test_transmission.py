@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import struct
+import time
+from pathlib import Path
 
 import pytest
 from nbd_helpers import RawClient, block_status, read_data, run_libnbd
@@ -544,3 +546,38 @@ def test_size_not_a_multiple_of_512(start_server: StartServer) -> None:
         assert c.request(p.CMD_WRITE, 999, 2, payload=b"xx").errno == p.NBD_ENOSPC
         _, extents = block_status(c.request(p.CMD_BLOCK_STATUS, 0, 1000))
         assert sum(n for n, _ in extents) >= 1000
+
+
+def test_client_not_reading_replies_bounds_server_memory(start_server: StartServer) -> None:
+    """A client that pipelines far more READ data than it reads must not make the server
+    queue it all: the server stops parsing until the client catches up."""
+    srv = start_server("--memory", "disk=64M")
+    count, size = 64, 32 * MiB  # 2 GiB of replies
+    with connect(srv, structured=False) as c:
+        c.request(p.CMD_WRITE, 0, size, payload=b"\x01" * size)
+        c.send(b"".join(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_READ, i, 0, size)
+                        for i in range(count)))
+        deadline = time.monotonic() + 2
+        peak = 0
+        while time.monotonic() < deadline:
+            status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+            rss = int(status.split("VmRSS:")[1].split()[0]) * 1024
+            peak = max(peak, rss)
+            time.sleep(0.05)
+        assert peak < 512 * MiB, f"server RSS reached {peak >> 20} MiB"
+        # Then every reply arrives, intact.
+        c.sock.settimeout(60)
+        seen = set()
+        for _ in range(count):
+            header = c.recv_exact(16)
+            magic, error, cookie = struct.unpack(">IIQ", header)
+            assert magic == p.SIMPLE_REPLY_MAGIC and error == 0
+            seen.add(cookie)
+            view = memoryview(bytearray(size))
+            got = 0
+            while got < size:
+                n = c.sock.recv_into(view[got:])
+                assert n
+                got += n
+            assert view[0] == 1 and view[-1] == 1
+        assert seen == set(range(count))

@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 RX_BUFFER = 256 * 1024
 MAX_INFLIGHT = 512  # requests in flight per connection before reading pauses
+# READ reply bytes one parsing pass may queue before it writes them out and, if the client
+# is not reading, stops. Without it one 256 KiB receive buffer of 32 MiB READ headers made
+# the server queue gigabytes of replies for a client that never reads them.
+MAX_QUEUED_READ = 16 * 1024 * 1024
 MAX_EXTENTS = 1 << 20  # proto.md: SHOULD NOT send more descriptors than this
 _PEERCRED = struct.Struct("3i")
 
@@ -114,6 +118,7 @@ class Connection(asyncio.BufferedProtocol):
         self.inflight = 0
         self.write_paused = False
         self.reading_paused = False
+        self.parse_deferred = False  # requests left in rx until the client reads replies
         self.busy = False  # STARTTLS or a control command in progress
         self.disconnecting = False
         self.shutting_down = False
@@ -196,11 +201,26 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.parse_deferred:  # parse what is left before reading more
+            self.loop.call_soon(self._parse_deferred)
+        self._update_reading()
+
+    def _parse_deferred(self) -> None:
+        self.parse_deferred = False
+        if self.transport is None or self.session is None:
+            return
+        try:
+            self._transmission_input()
+        except p.ProtocolError as e:
+            log.warning("dropping connection: %s", e)
+            self.disconnecting = True
+            self._close()
+            return
         self._update_reading()
 
     def _update_reading(self) -> None:
         want_pause = (self.write_paused or self.inflight >= MAX_INFLIGHT or self.busy
-                      or self.disconnecting)
+                      or self.disconnecting or self.parse_deferred)
         if self.transport is None or want_pause == self.reading_paused:
             return
         self.reading_paused = want_pause
@@ -357,6 +377,7 @@ class Connection(asyncio.BufferedProtocol):
     def _transmission_input(self) -> None:
         rx, pos, end = self.rx, self.rx_start, self.rx_end
         unpack = p.REQUEST.unpack_from
+        queued_read = 0
         while end - pos >= p.REQUEST.size and not self.disconnecting:
             magic, flags, cmd, cookie, offset, length = unpack(rx, pos)
             if magic != p.REQUEST_MAGIC:
@@ -364,6 +385,15 @@ class Connection(asyncio.BufferedProtocol):
             pos += p.REQUEST.size
             if cmd != p.CMD_WRITE:
                 self._request(flags, cmd, cookie, offset, length, None)
+                if cmd == p.CMD_READ:
+                    queued_read += length
+                    if queued_read > MAX_QUEUED_READ:
+                        queued_read = 0
+                        self._flush()  # the transport calls pause_writing if it backs up
+                        if self.write_paused:
+                            self.parse_deferred = True
+                            self._update_reading()
+                            break
                 continue
             if length > MAX_DRAIN:
                 raise p.ProtocolError(f"WRITE payload of {length} bytes")
