@@ -77,13 +77,20 @@ def halt(server: str | None, url: str | None, timeout: float) -> None:
     pid = int(result.get("pid", 0))
     deadline = time.monotonic() + timeout
     while local and pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return
         time.sleep(0.02)
     if local and pid:
         fail(f"server {pid} still running after {timeout:g} s")
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` runs; a zombie (a server that is its caller's own child) has exited."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @click.group()
