@@ -1,0 +1,47 @@
+"""`minidisk automount /vmlink [--timeout S]` and `--program-map KEY` (see
+minidisk.link.automount)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from minidisk.cli.common import fail, require_server, server_option
+from minidisk.link import linker
+from minidisk.link.automount import Automounter, program_map_entry
+
+
+@click.command()
+@server_option
+@click.argument("root", required=False, default="/vmlink")
+@click.option("--timeout", default=300, show_default=True, type=click.IntRange(1),
+              help="Seconds a disk may stay unused before it is unmounted and unlinked.")
+@click.option("--tls-certificates", metavar="DIR", help="Client certificate directory.")
+@click.option("--program-map", "key", metavar="KEY",
+              help="Instead: link KEY and print an autofs map entry for it (for the stock "
+              "automount daemon's program maps).")
+def automount(server: str | None, root: str, timeout: int, tls_certificates: str | None,
+              key: str | None) -> None:
+    """Serve ROOT (default /vmlink): entering ROOT/owner.disk links and mounts the disk.
+
+    Runs in the foreground until SIGTERM or Ctrl-C, then unmounts and unlinks everything.
+    """
+    url = require_server(server)
+    if key is not None:
+        try:
+            click.echo(program_map_entry(key, url, tls_certificates))
+        except (ValueError, linker.LinkError) as e:
+            fail(str(e))  # no output and a non-zero exit: the map lookup fails (ENOENT)
+        return
+    if os.geteuid() != 0:
+        fail("the automounter mounts file systems: run it as root")
+    try:
+        Automounter(root, url, timeout, tls_certificates).run(
+            on_ready=lambda: click.echo(f"automounting {root}", err=True))
+    except OSError as e:
+        fail(str(e.strerror or e))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(automount)
