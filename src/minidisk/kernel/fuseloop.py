@@ -37,7 +37,7 @@ from pathlib import Path
 from minidisk.kernel import state
 from minidisk.kernel.commands import Helper, run, wait_until
 from minidisk.kernel.errors import AttachError, CommandError, DetachError
-from minidisk.kernel.mount import mounted_at, mounts_of
+from minidisk.kernel.mount import mounted_at, refuse_if_in_use
 from minidisk.kernel.uri import NbdUri
 
 log = logging.getLogger(__name__)
@@ -153,15 +153,7 @@ def detach(attachment: state.Attachment) -> None:
     """
     device = attachment.device
     if _loop_is_ours(attachment):
-        holders = mounts_of(device)
-        if holders:
-            raise DetachError(f"{device} is mounted on {', '.join(holders)}; unmount it first")
-        try:
-            # O_EXCL on a block device fails with EBUSY while anyone holds it exclusively
-            # (a mount in another namespace, dm, md); losetup -d would only defer the detach.
-            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
-        except OSError as e:
-            raise DetachError(f"{device} is in use ({e.strerror}); not detaching") from None
+        refuse_if_in_use(device)
         try:
             run(["losetup", "-d", device])
         except CommandError as e:

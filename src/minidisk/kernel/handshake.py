@@ -14,37 +14,38 @@ from dataclasses import dataclass
 from minidisk.kernel.errors import AttachError
 from minidisk.kernel.uri import NbdUri
 
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-REPLY_MAGIC = 0x0003E889045565A9
-
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-
-OPT_EXPORT_NAME = 1
-OPT_GO = 7
-REP_ACK = 1
-REP_INFO = 3
-REP_ERR_BIT = 1 << 31
-REP_ERR_UNSUP = REP_ERR_BIT | 1
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
-
-# transmission flags (u16)
-TFLAG_READ_ONLY = 1 << 1
-TFLAG_CAN_MULTI_CONN = 1 << 8
+# The wire format is the one pure module the server and every client share.
+from minidisk.nbd.protocol import (
+    CLIENT_FLAGS,
+    EXPORT_NAME_REPLY,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPTION_REPLY,
+    REP_ACK,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REPLY_MAGIC,
+    TFLAG_CAN_MULTI_CONN,
+    TFLAG_READ_ONLY,
+    info_request,
+)
+from minidisk.nbd.protocol import INFO_BLOCK_SIZE as INFO_BLOCK_SIZE_DATA
+from minidisk.nbd.protocol import INFO_EXPORT as INFO_EXPORT_DATA
+from minidisk.nbd.protocol import INFO_TYPE_BLOCK_SIZE as INFO_BLOCK_SIZE
+from minidisk.nbd.protocol import INFO_TYPE_EXPORT as INFO_EXPORT
+from minidisk.nbd.protocol import OPTION_HEADER as OPTION
+from minidisk.nbd.protocol import REP_FLAG_ERROR as REP_ERR_BIT
 
 _ERRORS = {1: "option unsupported", 2: "denied by policy", 3: "invalid option", 4: "platform",
            5: "TLS required", 6: "no such export", 7: "shutting down", 8: "block size",
            9: "too big"}
-
-GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length of data
-OPTION_REPLY = struct.Struct(">QIII")  # REPLY_MAGIC, option, reply type, length of data
-INFO_EXPORT_DATA = struct.Struct(">HQH")  # INFO_EXPORT, size, transmission flags
-INFO_BLOCK_SIZE_DATA = struct.Struct(">HIII")  # INFO_BLOCK_SIZE, minimum, preferred, maximum
-EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (then 124 zeroes, maybe)
-
 
 @dataclass
 class Negotiated:
@@ -97,10 +98,10 @@ def _negotiate(sock: socket.socket, export: str) -> Negotiated:
     if not server_flags & FLAG_FIXED_NEWSTYLE:
         raise AttachError("server does not speak fixed newstyle")
     no_zeroes = bool(server_flags & FLAG_NO_ZEROES)
-    sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0)))
+    sock.sendall(CLIENT_FLAGS.pack(FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if no_zeroes else 0)))
 
     name = export.encode()
-    data = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, INFO_BLOCK_SIZE)
+    data = info_request(export, [INFO_BLOCK_SIZE])
     sock.sendall(OPTION.pack(IHAVEOPT, OPT_GO, len(data)) + data)
     size, flags, preferred = -1, 0, 512
     while True:

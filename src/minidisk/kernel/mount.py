@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minidisk.kernel.commands import run
-from minidisk.kernel.errors import CommandError
+from minidisk.kernel.errors import CommandError, DetachError
 
 # fsck(8) exit status bits
 FSCK_CORRECTED = 1
@@ -128,5 +128,22 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def refuse_if_in_use(device: str) -> None:
+    """DetachError unless nobody has `device` mounted or open exclusively.
+
+    Tearing down a device in use would only defer the detach (losetup -d) or pull the disk
+    from under a file system, so both backends check this first.
+    """
+    holders = mounts_of(device)
+    if holders:
+        raise DetachError(f"{device} is mounted on {', '.join(holders)}; unmount it first")
+    try:
+        # O_EXCL on a block device fails with EBUSY while anyone holds it exclusively
+        # (a mount in another namespace, dm, md).
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+    except OSError as e:
+        raise DetachError(f"{device} is in use ({e.strerror}); not detaching") from None
+
+
 __all__ = ["CommandError", "FsckResult", "detect_filesystem", "fsck", "mkfs", "mount",
-           "mounted_at", "mounts_of", "umount"]
+           "mounted_at", "mounts_of", "refuse_if_in_use", "umount"]

@@ -25,10 +25,11 @@ from pathlib import Path
 from minidisk.kernel import state
 from minidisk.kernel.commands import Helper, wait_until
 from minidisk.kernel.errors import AttachError, DetachError
-from minidisk.kernel.handshake import TFLAG_READ_ONLY, Negotiated, connect
-from minidisk.kernel.mount import mounts_of
+from minidisk.kernel.handshake import Negotiated, connect
+from minidisk.kernel.mount import refuse_if_in_use
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32, attr_u64
 from minidisk.kernel.uri import NbdUri
+from minidisk.nbd.protocol import TFLAG_READ_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +210,7 @@ def _connected(attachment: state.Attachment) -> bool:
 def detach(attachment: state.Attachment) -> None:
     device = attachment.device
     if _connected(attachment):
-        holders = mounts_of(device)
-        if holders:
-            raise DetachError(f"{device} is mounted on {', '.join(holders)}; unmount it first")
-        try:
-            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
-        except OSError as e:
-            raise DetachError(f"{device} is in use ({e.strerror}); not detaching") from None
+        refuse_if_in_use(device)
         try:
             if attachment.method == "netlink":
                 with GenericNetlink() as nl:
