@@ -32,16 +32,17 @@ must not block; set an event or start a task instead.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
-import anyio.abc
 
 from minidisk.dlm import protocol
 from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
@@ -51,27 +52,170 @@ log = logging.getLogger("minidisk.dlm.client")
 
 BlockingCallback = Callable[["Lock", Mode], None]
 
+_MODES = tuple(Mode)
+_RECV_SIZE = 1 << 18
+_CLOSE_FLUSH_S = 5.0  # longest a close waits to hand buffered requests to the kernel
+_U32 = 0xFFFFFFFF
 
-class _Call:
-    __slots__ = ("done", "reply")
+
+# -- per-loop plumbing -----------------------------------------------------------------------
+#
+# The client talks to a non-blocking socket of its own, natively on each loop: on asyncio a
+# reader callback (no task, no stream object), on trio one reader task. Requests are written
+# straight to the socket (buffered only when the kernel's buffer is full). Waiting for a reply
+# is one future; both kinds are cancelled by the caller's anyio cancel scope as usual.
+
+class _Waiter(Protocol):
+    def settle(self, value: Any) -> None: ...
+    def done(self) -> bool: ...
+    def wait(self) -> Any: ...  # an awaitable of the value
+
+
+class _AioFuture(asyncio.Future[Any]):
+    """An asyncio future that can be settled twice (the second time is ignored)."""
+
+    __slots__ = ()
+
+    def settle(self, value: Any) -> None:
+        if not self.done():
+            self.set_result(value)
+
+    def wait(self) -> _AioFuture:
+        return self
+
+
+class _TrioFuture:
+    __slots__ = ("_event", "_value")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.reply: dict[str, Any] | None = None
+        import trio
+
+        self._event = trio.Event()
+        self._value: Any = None
+
+    def settle(self, value: Any) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> Any:
+        await self._event.wait()
+        return self._value
+
+
+class _Io:
+    """What differs between asyncio and trio: waiting for the socket, and futures."""
+
+    def future(self) -> _Waiter:
+        raise NotImplementedError
+
+    def want_write(self) -> None:
+        raise NotImplementedError
+
+    async def run(self, tasks: anyio.abc.TaskGroup) -> None:
+        raise NotImplementedError
+
+    def stop_reading(self) -> None:
+        """The connection broke: stop watching it."""
+
+    def stop(self) -> None:
+        """The socket is about to be closed."""
+
+
+class _AsyncioIo(_Io):
+    def __init__(self, client: DlmClient) -> None:
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self.fd = client._sock.fileno()
+        self.reading = False
+
+    def future(self) -> _Waiter:
+        return _AioFuture(loop=self.loop)
+
+    async def run(self, tasks: anyio.abc.TaskGroup) -> None:
+        self.loop.add_reader(self.fd, self.client._on_readable)
+        self.reading = True
+
+    def want_write(self) -> None:
+        self.loop.add_writer(self.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        if self.client._write_pending():
+            self.loop.remove_writer(self.fd)
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+
+    def stop(self) -> None:
+        self.stop_reading()
+        self.loop.remove_writer(self.fd)
+
+
+class _TrioIo(_Io):
+    def __init__(self, client: DlmClient) -> None:
+        import trio
+
+        self.trio = trio
+        self.client = client
+        self.writable = trio.Event()
+
+    def future(self) -> _Waiter:
+        return _TrioFuture()
+
+    async def run(self, tasks: anyio.abc.TaskGroup) -> None:
+        tasks.start_soon(self._read_loop)
+        tasks.start_soon(self._write_loop)
+
+    async def _read_loop(self) -> None:
+        client, sock, wait_readable = self.client, self.client._sock, \
+            self.trio.lowlevel.wait_readable
+        try:
+            while not client.closed:
+                await wait_readable(sock)
+                if not client._on_readable():
+                    return
+        except self.trio.ClosedResourceError:
+            return
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self.writable.wait()
+                self.writable = self.trio.Event()
+                while not self.client._write_pending():
+                    await self.trio.lowlevel.wait_writable(self.client._sock)
+        except self.trio.ClosedResourceError:
+            return
+
+    def want_write(self) -> None:
+        self.writable.set()
+
+    def stop(self) -> None:
+        self.trio.lowlevel.notify_closing(self.client._sock)
 
 
 class DlmClient:
     """One connection to the lock manager: one lock owner. Make it with `connect()`."""
 
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        self._stream = stream
-        self._send_lock = anyio.Lock()
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._io: _Io = _TrioIo(self) if _on_trio() else _AsyncioIo(self)
         self._decoder = protocol.FrameDecoder()
-        self._calls: dict[int, _Call] = {}
+        self._calls: dict[int, _Waiter] = {}
         self._locks: dict[int, Lock] = {}
+        self._out: list[bytes] = []  # what the kernel would not take yet
         self._next_id = 1
         self._next_ref = 1
         self.closed = False
+        self._shut = False
+        self._unanswered: int | None = None  # the last request sent without waiting
+        self._lost_reported = False
+        self._name = ""
         self.server: dict[str, Any] = {}
         self.on_lost: Callable[[], None] | None = None  # called once if the connection drops
 
@@ -107,76 +251,205 @@ class DlmClient:
         reply = await self._call("purge", **args)
         return int(reply["purged"])
 
+    async def sync(self) -> None:
+        """Wait until the service has handled every request sent so far (unlocks included,
+        which `release()` does not wait for)."""
+        await self._call("hello", name=self._name)
+
     async def initialize(self, domain: str) -> O2dlmDomain:
         """libo2dlm's `o2dlm_initialize`: join `domain` and return its context."""
         await self.join(domain)
         return O2dlmDomain(self, domain)
 
     async def aclose(self) -> None:
+        """Close the connection (after handing every request already made to the kernel):
+        the service releases every lock still held."""
+        if self._shut:
+            return
+        self._shut = True
+        last = self._unanswered
+        if last is not None and not self.closed:
+            # Wait for the answer to the last unlock sent without waiting: closing first
+            # could make the service see the connection reset (writing an event to it)
+            # before it has read the unlock, and drop the lock as its holder's death.
+            waiter = self._calls.setdefault(last, self._io.future())
+            with anyio.move_on_after(_CLOSE_FLUSH_S):
+                await waiter.wait()
         self.closed = True
-        await self._stream.aclose()
+        self._flush_at_close()
+        self._io.stop()
+        self._sock.close()
+        self._lost(unexpected=False)
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
-        if self.closed:
-            raise DlmError(errno.ENOTCONN, "not connected to the lock manager")
+    def _new_id(self) -> int:
         call_id = self._next_id
-        self._next_id += 1
-        call = self._calls[call_id] = _Call()
-        try:
-            data = protocol.encode({"id": call_id, "op": op, **args})
-            async with self._send_lock:
-                await self._stream.send(data)
-            await call.done.wait()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            raise DlmError(errno.ENOTCONN, "connection to the lock manager lost") from None
-        finally:
-            self._calls.pop(call_id, None)
-        reply = call.reply
-        if reply is None:
-            raise DlmError(errno.ENOTCONN, "connection to the lock manager lost")
+        self._next_id = (call_id + 1) & _U32 or 1
+        return call_id
+
+    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        """A JSON request; its reply."""
+        call_id = self._new_id()
+        reply = await self._roundtrip(call_id, protocol.encode({"id": call_id, "op": op,
+                                                                **args}))
         if not reply.get("ok"):
             raise DlmError(int(reply["errno"]), str(reply.get("error", "")))
+        return dict(reply)
+
+    async def _roundtrip(self, call_id: int, frame: bytes) -> Any:
+        """Send a request frame and wait for its reply (a dict, a lkid, or a DlmError)."""
+        if self.closed:
+            raise DlmError(errno.ENOTCONN, "not connected to the lock manager")
+        waiter = self._calls[call_id] = self._io.future()
+        try:
+            self._write(frame)
+            reply = await waiter.wait()
+        finally:
+            self._calls.pop(call_id, None)
+        if reply is None:
+            raise DlmError(errno.ENOTCONN, "connection to the lock manager lost")
+        if isinstance(reply, DlmError):
+            raise DlmError(reply.errno or errno.EIO, reply.detail)
         return reply
 
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                data = await self._stream.receive(1 << 16)
-                for message in self._decoder.feed(data):
-                    self._dispatch(message)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                OSError, protocol.ProtocolError) as err:
-            if not self.closed:
-                log.warning("lock manager connection lost: %r", err)
-        finally:
-            self._lost(unexpected=not self.closed)
+    def _send_unanswered(self, call_id: int, frame: bytes) -> None:
+        """Send a request whose reply nobody waits for (an error in it is logged)."""
+        self._write(frame)
+        self._unanswered = call_id
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        if "id" in message:
-            call = self._calls.get(message["id"])
-            if call is not None:
-                call.reply = message
-                call.done.set()
+    def _write(self, frame: bytes) -> None:
+        if self.closed:
+            raise DlmError(errno.ENOTCONN, "not connected to the lock manager")
+        if self._out:
+            self._out.append(frame)
             return
-        lock = self._locks.get(message.get("ref", -1))
-        if lock is not None:
-            lock._event(message)
+        try:
+            sent = self._sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._lost(unexpected=True)
+            raise DlmError(errno.ENOTCONN, "connection to the lock manager lost") from None
+        if sent < len(frame):
+            self._out.append(frame[sent:])
+            self._io.want_write()
+
+    def _write_pending(self) -> bool:
+        """Hand buffered requests to the kernel; True once none is left."""
+        while self._out:
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                self._out.clear()
+                self._lost(unexpected=True)
+                return True
+            self._out[:] = [data[sent:]] if sent < len(data) else []
+            if self._out:
+                return False
+        return True
+
+    def _flush_at_close(self) -> None:
+        if not self._out:
+            return
+        try:
+            self._sock.settimeout(_CLOSE_FLUSH_S)
+            self._sock.sendall(b"".join(self._out))
+        except OSError as err:
+            log.warning("lock manager: requests lost at close: %r", err)
+        self._out.clear()
+
+    def _on_readable(self) -> bool:
+        """Read what arrived and dispatch it; False once the connection is gone."""
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as err:
+            return self._read_failed(err)
+        if not data:
+            return self._read_failed(EOFError("end of stream"))
+        try:
+            bodies = self._decoder.feed(data)
+        except protocol.ProtocolError as err:
+            return self._read_failed(err)
+        for body in bodies:
+            try:
+                self._dispatch(body)
+            except (protocol.ProtocolError, ValueError, KeyError, IndexError) as err:
+                return self._read_failed(err)
+        return True
+
+    def _read_failed(self, err: BaseException) -> bool:
+        self._io.stop_reading()
+        if not self.closed:
+            log.warning("lock manager connection lost: %r", err)
+            self._lost(unexpected=True)
+        return False
+
+    def _dispatch(self, body: bytes) -> None:
+        kind = body[0]
+        if kind == protocol.OK:
+            _, call_id, lkid = protocol.OK_BODY.unpack_from(body)
+            if call_id == self._unanswered:
+                self._unanswered = None
+            waiter = self._calls.get(call_id)
+            if waiter is not None:
+                waiter.settle(lkid)
+        elif kind == protocol.GRANT:
+            _, ref, mode, token, seq, bits = protocol.GRANT_BODY.unpack_from(body)
+            lock = self._locks.get(ref)
+            if lock is not None:
+                lvb = protocol.trailing_lvb(body, protocol.GRANT_BODY.size,
+                                            bits & protocol.GRANT_LVB)
+                lock._granted(_MODES[mode], token, seq, bits, lvb)
+        elif kind == protocol.ERROR:
+            _, call_id, err = protocol.ERROR_BODY.unpack_from(body)
+            detail = body[protocol.ERROR_BODY.size:].decode(errors="replace")
+            if call_id == self._unanswered:
+                self._unanswered = None
+            waiter = self._calls.get(call_id)
+            if waiter is not None:
+                waiter.settle(DlmError(err, detail))
+            else:
+                log.warning("lock manager: a request not waited for failed: %s",
+                            DlmError(err, detail))
+        elif kind == protocol.CANCELLED or kind == protocol.BAST:
+            _, ref, mode = protocol.EVENT_BODY.unpack_from(body)
+            lock = self._locks.get(ref)
+            if lock is None:
+                return
+            if kind == protocol.BAST:
+                lock._bast(_MODES[mode])
+            else:
+                lock._cancelled(None if mode == protocol.NO_MODE else _MODES[mode])
+        elif kind == protocol.JSON:
+            message = protocol.decode_json(body)
+            waiter = self._calls.get(message.get("id", -1))
+            if waiter is not None:
+                waiter.settle(message)
+        else:
+            raise protocol.ProtocolError(f"unexpected message kind {kind}")
 
     def _lost(self, unexpected: bool) -> None:
         self.closed = True
-        for call in self._calls.values():
-            call.done.set()
+        for waiter in self._calls.values():
+            waiter.settle(None)
         for lock in list(self._locks.values()):
             lock._lost()
         self._locks.clear()
-        if unexpected and self.on_lost is not None:
+        if unexpected and not self._lost_reported and self.on_lost is not None:
+            self._lost_reported = True
             self.on_lost()
 
     def _register(self, lock: Lock) -> int:
         ref = self._next_ref
-        self._next_ref += 1
+        while ref in self._locks or not ref:
+            ref = (ref + 1) & _U32
+        self._next_ref = (ref + 1) & _U32
         self._locks[ref] = lock
         return ref
 
@@ -184,23 +457,54 @@ class DlmClient:
         self._locks.pop(ref, None)
 
 
+def _on_trio() -> bool:
+    """Which loop runs us: asyncio has a running loop in this thread, trio has not."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
+async def _connect_socket(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if _on_trio():
+            import trio
+
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err), path) from None
+        else:
+            await asyncio.get_running_loop().sock_connect(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 @asynccontextmanager
 async def connect(url: str | None = None, *, name: str | None = None
                   ) -> AsyncIterator[DlmClient]:
     """Connect to the lock manager at `url` (see `protocol.socket_path`). Leaving the block
     closes the connection, which releases every lock still held."""
-    stream = await anyio.connect_unix(protocol.socket_path(url))
-    client = DlmClient(stream)
+    sock = await _connect_socket(protocol.socket_path(url))
+    client = DlmClient(sock)
     try:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(client._read_loop)
+            await client._io.run(tasks)
             try:
-                client.server = await client._call("hello", name=name or f"pid {os.getpid()}")
+                client._name = name or f"pid {os.getpid()}"
+                client.server = await client._call("hello", name=client._name)
                 yield client
             finally:
-                client.closed = True
                 with anyio.CancelScope(shield=True):
-                    await stream.aclose()
+                    await client.aclose()
                 tasks.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The reader task never raises, so the group only carries what the body raised:
@@ -239,7 +543,7 @@ class Lock:
         self._lvb_dirty = False
         self._ref: int | None = None
         self._pending = False
-        self._done = anyio.Event()
+        self._done: _Waiter | None = None
         self._outcome: str | None = None
 
     def __repr__(self) -> str:
@@ -266,10 +570,11 @@ class Lock:
             flags |= Flag.PERSISTENT
         if not blocking:
             flags |= Flag.NOQUEUE
-        self._ref = self.client._register(self)
-        message = {"ref": self._ref, "domain": self.domain, "name": self.name,
-                   "mode": wanted.name, "flags": protocol.flags_to_wire(flags)}
-        granted = await self._request("lock", message, timeout, new=True)
+        client = self.client
+        ref = self._ref = client._register(self)
+        call_id = client._new_id()
+        frame = protocol.encode_lock(call_id, ref, wanted, flags, self.domain, self.name)
+        granted = await self._request(call_id, frame, flags, timeout, new=True)
         if self.mode is None and self._ref is not None:
             self.client._unregister(self._ref)
             self._ref = None
@@ -285,34 +590,51 @@ class Lock:
             raise DlmError(errno.ENOLCK, f"{self!r} is not held")
         if not blocking:
             flags |= Flag.NOQUEUE
-        message: dict[str, Any] = {"ref": self._ref, "mode": wanted.name,
-                                   "flags": protocol.flags_to_wire(flags)}
         writes = self._lvb_dirty and lvb_action(self.mode, wanted) is LvbAction.WRITE
-        if writes:
-            message["lvb"] = self.lvb.hex()
-        granted = await self._request("convert", message, timeout, new=False)
+        call_id = self.client._new_id()
+        frame = protocol.encode_lvb_request(
+            protocol.CONVERT_HEAD, protocol.CONVERT, call_id, self._ref, wanted, flags,
+            lvb=self.lvb if writes else None)
+        granted = await self._request(call_id, frame, flags, timeout, new=False)
         if granted and writes:
             self._lvb_dirty = False
         return granted
 
-    async def release(self, *, invalidate_lvb: bool = False) -> None:
+    async def release(self, *, invalidate_lvb: bool = False, wait: bool = False) -> None:
         """Unlock. A PW/EX holder's changed value block is stored (or, with `invalidate_lvb`,
-        the value block is marked invalid). A pending request is cancelled first."""
+        the value block is marked invalid). A pending request is cancelled first.
+
+        The unlock is sent without waiting for the service's answer: anything this client
+        asks afterwards is handled after it (a new lock sees it released, with its value
+        block), and closing the connection sends it first. Another process sees the lock
+        free once the service has handled it; with `wait=True` (or after `client.sync()`)
+        that has happened when this returns -- use it before telling anyone else out of
+        band that the lock is free."""
         if self._pending:
             await self.cancel()
-        if self._ref is None or self.mode is None:
+        ref = self._ref
+        if ref is None or self.mode is None:
             return
-        message: dict[str, Any] = {"ref": self._ref, "flags": []}
+        client = self.client
+        lvb = None
         if invalidate_lvb:
-            message["flags"] = protocol.flags_to_wire(Flag.IVVALBLK)
-        elif self._lvb_dirty and self.mode >= Mode.PW:
-            message["lvb"] = self.lvb.hex()
+            flags = Flag.IVVALBLK
+        else:
+            flags = Flag.NONE
+            if self._lvb_dirty and self.mode >= Mode.PW:
+                lvb = self.lvb
+        call_id = client._new_id()
+        frame = protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK, call_id,
+                                            ref, flags, lvb=lvb)
+        self._forget()
         try:
-            await self.client._call("unlock", **message)
+            if wait:
+                await client._roundtrip(call_id, frame)
+            else:
+                client._send_unanswered(call_id, frame)
         except DlmError as err:
             if err.errno != errno.ENOTCONN:
                 raise
-        self._forget()
 
     async def cancel(self) -> None:
         """Take back a pending request or conversion (its `acquire()` returns False). Does
@@ -320,10 +642,16 @@ class Lock:
         if self._ref is None:
             return
         try:
-            await self.client._call("cancel", ref=self._ref)
+            await self._cancel_request(self._ref)
         except DlmError as err:
             if err.errno not in (errno.EBUSY, errno.ENOENT, errno.ENOTCONN):
                 raise
+
+    async def _cancel_request(self, ref: int) -> None:
+        client = self.client
+        call_id = client._new_id()
+        await client._roundtrip(call_id, protocol.CANCEL_FRAME.pack(
+            protocol.CANCEL_BODY.size, protocol.CANCEL, call_id, ref))
 
     def write_lvb(self, data: bytes, offset: int = 0) -> int:
         """Change the local copy of the value block; it reaches the resource when this PW/EX
@@ -363,22 +691,24 @@ class Lock:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    async def _request(self, op: str, message: dict[str, Any], timeout: float | None,
+    async def _request(self, call_id: int, frame: bytes, flags: Flag, timeout: float | None,
                        new: bool) -> bool:
         """Send a lock/convert request and wait for its outcome; on timeout or cancellation,
         cancel it at the service so that it does not stay queued."""
-        self._done = anyio.Event()
+        done = self._done = self.client._io.future()
         self._outcome = None
         self._pending = True
         try:
-            await self.client._call(op, **message)
-            with anyio.move_on_after(timeout):
-                await self._done.wait()
+            await self.client._roundtrip(call_id, frame)
+            # A grant at once arrives with the reply: then there is nothing more to wait for.
             if self._outcome is None:
-                with anyio.CancelScope(shield=True):
-                    await self._abort(give_back=False)
+                with anyio.move_on_after(timeout):
+                    await done.wait()
+                if self._outcome is None:
+                    with anyio.CancelScope(shield=True):
+                        await self._abort(give_back=False)
         except DlmError as err:
-            if err.errno == errno.EAGAIN and Flag.NOQUEUE.name in message["flags"]:
+            if err.errno == errno.EAGAIN and flags & Flag.NOQUEUE:
                 return False
             raise
         except BaseException:
@@ -396,9 +726,13 @@ class Lock:
     async def _abort(self, give_back: bool) -> None:
         """Cancel the pending request. A grant that won the race is kept (after a timeout the
         caller then gets True) or, with `give_back`, released."""
+        done = self._done
         try:
-            await self.client._call("cancel", ref=self._ref)
-            await self._done.wait()  # the cancel event follows the reply
+            if self._ref is None:
+                return
+            await self._cancel_request(self._ref)
+            if done is not None and self._outcome is None:
+                await done.wait()  # the cancel event follows the reply
         except DlmError as err:
             if err.errno == errno.EBUSY and give_back and self.mode is not None:
                 self._pending = False
@@ -406,42 +740,45 @@ class Lock:
             elif err.errno not in (errno.EBUSY, errno.ENOENT, errno.ENOTCONN):
                 raise
 
-    def _event(self, message: dict[str, Any]) -> None:
-        kind = message.get("ev")
-        if kind == "grant":
-            self.mode = Mode[message["mode"]]
-            self.token = int(message["token"])
-            if message.get("lvb") is not None:
-                self.lvb = bytes.fromhex(message["lvb"])
-                self._lvb_dirty = False
-            self.lvb_valid = bool(message["valid"])
-            self.lvb_seq = int(message["seq"])
-            self.demoted = bool(message.get("demoted"))
-            self.blocking = None
-            self._outcome = "granted"
-            self._done.set()
-        elif kind == "cancel":
-            if message.get("mode") is None:
-                self._forget()
-            else:
-                self.mode = Mode[message["mode"]]
-            self._outcome = "cancelled"
-            self._done.set()
-        elif kind == "bast":
-            mode = Mode[message["mode"]]
-            self.blocking = mode if self.blocking is None else max(self.blocking, mode)
-            if self.on_blocking is not None:
-                try:
-                    self.on_blocking(self, mode)
-                except Exception:
-                    log.exception("blocking callback of %r failed", self)
+    def _granted(self, mode: Mode, token: int, seq: int, bits: int, lvb: bytes | None
+                 ) -> None:
+        self.mode = mode
+        self.token = token
+        if lvb is not None:
+            self.lvb = lvb
+            self._lvb_dirty = False
+        self.lvb_valid = bool(bits & protocol.GRANT_VALID)
+        self.lvb_seq = seq
+        self.demoted = bool(bits & protocol.GRANT_DEMOTED)
+        self.blocking = None
+        self._outcome = "granted"
+        if self._done is not None:
+            self._done.settle(True)
+
+    def _cancelled(self, mode: Mode | None) -> None:
+        if mode is None:
+            self._forget()
+        else:
+            self.mode = mode
+        self._outcome = "cancelled"
+        if self._done is not None:
+            self._done.settle(False)
+
+    def _bast(self, mode: Mode) -> None:
+        self.blocking = mode if self.blocking is None else max(self.blocking, mode)
+        if self.on_blocking is not None:
+            try:
+                self.on_blocking(self, mode)
+            except Exception:
+                log.exception("blocking callback of %r failed", self)
 
     def _lost(self) -> None:
         self.lost = True
         self.mode = None
         self._ref = None
         self._outcome = "lost"
-        self._done.set()
+        if self._done is not None:
+            self._done.settle(None)
 
     def _forget(self) -> None:
         if self._ref is not None:

@@ -4,19 +4,24 @@ out), plus where the service's socket is.
 Transport: a unix stream socket. One connection is one lock owner: when it closes, for any
 reason, the service releases the owner's locks (PERSISTENT ones become orphans).
 
-Framing: every message is one frame::
+Framing: every message is one frame; the first byte of the body says what it is::
 
-    +------------------+-----------------------------------+
-    | length: u32 (BE) | body: `length` bytes of UTF-8 JSON |
-    +------------------+-----------------------------------+
+    +------------------+------------+---------------------------+
+    | length: u32 (BE) | kind: u8   | rest: `length - 1` bytes  |
+    +------------------+------------+---------------------------+
 
-The body is a JSON object; a frame over `MAX_FRAME` bytes or a body that is not an object is
-a protocol error and the service closes the connection.
+Kind 0 is a JSON object (UTF-8). The hot path -- lock, convert, unlock, cancel, their replies
+and the grant/cancel/bast events -- has fixed binary layouts (big endian, `struct` notation
+below), so that a lock+unlock costs no JSON at all. A frame over `MAX_FRAME` bytes, an unknown
+kind, a short binary body or a JSON body that is not an object is a protocol error and the
+service closes the connection.
 
-Requests (client to service) carry an `id` chosen by the client and an `op`; the service answers
-every request exactly once, in request order::
+Requests (client to service) carry an `id` chosen by the client and an op; the service answers
+every request exactly once, in request order, and handles the requests of one connection in
+the order they were sent (so a client may send an unlock and, without waiting for its reply,
+a new request that must see it)::
 
-    {"id": 7, "op": "lock", ...}  ->  {"id": 7, "ok": true, ...}
+    {"id": 7, "op": "join", ...}  ->  {"id": 7, "ok": true, ...}
                                   or  {"id": 7, "ok": false, "errno": 11, "error": "why"}
 
 ==========  ==========================================  ==============================
@@ -34,16 +39,33 @@ status      --                                          domains (engine snapshot
 purge       domain (optional), pid (optional)           purged (count)
 ==========  ==========================================  ==============================
 
-`ref` is the client's own number for a lock, unique among its live locks on the connection;
-events name locks by it, so a client can route a grant before it has seen the reply. `mode` is
-a mode name (NL CR CW PR PW EX); `flags` a list of `Flag` names (NOQUEUE, QUECVT, CONVDEADLK,
-PERSISTENT, IVVALBLK, ORPHAN, NOQUEUEBAST). `lvb` is the holder's 64-byte value block in hex,
-sent by a PW/EX holder only when it changed it. Errors are errno numbers (EAGAIN: a NOQUEUE
-request was not grantable; EDEADLK: conversion deadlock; EBUSY: a request is pending, or
-nothing is; ENOENT: unknown ref or resource; EINVAL: bad arguments).
+Binary forms (the JSON forms of lock/convert/unlock/cancel above are accepted too)::
 
-Events (service to client) have `ev` instead of `id`; a reply always precedes the events its
-request caused::
+    kind 1  LOCK     >IIBH id, ref, mode, flags; >H domain length, domain (UTF-8);
+                      >H name length, name
+    kind 2  CONVERT  >IIBHB id, ref, mode, flags, has_lvb; then 64 bytes of lvb if has_lvb
+    kind 3  UNLOCK   >IIHB id, ref, flags, has_lvb; then 64 bytes of lvb if has_lvb
+    kind 4  CANCEL   >II id, ref
+    kind 16 OK       >IQ id, lkid (0 unless the request was a lock)    -- a success reply
+    kind 17 ERROR    >IH id, errno; then the message (UTF-8)           -- a failure reply
+    kind 32 GRANT    >IBQQB ref, mode, token, lvb seq, bits (1: lvb valid, 2: demoted,
+                      4: an lvb follows); then 64 bytes of lvb if bit 4
+    kind 33 CANCELLED >IB ref, mode still held (255: none, the lock is gone)
+    kind 34 BAST     >IB ref, mode someone queued wants
+
+A reply to a JSON request is JSON; a reply to a binary request is binary. Modes are numbers
+(NL 0 .. EX 5), flags the `Flag` bits.
+
+`ref` is the client's own number for a lock, unique among its live locks on the connection;
+events name locks by it, so a client can route a grant before it has seen the reply. In JSON
+`mode` is a mode name (NL CR CW PR PW EX); `flags` a list of `Flag` names (NOQUEUE, QUECVT,
+CONVDEADLK, PERSISTENT, IVVALBLK, ORPHAN, NOQUEUEBAST). `lvb` is the holder's 64-byte value
+block (hex in JSON), sent by a PW/EX holder only when it changed it. Errors are errno numbers
+(EAGAIN: a NOQUEUE request was not grantable; EDEADLK: conversion deadlock; EBUSY: a request
+is pending, or nothing is; ENOENT: unknown ref or resource; EINVAL: bad arguments).
+
+Events (service to client) have no id; a reply always precedes the events its request caused.
+Their JSON forms, used by nothing any more but kept readable here::
 
     {"ev": "grant", "ref": 3, "mode": "EX", "token": 1732..., "lvb": "00..." or null,
      "seq": 4, "valid": true, "demoted": false}
@@ -60,12 +82,51 @@ from typing import Any
 
 from minidisk.dlm.engine import Flag
 
-VERSION = 1
+VERSION = 2
 MAX_FRAME = 1 << 20
 DEFAULT_URL = "unix:///run/minidisk/dlm.sock"
 ENV_URL = "MINIDISK_DLM"
 
+# Body kinds.
+JSON = 0
+LOCK = 1
+CONVERT = 2
+UNLOCK = 3
+CANCEL = 4
+OK = 16
+ERROR = 17
+GRANT = 32
+CANCELLED = 33
+BAST = 34
+
+NO_MODE = 255  # CANCELLED: the lock is gone
+GRANT_VALID = 1
+GRANT_DEMOTED = 2
+GRANT_LVB = 4
+
 _LENGTH = struct.Struct(">I")
+# Whole frames (length prefix and kind included) for the fixed-size parts.
+LOCK_HEAD = struct.Struct(">IBIIBHH")       # length, kind, id, ref, mode, flags, domain length
+CONVERT_HEAD = struct.Struct(">IBIIBHB")    # length, kind, id, ref, mode, flags, has_lvb
+UNLOCK_HEAD = struct.Struct(">IBIIHB")      # length, kind, id, ref, flags, has_lvb
+CANCEL_FRAME = struct.Struct(">IBII")       # length, kind, id, ref
+OK_FRAME = struct.Struct(">IBIQ")           # length, kind, id, lkid
+ERROR_HEAD = struct.Struct(">IBIH")         # length, kind, id, errno
+GRANT_HEAD = struct.Struct(">IBIBQQB")      # length, kind, ref, mode, token, seq, bits
+EVENT_FRAME = struct.Struct(">IBIB")        # length, kind, ref, mode (CANCELLED, BAST)
+NAME_LENGTH = struct.Struct(">H")
+
+# Bodies (after the length prefix), for decoding.
+LOCK_BODY = struct.Struct(">BIIBHH")
+CONVERT_BODY = struct.Struct(">BIIBHB")
+UNLOCK_BODY = struct.Struct(">BIIHB")
+CANCEL_BODY = struct.Struct(">BII")
+OK_BODY = struct.Struct(">BIQ")
+ERROR_BODY = struct.Struct(">BIH")
+GRANT_BODY = struct.Struct(">BIBQQB")
+EVENT_BODY = struct.Struct(">BIB")
+
+LVB_SIZE = 64
 
 
 class ProtocolError(Exception):
@@ -73,37 +134,117 @@ class ProtocolError(Exception):
 
 
 def encode(message: dict[str, Any]) -> bytes:
+    """A JSON frame."""
     body = json.dumps(message, separators=(",", ":")).encode()
-    if len(body) > MAX_FRAME:
+    if len(body) >= MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_FRAME}")
-    return _LENGTH.pack(len(body)) + body
+    return _LENGTH.pack(len(body) + 1) + b"\0" + body
+
+
+def decode_json(body: bytes | memoryview) -> dict[str, Any]:
+    """The object in a kind-0 body (the kind byte included)."""
+    try:
+        message = json.loads(bytes(body[1:]))
+    except ValueError as err:
+        raise ProtocolError(f"bad JSON: {err}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a JSON object")
+    return message
+
+
+def encode_lock(call_id: int, ref: int, mode: int, flags: int, domain: str, name: str) -> bytes:
+    dom, nam = domain.encode(), name.encode()
+    if len(dom) > 0xFFFF or len(nam) > 0xFFFF:
+        raise ValueError("name too long")
+    length = LOCK_BODY.size + len(dom) + NAME_LENGTH.size + len(nam)
+    return b"".join((LOCK_HEAD.pack(length, LOCK, call_id, ref, mode, flags, len(dom)), dom,
+                     NAME_LENGTH.pack(len(nam)), nam))
+
+
+def decode_lock(body: bytes) -> tuple[int, int, int, int, str, str]:
+    """(id, ref, mode, flags, domain, name) of a LOCK body."""
+    _, call_id, ref, mode, flags, dlen = LOCK_BODY.unpack_from(body)
+    at = LOCK_BODY.size
+    domain = body[at:at + dlen]
+    at += dlen
+    (nlen,) = NAME_LENGTH.unpack_from(body, at)
+    at += NAME_LENGTH.size
+    name = body[at:at + nlen]
+    if len(domain) != dlen or len(name) != nlen:
+        raise ProtocolError("short LOCK message")
+    try:
+        return call_id, ref, mode, flags, domain.decode(), name.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("a name is not UTF-8") from None
+
+
+def encode_lvb_request(head: struct.Struct, *fields: int, lvb: bytes | None) -> bytes:
+    """A CONVERT or UNLOCK frame: `fields` after the length, then the lvb if any."""
+    if lvb is None:
+        return head.pack(head.size - 4, *fields, 0)
+    lvb = bytes(lvb[:LVB_SIZE]).ljust(LVB_SIZE, b"\0")
+    return head.pack(head.size - 4 + LVB_SIZE, *fields, 1) + lvb
+
+
+def trailing_lvb(body: bytes, size: int, has_lvb: int) -> bytes | None:
+    if not has_lvb:
+        return None
+    lvb = body[size:size + LVB_SIZE]
+    if len(lvb) != LVB_SIZE:
+        raise ProtocolError("short value block")
+    return bytes(lvb)
+
+
+def encode_error(call_id: int, err: int, text: str) -> bytes:
+    raw = text.encode()[:4000]
+    return ERROR_HEAD.pack(ERROR_BODY.size + len(raw), ERROR, call_id, err) + raw
+
+
+def encode_grant(ref: int, mode: int, token: int, seq: int, valid: bool, demoted: bool,
+                 lvb: bytes | None) -> bytes:
+    bits = (GRANT_VALID if valid else 0) | (GRANT_DEMOTED if demoted else 0)
+    if lvb is None:
+        return GRANT_HEAD.pack(GRANT_BODY.size, GRANT, ref, mode, token, seq, bits)
+    return GRANT_HEAD.pack(GRANT_BODY.size + LVB_SIZE, GRANT, ref, mode, token, seq,
+                           bits | GRANT_LVB) + lvb
 
 
 class FrameDecoder:
-    """Feed it bytes as they arrive; it returns the complete messages."""
+    """Feed it bytes as they arrive; it returns the bodies of the complete frames (kind byte
+    first). Checks the framing and the minimum size of binary bodies, not their contents."""
+
+    _MIN = {JSON: 1, LOCK: LOCK_BODY.size + 2, CONVERT: CONVERT_BODY.size,
+            UNLOCK: UNLOCK_BODY.size, CANCEL: CANCEL_BODY.size, OK: OK_BODY.size,
+            ERROR: ERROR_BODY.size, GRANT: GRANT_BODY.size, CANCELLED: EVENT_BODY.size,
+            BAST: EVENT_BODY.size}
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = b""
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buffer += data
-        messages: list[dict[str, Any]] = []
-        while len(self._buffer) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self._buffer)
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + data if self._buffer else data
+        bodies: list[bytes] = []
+        at = 0
+        size = len(buffer)
+        minimum = self._MIN
+        unpack = _LENGTH.unpack_from
+        while size - at >= 4:
+            (length,) = unpack(buffer, at)
             if length > MAX_FRAME:
                 raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-            end = _LENGTH.size + length
-            if len(self._buffer) < end:
+            end = at + 4 + length
+            if end > size:
                 break
-            try:
-                message = json.loads(self._buffer[_LENGTH.size:end])
-            except ValueError as err:
-                raise ProtocolError(f"bad JSON: {err}") from None
-            if not isinstance(message, dict):
-                raise ProtocolError("a message must be a JSON object")
-            messages.append(message)
-            del self._buffer[:end]
-        return messages
+            body = buffer[at + 4:end]
+            need = minimum.get(body[0]) if body else None
+            if need is None:
+                raise ProtocolError("empty frame" if not body else f"unknown kind {body[0]}")
+            if length < need:
+                raise ProtocolError(f"short message of kind {body[0]}")
+            bodies.append(body)
+            at = end
+        self._buffer = buffer[at:] if at < size else b""
+        return bodies
 
 
 def flags_to_wire(flags: Flag) -> list[str]:

@@ -33,7 +33,7 @@ import time
 from typing import Any, cast
 
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import Cancelled, DlmError, Engine, Event, Granted
+from minidisk.dlm.engine import Cancelled, DlmError, Engine, Event, Flag, Granted
 from minidisk.dlm.modes import Mode
 
 log = logging.getLogger("minidisk.dlm")
@@ -71,13 +71,13 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            messages = self._decoder.feed(data)
+            bodies = self._decoder.feed(data)
+            service = self._service
+            for body in bodies:
+                service.handle_body(self, body)
         except protocol.ProtocolError as err:
             log.warning("%s: %s; closing", self, err)
             self.abort()
-            return
-        for message in messages:
-            self._service.handle(self, message)
         self._service.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -85,16 +85,20 @@ class _Connection(asyncio.Protocol):
         self._service.connection_gone(self)
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_frame(protocol.encode(message))
+
+    def send_frame(self, frame: bytes) -> None:
         if self._transport is not None:
-            self._out.append(protocol.encode(message))
-            self._service.dirty.add(self)
+            if not self._out:
+                self._service.dirty.append(self)
+            self._out.append(frame)
 
     def flush(self) -> None:
         transport = self._transport
         if transport is None or not self._out:
             self._out.clear()
             return
-        transport.writelines(self._out)
+        transport.write(b"".join(self._out) if len(self._out) > 1 else self._out[0])
         self._out.clear()
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             log.warning("%s: not reading its events; disconnecting", self)
@@ -105,15 +109,19 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
-def _event_message(event: Event, ref: int) -> dict[str, Any]:
-    if isinstance(event, Granted):
-        return {"ev": "grant", "ref": ref, "mode": event.mode.name, "token": event.token,
-                "lvb": None if event.lvb is None else event.lvb.hex(), "seq": event.lvb_seq,
-                "valid": event.lvb_valid, "demoted": event.demoted}
-    if isinstance(event, Cancelled):
-        return {"ev": "cancel", "ref": ref,
-                "mode": None if event.mode is None else event.mode.name}
-    return {"ev": "bast", "ref": ref, "mode": event.mode.name}
+def _event_frame(event: Event, ref: int) -> bytes:
+    if type(event) is Granted:
+        return protocol.encode_grant(ref, event.mode, event.token, event.lvb_seq,
+                                     event.lvb_valid, event.demoted, event.lvb)
+    if type(event) is Cancelled:
+        return protocol.EVENT_FRAME.pack(
+            protocol.EVENT_BODY.size, protocol.CANCELLED, ref,
+            protocol.NO_MODE if event.mode is None else event.mode)
+    return protocol.EVENT_FRAME.pack(protocol.EVENT_BODY.size, protocol.BAST, ref, event.mode)
+
+
+_OK_SIZE = protocol.OK_BODY.size
+_OK = protocol.OK
 
 
 class DlmService:
@@ -125,7 +133,7 @@ class DlmService:
         # restart of the service (as long as it granted fewer than a million locks a second).
         self.engine = engine or Engine(first_token=time.time_ns() // 1000)
         self.connections: set[_Connection] = set()
-        self.dirty: set[_Connection] = set()
+        self.dirty: list[_Connection] = []
         self.path = ""
         self._server: asyncio.AbstractServer | None = None
         self._routes: dict[int, tuple[_Connection, int]] = {}  # engine lock id -> (conn, ref)
@@ -157,6 +165,51 @@ class DlmService:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def handle_body(self, conn: _Connection, body: bytes) -> None:
+        """One request frame (its body, kind byte first): handled, answered, events queued."""
+        kind = body[0]
+        if kind == protocol.JSON:
+            self.handle(conn, protocol.decode_json(body))
+            return
+        call_id = 0
+        events: list[Event]
+        try:
+            if kind == protocol.LOCK:
+                call_id, ref, mode, flags, domain, name = protocol.decode_lock(body)
+                if ref in conn.refs:
+                    raise DlmError(errno.EINVAL, f"ref {ref} is already in use")
+                lkid, events = self.engine.request(conn, domain, name, Mode(mode), Flag(flags))
+                conn.refs[ref] = lkid
+                self._routes[lkid] = (conn, ref)
+                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, lkid))
+            elif kind == protocol.UNLOCK:
+                _, call_id, ref, flags, has_lvb = protocol.UNLOCK_BODY.unpack_from(body)
+                lvb = protocol.trailing_lvb(body, protocol.UNLOCK_BODY.size, has_lvb)
+                events = self.engine.unlock(self._lkid_of(conn, ref), lvb, Flag(flags))
+                self._forget(conn, ref)
+                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
+            elif kind == protocol.CONVERT:
+                _, call_id, ref, mode, flags, has_lvb = protocol.CONVERT_BODY.unpack_from(body)
+                lvb = protocol.trailing_lvb(body, protocol.CONVERT_BODY.size, has_lvb)
+                events = self.engine.convert(self._lkid_of(conn, ref), Mode(mode), Flag(flags),
+                                             lvb)
+                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
+            elif kind == protocol.CANCEL:
+                _, call_id, ref = protocol.CANCEL_BODY.unpack_from(body)
+                events = self.engine.cancel(self._lkid_of(conn, ref))
+                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
+            else:
+                raise protocol.ProtocolError(f"kind {kind} is not a request")
+        except DlmError as err:
+            events = err.events
+            conn.send_frame(protocol.encode_error(call_id, err.errno or errno.EIO, err.detail))
+        except ValueError as err:  # a mode or flag out of range
+            events = []
+            conn.send_frame(protocol.encode_error(call_id, errno.EINVAL,
+                                                  f"bad request: {err!r}"))
+        if events:
+            self.deliver(events)
+
     def handle(self, conn: _Connection, message: dict[str, Any]) -> None:
         request_id = message.get("id")
         events: list[Event] = []
@@ -176,13 +229,14 @@ class DlmService:
         self.deliver(events)
 
     def deliver(self, events: list[Event]) -> None:
+        routes = self._routes
         for event in events:
-            route = self._routes.get(event.lkid)
+            route = routes.get(event.lkid)
             if route is None:
                 continue
             conn, ref = route
-            conn.send(_event_message(event, ref))
-            if isinstance(event, Cancelled) and event.mode is None:
+            conn.send_frame(_event_frame(event, ref))
+            if type(event) is Cancelled and event.mode is None:
                 self._forget(conn, ref)
 
     def flush(self) -> None:
@@ -192,7 +246,6 @@ class DlmService:
 
     def connection_gone(self, conn: _Connection) -> None:
         self.connections.discard(conn)
-        self.dirty.discard(conn)
         for lkid in conn.refs.values():
             self._routes.pop(lkid, None)
         conn.refs.clear()
@@ -209,7 +262,9 @@ class DlmService:
             self._routes.pop(lkid, None)
 
     def _lkid(self, conn: _Connection, message: dict[str, Any]) -> int:
-        ref = int(message["ref"])
+        return self._lkid_of(conn, int(message["ref"]))
+
+    def _lkid_of(self, conn: _Connection, ref: int) -> int:
         try:
             return conn.refs[ref]
         except KeyError:

@@ -345,7 +345,8 @@ class DlmFs(pyfuse3.Operations):
         handle.dropped = True
         handle.node.open_handles.discard(fh)
         try:
-            await handle.lock.release()
+            # Wait for the service: close(2) must return with the lock free for everyone.
+            await handle.lock.release(wait=True)
         except DlmError as err:
             log.warning("dropping %s/%s: %s", self.nodes[handle.node.parent].name,
                         handle.node.name, err)
