@@ -32,7 +32,6 @@ from minidisk.link.directory import Directory
 from minidisk.namespace import DEFAULT_CACHE_LIMIT, Namespace, apply_all
 from minidisk.nbd.client import RemoteDevice
 from minidisk.nbd.exports import Access, ExportPolicy, Identity
-from minidisk.nbd.listen import parse_url, socket_activation
 from minidisk.nbd.negotiation import TLSMode
 from minidisk.nbd.server import NBDServer, new_event_loop
 from minidisk.nbd.tls import server_context
@@ -164,17 +163,7 @@ class Daemon:
         try:
             if self.config.dlm:
                 self.dlm = await start_dlm_service(self.config.dlm)
-            inherited = socket_activation()
-            for sock in inherited:
-                await self.server.listen_socket(sock, "socket")
-            if not inherited:
-                for url in self.config.urls:
-                    await self.server.listen(parse_url(url))
-            if self.links is not None:
-                # Linking is for every local user; the export policy, not the socket's
-                # permissions, decides who gets what (ungoverned exports: administrators).
-                for path in self.server.unix_paths:
-                    os.chmod(path, 0o666)
+            await self.server.start(self.config.urls)
         except BaseException:
             await self.server.shutdown()
             await self.close_services()
@@ -183,13 +172,7 @@ class Daemon:
             readiness.ready()
         log.info("serving %s on %s", ", ".join(self.namespace.export_names()),
                  " ".join(self.config.urls) or "an inherited socket")
-        waiters = [asyncio.ensure_future(self.stop.wait())]
-        if self.server.stdio_done is not None:
-            waiters.append(asyncio.ensure_future(self.server.stdio_done.wait()))
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-        await self.server.shutdown()
+        await self.server.serve_until(self.stop)
         await self.close_services()
         return 0
 

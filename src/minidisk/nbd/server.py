@@ -659,6 +659,25 @@ class NBDServer:
             srv = await loop.create_server(lambda: Connection(self, kind), sock=sock)
         self.servers.append(srv)
 
+    async def start(self, urls: list[str]) -> None:
+        """Listen on the sockets systemd passed us, or else on every URL."""
+        inherited = socket_activation()
+        for sock in inherited:
+            await self.listen_socket(sock, "socket")
+        if not inherited:
+            for url in urls:
+                await self.listen(parse_url(url))
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set (or the one stdin/stdout connection ends), then shut down."""
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if self.stdio_done is not None:
+            waiters.append(asyncio.ensure_future(self.stdio_done.wait()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        await self.shutdown()
+
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop listening, let in-flight requests finish, fail the rest with ESHUTDOWN."""
         self.shutting_down = True
@@ -698,19 +717,8 @@ async def serve_until_signalled(server: NBDServer, urls: list[str]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    inherited = socket_activation()
-    for sock in inherited:
-        await server.listen_socket(sock, "socket")
-    if not inherited:
-        for url in urls:
-            await server.listen(parse_url(url))
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if server.stdio_done is not None:
-        waiters.append(asyncio.ensure_future(server.stdio_done.wait()))
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for w in waiters:
-        w.cancel()
-    await server.shutdown()
+    await server.start(urls)
+    await server.serve_until(stop)
 
 
 def serve_object(obj: Any, url: str, name: str = "disk", read_only: bool = False) -> None:
