@@ -113,6 +113,12 @@ class _Io:
         raise NotImplementedError
 
     def want_write(self) -> None:
+        """The kernel took only part: call `client._write_pending()` whenever the socket is
+        writable, until it returns True."""
+        raise NotImplementedError
+
+    def schedule_flush(self) -> None:
+        """Call `client._flush_deferred()` soon: at the end of this step of the loop."""
         raise NotImplementedError
 
     async def run(self, tasks: anyio.abc.TaskGroup) -> None:
@@ -142,6 +148,9 @@ class _AsyncioIo(_Io):
     def want_write(self) -> None:
         self.loop.add_writer(self.fd, self._on_writable)
 
+    def schedule_flush(self) -> None:
+        self.loop.call_soon(self.client._flush_deferred)
+
     def _on_writable(self) -> None:
         if self.client._write_pending():
             self.loop.remove_writer(self.fd)
@@ -162,7 +171,7 @@ class _TrioIo(_Io):
 
         self.trio = trio
         self.client = client
-        self.writable = trio.Event()
+        self.wake = trio.Event()
 
     def future(self) -> _Waiter:
         return _TrioFuture()
@@ -183,17 +192,22 @@ class _TrioIo(_Io):
             return
 
     async def _write_loop(self) -> None:
+        client = self.client
         try:
             while True:
-                await self.writable.wait()
-                self.writable = self.trio.Event()
-                while not self.client._write_pending():
-                    await self.trio.lowlevel.wait_writable(self.client._sock)
+                await self.wake.wait()
+                self.wake = self.trio.Event()
+                client._flush_deferred()
+                while client._blocked and not client._write_pending():
+                    await self.trio.lowlevel.wait_writable(client._sock)
         except self.trio.ClosedResourceError:
             return
 
     def want_write(self) -> None:
-        self.writable.set()
+        self.wake.set()
+
+    def schedule_flush(self) -> None:
+        self.wake.set()
 
     def stop(self) -> None:
         self.trio.lowlevel.notify_closing(self.client._sock)
@@ -208,7 +222,9 @@ class DlmClient:
         self._decoder = protocol.FrameDecoder()
         self._calls: dict[int, _Waiter] = {}
         self._locks: dict[int, Lock] = {}
-        self._out: list[bytes] = []  # what the kernel would not take yet
+        self._out: list[bytes] = []  # not handed to the kernel yet
+        self._blocked = False  # the kernel's buffer is full
+        self._flush_scheduled = False
         self._next_id = 1
         self._next_ref = 1
         self.closed = False
@@ -267,6 +283,7 @@ class DlmClient:
         if self._shut:
             return
         self._shut = True
+        self._flush_deferred()
         last = self._unanswered
         if last is not None and not self.closed:
             # Wait for the answer to the last unlock sent without waiting: closing first
@@ -314,43 +331,58 @@ class DlmClient:
         return reply
 
     def _send_unanswered(self, call_id: int, frame: bytes) -> None:
-        """Send a request whose reply nobody waits for (an error in it is logged)."""
-        self._write(frame)
+        """Send a request whose reply nobody waits for (an error in it is logged). It leaves
+        at the end of this step of the loop, with whatever is asked meanwhile -- typically
+        an unlock and the next lock in one write, which wakes the service once."""
+        self._write(frame, defer=True)
         self._unanswered = call_id
 
-    def _write(self, frame: bytes) -> None:
+    def _write(self, frame: bytes, defer: bool = False) -> None:
         if self.closed:
             raise DlmError(errno.ENOTCONN, "not connected to the lock manager")
-        if self._out:
-            self._out.append(frame)
+        self._out.append(frame)
+        if self._blocked:
             return
+        if defer:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._io.schedule_flush()
+            return
+        self._write_pending()
+        if self.closed:
+            raise DlmError(errno.ENOTCONN, "connection to the lock manager lost")
+
+    def _flush_deferred(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self._blocked and not self.closed:
+            self._write_pending()
+
+    def _write_pending(self) -> bool:
+        """Hand buffered requests to the kernel; True once none is left (False: the rest
+        waits until the socket is writable)."""
+        out = self._out
+        if not out:
+            self._blocked = False
+            return True
+        data = out[0] if len(out) == 1 else b"".join(out)
         try:
-            sent = self._sock.send(frame)
+            sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
+            out.clear()
+            self._blocked = False
             self._lost(unexpected=True)
-            raise DlmError(errno.ENOTCONN, "connection to the lock manager lost") from None
-        if sent < len(frame):
-            self._out.append(frame[sent:])
+            return True
+        if sent == len(data):
+            out.clear()
+            self._blocked = False
+            return True
+        out[:] = [data[sent:]]
+        if not self._blocked:
+            self._blocked = True
             self._io.want_write()
-
-    def _write_pending(self) -> bool:
-        """Hand buffered requests to the kernel; True once none is left."""
-        while self._out:
-            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-            try:
-                sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                return False
-            except OSError:
-                self._out.clear()
-                self._lost(unexpected=True)
-                return True
-            self._out[:] = [data[sent:]] if sent < len(data) else []
-            if self._out:
-                return False
-        return True
+        return False
 
     def _flush_at_close(self) -> None:
         if not self._out:
