@@ -191,3 +191,45 @@ async def test_embedded_service_api(tmp_short) -> None:  # type: ignore[no-untyp
     assert not os.path.exists(path)
     service = await start_dlm_service(path)            # and reuses a dead one
     await service.close()
+
+
+async def test_release_then_close_at_once_keeps_the_value_block(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    """release() does not wait for the service; closing right after it must still have the
+    unlock (and its value block) handled, not the lock dropped as if its holder had died.
+    The waiter asks at varying moments around the release, so that the service sometimes
+    writes its bast to the holder's connection after the holder has closed it (a write that
+    fails there makes the service drop the connection before reading what it sent last)."""
+    async with connect(dlm_server.url, name="waiter") as w:
+        for i in range(20):
+            async with connect(dlm_server.url, name="holder") as h:
+                lock = h.lock("d", "r", Mode.EX)
+                assert await lock.acquire()
+                lock.write_lvb(f"v{i}".encode())
+                waiter = w.lock("d", "r", Mode.EX)
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(waiter.acquire)
+                    if i % 2:
+                        while lock.blocking is None:    # the waiter is queued behind us
+                            await anyio.sleep(0.001)
+                    else:
+                        await anyio.sleep(0.0005 * (i % 4))  # the waiter's request in flight
+                    await lock.release()
+                    await h.aclose()
+            assert waiter.held and waiter.lvb_valid
+            assert waiter.lvb.rstrip(b"\0") == f"v{i}".encode()
+            await waiter.release()
+
+
+async def test_release_wait_and_sync_make_it_visible_to_others(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
+        for wait in (True, False):
+            lock = a.lock("d", "r", Mode.EX)
+            assert await lock.acquire()
+            if wait:
+                await lock.release(wait=True)
+            else:
+                await lock.release()
+                await a.sync()
+            other = b.lock("d", "r", Mode.EX)
+            assert await other.acquire(blocking=False)  # free for another connection now
+            await other.release(wait=True)

@@ -122,6 +122,24 @@ def _event_frame(event: Event, ref: int) -> bytes:
 
 _OK_SIZE = protocol.OK_BODY.size
 _OK = protocol.OK
+_MODES = tuple(Mode)
+_FLAGS: dict[int, Flag] = {}
+
+
+def _flag(bits: int) -> Flag:
+    """`Flag(bits)`, cached (building an IntFlag member is slow on the hot path)."""
+    flags = _FLAGS.get(bits)
+    if flags is None:
+        flags = Flag(bits)
+        if len(_FLAGS) < 1024:
+            _FLAGS[bits] = flags
+    return flags
+
+
+def _mode(number: int) -> Mode:
+    if number >= len(_MODES):
+        raise ValueError(f"no mode {number}")
+    return _MODES[number]
 
 
 class DlmService:
@@ -178,20 +196,20 @@ class DlmService:
                 call_id, ref, mode, flags, domain, name = protocol.decode_lock(body)
                 if ref in conn.refs:
                     raise DlmError(errno.EINVAL, f"ref {ref} is already in use")
-                lkid, events = self.engine.request(conn, domain, name, Mode(mode), Flag(flags))
+                lkid, events = self.engine.request(conn, domain, name, _mode(mode), _flag(flags))
                 conn.refs[ref] = lkid
                 self._routes[lkid] = (conn, ref)
                 conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, lkid))
             elif kind == protocol.UNLOCK:
                 _, call_id, ref, flags, has_lvb = protocol.UNLOCK_BODY.unpack_from(body)
                 lvb = protocol.trailing_lvb(body, protocol.UNLOCK_BODY.size, has_lvb)
-                events = self.engine.unlock(self._lkid_of(conn, ref), lvb, Flag(flags))
+                events = self.engine.unlock(self._lkid_of(conn, ref), lvb, _flag(flags))
                 self._forget(conn, ref)
                 conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
             elif kind == protocol.CONVERT:
                 _, call_id, ref, mode, flags, has_lvb = protocol.CONVERT_BODY.unpack_from(body)
                 lvb = protocol.trailing_lvb(body, protocol.CONVERT_BODY.size, has_lvb)
-                events = self.engine.convert(self._lkid_of(conn, ref), Mode(mode), Flag(flags),
+                events = self.engine.convert(self._lkid_of(conn, ref), _mode(mode), _flag(flags),
                                              lvb)
                 conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
             elif kind == protocol.CANCEL:
