@@ -6,6 +6,15 @@ what a sync socket used through `trio.to_thread` could not give -- a waiting `ac
 cancelled or timed out by the caller's own cancel scope, and the cancellation reaches the
 service (a CANCEL is sent), so no abandoned request stays queued in front of other waiters.
 
+Speed: anyio's cancel scopes are kept, but its streams are not used: the client owns a
+non-blocking socket and watches it natively (an asyncio reader callback, or one trio task),
+requests use the binary frames of `protocol`, and each waits on one future. `release()` does
+not wait for its answer: the unlock leaves at the end of the loop step, in the same write as
+whatever is asked next (so a lock+unlock cycle is one round trip), the service handles a
+connection's requests in order (the next lock sees the unlock), and closing the connection
+waits for the answer to the last such unlock first. Use `release(wait=True)` or
+`client.sync()` before telling another process out of band that a lock is free.
+
 Full-mode API (VMS-style), kazoo-shaped where kazoo has a name for it::
 
     async with connect("unix:///run/minidisk/dlm.sock", name="backup") as dlm:
@@ -14,7 +23,7 @@ Full-mode API (VMS-style), kazoo-shaped where kazoo has a name for it::
             print(lock.token, lock.lvb, lock.lvb_valid)
             lock.write_lvb(b"generation=7")           # stored when a PW/EX holder lets go
             await lock.convert(Mode.PR)               # down: immediate, writes the value block
-            await lock.release()
+            await lock.release()                      # sent; release(wait=True) waits
         async with dlm.lock("disks", "vm2", Mode.PR):  # acquire/release as a context
             ...
 
