@@ -7,7 +7,7 @@ import os
 
 import click
 
-from minidisk.cli import automount, dlm, dmsetup, kernel, link, quickstart, serve
+from minidisk.cli import automount, dlm, dmsetup, kernel, link, quickstart, serve, vmlink_demo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,7 +19,7 @@ def cli(verbose: int) -> None:
                         format="minidisk[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
-for module in (serve, kernel, dlm, dmsetup, quickstart, link, automount):
+for module in (serve, kernel, dlm, dmsetup, quickstart, link, automount, vmlink_demo):
     module.register(cli)
 
 
