@@ -24,6 +24,8 @@ from minidisk.nbd.listen import parse_url
               help="key=/KEY,hostpath=PATH,size=SIZE|disklabel=L|partition=N,offset=,type=")
 @click.option("--memory", multiple=True, metavar="KEY=SIZE",
               help="A sparse memory disk, e.g. --memory /dev/dk=1G.")
+@click.option("--null", multiple=True, metavar="KEY=SIZE",
+              help="A sink: writes vanish, reads return zeroes (benchmarks, copy tests).")
 @click.option("--file", multiple=True, metavar="KEY=PATH[:OFFSET:LENGTH]",
               help="A host file, whole or a window of it.")
 @click.option("--nbd", multiple=True, metavar="KEY=NBD-URI",

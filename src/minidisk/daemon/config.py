@@ -4,6 +4,7 @@ The TOML file can say everything the flags say, under the flags' long names::
 
     url = "unix:///run/minidisk/server.sock"      # or a list of URLs
     memory = ["/dev/dk=1G"]                       # --memory KEY=SIZE
+    null = ["/sink=1T"]                           # --null KEY=SIZE: writes vanish, reads zero
     file = ["/img=/srv/disk.img:1M:64M"]          # --file KEY=PATH[:OFFSET:LENGTH]
     drive = ["key=/wd0,hostpath=wd0.img,size=1g"] # -d DRIVESPEC
     nbd = ["/remote=nbd://10.0.0.2/disk"]         # --nbd KEY=URI: another server's export
@@ -37,7 +38,7 @@ from minidisk.nbd.negotiation import TLSMode
 _HUMAN_SIZE = re.compile(r"^(\d+)([kmgtp]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
-_LISTS = ("url", "memory", "file", "drive", "nbd", "table")
+_LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
             "directory": str, "link_dlm": str}
@@ -69,6 +70,7 @@ def _split_pair(option: str, spec: str, what: str) -> tuple[str, str]:
 class DaemonConfig:
     urls: list[str] = field(default_factory=list)
     memory: list[tuple[str, int]] = field(default_factory=list)
+    null: list[tuple[str, int]] = field(default_factory=list)
     files: list[tuple[str, str, int, int | None]] = field(default_factory=list)
     drives: list[str] = field(default_factory=list)
     remotes: list[tuple[str, str]] = field(default_factory=list)
@@ -99,9 +101,10 @@ class DaemonConfig:
     @classmethod
     def _from_merged(cls, m: dict[str, Any]) -> DaemonConfig:
         config = cls(urls=[str(u) for u in m["url"]], drives=[str(d) for d in m["drive"]])
-        for spec in m["memory"]:
-            key, size = _split_pair("memory", spec, "KEY=SIZE")
-            config.memory.append((normalize_key(key), parse_human_size(size)))
+        for option in ("memory", "null"):
+            for spec in m[option]:
+                key, size = _split_pair(option, spec, "KEY=SIZE")
+                getattr(config, option).append((normalize_key(key), parse_human_size(size)))
         for spec in m["file"]:
             key, rest = _split_pair("file", spec, "KEY=PATH[:OFFSET:LENGTH]")
             parts = rest.rsplit(":", 2)

@@ -24,6 +24,7 @@ from minidisk.daemon.control import Control
 from minidisk.daemon.lifecycle import Readiness
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import MemoryDevice
+from minidisk.device.null import NullDevice
 from minidisk.dlm.service import DlmService, start_dlm_service
 from minidisk.dm import control as dm_control
 from minidisk.dm.registry import Registry
@@ -117,6 +118,8 @@ class Daemon:
         try:
             for key, size in c.memory:
                 ns.register_device(key, MemoryDevice(size), f"memory {size} bytes")
+            for key, size in c.null:
+                ns.register_device(key, NullDevice(size))
             for key, path, offset, length in c.files:
                 ns.register_device(key, FileDevice(path, offset, length, c.read_only))
             await apply_all(c.drives, ns)
