@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The main job, from a fresh machine: set-up (idempotent), then `minidisk quickstart`.
-# Pass --once to tear down at once instead of waiting for Ctrl-C.
+# The main job, from a fresh machine: set-up (idempotent), then the whole story:
+#  1. authorized linking: a daemon serves alice's ext4 disk under a link directory, root is
+#     granted R, and a plain `cat /vmlink/alice.0191/hello.txt` links, attaches and mounts it
+#     on demand (then everything is taken down again);
+#  2. the core: a Python memory disk served over NBD, attached as a kernel block device, ext4,
+#     mounted, written and read; it stays up until Ctrl-C (--once: tear down right away).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
+.venv/bin/minidisk quickstart-vmlink --once
 exec .venv/bin/minidisk quickstart "$@"

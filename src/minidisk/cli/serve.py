@@ -43,6 +43,10 @@ from minidisk.nbd.listen import parse_url
               help="Require client certificates.")
 @click.option("--log-file", metavar="FILE", help="Where a detached server logs.")
 @click.option("--dlm", metavar="URL", help="Also host the lock manager at URL (unix://PATH).")
+@click.option("--directory", metavar="FILE",
+              help="The link directory (SQLite): govern who may link this server's disks.")
+@click.option("--link-dlm", metavar="URL",
+              help="Lock manager for links (default: --dlm, else $MINIDISK_DLM).")
 @click.argument("url", nargs=-1, metavar="URL")
 def serve(foreground: bool, config_file: str | None, **options: Any) -> None:
     """Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - for stdio).
