@@ -10,8 +10,8 @@ import struct
 
 import pytest
 from nbd_helpers import Closed, RawClient, info_of, run_libnbd
+from tests.nbd.conftest import Server
 
-from conftest import Server
 from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(60)

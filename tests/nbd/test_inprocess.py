@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from nbd_helpers import RawClient, read_data
+from tests.nbd.conftest import short_dir
 
-from conftest import short_dir
 from minidisk.device.api import BlockSize, Caps
 from minidisk.device.memory import MemoryDevice
 from minidisk.kernel.commands import wait_until

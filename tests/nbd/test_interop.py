@@ -10,8 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from conftest import MINIDISK, StartServer
+from tests.nbd.conftest import MINIDISK, StartServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nbd_helpers import RawClient, block_status, read_data
+from tests.nbd.conftest import Server, launch, short_dir
 
-from conftest import Server, launch, short_dir
 from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(180)

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nbd_helpers import Closed, RawClient
+from tests.nbd.conftest import Server, StartServer, short_dir
 
-from conftest import Server, StartServer, short_dir
 from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(90)
@@ -307,3 +307,43 @@ def test_raw_h10_starttls_pipelined_garbage_is_not_plaintext(start_server: Start
         # Nothing, or just the STARTTLS ACK; never a LIST reply.
         assert received in (b"", p.option_reply(p.OPT_STARTTLS, p.REP_ACK)), received
     assert srv.alive()
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_control_over_tls_only_for_admin_subjects(pki: Path, listed: bool) -> None:
+    import socket as socketlib
+    import time
+
+    from tests.conftest import MINIDISK
+
+    from minidisk.daemon import control
+
+    probe = socketlib.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    admin = ([f"--admin-subject=CN={CLIENT_CN},O=minidisk tests"] if listed
+             else ["--admin-subject=CN=someone,O=minidisk tests"])
+    proc = subprocess.Popen([MINIDISK, "serve", "-s", "--tls=require", "--tls-certificates",
+                             str(pki), *admin, "--memory", "disk=1M",
+                             f"tcp://127.0.0.1:{port}/"], stderr=subprocess.PIPE)
+    try:
+        url = f"tcp://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socketlib.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.05)
+        ctx = client_context(pki)
+        if listed:
+            assert "exports" in control.call(url, "exports", tls=ctx)
+        else:
+            with pytest.raises(control.ControlError) as refused:
+                control.call(url, "exports", tls=ctx)
+            assert "refused control commands" in str(refused.value)
+    finally:
+        proc.terminate()
+        proc.wait(10)

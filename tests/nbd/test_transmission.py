@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from nbd_helpers import RawClient, block_status, read_data, run_libnbd
+from tests.nbd.conftest import Server, StartServer
 
-from conftest import Server, StartServer
 from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(60)

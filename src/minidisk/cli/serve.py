@@ -41,6 +41,9 @@ from minidisk.nbd.listen import parse_url
               help="ca-cert.pem, server-cert.pem and server-key.pem.")
 @click.option("--tls-verify-peer", is_flag=True, default=None,
               help="Require client certificates.")
+@click.option("--admin-subject", multiple=True, metavar="SUBJECT",
+              help="A TLS client certificate subject (CN=...,O=...) allowed to run control "
+                   "commands (halt, etfs, dmsetup). Repeatable.")
 @click.option("--log-file", metavar="FILE", help="Where a detached server logs.")
 @click.option("--dlm", metavar="URL", help="Also host the lock manager at URL (unix://PATH).")
 @click.option("--directory", metavar="FILE",

@@ -14,6 +14,8 @@ The TOML file can say everything the flags say, under the flags' long names::
     tls = "require"                               # off | on | require
     tls_certificates = "/etc/minidisk/pki"
     tls_verify_peer = true
+    admin_subject = ["CN=ops,O=example"]          # --admin-subject: TLS clients that may
+                                                  #   run control commands (halt, etfs, dm)
     log_file = "/var/log/minidisk.log"
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
     directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
@@ -38,7 +40,7 @@ from minidisk.nbd.negotiation import TLSMode
 _HUMAN_SIZE = re.compile(r"^(\d+)([kmgtp]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
-_LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table")
+_LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
             "directory": str, "link_dlm": str}
@@ -80,6 +82,7 @@ class DaemonConfig:
     tls_mode: TLSMode = TLSMode.OFF
     tls_certificates: str | None = None
     tls_verify_peer: bool = False
+    admin_subjects: list[str] = field(default_factory=list)
     log_file: str | None = None
     dlm: str | None = None
     directory: str | None = None  # the link directory (minidisk.link); None: no link layer
@@ -125,6 +128,7 @@ class DaemonConfig:
         config.tls_mode = TLSMode(m.get("tls", "off"))
         config.tls_certificates = m.get("tls_certificates")
         config.tls_verify_peer = bool(m.get("tls_verify_peer", False))
+        config.admin_subjects = [str(subject) for subject in m["admin_subject"]]
         config.log_file = m.get("log_file")
         config.dlm = m.get("dlm")
         config.directory = os.path.abspath(m["directory"]) if m.get("directory") else None

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 class DaemonServer(NBDServer):
-    """The NBD server plus what the link layer asks of the connections it carries."""
+    """The NBD server, with control opened to every authenticated peer when links are on."""
 
     # With the link layer, any authenticated peer may send control commands (Control.admin
     # then keeps everything but the link commands for administrators).
@@ -55,22 +54,6 @@ class DaemonServer(NBDServer):
 
     def is_admin(self, identity: Identity) -> bool:
         return super().control_permitted(identity)
-
-    def connection_closed(self, identity: Identity) -> asyncio.Event | None:
-        """The event set when the connection carrying `identity` (that very object, as a
-        control handler receives it) closes: a link lives exactly as long as it."""
-        for conn in self.connections:
-            if conn.negotiation is not None and conn.negotiation.identity is identity:
-                return conn.closed
-        return None
-
-    def hang_up(self, wanted: Callable[[Identity, str], bool]) -> None:
-        """Finish in-flight requests and close each data connection `wanted` names."""
-        for conn in list(self.connections):
-            neg = conn.negotiation
-            if conn.export is not None and neg is not None and wanted(neg.identity,
-                                                                      conn.export.name):
-                conn.begin_shutdown()
 
 
 class Daemon:
@@ -88,7 +71,8 @@ class Daemon:
         self.policies: list[ExportPolicy] = []
         self.server = DaemonServer(self.namespace, read_only=config.read_only,
                                 tls_mode=config.tls_mode, tls_context=tls, control=self.control,
-                                policy=self._policy)
+                                policy=self._policy,
+                                admin_subjects=frozenset(config.admin_subjects))
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)
         self.control.update(etfs.control_handlers(self.namespace))

@@ -23,7 +23,7 @@ import signal
 import socket
 import ssl
 import struct
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from minidisk.device.api import EXTENT_ZERO, BlockDevice
@@ -124,6 +124,11 @@ class Connection(asyncio.BufferedProtocol):
         self.shutting_down = False
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def identity(self) -> Identity | None:
+        """The peer as proven so far (updated when TLS starts)."""
+        return self.negotiation.identity if self.negotiation is not None else None
 
     # -- connection lifecycle --
 
@@ -610,6 +615,7 @@ class NBDServer:
         tls_context: ssl.SSLContext | None = None,
         policy: ExportPolicy = allow_all,
         control: ControlHandler | None = None,
+        admin_subjects: frozenset[str] = frozenset(),
     ) -> None:
         if tls_mode is not TLSMode.OFF and tls_context is None:
             raise ValueError("TLS needs certificates (--tls-certificates DIR)")
@@ -619,6 +625,7 @@ class NBDServer:
         self.tls_context = tls_context
         self.policy = policy
         self.control = control
+        self.admin_subjects = admin_subjects
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.shutting_down = False
@@ -627,10 +634,27 @@ class NBDServer:
 
     def control_permitted(self, identity: Identity) -> bool:
         """Who may send control commands: our own uid (or root) on a unix socket, or a TLS
-        client with a verified certificate. Plain TCP peers never may."""
+        client whose verified certificate subject is one of `admin_subjects`. Plain TCP
+        peers never may: a certificate proves who a client is, not that it may halt us."""
         if identity.transport in ("unix", "stdio", "socket") and identity.uid is not None:
             return identity.uid in (0, os.geteuid())
-        return identity.tls and identity.subject is not None
+        return identity.tls and identity.subject in self.admin_subjects
+
+    def connection_closed(self, identity: Identity) -> asyncio.Event | None:
+        """The event set when the connection whose identity is `identity` (that very object,
+        as a control handler receives it) closes; None if no such connection is open."""
+        for conn in self.connections:
+            if conn.identity is identity:
+                return conn.closed
+        return None
+
+    def hang_up(self, wanted: Callable[[Identity, str], bool]) -> None:
+        """Finish in-flight requests and close every data connection for which
+        `wanted(identity, export name)` is true (e.g. a principal whose link ended)."""
+        for conn in list(self.connections):
+            if conn.export is not None and conn.identity is not None \
+                    and wanted(conn.identity, conn.export.name):
+                conn.begin_shutdown()
 
     async def listen(self, address: ListenAddress) -> None:
         loop = asyncio.get_running_loop()
