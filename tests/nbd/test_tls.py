@@ -347,3 +347,45 @@ def test_control_over_tls_only_for_admin_subjects(pki: Path, listed: bool) -> No
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_cli_control_uses_tls_from_the_environment(pki: Path) -> None:
+    import os
+    import socket as socketlib
+    import time
+
+    from tests.conftest import MINIDISK
+
+    probe = socketlib.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    url = f"tcp://127.0.0.1:{port}/"
+    proc = subprocess.Popen([MINIDISK, "serve", "-s", "--tls=require", "--tls-certificates",
+                             str(pki), f"--admin-subject=CN={CLIENT_CN},O=minidisk tests",
+                             "--memory", "disk=1M", url])
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socketlib.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.05)
+        plain = subprocess.run([MINIDISK, "etfs", "ls", "--server", url], capture_output=True,
+                               text=True, env={k: v for k, v in os.environ.items()
+                                               if k != "MINIDISK_TLS_CERTIFICATES"})
+        assert plain.returncode != 0
+        env = {**os.environ, "MINIDISK_TLS_CERTIFICATES": str(pki)}
+        listing = subprocess.run([MINIDISK, "etfs", "ls", "--server", url],
+                                 capture_output=True, text=True, env=env)
+        assert listing.returncode == 0 and "/disk" in listing.stdout, listing.stderr
+        halted = subprocess.run([MINIDISK, "halt", url], capture_output=True, text=True,
+                                env=env)
+        assert halted.returncode == 0, halted.stderr
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -28,8 +29,11 @@ from typing import Any
 from minidisk.nbd import protocol as p
 from minidisk.nbd.exports import Identity
 from minidisk.nbd.listen import parse_url
+from minidisk.nbd.tls import client_context
 
 log = logging.getLogger(__name__)
+
+TLS_ENV = "MINIDISK_TLS_CERTIFICATES"
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 # For commands that act on behalf of the caller (link, unlink): the caller's proven identity.
@@ -146,6 +150,10 @@ class Session:
     def __init__(self, url: str, tls: ssl.SSLContext | None = None,
                  timeout: float = 300.0) -> None:
         self.url = url
+        if tls is None and os.environ.get(TLS_ENV):
+            # CLI commands speak TLS when told where their certificates are (nbdkit layout:
+            # ca-cert.pem, client-cert.pem, client-key.pem).
+            tls = client_context(os.environ[TLS_ENV])
         self.sock = connect(url, timeout)
         try:
             magic, opt_magic, _flags = p.GREETING.unpack(
