@@ -4,12 +4,16 @@ certificate's subject reaching the server's identity (seen in the server's debug
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import shutil
+import socket as socketlib
 import ssl
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nbd_helpers import Closed, RawClient
-from tests.nbd.conftest import Server, StartServer, short_dir
+from tests.nbd.conftest import MINIDISK, Server, StartServer, short_dir
 
+from minidisk.daemon import control
 from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(90)
@@ -309,60 +314,16 @@ def test_raw_h10_starttls_pipelined_garbage_is_not_plaintext(start_server: Start
     assert srv.alive()
 
 
-@pytest.mark.parametrize("listed", [False, True])
-def test_control_over_tls_only_for_admin_subjects(pki: Path, listed: bool) -> None:
-    import socket as socketlib
-    import time
-
-    from tests.conftest import MINIDISK
-
-    from minidisk.daemon import control
-
-    probe = socketlib.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    admin = ([f"--admin-subject=CN={CLIENT_CN},O=minidisk tests"] if listed
-             else ["--admin-subject=CN=someone,O=minidisk tests"])
-    proc = subprocess.Popen([MINIDISK, "serve", "-s", "--tls=require", "--tls-certificates",
-                             str(pki), *admin, "--memory", "disk=1M",
-                             f"tcp://127.0.0.1:{port}/"], stderr=subprocess.PIPE)
-    try:
-        url = f"tcp://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socketlib.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.05)
-        ctx = client_context(pki)
-        if listed:
-            assert "exports" in control.call(url, "exports", tls=ctx)
-        else:
-            with pytest.raises(control.ControlError) as refused:
-                control.call(url, "exports", tls=ctx)
-            assert "refused control commands" in str(refused.value)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_cli_control_uses_tls_from_the_environment(pki: Path) -> None:
-    import os
-    import socket as socketlib
-    import time
-
-    from tests.conftest import MINIDISK
-
+@contextlib.contextmanager
+def tcp_tls_server(pki: Path, admin_subject: str) -> Iterator[str]:
+    """`minidisk serve -s --tls=require` on a free loopback port (control over TCP needs TLS)."""
     probe = socketlib.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
     url = f"tcp://127.0.0.1:{port}/"
     proc = subprocess.Popen([MINIDISK, "serve", "-s", "--tls=require", "--tls-certificates",
-                             str(pki), f"--admin-subject=CN={CLIENT_CN},O=minidisk tests",
+                             str(pki), f"--admin-subject={admin_subject}",
                              "--memory", "disk=1M", url])
     try:
         deadline = time.monotonic() + 15
@@ -373,6 +334,28 @@ def test_cli_control_uses_tls_from_the_environment(pki: Path) -> None:
             except OSError:
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.05)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_control_over_tls_only_for_admin_subjects(pki: Path, listed: bool) -> None:
+    subject = f"CN={CLIENT_CN},O=minidisk tests" if listed else "CN=someone,O=minidisk tests"
+    with tcp_tls_server(pki, subject) as url:
+        ctx = client_context(pki)
+        if listed:
+            assert "exports" in control.call(url, "exports", tls=ctx)
+        else:
+            with pytest.raises(control.ControlError) as refused:
+                control.call(url, "exports", tls=ctx)
+            assert "refused control commands" in str(refused.value)
+
+
+def test_cli_control_uses_tls_from_the_environment(pki: Path) -> None:
+    with tcp_tls_server(pki, f"CN={CLIENT_CN},O=minidisk tests") as url:
         plain = subprocess.run([MINIDISK, "etfs", "ls", "--server", url], capture_output=True,
                                text=True, env={k: v for k, v in os.environ.items()
                                                if k != "MINIDISK_TLS_CERTIFICATES"})
@@ -384,8 +367,3 @@ def test_cli_control_uses_tls_from_the_environment(pki: Path) -> None:
         halted = subprocess.run([MINIDISK, "halt", url], capture_output=True, text=True,
                                 env=env)
         assert halted.returncode == 0, halted.stderr
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)

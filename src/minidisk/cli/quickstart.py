@@ -16,19 +16,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
+from minidisk.cli.demo import halt_server, step, wait_for_ctrl_c
 from minidisk.daemon import control
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.attach import attach, detach
-
-
-def _step(message: str) -> None:
-    click.echo(click.style("==> ", fg="green", bold=True) + message)
 
 
 @contextlib.contextmanager
@@ -40,15 +36,7 @@ def _server(workdir: Path, size: str) -> Iterator[str]:
     try:
         yield url
     finally:
-        _step(f"halting the server at {url}")
-        try:
-            control.call(url, "halt")
-        except control.ControlError as e:
-            click.echo(f"    halt failed: {e}", err=True)
-        for _ in range(100):  # halt returns before the process is gone
-            if not sock.exists():
-                break
-            time.sleep(0.05)
+        halt_server(url, sock)
 
 
 @contextlib.contextmanager
@@ -57,7 +45,7 @@ def _attached(uri: str) -> Iterator[str]:
     try:
         yield attachment.device
     finally:
-        _step(f"detaching {attachment.device}")
+        step(f"detaching {attachment.device}")
         detach(attachment.device)
 
 
@@ -68,7 +56,7 @@ def _mounted(device: str, mountpoint: Path) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
-        _step(f"unmounting {mountpoint}")
+        step(f"unmounting {mountpoint}")
         kernel_mount.umount(mountpoint)
 
 
@@ -87,7 +75,7 @@ def _write_and_read(mountpoint: Path) -> None:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != hashlib.sha256(payload).hexdigest():
         raise click.ClickException(f"read back different data from {path}")
-    _step(f"wrote and read back {path} ({len(payload)} bytes, sha256 {digest[:16]}…)")
+    step(f"wrote and read back {path} ({len(payload)} bytes, sha256 {digest[:16]}…)")
 
 
 def _status(url: str, device: str, mountpoint: Path) -> None:
@@ -111,22 +99,21 @@ def quickstart(once: bool, size: str) -> None:
     try:
         with _server(workdir, size) as url:
             uri = f"nbd+unix:///disk?socket={workdir / 'server.sock'}"
-            _step(f"serving a {size} memory disk at {url} (export 'disk')")
+            step(f"serving a {size} memory disk at {url} (export 'disk')")
             with _attached(uri) as device:
-                _step(f"attached {uri} as {device}")
+                step(f"attached {uri} as {device}")
                 kernel_mount.mkfs(device, "ext4", label="minidisk")
-                _step(f"made an ext4 file system on {device}")
+                step(f"made an ext4 file system on {device}")
                 with _mounted(device, workdir / "mnt") as mountpoint:
-                    _step(f"mounted {device} at {mountpoint}")
+                    step(f"mounted {device} at {mountpoint}")
                     _write_and_read(mountpoint)
                     _status(url, device, mountpoint)
                     if not once:
-                        _step(f"{mountpoint} is yours; press Ctrl-C to tear everything down")
-                        with contextlib.suppress(KeyboardInterrupt):
-                            signal.pause()
+                        wait_for_ctrl_c(
+                            f"{mountpoint} is yours; press Ctrl-C to tear everything down")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    _step("done: nothing is left mounted, attached or listening")
+    step("done: nothing is left mounted, attached or listening")
 
 
 def register(cli: click.Group) -> None:

@@ -22,14 +22,10 @@ from pathlib import Path
 
 import click
 
-from minidisk.daemon import control
+from minidisk.cli.demo import halt_server, step, wait_for_ctrl_c
 from minidisk.link.directory import Directory
 from minidisk.link.modes import parse_link_mode
 from minidisk.link.names import parse_key
-
-
-def _step(message: str) -> None:
-    click.echo(click.style("==> ", fg="green", bold=True) + message)
 
 
 @contextlib.contextmanager
@@ -50,13 +46,7 @@ def _server(workdir: Path, env: dict[str, str]) -> Iterator[str]:
     try:
         yield url
     finally:
-        _step(f"halting the server at {url}")
-        with contextlib.suppress(control.ControlError):
-            control.call(url, "halt")
-        for _ in range(100):
-            if not (workdir / "server.sock").exists():
-                break
-            time.sleep(0.05)
+        halt_server(url, workdir / "server.sock")
 
 
 @contextlib.contextmanager
@@ -71,7 +61,7 @@ def _automounter(root: Path, env: dict[str, str]) -> Iterator[None]:
             time.sleep(0.05)
         yield
     finally:
-        _step("stopping the automounter: it unmounts, detaches and unlinks what it linked")
+        step("stopping the automounter: it unmounts, detaches and unlinks what it linked")
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
@@ -95,32 +85,30 @@ def quickstart_vmlink(once: bool) -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         with _server(workdir, env) as url:
-            _step(f"serving alice's disk 0191 (ext4 in {workdir / 'alice-0191.img'}) at {url}")
+            step(f"serving alice's disk 0191 (ext4 in {workdir / 'alice-0191.img'}) at {url}")
             directory = Directory(workdir / "directory.sqlite")
             directory.define_owner("alice", "uid:1000")
             directory.define_disk(parse_key("alice.0191"), url, "/alice/0191")
             directory.grant("uid:0", parse_key("alice.0191"), parse_link_mode("R"))
             directory.close()
-            _step("directory: owner alice (uid 1000), disk alice.0191, grant root R")
+            step("directory: owner alice (uid 1000), disk alice.0191, grant root R")
             root = workdir / "vmlink"
             with _automounter(root, env):
-                _step(f"automounting {root}")
+                step(f"automounting {root}")
                 path = root / "alice.0191" / "hello.txt"
                 done = subprocess.run(["cat", str(path)], capture_output=True, text=True,
                                       timeout=60)
                 if done.returncode != 0:
                     raise click.ClickException(f"cat {path}: {done.stderr.strip()}")
-                _step(f"cat {path}: {done.stdout.strip()}")
+                step(f"cat {path}: {done.stdout.strip()}")
                 mounts = [line.split()[4] for line in open("/proc/self/mountinfo")
                           if str(root) + "/" in line.split()[4]]
-                _step(f"linked R and mounted read-only at {', '.join(mounts)}")
+                step(f"linked R and mounted read-only at {', '.join(mounts)}")
                 if not once:
-                    _step("press Ctrl-C to tear everything down")
-                    with contextlib.suppress(KeyboardInterrupt):
-                        signal.pause()
+                    wait_for_ctrl_c("press Ctrl-C to tear everything down")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    _step("done: nothing is left mounted, attached, locked or listening")
+    step("done: nothing is left mounted, attached, locked or listening")
 
 
 def register(cli: click.Group) -> None:

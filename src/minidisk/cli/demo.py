@@ -1,0 +1,35 @@
+"""What the two quickstart commands share: step messages, waiting, stopping their server."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from minidisk.daemon import control
+
+
+def step(message: str) -> None:
+    click.echo(click.style("==> ", fg="green", bold=True) + message)
+
+
+def wait_for_ctrl_c(message: str) -> None:
+    step(message)
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.pause()
+
+
+def halt_server(url: str, sock: Path) -> None:
+    """Stop the demo's server; `halt` returns before its socket is gone, so wait for that."""
+    step(f"halting the server at {url}")
+    try:
+        control.call(url, "halt")
+    except control.ControlError as e:
+        click.echo(f"    halt failed: {e}", err=True)
+    for _ in range(100):
+        if not sock.exists():
+            break
+        time.sleep(0.05)
