@@ -109,6 +109,33 @@ class BlockDevice:
         """Ascending, contiguous extents starting at `offset` (the last may be short)."""
         return [Extent(offset, length, 0)]
 
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        """Read like `pread`, except where the device reads as zeroes anyway: return those
+        ranges as (offset, length), absolute and ascending, and leave their bytes in `buf`
+        untouched. The server sends them as OFFSET_HOLE chunks, so a sparse read costs one
+        pass over the device. This default asks `extents` first and reads the data between;
+        devices that can tell holes while reading (memory, dm targets) do it in one pass."""
+        if not self.caps.extents:
+            await self.pread(buf, offset)
+            return []
+        end = offset + len(buf)
+        holes: list[tuple[int, int]] = []
+        pos = offset
+        for ext in await self.extents(offset, len(buf)):
+            if ext.offset != pos or ext.length <= 0:
+                break  # not contiguous: read the rest as data
+            stop = min(ext.offset + ext.length, end)
+            if ext.flags & EXTENT_ZERO:
+                holes.append((pos, stop - pos))
+            else:
+                await self.pread(buf[pos - offset:stop - offset], pos)
+            pos = stop
+            if pos >= end:
+                break
+        if pos < end:
+            await self.pread(buf[pos - offset:], pos)
+        return holes
+
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch hint; the default reads and discards, like nbdkit's cache=emulate."""
         chunk = bytearray(min(length, 1 << 20))
@@ -133,6 +160,29 @@ class BlockDevice:
     def describe(self) -> str:
         """One line for status output."""
         return type(self).__name__
+
+
+async def pread_sparse_at(device: BlockDevice, buf: memoryview, at: int,
+                          delta: int) -> list[tuple[int, int]]:
+    """`device.pread_sparse(buf, at)` with its holes moved by `delta` (the caller's offset
+    minus `at`), for layers that map their offsets onto a child's. A child that cannot
+    tell holes (no extents, or one that intercepts reads) is simply read."""
+    if not device.caps.extents:
+        await device.pread(buf, at)
+        return []
+    holes = await device.pread_sparse(buf, at)
+    if delta and holes:
+        holes = [(start + delta, size) for start, size in holes]
+    return holes
+
+
+def add_holes(out: list[tuple[int, int]], holes: list[tuple[int, int]]) -> None:
+    """Append ascending `holes` to `out`, merging a hole that continues the last one."""
+    for start, size in holes:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + size)
+        else:
+            out.append((start, size))
 
 
 def check_range(size: int, offset: int, length: int) -> None:

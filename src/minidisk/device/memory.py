@@ -69,6 +69,27 @@ class MemoryDevice(BlockDevice):
                 buf[pos:pos + step] = memoryview(page)[start:start + step]
             pos += step
 
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        """One pass: copy allocated pages, report missing ones as holes (merged)."""
+        pages = self._pages
+        holes: list[tuple[int, int]] = []
+        pos, end = 0, len(buf)
+        while pos < end:
+            n, start = divmod(offset + pos, PAGE)
+            step = min(PAGE - start, end - pos)
+            page = pages.get(n)
+            if page is None:
+                if holes and holes[-1][0] + holes[-1][1] == offset + pos:
+                    holes[-1] = (holes[-1][0], holes[-1][1] + step)
+                else:
+                    holes.append((offset + pos, step))
+            elif step == PAGE:
+                buf[pos:pos + step] = page
+            else:
+                buf[pos:pos + step] = memoryview(page)[start:start + step]
+            pos += step
+        return holes
+
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         pos, end = 0, len(buf)
         while pos < end:

@@ -202,6 +202,15 @@ class MappedDevice(BlockDevice):
         finally:
             self._done()
 
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        if self._blocked:
+            await self._wait_resumed()
+        self._inflight += 1
+        try:
+            return await self.live.pread_sparse(buf, offset)
+        finally:
+            self._done()
+
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         if self._blocked:
             await self._wait_resumed()

@@ -15,7 +15,7 @@ import bisect
 import errno
 from collections.abc import Callable, Iterator, Sequence
 
-from minidisk.device.api import MAX_REQUEST, BlockSize, Caps, Extent
+from minidisk.device.api import MAX_REQUEST, BlockSize, Caps, Extent, add_holes, pread_sparse_at
 from minidisk.dm.table import SECTOR, Segment, TableError
 from minidisk.dm.target import (
     DeviceRef,
@@ -100,6 +100,16 @@ class Mapping:
             return
         for target, at, pos, n in self.pieces(offset, len(buf)):
             await target.pread(buf[pos:pos + n], at)
+
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        only = self._only
+        if only is not None and offset + len(buf) <= self.size:
+            return await pread_sparse_at(only, buf, offset, 0)
+        holes: list[tuple[int, int]] = []
+        for target, at, pos, n in self.pieces(offset, len(buf)):
+            add_holes(holes, await pread_sparse_at(target, buf[pos:pos + n], at,
+                                                   offset + pos - at))
+        return holes
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         only = self._only

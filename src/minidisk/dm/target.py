@@ -13,7 +13,7 @@ import errno
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
-from minidisk.device.api import BlockDevice, Caps, Extent
+from minidisk.device.api import BlockDevice, Caps, Extent, pread_sparse_at
 from minidisk.dm.table import SECTOR
 
 
@@ -182,6 +182,12 @@ class WindowTarget(Target):
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         await self.child.pread(buf, offset + self.base)
+
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        if not self.caps.extents:  # a subclass that intercepts reads (flakey, dust)
+            await self.pread(buf, offset)
+            return []
+        return await pread_sparse_at(self.child, buf, offset + self.base, -self.base)
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         await self.child.pwrite(buf, offset + self.base, fua)

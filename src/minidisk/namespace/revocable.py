@@ -48,24 +48,50 @@ class RevocableDevice(BlockDevice):
         return self.inner.caps
 
     async def _forward(self, call: Callable[[], Awaitable[T]]) -> T:
-        if self.revoked:
-            raise _shutdown()
-        self.in_flight += 1
+        self._enter()
         try:
             result = await call()
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0 and self._idle is not None:
-                self._idle.set()
-        if self.revoked:
-            raise _shutdown()
+            self._leave()
         return result
 
+    # The data path forwards without `_forward`'s closure: it runs once per request per
+    # layer (a striped read over namespace keys passes here once per chunk).
+
     async def pread(self, buf: memoryview, offset: int) -> None:
-        await self._forward(lambda: self.inner.pread(buf, offset))
+        self._enter()
+        try:
+            await self.inner.pread(buf, offset)
+        finally:
+            self._leave()
+
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        self._enter()
+        try:
+            holes = await self.inner.pread_sparse(buf, offset)
+        finally:
+            self._leave()
+        return holes
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        await self._forward(lambda: self.inner.pwrite(buf, offset, fua))
+        self._enter()
+        try:
+            await self.inner.pwrite(buf, offset, fua)
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        if self.revoked:
+            raise _shutdown()
+        self.in_flight += 1
+
+    def _leave(self) -> None:
+        """After the inner call; raises if the device was revoked meanwhile."""
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+        if self.revoked:
+            raise _shutdown()
 
     async def flush(self) -> None:
         await self._forward(self.inner.flush)

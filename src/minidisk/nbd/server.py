@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
-from minidisk.device.api import EXTENT_ZERO, BlockDevice
+from minidisk.device.api import BlockDevice
 from minidisk.nbd import protocol as p
 from minidisk.nbd.checks import MAX_DRAIN, check_request
 from minidisk.nbd.exports import (
@@ -518,21 +518,24 @@ class Connection(asyncio.BufferedProtocol):
                        p.OFFSET.pack(offset), buf)
             return
         # Holes are not read at all: they go out as OFFSET_HOLE chunks.
-        pieces = _data_and_holes(await device.extents(offset, length), offset, length)
-        for start, size, hole in pieces:
-            if not hole:
-                await device.pread(view[start - offset:start - offset + size], start)
+        holes = await device.pread_sparse(view, offset)
+        if not holes:  # the common case: one data chunk
+            self._send(p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + length, True),
+                       p.OFFSET.pack(offset), buf)
+            return
         parts: list[bytes | memoryview] = []
-        last = len(pieces) - 1
-        for i, (start, size, hole) in enumerate(pieces):
-            if hole:
-                parts.append(p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_HOLE, 12, i == last))
-                parts.append(p.CHUNK_OFFSET_HOLE.pack(start, size))
-            else:
-                parts.append(p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + size,
-                                            i == last))
-                parts.append(p.OFFSET.pack(start))
-                parts.append(view[start - offset:start - offset + size])
+        pos, end = offset, offset + length
+        for start, size in holes:
+            if start > pos:
+                parts += [p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + start - pos,
+                                         False),
+                          p.OFFSET.pack(pos), view[pos - offset:start - offset]]
+            parts += [p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_HOLE, 12, start + size == end),
+                      p.CHUNK_OFFSET_HOLE.pack(start, size)]
+            pos = start + size
+        if pos < end:
+            parts += [p.chunk_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + end - pos, True),
+                      p.OFFSET.pack(pos), view[pos - offset:]]
         self._send(*parts)
 
     async def _block_status(self, device: BlockDevice, flags: int, cookie: int, offset: int,
@@ -576,33 +579,6 @@ class Connection(asyncio.BufferedProtocol):
     def _maybe_finish(self) -> None:
         if (self.disconnecting or self.shutting_down) and self.inflight == 0:
             self._close()
-
-
-def _data_and_holes(extents: list[Any], offset: int, length: int) -> list[tuple[int, int, bool]]:
-    """Clip extents to the request and merge neighbours into (start, size, is_hole) pieces."""
-    end = offset + length
-    pieces: list[tuple[int, int, bool]] = []
-    pos = offset
-    for ext in extents:
-        if pos >= end:
-            break
-        if ext.offset != pos or ext.length <= 0:
-            break
-        stop = min(ext.offset + ext.length, end)
-        hole = bool(ext.flags & EXTENT_ZERO)
-        if pieces and pieces[-1][2] == hole:
-            start, size, _ = pieces.pop()
-            pieces.append((start, size + stop - pos, hole))
-        else:
-            pieces.append((pos, stop - pos, hole))
-        pos = stop
-    if pos < end:  # extents stopped short: the rest is read as data
-        if pieces and not pieces[-1][2]:
-            start, size, _ = pieces.pop()
-            pieces.append((start, size + end - pos, False))
-        else:
-            pieces.append((pos, end - pos, False))
-    return pieces
 
 
 class NBDServer:

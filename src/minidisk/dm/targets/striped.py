@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from minidisk.device.api import BlockDevice, Extent
+from minidisk.device.api import BlockDevice, Extent, add_holes, pread_sparse_at
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import (
     DeviceRef,
@@ -123,6 +123,18 @@ class Striped(Target):
             except OSError as e:
                 self._failed(stripe, e)
                 raise
+
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        holes: list[tuple[int, int]] = []
+        for stripe, dev_off, pos, n in self.pieces(offset, len(buf)):
+            try:
+                add_holes(holes, await pread_sparse_at(
+                    self.children[stripe], buf[pos:pos + n], dev_off,
+                    offset + pos - dev_off))
+            except OSError as e:
+                self._failed(stripe, e)
+                raise
+        return holes
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         chunk = self.chunk
