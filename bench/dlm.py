@@ -48,10 +48,19 @@ TARGETS = {"api-asyncio": 20_000.0, "api-trio": 20_000.0, "dlmfs": 3_000.0}
 
 # -- workers (run in their own processes) ------------------------------------------------------
 
-def _wait_until(t: float) -> None:
-    delay = t - time.monotonic()
+def _ready() -> tuple[float, float]:
+    """Tell the parent this worker is set up (imports done, connected, lock file found) and
+    read the common (start, stop) times it answers once every worker is; then wait for the
+    start. Starting at a fixed time after spawning instead made slow starters (8 processes
+    importing trio on a loaded 2-core VM can take seconds) miss most of the interval, which
+    showed up as a "collapse" of the 8-client rate to tens per second."""
+    print("ready", flush=True)
+    line = sys.stdin.readline().split()
+    start, stop = float(line[0]), float(line[1])
+    delay = start - time.monotonic()
     if delay > 0:
         time.sleep(delay)
+    return start, stop
 
 
 class _Pg:
@@ -108,10 +117,10 @@ def _locker(kind: str, target: str) -> tuple[Callable[[], None], Callable[[], No
     raise SystemExit(f"unknown kind {kind}")
 
 
-def _worker_sync(kind: str, test: str, target: str, start: float, stop: float) -> Any:
+def _worker_sync(kind: str, test: str, target: str) -> Any:
     lock, unlock, close = _locker(kind, target)
     try:
-        _wait_until(start)
+        _, stop = _ready()
         if test == "rate":
             n = 0
             while time.monotonic() < stop:
@@ -133,7 +142,7 @@ def _worker_sync(kind: str, test: str, target: str, start: float, stop: float) -
         close()
 
 
-async def _worker_api(test: str, url: str, start: float, stop: float) -> Any:
+async def _worker_api(test: str, url: str) -> Any:
     import anyio
 
     from minidisk.dlm.client import connect
@@ -141,7 +150,7 @@ async def _worker_api(test: str, url: str, start: float, stop: float) -> Any:
 
     async with connect(url, name=f"bench {os.getpid()}") as client:
         lock = client.lock("bench", "lk", Mode.EX)
-        await anyio.sleep(max(0.0, start - time.monotonic()))
+        _, stop = await anyio.to_thread.run_sync(_ready)
         if test == "rate":
             n = 0
             while time.monotonic() < stop:
@@ -162,13 +171,12 @@ async def _worker_api(test: str, url: str, start: float, stop: float) -> Any:
 
 
 def worker_main(argv: list[str]) -> None:
-    kind, test, target, start, stop = argv[0], argv[1], argv[2], float(argv[3]), float(argv[4])
+    kind, test, target = argv[0], argv[1], argv[2]
     if kind.startswith("api-"):
         import anyio
-        result = anyio.run(_worker_api, test, target, start, stop,
-                           backend=kind.removeprefix("api-"))
+        result = anyio.run(_worker_api, test, target, backend=kind.removeprefix("api-"))
     else:
-        result = _worker_sync(kind, test, target, start, stop)
+        result = _worker_sync(kind, test, target)
     print(json.dumps(result), flush=True)
 
 
@@ -179,27 +187,44 @@ class Bench:
         self.env = env
         self.seconds = seconds
         self.targets: dict[str, str] = {}
+        self.per_worker: list[dict[str, Any]] = []  # each rate sample's cycles per worker
 
     def _run_workers(self, kind: str, test: str, count: int) -> list[Any]:
-        # Room for the workers to start (imports, connect, mount lookups) before the start.
-        start = time.monotonic() + 1.0 + 0.1 * count
-        stop = start + self.seconds
-        procs = [subprocess.Popen([PYTHON, __file__, "_worker", kind, test, self.targets[kind],
-                                   repr(start), repr(stop)],
-                                  stdout=subprocess.PIPE, text=True, env=self.env)
+        procs = [subprocess.Popen([PYTHON, __file__, "_worker", kind, test, self.targets[kind]],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env=self.env)
                  for _ in range(count)]
-        results = []
-        for proc in procs:
-            out, _ = proc.communicate(timeout=self.seconds + 60)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{kind} {test} worker failed ({proc.returncode})")
-            results.append(json.loads(out.strip().splitlines()[-1]))
+        try:
+            for proc in procs:  # every worker set up before anyone starts
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                if line.strip() != "ready":
+                    raise RuntimeError(f"{kind} {test} worker did not start: {line!r}")
+            start = time.monotonic() + 0.05
+            stop = start + self.seconds
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(f"{start!r} {stop!r}\n")
+                proc.stdin.flush()
+            results = []
+            for proc in procs:
+                out, _ = proc.communicate(timeout=self.seconds + 60)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{kind} {test} worker failed ({proc.returncode})")
+                results.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if time.monotonic() < stop:
             raise RuntimeError("workers ended before the stop time")
         return results
 
     def rate(self, kind: str, clients: int) -> float:
-        return sum(self._run_workers(kind, "rate", clients)) / self.seconds
+        counts = self._run_workers(kind, "rate", clients)
+        self.per_worker.append({"kind": kind, "clients": clients, "counts": counts})
+        return sum(counts) / self.seconds
 
     def handoff_us(self, kind: str) -> float | None:
         spans = [(g, r, who) for who, result in
@@ -432,6 +457,12 @@ def main() -> int:
             got = median(col, "1")
             verdict = "met" if got is not None and got >= target else "NOT MET"
             print(f"- target {col} uncontended ≥ {target:,.0f}/s: {fmt(got)}/s, {verdict}")
+    for col in columns:
+        spreads = [min(w["counts"]) / max(w["counts"]) for w in bench.per_worker
+                   if w["kind"] == col and w["clients"] == max(counts) > 1 and max(w["counts"])]
+        if spreads:
+            print(f"- {col}, {max(counts)} clients: the slowest worker made "
+                  f"{statistics.median(spreads):.0%} of the fastest one's cycles (median)")
     for note in notes:
         print(f"- {note}")
     ended_uptime = uptime()
@@ -443,7 +474,8 @@ def main() -> int:
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"dlm-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"code": code, "seconds": seconds, "repeat": args.repeat,
-                               "samples": samples, "notes": notes, "loads": loads,
+                               "samples": samples, "per_worker": bench.per_worker,
+                               "notes": notes, "loads": loads,
                                "uptime": [started_uptime, ended_uptime]}, indent=1))
     print(f"- samples: {out.relative_to(REPO)}")
     return 0
