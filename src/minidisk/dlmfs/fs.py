@@ -326,8 +326,8 @@ class DlmFs(pyfuse3.Operations):
         others = [self.handles[h] for h in node.open_handles
                   if h != fh and not self.handles[h].kept]
         path = os.path.join(self.mountpoint, self.nodes[node.parent].name, node.name)
-        pids = holders.family([handle.opener, *(h.opener for h in others)])
-        if holders.descriptors_naming(path, pids) > len(others):
+        if holders.still_referenced(path, [handle.opener, *(h.opener for h in others)],
+                                    len(others)):
             handle.kept = True
             return
         await self._drop(fh)
