@@ -111,10 +111,12 @@ class BlockDevice:
 
     async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
         """Read like `pread`, except where the device reads as zeroes anyway: return those
-        ranges as (offset, length), absolute and ascending, and leave their bytes in `buf`
-        untouched. The server sends them as OFFSET_HOLE chunks, so a sparse read costs one
-        pass over the device. This default asks `extents` first and reads the data between;
-        devices that can tell holes while reading (memory, dm targets) do it in one pass."""
+        ranges as (offset, length), absolute and ascending; their bytes in `buf` are
+        unspecified (a device need not spend a memset on them). The server sends them as
+        OFFSET_HOLE chunks, so a sparse read costs one pass over the device. Reporting a
+        hole is optional (zeroes read as data are never wrong). This default asks `extents`
+        first and reads the data between; devices that can tell holes while reading
+        (memory, dm targets, a remote export's structured reply) do it in one pass."""
         if not self.caps.extents:
             await self.pread(buf, offset)
             return []

@@ -21,7 +21,15 @@ import struct
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from minidisk.device.api import BlockDevice, BlockSize, Caps, Extent
+from minidisk.device.api import (
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    BlockDevice,
+    BlockSize,
+    Caps,
+    Extent,
+    add_holes,
+)
 from minidisk.nbd import protocol as p
 from minidisk.nbd.tls import client_context
 
@@ -245,6 +253,7 @@ class RemoteDevice(BlockDevice):
             offset, size = p.CHUNK_OFFSET_HOLE.unpack(payload)
             start = offset - pending.offset
             pending.buf[start:start + size] = bytes(size)
+            pending.extents.append(Extent(offset, size, EXTENT_HOLE | EXTENT_ZERO))
         elif ctype == p.REPLY_TYPE_BLOCK_STATUS:
             pos = pending.offset
             for i in range(4, length, p.BLOCK_STATUS_DESCRIPTOR.size):
@@ -263,6 +272,13 @@ class RemoteDevice(BlockDevice):
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         await self._request(p.CMD_READ, 0, offset, len(buf), buf=buf)
+
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        """One structured READ: the server's OFFSET_HOLE chunks are the holes."""
+        chunks = await self._request(p.CMD_READ, 0, offset, len(buf), buf=buf) or []
+        holes: list[tuple[int, int]] = []
+        add_holes(holes, sorted((e.offset, e.length) for e in chunks))  # any chunk order
+        return holes
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         await self._request(p.CMD_WRITE, p.CMD_FLAG_FUA if fua else 0, offset, len(buf),
