@@ -93,25 +93,42 @@ class _AioFuture(asyncio.Future[Any]):
         return self
 
 
+_trio: Any = None  # the trio module, imported by the first trio client
+
+
 class _TrioFuture:
-    __slots__ = ("_event", "_value")
+    """A one-shot future on trio: the waiting task parks itself and is rescheduled directly
+    (cheaper than a `trio.Event`, whose parking lot a single waiter does not need)."""
+
+    __slots__ = ("_done", "_tasks", "_value")
 
     def __init__(self) -> None:
-        import trio
-
-        self._event = trio.Event()
+        self._done = False
         self._value: Any = None
+        self._tasks: list[Any] = []
 
     def settle(self, value: Any) -> None:
-        if not self._event.is_set():
+        if not self._done:
+            self._done = True
             self._value = value
-            self._event.set()
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                _trio.lowlevel.reschedule(task)
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     async def wait(self) -> Any:
-        await self._event.wait()
+        if not self._done:
+            lowlevel = _trio.lowlevel
+            task = lowlevel.current_task()
+            self._tasks.append(task)
+
+            def abort(_: Any) -> Any:
+                self._tasks.remove(task)
+                return lowlevel.Abort.SUCCEEDED
+
+            await lowlevel.wait_task_rescheduled(abort)
         return self._value
 
 
@@ -176,11 +193,13 @@ class _AsyncioIo(_Io):
 
 class _TrioIo(_Io):
     def __init__(self, client: DlmClient) -> None:
+        global _trio
         import trio
 
-        self.trio = trio
+        _trio = self.trio = trio
         self.client = client
-        self.wake = trio.Event()
+        self.woken = False
+        self.writer: Any = None  # the write loop's task while it sleeps
 
     def future(self) -> _Waiter:
         return _TrioFuture()
@@ -202,21 +221,35 @@ class _TrioIo(_Io):
 
     async def _write_loop(self) -> None:
         client = self.client
+        lowlevel = self.trio.lowlevel
+
+        def abort(_: Any) -> Any:
+            self.writer = None
+            return lowlevel.Abort.SUCCEEDED
+
         try:
             while True:
-                await self.wake.wait()
-                self.wake = self.trio.Event()
+                if not self.woken:
+                    self.writer = lowlevel.current_task()
+                    await lowlevel.wait_task_rescheduled(abort)
+                self.woken = False
                 client._flush_deferred()
                 while client._blocked and not client._write_pending():
-                    await self.trio.lowlevel.wait_writable(client._sock)
+                    await lowlevel.wait_writable(client._sock)
         except self.trio.ClosedResourceError:
             return
 
+    def _wake(self) -> None:
+        self.woken = True
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            self.trio.lowlevel.reschedule(writer)
+
     def want_write(self) -> None:
-        self.wake.set()
+        self._wake()
 
     def schedule_flush(self) -> None:
-        self.wake.set()
+        self._wake()
 
     def stop(self) -> None:
         self.trio.lowlevel.notify_closing(self.client._sock)
@@ -445,6 +478,17 @@ class DlmClient:
             waiter = self._calls.get(call_id)
             if waiter is not None:
                 waiter.settle(lkid)
+        elif kind == protocol.GRANTED:  # OK and GRANT in one: the lock was granted at once
+            _, call_id, ref, lkid, mode, token, seq, bits = protocol.GRANTED_BODY.unpack_from(
+                body)
+            lock = self._locks.get(ref)
+            if lock is not None:
+                lvb = protocol.trailing_lvb(body, protocol.GRANTED_BODY.size,
+                                            bits & protocol.GRANT_LVB)
+                lock._granted(_MODES[mode], token, seq, bits, lvb)
+            waiter = self._calls.get(call_id)
+            if waiter is not None:
+                waiter.settle(lkid)
         elif kind == protocol.GRANT:
             _, ref, mode, token, seq, bits = protocol.GRANT_BODY.unpack_from(body)
             lock = self._locks.get(ref)
@@ -546,7 +590,8 @@ async def connect(url: str | None = None, *, name: str | None = None
             await client._io.run(tasks)
             try:
                 client._name = name or f"pid {os.getpid()}"
-                client.server = await client._call("hello", name=client._name)
+                client.server = await client._call("hello", name=client._name,
+                                                   features=list(protocol.FEATURES))
                 yield client
             finally:
                 with anyio.CancelScope(shield=True):
@@ -591,6 +636,7 @@ class Lock:
         self._pending = False
         self._done: _Waiter | None = None
         self._outcome: str | None = None
+        self._names: tuple[int, bytes] | None = None  # encoded for LOCK frames
 
     def __repr__(self) -> str:
         held = self.mode.name if self.mode is not None else "not held"
@@ -619,7 +665,10 @@ class Lock:
         client = self.client
         ref = self._ref = client._register(self)
         call_id = client._new_id()
-        frame = protocol.encode_lock(call_id, ref, wanted, flags, self.domain, self.name)
+        names = self._names
+        if names is None:
+            names = self._names = protocol.lock_names(self.domain, self.name)
+        frame = protocol.encode_lock_with(call_id, ref, wanted, flags, names)
         granted = await self._request(call_id, frame, flags, timeout, new=True)
         if self.mode is None and self._ref is not None:
             self.client._unregister(self._ref)
@@ -741,13 +790,15 @@ class Lock:
                        new: bool) -> bool:
         """Send a lock/convert request and wait for its outcome; on timeout or cancellation,
         cancel it at the service so that it does not stay queued."""
-        done = self._done = self.client._io.future()
+        self._done = None
         self._outcome = None
         self._pending = True
         try:
             await self.client._roundtrip(call_id, frame)
-            # A grant at once arrives with the reply: then there is nothing more to wait for.
+            # A grant at once arrives with the reply (or in it): then there is nothing more
+            # to wait for. Otherwise the request is queued: wait for its grant or cancel.
             if self._outcome is None:
+                done = self._done = self.client._io.future()
                 with anyio.move_on_after(timeout):
                     await done.wait()
                 if self._outcome is None:
@@ -772,10 +823,12 @@ class Lock:
     async def _abort(self, give_back: bool) -> None:
         """Cancel the pending request. A grant that won the race is kept (after a timeout the
         caller then gets True) or, with `give_back`, released."""
-        done = self._done
         try:
             if self._ref is None:
                 return
+            if self._done is None and self._outcome is None:
+                self._done = self.client._io.future()
+            done = self._done
             await self._cancel_request(self._ref)
             if done is not None and self._outcome is None:
                 await done.wait()  # the cancel event follows the reply

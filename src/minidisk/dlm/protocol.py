@@ -27,7 +27,8 @@ a new request that must see it)::
 ==========  ==========================================  ==============================
 op          arguments                                   result
 ==========  ==========================================  ==============================
-hello       name (free text, shown in status)           server, version, pid
+hello       name (free text, shown in status),          server, version, pid, features
+            features (optional list of names)           (those of the asked it grants)
 join        domain                                      --
 leave       domain                                      --
 lock        ref, domain, name, mode, flags              lkid
@@ -48,10 +49,18 @@ Binary forms (the JSON forms of lock/convert/unlock/cancel above are accepted to
     kind 4  CANCEL   >II id, ref
     kind 16 OK       >IQ id, lkid (0 unless the request was a lock)    -- a success reply
     kind 17 ERROR    >IH id, errno; then the message (UTF-8)           -- a failure reply
+    kind 18 GRANTED  >IIQBQQB id, ref, lkid, mode, token, lvb seq, bits (as GRANT); then 64
+                      bytes of lvb if bit 4 -- the reply to a LOCK granted at once, in place
+                      of OK followed by GRANT (only for a client whose hello asked for the
+                      "granted-reply" feature)
     kind 32 GRANT    >IBQQB ref, mode, token, lvb seq, bits (1: lvb valid, 2: demoted,
                       4: an lvb follows); then 64 bytes of lvb if bit 4
     kind 33 CANCELLED >IB ref, mode still held (255: none, the lock is gone)
     kind 34 BAST     >IB ref, mode someone queued wants
+
+Features: a client lists in `hello` the optional behaviours it understands; the reply lists
+those the service will use on that connection (an older service ignores the field and
+answers none). `granted-reply`: a LOCK granted at once is answered with one GRANTED frame.
 
 A reply to a JSON request is JSON; a reply to a binary request is binary. Modes are numbers
 (NL 0 .. EX 5), flags the `Flag` bits.
@@ -95,6 +104,7 @@ UNLOCK = 3
 CANCEL = 4
 OK = 16
 ERROR = 17
+GRANTED = 18
 GRANT = 32
 CANCELLED = 33
 BAST = 34
@@ -103,6 +113,9 @@ NO_MODE = 255  # CANCELLED: the lock is gone
 GRANT_VALID = 1
 GRANT_DEMOTED = 2
 GRANT_LVB = 4
+
+FEATURE_GRANTED_REPLY = "granted-reply"
+FEATURES = (FEATURE_GRANTED_REPLY,)  # what this version understands
 
 _LENGTH = struct.Struct(">I")
 # Whole frames (length prefix and kind included) for the fixed-size parts.
@@ -113,6 +126,7 @@ CANCEL_FRAME = struct.Struct(">IBII")       # length, kind, id, ref
 OK_FRAME = struct.Struct(">IBIQ")           # length, kind, id, lkid
 ERROR_HEAD = struct.Struct(">IBIH")         # length, kind, id, errno
 GRANT_HEAD = struct.Struct(">IBIBQQB")      # length, kind, ref, mode, token, seq, bits
+GRANTED_HEAD = struct.Struct(">IBIIQBQQB")  # length, kind, id, ref, lkid, mode, token, seq, bits
 EVENT_FRAME = struct.Struct(">IBIB")        # length, kind, ref, mode (CANCELLED, BAST)
 NAME_LENGTH = struct.Struct(">H")
 
@@ -124,6 +138,7 @@ CANCEL_BODY = struct.Struct(">BII")
 OK_BODY = struct.Struct(">BIQ")
 ERROR_BODY = struct.Struct(">BIH")
 GRANT_BODY = struct.Struct(">BIBQQB")
+GRANTED_BODY = struct.Struct(">BIIQBQQB")
 EVENT_BODY = struct.Struct(">BIB")
 
 LVB_SIZE = 64
@@ -153,12 +168,23 @@ def decode_json(body: bytes | memoryview) -> dict[str, Any]:
 
 
 def encode_lock(call_id: int, ref: int, mode: int, flags: int, domain: str, name: str) -> bytes:
+    return encode_lock_with(call_id, ref, mode, flags, lock_names(domain, name))
+
+
+def lock_names(domain: str, name: str) -> tuple[int, bytes]:
+    """The part of a LOCK frame that names the resource, for `encode_lock_with` (a client
+    locking the same resource again need not encode its names again)."""
     dom, nam = domain.encode(), name.encode()
     if len(dom) > 0xFFFF or len(nam) > 0xFFFF:
         raise ValueError("name too long")
-    length = LOCK_BODY.size + len(dom) + NAME_LENGTH.size + len(nam)
-    return b"".join((LOCK_HEAD.pack(length, LOCK, call_id, ref, mode, flags, len(dom)), dom,
-                     NAME_LENGTH.pack(len(nam)), nam))
+    return len(dom), dom + NAME_LENGTH.pack(len(nam)) + nam
+
+
+def encode_lock_with(call_id: int, ref: int, mode: int, flags: int,
+                     names: tuple[int, bytes]) -> bytes:
+    dlen, tail = names
+    return LOCK_HEAD.pack(LOCK_BODY.size + len(tail), LOCK, call_id, ref, mode, flags,
+                          dlen) + tail
 
 
 def decode_lock(body: bytes) -> tuple[int, int, int, int, str, str]:
@@ -209,14 +235,24 @@ def encode_grant(ref: int, mode: int, token: int, seq: int, valid: bool, demoted
                            bits | GRANT_LVB) + lvb
 
 
+def encode_granted(call_id: int, ref: int, lkid: int, mode: int, token: int, seq: int,
+                   valid: bool, demoted: bool, lvb: bytes | None) -> bytes:
+    bits = (GRANT_VALID if valid else 0) | (GRANT_DEMOTED if demoted else 0)
+    if lvb is None:
+        return GRANTED_HEAD.pack(GRANTED_BODY.size, GRANTED, call_id, ref, lkid, mode, token,
+                                 seq, bits)
+    return GRANTED_HEAD.pack(GRANTED_BODY.size + LVB_SIZE, GRANTED, call_id, ref, lkid, mode,
+                             token, seq, bits | GRANT_LVB) + lvb
+
+
 class FrameDecoder:
     """Feed it bytes as they arrive; it returns the bodies of the complete frames (kind byte
     first). Checks the framing and the minimum size of binary bodies, not their contents."""
 
     _MIN = {JSON: 1, LOCK: LOCK_BODY.size + 2, CONVERT: CONVERT_BODY.size,
             UNLOCK: UNLOCK_BODY.size, CANCEL: CANCEL_BODY.size, OK: OK_BODY.size,
-            ERROR: ERROR_BODY.size, GRANT: GRANT_BODY.size, CANCELLED: EVENT_BODY.size,
-            BAST: EVENT_BODY.size}
+            ERROR: ERROR_BODY.size, GRANTED: GRANTED_BODY.size, GRANT: GRANT_BODY.size,
+            CANCELLED: EVENT_BODY.size, BAST: EVENT_BODY.size}
 
     def __init__(self) -> None:
         self._buffer = b""

@@ -56,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self.refs: dict[int, int] = {}  # the client's lock number -> engine lock id
         self.pid = 0
         self.name = ""
+        self.granted_reply = False  # answer a LOCK granted at once with one GRANTED frame
 
     def __str__(self) -> str:
         who = self.name or "client"
@@ -199,7 +200,15 @@ class DlmService:
                 lkid, events = self.engine.request(conn, domain, name, _mode(mode), _flag(flags))
                 conn.refs[ref] = lkid
                 self._routes[lkid] = (conn, ref)
-                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, lkid))
+                first = events[0] if events else None
+                if conn.granted_reply and type(first) is Granted and first.lkid == lkid:
+                    # Granted at once: the grant is the reply (its own event is always first).
+                    conn.send_frame(protocol.encode_granted(
+                        call_id, ref, lkid, first.mode, first.token, first.lvb_seq,
+                        first.lvb_valid, first.demoted, first.lvb))
+                    del events[0]
+                else:
+                    conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, lkid))
             elif kind == protocol.UNLOCK:
                 _, call_id, ref, flags, has_lvb = protocol.UNLOCK_BODY.unpack_from(body)
                 lvb = protocol.trailing_lvb(body, protocol.UNLOCK_BODY.size, has_lvb)
@@ -292,7 +301,12 @@ class DlmService:
 
     def _op_hello(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
         conn.name = str(msg.get("name", ""))[:100]
-        return {"server": "minidisk-dlm", "version": protocol.VERSION, "pid": os.getpid()}, []
+        asked = msg.get("features")
+        if isinstance(asked, list):  # a hello without the field (a sync) changes nothing
+            conn.granted_reply = protocol.FEATURE_GRANTED_REPLY in asked
+        features = [protocol.FEATURE_GRANTED_REPLY] if conn.granted_reply else []
+        return {"server": "minidisk-dlm", "version": protocol.VERSION, "pid": os.getpid(),
+                "features": features}, []
 
     def _op_join(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
         self.engine.join(conn, str(msg["domain"]))
