@@ -6,12 +6,14 @@ Choices, and why:
 * nbdfuse mounts "naked" over a regular file in a private 0700 directory, so the FUSE mount
   point *is* the loop device's backing file: no directory listing to go through and nothing for
   other users to open.
-* nbdfuse is given the URI (so libnbd handles TLS and every transport) and uses multi-conn
-  with `-C 4` (its default, stated so it cannot change under us) when the server advertises
-  it; nbdfuse falls back to one connection by itself when the server does not, so this is
-  safe for any server. Measured here (2 vCPU, nbdkit memory): -C 1, 2 and 4 are equal within
-  the ±30 % run-to-run noise for a local socket; over a real network several connections
-  hide latency (research/nbd.md §4: 8 connections, 80 vs 11 MB/s at 50 ms RTT).
+* nbdfuse is given the URI (so libnbd handles TLS and every transport; a URI naming local
+  files, such as tls-certificates=, goes through nbdkit's nbd plugin, see _nbdfuse_target)
+  and uses multi-conn with `-C 4` (its default, stated so it cannot change under us) when
+  the server advertises it; nbdfuse falls back to one connection by itself when the server
+  does not, so this is safe for any server. Measured here (2 vCPU, nbdkit memory): -C 1, 2
+  and 4 are equal within the ±30 % run-to-run noise for a local socket; over a real network
+  several connections hide latency (research/nbd.md §4: 8 connections, 80 vs 11 MB/s at 50
+  ms RTT).
 * Multithreaded FUSE (no `-s`) so the loop device's concurrent requests stay concurrent.
 * `losetup --direct-io=on`: the loop driver then submits O_DIRECT I/O to the FUSE file, so
   data is cached once (in the loop device's page cache, above) instead of twice, and no dirty
@@ -32,6 +34,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 from minidisk.kernel import state
@@ -96,7 +99,7 @@ def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path) -
     argv = ["nbdfuse", "-P", str(pidfile), "-C", str(CONNECTIONS)]
     if read_only:
         argv.append("-r")
-    argv += [str(backing), str(uri)]
+    argv += [str(backing), *_nbdfuse_target(uri, read_only)]
     log.debug("starting %s", " ".join(argv))
     with open(logfile, "wb") as log_out:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
@@ -123,6 +126,25 @@ def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path) -
     # Popen would reap nbdfuse in its finaliser; once we exit, init does.
     process.returncode = 0
     return helper
+
+
+def _nbdfuse_target(uri: NbdUri, read_only: bool) -> list[str]:
+    """What nbdfuse connects to. libnbd 1.14 (nbdfuse, and nbdkit's nbd plugin) refuses URIs
+    that name local files (`tls-certificates=`, `tls-psk-file=`: "local file access ... is
+    not allowed"), so such a URI goes, without them, to nbdkit's nbd plugin, which takes
+    them as parameters, started by nbdfuse on a private socket ([ CMD ] mode: one
+    connection, no multi-conn)."""
+    parts = urllib.parse.urlsplit(uri.text)
+    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    files = {"tls-certificates": "tls-certificates", "tls-psk-file": "tls-psk"}
+    if not files.keys() & query.keys():
+        return [uri.text]
+    params = [f"{files[key]}={query.pop(key)}" for key in list(query) if key in files]
+    rest = urllib.parse.urlencode(query, safe="/", quote_via=urllib.parse.quote)
+    # Not urlunsplit: it drops the "//" of an empty authority for unknown schemes.
+    plain = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
+    return ["[", "nbdkit", *(["-r"] if read_only else []), "nbd", f"uri={plain}", *params,
+            "]"]
 
 
 def _tail(logfile: Path) -> str:
