@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from link_helpers import MATRIX_DISKS, MINIDISK, NOBODY, OWNER_UID, Site, make_ext4  # noqa: E402
+from link_helpers import (  # noqa: E402
+    MATRIX_DISKS,
+    MINIDISK,
+    NOBODY,
+    OWNER_UID,
+    Site,
+    free_port,
+    make_ext4,
+    make_partitioned,
+    make_pki,
+    subject,
+)
 
+from minidisk.daemon import control  # noqa: E402
 from minidisk.daemon.control import ControlError  # noqa: E402
 from minidisk.kernel import mount as kernel_mount  # noqa: E402
 from minidisk.kernel.attach import detach  # noqa: E402
@@ -25,48 +39,127 @@ from minidisk.link import linker  # noqa: E402
 from minidisk.link.directory import Directory  # noqa: E402
 from minidisk.link.modes import parse_link_mode  # noqa: E402
 from minidisk.link.names import parse_key  # noqa: E402
+from minidisk.nbd.tls import client_context  # noqa: E402
 
 
 @pytest.fixture
-def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+def site(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    """A site on a unix socket: principals are uids. alice.0191 is an ext4 image (hello.txt),
+    or, parametrised indirectly with "partitioned", an MBR disk with ext4 in two partitions
+    (link_helpers.make_partitioned)."""
+    root = _new_root()
+    sock = root / "s.sock"
+    url = f"unix://{sock}"
+    if getattr(request, "param", None) == "partitioned":
+        make_partitioned(root / "0191.img")
+    else:
+        make_ext4(root / "0191.img")
+    site = Site(root, url, str(sock), root / "directory.sqlite", _env(root, url))
+
+    def ready() -> bool:  # the daemon opens the socket to every user after listening
+        return sock.exists() and sock.stat().st_mode & 0o777 == 0o666
+
+    with _running(site, monkeypatch, f'url = "{url}"\n', f"uid:{OWNER_UID}",
+                  [f"uid:{uid}" for uid in (0, NOBODY)], ready):
+        yield site
+
+
+TLS_CLIENTS = ["alice", "bob", "carol", "ops"]
+
+
+@pytest.fixture
+def tls_site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    """A site on TCP with --tls=require: principals are client certificate subjects.
+    `site.pki[cn]` is the certificate directory of CN=cn,O=minidisk tests for alice (the owner),
+    bob and carol (users), ops (the one --admin-subject); `site.pki["anonymous"]` has the CA
+    only. The matrix disks grant bob and carol MW."""
+    root = _new_root()
+    pki = make_pki(root / "pki", TLS_CLIENTS)
+    pki["anonymous"] = root / "pki" / "anonymous"
+    pki["anonymous"].mkdir()
+    shutil.copy(pki["server"] / "ca-cert.pem", pki["anonymous"])
+    make_ext4(root / "0191.img")
+    for attempt in range(3):  # the free port may be taken before the server binds it
+        url = f"tcp://127.0.0.1:{free_port()}"
+        site = Site(root, url, "", root / "directory.sqlite", _env(root, url), pki=pki)
+        ops = client_context(str(pki["ops"]))
+
+        def ready(url: str = url, ops: ssl.SSLContext = ops) -> bool:
+            try:
+                control.call(url, "exports", tls=ops, timeout=5)
+                return True
+            except ControlError:
+                return False
+
+        settings = (f'url = "{url}"\ntls = "require"\n'
+                    f'tls_certificates = "{pki["server"]}"\n'
+                    f'admin_subject = ["{subject("ops")}"]\n')
+        try:
+            with _running(site, monkeypatch, settings, f"subject:{subject('alice')}",
+                          [f"subject:{subject(cn)}" for cn in ("bob", "carol")], ready):
+                yield site
+                return
+        except ServerDidNotStart as e:
+            if "in use" not in str(e) or attempt == 2:
+                subprocess.run(["rm", "-rf", str(root)], check=False)
+                raise
+            (root / "directory.sqlite").unlink()
+
+
+class ServerDidNotStart(RuntimeError):
+    pass
+
+
+def _new_root() -> Path:
     if os.geteuid() != 0:
         pytest.skip("needs root (mounts, and connections as other uids)")
     root = Path(tempfile.mkdtemp(prefix="md-link-", dir="/tmp"))
     root.chmod(0o755)  # other uids must reach the socket
-    sock = root / "s.sock"
-    url = f"unix://{sock}"
-    make_ext4(root / "0191.img")
+    return root
+
+
+def _env(root: Path, url: str) -> dict[str, str]:
+    return {"MINIDISK_DIRECTORY": str(root / "directory.sqlite"),
+            "MINIDISK_STATE_DIR": str(root / "state"), "MINIDISK_SERVER": url}
+
+
+@contextlib.contextmanager
+def _running(site: Site, monkeypatch: pytest.MonkeyPatch, settings: str, owner: str,
+             matrix_linkers: list[str], ready: Callable[[], bool]) -> Iterator[None]:
+    """Write the directory and the server's configuration, start the server, wait until
+    `ready()`; afterwards unlink, unmount and detach whatever the test left, stop the server
+    and remove the site (also when the server did not start: ServerDidNotStart)."""
+    root, url = site.root, site.url
     memory = ", ".join(f'"/alice/{d}=1M"' for d in MATRIX_DISKS)
     (root / "server.toml").write_text(
-        f'url = "{url}"\n'
+        settings +
         f'file = ["/alice/0191={root}/0191.img"]\n'
         f"memory = [\"/alice/0192=4M\", {memory}]\n"
         f'dlm = "unix://{root}/dlm.sock"\n'
         f'directory = "{root}/directory.sqlite"\n')
-    env = {"MINIDISK_DIRECTORY": str(root / "directory.sqlite"),
-           "MINIDISK_STATE_DIR": str(root / "state"), "MINIDISK_SERVER": url}
-    for name, value in env.items():
+    for name, value in site.env.items():
         monkeypatch.setenv(name, value)
     d = Directory(root / "directory.sqlite")
-    d.define_owner("alice", f"uid:{OWNER_UID}")
+    d.define_owner("alice", owner)
     for disk in ["0191", "0192", *MATRIX_DISKS]:
         d.define_disk(parse_key(f"alice.{disk}"), url, f"/alice/{disk}")
     for matrix_disk in MATRIX_DISKS:  # both linkers of the matrix may link in every mode
-        for uid in (0, NOBODY):
-            d.grant(f"uid:{uid}", parse_key(f"alice.{matrix_disk}"), parse_link_mode("MW"))
+        for principal in matrix_linkers:
+            d.grant(principal, parse_key(f"alice.{matrix_disk}"), parse_link_mode("MW"))
     d.close()
     server = subprocess.Popen([MINIDISK, "serve", "-s", "--config", str(root / "server.toml")],
                               stderr=open(root / "server.log", "wb"),
-                              env={**os.environ, **env})
-    site = Site(root, url, str(sock), root / "directory.sqlite", env)
+                              env={**os.environ, **site.env})
+    started = False
     try:
         deadline = time.monotonic() + 20
-        # Ready once the daemon has opened the socket to every user (after listening).
-        while not sock.exists() or sock.stat().st_mode & 0o777 != 0o666:
+        while not ready():
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {(root / 'server.log').read_text()}")
+                raise ServerDidNotStart(
+                    f"server did not start: {(root / 'server.log').read_text()}")
             time.sleep(0.02)
-        yield site
+        started = True
+        yield
     finally:
         for h in site.holders:
             with contextlib.suppress(OSError, ControlError):
@@ -85,4 +178,5 @@ def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
+        if started:  # else the caller may try again in the same root
+            subprocess.run(["rm", "-rf", str(root)], check=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +26,7 @@ from tests.conftest import MINIDISK
 
 from minidisk.daemon.control import ControlError, Session
 from minidisk.link.directory import Directory
+from minidisk.nbd.tls import client_context
 
 OWNER_UID = 1000
 NOBODY = 65534
@@ -42,11 +44,14 @@ def as_uid(uid: int) -> Iterator[None]:
 
 
 class Holder:
-    """One control connection of one principal: at most one link, alive while it is open."""
+    """One control connection of one principal: at most one link, alive while it is open.
+    The principal is `uid` on a unix socket, or the subject of the client certificate in the
+    certificate directory `tls` on TCP."""
 
-    def __init__(self, url: str, uid: int) -> None:
+    def __init__(self, url: str, uid: int = 0, tls: Path | None = None) -> None:
+        context = client_context(str(tls)) if tls is not None else None
         with as_uid(uid):
-            self.session = Session(url, timeout=30)
+            self.session = Session(url, context, timeout=30)
 
     def link(self, disk: str, mode: str, password: str | None = None) -> dict[str, Any]:
         args: dict[str, Any] = {"disk": disk, "mode": mode}
@@ -66,15 +71,29 @@ class Site:
     directory_path: Path
     env: dict[str, str]
     holders: list[Holder] = field(default_factory=list)
+    # A TLS site: certificate directories by common name (`pki["bob"]`: bob's client
+    # certificate, in the nbdkit layout); empty for a unix-socket site.
+    pki: dict[str, Path] = field(default_factory=dict)
 
     def directory(self) -> Directory:
         return Directory(self.directory_path)
 
-    def uri(self, export: str) -> str:
+    def uri(self, export: str, who: str | None = None) -> str:
+        """The export's NBD URI; on a TLS site, with `who`'s certificates."""
+        if self.pki:
+            port = self.url.rsplit(":", 1)[1].strip("/")
+            query = f"?tls-certificates={self.pki[who]}" if who else ""
+            return f"nbds://127.0.0.1:{port}/{export}{query}"
         return f"nbd+unix:///{export}?socket={self.socket}"
 
     def holder(self, uid: int) -> Holder:
         h = Holder(self.url, uid)
+        self.holders.append(h)
+        return h
+
+    def tls_holder(self, who: str) -> Holder:
+        """A control connection with `who`'s client certificate (principal CN=who,O=...)."""
+        h = Holder(self.url, tls=self.pki[who])
         self.holders.append(h)
         return h
 
@@ -122,3 +141,95 @@ def make_ext4(image: Path, size: str = "32M") -> None:
         subprocess.run(["rm", "-rf", str(content)], check=True)
 
 
+
+
+def make_partitioned(image: Path) -> None:
+    """A 24 MiB disk with an MBR (real sfdisk) and two partitions, ext4 in both, made in place
+    with mke2fs -E offset=: p1.txt only in partition 1, p2.txt only in partition 2."""
+    subprocess.run(["truncate", "-s", "24M", str(image)], check=True)
+    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
+                   input="label: dos\nstart=2048, size=8192, type=83\n"
+                         "start=10240, type=83\n")
+    for number, (start, sectors) in enumerate([(2048, 8192), (10240, 49152 - 10240)], 1):
+        content = Path(tempfile.mkdtemp(prefix="md-content-"))
+        try:
+            (content / f"p{number}.txt").write_text(f"partition {number} of alice's 0191\n")
+            subprocess.run(["mke2fs", "-t", "ext4", "-q", "-F", "-E", f"offset={start * 512}",
+                            "-d", str(content), str(image), f"{sectors // 2}k"], check=True)
+        finally:
+            subprocess.run(["rm", "-rf", str(content)], check=True)
+
+
+ORGANIZATION = "minidisk tests"
+
+
+def subject(cn: str) -> str:
+    """The subject the server proves for `cn`'s certificate (most specific first)."""
+    return f"CN={cn},O={ORGANIZATION}"
+
+
+def make_pki(directory: Path, clients: list[str]) -> dict[str, Path]:
+    """A CA; `directory/server` (ca-cert.pem, server-cert.pem, server-key.pem) and, for each
+    client CN, `directory/CN` (ca-cert.pem, client-cert.pem, client-key.pem), with the
+    extensions GnuTLS (libnbd, nbdinfo, nbdfuse) insists on."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("minidisk link test CA"))
+          .issuer_name(name("minidisk link test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - day).not_valid_after(now + 30 * day)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+
+    def leaf(where: Path, cn: str, prefix: str) -> None:
+        where.mkdir(parents=True, mode=0o700)
+        (where / "ca-cert.pem").write_bytes(ca_pem)
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = (ExtendedKeyUsageOID.SERVER_AUTH if prefix == "server"
+                 else ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - day).not_valid_after(now + 30 * day)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+                   .add_extension(x509.KeyUsage(True, False, True, False, False, False, False,
+                                                False, False), True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), False))
+        if prefix == "server":
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"),
+                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        (where / f"{prefix}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (where / f"{prefix}-key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        (where / f"{prefix}-key.pem").chmod(0o600)
+
+    dirs = {"server": directory / "server"}
+    leaf(dirs["server"], "localhost", "server")
+    for cn in clients:
+        dirs[cn] = directory / cn
+        leaf(dirs[cn], cn, "client")
+    return dirs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,210 @@
+"""Two TLS identities on one machine: linking by certificate subject over TCP with
+--tls=require (the `tls_site` fixture: alice owns the disks, bob and carol link, ops is the
+one --admin-subject)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from link_helpers import MINIDISK, Site, subject
+from tests.conftest import SYSTEM_PYTHON
+
+from minidisk.daemon import control
+from minidisk.daemon.control import ControlError
+from minidisk.kernel import mount as kernel_mount
+from minidisk.kernel.state import attachments
+from minidisk.link import linker
+from minidisk.nbd.tls import client_context
+
+pytestmark = pytest.mark.timeout(120)
+
+BOB = f"subject:{subject('bob')}"
+CAROL = f"subject:{subject('carol')}"
+
+_WRITE_AS_CLIENT = """
+import errno, sys, nbd
+h = nbd.NBD()
+h.set_strict_mode(0)  # send the WRITE anyway: the server must refuse it
+h.set_uri_allow_local_file(True)  # tls-certificates=DIR, as nbdinfo allows it
+h.connect_uri(sys.argv[1])
+print("read-only" if h.is_read_only() else "read-write")
+try:
+    h.pwrite(b"x" * 512, 0)
+    print("written")
+except nbd.Error as e:
+    print("refused", errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def _grant(site: Site, who: str, disk: str, mode: str) -> None:
+    site.cli("directory", "grant", subject(who), disk, "--mode", mode, check=True)
+
+
+def _nbdinfo(site: Site, export: str, who: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nbdinfo", site.uri(export, who)], capture_output=True, text=True,
+                          timeout=30)
+
+
+def _client(site: Site, export: str, who: str) -> tuple[list[str], str]:
+    """(what libnbd saw: read-only/read-write, and what became of a WRITE), stderr."""
+    done = subprocess.run([SYSTEM_PYTHON, "-c", _WRITE_AS_CLIENT, site.uri(export, who)],
+                          capture_output=True, text=True, timeout=30)
+    return done.stdout.split("\n")[:2], done.stderr
+
+
+def test_grant_admits_one_subject_and_refuses_the_other(tls_site: Site) -> None:
+    site = tls_site
+    _grant(site, "bob", "alice.0192", "R")
+    linked = site.tls_holder("bob").link("alice.0192", "R")
+    assert linked["principal"] == BOB and linked["access"] == "read-only"
+    with pytest.raises(ControlError) as refused:
+        site.tls_holder("carol").link("alice.0192", "R")
+    assert refused.value.errno == 13 and "no grant" in str(refused.value)
+    assert (CAROL, "link", "alice.0192", "refused",
+            f"{CAROL} has no grant on alice.0192 and it has no read password: "
+            "ask its administrator") in site.audit()
+    assert (BOB, "link", "alice.0192", "linked", "grant R") in site.audit()
+    # A TLS client without a certificate is nobody: it may not even ask.
+    with pytest.raises(ControlError) as anonymous:
+        control.call(site.url, "link", {"disk": "alice.0192", "mode": "R"},
+                     tls=client_context(str(site.pki["anonymous"])), timeout=30)
+    assert anonymous.value.errno == 1
+
+
+def test_raw_nbdinfo_with_a_certificate_needs_a_live_link(tls_site: Site) -> None:
+    site = tls_site
+    _grant(site, "bob", "alice.0192", "W")
+    refused = _nbdinfo(site, "alice/0192", "bob")  # a valid certificate, no link
+    assert refused.returncode != 0, refused.stdout
+    assert "not supported for export" in refused.stderr or "policy" in refused.stderr.lower()
+    assert _nbdinfo(site, "alice/0192", "alice").returncode == 0  # the owner, always
+    listed = subprocess.run(["nbdinfo", "--list", site.uri("", "carol")], capture_output=True,
+                            text=True, timeout=30)
+    assert "alice/0192" not in listed.stdout
+    holder = site.tls_holder("bob")
+    holder.link("alice.0192", "R")
+    read_only, stderr = _client(site, "alice/0192", "bob")
+    assert read_only == ["read-only", "refused EPERM"], stderr
+    # The link is bob's: carol's certificate still opens nothing.
+    assert _nbdinfo(site, "alice/0192", "carol").returncode != 0
+    holder.close()
+    deadline = time.monotonic() + 10
+    while _nbdinfo(site, "alice/0192", "bob").returncode == 0:  # ends with its connection
+        assert time.monotonic() < deadline, "the link outlived its connection"
+        time.sleep(0.05)
+    site.tls_holder("bob").link("alice.0192", "W")
+    written, stderr = _client(site, "alice/0192", "bob")
+    assert written == ["read-write", "written"], stderr
+
+
+# (bob's link, carol's request, z/VM's answer for carol: write, read (degraded) or refused)
+PAIRS = [
+    ("R", "R", "read"),
+    ("W", "R", "refused"),
+    ("W", "RR", "read"),
+    ("R", "WR", "read"),
+    ("R", "M", "write"),
+    ("M", "MW", "write"),
+    ("SR", "MW", "refused"),
+    ("EW", "RR", "refused"),
+]
+
+
+def test_mode_pairs_between_two_subjects(tls_site: Site) -> None:
+    site = tls_site
+    wrong = []
+    for n, (first, second, expected) in enumerate(PAIRS):
+        disk = f"alice.{0x100 + n:04x}"  # a matrix disk: bob and carol hold MW grants
+        bob, carol = site.tls_holder("bob"), site.tls_holder("carol")
+        bob.link(disk, first)
+        try:
+            result = carol.link(disk, second)
+            got = "write" if result["access"] == "read-write" else "read"
+            assert result["degraded"] == (second in ("WR", "MR") and got == "read")
+        except ControlError as e:
+            got = "refused"
+            assert e.errno == 16 and f"linked {first} by {BOB}" in str(e), str(e)
+        if got != expected:
+            wrong.append((first, second, got, expected))
+        bob.close()
+        carol.close()
+    assert not wrong
+
+
+def _link_cli(site: Site, who: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return site.cli("link", *args, "--tls-certificates", str(site.pki[who]))
+
+
+@pytest.mark.kernel
+def test_link_command_attaches_through_nbdfuse_with_tls(tls_site: Site) -> None:
+    site = tls_site
+    _grant(site, "bob", "alice.0191", "W")
+    _grant(site, "carol", "alice.0191", "W")
+    mnt = site.root / "mnt"
+    done = _link_cli(site, "bob", "alice.0191", str(mnt), "--mode", "R")
+    assert done.returncode == 0, done.stderr
+    assert "alice.0191 linked R (read-only)" in done.stdout
+    assert (mnt / "hello.txt").read_text() == "hello from alice's 0191\n"
+    [attachment] = attachments()
+    assert attachment.method == "nbdfuse" and attachment.read_only
+    assert attachment.uri.startswith(f"nbds://127.0.0.1:{site.url.rsplit(':', 1)[1]}/"
+                                     "alice/0191?tls-certificates=")
+    with pytest.raises(OSError) as e:
+        (mnt / "new").write_text("x")
+    assert e.value.errno == 30  # EROFS
+    with pytest.raises(ControlError, match=f"linked R by {BOB}"):
+        site.tls_holder("carol").link("alice.0191", "W")
+    done = site.cli("unlink", str(mnt))
+    assert done.returncode == 0, done.stderr
+    assert not kernel_mount.mounted_at(mnt) and not attachments() and not linker.links()
+    site.tls_holder("carol").link("alice.0191", "W")  # bob's link (and lock) are gone
+
+
+def test_killing_the_keeper_ends_the_link(tls_site: Site) -> None:
+    site = tls_site
+    _grant(site, "bob", "alice.0192", "W")
+    _grant(site, "carol", "alice.0192", "W")
+    done = _link_cli(site, "bob", "alice.0192", "--no-attach", "--mode", "W")
+    assert done.returncode == 0, done.stderr
+    uri = done.stdout.splitlines()[-1]
+    assert uri.startswith("nbds://127.0.0.1:") and "tls-certificates=" in uri
+    state = linker.find("alice.0192")
+    assert state.keeper is not None and state.keeper.alive()
+    with pytest.raises(ControlError, match=f"linked W by {BOB}"):
+        site.tls_holder("carol").link("alice.0192", "R")
+    os.kill(state.keeper.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            site.tls_holder("carol").link("alice.0192", "W")
+            break
+        except ControlError:
+            assert time.monotonic() < deadline, "bob's link outlived its keeper"
+            time.sleep(0.05)
+    assert (BOB, "unlink", "alice.0192", "unlinked",
+            "the holder's connection closed") in site.audit()
+    assert _nbdinfo(site, "alice/0192", "bob").returncode != 0
+    assert site.cli("unlink", "alice.0192").returncode == 0  # the state left behind
+
+
+def test_a_users_certificate_is_no_administrator(tls_site: Site) -> None:
+    site = tls_site
+    env = {**os.environ, **site.env}
+    for who in ("bob", "alice"):  # a linker, and even the owner of every disk here
+        with pytest.raises(ControlError) as refused:
+            control.call(site.url, "halt", tls=client_context(str(site.pki[who])), timeout=30)
+        assert refused.value.errno == 1 and "administrators only" in str(refused.value)
+    bob_halt = subprocess.run(
+        [MINIDISK, "halt"], capture_output=True, text=True, timeout=60,
+        env={**env, "MINIDISK_TLS_CERTIFICATES": str(site.pki["bob"])})
+    assert bob_halt.returncode != 0 and "administrators only" in bob_halt.stderr
+    assert control.call(site.url, "exports", tls=client_context(str(site.pki["ops"])))
+    ops_halt = subprocess.run(
+        [MINIDISK, "halt"], capture_output=True, text=True, timeout=60,
+        env={**env, "MINIDISK_TLS_CERTIFICATES": str(site.pki["ops"])})
+    assert ops_halt.returncode == 0, ops_halt.stderr
+
