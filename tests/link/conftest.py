@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from link_helpers import (  # noqa: E402
     NOBODY,
     OWNER_UID,
     Site,
+    autofs_mounted,
     free_port,
     make_ext4,
     make_partitioned,
@@ -62,6 +64,39 @@ def site(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     with _running(site, monkeypatch, f'url = "{url}"\n', f"uid:{OWNER_UID}",
                   [f"uid:{uid}" for uid in (0, NOBODY)], ready):
         yield site
+
+
+AUTOMOUNT_TIMEOUT = 2  # seconds idle before expiry; the expirer looks every timeout/4
+
+
+@pytest.fixture
+def automounter(site: Site) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`minidisk automount SITE/vmlink --timeout 2`; root may link alice.0191 R, nobody W."""
+    site.cli("directory", "grant", "root", "alice.0191", "--mode", "R", check=True)
+    site.cli("directory", "grant", "nobody", "alice.0191", "--mode", "W", check=True)
+    root = site.root / "vmlink"
+    proc = subprocess.Popen([MINIDISK, "-v", "automount", str(root), "--timeout",
+                             str(AUTOMOUNT_TIMEOUT)],
+                            env={**os.environ, **site.env}, start_new_session=True,
+                            stderr=open(site.root / "automount.log", "wb"))
+    try:
+        deadline = time.monotonic() + 20
+        while not autofs_mounted(root):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (site.root / "automount.log").read_text()
+            time.sleep(0.05)
+        yield proc, root
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if autofs_mounted(root):
+            subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 TLS_CLIENTS = ["alice", "bob", "carol", "ops"]

@@ -233,3 +233,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def autofs_mounted(root: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(root) and " autofs " in line for line in f)
+
+
+def run_ls(path: Path) -> subprocess.CompletedProcess[str]:
+    """`ls PATH` in another process group than the automounter's: its lookups are trapped."""
+    return subprocess.run(["ls", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def mount_options(path: Path) -> list[str]:
+    """The options of what is mounted exactly at `path` ([] if nothing is): from mountinfo
+    only, because a path walk below an automounted key counts as use and postpones expiry."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(path):
+                return fields[5].split(",")
+    return []

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from link_helpers import MINIDISK, NOBODY, Site
+from link_helpers import MINIDISK, NOBODY, Site, autofs_mounted, mount_options, run_ls
 
 from minidisk.daemon.control import ControlError
 from minidisk.kernel import mount as kernel_mount
@@ -20,56 +19,15 @@ from minidisk.link import linker
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
-TIMEOUT = 2  # seconds idle before expiry; the expirer looks every TIMEOUT/4
-
-
-def _autofs_mounted(root: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(root) and " autofs " in line for line in f)
-
-
-@pytest.fixture
-def automounter(site: Site) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    site.cli("directory", "grant", "root", "alice.0191", "--mode", "R", check=True)
-    site.cli("directory", "grant", "nobody", "alice.0191", "--mode", "W", check=True)
-    root = site.root / "vmlink"
-    proc = subprocess.Popen([MINIDISK, "-v", "automount", str(root), "--timeout", str(TIMEOUT)],
-                            env={**os.environ, **site.env}, start_new_session=True,
-                            stderr=open(site.root / "automount.log", "wb"))
-    try:
-        deadline = time.monotonic() + 20
-        while not _autofs_mounted(root):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (site.root / "automount.log").read_text()
-            time.sleep(0.05)
-        yield proc, root
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if _autofs_mounted(root):
-            subprocess.run(["umount", "-l", str(root)], check=False)
-
-
-def _ls(path: Path) -> subprocess.CompletedProcess[str]:
-    # Another process group than the automounter's: its lookups are trapped.
-    return subprocess.run(["ls", str(path)], capture_output=True, text=True, timeout=60)
-
-
 def test_entering_links_and_mounts_then_expiry_undoes_it(
         site: Site, automounter: tuple[subprocess.Popen[bytes], Path]) -> None:
     _, root = automounter
-    listed = _ls(root / "alice.0191")
+    listed = run_ls(root / "alice.0191")
     assert listed.returncode == 0 and "hello.txt" in listed.stdout, listed.stderr
     mnt = root / "alice.0191"
     assert kernel_mount.mounted_at(mnt)
-    assert "ro" in _options(mnt)  # the grant says R: a read link, mounted ro
-    alias = _ls(root / "ALICE.191")  # normalised: the same disk, through a symlink
+    assert "ro" in mount_options(mnt)  # the grant says R: a read link, mounted ro
+    alias = run_ls(root / "ALICE.191")  # normalised: the same disk, through a symlink
     assert alias.returncode == 0 and "hello.txt" in alias.stdout
     assert os.readlink(root / "ALICE.191") == "alice.0191"
     with pytest.raises(ControlError, match="R by uid:0"):
@@ -79,7 +37,7 @@ def test_entering_links_and_mounts_then_expiry_undoes_it(
     deadline = time.monotonic() + 30
     # Poll mountinfo only: a path walk through /vmlink/alice.0191 (realpath, stat) counts as
     # use and would keep postponing the expiry.
-    while _options(mnt) or attachments() or linker.links():
+    while mount_options(mnt) or attachments() or linker.links():
         assert time.monotonic() < deadline, (site.root / "automount.log").read_text()
         time.sleep(0.2)
     site.wait_linkable("alice.0191", "W")  # and the lock is gone
@@ -106,7 +64,7 @@ def test_bad_keys_are_enoent_and_audited(
 def test_stopping_leaves_no_hung_caller_and_no_mount(
         site: Site, automounter: tuple[subprocess.Popen[bytes], Path]) -> None:
     proc, root = automounter
-    assert _ls(root / "alice.0191").returncode == 0
+    assert run_ls(root / "alice.0191").returncode == 0
     os.kill(proc.pid, signal.SIGSTOP)  # requests now wait for an automounter that is away
     waiting = subprocess.Popen(["stat", str(root / "alice.0192")], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -116,7 +74,7 @@ def test_stopping_leaves_no_hung_caller_and_no_mount(
     os.kill(proc.pid, signal.SIGCONT)
     assert waiting.wait(10) != 0  # answered (ENOENT), not left hanging
     assert proc.wait(30) == 0
-    assert not _autofs_mounted(root) and not kernel_mount.mounted_at(root / "alice.0191")
+    assert not autofs_mounted(root) and not kernel_mount.mounted_at(root / "alice.0191")
     assert not attachments() and not linker.links()
     site.wait_linkable("alice.0191", "W")
 
@@ -130,15 +88,6 @@ def test_program_map_prints_an_entry(site: Site) -> None:
     assert site.cli("unlink", "alice.0191").returncode == 0
     bad = site.cli("automount", "--program-map", "../etc")
     assert bad.returncode != 0 and bad.stdout == ""
-
-
-def _options(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(path):
-                return fields[5].split(",")
-    return []
 
 
 def test_quickstart_vmlink_once() -> None:
