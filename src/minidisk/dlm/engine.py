@@ -64,6 +64,13 @@ class Flag(enum.IntFlag):
     NOQUEUEBAST = 64   # a failed NOQUEUE request still notifies the holders in its way
 
 
+_NOQUEUE = Flag.NOQUEUE.value
+_PERSISTENT = Flag.PERSISTENT.value
+_IVVALBLK = Flag.IVVALBLK.value
+_ORPHAN = Flag.ORPHAN.value
+_NOQUEUEBAST = Flag.NOQUEUEBAST.value
+
+
 class DlmError(OSError):
     """A refused operation; `errno` says why (EAGAIN, EDEADLK, EBUSY, ENOENT, EINVAL...)."""
 
@@ -253,22 +260,23 @@ class Engine:
     def request(self, owner: Owner, domain: str, name: str, mode: Mode,
                 flags: Flag = Flag.NONE) -> tuple[int, list[Event]]:
         """A new lock. Returns its id and the events (its own `Granted` if granted at once)."""
-        check_name("resource", name)
-        dom = self._domain(domain)
+        dom = self._domains.get(domain) or self._domain(domain)
         res = dom.resources.get(name)
         if res is None:
+            check_name("resource", name)  # a resource that exists has a good name
             res = dom.resources[name] = Resource(dom, name)
         events: list[Event] = []
-        if flags & Flag.ORPHAN:
+        bits = int(flags)  # plain int operations: IntFlag's cost a microsecond each
+        if bits & _ORPHAN:
             return self._adopt(owner, res, mode, events), events
         lk = LockState(self._next_lkid, owner, res, None, mode,
-                       persistent=bool(flags & Flag.PERSISTENT), rqflags=flags)
+                       persistent=bool(bits & _PERSISTENT), rqflags=flags)
         if not res.converting and not res.waiting and not self._conflicts(res, lk):
             self._register(lk, res.granted)
             self._grant(lk, events)
             return lk.lkid, events
-        if flags & Flag.NOQUEUE:
-            if flags & Flag.NOQUEUEBAST:
+        if bits & _NOQUEUE:
+            if bits & _NOQUEUEBAST:
                 self._notify_holders(res, res.holders(), mode, events)
             self._collect(dom)
             raise DlmError(errno.EAGAIN, f"{name!r} {mode.name} not grantable now", events)
@@ -322,7 +330,7 @@ class Engine:
         res = lk.resource
         assert lk.grmode is not None
         if lk.grmode >= Mode.PW:
-            self._store_lvb(res, lvb, invalidate=bool(flags & Flag.IVVALBLK))
+            self._store_lvb(res, lvb, invalidate=bool(int(flags) & _IVVALBLK))
         self._unregister(lk)
         events: list[Event] = []
         self._settle(res, events)
@@ -428,7 +436,10 @@ class Engine:
         queue[lk.lkid] = lk
         self._locks[lk.lkid] = lk
         assert lk.owner is not None
-        self._by_owner.setdefault(lk.owner, {})[lk.lkid] = lk
+        owned = self._by_owner.get(lk.owner)
+        if owned is None:
+            owned = self._by_owner[lk.owner] = {}
+        owned[lk.lkid] = lk
         dom = lk.resource.domain
         dom.lock_count += 1
         if lk.owner not in dom.members:
@@ -502,7 +513,7 @@ class Engine:
         action = lvb_action(lk.grmode, lk.rqmode)
         if action is LvbAction.WRITE:
             self._store_lvb(res, lk.pending_lvb,
-                            invalidate=bool(lk.rqflags & Flag.IVVALBLK))
+                            invalidate=bool(int(lk.rqflags) & _IVVALBLK))
         if lk.lkid in res.converting:
             del res.converting[lk.lkid]
             res.granted[lk.lkid] = lk
