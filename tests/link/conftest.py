@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -24,11 +23,11 @@ from link_helpers import (  # noqa: E402
     NOBODY,
     OWNER_UID,
     Site,
-    autofs_mounted,
     free_port,
     make_ext4,
     make_partitioned,
     make_pki,
+    running_automounter,
     subject,
 )
 
@@ -74,29 +73,8 @@ def automounter(site: Site) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """`minidisk automount SITE/vmlink --timeout 2`; root may link alice.0191 R, nobody W."""
     site.cli("directory", "grant", "root", "alice.0191", "--mode", "R", check=True)
     site.cli("directory", "grant", "nobody", "alice.0191", "--mode", "W", check=True)
-    root = site.root / "vmlink"
-    proc = subprocess.Popen([MINIDISK, "-v", "automount", str(root), "--timeout",
-                             str(AUTOMOUNT_TIMEOUT)],
-                            env={**os.environ, **site.env}, start_new_session=True,
-                            stderr=open(site.root / "automount.log", "wb"))
-    try:
-        deadline = time.monotonic() + 20
-        while not autofs_mounted(root):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (site.root / "automount.log").read_text()
-            time.sleep(0.05)
-        yield proc, root
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if autofs_mounted(root):
-            subprocess.run(["umount", "-l", str(root)], check=False)
+    with running_automounter(site, AUTOMOUNT_TIMEOUT) as running:
+        yield running
 
 
 TLS_CLIENTS = ["alice", "bob", "carol", "ops"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -254,3 +255,33 @@ def mount_options(path: Path) -> list[str]:
             if fields[4] == str(path):
                 return fields[5].split(",")
     return []
+
+
+@contextlib.contextmanager
+def running_automounter(site: Site, timeout: int = 2, **env: str
+                        ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`minidisk automount SITE/vmlink --timeout T` (`env` added to the site's), stopped
+    afterwards."""
+    root = site.root / "vmlink"
+    proc = subprocess.Popen([MINIDISK, "-v", "automount", str(root), "--timeout",
+                             str(timeout)],
+                            env={**os.environ, **site.env, **env}, start_new_session=True,
+                            stderr=open(site.root / "automount.log", "wb"))
+    try:
+        deadline = time.monotonic() + 20
+        while not autofs_mounted(root):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (site.root / "automount.log").read_text()
+            time.sleep(0.05)
+        yield proc, root
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if autofs_mounted(root):
+            subprocess.run(["umount", "-l", str(root)], check=False)

@@ -10,7 +10,15 @@ import subprocess
 import time
 
 import pytest
-from link_helpers import MINIDISK, Site, subject
+from link_helpers import (
+    MINIDISK,
+    Site,
+    autofs_mounted,
+    mount_options,
+    run_ls,
+    running_automounter,
+    subject,
+)
 from tests.conftest import SYSTEM_PYTHON
 
 from minidisk.daemon import control
@@ -208,3 +216,37 @@ def test_a_users_certificate_is_no_administrator(tls_site: Site) -> None:
         env={**env, "MINIDISK_TLS_CERTIFICATES": str(site.pki["ops"])})
     assert ops_halt.returncode == 0, ops_halt.stderr
 
+
+
+def test_certificates_from_the_environment(tls_site: Site) -> None:
+    """$MINIDISK_TLS_CERTIFICATES (what control commands use) serves `link` too: the data
+    URI is nbds with the same certificates, not a plain one the server would refuse."""
+    site = tls_site
+    _grant(site, "bob", "alice.0192", "R")
+    _grant(site, "carol", "alice.0192", "W")
+    done = subprocess.run([MINIDISK, "link", "alice.0192", "--no-attach"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **site.env,
+                                                      "MINIDISK_TLS_CERTIFICATES": str(
+                                                          site.pki["bob"])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == site.uri("alice/0192", "bob")
+    with pytest.raises(ControlError, match=f"linked R by {BOB}"):
+        site.tls_holder("carol").link("alice.0192", "W")
+    assert site.cli("unlink", "alice.0192").returncode == 0
+
+
+@pytest.mark.kernel
+def test_automount_with_a_certificate(tls_site: Site) -> None:
+    site = tls_site
+    _grant(site, "bob", "alice.0191", "R")
+    _grant(site, "carol", "alice.0191", "W")
+    with running_automounter(site, MINIDISK_TLS_CERTIFICATES=str(site.pki["bob"])) as (_, root):
+        listed = run_ls(root / "alice.0191")
+        assert listed.returncode == 0 and "hello.txt" in listed.stdout, listed.stderr
+        assert "ro" in mount_options(root / "alice.0191")
+        [attachment] = attachments()
+        assert attachment.method == "nbdfuse" and attachment.uri.startswith("nbds://")
+        with pytest.raises(ControlError, match=f"linked R by {BOB}"):
+            site.tls_holder("carol").link("alice.0191", "W")
+    assert not autofs_mounted(root) and not attachments() and not linker.links()
+    site.tls_holder("carol").link("alice.0191", "W")

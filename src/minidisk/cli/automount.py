@@ -8,6 +8,7 @@ import os
 import click
 
 from minidisk.cli.common import fail, require_server, server_option
+from minidisk.daemon.control import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.automount import Automounter, program_map_entry
 
@@ -17,7 +18,9 @@ from minidisk.link.automount import Automounter, program_map_entry
 @click.argument("root", required=False, default="/vmlink")
 @click.option("--timeout", default=300, show_default=True, type=click.IntRange(1),
               help="Seconds a disk may stay unused before it is unmounted and unlinked.")
-@click.option("--tls-certificates", metavar="DIR", help="Client certificate directory.")
+@click.option("--tls-certificates", metavar="DIR", envvar=TLS_ENV,
+              help="Client certificate directory (default: $MINIDISK_TLS_CERTIFICATES, as "
+              "for control commands): TLS for the link and for the disk's data.")
 @click.option("--program-map", "key", metavar="KEY",
               help="Instead: link KEY and print an autofs map entry for it (for the stock "
               "automount daemon's program maps).")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from minidisk.cli.common import fail, require_server, server_option
+from minidisk.daemon.control import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.directory import (
     ALL,
@@ -179,7 +180,9 @@ def ls(ctx: click.Context, audit: bool) -> None:
               help="The disk's password for this mode's class, if you have no grant.")
 @click.option("--no-attach", is_flag=True,
               help="Only hold the link (print the NBD URI) for a client of your own.")
-@click.option("--tls-certificates", metavar="DIR", help="Client certificate directory.")
+@click.option("--tls-certificates", metavar="DIR", envvar=TLS_ENV,
+              help="Client certificate directory (default: $MINIDISK_TLS_CERTIFICATES, as "
+              "for control commands): TLS for the link and for the disk's data.")
 def link(server: str | None, disk: str, mountpoint: str | None, mode: str,
          password_file: str | None, no_attach: bool, tls_certificates: str | None) -> None:
     """Link DISK (owner.disk), attach it and, given MOUNTPOINT, mount it (ro for read links).
