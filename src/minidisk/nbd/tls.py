@@ -38,15 +38,26 @@ def client_context(cert_dir: str) -> ssl.SSLContext:
 
 
 def peer_subject(ssl_object: Any) -> str | None:
-    """RFC 4514-style subject of the verified peer certificate, most specific part first."""
+    """RFC 4514 subject of the verified peer certificate, most specific part first.
+
+    Values are escaped as RFC 4514 says (`CN=a\\,O=b` is one CN), and the attributes of a
+    multi-valued RDN are joined with `+`, so that no certificate can spell another's
+    subject inside one of its values."""
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     if not cert:
         return None
     parts = []
     for rdn in reversed(cert.get("subject", ())):
-        for key, value in rdn:
-            short = {"commonName": "CN", "organizationName": "O",
-                     "organizationalUnitName": "OU", "countryName": "C",
-                     "localityName": "L", "stateOrProvinceName": "ST"}.get(key, key)
-            parts.append(f"{short}={value}")
+        parts.append("+".join(f"{_SHORT.get(key, key)}={_escape(value)}" for key, value in rdn))
     return ",".join(parts)
+
+
+_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+          "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+
+
+def _escape(value: str) -> str:
+    last = len(value) - 1
+    return "".join("\\00" if c == "\0" else
+                   "\\" + c if c in ',+"\\<>;' or (i == 0 and c in " #") or (i == last and c == " ")
+                   else c for i, c in enumerate(value))
