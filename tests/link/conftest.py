@@ -78,6 +78,9 @@ def automounter(site: Site) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
 
 
 TLS_CLIENTS = ["alice", "bob", "carol", "ops"]
+# Certificates whose one CN spells another's whole subject (a CA signs what users ask for).
+SPOOFERS = {"fake-alice": subject("alice").removeprefix("CN="),
+            "fake-ops": subject("ops").removeprefix("CN=")}
 
 
 @pytest.fixture
@@ -85,9 +88,10 @@ def tls_site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     """A site on TCP with --tls=require: principals are client certificate subjects.
     `site.pki[cn]` is the certificate directory of CN=cn,O=minidisk tests for alice (the owner),
     bob and carol (users), ops (the one --admin-subject); `site.pki["anonymous"]` has the CA
-    only. The matrix disks grant bob and carol MW."""
+    only; `site.pki["fake-alice"]`, `["fake-ops"]` have a CN that reads like their subjects
+    (conftest.SPOOFERS). The matrix disks grant bob and carol MW."""
     root = _new_root()
-    pki = make_pki(root / "pki", TLS_CLIENTS)
+    pki = make_pki(root / "pki", TLS_CLIENTS, bare=SPOOFERS)
     pki["anonymous"] = root / "pki" / "anonymous"
     pki["anonymous"].mkdir()
     shutil.copy(pki["server"] / "ca-cert.pem", pki["anonymous"])

@@ -169,10 +169,12 @@ def subject(cn: str) -> str:
     return f"CN={cn},O={ORGANIZATION}"
 
 
-def make_pki(directory: Path, clients: list[str]) -> dict[str, Path]:
+def make_pki(directory: Path, clients: list[str],
+             bare: dict[str, str] | None = None) -> dict[str, Path]:
     """A CA; `directory/server` (ca-cert.pem, server-cert.pem, server-key.pem) and, for each
     client CN, `directory/CN` (ca-cert.pem, client-cert.pem, client-key.pem), with the
-    extensions GnuTLS (libnbd, nbdinfo, nbdfuse) insists on."""
+    extensions GnuTLS (libnbd, nbdinfo, nbdfuse) insists on. `bare` maps more directory
+    names to a CN that is the certificate's whole subject (no O): any text a CA might sign."""
     import datetime
     import ipaddress
 
@@ -181,9 +183,9 @@ def make_pki(directory: Path, clients: list[str]) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    def name(cn: str, organization: bool = True) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)] *
+                         organization + [x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     now = datetime.datetime.now(datetime.UTC)
     day = datetime.timedelta(days=1)
@@ -198,13 +200,14 @@ def make_pki(directory: Path, clients: list[str]) -> dict[str, Path]:
           .sign(ca_key, hashes.SHA256()))
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
 
-    def leaf(where: Path, cn: str, prefix: str) -> None:
+    def leaf(where: Path, cn: str, prefix: str, organization: bool = True) -> None:
         where.mkdir(parents=True, mode=0o700)
         (where / "ca-cert.pem").write_bytes(ca_pem)
         key = ec.generate_private_key(ec.SECP256R1())
         usage = (ExtendedKeyUsageOID.SERVER_AUTH if prefix == "server"
                  else ExtendedKeyUsageOID.CLIENT_AUTH)
-        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+        builder = (x509.CertificateBuilder().subject_name(name(cn, organization))
+                   .issuer_name(ca.subject)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - day).not_valid_after(now + 30 * day)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
@@ -227,6 +230,9 @@ def make_pki(directory: Path, clients: list[str]) -> dict[str, Path]:
     for cn in clients:
         dirs[cn] = directory / cn
         leaf(dirs[cn], cn, "client")
+    for where, cn in (bare or {}).items():
+        dirs[where] = directory / where
+        leaf(dirs[where], cn, "client", organization=False)
     return dirs
 
 

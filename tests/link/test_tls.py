@@ -250,3 +250,21 @@ def test_automount_with_a_certificate(tls_site: Site) -> None:
             site.tls_holder("carol").link("alice.0191", "W")
     assert not autofs_mounted(root) and not attachments() and not linker.links()
     site.tls_holder("carol").link("alice.0191", "W")
+
+
+def test_a_subject_spelled_inside_a_common_name_is_someone_else(tls_site: Site) -> None:
+    """CN="alice,O=minidisk tests" (and nothing else) is not CN=alice,O=minidisk tests: the
+    server escapes RFC 4514's specials, so no certificate can pass for another subject."""
+    site = tls_site
+    fake = f"subject:{subject('alice').replace(',', chr(92) + ',')}"
+    assert fake == "subject:CN=alice\\,O=minidisk tests"
+    refused = _nbdinfo(site, "alice/0192", "fake-alice")  # not the owner: no access
+    assert refused.returncode != 0 and "certificate" not in refused.stderr, refused.stderr
+    with pytest.raises(ControlError) as no_grant:
+        site.tls_holder("fake-alice").link("alice.0192", "W")
+    assert no_grant.value.errno == 13 and f"{fake} has no grant" in str(no_grant.value)
+    with pytest.raises(ControlError) as not_admin:  # nor is "ops,O=..." an administrator
+        control.call(site.url, "halt", tls=client_context(str(site.pki["fake-ops"])),
+                     timeout=30)
+    assert not_admin.value.errno == 1
+    assert _nbdinfo(site, "alice/0192", "alice").returncode == 0  # the real one still is
