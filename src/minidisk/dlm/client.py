@@ -271,6 +271,7 @@ class DlmClient:
         self._flush_scheduled = False
         self._next_id = 1
         self._next_ref = 1
+        self._names: dict[tuple[str, str], tuple[int, bytes]] = {}
         self.closed = False
         self._shut = False
         self._unanswered: int | None = None  # the last request sent without waiting
@@ -535,6 +536,17 @@ class DlmClient:
             self._lost_reported = True
             self.on_lost()
 
+    def _lock_names(self, domain: str, name: str) -> tuple[int, bytes]:
+        """`protocol.lock_names`, remembered for the resources locked recently (dlmfs makes
+        a new `Lock` at every open of the same file)."""
+        key = (domain, name)
+        names = self._names.get(key)
+        if names is None:
+            if len(self._names) >= 1024:
+                self._names.clear()
+            names = self._names[key] = protocol.lock_names(domain, name)
+        return names
+
     def _register(self, lock: Lock) -> int:
         ref = self._next_ref
         while ref in self._locks or not ref:
@@ -667,7 +679,7 @@ class Lock:
         call_id = client._new_id()
         names = self._names
         if names is None:
-            names = self._names = protocol.lock_names(self.domain, self.name)
+            names = self._names = client._lock_names(self.domain, self.name)
         frame = protocol.encode_lock_with(call_id, ref, wanted, flags, names)
         granted = await self._request(call_id, frame, flags, timeout, new=True)
         if self.mode is None and self._ref is not None:

@@ -42,6 +42,7 @@ class Node:
     lookups: int = 0
     unlinked: bool = False
     times_ns: list[int] = field(default_factory=lambda: [time.time_ns()] * 3)  # a, m, c
+    path: str = ""  # where a lock file is, under the mountpoint (set at its first close)
 
     @property
     def is_dir(self) -> bool:
@@ -325,7 +326,10 @@ class DlmFs(pyfuse3.Operations):
         node = handle.node
         others = [self.handles[h] for h in node.open_handles
                   if h != fh and not self.handles[h].kept]
-        path = os.path.join(self.mountpoint, self.nodes[node.parent].name, node.name)
+        path = node.path
+        if not path:
+            path = node.path = os.path.join(self.mountpoint, self.nodes[node.parent].name,
+                                            node.name)
         if holders.still_referenced(path, [handle.opener, *(h.opener for h in others)],
                                     len(others)):
             handle.kept = True
