@@ -36,6 +36,7 @@ def test_link_a_partition(site: Site) -> None:
     mnt = site.root / "mnt"
     done = site.cli("link", "alice.0191.2", str(mnt))
     assert done.returncode == 0, done.stderr
+    assert f"mounted at {mnt} (ext4, ro)" in done.stdout
     assert (mnt / "p2.txt").read_text() == P2
     assert not (mnt / "p1.txt").exists()  # partition 2, and only it
     assert "ro" in mount_options(mnt)  # an R link: read-only, here too

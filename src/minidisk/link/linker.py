@@ -214,7 +214,9 @@ def _attach_and_mount(state: LinkState, key: DiskKey, mountpoint: str | None,
         if key.partition is not None:
             start, size = _partition_window(device, key.partition)
             options += [f"offset={start}", f"sizelimit={size}"]
-        fstype = kernel_mount.detect_filesystem(device) if not options else None
+            fstype = _detect_in_window(device, start, size)
+        else:
+            fstype = kernel_mount.detect_filesystem(device)
         Path(mountpoint).mkdir(parents=True, exist_ok=True)
         kernel_mount.mount(device, mountpoint, fstype=fstype, options=options,
                            read_only=state.read_only)
@@ -234,6 +236,13 @@ def _partition_window(device: str, number: int) -> tuple[int, int]:
         if suffix is not None and int(suffix.group(1)) == number:
             return int(part["start"]) * sector, int(part["size"]) * sector
     raise LinkError(f"{device} has no partition {number}")
+
+
+def _detect_in_window(device: str, start: int, size: int) -> str | None:
+    """The file-system type blkid finds in bytes [start, start+size) of `device`, or None."""
+    done = run(["blkid", "-p", "-o", "value", "-s", "TYPE", "-O", str(start), "-S", str(size),
+                device], ok_codes=(0, 2))
+    return done.stdout.strip() or None
 
 
 def _load(disk: str) -> LinkState | None:
