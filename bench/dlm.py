@@ -380,7 +380,13 @@ def main() -> int:
     parser.add_argument("--snapshot", metavar="REV",
                         help="run the lock manager, client and dlmfs from a git revision")
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--cpus", metavar="LIST",
+                        help="run everything (servers, mount, workers) on these CPUs, e.g. 0 "
+                             "or 0,1: where the scheduler puts the processes changes the "
+                             "figures more than most code changes (see bench/README.md)")
     args = parser.parse_args()
+    if args.cpus:
+        os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})  # inherited
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     columns = args.only.split(",") if args.only else list(COLUMNS)
     for col in columns:
@@ -390,6 +396,7 @@ def main() -> int:
     counts = [int(r) for r in rows if r != "handoff"]
     started_uptime = uptime()
     print(f"uptime at start: {started_uptime}", flush=True)
+    placement = f"CPUs {args.cpus}" if args.cpus else "CPUs as the scheduler likes"
     notes: list[str] = []
     samples: dict[str, dict[str, list[float | None]]] = {col: {} for col in columns}
     with ExitStack() as stack:
@@ -436,7 +443,8 @@ def main() -> int:
         return statistics.median(values) if values else None
 
     print()
-    print(f"Lock manager bench ({code}); medians of {args.repeat} samples of {seconds:g} s")
+    print(f"Lock manager bench ({code}; {placement}); medians of {args.repeat} samples of "
+          f"{seconds:g} s")
     print()
     print("| measurement | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
@@ -473,7 +481,8 @@ def main() -> int:
               f"median {statistics.median(loads):.2f}, max {max(loads):.2f} (2 cores)")
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"dlm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"code": code, "seconds": seconds, "repeat": args.repeat,
+    out.write_text(json.dumps({"code": code, "cpus": args.cpus, "seconds": seconds,
+                               "repeat": args.repeat,
                                "samples": samples, "per_worker": bench.per_worker,
                                "notes": notes, "loads": loads,
                                "uptime": [started_uptime, ended_uptime]}, indent=1))
