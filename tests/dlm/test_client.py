@@ -260,3 +260,20 @@ async def test_many_clients_contending_on_one_lock_all_make_progress(dlm_server)
             for i in range(8):
                 tasks.start_soon(worker, i)
     assert cycles == [100] * 8
+
+
+async def test_prompt_unlock_release_wait_makes_it_visible_at_once(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    """release(wait=True) on a prompt-unlock connection does not wait for the reply, yet
+    another connection's trylock right after it succeeds (as dlmfs's close needs)."""
+    async with connect(dlm_server.url, name="a", prompt_unlock=True) as a, \
+            connect(dlm_server.url, name="b") as b:
+        assert a.prompt_unlock and not b.prompt_unlock
+        for i in range(100):
+            lock = a.lock("d", "r", Mode.EX)
+            assert await lock.acquire()
+            lock.write_lvb(f"v{i}".encode())
+            await lock.release(wait=True)
+            other = b.lock("d", "r", Mode.EX)
+            assert await other.acquire(blocking=False)
+            assert other.lvb.rstrip(b"\0") == f"v{i}".encode()
+            await other.release(wait=True)

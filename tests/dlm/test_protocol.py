@@ -5,6 +5,7 @@ the binary frames round-trip, and the GRANTED reply is used only when a client a
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -108,3 +109,69 @@ def test_granted_reply_only_when_asked(dlm_server: Server) -> None:
     finally:
         old.close()
         new.close()
+
+
+def test_prompt_unlock_is_handled_before_anyone_s_later_request(dlm_server: Server) -> None:
+    """A prompt-unlock connection's UNLOCK, once written, is handled before a request another
+    connection sends afterwards -- without its writer waiting for the reply."""
+    fast, other = Raw(dlm_server), Raw(dlm_server)
+    try:
+        assert fast.call({"id": 1, "op": "hello", "name": "fast",
+                          "features": ["prompt-unlock"]})["features"] == ["prompt-unlock"]
+        assert other.call({"id": 1, "op": "hello", "name": "other"})["features"] == []
+        call = 10
+        for _ in range(200):
+            fast.send(protocol.encode_lock(call, 1, 5, 0, "d", "r"))
+            assert fast.next()[0] == protocol.OK
+            assert fast.next()[0] == protocol.GRANT
+            fast.send(protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK,
+                                                  call + 1, 1, 0, lvb=None))
+            # No waiting for the unlock's reply: a trylock from elsewhere must succeed now.
+            other.send(protocol.encode_lock(call + 2, 1, 5, 1, "d", "r"))   # 1: NOQUEUE
+            reply = other.next()
+            assert reply[0] == protocol.OK, protocol.ERROR_BODY.unpack_from(reply)
+            assert other.next()[0] == protocol.GRANT
+            other.send(protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK,
+                                                   call + 3, 1, 0, lvb=None))
+            assert other.next()[0] == protocol.OK
+            assert fast.next()[0] == protocol.OK                              # the unlock's
+            call += 4
+        # Turned off again by a hello that says so.
+        assert fast.call({"id": 2, "op": "hello", "name": "fast", "features": []})[
+            "features"] == []
+    finally:
+        fast.close()
+        other.close()
+
+
+def test_prompt_unlock_overtakes_a_busy_neighbour(dlm_server: Server) -> None:
+    """The case that needs the service's help: it is busy with a burst from another
+    connection when the unlock and then that connection's trylock arrive. Its next look at
+    its sockets finds both ready, the busy one first; without draining the prompt-unlock
+    connection first, the trylock would be refused."""
+    fast, other = Raw(dlm_server), Raw(dlm_server)
+    try:
+        fast.call({"id": 1, "op": "hello", "name": "fast", "features": ["prompt-unlock"]})
+        other.call({"id": 1, "op": "hello", "name": "other"})
+        for round_ in range(5):
+            fast.send(protocol.encode_lock(10, 1, 5, 0, "d", "r"))
+            assert [fast.next()[0], fast.next()[0]] == [protocol.OK, protocol.GRANT]
+            burst = 2000
+            other.send(b"".join(protocol.encode({"id": 100 + i, "op": "hello", "name": "o"})
+                                for i in range(burst)))
+            time.sleep(0.002)  # the service is chewing on the burst
+            fast.send(protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK, 11, 1,
+                                                  0, lvb=None))
+            other.send(protocol.encode_lock(20, 1, 5, 1, "d", "r"))          # NOQUEUE
+            for _ in range(burst):
+                assert other.next()[0] == protocol.JSON
+            reply = other.next()
+            assert reply[0] == protocol.OK, (round_, protocol.ERROR_BODY.unpack_from(reply))
+            assert other.next()[0] == protocol.GRANT
+            other.send(protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK, 21, 1,
+                                                   0, lvb=None))
+            assert other.next()[0] == protocol.OK
+            assert fast.next()[0] == protocol.OK
+    finally:
+        fast.close()
+        other.close()

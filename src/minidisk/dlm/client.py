@@ -13,7 +13,11 @@ not wait for its answer: the unlock leaves at the end of the loop step, in the s
 whatever is asked next (so a lock+unlock cycle is one round trip), the service handles a
 connection's requests in order (the next lock sees the unlock), and closing the connection
 waits for the answer to the last such unlock first. Use `release(wait=True)` or
-`client.sync()` before telling another process out of band that a lock is free.
+`client.sync()` before telling another process out of band that a lock is free. A lock granted
+at once comes back as one GRANTED reply (the `granted-reply` feature). With
+`connect(..., prompt_unlock=True)` the service handles what the connection has written before
+anyone's later request, so `release(wait=True)` returns once the unlock is written (dlmfs's
+close uses this). Replies are read into a buffer kept per connection.
 
 Full-mode API (VMS-style), kazoo-shaped where kazoo has a name for it::
 
@@ -279,6 +283,7 @@ class DlmClient:
         self._name = ""
         self.server: dict[str, Any] = {}
         self.on_lost: Callable[[], None] | None = None  # called once if the connection drops
+        self.prompt_unlock = False  # the service accepted the prompt-unlock feature
 
     # -- full-mode API -----------------------------------------------------------------------
 
@@ -359,13 +364,15 @@ class DlmClient:
             raise DlmError(int(reply["errno"]), str(reply.get("error", "")))
         return dict(reply)
 
-    async def _roundtrip(self, call_id: int, frame: bytes) -> Any:
-        """Send a request frame and wait for its reply (a dict, a lkid, or a DlmError)."""
+    async def _roundtrip(self, call_id: int, frame: bytes | None) -> Any:
+        """Send a request frame (None: it is sent already) and wait for its reply (a dict, a
+        lkid, or a DlmError)."""
         if self.closed:
             raise DlmError(errno.ENOTCONN, "not connected to the lock manager")
         waiter = self._calls[call_id] = self._io.future()
         try:
-            self._write(frame)
+            if frame is not None:
+                self._write(frame)
             reply = await waiter.wait()
         finally:
             self._calls.pop(call_id, None)
@@ -381,6 +388,14 @@ class DlmClient:
         an unlock and the next lock in one write, which wakes the service once."""
         self._write(frame, defer=True)
         self._unanswered = call_id
+
+    def _send_prompt(self, call_id: int, frame: bytes) -> bool:
+        """Send a request now, with anything deferred before it, and do not wait for its
+        reply; True once all of it is in the kernel (False: the kernel's buffer was full and
+        the rest waits, so the caller must wait for the reply instead)."""
+        self._write(frame)
+        self._unanswered = call_id
+        return not self._out
 
     def _write(self, frame: bytes, defer: bool = False) -> None:
         if self.closed:
@@ -591,10 +606,16 @@ async def _connect_socket(path: str) -> socket.socket:
 
 
 @asynccontextmanager
-async def connect(url: str | None = None, *, name: str | None = None
-                  ) -> AsyncIterator[DlmClient]:
+async def connect(url: str | None = None, *, name: str | None = None,
+                  prompt_unlock: bool = False) -> AsyncIterator[DlmClient]:
     """Connect to the lock manager at `url` (see `protocol.socket_path`). Leaving the block
-    closes the connection, which releases every lock still held."""
+    closes the connection, which releases every lock still held.
+
+    `prompt_unlock`: ask the service to handle what this connection has sent before any
+    other connection's later requests, so that `release(wait=True)` need not wait for the
+    reply (see `Lock.release`). It costs the service a read of this socket whenever another
+    client writes, so it is for a few busy connections (a dlmfs mount), not for every one;
+    `client.prompt_unlock` says whether the service agreed."""
     sock = await _connect_socket(protocol.socket_path(url))
     client = DlmClient(sock)
     try:
@@ -602,8 +623,13 @@ async def connect(url: str | None = None, *, name: str | None = None
             await client._io.run(tasks)
             try:
                 client._name = name or f"pid {os.getpid()}"
+                features = [protocol.FEATURE_GRANTED_REPLY]
+                if prompt_unlock:
+                    features.append(protocol.FEATURE_PROMPT_UNLOCK)
                 client.server = await client._call("hello", name=client._name,
-                                                   features=list(protocol.FEATURES))
+                                                   features=features)
+                client.prompt_unlock = protocol.FEATURE_PROMPT_UNLOCK in client.server.get(
+                    "features", [])
                 yield client
             finally:
                 with anyio.CancelScope(shield=True):
@@ -716,7 +742,10 @@ class Lock:
         block), and closing the connection sends it first. Another process sees the lock
         free once the service has handled it; with `wait=True` (or after `client.sync()`)
         that has happened when this returns -- use it before telling anyone else out of
-        band that the lock is free."""
+        band that the lock is free. On a connection made with `prompt_unlock=True`,
+        `wait=True` returns as soon as the unlock is in the socket: the service then handles
+        it before any request sent afterwards by anyone, which is the same promise without
+        the round trip."""
         if self._pending:
             await self.cancel()
         ref = self._ref
@@ -735,7 +764,12 @@ class Lock:
                                             ref, flags, lvb=lvb)
         self._forget()
         try:
-            if wait:
+            if wait and client.prompt_unlock:
+                # The service handles what this connection sent before anyone's later
+                # request: handing the unlock to the kernel is enough.
+                if not client._send_prompt(call_id, frame):
+                    await client._roundtrip(call_id, None)
+            elif wait:
                 await client._roundtrip(call_id, frame)
             else:
                 client._send_unanswered(call_id, frame)

@@ -61,6 +61,12 @@ Binary forms (the JSON forms of lock/convert/unlock/cancel above are accepted to
 Features: a client lists in `hello` the optional behaviours it understands; the reply lists
 those the service will use on that connection (an older service ignores the field and
 answers none). `granted-reply`: a LOCK granted at once is answered with one GRANTED frame.
+`prompt-unlock`: before handling data from any other connection, the service reads and
+handles whatever this connection has already sent (still in its socket buffer), so that a
+request sent by anyone after this client's write of an UNLOCK is handled after that UNLOCK --
+the client may treat the lock as free for everyone once the write is done, without waiting
+for the reply. It costs the service a read of this connection's socket for every other
+connection's wake-up, so only a client that needs it (dlmfs) asks for it.
 
 A reply to a JSON request is JSON; a reply to a binary request is binary. Modes are numbers
 (NL 0 .. EX 5), flags the `Flag` bits.
@@ -115,7 +121,8 @@ GRANT_DEMOTED = 2
 GRANT_LVB = 4
 
 FEATURE_GRANTED_REPLY = "granted-reply"
-FEATURES = (FEATURE_GRANTED_REPLY,)  # what this version understands
+FEATURE_PROMPT_UNLOCK = "prompt-unlock"
+FEATURES = (FEATURE_GRANTED_REPLY, FEATURE_PROMPT_UNLOCK)  # what this version understands
 
 _LENGTH = struct.Struct(">I")
 # Whole frames (length prefix and kind included) for the fixed-size parts.

@@ -43,6 +43,7 @@ log = logging.getLogger("minidisk.dlm")
 MAX_WRITE_BUFFER = 8 << 20
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_DRAIN_SIZE = 1 << 16
 
 
 class _Connection(asyncio.Protocol):
@@ -57,6 +58,8 @@ class _Connection(asyncio.Protocol):
         self.pid = 0
         self.name = ""
         self.granted_reply = False  # answer a LOCK granted at once with one GRANTED frame
+        self.prompt_unlock = False  # what it has sent is handled before others' later requests
+        self._fd = -1
 
     def __str__(self) -> str:
         who = self.name or "client"
@@ -68,9 +71,18 @@ class _Connection(asyncio.Protocol):
         with contextlib.suppress(OSError, AttributeError):
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             self.pid = _PEERCRED.unpack(creds)[0]
+        with contextlib.suppress(OSError, AttributeError):
+            self._fd = sock.fileno()
         self._service.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        service = self._service
+        if service.prompt:
+            service.drain_prompt(self)
+        self._handle_data(data)
+        service.flush()
+
+    def _handle_data(self, data: bytes) -> None:
         try:
             bodies = self._decoder.feed(data)
             service = self._service
@@ -79,7 +91,22 @@ class _Connection(asyncio.Protocol):
         except protocol.ProtocolError as err:
             log.warning("%s: %s; closing", self, err)
             self.abort()
-        self._service.flush()
+
+    def drain(self) -> None:
+        """Read and handle, now, whatever this connection has sent that is still in its
+        socket's buffer. Reading under the transport's feet is safe: its own next read finds
+        nothing (EAGAIN) and waits again; an end of stream or an error is left for it to
+        find."""
+        while self._transport is not None and self._fd >= 0:
+            try:
+                data = os.read(self._fd, _DRAIN_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            self._handle_data(data)
+            if len(data) < _DRAIN_SIZE:
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -153,6 +180,9 @@ class DlmService:
         self.engine = engine or Engine(first_token=time.time_ns() // 1000)
         self.connections: set[_Connection] = set()
         self.dirty: list[_Connection] = []
+        # Connections with the prompt-unlock feature: before any other connection's data is
+        # handled, what they have already sent is (see `drain_prompt`).
+        self.prompt: list[_Connection] = []
         self.path = ""
         self._server: asyncio.AbstractServer | None = None
         self._routes: dict[int, tuple[_Connection, int]] = {}  # engine lock id -> (conn, ref)
@@ -271,7 +301,19 @@ class DlmService:
             conn.flush()
         self.dirty.clear()
 
+    def drain_prompt(self, reader: _Connection) -> None:
+        """Handle what every prompt-unlock connection has already sent. Called before the
+        data of any other connection: a request read now was sent after whatever those
+        connections' sockets hold, so it must see it handled. This is what lets such a
+        client count an unlock as done once it is in the socket (dlmfs's close returns
+        then) instead of waiting for the reply: nobody can ask anything that overtakes it."""
+        for conn in self.prompt:
+            if conn is not reader:
+                conn.drain()
+
     def connection_gone(self, conn: _Connection) -> None:
+        if conn in self.prompt:
+            self.prompt.remove(conn)
         self.connections.discard(conn)
         for lkid in conn.refs.values():
             self._routes.pop(lkid, None)
@@ -304,7 +346,15 @@ class DlmService:
         asked = msg.get("features")
         if isinstance(asked, list):  # a hello without the field (a sync) changes nothing
             conn.granted_reply = protocol.FEATURE_GRANTED_REPLY in asked
-        features = [protocol.FEATURE_GRANTED_REPLY] if conn.granted_reply else []
+            prompt = protocol.FEATURE_PROMPT_UNLOCK in asked and conn._fd >= 0
+            if prompt and not conn.prompt_unlock:
+                self.prompt.append(conn)
+            elif conn.prompt_unlock and not prompt:
+                self.prompt.remove(conn)
+            conn.prompt_unlock = prompt
+        features = [name for name, on in ((protocol.FEATURE_GRANTED_REPLY, conn.granted_reply),
+                                          (protocol.FEATURE_PROMPT_UNLOCK, conn.prompt_unlock))
+                    if on]
         return {"server": "minidisk-dlm", "version": protocol.VERSION, "pid": os.getpid(),
                 "features": features}, []
 

@@ -18,7 +18,8 @@ write                   needs EX (EBADF on a read-only descriptor); ENOSPC at of
                         longer writes truncated; stored at close. Page cache bypassed (direct_io)
 poll                    POLLIN|POLLRDNORM when another holder waits for the lock
 close                   drops the lock before close(2) returns (done in FUSE FLUSH: RELEASE is
-                        asynchronous, so a trylock right after close could otherwise fail);
+                        asynchronous, so a trylock right after close could otherwise fail; the
+                        unlock counts once written, as the mount's connection is prompt-unlock);
                         closing one of several descriptors of a description (dup2, fork) keeps
                         it: see `holders`
 unlink D/L              forget the resource; EBUSY while this mount holds it open

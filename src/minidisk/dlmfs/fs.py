@@ -349,7 +349,9 @@ class DlmFs(pyfuse3.Operations):
         handle.dropped = True
         handle.node.open_handles.discard(fh)
         try:
-            # Wait for the service: close(2) must return with the lock free for everyone.
+            # close(2) must return with the lock free for everyone: wait=True. The mount's
+            # connection is prompt-unlock (see `connect`), so that is done once the unlock is
+            # in the socket -- the service handles it before anyone's later request.
             await handle.lock.release(wait=True)
         except DlmError as err:
             log.warning("dropping %s/%s: %s", self.nodes[handle.node.parent].name,

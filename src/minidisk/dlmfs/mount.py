@@ -25,7 +25,9 @@ def run_dlmfs(mountpoint: str, url: str | None = None, *, wait_limit: float = 30
 
 
 async def _serve(mountpoint: str, url: str | None, wait_limit: float, debug: bool) -> None:
-    async with connect(url, name=f"dlmfs {mountpoint}") as client:
+    # prompt_unlock: a close's unlock counts once it is in the socket (the service handles
+    # it before anyone's later request), so FLUSH need not wait for the service's reply.
+    async with connect(url, name=f"dlmfs {mountpoint}", prompt_unlock=True) as client:
         fs = DlmFs(client, mountpoint, wait_limit)
 
         def lost() -> None:
