@@ -307,7 +307,7 @@ class DlmService:
         connections' sockets hold, so it must see it handled. This is what lets such a
         client count an unlock as done once it is in the socket (dlmfs's close returns
         then) instead of waiting for the reply: nobody can ask anything that overtakes it."""
-        for conn in self.prompt:
+        for conn in tuple(self.prompt):  # what a drain handles may turn the feature off
             if conn is not reader:
                 conn.drain()
 
