@@ -277,3 +277,28 @@ async def test_prompt_unlock_release_wait_makes_it_visible_at_once(dlm_server) -
             assert await other.acquire(blocking=False)
             assert other.lvb.rstrip(b"\0") == f"v{i}".encode()
             await other.release(wait=True)
+
+
+async def test_prompt_unlock_then_close_at_once_keeps_the_value_block(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    """A prompt-unlock release is quiet (no reply); closing right after it must still have it
+    handled as an unlock (value block stored), not as the holder's death (invalidated) -- also
+    when the service writes to the closing connection meanwhile (the bast for a waiter)."""
+    async with connect(dlm_server.url, name="waiter") as w:
+        for i in range(20):
+            async with connect(dlm_server.url, name="holder", prompt_unlock=True) as h:
+                lock = h.lock("d", "r", Mode.EX)
+                assert await lock.acquire()
+                lock.write_lvb(f"w{i}".encode())
+                waiter = w.lock("d", "r", Mode.EX)
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(waiter.acquire)
+                    if i % 2:
+                        while lock.blocking is None:    # the waiter is queued behind us
+                            await anyio.sleep(0.001)
+                    else:
+                        await anyio.sleep(0.0005 * (i % 4))  # the waiter's request in flight
+                    await lock.release(wait=True)
+                    await h.aclose()
+            assert waiter.held and waiter.lvb_valid
+            assert waiter.lvb.rstrip(b"\0") == f"w{i}".encode()
+            await waiter.release(wait=True)

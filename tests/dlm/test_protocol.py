@@ -4,6 +4,7 @@ the binary frames round-trip, and the GRANTED reply is used only when a client a
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from typing import Any
@@ -175,3 +176,27 @@ def test_prompt_unlock_overtakes_a_busy_neighbour(dlm_server: Server) -> None:
     finally:
         fast.close()
         other.close()
+
+
+def test_quiet_unlock_is_answered_only_when_it_fails(dlm_server: Server) -> None:
+    raw = Raw(dlm_server)
+    try:
+        raw.call({"id": 1, "op": "hello", "name": "q", "features": ["prompt-unlock"]})
+        raw.send(protocol.encode_lock(2, 1, 5, 0, "d", "r"))
+        assert [raw.next()[0], raw.next()[0]] == [protocol.OK, protocol.GRANT]
+        raw.send(protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK_QUIET, 3, 1,
+                                             0, lvb=b"q"))
+        raw.send(protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK_QUIET, 4, 1,
+                                             0, lvb=None))            # ref 1 is gone now
+        error = raw.next()
+        assert error[0] == protocol.ERROR
+        assert protocol.ERROR_BODY.unpack_from(error)[1:] == (4, errno.ENOENT)
+        # Nothing for request 3; the next reply is for the next request, which sees it done.
+        raw.send(protocol.encode_lock(5, 2, 3, 0, "d", "r"))
+        body = raw.next()
+        assert body[0] == protocol.OK and protocol.OK_BODY.unpack_from(body)[1] == 5
+        grant = raw.next()
+        assert protocol.trailing_lvb(grant, protocol.GRANT_BODY.size, 1) == \
+            b"q".ljust(protocol.LVB_SIZE, b"\0")
+    finally:
+        raw.close()

@@ -279,6 +279,7 @@ class DlmClient:
         self.closed = False
         self._shut = False
         self._unanswered: int | None = None  # the last request sent without waiting
+        self._quiet: int | None = None  # the last quiet request not known handled yet
         self._lost_reported = False
         self._name = ""
         self.server: dict[str, Any] = {}
@@ -342,6 +343,13 @@ class DlmClient:
             waiter = self._calls.setdefault(last, self._io.future())
             with anyio.move_on_after(_CLOSE_FLUSH_S):
                 await waiter.wait()
+        if self._quiet is not None and not self.closed:
+            # The same for a quiet unlock, which has no answer: ask for one after it.
+            with anyio.move_on_after(_CLOSE_FLUSH_S):
+                try:
+                    await self.sync()
+                except DlmError:
+                    pass
         self.closed = True
         self._flush_at_close()
         self._io.stop()
@@ -389,13 +397,21 @@ class DlmClient:
         self._write(frame, defer=True)
         self._unanswered = call_id
 
-    def _send_prompt(self, call_id: int, frame: bytes) -> bool:
-        """Send a request now, with anything deferred before it, and do not wait for its
-        reply; True once all of it is in the kernel (False: the kernel's buffer was full and
-        the rest waits, so the caller must wait for the reply instead)."""
+    def _send_quiet(self, call_id: int, frame: bytes) -> bool:
+        """Send a quiet request (answered only if it fails) now, with anything deferred
+        before it; True once all of it is in the kernel (False: the kernel's buffer was full
+        and the rest waits, so the caller must wait, e.g. with `sync()`)."""
         self._write(frame)
-        self._unanswered = call_id
+        self._quiet = call_id
         return not self._out
+
+    def _answered(self, call_id: int) -> None:
+        """A reply to `call_id` arrived: every request sent before it was handled too."""
+        if call_id == self._unanswered:
+            self._unanswered = None
+        quiet = self._quiet
+        if quiet is not None and (call_id - quiet) & _U32 < 0x80000000:
+            self._quiet = None
 
     def _write(self, frame: bytes, defer: bool = False) -> None:
         if self.closed:
@@ -489,8 +505,7 @@ class DlmClient:
         kind = body[0]
         if kind == protocol.OK:
             _, call_id, lkid = protocol.OK_BODY.unpack_from(body)
-            if call_id == self._unanswered:
-                self._unanswered = None
+            self._answered(call_id)
             waiter = self._calls.get(call_id)
             if waiter is not None:
                 waiter.settle(lkid)
@@ -502,6 +517,7 @@ class DlmClient:
                 lvb = protocol.trailing_lvb(body, protocol.GRANTED_BODY.size,
                                             bits & protocol.GRANT_LVB)
                 lock._granted(_MODES[mode], token, seq, bits, lvb)
+            self._answered(call_id)
             waiter = self._calls.get(call_id)
             if waiter is not None:
                 waiter.settle(lkid)
@@ -515,8 +531,7 @@ class DlmClient:
         elif kind == protocol.ERROR:
             _, call_id, err = protocol.ERROR_BODY.unpack_from(body)
             detail = body[protocol.ERROR_BODY.size:].decode(errors="replace")
-            if call_id == self._unanswered:
-                self._unanswered = None
+            self._answered(call_id)
             waiter = self._calls.get(call_id)
             if waiter is not None:
                 waiter.settle(DlmError(err, detail))
@@ -534,6 +549,8 @@ class DlmClient:
                 lock._cancelled(None if mode == protocol.NO_MODE else _MODES[mode])
         elif kind == protocol.JSON:
             message = protocol.decode_json(body)
+            if isinstance(message.get("id"), int):
+                self._answered(message["id"])
             waiter = self._calls.get(message.get("id", -1))
             if waiter is not None:
                 waiter.settle(message)
@@ -760,15 +777,18 @@ class Lock:
             if self._lvb_dirty and self.mode >= Mode.PW:
                 lvb = self.lvb
         call_id = client._new_id()
-        frame = protocol.encode_lvb_request(protocol.UNLOCK_HEAD, protocol.UNLOCK, call_id,
-                                            ref, flags, lvb=lvb)
+        prompt = wait and client.prompt_unlock
+        frame = protocol.encode_lvb_request(
+            protocol.UNLOCK_HEAD, protocol.UNLOCK_QUIET if prompt else protocol.UNLOCK,
+            call_id, ref, flags, lvb=lvb)
         self._forget()
         try:
-            if wait and client.prompt_unlock:
+            if prompt:
                 # The service handles what this connection sent before anyone's later
-                # request: handing the unlock to the kernel is enough.
-                if not client._send_prompt(call_id, frame):
-                    await client._roundtrip(call_id, None)
+                # request: handing the unlock to the kernel is enough (and it is quiet: no
+                # reply to wake us for, unless it fails).
+                if not client._send_quiet(call_id, frame):
+                    await client.sync()  # the kernel's buffer was full: wait it out
             elif wait:
                 await client._roundtrip(call_id, frame)
             else:

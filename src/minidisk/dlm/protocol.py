@@ -47,6 +47,8 @@ Binary forms (the JSON forms of lock/convert/unlock/cancel above are accepted to
     kind 2  CONVERT  >IIBHB id, ref, mode, flags, has_lvb; then 64 bytes of lvb if has_lvb
     kind 3  UNLOCK   >IIHB id, ref, flags, has_lvb; then 64 bytes of lvb if has_lvb
     kind 4  CANCEL   >II id, ref
+    kind 5  UNLOCK_QUIET  as UNLOCK, but answered only when it fails (an ERROR); for
+                      prompt-unlock connections, which know it is done once written
     kind 16 OK       >IQ id, lkid (0 unless the request was a lock)    -- a success reply
     kind 17 ERROR    >IH id, errno; then the message (UTF-8)           -- a failure reply
     kind 18 GRANTED  >IIQBQQB id, ref, lkid, mode, token, lvb seq, bits (as GRANT); then 64
@@ -65,8 +67,9 @@ answers none). `granted-reply`: a LOCK granted at once is answered with one GRAN
 handles whatever this connection has already sent (still in its socket buffer), so that a
 request sent by anyone after this client's write of an UNLOCK is handled after that UNLOCK --
 the client may treat the lock as free for everyone once the write is done, without waiting
-for the reply. It costs the service a read of this connection's socket for every other
-connection's wake-up, so only a client that needs it (dlmfs) asks for it.
+for the reply -- and may send it as UNLOCK_QUIET, which has none unless it fails. It costs
+the service a read of this connection's socket for every other connection's wake-up, so only
+a client that needs it (dlmfs) asks for it.
 
 A reply to a JSON request is JSON; a reply to a binary request is binary. Modes are numbers
 (NL 0 .. EX 5), flags the `Flag` bits.
@@ -108,6 +111,7 @@ LOCK = 1
 CONVERT = 2
 UNLOCK = 3
 CANCEL = 4
+UNLOCK_QUIET = 5
 OK = 16
 ERROR = 17
 GRANTED = 18
@@ -257,7 +261,8 @@ class FrameDecoder:
     first). Checks the framing and the minimum size of binary bodies, not their contents."""
 
     _MIN = {JSON: 1, LOCK: LOCK_BODY.size + 2, CONVERT: CONVERT_BODY.size,
-            UNLOCK: UNLOCK_BODY.size, CANCEL: CANCEL_BODY.size, OK: OK_BODY.size,
+            UNLOCK: UNLOCK_BODY.size, UNLOCK_QUIET: UNLOCK_BODY.size,
+            CANCEL: CANCEL_BODY.size, OK: OK_BODY.size,
             ERROR: ERROR_BODY.size, GRANTED: GRANTED_BODY.size, GRANT: GRANT_BODY.size,
             CANCELLED: EVENT_BODY.size, BAST: EVENT_BODY.size}
 

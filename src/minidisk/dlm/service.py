@@ -239,12 +239,13 @@ class DlmService:
                     del events[0]
                 else:
                     conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, lkid))
-            elif kind == protocol.UNLOCK:
+            elif kind == protocol.UNLOCK or kind == protocol.UNLOCK_QUIET:
                 _, call_id, ref, flags, has_lvb = protocol.UNLOCK_BODY.unpack_from(body)
                 lvb = protocol.trailing_lvb(body, protocol.UNLOCK_BODY.size, has_lvb)
                 events = self.engine.unlock(self._lkid_of(conn, ref), lvb, _flag(flags))
                 self._forget(conn, ref)
-                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
+                if kind == protocol.UNLOCK:
+                    conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
             elif kind == protocol.CONVERT:
                 _, call_id, ref, mode, flags, has_lvb = protocol.CONVERT_BODY.unpack_from(body)
                 lvb = protocol.trailing_lvb(body, protocol.CONVERT_BODY.size, has_lvb)
