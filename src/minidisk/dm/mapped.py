@@ -207,6 +207,9 @@ class MappedDevice(BlockDevice):
             await self._wait_resumed()
         self._inflight += 1
         try:
+            only = self._only
+            if only is not None and offset + len(buf) <= self.size:
+                return await only.pread_sparse(buf, offset)
             return await self.live.pread_sparse(buf, offset)
         finally:
             self._done()
