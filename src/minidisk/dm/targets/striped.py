@@ -125,6 +125,17 @@ class Striped(Target):
                 raise
 
     async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        chunk = self.chunk
+        chunk_no, in_chunk = divmod(offset, chunk)
+        if in_chunk + len(buf) <= chunk:  # one chunk, as most small reads are: no generator
+            row, stripe = divmod(chunk_no, self.stripes)
+            at = row * chunk + in_chunk + self.bases[stripe]
+            try:
+                found = await pread_sparse_at(self.children[stripe], buf, at, offset - at)
+            except OSError as e:
+                self._failed(stripe, e)
+                raise
+            return found
         holes: list[tuple[int, int]] = []
         for stripe, dev_off, pos, n in self.pieces(offset, len(buf)):
             try:
