@@ -127,14 +127,19 @@ class Striped(Target):
     async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
         chunk = self.chunk
         chunk_no, in_chunk = divmod(offset, chunk)
-        if in_chunk + len(buf) <= chunk:  # one chunk, as most small reads are: no generator
+        if in_chunk + len(buf) <= chunk and self.caps.extents:
+            # One chunk, as most small reads are: no generator, no helper coroutine (this
+            # path runs once per 4 KiB read; every layer costs ~0.3 µs of a ~6 µs request).
+            # Our caps were combined from the children's, so each child tells holes too.
             row, stripe = divmod(chunk_no, self.stripes)
             at = row * chunk + in_chunk + self.bases[stripe]
             try:
-                found = await pread_sparse_at(self.children[stripe], buf, at, offset - at)
+                found = await self.children[stripe].pread_sparse(buf, at)
             except OSError as e:
                 self._failed(stripe, e)
                 raise
+            if found and at != offset:
+                found = [(start + offset - at, size) for start, size in found]
             return found
         holes: list[tuple[int, int]] = []
         for stripe, dev_off, pos, n in self.pieces(offset, len(buf)):
