@@ -291,3 +291,20 @@ def running_automounter(site: Site, timeout: int = 2, **env: str
                 proc.wait()
         if autofs_mounted(root):
             subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+# Run by /usr/bin/python3 (libnbd): connect to argv[1], report read-only or read-write, and
+# try a WRITE with strict mode off, so the server, not libnbd, must refuse it.
+WRITE_AS_CLIENT = """
+import errno, sys, nbd
+h = nbd.NBD()
+h.set_strict_mode(0)  # send the WRITE anyway: the server must refuse it
+h.set_uri_allow_local_file(True)  # tls-certificates=DIR, as nbdinfo allows it
+h.connect_uri(sys.argv[1])
+print("read-only" if h.is_read_only() else "read-write")
+try:
+    h.pwrite(b"x" * 512, 0)
+    print("written")
+except nbd.Error as e:
+    print("refused", errno.errorcode.get(e.errno, e.errno))
+"""

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from link_helpers import NOBODY, OWNER_UID, Site, as_user
+from link_helpers import NOBODY, OWNER_UID, WRITE_AS_CLIENT, Site, as_user
 
 from minidisk.daemon.control import ControlError
 from minidisk.kernel import mount as kernel_mount
@@ -21,18 +21,7 @@ from minidisk.link.names import parse_key
 
 pytestmark = pytest.mark.timeout(120)
 
-_WRITE_AS_CLIENT = """
-import errno, sys, nbd
-h = nbd.NBD()
-h.set_strict_mode(0)  # send the WRITE anyway: the server must refuse it
-h.connect_uri(sys.argv[1])
-print("read-only" if h.is_read_only() else "read-write")
-try:
-    h.pwrite(b"x" * 512, 0)
-    print("written")
-except nbd.Error as e:
-    print("refused", errno.errorcode.get(e.errno, e.errno))
-"""
+
 
 
 def _grant(site: Site, who: str, disk: str, mode: str) -> None:
@@ -67,7 +56,7 @@ def test_raw_nbd_client_needs_a_live_link(site: Site) -> None:
     _grant(site, "nobody", "alice.0192", "W")
     holder = site.holder(NOBODY)
     holder.link("alice.0192", "R")
-    allowed = as_user(NOBODY, "/usr/bin/python3", "-c", _WRITE_AS_CLIENT, uri)
+    allowed = as_user(NOBODY, "/usr/bin/python3", "-c", WRITE_AS_CLIENT, uri)
     assert allowed.stdout.split("\n")[:2] == ["read-only", "refused EPERM"], allowed.stderr
     holder.close()
     deadline = time.monotonic() + 10
@@ -76,7 +65,7 @@ def test_raw_nbd_client_needs_a_live_link(site: Site) -> None:
         time.sleep(0.05)
     w = site.holder(NOBODY)
     assert w.link("alice.0192", "W")["access"] == "read-write"
-    wrote = as_user(NOBODY, "/usr/bin/python3", "-c", _WRITE_AS_CLIENT, uri)
+    wrote = as_user(NOBODY, "/usr/bin/python3", "-c", WRITE_AS_CLIENT, uri)
     assert wrote.stdout.split("\n")[:2] == ["read-write", "written"], wrote.stderr
 
 

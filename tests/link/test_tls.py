@@ -12,6 +12,7 @@ import time
 import pytest
 from link_helpers import (
     MINIDISK,
+    WRITE_AS_CLIENT,
     Site,
     autofs_mounted,
     mount_options,
@@ -33,19 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 BOB = f"subject:{subject('bob')}"
 CAROL = f"subject:{subject('carol')}"
 
-_WRITE_AS_CLIENT = """
-import errno, sys, nbd
-h = nbd.NBD()
-h.set_strict_mode(0)  # send the WRITE anyway: the server must refuse it
-h.set_uri_allow_local_file(True)  # tls-certificates=DIR, as nbdinfo allows it
-h.connect_uri(sys.argv[1])
-print("read-only" if h.is_read_only() else "read-write")
-try:
-    h.pwrite(b"x" * 512, 0)
-    print("written")
-except nbd.Error as e:
-    print("refused", errno.errorcode.get(e.errno, e.errno))
-"""
+
 
 
 def _grant(site: Site, who: str, disk: str, mode: str) -> None:
@@ -59,7 +48,7 @@ def _nbdinfo(site: Site, export: str, who: str) -> subprocess.CompletedProcess[s
 
 def _client(site: Site, export: str, who: str) -> tuple[list[str], str]:
     """(what libnbd saw: read-only/read-write, and what became of a WRITE), stderr."""
-    done = subprocess.run([SYSTEM_PYTHON, "-c", _WRITE_AS_CLIENT, site.uri(export, who)],
+    done = subprocess.run([SYSTEM_PYTHON, "-c", WRITE_AS_CLIENT, site.uri(export, who)],
                           capture_output=True, text=True, timeout=30)
     return done.stdout.split("\n")[:2], done.stderr
 
