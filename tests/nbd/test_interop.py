@@ -167,6 +167,7 @@ def test_fio_verify(start_server: StartServer, tmp_path: Path, rw: str, bs: str,
     out = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri('disk')}",
               f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", "--size=16M",
               "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json",
+              "--verify_state_save=0",  # no state file left in the working directory
               f"--filename={tmp_path / 'unused'}")
     result = json.loads(out[out.index("{"):])
     job = result["jobs"][0]
