@@ -199,25 +199,7 @@ async def test_release_then_close_at_once_keeps_the_value_block(dlm_server) -> N
     The waiter asks at varying moments around the release, so that the service sometimes
     writes its bast to the holder's connection after the holder has closed it (a write that
     fails there makes the service drop the connection before reading what it sent last)."""
-    async with connect(dlm_server.url, name="waiter") as w:
-        for i in range(20):
-            async with connect(dlm_server.url, name="holder") as h:
-                lock = h.lock("d", "r", Mode.EX)
-                assert await lock.acquire()
-                lock.write_lvb(f"v{i}".encode())
-                waiter = w.lock("d", "r", Mode.EX)
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(waiter.acquire)
-                    if i % 2:
-                        while lock.blocking is None:    # the waiter is queued behind us
-                            await anyio.sleep(0.001)
-                    else:
-                        await anyio.sleep(0.0005 * (i % 4))  # the waiter's request in flight
-                    await lock.release()
-                    await h.aclose()
-            assert waiter.held and waiter.lvb_valid
-            assert waiter.lvb.rstrip(b"\0") == f"v{i}".encode()
-            await waiter.release()
+    await _release_then_close(dlm_server.url, prompt_unlock=False)
 
 
 async def test_release_wait_and_sync_make_it_visible_to_others(dlm_server) -> None:  # type: ignore[no-untyped-def]
@@ -283,12 +265,19 @@ async def test_prompt_unlock_then_close_at_once_keeps_the_value_block(dlm_server
     """A prompt-unlock release is quiet (no reply); closing right after it must still have it
     handled as an unlock (value block stored), not as the holder's death (invalidated) -- also
     when the service writes to the closing connection meanwhile (the bast for a waiter)."""
-    async with connect(dlm_server.url, name="waiter") as w:
+    await _release_then_close(dlm_server.url, prompt_unlock=True)
+
+
+async def _release_then_close(url: str, prompt_unlock: bool) -> None:
+    """Twenty rounds of: hold EX with a value block, let a waiter queue (or have its request
+    in flight), release, close at once; the waiter must get the lock with the value block.
+    A prompt-unlock holder releases quietly and waits (release(wait=True)), as dlmfs does."""
+    async with connect(url, name="waiter") as w:
         for i in range(20):
-            async with connect(dlm_server.url, name="holder", prompt_unlock=True) as h:
+            async with connect(url, name="holder", prompt_unlock=prompt_unlock) as h:
                 lock = h.lock("d", "r", Mode.EX)
                 assert await lock.acquire()
-                lock.write_lvb(f"w{i}".encode())
+                lock.write_lvb(f"v{i}".encode())
                 waiter = w.lock("d", "r", Mode.EX)
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(waiter.acquire)
@@ -297,8 +286,8 @@ async def test_prompt_unlock_then_close_at_once_keeps_the_value_block(dlm_server
                             await anyio.sleep(0.001)
                     else:
                         await anyio.sleep(0.0005 * (i % 4))  # the waiter's request in flight
-                    await lock.release(wait=True)
+                    await lock.release(wait=prompt_unlock)
                     await h.aclose()
             assert waiter.held and waiter.lvb_valid
-            assert waiter.lvb.rstrip(b"\0") == f"w{i}".encode()
-            await waiter.release(wait=True)
+            assert waiter.lvb.rstrip(b"\0") == f"v{i}".encode()
+            await waiter.release(wait=prompt_unlock)

@@ -308,3 +308,17 @@ try:
 except nbd.Error as e:
     print("refused", errno.errorcode.get(e.errno, e.errno))
 """
+
+
+def second_link_outcome(linker: Any, disk: str, first: str, second: str, holder: str) -> str:
+    """Link `disk` in mode `second` beside `holder`'s `first` link: "write", "read" or
+    "refused". LINK never waits; a refusal must say which link is in the way, and only WR
+    and MR may degrade to read."""
+    try:
+        result = linker.link(disk, second)
+    except ControlError as e:
+        assert e.errno == 16 and f"linked {first} by {holder}" in str(e), str(e)  # EBUSY
+        return "refused"
+    got = "write" if result["access"] == "read-write" else "read"
+    assert result["degraded"] == (second in ("WR", "MR") and got == "read")
+    return str(got)
