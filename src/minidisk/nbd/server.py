@@ -485,8 +485,6 @@ class Connection(asyncio.BufferedProtocol):
                 self._maybe_finish()
 
     def _ok(self, cookie: int) -> None:
-        session = self.session
-        assert session is not None
         # Only READ and BLOCK_STATUS need structured replies; the rest may stay simple.
         self._send(p.simple_reply(cookie))
 
