@@ -19,12 +19,15 @@ ROUND_TRIP = [
     "0 64 delay /dev/a 0 0",
     "0 64 delay /dev/a 0 5 /dev/b 8 10",
     "0 64 delay /dev/a 0 5 /dev/b 8 10 /dev/a 100 1",
-    "0 64 flakey /dev/a 0 1 1 0",
+    "0 64 flakey /dev/a 0 1 1 2 error_reads error_writes",
+    "0 64 flakey /dev/a 0 1 1 1 error_reads",
+    "0 64 flakey /dev/a 0 1 1 2 error_reads drop_writes",
     "0 64 flakey /dev/a 0 1 1 1 drop_writes",
     "0 64 flakey /dev/a 0 1 1 1 error_writes",
     "0 64 flakey /dev/a 0 0 5 5 corrupt_bio_byte 32 r 1 0",
     "0 64 flakey /dev/a 0 0 5 7 corrupt_bio_byte 3 w 255 0 random_read_corrupt 10",
     "0 64 flakey /dev/a 0 0 5 2 random_write_corrupt 1000000000",
+    "0 64 flakey /dev/a 0 0 5 8 error_reads corrupt_bio_byte 3 w 255 0 random_write_corrupt 9",
     "0 64 dust /dev/a 8 4096",
     "0 64 log-writes /dev/a /dev/b",
     "0 8 zero\n8 16 linear /dev/a 0\n24 40 error",
@@ -47,12 +50,24 @@ def test_table_output_loads_back_unchanged(table: str) -> None:
     run(go())
 
 
-def test_flakey_normal_form_adds_the_feature_count() -> None:
+@pytest.mark.parametrize("given,printed", [
+    # no features means every request fails, and the kernel says so in the table
+    ("0 64 flakey /dev/a 0 1 1", "2 error_reads error_writes"),
+    ("0 64 flakey /dev/a 0 1 1 0", "2 error_reads error_writes"),
+    # features come back in the kernel's order, whatever order they were given in
+    ("0 64 flakey /dev/a 0 1 1 2 ERROR_WRITES error_reads", "2 error_reads error_writes"),
+    ("0 64 flakey /dev/a 0 1 1 3 random_read_corrupt 5 drop_writes",
+     "3 drop_writes random_read_corrupt 5"),
+])
+def test_flakey_normal_form(given: str, printed: str) -> None:
     reg = registry_over(memory_namespace(a=1 << 20))
 
     async def go() -> None:
-        await reg.create("f", "0 64 flakey /dev/a 0 1 1")
-        assert reg.table("f") == [(0, 64, "flakey", ["/dev/a", "0", "1", "1", "0"])]
+        await reg.create("f", given)
+        assert reg.table("f") == [(0, 64, "flakey", ["/dev/a", "0", "1", "1",
+                                                     *printed.split()])]
+        await reg.create("g", format_table(reg.table("f")))
+        assert reg.table("g") == reg.table("f")
 
     run(go())
 
@@ -86,7 +101,19 @@ def test_status_text_of_each_target() -> None:
     ("0 64 flakey /dev/a 0 1 1 5 corrupt_bio_byte 1 x 0 0", "Invalid corrupt bio direction"),
     ("0 64 flakey /dev/a 0 1 1 5 corrupt_bio_byte 1 r 256 0", "(0-255)"),
     ("0 64 flakey /dev/a 0 1 1 6 drop_writes corrupt_bio_byte 1 w 0 0",
-     "incompatible with corrupt_bio_byte"),
+     "drop_writes is incompatible with random_write_corrupt or corrupt_bio_byte with the "
+     "WRITE flag set"),
+    ("0 64 flakey /dev/a 0 1 1 3 error_writes random_write_corrupt 1",
+     "error_writes is incompatible"),
+    ("0 64 flakey /dev/a 0 1 1 6 error_reads corrupt_bio_byte 1 r 0 0",
+     "error_reads is incompatible with random_read_corrupt or corrupt_bio_byte with the "
+     "READ flag set"),
+    ("0 64 flakey /dev/a 0 1 1 3 random_read_corrupt 1 error_reads", "error_reads is"),
+    ("0 64 flakey /dev/a 0 1 1 2 error_reads error_reads", "Feature error_reads duplicated"),
+    ("0 64 flakey /dev/a 0 1 1 4 random_write_corrupt 1 random_write_corrupt 2",
+     "Feature random_write_corrupt duplicated"),
+    ("0 64 flakey /dev/a 0 1 1 2 random_read_corrupt 1000000001",
+     "Invalid random corrupt argument"),
     ("0 64 flakey /dev/a 0 1 1 1 frobnicate", "Unrecognised flakey feature"),
     ("0 64 dust /dev/a 0 1000", "power of 2"),
     ("0 64 dust /dev/a 0 256", "512 or above"),
@@ -165,7 +192,33 @@ def test_flakey_drop_writes_and_error_writes() -> None:
         assert await read(drop, 0, 1536) == b"old" * 512  # reads pass
         err = await reg.create("err", "0 64 flakey /dev/a 0 0 10 1 error_writes")
         await _expect_errno(write(err, 0, b"new" * 512))
+        await _expect_errno(err.flush())
         assert await read(err, 0, 1536) == b"old" * 512
+
+    run(go())
+
+
+def test_flakey_error_reads_fails_reads_and_passes_writes() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+    a = ns.devices["/dev/a"]
+
+    async def go() -> None:
+        await write(a, 0, b"old" * 512)
+        dev = await reg.create("er", "0 64 flakey /dev/a 0 0 10 1 error_reads")
+        await _expect_errno(read(dev, 0, SECTOR))
+        await write(dev, 0, b"new" * 512)  # writes, flushes and trims pass...
+        await dev.flush()
+        await dev.trim(8 * SECTOR, SECTOR)
+        assert await read(a, 0, 1536) == b"new" * 512  # ...and reach the device
+        # combined with a write feature, that feature decides for writes
+        both = await reg.create("both", "0 64 flakey /dev/a 0 0 10 2 error_reads drop_writes")
+        await write(both, 0, b"xyz" * 512)
+        await _expect_errno(read(both, 0, SECTOR))
+        assert await read(a, 0, 1536) == b"new" * 512
+        # and while up, nothing fails
+        up = await reg.create("up", "0 64 flakey /dev/a 0 10 0 1 error_reads")
+        assert await read(up, 0, 1536) == b"new" * 512
 
     run(go())
 

@@ -3,14 +3,23 @@
 Up for `up_s` seconds, then down for `down_s`, counted from table load. While up, I/O
 passes through. While down:
 
-- with no features, every read, write, trim, zero and flush fails with EIO;
+- `error_reads`: reads fail with EIO; writes pass (unless a write feature says otherwise);
 - `drop_writes`: writes (and trims, zeroes, flushes) succeed without reaching the device;
-- `error_writes`: writes fail, reads pass;
+- `error_writes`: writes (and trims, zeroes, flushes) fail with EIO;
 - `corrupt_bio_byte <N> <r|w> <value> <flags>`: byte N (1-based) of each matching read
   (after it completes) or write (in a copy, before it is sent) becomes `value`; other I/O
   passes. Our requests carry no bio flags, so only `flags` 0 matches;
 - `random_read_corrupt P` / `random_write_corrupt P`: with probability P/1e9 one random
-  byte of a read or a (copied) write is changed; other I/O passes.
+  byte of a read or a (copied) write is changed; other I/O passes;
+- no features at all (or a feature count of 0): both `error_reads` and `error_writes`, so
+  every request fails.
+
+That last rule is how the kernel has put it since `error_reads` came in (dm-flakey 1.5):
+the features are set for real, so `dmsetup table` prints a featureless table back as
+`... 2 error_reads error_writes`, and that text loads back to the same target.
+Conflicts are refused as the kernel refuses them: `drop_writes` with `error_writes`, either
+of them with a write corruption, `error_reads` with a read corruption, and any feature
+given twice.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class Flakey(WindowTarget):
         self.down = parse_uint(args[3], "Invalid down interval", 2**32 - 1)
         if self.up + self.down == 0:
             raise TargetError("Total (up + down) interval is zero")
+        self.error_reads = False
         self.drop_writes = False
         self.error_writes = False
         self.corrupt_byte = 0  # 1-based; 0 = feature off
@@ -58,25 +68,27 @@ class Flakey(WindowTarget):
         self._random = random.Random()
 
     def _parse_features(self, args: list[str]) -> None:
-        if not args:
-            return
-        count = parse_uint(args[0], "Invalid number of feature args", 11)
         words = args[1:]
-        if len(words) != count:
-            raise TargetError(f"Invalid number of feature args: {count} declared, "
-                              f"{len(words)} given")
+        if args:
+            count = parse_uint(args[0], "Invalid number of feature args", 11)
+            if len(words) != count:
+                raise TargetError(f"Invalid number of feature args: {count} declared, "
+                                  f"{len(words)} given")
         while words:
             feature = words.pop(0).lower()
-            if feature in ("drop_writes", "error_writes"):
-                other = "error_writes" if feature == "drop_writes" else "drop_writes"
+            if feature in ("error_reads", "drop_writes", "error_writes"):
                 if getattr(self, feature):
                     raise TargetError(f"Feature {feature} duplicated")
-                if getattr(self, other):
+                other = {"drop_writes": "error_writes", "error_writes": "drop_writes"}.get(
+                    feature)
+                if other is not None and getattr(self, other):
                     raise TargetError(f"Feature {feature} conflicts with feature {other}")
                 setattr(self, feature, True)
             elif feature == "corrupt_bio_byte":
+                if self.corrupt_byte:
+                    raise TargetError("Feature corrupt_bio_byte duplicated")
                 if len(words) < 4:
-                    raise TargetError("Feature corrupt_bio_byte requires parameters")
+                    raise TargetError("Feature corrupt_bio_byte requires 4 parameters")
                 nth, direction, value, flags = words[:4]
                 del words[:4]
                 self.corrupt_byte = parse_uint(nth, "Invalid corrupt bio byte", 2**32 - 1)
@@ -90,19 +102,31 @@ class Flakey(WindowTarget):
                 self.corrupt_flags = parse_uint(flags, "Invalid corrupt bio flags mask",
                                                 2**32 - 1)
             elif feature in ("random_read_corrupt", "random_write_corrupt"):
+                which = "random_" + feature.split("_")[1]
+                if getattr(self, which):
+                    raise TargetError(f"Feature {feature} duplicated")
                 if not words:
                     raise TargetError(f"Feature {feature} requires a parameter")
-                p = parse_uint(words.pop(0), f"Invalid {feature} probability", PROBABILITY_BASE)
-                setattr(self, "random_" + feature.split("_")[1], p)
+                setattr(self, which, parse_uint(words.pop(0), "Invalid random corrupt argument",
+                                                PROBABILITY_BASE))
             else:
                 raise TargetError(f"Unrecognised flakey feature requested: {feature}")
-        if self.corrupt_byte and self.corrupt_write and (self.drop_writes or self.error_writes):
-            which = "drop_writes" if self.drop_writes else "error_writes"
-            raise TargetError(
-                f"{which} is incompatible with corrupt_bio_byte with the WRITE flag set")
+        writes_corrupted = bool(self.corrupt_byte and self.corrupt_write or self.random_write)
+        reads_corrupted = bool(self.corrupt_byte and not self.corrupt_write or self.random_read)
+        for flag, conflict, direction in (("drop_writes", writes_corrupted, "WRITE"),
+                                          ("error_writes", writes_corrupted, "WRITE"),
+                                          ("error_reads", reads_corrupted, "READ")):
+            if getattr(self, flag) and conflict:
+                raise TargetError(
+                    f"{flag} is incompatible with random_{direction.lower()}_corrupt or "
+                    f"corrupt_bio_byte with the {direction} flag set")
+        if not (self.error_reads or self.drop_writes or self.error_writes or self._corrupts):
+            self.error_reads = self.error_writes = True
 
     def _features(self) -> list[str]:
         out: list[str] = []
+        if self.error_reads:
+            out.append("error_reads")
         if self.drop_writes:
             out.append("drop_writes")
         elif self.error_writes:
@@ -133,7 +157,7 @@ class Flakey(WindowTarget):
         """For a write while down: True = send it, False = drop it; raises for error."""
         if self.drop_writes:
             return False
-        if self.error_writes or not self._corrupts:
+        if self.error_writes:
             raise _down_error()
         return True
 
@@ -151,7 +175,7 @@ class Flakey(WindowTarget):
         if not self.is_down():
             await self.child.pread(buf, offset + self.base)
             return
-        if not (self.drop_writes or self.error_writes or self._corrupts):
+        if self.error_reads:
             raise _down_error()
         await self.child.pread(buf, offset + self.base)
         self._corrupt(buf, write=False)
