@@ -211,11 +211,11 @@ def ls_(s: Session, tree: bool, target_type: str | None, output: str | None) -> 
     by_name = _names_output(output)
     devices = _call(s, "dm.ls", {}, "list")["devices"]
     if target_type is not None:
-        tables = _call(s, "dm.table", {}, "table")["devices"]
-        using = {t["name"] for t in tables
-                 if any(line.split()[2] == target_type for line in t["lines"])}
-        devices = [d for d in devices if d["name"] in using]
-    if tree:
+        # dmsetup lists these through its table code: --tree and -o do not apply.
+        using = {d["name"] for d in _call(s, "dm.table", {"target": target_type},
+                                           "table")["devices"]}
+        click.echo(report.ls_target(devices, using), nl=False)
+    elif tree:
         utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
         click.echo(report.tree(devices, utf8), nl=False)
     else:
@@ -235,24 +235,28 @@ def deps(s: Session, name: str | None, output: str | None) -> None:
 @dmsetup.command()
 @click.argument("name", required=False)
 @click.option("--inactive", is_flag=True, help="Show the inactive table.")
+@click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
 @click.option("--showkeys", is_flag=True, help="Accepted for dmsetup compatibility.")
 @pass_session
-def table(s: Session, name: str | None, inactive: bool, showkeys: bool) -> None:
+def table(s: Session, name: str | None, inactive: bool, target_type: str | None,
+          showkeys: bool) -> None:
     """NAME's table, in a form `load` accepts."""
-    devices = _call(s, "dm.table", {"name": name, "inactive": inactive}, "table",
-                    name)["devices"]
+    devices = _call(s, "dm.table", {"name": name, "inactive": inactive, "target": target_type},
+                    "table", name)["devices"]
     click.echo(report.lines(devices, name is None), nl=False)
 
 
 @dmsetup.command()
 @click.argument("name", required=False)
 @click.option("--inactive", is_flag=True, help="Status of the inactive table.")
+@click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
 @click.option("--noflush", is_flag=True, help="Accepted for dmsetup compatibility.")
 @pass_session
-def status(s: Session, name: str | None, inactive: bool, noflush: bool) -> None:
+def status(s: Session, name: str | None, inactive: bool, target_type: str | None,
+           noflush: bool) -> None:
     """Each target's status line."""
-    devices = _call(s, "dm.status", {"name": name, "inactive": inactive}, "status",
-                    name)["devices"]
+    devices = _call(s, "dm.status", {"name": name, "inactive": inactive,
+                                     "target": target_type}, "status", name)["devices"]
     click.echo(report.lines(devices, name is None), nl=False)
 
 

@@ -12,7 +12,7 @@ since they come off the wire.
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from minidisk.dm.registry import DM_MAJOR, DRIVER_VERSION, Registry
 from minidisk.dm.table import TableError, format_line
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Row = tuple[int, int, str, Any]  # a table or status line: start, length, target type, rest
 
 LIBRARY_VERSION = "1.02.185 (minidisk)"
 
@@ -141,18 +142,24 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         return {"devices": [{"name": n, "deps": _dependencies(registry, n)}
                             for n in names(args)]}
 
-    async def table(args: dict[str, Any]) -> dict[str, Any]:
+    def segments(args: dict[str, Any], rows_of: Callable[[str, bool], Sequence[Row]],
+                 text: Callable[[Row], str]) -> dict[str, Any]:
+        """table and status: each device's segment lines. With `target` (dmsetup's
+        --target) only the segments of that type, and a device with none is left out."""
         inactive = _bool(args, "inactive")
-        return {"devices": [
-            {"name": n, "lines": [format_line(*line) for line in registry.table(n, inactive)]}
-            for n in names(args)]}
+        target = _opt_str(args, "target")
+        devices = []
+        for n in names(args):
+            rows = [r for r in rows_of(n, inactive) if target is None or r[2] == target]
+            if rows or target is None:
+                devices.append({"name": n, "lines": [text(r) for r in rows]})
+        return {"devices": devices}
+
+    async def table(args: dict[str, Any]) -> dict[str, Any]:
+        return segments(args, registry.table, lambda r: format_line(*r))
 
     async def status(args: dict[str, Any]) -> dict[str, Any]:
-        inactive = _bool(args, "inactive")
-        return {"devices": [
-            {"name": n, "lines": [f"{s} {n_} {t} {text}"
-                                  for s, n_, t, text in registry.status(n, inactive)]}
-            for n in names(args)]}
+        return segments(args, registry.status, lambda r: f"{r[0]} {r[1]} {r[2]} {r[3]}")
 
     async def wait(args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")

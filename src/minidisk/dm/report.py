@@ -1,9 +1,10 @@
 """dmsetup's output formats, from the dicts the control handlers return.
 
 Matched to lvm2's tools/dmsetup.c so that scripts written for dmsetup read our output:
-`info` (long form), `ls` (`name\\t(major:minor)`), `ls --tree`, `deps`
-(`N dependencies\\t: (major, minor)...`), `table`/`status` (`name: ` prefixed when all
-devices are listed; a device without a table prints an empty line), `targets`, `version`.
+`info` (long form), `ls` (`name\\t(major:minor)`), `ls --target` (`name\\t(major, minor)`),
+`ls --tree`, `deps` (`N dependencies\\t: (major, minor)...`), `table`/`status` (`name: `
+prefixed when all devices are listed; a device without a table prints an empty line, and
+with --target a device without such segments prints nothing), `targets`, `version`.
 
 Devices in the namespace have no major:minor; where dmsetup would print one for a
 non-dm device, the namespace key is printed instead.
@@ -57,6 +58,15 @@ def ls(devices: Sequence[dict[str, Any]], by_name: bool = False) -> str:
     if by_name:
         return "".join(f"{d['name']}\t({d['name']})\n" for d in devices)
     return "".join(f"{d['name']}\t({d['major']}:{d['minor']})\n" for d in devices)
+
+
+def ls_target(devices: Sequence[dict[str, Any]], using: set[str]) -> str:
+    """`ls --target TYPE`: dmsetup prints it through its table code, as `name\t(major,
+    minor)`, and only says there are no devices when there are none of any type."""
+    if not devices:
+        return "No devices found\n"
+    return "".join(f"{d['name']}\t({d['major']}, {d['minor']})\n" for d in devices
+                   if d["name"] in using)
 
 
 def _dep_text(dep: dict[str, Any], by_name: bool) -> str:
