@@ -191,6 +191,7 @@ class Bench:
         self.seconds = seconds
         self.targets: dict[str, str] = {}
         self.per_worker: list[dict[str, Any]] = []  # each rate sample's cycles per worker
+        self.cpu_us_per_cycle: dict[tuple[str, int], list[float]] = {}
 
     def _run_workers(self, kind: str, test: str, count: int) -> list[Any]:
         procs = [subprocess.Popen([PYTHON, __file__, "_worker", kind, test, self.targets[kind]],
@@ -225,7 +226,12 @@ class Bench:
         return results
 
     def rate(self, kind: str, clients: int) -> float:
+        busy = cpu_busy_s()
         counts = self._run_workers(kind, "rate", clients)
+        busy = cpu_busy_s() - busy  # includes start-up and tear-down of the workers
+        if sum(counts):
+            self.cpu_us_per_cycle.setdefault((kind, clients), []).append(
+                busy / sum(counts) * 1e6)
         self.per_worker.append({"kind": kind, "clients": clients, "counts": counts})
         return sum(counts) / self.seconds
 
@@ -236,6 +242,15 @@ class Bench:
         gaps = [(b[0] - a[1]) * 1e6 for a, b in itertools.pairwise(spans)
                 if a[2] != b[2]]
         return statistics.median(gaps) if gaps else None
+
+
+def cpu_busy_s() -> float:
+    """CPU time the whole machine has spent not idle, in seconds (from /proc/stat): what a
+    sample cost, busy-polling included, whoever spent it (workers, service, dlmfs)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def uptime() -> str:
@@ -382,6 +397,9 @@ def main() -> int:
                         help="client counts and/or 'handoff' (default: 1,2,4,8,handoff)")
     parser.add_argument("--snapshot", metavar="REV",
                         help="run the lock manager, client and dlmfs from a git revision")
+    parser.add_argument("--busy-poll-us", metavar="US",
+                        help="the lock manager's and clients' busy-poll budget "
+                             "($MINIDISK_DLM_BUSY_POLL_US; 0 = off; default: the code's)")
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--cpus", metavar="LIST",
                         help="run everything (servers, mount, workers) on these CPUs, e.g. 0 "
@@ -406,6 +424,10 @@ def main() -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="minidisk-bench-dlm-",
                                                                     dir="/tmp")))
         env, code = snapshot_env(tmp, args.snapshot)
+        if args.busy_poll_us is not None:
+            env["MINIDISK_DLM_BUSY_POLL_US"] = args.busy_poll_us
+        polling = env.get("MINIDISK_DLM_BUSY_POLL_US", "default")
+        code = f"{code}, busy poll {polling} µs"
         print(f"code: {code}; {seconds:g} s per sample, median of {args.repeat}", flush=True)
         bench = Bench(env, seconds)
         if any(c.startswith("api-") or c == "dlmfs" for c in columns):
@@ -459,6 +481,10 @@ def main() -> int:
             print("| µs per lock+unlock, 1 client | " + " | ".join(
                 fmt(None if (m := median(c, "1")) is None else 1e6 / m, 1) for c in columns)
                 + " |")
+    if "1" in rows:
+        print("| machine CPU µs per lock+unlock, 1 client | " + " | ".join(
+            fmt(statistics.median(v), 1) if (v := bench.cpu_us_per_cycle.get((c, 1))) else "-"
+            for c in columns) + " |")
     if "handoff" in rows:
         print("| handoff latency µs (median) | " + " | ".join(
             fmt(median(c, "handoff"), 1) for c in columns) + " |")
@@ -487,6 +513,8 @@ def main() -> int:
     out.write_text(json.dumps({"code": code, "cpus": args.cpus, "seconds": seconds,
                                "repeat": args.repeat,
                                "samples": samples, "per_worker": bench.per_worker,
+                               "cpu_us_per_cycle": {f"{k} {n}": v for (k, n), v in
+                                                    bench.cpu_us_per_cycle.items()},
                                "notes": notes, "loads": loads,
                                "uptime": [started_uptime, ended_uptime]}, indent=1))
     print(f"- samples: {out.relative_to(REPO)}")

@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from minidisk.dlm import protocol
+from minidisk.dlm import busypoll, protocol
 from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
 from minidisk.dlm.modes import LvbAction, Mode, lvb_action
 
@@ -139,6 +139,8 @@ class _TrioFuture:
 class _Io:
     """What differs between asyncio and trio: waiting for the socket, and futures."""
 
+    poller: busypoll.AsyncioPoller | busypoll.TrioPoller
+
     def future(self) -> _Waiter:
         raise NotImplementedError
 
@@ -167,6 +169,8 @@ class _AsyncioIo(_Io):
         self.loop = asyncio.get_running_loop()
         self.fd = client._sock.fileno()
         self.reading = False
+        self.poller = busypoll.AsyncioPoller(self.loop, client._busy_poll,
+                                             lambda: bool(client._calls))
 
     def future(self) -> _Waiter:
         return _AioFuture(loop=self.loop)
@@ -204,6 +208,8 @@ class _TrioIo(_Io):
         self.client = client
         self.woken = False
         self.writer: Any = None  # the write loop's task while it sleeps
+        self.poller: busypoll.TrioPoller = busypoll.TrioPoller(
+            trio, client._busy_poll, lambda: bool(client._calls))
 
     def future(self) -> _Waiter:
         return _TrioFuture()
@@ -211,6 +217,8 @@ class _TrioIo(_Io):
     async def run(self, tasks: anyio.abc.TaskGroup) -> None:
         tasks.start_soon(self._read_loop)
         tasks.start_soon(self._write_loop)
+        if self.poller.budget > 0:
+            tasks.start_soon(self.poller.run)
 
     async def _read_loop(self) -> None:
         client, sock, wait_readable = self.client, self.client._sock, \
@@ -264,6 +272,7 @@ class DlmClient:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._busy_poll = busypoll.budget_from_env()
         self._io: _Io = _TrioIo(self) if _on_trio() else _AsyncioIo(self)
         self._decoder = protocol.FrameDecoder()
         self._recv_buffer = bytearray(_RECV_SIZE)
@@ -381,6 +390,8 @@ class DlmClient:
         try:
             if frame is not None:
                 self._write(frame)
+            # The reply usually comes within tens of microseconds: catch it awake.
+            self._io.poller.poke()
             reply = await waiter.wait()
         finally:
             self._calls.pop(call_id, None)

@@ -32,7 +32,7 @@ import struct
 import time
 from typing import Any, cast
 
-from minidisk.dlm import protocol
+from minidisk.dlm import busypoll, protocol
 from minidisk.dlm.engine import Cancelled, DlmError, Engine, Event, Flag, Granted
 from minidisk.dlm.modes import Mode
 
@@ -81,6 +81,10 @@ class _Connection(asyncio.Protocol):
             service.drain_prompt(self)
         self._handle_data(data)
         service.flush()
+        if service.poller is not None:
+            # This client's next request (or another's) usually follows within tens of
+            # microseconds: stay awake for it (see busypoll).
+            service.poller.poke()
 
     def _handle_data(self, data: bytes) -> None:
         try:
@@ -174,7 +178,8 @@ class DlmService:
     """A lock manager serving one engine on a unix socket. Start it with
     `start_dlm_service()`; stop it with `close()`."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, *, busy_poll: float | None = None
+                 ) -> None:
         # Tokens start at the wall clock in microseconds, so they keep increasing across a
         # restart of the service (as long as it granted fewer than a million locks a second).
         self.engine = engine or Engine(first_token=time.time_ns() // 1000)
@@ -187,12 +192,16 @@ class DlmService:
         self._server: asyncio.AbstractServer | None = None
         self._routes: dict[int, tuple[_Connection, int]] = {}  # engine lock id -> (conn, ref)
         self._closed = asyncio.Event()
+        self.busy_poll = busypoll.budget_from_env() if busy_poll is None else busy_poll
+        self.poller: busypoll.AsyncioPoller | None = None
 
     async def start(self, path: str) -> None:
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         _remove_stale_socket(path)
         loop = asyncio.get_running_loop()
+        if self.busy_poll > 0:
+            self.poller = busypoll.AsyncioPoller(loop, self.busy_poll)
         self._server = await loop.create_unix_server(lambda: _Connection(self), path)
         self.path = path
         log.info("lock manager listening on %s", path)
