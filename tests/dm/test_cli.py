@@ -30,3 +30,46 @@ def test_target_option_on_table_status_and_ls(serve: Callable[..., Server]) -> N
     assert server.dmsetup("ls", "--target", "zero", "--tree").stdout == \
         "mixed\t(253, 0)\nzeros\t(253, 1)\n"
     assert server.dmsetup("ls", "--target", "striped").stdout == ""
+
+
+def test_devices_chosen_by_uuid_or_number(serve: Callable[..., Server]) -> None:
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "plain", "--table", "0 8 zero")
+    server.dmsetup("create", "dust", "-u", "LVM-dust1", "--table", "0 8 dust /dev/a 0 512")
+    info = server.dmsetup("info", "-u", "LVM-dust1").stdout
+    assert info.startswith("Name:              dust\n") and "UUID: LVM-dust1\n" in info
+    assert "Major, minor:      253, 1\n" in info
+    assert server.dmsetup("info", "-j", "253", "-m", "1").stdout == info
+    # one device chosen: no "name: " prefix, as for a named device
+    assert server.dmsetup("table", "-u", "LVM-dust1").stdout == "0 8 dust /dev/a 0 512\n"
+    assert server.dmsetup("status", "-j", "253", "-m", "0").stdout == "0 8 zero \n"
+    assert server.dmsetup("deps", "-u", "LVM-dust1").stdout == "1 dependencies\t: (/dev/a)\n"
+    # after -u the positional arguments are the command's own
+    assert server.dmsetup("message", "-u", "LVM-dust1", "0", "countbadblocks").stdout == \
+        "countbadblocks: 0 badblock(s) found\n"
+    server.dmsetup("load", "-u", "LVM-dust1", "--table", "0 16 zero")
+    server.dmsetup("suspend", "-j", "253", "-m", "1")
+    assert "State:             SUSPENDED\n" in server.dmsetup("info", "dust").stdout
+    server.dmsetup("resume", "-u", "LVM-dust1")
+    assert server.dmsetup("table", "dust").stdout == "0 16 zero \n"
+    bad_number = server.dmsetup("wait", "-u", "LVM-dust1", "x", check=False)
+    assert bad_number.returncode == 2 and "'x' is not a non-negative integer" in \
+        bad_number.stderr
+    server.dmsetup("load", "-u", "LVM-dust1", "--table", "0 8 zero")
+    server.dmsetup("clear", "-j", "253", "-m", "1")
+    assert "Tables present:    LIVE\n" in server.dmsetup("info", "dust").stdout
+    # a name still wins over -u
+    assert server.dmsetup("table", "-u", "LVM-dust1", "plain").stdout == "0 8 zero \n"
+    # failures are dmsetup's
+    missing = server.dmsetup("info", "-u", "LVM-none", check=False)
+    assert (missing.returncode, missing.stderr) == (
+        1, "Device does not exist.\nCommand failed.\n")
+    gone = server.dmsetup("remove", "-u", "LVM-none", check=False)
+    assert gone.returncode == 1 and gone.stderr.startswith(
+        "device-mapper: remove ioctl on UUID LVM-none  failed: No such device or address\n")
+    nothing = server.dmsetup("remove", check=False)
+    assert (nothing.returncode, nothing.stderr) == (1, "No device specified.\nCommand failed.\n")
+    half = server.dmsetup("info", "-j", "253", check=False)
+    assert half.returncode == 2 and "-j MAJOR and -m MINOR go together" in half.stderr
+    server.dmsetup("remove", "-j", "253", "-m", "1")
+    assert server.dmsetup("ls").stdout == "plain\t(253:0)\n"

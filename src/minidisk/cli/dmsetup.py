@@ -13,8 +13,9 @@ import asyncio
 import errno
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -26,6 +27,57 @@ from minidisk.dm import report
 class Session:
     server: str | None
     verbose: int
+    # -u UUID / -j MAJOR -m MINOR of the command being run (see `select_options`)
+    uuid: str | None = None
+    major: int | None = None
+    minor: int | None = None
+
+    def selection(self) -> tuple[dict[str, Any], str] | None:
+        """The device chosen by -u or -j/-m, as control arguments and as error messages
+        name it; None if neither was given."""
+        if self.uuid is not None:
+            return {"uuid": self.uuid}, f"UUID {self.uuid}"
+        if self.major is None and self.minor is None:
+            return None
+        if self.major is None or self.minor is None:
+            raise click.UsageError("-j MAJOR and -m MINOR go together")
+        return {"major": self.major, "minor": self.minor}, f"({self.major}:{self.minor})"
+
+    def device(self, name: str | None) -> tuple[dict[str, Any], str | None]:
+        """NAME when given (as in dmsetup, a name wins), else -u or -j/-m; ({}, None) when
+        none is: the commands that take that as 'every device' do so."""
+        if name is not None:
+            return {"name": name}, name
+        return self.selection() or ({}, None)
+
+    def leading_device(self, args: tuple[str, ...]) -> tuple[dict[str, Any], str,
+                                                              tuple[str, ...]]:
+        """For commands with arguments after the device (load, wait, message): with -u or
+        -j/-m every argument is the command's own; otherwise the first one names the
+        device. Returns the device, its label and the remaining arguments."""
+        selection = self.selection()
+        if selection is not None:
+            return selection[0], selection[1], args
+        if not args:
+            _no_device()
+        return {"name": args[0]}, args[0], args[1:]
+
+
+def _no_device() -> NoReturn:
+    click.echo("No device specified.", err=True)  # dmsetup's words
+    click.echo("Command failed.", err=True)
+    sys.exit(1)
+
+
+def _uint(word: str, what: str) -> int:
+    if not word.isdigit():
+        raise click.BadParameter(f"{word!r} is not a non-negative integer", param_hint=what)
+    return int(word)
+
+
+def _too_many(rest: tuple[str, ...], allowed: int) -> None:
+    if len(rest) > allowed:
+        raise click.UsageError(f"unexpected extra arguments: {' '.join(rest[allowed:])}")
 
 
 def _failed(op: str, name: str | None, err: int, message: str) -> NoReturn:
@@ -71,6 +123,26 @@ def dmsetup(ctx: click.Context, server: str | None, verbose: int) -> None:
 
 
 pass_session = click.make_pass_decorator(Session)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _keep_selection(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is not None and param.name is not None:
+        setattr(ctx.find_object(Session), param.name, value)
+
+
+def select_options(func: F) -> F:
+    """-u UUID, -j MAJOR -m MINOR: choose the device by UUID or number (as `info` prints
+    it) instead of by name. Kept on the Session rather than passed to each command, since
+    what they mean for the command's other arguments is the same everywhere."""
+    for decls, kind, metavar, text in (
+        (("-m", "--minor"), click.IntRange(min=0), "MINOR", "Device minor number (with -j)."),
+        (("-j", "--major"), click.IntRange(min=0), "MAJOR", "Device major number (with -m)."),
+        (("-u", "--uuid"), click.STRING, "UUID", "Choose the device by its UUID."),
+    ):
+        func = click.option(*decls, type=kind, metavar=metavar, expose_value=False,
+                            callback=_keep_selection, help=text)(func)
+    return func
 
 
 @dmsetup.command()
@@ -89,67 +161,84 @@ def create(s: Session, name: str, table_file: str | None, table: str | None, not
           "create", name)
 
 
-def _load(s: Session, name: str, table_file: str | None, table: str | None) -> None:
-    _call(s, "dm.load", {"name": name, "table": _read_table(table, table_file)},
-          "reload", name)
+def _load(s: Session, args: tuple[str, ...], table: str | None) -> None:
+    device, label, rest = s.leading_device(args)
+    _too_many(rest, 1)
+    text = _read_table(table, rest[0] if rest else None)
+    _call(s, "dm.load", {**device, "table": text}, "reload", label)
 
 
 @dmsetup.command()
-@click.argument("name")
-@click.argument("table_file", required=False)
+@click.argument("args", nargs=-1, metavar="[NAME] [TABLE_FILE]")
 @click.option("--table", "table", metavar="TABLE", help="A one-line table.")
+@select_options
 @pass_session
-def load(s: Session, name: str, table_file: str | None, table: str | None) -> None:
+def load(s: Session, args: tuple[str, ...], table: str | None) -> None:
     """Load a table into NAME's inactive slot."""
-    _load(s, name, table_file, table)
+    _load(s, args, table)
 
 
 @dmsetup.command()
-@click.argument("name")
-@click.argument("table_file", required=False)
+@click.argument("args", nargs=-1, metavar="[NAME] [TABLE_FILE]")
 @click.option("--table", "table", metavar="TABLE", help="A one-line table.")
+@select_options
 @pass_session
-def reload(s: Session, name: str, table_file: str | None, table: str | None) -> None:
+def reload(s: Session, args: tuple[str, ...], table: str | None) -> None:
     """Same as load."""
-    _load(s, name, table_file, table)
+    _load(s, args, table)
+
+
+def _each_device(s: Session, names: tuple[str, ...]) -> list[tuple[dict[str, Any], str]]:
+    """The devices of a command that takes several names, or the one -u or -j/-m choose."""
+    if names:
+        return [({"name": name}, name) for name in names]
+    selection = s.selection()
+    if selection is None:
+        _no_device()
+    return [selection]
 
 
 @dmsetup.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
 @click.option("--noflush", is_flag=True, help="Do not flush the table's devices.")
 @click.option("--nolockfs", is_flag=True, help="Accepted for dmsetup compatibility.")
+@select_options
 @pass_session
 def suspend(s: Session, names: tuple[str, ...], noflush: bool, nolockfs: bool) -> None:
     """Suspend: wait for I/O in flight; later I/O waits until resume."""
-    for name in names:
-        _call(s, "dm.suspend", {"name": name, "noflush": noflush}, "suspend", name)
+    for device, label in _each_device(s, names):
+        _call(s, "dm.suspend", {**device, "noflush": noflush}, "suspend", label)
 
 
 @dmsetup.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
+@select_options
 @pass_session
 def resume(s: Session, names: tuple[str, ...]) -> None:
     """Make the inactive table live (if any) and release queued I/O."""
-    for name in names:
-        _call(s, "dm.resume", {"name": name}, "resume", name)
+    for device, label in _each_device(s, names):
+        _call(s, "dm.resume", device, "resume", label)
 
 
 @dmsetup.command()
-@click.argument("name")
+@click.argument("name", required=False)
+@select_options
 @pass_session
-def clear(s: Session, name: str) -> None:
+def clear(s: Session, name: str | None) -> None:
     """Drop NAME's inactive table."""
-    _call(s, "dm.clear", {"name": name}, "clear", name)
+    for device, label in _each_device(s, () if name is None else (name,)):
+        _call(s, "dm.clear", device, "clear", label)
 
 
 @dmsetup.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
 @click.option("-f", "--force", is_flag=True, help="Swap in an error table if it is open.")
+@select_options
 @pass_session
 def remove(s: Session, names: tuple[str, ...], force: bool) -> None:
     """Remove devices (EBUSY while open)."""
-    for name in names:
-        _call(s, "dm.remove", {"name": name, "force": force}, "remove", name)
+    for device, label in _each_device(s, names):
+        _call(s, "dm.remove", {**device, "force": force}, "remove", label)
 
 
 @dmsetup.command(name="remove_all")
@@ -183,10 +272,12 @@ def rename(s: Session, name: str, new_name: str | None, setuuid: str | None) -> 
 @click.argument("name", required=False)
 @click.option("-c", "--columns", is_flag=True, help="One line per device.")
 @click.option("--noheadings", is_flag=True, help="With -c: no heading line.")
+@select_options
 @pass_session
 def info(s: Session, name: str | None, columns: bool, noheadings: bool) -> None:
     """State, tables present, open count, event number of NAME (or all)."""
-    devices = _call(s, "dm.info", {"name": name}, "info", name)["devices"]
+    device, label = s.device(name)
+    devices = _call(s, "dm.info", device, "info", label)["devices"]
     if columns:
         click.echo(report.info_columns(devices, not noheadings), nl=False)
     elif not devices:
@@ -225,11 +316,13 @@ def ls_(s: Session, tree: bool, target_type: str | None, output: str | None) -> 
 @dmsetup.command()
 @click.argument("name", required=False)
 @click.option("-o", "output", metavar="devno|devname", help="How to show devices.")
+@select_options
 @pass_session
 def deps(s: Session, name: str | None, output: str | None) -> None:
     """Devices NAME's live table uses."""
-    devices = _call(s, "dm.deps", {"name": name}, "deps", name)["devices"]
-    click.echo(report.deps(devices, name is None, _names_output(output)), nl=False)
+    device, label = s.device(name)
+    devices = _call(s, "dm.deps", device, "deps", label)["devices"]
+    click.echo(report.deps(devices, label is None, _names_output(output)), nl=False)
 
 
 @dmsetup.command()
@@ -237,13 +330,15 @@ def deps(s: Session, name: str | None, output: str | None) -> None:
 @click.option("--inactive", is_flag=True, help="Show the inactive table.")
 @click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
 @click.option("--showkeys", is_flag=True, help="Accepted for dmsetup compatibility.")
+@select_options
 @pass_session
 def table(s: Session, name: str | None, inactive: bool, target_type: str | None,
           showkeys: bool) -> None:
     """NAME's table, in a form `load` accepts."""
-    devices = _call(s, "dm.table", {"name": name, "inactive": inactive, "target": target_type},
-                    "table", name)["devices"]
-    click.echo(report.lines(devices, name is None), nl=False)
+    device, label = s.device(name)
+    devices = _call(s, "dm.table", {**device, "inactive": inactive, "target": target_type},
+                    "table", label)["devices"]
+    click.echo(report.lines(devices, label is None), nl=False)
 
 
 @dmsetup.command()
@@ -251,36 +346,44 @@ def table(s: Session, name: str | None, inactive: bool, target_type: str | None,
 @click.option("--inactive", is_flag=True, help="Status of the inactive table.")
 @click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
 @click.option("--noflush", is_flag=True, help="Accepted for dmsetup compatibility.")
+@select_options
 @pass_session
 def status(s: Session, name: str | None, inactive: bool, target_type: str | None,
            noflush: bool) -> None:
     """Each target's status line."""
-    devices = _call(s, "dm.status", {"name": name, "inactive": inactive,
-                                     "target": target_type}, "status", name)["devices"]
-    click.echo(report.lines(devices, name is None), nl=False)
+    device, label = s.device(name)
+    devices = _call(s, "dm.status", {**device, "inactive": inactive, "target": target_type},
+                    "status", label)["devices"]
+    click.echo(report.lines(devices, label is None), nl=False)
 
 
 @dmsetup.command()
-@click.argument("name")
-@click.argument("event_nr", type=click.IntRange(min=0), required=False)
+@click.argument("args", nargs=-1, metavar="[NAME] [EVENT_NR]")
 @click.option("-v", "--verbose", count=True, help="Print the device's info afterwards.")
+@select_options
 @pass_session
-def wait(s: Session, name: str, event_nr: int | None, verbose: int) -> None:
+def wait(s: Session, args: tuple[str, ...], verbose: int) -> None:
     """Sleep until NAME's event counter exceeds EVENT_NR (default: its value now)."""
-    result = _call(s, "dm.wait", {"name": name, "event_nr": event_nr}, "waitevent", name)
+    device, label, rest = s.leading_device(args)
+    _too_many(rest, 1)
+    event_nr = _uint(rest[0], "EVENT_NR") if rest else None
+    result = _call(s, "dm.wait", {**device, "event_nr": event_nr}, "waitevent", label)
     if verbose or s.verbose:
         click.echo(report.info_long(result), nl=False)
 
 
 @dmsetup.command()
-@click.argument("name")
-@click.argument("sector", type=click.IntRange(min=0))
-@click.argument("words", nargs=-1, required=True)
+@click.argument("args", nargs=-1, required=True, metavar="[NAME] SECTOR MESSAGE...")
+@select_options
 @pass_session
-def message(s: Session, name: str, sector: int, words: tuple[str, ...]) -> None:
+def message(s: Session, args: tuple[str, ...]) -> None:
     """Send a message to the target at SECTOR of NAME."""
-    result = _call(s, "dm.message", {"name": name, "sector": sector, "args": list(words)},
-                   "message", name)["result"]
+    device, label, rest = s.leading_device(args)
+    if len(rest) < 2:
+        raise click.UsageError("give SECTOR and a MESSAGE")
+    sector = _uint(rest[0], "SECTOR")
+    result = _call(s, "dm.message", {**device, "sector": sector, "args": list(rest[1:])},
+                   "message", label)["result"]
     if result:
         click.echo(result)
 

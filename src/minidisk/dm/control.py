@@ -4,7 +4,8 @@
 handlers. Every failure is an `OSError` whose errno says what kind (ENXIO no such device,
 EBUSY in use, EINVAL bad table or argument, ELOOP a device holding itself) and whose
 message is one line; the daemon passes both to the client. Arguments are checked here,
-since they come off the wire.
+since they come off the wire. Commands about one device name it by `name`, `uuid`, or
+`major` and `minor`, as dmsetup does by NAME, -u or -j/-m.
 
 `create_from_table_file` is what `minidisk serve --table NAME=FILE` calls at start-up.
 """
@@ -85,13 +86,34 @@ def _dependencies(registry: Registry, name: str) -> list[dict[str, Any]]:
 
 
 def control_handlers(registry: Registry) -> dict[str, Handler]:
-    def names(args: dict[str, Any]) -> list[str]:
-        """One named device, or all of them (dmsetup with no device argument)."""
+    def selected(args: dict[str, Any]) -> str | None:
+        """The device a command is about: `name`, else `uuid`, else `major` and `minor`
+        (dmsetup's NAME, -u and -j/-m, in that order); None when none is given. In create
+        and rename, `uuid` is instead the UUID to give, as dmsetup's -u is in create."""
         name = _opt_str(args, "name")
+        if name is not None:
+            registry.get(name)
+            return name
+        uuid = _opt_str(args, "uuid")
+        if uuid is not None:
+            return registry.name_of_uuid(uuid)
+        major, minor = _opt_int(args, "major"), _opt_int(args, "minor")
+        if major is None and minor is None:
+            return None
+        if major is None or minor is None:
+            raise OSError(errno.EINVAL, "a device number needs both major and minor")
+        return registry.name_of_devno(major, minor)
+
+    def one(args: dict[str, Any]) -> str:
+        name = selected(args)
         if name is None:
-            return registry.names()
-        registry.get(name)
-        return [name]
+            raise OSError(errno.EINVAL, "no device specified")
+        return name
+
+    def names(args: dict[str, Any]) -> list[str]:
+        """The selected device, or all of them (dmsetup with no device argument)."""
+        name = selected(args)
+        return registry.names() if name is None else [name]
 
     async def create(args: dict[str, Any]) -> dict[str, Any]:
         dev = await registry.create(_str(args, "name"), _opt_str(args, "table"),
@@ -99,23 +121,27 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         return device_info(registry, dev.name)
 
     async def load(args: dict[str, Any]) -> dict[str, Any]:
-        await registry.load(_str(args, "name"), _str(args, "table"))
-        return device_info(registry, _str(args, "name"))
+        name = one(args)
+        await registry.load(name, _str(args, "table"))
+        return device_info(registry, name)
 
     async def suspend(args: dict[str, Any]) -> dict[str, Any]:
-        await registry.suspend(_str(args, "name"), _bool(args, "noflush"))
-        return device_info(registry, _str(args, "name"))
+        name = one(args)
+        await registry.suspend(name, _bool(args, "noflush"))
+        return device_info(registry, name)
 
     async def resume(args: dict[str, Any]) -> dict[str, Any]:
-        await registry.resume(_str(args, "name"))
-        return device_info(registry, _str(args, "name"))
+        name = one(args)
+        await registry.resume(name)
+        return device_info(registry, name)
 
     async def clear(args: dict[str, Any]) -> dict[str, Any]:
-        await registry.clear(_str(args, "name"))
-        return device_info(registry, _str(args, "name"))
+        name = one(args)
+        await registry.clear(name)
+        return device_info(registry, name)
 
     async def remove(args: dict[str, Any]) -> dict[str, Any]:
-        await registry.remove(_str(args, "name"), _bool(args, "force"))
+        await registry.remove(one(args), _bool(args, "force"))
         return {}
 
     async def remove_all(args: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +188,7 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         return segments(args, registry.status, lambda r: f"{r[0]} {r[1]} {r[2]} {r[3]}")
 
     async def wait(args: dict[str, Any]) -> dict[str, Any]:
-        name = _str(args, "name")
+        name = one(args)
         await registry.wait(name, _opt_int(args, "event_nr"))
         return device_info(registry, name)
 
@@ -171,7 +197,7 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise OSError(errno.EINVAL, "argument 'args' must be a list of strings")
         sector = _opt_int(args, "sector") or 0
-        return {"result": await registry.message(_str(args, "name"), sector, words)}
+        return {"result": await registry.message(one(args), sector, words)}
 
     async def targets(args: dict[str, Any]) -> dict[str, Any]:
         return {"targets": [{"name": n, "version": list(v)}

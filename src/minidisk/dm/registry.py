@@ -71,6 +71,21 @@ class Registry:
         except KeyError:
             raise no_device(name) from None
 
+    def name_of_uuid(self, uuid: str) -> str:
+        """The device with this UUID (dmsetup -u); devices without one never match."""
+        for dev in self.devices.values():
+            if uuid and dev.uuid == uuid:
+                return dev.name
+        raise OSError(errno.ENXIO, f"no device has uuid {uuid!r}")
+
+    def name_of_devno(self, major: int, minor: int) -> str:
+        """The device with this number (dmsetup -j/-m), as `info` prints it."""
+        if major == DM_MAJOR:
+            for dev in self.devices.values():
+                if dev.minor == minor:
+                    return dev.name
+        raise OSError(errno.ENXIO, f"no device has number {major}:{minor}")
+
     def _lock(self, dev: MappedDevice) -> asyncio.Lock:
         return self._locks.setdefault(id(dev), asyncio.Lock())
 
