@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 
 from minidisk.device.api import BlockDevice, Extent
 from minidisk.dm.mapping import Mapping
+from minidisk.dm.target import Target, WindowTarget
+from minidisk.namespace.revocable import RevocableDevice, unwrap
 
 EMPTY = Mapping()
 
@@ -42,6 +44,27 @@ class DeviceInfo:
     event_nr: int
     target_count: int
     sectors: int
+
+
+Route = tuple[RevocableDevice | None, BlockDevice, int]
+
+
+def _direct_route(target: Target | None) -> Route | None:
+    """For a one-segment table whose target only shifts offsets (linear, or any window target
+    that intercepts none of read, sparse read and write): (gate, child, byte offset), so that
+    reads and writes go straight to the child, stepping over the target and the child's
+    revocable wrapper. At ~170k requests/s a request costs ~6 µs of server CPU and each
+    coroutine layer ~0.4 µs, and a linear device is otherwise five layers deep where the raw
+    device is two. The table is immutable while live, so the route changes only in `_apply`;
+    the gate keeps a forced removal of the child working as before."""
+    if not isinstance(target, WindowTarget) or not target.caps.extents:
+        return None
+    cls = type(target)
+    if (cls.pread is not WindowTarget.pread or cls.pwrite is not WindowTarget.pwrite
+            or cls.pread_sparse is not WindowTarget.pread_sparse):
+        return None
+    gate, child = unwrap(target.child)
+    return gate, child, target.base
 
 
 class MappedDevice(BlockDevice):
@@ -79,6 +102,7 @@ class MappedDevice(BlockDevice):
         self.size = mapping.size
         # A one-segment table (nearly all of them) is called directly: one frame less.
         self._only = mapping.targets[0] if len(mapping.targets) == 1 else None
+        self._route = _direct_route(self._only)
         caps = mapping.caps
         if self.read_only and not caps.read_only:
             caps = replace(caps, read_only=True, fua=False, trim=False, zero=False,
@@ -194,8 +218,19 @@ class MappedDevice(BlockDevice):
             await self._wait_resumed()
         self._inflight += 1
         try:
+            route = self._route
             only = self._only
-            if only is not None and offset + len(buf) <= self.size:
+            if route is not None and offset + len(buf) <= self.size:
+                gate, child, base = route
+                if gate is None:
+                    await child.pread(buf, offset + base)
+                else:
+                    gate.enter()
+                    try:
+                        await child.pread(buf, offset + base)
+                    finally:
+                        gate.leave()
+            elif only is not None and offset + len(buf) <= self.size:
                 await only.pread(buf, offset)
             else:
                 await self.live.pread(buf, offset)
@@ -207,6 +242,20 @@ class MappedDevice(BlockDevice):
             await self._wait_resumed()
         self._inflight += 1
         try:
+            route = self._route
+            if route is not None and offset + len(buf) <= self.size:
+                gate, child, base = route
+                if gate is None:
+                    holes = await child.pread_sparse(buf, offset + base)
+                else:
+                    gate.enter()
+                    try:
+                        holes = await child.pread_sparse(buf, offset + base)
+                    finally:
+                        gate.leave()
+                if holes and base:
+                    holes = [(start - base, size) for start, size in holes]
+                return holes
             only = self._only
             if only is not None and offset + len(buf) <= self.size:
                 return await only.pread_sparse(buf, offset)
@@ -221,8 +270,19 @@ class MappedDevice(BlockDevice):
             self._check_writable()
         self._inflight += 1
         try:
+            route = self._route
             only = self._only
-            if only is not None and offset + len(buf) <= self.size:
+            if route is not None and offset + len(buf) <= self.size:
+                gate, child, base = route
+                if gate is None:
+                    await child.pwrite(buf, offset + base, fua)
+                else:
+                    gate.enter()
+                    try:
+                        await child.pwrite(buf, offset + base, fua)
+                    finally:
+                        gate.leave()
+            elif only is not None and offset + len(buf) <= self.size:
                 await only.pwrite(buf, offset, fua)
             else:
                 await self.live.pwrite(buf, offset, fua)

@@ -48,44 +48,48 @@ class RevocableDevice(BlockDevice):
         return self.inner.caps
 
     async def _forward(self, call: Callable[[], Awaitable[T]]) -> T:
-        self._enter()
+        self.enter()
         try:
             result = await call()
         finally:
-            self._leave()
+            self.leave()
         return result
 
     # The data path forwards without `_forward`'s closure: it runs once per request per
     # layer (a striped read over namespace keys passes here once per chunk).
 
     async def pread(self, buf: memoryview, offset: int) -> None:
-        self._enter()
+        self.enter()
         try:
             await self.inner.pread(buf, offset)
         finally:
-            self._leave()
+            self.leave()
 
     async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
-        self._enter()
+        self.enter()
         try:
             holes = await self.inner.pread_sparse(buf, offset)
         finally:
-            self._leave()
+            self.leave()
         return holes
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        self._enter()
+        self.enter()
         try:
             await self.inner.pwrite(buf, offset, fua)
         finally:
-            self._leave()
+            self.leave()
 
-    def _enter(self) -> None:
+    # `enter` and `leave` bracket every call into the inner device. They are public for the
+    # dm layer's direct routes (see `unwrap`), which step over this wrapper on the hot path
+    # and must bracket their calls exactly as the methods here do.
+
+    def enter(self) -> None:
         if self.revoked:
             raise _shutdown()
         self.in_flight += 1
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         """After the inner call; raises if the device was revoked meanwhile."""
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle is not None:
@@ -132,3 +136,12 @@ class RevocableDevice(BlockDevice):
 
     def describe(self) -> str:
         return ("revoked " if self.revoked else "") + self.inner.describe()
+
+
+def unwrap(device: BlockDevice) -> tuple[RevocableDevice | None, BlockDevice]:
+    """(gate, device to call) for a caller that steps over a revocable wrapper to save a
+    coroutine per request: it must call `gate.enter()` before and `gate.leave()` after
+    (also when the call raises) whenever the gate is not None."""
+    if isinstance(device, RevocableDevice):
+        return device, device.inner
+    return None, device

@@ -27,6 +27,7 @@ from minidisk.dm.target import (
     combine_caps,
     parse_uint,
 )
+from minidisk.namespace.revocable import unwrap
 
 ERROR_EVENT_THRESHOLD = 15
 # Errors that say something about the request rather than the stripe's health.
@@ -68,6 +69,10 @@ class Striped(Target):
         self.stripes = stripes
         self.chunk = self.chunk_sectors * SECTOR
         self.children: list[BlockDevice] = [r.device for r in self.refs]
+        # The one-chunk paths step over each child's revocable wrapper (see `unwrap`).
+        unwrapped = [unwrap(c) for c in self.children]
+        self.gates = [gate for gate, _ in unwrapped]
+        self.inners = [inner for _, inner in unwrapped]
         self.bases = [s * SECTOR for s in self.starts]
         self.error_counts = [0] * stripes
         self.raise_event = ctx.raise_event
@@ -110,10 +115,17 @@ class Striped(Target):
         chunk_no, in_chunk = divmod(offset, chunk)
         if in_chunk + len(buf) <= chunk:
             row, stripe = divmod(chunk_no, self.stripes)
+            gate = self.gates[stripe]
             try:
-                await self.children[stripe].pread(
-                    buf, row * chunk + in_chunk + self.bases[stripe])
-            except OSError as e:
+                if gate is not None:
+                    gate.enter()
+                try:
+                    await self.inners[stripe].pread(
+                        buf, row * chunk + in_chunk + self.bases[stripe])
+                finally:
+                    if gate is not None:
+                        gate.leave()
+            except OSError as e:  # a revoked child too, as when it was called whole
                 self._failed(stripe, e)
                 raise
             return
@@ -133,9 +145,16 @@ class Striped(Target):
             # Our caps were combined from the children's, so each child tells holes too.
             row, stripe = divmod(chunk_no, self.stripes)
             at = row * chunk + in_chunk + self.bases[stripe]
+            gate = self.gates[stripe]
             try:
-                found = await self.children[stripe].pread_sparse(buf, at)
-            except OSError as e:
+                if gate is not None:
+                    gate.enter()
+                try:
+                    found = await self.inners[stripe].pread_sparse(buf, at)
+                finally:
+                    if gate is not None:
+                        gate.leave()
+            except OSError as e:  # a revoked child too, as when it was called whole
                 self._failed(stripe, e)
                 raise
             if found and at != offset:
@@ -157,10 +176,17 @@ class Striped(Target):
         chunk_no, in_chunk = divmod(offset, chunk)
         if in_chunk + len(buf) <= chunk:
             row, stripe = divmod(chunk_no, self.stripes)
+            gate = self.gates[stripe]
             try:
-                await self.children[stripe].pwrite(
-                    buf, row * chunk + in_chunk + self.bases[stripe], fua)
-            except OSError as e:
+                if gate is not None:
+                    gate.enter()
+                try:
+                    await self.inners[stripe].pwrite(
+                        buf, row * chunk + in_chunk + self.bases[stripe], fua)
+                finally:
+                    if gate is not None:
+                        gate.leave()
+            except OSError as e:  # a revoked child too, as when it was called whole
                 self._failed(stripe, e)
                 raise
             return
