@@ -3,12 +3,16 @@ the exact text they read back."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
 from dm_helpers import Server
 
 pytestmark = pytest.mark.slow
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter with libnbd's `nbd` module
 
 
 def test_target_option_on_table_status_and_ls(serve: Callable[..., Server]) -> None:
@@ -73,3 +77,37 @@ def test_devices_chosen_by_uuid_or_number(serve: Callable[..., Server]) -> None:
     assert half.returncode == 2 and "-j MAJOR and -m MINOR go together" in half.stderr
     server.dmsetup("remove", "-j", "253", "-m", "1")
     assert server.dmsetup("ls").stdout == "plain\t(253:0)\n"
+
+
+def test_remove_deferred_waits_for_the_last_nbd_client(serve: Callable[..., Server]) -> None:
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "d", "--table", "0 8 linear /dev/a 0")
+    server.dmsetup("create", "closed", "--table", "0 8 zero")
+    assert server.dmsetup("remove", "--deferred", "closed").stdout == ""
+    assert server.dmsetup("ls").stdout == "d\t(253:0)\n"  # not open: gone at once
+    holder = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c",
+         "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); print('up', flush=True);"
+         " sys.stdin.read()", server.uri("/dev/mapper/d")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"up\n"
+        busy = server.dmsetup("remove", "d", check=False)
+        assert busy.returncode == 1 and "Device or resource busy" in busy.stderr
+        assert server.dmsetup("remove", "--deferred", "d").returncode == 0
+        info = server.dmsetup("info", "d").stdout
+        assert "State:             ACTIVE (DEFERRED REMOVE)\n" in info
+        assert "Open count:        1\n" in info
+        server.dmsetup("message", "d", "0", "@cancel_deferred_remove")
+        assert "State:             ACTIVE\n" in server.dmsetup("info", "d").stdout
+        server.dmsetup("remove", "--deferred", "d")
+        time.sleep(0.5)
+        assert "(DEFERRED REMOVE)" in server.dmsetup("info", "d").stdout  # still open
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the client disconnects
+        holder.wait(10)
+    deadline = time.monotonic() + 10
+    while server.dmsetup("ls").stdout != "No devices found\n":
+        assert time.monotonic() < deadline, "the deferred removal never happened"
+        time.sleep(0.1)

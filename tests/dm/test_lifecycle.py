@@ -8,7 +8,8 @@ import errno
 import pytest
 from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
 
-from minidisk.dm import TableError
+from minidisk.dm import Registry, TableError
+from minidisk.dm.registry import DEFERRED_POLL
 
 
 def test_create_with_table_is_live_and_without_is_empty() -> None:
@@ -247,5 +248,106 @@ def test_read_only_device_refuses_writes() -> None:
         with pytest.raises(OSError) as e:
             await write(dev, 0, pattern(1, SECTOR))
         assert e.value.errno == errno.EROFS
+
+    run(go())
+
+
+async def _gone(reg: Registry, name: str, timeout: float = 5) -> None:
+    """Wait for a deferred removal, which happens after the call that let go returns."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while name in reg.devices:
+        assert asyncio.get_running_loop().time() < deadline, f"{name} was not removed"
+        await asyncio.sleep(0.01)
+
+
+def test_deferred_remove_waits_for_the_table_above_to_let_go() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+
+    async def go() -> None:
+        assert await reg.remove((await reg.create("closed", "0 8 zero")).name, deferred=True)
+        assert "closed" not in reg.devices  # not open: removed at once
+        low = await reg.create("low", "0 8 linear /dev/a 0")
+        await reg.create("top", "0 8 linear /dev/mapper/low 0")
+        assert not await reg.remove("low", deferred=True)  # marked, and no error
+        info = reg.info("low")
+        assert info.deferred_remove and info.open_count == 1
+        await write(low, 0, pattern(3, SECTOR))  # still a working device meanwhile
+        with pytest.raises(OSError) as e:
+            await reg.remove("low")  # a plain remove of an open device is still EBUSY
+        assert e.value.errno == errno.EBUSY and reg.info("low").deferred_remove
+        await asyncio.sleep(3 * DEFERRED_POLL)  # waiting, with nothing to poll for
+        assert reg.info("low").deferred_remove
+        await reg.remove("top")  # its table lets go of low: low goes too
+        await _gone(reg, "low")
+        assert "/dev/mapper/low" not in ns.devices and ns.holds == {}
+
+    run(go())
+
+
+def test_deferred_remove_waits_for_clients_of_the_export() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+
+    async def go() -> None:
+        await reg.create("d", "0 8 linear /dev/a 0")
+        client = ns.hold("/dev/mapper/d")  # what an NBD connection holds
+        assert not await reg.remove("d", deferred=True)
+        await asyncio.sleep(3 * DEFERRED_POLL)
+        assert reg.info("d").deferred_remove  # looked at again, and still in use
+        client.release()
+        await _gone(reg, "d")
+        assert "/dev/mapper/d" not in ns.devices and ns.holds == {}
+
+    run(go())
+
+
+def test_cancel_deferred_remove_keeps_the_device() -> None:
+    reg = registry_over(memory_namespace(a=1 << 20))
+
+    async def go() -> None:
+        await reg.create("low", "0 8 linear /dev/a 0")
+        await reg.create("top", "0 8 linear /dev/mapper/low 0")
+        await reg.remove("low", deferred=True)
+        assert await reg.message("low", 0, ["@cancel_deferred_remove"]) is None
+        assert not reg.info("low").deferred_remove
+        await reg.remove("top")
+        await asyncio.sleep(3 * DEFERRED_POLL)
+        assert reg.names() == ["low"]
+        for words, reason in ((["@cancel_deferred_remove", "now"], "Invalid arguments"),
+                              (["@stats_list"], "Unsupported message sent to DM core")):
+            with pytest.raises(OSError, match=reason) as e:
+                await reg.message("low", 0, words)
+            assert e.value.errno == errno.EINVAL
+        # a message to dm itself needs no live table
+        await reg.create("bare")
+        await reg.message("bare", 0, ["@CANCEL_DEFERRED_REMOVE"])
+
+    run(go())
+
+
+def test_remove_all_deferred_and_force_deferred() -> None:
+    ns = memory_namespace(a=1 << 20)
+    reg = registry_over(ns)
+
+    async def go() -> None:
+        await reg.create("low", "0 8 linear /dev/a 0")
+        await reg.create("top", "0 8 linear /dev/mapper/low 0")
+        await reg.create("free", "0 8 zero")
+        client = ns.hold("/dev/mapper/top")
+        assert await reg.remove_all(deferred=True) == ["low", "top"]
+        assert reg.info("top").deferred_remove and reg.info("low").deferred_remove
+        client.release()  # top goes, which lets go of low, which goes too
+        await _gone(reg, "top")
+        await _gone(reg, "low")
+        # --force --deferred: the error table first (as dmsetup does), then the mark
+        dev = await reg.create("held", "0 8 linear /dev/a 0")
+        client = ns.hold("/dev/mapper/held")
+        assert not await reg.remove("held", force=True, deferred=True)
+        assert reg.table("held") == [(0, 8, "error", [])] and reg.info("held").deferred_remove
+        with pytest.raises(OSError):
+            await read(dev, 0, SECTOR)
+        client.release()
+        await _gone(reg, "held")
 
     run(go())

@@ -233,20 +233,26 @@ def clear(s: Session, name: str | None) -> None:
 @dmsetup.command()
 @click.argument("names", nargs=-1)
 @click.option("-f", "--force", is_flag=True, help="Swap in an error table if it is open.")
+@click.option("--deferred", is_flag=True,
+              help="If open, remove when the last user closes it (cancel with "
+                   "`message NAME 0 @cancel_deferred_remove`).")
 @select_options
 @pass_session
-def remove(s: Session, names: tuple[str, ...], force: bool) -> None:
+def remove(s: Session, names: tuple[str, ...], force: bool, deferred: bool) -> None:
     """Remove devices (EBUSY while open)."""
     for device, label in _each_device(s, names):
-        _call(s, "dm.remove", {**device, "force": force}, "remove", label)
+        _call(s, "dm.remove", {**device, "force": force, "deferred": deferred}, "remove",
+              label)
 
 
 @dmsetup.command(name="remove_all")
 @click.option("-f", "--force", is_flag=True, help="Swap in error tables for open devices.")
+@click.option("--deferred", is_flag=True, help="Mark open devices for removal on last close.")
 @pass_session
-def remove_all(s: Session, force: bool) -> None:
+def remove_all(s: Session, force: bool, deferred: bool) -> None:
     """Remove every device that is not open."""
-    left = _call(s, "dm.remove_all", {"force": force}, "remove_all")["left"]
+    left = _call(s, "dm.remove_all", {"force": force, "deferred": deferred},
+                 "remove_all")["left"]
     if left:
         click.echo(f"Unable to remove {len(left)} device(s): {' '.join(left)}", err=True)
 

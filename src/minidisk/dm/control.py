@@ -141,11 +141,12 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         return device_info(registry, name)
 
     async def remove(args: dict[str, Any]) -> dict[str, Any]:
-        await registry.remove(one(args), _bool(args, "force"))
-        return {}
+        removed = await registry.remove(one(args), _bool(args, "force"), _bool(args, "deferred"))
+        return {"deferred": not removed}  # as DM_DEFERRED_REMOVE comes back from the kernel
 
     async def remove_all(args: dict[str, Any]) -> dict[str, Any]:
-        return {"left": await registry.remove_all(_bool(args, "force"))}
+        return {"left": await registry.remove_all(_bool(args, "force"),
+                                                  _bool(args, "deferred"))}
 
     async def rename(args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")

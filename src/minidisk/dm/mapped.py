@@ -44,6 +44,7 @@ class DeviceInfo:
     event_nr: int
     target_count: int
     sectors: int
+    deferred_remove: bool = False
 
 
 Route = tuple[RevocableDevice | None, BlockDevice, int]
@@ -79,6 +80,7 @@ class MappedDevice(BlockDevice):
         self.event_nr = 0
         self.open_count = 0
         self.removed = False
+        self.deferred_remove = False  # remove --deferred while open (see Registry.remove)
         self._apply(EMPTY)
         # Suspension: `_blocked` is tested on every request; the event releases them.
         self._blocked = False
@@ -194,7 +196,7 @@ class MappedDevice(BlockDevice):
             read_only=self.read_only, live_table=self.has_live,
             inactive_table=self.inactive is not None, open_count=self.open_count,
             event_nr=self.event_nr, target_count=len(self.live) if self.has_live else 0,
-            sectors=self.live.sectors)
+            sectors=self.live.sectors, deferred_remove=self.deferred_remove)
 
     # I/O
 

@@ -10,6 +10,9 @@ status, wait and message with the kernel's rules and errnos:
 - A table is built completely before it touches the device, so a refused table leaves the
   device exactly as it was.
 - A table may not make a device hold itself, directly or through other mapped devices.
+- `remove --deferred` of an open device marks it instead (the kernel's DM_DEFERRED_REMOVE),
+  and it is removed once its last user lets go: a table above it being destroyed, or its
+  last NBD client disconnecting. The message `@cancel_deferred_remove` unmarks it.
 
 Operations on one device run one at a time (its lock); `wait` and I/O do not take it, and
 devices do not wait for each other, so a suspend stuck behind a suspended lower device
@@ -19,7 +22,9 @@ never blocks the resume that frees it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -34,6 +39,11 @@ from minidisk.dm.targets import TARGET_TYPES
 DM_MAJOR = 253  # what Linux usually gives device-mapper; shown where dmsetup shows one
 DRIVER_VERSION = (4, 48, 0)
 MAX_NAME = 127  # DM_NAME_LEN - 1
+# How often a device marked for deferred removal is looked at again while only NBD clients
+# may hold it: the namespace counts those and does not announce a disconnect to dm.
+DEFERRED_POLL = 0.1
+
+log = logging.getLogger(__name__)
 
 
 def no_device(name: str) -> OSError:
@@ -62,6 +72,8 @@ class Registry:
         self.devices: dict[str, MappedDevice] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._next_minor = 0
+        self._reaper: asyncio.Task[None] | None = None  # runs while devices are marked
+        self._released = asyncio.Event()  # a table let go of a device marked for removal
 
     # Lookup
 
@@ -99,13 +111,18 @@ class Registry:
                     raise OSError(errno.ELOOP,
                                   f"{loading.name} would hold itself through {key}")
                 child.open()
-                return child, child.release
+                return child, lambda: self._release(child)
             if self.source is None:
                 raise OSError(errno.ENOENT, f"no namespace to look up {key}")
             device = self.source.lookup(key)
             return device, self.source.hold(key).release
 
         return open_device
+
+    def _release(self, dev: MappedDevice) -> None:
+        dev.release()
+        if dev.deferred_remove and not dev.open_count:
+            self._released.set()
 
     def _reaches(self, start: MappedDevice, goal: MappedDevice) -> bool:
         """Does `start` hold `goal` through its tables (live or inactive), at any depth?"""
@@ -201,34 +218,87 @@ class Registry:
             if old is not None:
                 await old.destroy()
 
-    async def remove(self, name: str, force: bool = False) -> None:
-        """dmsetup remove: EBUSY while open; with `force`, an open device gets an error table."""
+    async def remove(self, name: str, force: bool = False, deferred: bool = False) -> bool:
+        """dmsetup remove: EBUSY while open (a table above holds it, or an NBD client has it);
+        with `force`, an open device gets an error table first; with `deferred`, an open
+        device is marked for removal on last close instead. True if it was removed now."""
         dev = self.get(name)
         async with self._lock(dev):
-            if dev.open_count:
-                if force and dev.has_live:
-                    await self._load(dev, [Segment(0, dev.live.sectors, "error", ())])
-                    old = await dev.resume()
-                    if old is not None:
-                        await old.destroy()
-                raise OSError(errno.EBUSY, f"device {name} is open ({dev.open_count} holders)")
-            if self.publisher is not None:
-                # EBUSY while NBD clients have it open: they count as openers too.
-                await self.publisher.remove(dev.mapper_key)
-            del self.devices[name]
+            removed = await self._remove(dev, force, deferred)
+        if removed:
+            self._locks.pop(id(dev), None)
+        return removed
+
+    async def _remove(self, dev: MappedDevice, force: bool, deferred: bool) -> bool:
+        if not dev.open_count and await self._unpublish(dev):
+            del self.devices[dev.name]
             for mapping in dev.take_tables():
                 await mapping.destroy()
-        self._locks.pop(id(dev), None)
+            if dev.deferred_remove:
+                self._released.set()  # the reaper may have nothing left to wait for
+            return True
+        if force and dev.has_live:
+            await self._load(dev, [Segment(0, dev.live.sectors, "error", ())])
+            old = await dev.resume()
+            if old is not None:
+                await old.destroy()
+        if deferred:
+            dev.deferred_remove = True
+            if self._reaper is None:
+                self._reaper = asyncio.get_running_loop().create_task(self._reap())
+            return False
+        users = self.info(dev.name).open_count
+        raise OSError(errno.EBUSY, f"device {dev.name} is open"
+                      + (f" ({users} holders)" if users else ""))
 
-    async def remove_all(self, force: bool = False) -> list[str]:
-        """Remove every device that can be; return the names left (still open)."""
+    async def _unpublish(self, dev: MappedDevice) -> bool:
+        """Take the device out of the namespace; False while NBD clients have it open
+        (they count as openers, as processes with the block device open do)."""
+        if self.publisher is None:
+            return True
+        try:
+            await self.publisher.remove(dev.mapper_key)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            return False
+        return True
+
+    async def _reap(self) -> None:
+        """Remove the devices marked for deferred removal as their last users let go; ends
+        when none is marked. A table letting go wakes it at once; NBD clients are polled."""
+        try:
+            while True:
+                self._released.clear()
+                marked = [d for d in self.devices.values() if d.deferred_remove]
+                if not marked:
+                    return
+                for dev in marked:
+                    if dev.open_count:
+                        continue
+                    try:
+                        async with self._lock(dev):
+                            if dev.deferred_remove and not dev.removed \
+                                    and await self._remove(dev, False, True):
+                                self._locks.pop(id(dev), None)
+                    except OSError as e:  # it stays marked; the next look tries again
+                        log.warning("deferred removal of %s failed: %s", dev.name, e)
+                # Only devices that no table holds can be waiting for NBD clients.
+                poll = DEFERRED_POLL if any(not d.open_count for d in marked) else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), poll)
+        finally:
+            self._reaper = None
+
+    async def remove_all(self, force: bool = False, deferred: bool = False) -> list[str]:
+        """Remove every device that can be (marking the open ones with `deferred`); return
+        the names left."""
         progress = True
         while progress:  # parents first frees their children for the next round
             progress = False
             for name in list(self.devices):
                 try:
-                    await self.remove(name, force)
-                    progress = True
+                    progress |= await self.remove(name, force, deferred)
                 except OSError as e:
                     if e.errno != errno.EBUSY:
                         raise
@@ -307,10 +377,25 @@ class Registry:
         dev = self.get(name)
         if not args:
             raise OSError(errno.EINVAL, "empty message")
+        if args[0].startswith("@"):
+            await self._core_message(dev, args)
+            return None
         if not dev.has_live:
             raise OSError(errno.EINVAL, f"device {name} has no live table")
         async with self._lock(dev):
             return await dev.live.target_at(sector).message(args)
+
+    async def _core_message(self, dev: MappedDevice, args: list[str]) -> None:
+        """A message to device-mapper itself, not a target (the kernel's message_for_md).
+        Only `@cancel_deferred_remove`: the device stays when its last user lets go."""
+        if args[0].lower() != "@cancel_deferred_remove":
+            raise OSError(errno.EINVAL, f"Unsupported message sent to DM core: {args[0]}")
+        if len(args) != 1:
+            raise OSError(errno.EINVAL, "Invalid arguments for @cancel_deferred_remove")
+        async with self._lock(dev):
+            if dev.removed:
+                raise no_device(dev.name)
+            dev.deferred_remove = False
 
     def target_versions(self) -> list[tuple[str, tuple[int, int, int]]]:
         return [(name, t.version) for name, t in self.types.items()]

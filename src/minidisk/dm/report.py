@@ -22,6 +22,8 @@ def info_long(info: dict[str, Any]) -> str:
     state = "SUSPENDED" if info["suspended"] else "ACTIVE"
     if info["read_only"]:
         state += " (READ-ONLY)"
+    if info["deferred_remove"]:
+        state += " (DEFERRED REMOVE)"
     live, inactive = info["live_table"], info["inactive_table"]
     tables = "None" if not (live or inactive) else (
         ("LIVE" if live else "") + (" & " if live and inactive else "")
