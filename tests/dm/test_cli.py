@@ -8,7 +8,10 @@ import time
 from collections.abc import Callable
 
 import pytest
+from click.testing import CliRunner
 from dm_helpers import Server
+
+from minidisk.cli.dmsetup import dmsetup
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +114,22 @@ def test_remove_deferred_waits_for_the_last_nbd_client(serve: Callable[..., Serv
     while server.dmsetup("ls").stdout != "No devices found\n":
         assert time.monotonic() < deadline, "the deferred removal never happened"
         time.sleep(0.1)
+
+
+def test_udev_flags_and_commands_are_harmless(serve: Callable[..., Server]) -> None:
+    runner = CliRunner()
+    cookies = runner.invoke(dmsetup, ["udevcookies"])
+    assert (cookies.exit_code, cookies.output) == (
+        0, "Cookie       Semid      Value      Last semop time           Last change time\n")
+    for args in (["udevcomplete_all"], ["udevcomplete_all", "-y", "10"]):
+        done = runner.invoke(dmsetup, args)
+        assert (done.exit_code, done.output) == (
+            0, "0 semaphores with keys prefixed by 3405 (0xd4d) destroyed. 0 skipped.\n")
+    assert runner.invoke(dmsetup, ["--noudevsync", "mknodes", "--verifyudev"]).output == ""
+    assert "there is no udev here" in runner.invoke(dmsetup, ["remove", "--help"]).output
+    # the flags go before or after the command, on any command, and change nothing
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("--noudevsync", "create", "d", "--noudevrules", "--table", "0 8 zero")
+    assert server.dmsetup("--verifyudev", "table", "d", "--noudevsync").stdout == "0 8 zero \n"
+    server.dmsetup("remove", "--noudevsync", "--noudevrules", "--verifyudev", "d")
+    assert server.dmsetup("ls", "--noudevsync").stdout == "No devices found\n"

@@ -113,12 +113,40 @@ def _read_table(table: str | None, table_file: str | None) -> str:
     return sys.stdin.read()
 
 
-@click.group(name="dmsetup")
+# lvm2's DM_COOKIE_MAGIC: the key prefix of the semaphores dmsetup's udev commands report.
+DM_COOKIE_MAGIC = 0x0D4D
+UDEV_FLAGS = ("--noudevsync", "--noudevrules", "--verifyudev")
+
+
+class DmsetupGroup(click.Group):
+    """dmsetup takes its udev flags before or after any command; so do we, and ignore them:
+    no udev watches our devices (/dev/mapper/NAME is a namespace key, made and removed
+    with the device), so there is nothing to wait for or to tell."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(self._udev_flags())
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(self._udev_flags())
+        super().add_command(cmd, name)
+
+    @staticmethod
+    def _udev_flags() -> list[click.Parameter]:
+        return [click.Option([flag], is_flag=True, expose_value=False,
+                             help="Accepted and ignored: there is no udev here.")
+                for flag in UDEV_FLAGS]
+
+
+@click.group(name="dmsetup", cls=DmsetupGroup)
 @server_option
 @click.option("-v", "--verbose", count=True, help="Show device info with results.")
 @click.pass_context
 def dmsetup(ctx: click.Context, server: str | None, verbose: int) -> None:
-    """Device-mapper on a running server, with dmsetup's commands and output."""
+    """Device-mapper on a running server, with dmsetup's commands and output.
+
+    There is no udev here: mapped devices are namespace keys (/dev/mapper/NAME), so the
+    udev flags are accepted and ignored, and the udev commands have nothing to do."""
     ctx.obj = Session(server or (ctx.obj or {}).get("server"), verbose)
 
 
@@ -407,6 +435,28 @@ def targets(s: Session) -> None:
 def version(s: Session) -> None:
     """Library and driver versions."""
     click.echo(report.version(_call(s, "dm.version", {}, "version")), nl=False)
+
+
+@dmsetup.command()
+def udevcookies() -> None:
+    """List udev transaction cookies: there are none (no udev here)."""
+    click.echo("Cookie       Semid      Value      Last semop time           Last change time")
+
+
+@dmsetup.command(name="udevcomplete_all")
+@click.argument("age_in_minutes", type=click.IntRange(min=0), required=False)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask (there is nothing to destroy).")
+def udevcomplete_all(age_in_minutes: int | None, yes: bool) -> None:
+    """Destroy stale udev cookie semaphores: there are none (no udev here)."""
+    click.echo(f"0 semaphores with keys prefixed by {DM_COOKIE_MAGIC} (0x{DM_COOKIE_MAGIC:x}) "
+               "destroyed. 0 skipped.")
+
+
+@dmsetup.command()
+@click.argument("name", required=False)
+def mknodes(name: str | None) -> None:
+    """Make /dev/mapper nodes: nothing to do, they are namespace keys that come and go
+    with their devices (no udev, no device nodes)."""
 
 
 @click.command(name="replay-log")
