@@ -359,6 +359,15 @@ def deps(s: Session, name: str | None, output: str | None) -> None:
     click.echo(report.deps(devices, label is None, _names_output(output)), nl=False)
 
 
+def _segment_lines(s: Session, op: str, name: str | None, inactive: bool,
+                   target_type: str | None) -> None:
+    """table and status: one line per segment, `name: ` first when every device is listed."""
+    device, label = s.device(name)
+    devices = _call(s, f"dm.{op}", {**device, "inactive": inactive, "target": target_type},
+                    op, label)["devices"]
+    click.echo(report.lines(devices, label is None), nl=False)
+
+
 @dmsetup.command()
 @click.argument("name", required=False)
 @click.option("--inactive", is_flag=True, help="Show the inactive table.")
@@ -369,10 +378,7 @@ def deps(s: Session, name: str | None, output: str | None) -> None:
 def table(s: Session, name: str | None, inactive: bool, target_type: str | None,
           showkeys: bool) -> None:
     """NAME's table, in a form `load` accepts."""
-    device, label = s.device(name)
-    devices = _call(s, "dm.table", {**device, "inactive": inactive, "target": target_type},
-                    "table", label)["devices"]
-    click.echo(report.lines(devices, label is None), nl=False)
+    _segment_lines(s, "table", name, inactive, target_type)
 
 
 @dmsetup.command()
@@ -385,10 +391,7 @@ def table(s: Session, name: str | None, inactive: bool, target_type: str | None,
 def status(s: Session, name: str | None, inactive: bool, target_type: str | None,
            noflush: bool) -> None:
     """Each target's status line."""
-    device, label = s.device(name)
-    devices = _call(s, "dm.status", {**device, "inactive": inactive, "target": target_type},
-                    "status", label)["devices"]
-    click.echo(report.lines(devices, label is None), nl=False)
+    _segment_lines(s, "status", name, inactive, target_type)
 
 
 @dmsetup.command()
