@@ -19,9 +19,9 @@ from tests.daemon.conftest import wait_for_socket
 from minidisk.device.api import EXTENT_ZERO, BlockDevice
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import PAGE, MemoryDevice
+from minidisk.device.revocable import RevocableDevice
 from minidisk.dm.devices import DeviceDict
 from minidisk.dm.registry import Registry
-from minidisk.namespace.revocable import RevocableDevice
 from minidisk.nbd.client import RemoteDevice
 
 SIZE = 64 * PAGE

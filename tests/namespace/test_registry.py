@@ -129,17 +129,22 @@ def test_export_interface(ns: Namespace, tmp_path: Path, make_file: MakeFile) ->
 
 def test_references_count_and_close_is_idempotent(ns: Namespace, run: Run) -> None:
     ns.register_device("/m", MemoryDevice(4096))
+    unused: list[str] = []
+    ns.on_unused(unused.append)
     a, b = ns.open_export("m"), ns.hold("/m")
     assert [row.users for row in ns.ls()] == [2]
+    assert (ns.users("/m"), ns.users("//m"), ns.users("/nothing")) == (2, 2, 0)
     a.close()
     a.close()
-    assert [row.users for row in ns.ls()] == [1]
+    assert [row.users for row in ns.ls()] == [1] and ns.users("/m") == 1
+    assert unused == []  # b still holds it
     with pytest.raises(OSError) as info:
         run(ns.remove("/m"))
     assert info.value.errno == errno.EBUSY
     assert ns.export_names() == ["m"]  # EBUSY changed nothing
     b.release()
     assert [row.users for row in ns.ls()] == [0]
+    assert unused == ["/m"]  # said once, when the last reference went
     run(ns.remove("/m"))
     assert ns.ls() == []
 

@@ -5,8 +5,8 @@ itself and asks a `DeviceSource` for every other key: `lookup` finds the device,
 returns a counted reference that the table keeps until it is destroyed (so the namespace
 refuses to remove a device a table maps). Each mapped device is published back under
 `/dev/mapper/NAME` through a `Publisher`, so the server exports it like any other device;
-`remove` of a key still exported to clients fails with EBUSY, which is how `dmsetup
-remove` learns that an NBD client has the device open.
+the publisher counts the NBD clients of each key (`users`, part of a device's open count)
+and says when the last one goes (`on_unused`, which ends a deferred removal's wait).
 
 `minidisk.namespace.Namespace` is both. `DeviceDict` is both over a plain dict: enough for
 tests, and for embedding dm without a namespace.
@@ -15,6 +15,7 @@ tests, and for embedding dm without a namespace.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Protocol
 
 from minidisk.device.api import BlockDevice
@@ -42,6 +43,14 @@ class Publisher(Protocol):
         """Take `key` out; EBUSY if clients still use it (unless `force`)."""
         ...
 
+    def users(self, key: str) -> int:
+        """References to `key` now (NBD connections, tables)."""
+        ...
+
+    def on_unused(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(key)` whenever the last reference to a key is let go."""
+        ...
+
 
 class _DictHold:
     def __init__(self, owner: DeviceDict, key: str) -> None:
@@ -55,6 +64,8 @@ class _DictHold:
             owner.holds[self._key] -= 1
             if not owner.holds[self._key]:
                 del owner.holds[self._key]
+                for listener in owner.unused_listeners:
+                    listener(self._key)
 
 
 class DeviceDict:
@@ -63,6 +74,7 @@ class DeviceDict:
     def __init__(self, devices: dict[str, BlockDevice] | None = None) -> None:
         self.devices: dict[str, BlockDevice] = dict(devices or {})
         self.holds: dict[str, int] = {}
+        self.unused_listeners: list[Callable[[str], None]] = []
 
     def lookup(self, key: str) -> BlockDevice:
         try:
@@ -73,6 +85,12 @@ class DeviceDict:
     def hold(self, key: str) -> Held:
         self.lookup(key)
         return _DictHold(self, key)
+
+    def users(self, key: str) -> int:
+        return self.holds.get(key, 0)
+
+    def on_unused(self, listener: Callable[[str], None]) -> None:
+        self.unused_listeners.append(listener)
 
     def register_device(self, key: str, device: BlockDevice,
                         description: str | None = None) -> str:

@@ -22,9 +22,9 @@ import errno
 from dataclasses import dataclass, replace
 
 from minidisk.device.api import BlockDevice, Extent
+from minidisk.device.revocable import RevocableDevice, unwrap
 from minidisk.dm.mapping import Mapping
 from minidisk.dm.target import Target, WindowTarget
-from minidisk.namespace.revocable import RevocableDevice, unwrap
 
 EMPTY = Mapping()
 

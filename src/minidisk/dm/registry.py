@@ -22,7 +22,6 @@ never blocks the resume that frees it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 from collections.abc import Callable
@@ -39,9 +38,6 @@ from minidisk.dm.targets import TARGET_TYPES
 DM_MAJOR = 253  # what Linux usually gives device-mapper; shown where dmsetup shows one
 DRIVER_VERSION = (4, 48, 0)
 MAX_NAME = 127  # DM_NAME_LEN - 1
-# How often a device marked for deferred removal is looked at again while only NBD clients
-# may hold it: the namespace counts those and does not announce a disconnect to dm.
-DEFERRED_POLL = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +69,10 @@ class Registry:
         self._locks: dict[int, asyncio.Lock] = {}
         self._next_minor = 0
         self._reaper: asyncio.Task[None] | None = None  # runs while devices are marked
-        self._released = asyncio.Event()  # a table let go of a device marked for removal
+        # A table or the last NBD client let go of a device marked for deferred removal.
+        self._released = asyncio.Event()
+        if publisher is not None:
+            publisher.on_unused(self._key_unused)
 
     # Lookup
 
@@ -266,7 +265,7 @@ class Registry:
 
     async def _reap(self) -> None:
         """Remove the devices marked for deferred removal as their last users let go; ends
-        when none is marked. A table letting go wakes it at once; NBD clients are polled."""
+        when none is marked. A table or the last NBD client letting go wakes it."""
         try:
             while True:
                 self._released.clear()
@@ -283,10 +282,7 @@ class Registry:
                                 self._locks.pop(id(dev), None)
                     except OSError as e:  # it stays marked; the next look tries again
                         log.warning("deferred removal of %s failed: %s", dev.name, e)
-                # Only devices that no table holds can be waiting for NBD clients.
-                poll = DEFERRED_POLL if any(not d.open_count for d in marked) else None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._released.wait(), poll)
+                await self._released.wait()
         finally:
             self._reaper = None
 
@@ -337,12 +333,14 @@ class Registry:
         return replace(info, open_count=info.open_count + exported) if exported else info
 
     def _exported_users(self, dev: MappedDevice) -> int:
-        """NBD connections to the device, which the namespace counts (its `ls` rows)."""
-        rows = getattr(self.publisher, "ls", None)
-        if not callable(rows):
-            return 0
-        return sum(int(getattr(r, "users", 0)) for r in rows()
-                   if getattr(r, "key", None) == dev.mapper_key)
+        """NBD connections to the device, which the namespace counts."""
+        return self.publisher.users(dev.mapper_key) if self.publisher is not None else 0
+
+    def _key_unused(self, key: str) -> None:
+        if key.startswith(MAPPER_PREFIX):
+            dev = self.devices.get(key[len(MAPPER_PREFIX):])
+            if dev is not None and dev.deferred_remove:
+                self._released.set()
 
     def names(self) -> list[str]:
         return sorted(self.devices)

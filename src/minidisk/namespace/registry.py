@@ -33,9 +33,11 @@ import asyncio
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from minidisk.device.api import BlockDevice
+from minidisk.device.revocable import RevocableDevice
 from minidisk.namespace.blockcache import DEFAULT_CACHE_LIMIT, CacheMemory
 from minidisk.namespace.hostdev import open_host_device, open_window
 from minidisk.namespace.keys import (
@@ -45,7 +47,6 @@ from minidisk.namespace.keys import (
     export_name,
     under_directory,
 )
-from minidisk.namespace.revocable import RevocableDevice
 
 DEVICE_TYPE = "device"  # the type column of a key registered with register_device
 
@@ -107,6 +108,7 @@ class Namespace:
         self.cache_memory = CacheMemory(cache_limit)
         self._entries: dict[str, Entry] = {}  # in registration order
         self._closing: set[asyncio.Task[None]] = set()
+        self._unused_listeners: list[Callable[[str], None]] = []
 
     # Registration.
 
@@ -191,6 +193,17 @@ class Namespace:
         """A counted reference, for a dm table that maps `key`; `release()` it when done."""
         return Reference(self, self._resolve(canonical_key(key)))
 
+    def users(self, key: str) -> int:
+        """How many references (NBD connections, dm tables) hold `key` now; 0 if none or
+        if there is no such key."""
+        entry = self._entries.get(canonical_key(key))
+        return entry.users if entry is not None else 0
+
+    def on_unused(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(key)` whenever the last reference to a key is let go: how dm
+        learns that a device marked for deferred removal has lost its last NBD client."""
+        self._unused_listeners.append(listener)
+
     def export_names(self) -> list[str]:
         """Export names (keys without the leading slash) for NBD_OPT_LIST."""
         return [export_name(e.key) for e in self._entries.values() if e.device is not None]
@@ -262,6 +275,9 @@ class Namespace:
 
     def _unuse(self, entry: Entry) -> None:
         entry.users -= 1
+        if not entry.users:
+            for listener in self._unused_listeners:
+                listener(entry.key)
         parent = entry.parent
         if entry.users or parent is None or entry.removed:
             return

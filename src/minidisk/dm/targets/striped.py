@@ -18,6 +18,7 @@ import errno
 from collections.abc import Iterator
 
 from minidisk.device.api import BlockDevice, Extent, add_holes, pread_sparse_at
+from minidisk.device.revocable import unwrap
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import (
     DeviceRef,
@@ -27,7 +28,6 @@ from minidisk.dm.target import (
     combine_caps,
     parse_uint,
 )
-from minidisk.namespace.revocable import unwrap
 
 ERROR_EVENT_THRESHOLD = 15
 # Errors that say something about the request rather than the stripe's health.
