@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 from minidisk.device.api import BlockDevice, Caps, Extent
+from minidisk.device.revocable import RevocableDevice, unwrap
 from minidisk.dm.table import SECTOR
+
+# Where a request goes when a target only moves it (see `Target.route`): the child's gate
+# (None when the child is not revocable), the device to call, the offset there, and a tag the
+# target wants back if the call fails.
+Hop = tuple[RevocableDevice | None, BlockDevice, int, int]
 
 
 class TargetError(ValueError):
@@ -135,6 +141,20 @@ class Target(BlockDevice):
         self.length = ctx.length
         self.size = ctx.length * SECTOR
 
+    # Direct routing. A mapped device with a one-segment table asks its target where a read or
+    # write goes and calls that device itself: one coroutine (~0.4 µs of a ~6 µs request)
+    # less per layer, plus the child's revocable wrapper stepped over through its gate. Only
+    # a target whose I/O does nothing but move requests may say `routable`; `route` is then
+    # asked for every pread, pread_sparse and pwrite, and answers None for a request it
+    # must handle itself (e.g. one that spans chunks).
+    routable: bool = False
+
+    def route(self, offset: int, length: int) -> Hop | None:
+        return None
+
+    def route_failed(self, tag: int, error: OSError) -> None:
+        """A routed call failed (the target may count it, as striped's status does)."""
+
     def table_args(self) -> list[str]:
         """STATUSTYPE_TABLE: arguments that construct this target again."""
         return []
@@ -176,6 +196,15 @@ class WindowTarget(Target):
         self.base = self.start * SECTOR
         self.caps = combine_caps([self.child.caps])
         self.block_size = self.child.block_size
+        self.gate, self.inner = unwrap(self.child)
+        # Routable unless a subclass intercepts reads or writes (flakey, dust, delay...).
+        cls = type(self)
+        self.routable = (self.caps.extents and cls.pread is WindowTarget.pread
+                         and cls.pwrite is WindowTarget.pwrite
+                         and cls.pread_sparse is WindowTarget.pread_sparse)
+
+    def route(self, offset: int, length: int) -> Hop | None:
+        return self.gate, self.inner, offset + self.base, 0
 
     def devices(self) -> list[DeviceRef]:
         return [self.ref]

@@ -1,0 +1,132 @@
+"""Direct routes (Target.route): a mapped device with a linear or striped table calls the
+child's device itself, stepping over the target and the namespace's revocable wrapper. These
+tests run over a real `Namespace`, so the wrappers are there, and check that stepping over
+them changes nothing a user can see: the bytes, the holes, a forced removal of a child
+(ESHUTDOWN, drained), striped's per-stripe error count, and which targets are routed."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from dm_helpers import SECTOR, pattern, read, run, write
+
+from minidisk.device.memory import MemoryDevice
+from minidisk.device.revocable import RevocableDevice
+from minidisk.dm import Registry
+from minidisk.namespace import Namespace
+
+CHUNK_SECTORS = 8
+CHUNK = CHUNK_SECTORS * SECTOR
+
+
+def namespace(**sizes: int) -> Namespace:
+    ns = Namespace()
+    for name, size in sizes.items():
+        ns.register_device(f"/dev/{name}", MemoryDevice(size))
+    return ns
+
+
+def gate(ns: Namespace, key: str) -> RevocableDevice:
+    device = ns.lookup(key)
+    assert isinstance(device, RevocableDevice)
+    return device
+
+
+def test_routed_targets_and_the_others() -> None:
+    ns = namespace(a=1 << 20, b=1 << 20)
+    reg = Registry(ns, ns)
+
+    async def go() -> None:
+        tables = {
+            "lin": ("0 64 linear /dev/a 8", True),
+            "str": (f"0 64 striped 2 {CHUNK_SECTORS} /dev/a 0 /dev/b 0", True),
+            "flk": ("0 64 flakey /dev/a 0 1 0", False),  # intercepts reads
+            "dly": ("0 64 delay /dev/a 0 0", False),
+            "two": ("0 32 linear /dev/a 0\n32 32 linear /dev/b 0", False),  # two segments
+        }
+        for name, (table, routed) in tables.items():
+            dev = await reg.create(name, table)
+            assert (dev._router is not None) is routed, name
+
+    run(go())
+
+
+@pytest.mark.parametrize("start", [0, 8, 1001])
+def test_linear_route_bytes_holes_and_gate(start: int) -> None:
+    ns = namespace(a=4 << 20)
+    reg = Registry(ns, ns)
+    child = gate(ns, "/dev/a")
+
+    async def go() -> None:
+        dev = await reg.create("lin", f"0 2048 linear /dev/a {start}")
+        data = pattern(start, 3 * 4096)
+        await write(dev, 8192, data)
+        assert child.in_flight == 0  # every enter was left
+        assert await read(ns.lookup("/dev/a"), start * SECTOR + 8192, len(data)) == data
+        assert await read(dev, 8192, len(data)) == data
+        # 256 KiB: the data, then pages never written. Holes come back in the device's own
+        # offsets: what the child says about the same bytes, moved by the table's start.
+        size = 256 << 10
+        buf = memoryview(bytearray(size))
+        holes = await dev.pread_sparse(buf, 0)
+        base = start * SECTOR
+        expected = await child.inner.pread_sparse(memoryview(bytearray(size)), base)
+        assert holes == [(at - base, n) for at, n in expected]
+        assert holes and holes[-1][0] + holes[-1][1] == size  # the tail was never written
+        assert bytes(buf[8192:8192 + len(data)]) == data
+        assert child.in_flight == 0
+
+    run(go())
+
+
+def test_striped_route_places_by_the_formula_and_counts_a_revoked_stripe() -> None:
+    ns = namespace(a=1 << 20, b=1 << 20)
+    reg = Registry(ns, ns)
+
+    async def go() -> None:
+        dev = await reg.create("s", f"0 256 striped 2 {CHUNK_SECTORS} /dev/a 0 /dev/b 0")
+        for chunk_no in range(4):
+            await write(dev, chunk_no * CHUNK + 512, bytes([chunk_no + 1]) * 1024)
+        # chunk n lies on stripe n % 2, row n // 2
+        for chunk_no in range(4):
+            key = "/dev/a" if chunk_no % 2 == 0 else "/dev/b"
+            at = (chunk_no // 2) * CHUNK + 512
+            assert await read(ns.lookup(key), at, 1024) == bytes([chunk_no + 1]) * 1024
+        assert reg.status("s")[0][3].endswith(" 1 AA")
+        # A forced removal of /dev/b while the table holds it: the gate fails its requests
+        # with ESHUTDOWN and drains (it would hang here if a routed call had not left it).
+        await ns.remove("/dev/b", force=True)
+        assert await read(dev, 0 * CHUNK + 512, 1024) == b"\x01" * 1024  # stripe a still fine
+        for op in ("read", "sparse", "write"):
+            with pytest.raises(OSError) as e:
+                if op == "read":
+                    await read(dev, CHUNK, 512)
+                elif op == "sparse":
+                    await dev.pread_sparse(memoryview(bytearray(512)), CHUNK)
+                else:
+                    await write(dev, CHUNK, b"x" * 512)
+            assert e.value.errno == errno.ESHUTDOWN, op
+        # Counted against stripe b, as when the stripe was called whole.
+        assert reg.status("s")[0][3].endswith(" 1 AD")
+        assert reg.info("s").event_nr >= 1
+
+    run(go())
+
+
+def test_linear_route_over_a_revoked_child_fails_and_drains() -> None:
+    ns = namespace(a=1 << 20)
+    reg = Registry(ns, ns)
+    child = gate(ns, "/dev/a")
+
+    async def go() -> None:
+        dev = await reg.create("lin", "0 64 linear /dev/a 0")
+        await write(dev, 0, b"k" * 512)
+        await ns.remove("/dev/a", force=True)
+        assert child.revoked and child.in_flight == 0
+        with pytest.raises(OSError) as e:
+            await read(dev, 0, 512)
+        assert e.value.errno == errno.ESHUTDOWN
+        assert child.in_flight == 0
+
+    run(go())
