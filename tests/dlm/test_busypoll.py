@@ -164,3 +164,41 @@ async def test_lock_cycles_with_busy_poll_on_and_off(tmp_path, monkeypatch,  # t
         assert ticks > 200
     finally:
         await service.close()
+
+
+def test_dlm_serve_takes_the_budget_and_refuses_a_bad_one(tmp_short) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    minidisk = str(Path(sys.executable).parent / "minidisk")
+    env = {**os.environ, busypoll.ENV: "ten"}
+    bad = subprocess.run([minidisk, "dlm", "serve", f"unix://{tmp_short}/a.sock"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert bad.returncode != 0
+    assert f"{busypoll.ENV}='ten': expected microseconds" in bad.stderr
+    assert not (tmp_short / "a.sock").exists()
+    # The flag wins over the environment, and 0 serves without polling.
+    proc = subprocess.Popen([minidisk, "dlm", "serve", "--busy-poll-us", "0",
+                             f"unix://{tmp_short}/b.sock"], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on")
+
+        async def cycle() -> None:
+            async with connect(f"unix://{tmp_short}/b.sock") as client:
+                lock = client.lock("d", "r", Mode.EX)
+                assert await lock.acquire()
+                await lock.release(wait=True)
+
+        anyio.run(cycle)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    refused = subprocess.run([minidisk, "dlm", "serve", "--busy-poll-us", "20000",
+                              f"unix://{tmp_short}/c.sock"], capture_output=True, text=True,
+                             timeout=30)
+    assert refused.returncode == 2 and "--busy-poll-us" in refused.stderr

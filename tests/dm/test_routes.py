@@ -6,6 +6,7 @@ them changes nothing a user can see: the bytes, the holes, a forced removal of a
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import pytest
@@ -128,5 +129,79 @@ def test_linear_route_over_a_revoked_child_fails_and_drains() -> None:
             await read(dev, 0, 512)
         assert e.value.errno == errno.ESHUTDOWN
         assert child.in_flight == 0
+
+    run(go())
+
+
+class GatedMemory(MemoryDevice):
+    """Reads wait for a gate: requests that are really in flight."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = asyncio.Event()
+
+    async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
+        await self.gate.wait()
+        return await super().pread_sparse(buf, offset)
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        await self.gate.wait()
+        await super().pread(buf, offset)
+
+
+def test_a_mapped_device_is_its_own_revocable_in_the_namespace() -> None:
+    """The namespace holds /dev/mapper/NAME without a wrapper; a forced removal of that key
+    behaves as the wrapper did: new and queued requests fail with ESHUTDOWN, one in flight
+    finishes inside and then fails too, and the removal returns only after it is back."""
+    ns = Namespace()
+    slow = GatedMemory(1 << 20)
+    ns.register_device("/dev/slow", slow)
+    reg = Registry(ns, ns)
+
+    async def go() -> None:
+        dev = await reg.create("m", "0 64 linear /dev/slow 0")
+        assert ns.lookup("/dev/mapper/m") is dev  # no wrapper
+        held = ns.open_export("dev/mapper/m")  # an NBD client
+        in_flight = asyncio.ensure_future(dev.pread_sparse(memoryview(bytearray(512)), 0))
+        await asyncio.sleep(0.01)
+        assert not in_flight.done()
+        removal = asyncio.ensure_future(ns.remove("/dev/mapper/m", force=True))
+        await asyncio.sleep(0.01)
+        assert dev.revoked and not removal.done()  # waiting for the request inside
+        with pytest.raises(OSError) as e:
+            await read(dev, 0, 512)
+        assert e.value.errno == errno.ESHUTDOWN
+        slow.gate.set()
+        with pytest.raises(OSError) as e:
+            await in_flight
+        assert e.value.errno == errno.ESHUTDOWN
+        await asyncio.wait_for(removal, 5)
+        held.close()
+        assert reg.info("m").suspended is False
+        await reg.remove("m")  # its key is gone already: the removal still completes
+        assert reg.names() == []
+
+    run(go())
+
+
+def test_requests_queued_behind_a_suspend_fail_when_revoked() -> None:
+    ns = namespace(a=1 << 20)
+    reg = Registry(ns, ns)
+
+    async def go() -> None:
+        dev = await reg.create("m", "0 64 linear /dev/a 0")
+        await reg.suspend("m")
+        queued = asyncio.ensure_future(write(dev, 0, b"q" * 512))
+        await asyncio.sleep(0.01)
+        assert not queued.done()  # suspended: queued, not failed
+        await ns.remove("/dev/mapper/m", force=True)
+        with pytest.raises(OSError) as e:
+            await queued
+        assert e.value.errno == errno.ESHUTDOWN
+        await reg.resume("m")  # a resume does not reopen a revoked device
+        with pytest.raises(OSError) as e:
+            await read(dev, 0, 512)
+        assert e.value.errno == errno.ESHUTDOWN
+        assert await read(ns.lookup("/dev/a"), 0, 512) == bytes(512)  # nothing written
 
     run(go())

@@ -26,12 +26,16 @@ def dlm() -> None:
 
 @dlm.command()
 @click.argument("url", required=False)
-def serve(url: str | None) -> None:
+@click.option("--busy-poll-us", type=click.IntRange(0, 10_000), metavar="US",
+              help="Keep polling this long after each request before sleeping (default: "
+                   "$MINIDISK_DLM_BUSY_POLL_US, else 100; 0 = off).")
+def serve(url: str | None, busy_poll_us: int | None) -> None:
     """Run a lock manager in the foreground on URL until SIGINT/SIGTERM."""
     from minidisk.dlm.service import run_dlm_service
 
     try:
-        run_dlm_service(url, ready="listening on {path}")
+        run_dlm_service(url, ready="listening on {path}",
+                        busy_poll=None if busy_poll_us is None else busy_poll_us / 1e6)
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
 

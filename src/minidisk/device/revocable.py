@@ -7,6 +7,10 @@ server has already reused for another request, and closing the host file under i
 the write land in whatever file reuses the descriptor number. So the inner device is closed
 only after the last in-flight request has come back (`drained`), which a forced `remove`
 awaits. Other devices are not involved in any of this.
+
+`Revocable` is what the namespace needs of every device it holds. A device that already
+counts its requests (a dm mapped device does, for suspend) implements it itself and saves the
+wrapper's coroutine on every request; any other device is wrapped in a `RevocableDevice`.
 """
 
 from __future__ import annotations
@@ -21,11 +25,29 @@ from minidisk.device.api import BlockDevice, BlockSize, Caps, Extent
 T = TypeVar("T")
 
 
-def _shutdown() -> OSError:
+def shutdown_error() -> OSError:
     return OSError(errno.ESHUTDOWN, "device was removed from the namespace")
 
 
-class RevocableDevice(BlockDevice):
+class Revocable(BlockDevice):
+    """A device that can be taken away from its users (see the module docstring).
+
+    `revoke()`: every later request fails with ESHUTDOWN at once, every request in flight
+    when it returns. `close()`: revoke, wait until no request is inside, then release what
+    the device holds (once)."""
+
+    revoked: bool
+
+    def revoke(self) -> None:
+        raise NotImplementedError
+
+
+def revocable(device: BlockDevice) -> Revocable:
+    """`device` itself when it implements revocation, else wrapped."""
+    return device if isinstance(device, Revocable) else RevocableDevice(device)
+
+
+class RevocableDevice(Revocable):
     def __init__(self, inner: BlockDevice) -> None:
         self.inner = inner
         self.revoked = False
@@ -86,7 +108,7 @@ class RevocableDevice(BlockDevice):
 
     def enter(self) -> None:
         if self.revoked:
-            raise _shutdown()
+            raise shutdown_error()
         self.in_flight += 1
 
     def leave(self) -> None:
@@ -95,7 +117,7 @@ class RevocableDevice(BlockDevice):
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self.revoked:
-            raise _shutdown()
+            raise shutdown_error()
 
     async def flush(self) -> None:
         await self._forward(self.inner.flush)

@@ -449,23 +449,25 @@ def _remove_stale_socket(path: str) -> None:
     raise FileExistsError(errno.EADDRINUSE, "a lock manager is already listening", path)
 
 
-async def start_dlm_service(url: str | None = None) -> DlmService:
+async def start_dlm_service(url: str | None = None, *, busy_poll: float | None = None
+                            ) -> DlmService:
     """Start a lock manager on the running asyncio loop; returns once it is listening.
 
     `url` is `unix:///abs/path`, `unix://relative/path` or a path; None means $MINIDISK_DLM or
     `protocol.DEFAULT_URL`. Call `await service.close()` to stop it.
     """
-    service = DlmService()
+    service = DlmService(busy_poll=busy_poll)
     await service.start(protocol.socket_path(url))
     return service
 
 
-def run_dlm_service(url: str | None = None, *, ready: str | None = None) -> None:
+def run_dlm_service(url: str | None = None, *, ready: str | None = None,
+                    busy_poll: float | None = None) -> None:
     """Serve in the foreground until SIGINT or SIGTERM (`minidisk dlm serve`). When `ready`
     is given, print it on stdout once listening (for scripts that wait for the socket)."""
 
     async def main() -> None:
-        service = await start_dlm_service(url)
+        service = await start_dlm_service(url, busy_poll=busy_poll)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(service.close()))

@@ -258,6 +258,8 @@ class Registry:
         try:
             await self.publisher.remove(dev.mapper_key)
         except OSError as e:
+            if e.errno == errno.ENOENT:  # forcibly removed from the namespace already
+                return True
             if e.errno != errno.EBUSY:
                 raise
             return False

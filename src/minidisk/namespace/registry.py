@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from minidisk.device.api import BlockDevice
-from minidisk.device.revocable import RevocableDevice
+from minidisk.device.revocable import Revocable, revocable
 from minidisk.namespace.blockcache import DEFAULT_CACHE_LIMIT, CacheMemory
 from minidisk.namespace.hostdev import open_host_device, open_window
 from minidisk.namespace.keys import (
@@ -55,7 +55,7 @@ DEVICE_TYPE = "device"  # the type column of a key registered with register_devi
 class Entry:
     key: str
     type: str  # an EtfsType value or DEVICE_TYPE
-    device: RevocableDevice | None  # None for directory keys
+    device: Revocable | None  # None for directory keys
     description: str
     hostpath: str | None = None
     begin: int = 0
@@ -128,7 +128,7 @@ class Namespace:
                           hostpath=hostpath)
         else:
             device = open_host_device(hostpath, etfs_type, begin, size, self.cache_memory)
-            entry = Entry(key, etfs_type.value, RevocableDevice(device),
+            entry = Entry(key, etfs_type.value, revocable(device),
                           f"{etfs_type.value} {hostpath} [{begin}, +{device.size}]",
                           hostpath=hostpath, begin=begin)
         self._entries[key] = entry
@@ -138,7 +138,7 @@ class Namespace:
         """Map `key` to an already-built device, which the namespace now owns (closes)."""
         key = canonical_key(key)
         self.check_free(key, False)
-        self._entries[key] = Entry(key, DEVICE_TYPE, RevocableDevice(device),
+        self._entries[key] = Entry(key, DEVICE_TYPE, revocable(device),
                                    description or device.describe())
         return key
 
@@ -268,7 +268,7 @@ class Namespace:
             if not wanted(mode):
                 raise OSError(errno.ENOENT, f"{key}: not a regular file or directory")
         device = open_window(path, 0, RUMP_ETFS_SIZE_ENDOFF)
-        entry = Entry(key, EtfsType.REG.value, RevocableDevice(device),
+        entry = Entry(key, EtfsType.REG.value, revocable(device),
                       f"reg {path} (below {directory.key})", hostpath=path, parent=directory)
         directory.children[key] = entry
         return entry
