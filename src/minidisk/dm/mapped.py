@@ -226,6 +226,11 @@ class MappedDevice(Revocable):
         if self.read_only:
             raise OSError(errno.EROFS, f"{self.name} is read-only")
 
+    # pread, pread_sparse and pwrite each spell out the routed call (see Target.route) rather
+    # than share it: a shared coroutine is the layer routing exists to save, and plain helper
+    # functions around the call measured 0.1 µs more per request (dm's whole overhead over
+    # the raw device is ~0.2 µs for linear).
+
     async def pread(self, buf: memoryview, offset: int) -> None:
         if self._blocked:
             await self._wait_resumed()
