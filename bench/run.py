@@ -199,8 +199,11 @@ class Minidisk:
     snapshot of a commit (PYTHONPATH wins over the editable path), optionally under cProfile."""
     snapshot_src: Path | None = None
     cprofile_out: Path | None = None
+    serve_options: tuple[str, ...] = ()  # added to every `serve` (e.g. --busy-poll-us 100)
 
     def argv(self, *args: str) -> list[str]:
+        if args[:1] == ("serve",) and "--help" not in args:
+            args = ("serve", *self.serve_options, *args[1:])
         if self.snapshot_src is None and self.cprofile_out is None:
             return [str(MINIDISK), *args]
         if self.cprofile_out is None:
@@ -219,7 +222,8 @@ class Minidisk:
 
     def profiled_as(self, suffix: str) -> Minidisk:
         out = self.cprofile_out
-        return Minidisk(self.snapshot_src, out.with_name(out.name + suffix) if out else None)
+        return Minidisk(self.snapshot_src, out.with_name(out.name + suffix) if out else None,
+                        self.serve_options)
 
 
 def snapshot(revision: str, scratch: Path) -> Path:
@@ -421,6 +425,9 @@ def main() -> int:
     parser.add_argument("--cprofile", metavar="FILE", type=Path,
                         help="run minidisk under cProfile and write its stats to FILE "
                              "(the dm server's to FILE.dm)")
+    parser.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
+                        help="start the minidisk servers with --busy-poll-us US (default: "
+                             "off, as `minidisk serve` is)")
     parser.add_argument("--snapshot", metavar="REV",
                         help="run minidisk from `git archive REV src` instead of the working "
                              "tree, which other engineers may be editing")
@@ -457,7 +464,12 @@ def main() -> int:
         settings = Settings(settings_runtime, args.repeat, shm / "source.img")
         make_source_image(settings.source_image)
         minidisk = Minidisk(snapshot(args.snapshot, scratch) if args.snapshot else None,
-                            args.cprofile.resolve() if args.cprofile else None)
+                            args.cprofile.resolve() if args.cprofile else None,
+                            ("--busy-poll-us", str(args.busy_poll_us))
+                            if args.busy_poll_us else ())
+        if args.busy_poll_us:
+            report["busy_poll_us"] = args.busy_poll_us
+            print(f"minidisk servers busy-poll {args.busy_poll_us} µs", flush=True)
         if args.snapshot:
             report["snapshot"] = subprocess.run(
                 ["git", "-C", str(REPO), "rev-parse", args.snapshot],

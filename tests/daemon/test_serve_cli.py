@@ -225,3 +225,79 @@ anyio.run(main)
     assert done.stdout.startswith("refused"), done.stdout
     status = run_cli("dlm", "status", "--server", f"unix://{dlm_sock}")
     assert status.returncode == 0, status.stderr
+
+
+def _server_pid(sock: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"unix://{sock}".encode() in cmdline and b"serve" in cmdline:
+                return int(entry.name)
+    raise LookupError(f"no server process for {sock}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.parametrize("budget_us", [0, 10_000])
+def test_busy_poll_spins_after_requests_then_sleeps(serve: Server, budget_us: int) -> None:
+    """With --busy-poll-us the server keeps polling for the budget after each request and
+    reply (here the largest, 10 ms, so that it shows in the process's CPU time), and stops
+    when requests stop; without it, it sleeps between requests. The data is right either
+    way. Asserts CPU spent, not speed."""
+    import asyncio
+
+    from minidisk.nbd.client import RemoteDevice
+
+    sock = serve("--memory", "m=1M", "--busy-poll-us", str(budget_us))
+    pid = _server_pid(sock)
+
+    async def requests() -> None:
+        dev = await RemoteDevice.connect(f"nbd+unix:///m?socket={sock}")
+        try:
+            for i in range(40):  # one request every 25 ms: the server would sleep between
+                data = bytes([i]) * 4096
+                await dev.pwrite(memoryview(data), i * 4096)
+                buf = bytearray(4096)
+                await dev.pread(memoryview(buf), i * 4096)
+                assert bytes(buf) == data
+                await asyncio.sleep(0.025)
+        finally:
+            await dev.close()
+
+    before = _cpu_seconds(pid)
+    asyncio.run(requests())
+    during = _cpu_seconds(pid) - before
+    time.sleep(0.2)  # the last budget runs out
+    idle_start = _cpu_seconds(pid)
+    time.sleep(1.0)
+    idle = _cpu_seconds(pid) - idle_start
+    if budget_us:
+        # 40 rounds of two requests, each followed by up to 10 ms of polling: ~0.4-0.8 s of
+        # CPU if the server polls at all (it yields the CPU between passes, but still runs).
+        assert during > 0.15, f"the server did not poll: {during:.2f} s of CPU"
+    else:
+        assert during < 0.15, f"the server spun without being asked: {during:.2f} s"
+    assert idle < 0.1, f"the server kept spinning while idle: {idle:.2f} s of CPU in 1 s"
+
+
+def test_busy_poll_setting_in_config_and_flags(short_tmp: Path) -> None:
+    from minidisk.daemon.config import DaemonConfig
+
+    url = f"unix://{short_tmp}/x.sock"
+    toml = short_tmp / "poll.toml"
+    toml.write_text(f'url = "{url}"\nbusy_poll_us = 50\n')
+    assert DaemonConfig.load({}, str(toml)).busy_poll_us == 50
+    assert DaemonConfig.load({"busy_poll_us": 0}, str(toml)).busy_poll_us == 0  # 0 wins too
+    assert DaemonConfig.load({"url": (url,)}).busy_poll_us == 0  # off unless asked
+    for bad in ("-1", "20000", "true", '"50"'):
+        toml.write_text(f'url = "{url}"\nbusy_poll_us = {bad}\n')
+        with pytest.raises(ValueError, match="busy_poll_us"):
+            DaemonConfig.load({}, str(toml))
+    done = run_cli("serve", "--busy-poll-us", "20000", "--memory", "m=1M", url)
+    assert done.returncode == 2 and "--busy-poll-us" in done.stderr

@@ -9,7 +9,7 @@ import time
 import anyio
 import pytest
 
-from minidisk.dlm import busypoll
+from minidisk import busypoll
 from minidisk.dlm.client import connect
 from minidisk.dlm.modes import Mode
 from minidisk.dlm.service import DlmService

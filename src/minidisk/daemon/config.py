@@ -16,6 +16,7 @@ The TOML file can say everything the flags say, under the flags' long names::
     tls_verify_peer = true
     admin_subject = ["CN=ops,O=example"]          # --admin-subject: TLS clients that may
                                                   #   run control commands (halt, etfs, dm)
+    busy_poll_us = 0                              # --busy-poll-us: poll after requests
     log_file = "/var/log/minidisk.log"
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
     directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
@@ -43,7 +44,7 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
-            "directory": str, "link_dlm": str}
+            "directory": str, "link_dlm": str, "busy_poll_us": int}
 
 
 def parse_human_size(text: str) -> int:
@@ -84,6 +85,7 @@ class DaemonConfig:
     tls_verify_peer: bool = False
     admin_subjects: list[str] = field(default_factory=list)
     log_file: str | None = None
+    busy_poll_us: int = 0  # 0: the NBD server never busy-polls (see minidisk.busypoll)
     dlm: str | None = None
     directory: str | None = None  # the link directory (minidisk.link); None: no link layer
     link_dlm: str | None = None  # where links take their locks (default: --dlm, $MINIDISK_DLM)
@@ -97,8 +99,9 @@ class DaemonConfig:
         for name in _LISTS:
             merged[name] = list(merged.get(name, [])) + list(options.get(name) or ())
         for name in _SCALARS:
-            if options.get(name) not in (None, False):
-                merged[name] = options[name]
+            value = options.get(name)
+            if value is not None and value is not False:  # not `in`: 0 == False
+                merged[name] = value
         return cls._from_merged(merged)
 
     @classmethod
@@ -130,6 +133,11 @@ class DaemonConfig:
         config.tls_verify_peer = bool(m.get("tls_verify_peer", False))
         config.admin_subjects = [str(subject) for subject in m["admin_subject"]]
         config.log_file = m.get("log_file")
+        busy_poll_us = m.get("busy_poll_us", 0)
+        if type(busy_poll_us) is not int or not 0 <= busy_poll_us <= 10_000:
+            raise ValueError(f"busy_poll_us = {busy_poll_us!r}: expected 0 to 10000 "
+                             "microseconds")
+        config.busy_poll_us = busy_poll_us
         config.dlm = m.get("dlm")
         config.directory = os.path.abspath(m["directory"]) if m.get("directory") else None
         config.link_dlm = m.get("link_dlm")

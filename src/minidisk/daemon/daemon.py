@@ -72,7 +72,8 @@ class Daemon:
         self.server = DaemonServer(self.namespace, read_only=config.read_only,
                                 tls_mode=config.tls_mode, tls_context=tls, control=self.control,
                                 policy=self._policy,
-                                admin_subjects=frozenset(config.admin_subjects))
+                                admin_subjects=frozenset(config.admin_subjects),
+                                busy_poll=config.busy_poll_us / 1e6)
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)
         self.control.update(etfs.control_handlers(self.namespace))

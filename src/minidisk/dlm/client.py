@@ -57,7 +57,8 @@ from typing import Any, Protocol
 
 import anyio
 
-from minidisk.dlm import busypoll, protocol
+from minidisk import busypoll
+from minidisk.dlm import protocol
 from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
 from minidisk.dlm.modes import LvbAction, Mode, lvb_action
 

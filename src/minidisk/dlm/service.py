@@ -32,7 +32,8 @@ import struct
 import time
 from typing import Any, cast
 
-from minidisk.dlm import busypoll, protocol
+from minidisk import busypoll
+from minidisk.dlm import protocol
 from minidisk.dlm.engine import Cancelled, DlmError, Engine, Event, Flag, Granted
 from minidisk.dlm.modes import Mode
 

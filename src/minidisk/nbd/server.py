@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
+from minidisk import busypoll
 from minidisk.device.api import BlockDevice
 from minidisk.nbd import protocol as p
 from minidisk.nbd.checks import MAX_DRAIN, check_request
@@ -99,6 +100,8 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.kind = transport_kind
         self.loop = asyncio.get_running_loop()
+        if server.busy_poll > 0 and server.poller is None:  # on the serving loop, once
+            server.poller = busypoll.AsyncioPoller(self.loop, server.busy_poll)
         self.transport: asyncio.Transport | None = None
         self.negotiation: Negotiation | None = None
         self.handshake = p.HandshakeReader()
@@ -199,6 +202,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.out and self.transport is not None and not self.transport.is_closing():
             out, self.out = self.out, []
             self.transport.writelines(out)
+            if self.server.poller is not None:  # the client's next request comes soon
+                self.server.poller.poke()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -263,6 +268,8 @@ class Connection(asyncio.BufferedProtocol):
                 self._handshake_input()
             else:
                 self._transmission_input()
+                if self.server.poller is not None:  # a device working off the loop (a pool
+                    self.server.poller.poke()        # thread) answers soon: stay awake
         except p.ProtocolError as e:
             # Hang up without reading further, but after the replies already produced for
             # the valid requests that came before the bad bytes (abort would discard them).
@@ -590,6 +597,7 @@ class NBDServer:
         policy: ExportPolicy = allow_all,
         control: ControlHandler | None = None,
         admin_subjects: frozenset[str] = frozenset(),
+        busy_poll: float = 0.0,
     ) -> None:
         if tls_mode is not TLSMode.OFF and tls_context is None:
             raise ValueError("TLS needs certificates (--tls-certificates DIR)")
@@ -601,6 +609,10 @@ class NBDServer:
         self.control = control
         self.admin_subjects = admin_subjects
         self.connections: set[Connection] = set()
+        # Bounded busy-polling after requests and replies (see minidisk.busypoll): off
+        # unless asked for, as it spends CPU to save the wake-up of an idle vCPU.
+        self.busy_poll = busy_poll
+        self.poller: busypoll.AsyncioPoller | None = None
         self.servers: list[asyncio.base_events.Server] = []
         self.shutting_down = False
         self.unix_paths: list[str] = []

@@ -1,21 +1,22 @@
 """Bounded busy-polling: keep an event loop awake for a few tens of microseconds after I/O.
 
-A lock round trip is two wake-ups: the service's, when the request arrives, and the
-client's, when the reply does. When client and service run on different CPUs and the
-waiting one has gone idle, each wake-up is an inter-processor interrupt to a halted CPU;
-under a hypervisor that is a VM exit and a host reschedule, 15-30 microseconds apiece on
-the machines we measured -- more than the Python work of the whole lock+unlock cycle. A CPU
-that is still running when the data arrives picks it up in about a microsecond.
+A request/reply exchange between two processes costs two wake-ups: the server's when the
+request arrives, the client's when the reply does. When the waiting side has gone idle, each
+wake-up is an inter-processor interrupt to a halted CPU; under a hypervisor that is a VM exit
+and a host reschedule, 15-30 microseconds apiece on the machines we measured -- more than the
+Python work of a lock cycle, and half of a 4 KiB NBD read at queue depth 1. A CPU that is
+still running when the data arrives picks it up in about a microsecond.
 
 So, like the kernel's busy_poll sockets and cpuidle's haltpoll governor, whoever expects a
-message soon keeps its loop spinning -- polling its descriptors with a zero timeout -- for
-a bounded time before it lets the CPU sleep: the client while it waits for a reply, the
-service after each request it handles (the same client's next request typically follows
-within tens of microseconds). Spinning goes through the event loop itself, so every
-descriptor and task on the loop is still served in turn; nothing is read out of order.
+message soon keeps its loop spinning -- polling its descriptors with a zero timeout, and
+yielding the CPU between passes to any other runnable process -- for a bounded time before it
+lets the CPU sleep. Spinning goes through the event loop itself, so every descriptor and task
+on the loop is still served in turn; nothing is read out of order.
 
-The cost is CPU: at most `budget` of spinning per message when nothing comes. The budget
-comes from $MINIDISK_DLM_BUSY_POLL_US (0 turns polling off), default `DEFAULT_BUDGET_US`.
+Users: the lock manager's client (while a reply is due) and service (after each request),
+budget $MINIDISK_DLM_BUSY_POLL_US, default `DEFAULT_BUDGET_US`, 0 = off; and the NBD server
+(after each request and reply), `minidisk serve --busy-poll-us`, off by default. The cost is
+CPU: at most one budget of spinning per message when nothing comes.
 """
 
 from __future__ import annotations
