@@ -90,6 +90,41 @@ def test_program_map_prints_an_entry(site: Site) -> None:
     assert bad.returncode != 0 and bad.stdout == ""
 
 
+def test_unlink_idle_ends_program_map_links_once_unmounted(site: Site, tmp_path: Path) -> None:
+    """The stock automount has no unmount hook; `unlink --idle` (from a timer) ends the links
+    it asked for once their device is mounted nowhere -- and never one made by hand."""
+    site.cli("directory", "grant", "root", "alice.0191", "--mode", "R", check=True)
+    done = site.cli("automount", "--program-map", "alice.191")
+    assert done.returncode == 0, done.stderr
+    device = done.stdout.split()[1].removeprefix(":")
+    young = site.cli("unlink", "--idle")  # default --min-age 60: the automounter may be
+    assert young.returncode == 0 and young.stdout == ""  # about to mount it
+    assert [s.disk for s in linker.links()] == ["alice.0191"]
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    kernel_mount.mount(device, mnt, read_only=True)
+    try:
+        busy = site.cli("unlink", "--idle", "--min-age", "0")
+        assert busy.returncode == 0 and busy.stdout == ""  # mounted: in use
+        assert linker.links()
+    finally:
+        kernel_mount.umount(mnt)
+    idle = site.cli("unlink", "--idle", "--min-age", "0")
+    assert idle.returncode == 0 and idle.stdout == "alice.0191 unlinked (idle)\n", idle.stderr
+    assert not linker.links() and not attachments()
+    site.wait_linkable("alice.0191", "R", uid=0).close()  # the lock is free again
+    by_hand = site.cli("link", "alice.0191", str(mnt))  # mounted by us, not a program map
+    assert by_hand.returncode == 0, by_hand.stderr
+    try:
+        kernel_mount.umount(mnt)  # even unmounted behind our back it is not "idle"
+        assert site.cli("unlink", "--idle", "--min-age", "0").stdout == ""
+        assert [s.disk for s in linker.links()] == ["alice.0191"]
+    finally:
+        assert site.cli("unlink", "alice.0191").returncode == 0
+    neither = site.cli("unlink")
+    assert neither.returncode == 2 and "TARGET or --idle" in neither.stderr
+
+
 def test_quickstart_vmlink_once() -> None:
     done = subprocess.run([MINIDISK, "quickstart-vmlink", "--once"], capture_output=True,
                           text=True, timeout=100)

@@ -205,9 +205,26 @@ def link(server: str | None, disk: str, mountpoint: str | None, mode: str,
 
 
 @click.command()
-@click.argument("target")
-def unlink(target: str) -> None:
+@click.argument("target", required=False)
+@click.option("--idle", is_flag=True,
+              help="Instead of TARGET: unlink every link made for the stock automount's "
+                   "program map whose device is no longer mounted (run it from a timer: "
+                   "that daemon cannot tell us when it unmounts).")
+@click.option("--min-age", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              metavar="SECONDS", help="With --idle: leave links younger than this alone "
+              "(the automounter mounts after the map program returns).")
+def unlink(target: str | None, idle: bool, min_age: float) -> None:
     """Unmount, detach and unlink TARGET (owner.disk or its mount point), in that order."""
+    if idle == (target is not None):
+        fail("give TARGET or --idle, not both and not neither", code=2)
+    if idle:
+        ended, problems = linker.unlink_idle(min_age)
+        for state in ended:
+            click.echo(f"{state.disk} unlinked (idle)")
+        if problems:
+            fail("; ".join(problems))
+        return
+    assert target is not None
     try:
         state = linker.unlink(target)
     except linker.LinkError as e:

@@ -202,7 +202,8 @@ class Automounter:
 def program_map_entry(key: str, server: str, tls_certificates: str | None = None) -> str:
     """For the stock automount's program maps: link and attach the disk `key` names and
     return the map entry that mounts it (`-fstype=ext4,ro :/dev/loop3`). The stock daemon
-    has no unmount hook, so the link lasts until `minidisk unlink owner.disk`."""
+    has no unmount hook, so the link lasts until `minidisk unlink owner.disk`, or until
+    `minidisk unlink --idle` (from a timer) finds its device unmounted."""
     from minidisk.kernel.mount import detect_filesystem
 
     parsed = parse_key(key)
@@ -210,7 +211,7 @@ def program_map_entry(key: str, server: str, tls_certificates: str | None = None
         raise linker.LinkError("program maps serve whole disks only")
     found = linker.resolve(key, server, tls_certificates)
     state = linker.link(str(parsed), server, mode=str(found.get("grant") or "R"),
-                        tls_certificates=tls_certificates, on_behalf_of="program map")
+                        tls_certificates=tls_certificates, on_behalf_of=linker.PROGRAM_MAP)
     fstype = detect_filesystem(state.device) or "auto"
     options = f"-fstype={fstype}" + (",ro" if state.read_only else "")
     return f"{options} :{state.device}"

@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class LinkState:
     device: str = ""
     mountpoint: str = ""
     fstype: str = ""
+    on_behalf_of: str = ""  # "program map": made for the stock automount (see unlink_idle)
+    linked_at: float = 0.0  # time.time() when the link was made
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -147,7 +150,8 @@ def link(key_text: str, server: str, *, mountpoint: str | None = None,
                         f"{'' if alive else ' (its link was lost)'}: "
                         f"minidisk unlink {key.name} first", 17)
     state = LinkState(disk=found["disk"], server=found["server"], export=found["export"],
-                      mode=(mode or "R").upper(), partition=key.partition)
+                      mode=(mode or "R").upper(), partition=key.partition,
+                      on_behalf_of=on_behalf_of or "", linked_at=time.time())
     _start_keeper(state, password, tls_certificates, on_behalf_of)
     try:
         if attach:
@@ -309,6 +313,32 @@ def unlink(target: str) -> LinkState:
         with contextlib.suppress(FileNotFoundError):
             _state_path(disk).unlink()
         return state
+
+
+PROGRAM_MAP = "program map"
+
+
+def unlink_idle(min_age: float = 60.0) -> tuple[list[LinkState], list[str]]:
+    """Unlink every link made for the stock automount's program map (`on_behalf_of`) whose
+    device is mounted nowhere and held by nobody, once it is `min_age` seconds old (the
+    automounter mounts the device only after the map program returns). The stock daemon has
+    no unmount hook: this, run from a timer, is what ends such links after expiry. Returns
+    the links ended and one line for each that could not be."""
+    ended, problems = [], []
+    now = time.time()
+    for state in links():
+        if state.on_behalf_of != PROGRAM_MAP or now - state.linked_at < min_age:
+            continue
+        if state.device:
+            try:
+                kernel_mount.refuse_if_in_use(state.device)
+            except KernelError:
+                continue  # mounted (or open): still in use
+        try:
+            ended.append(unlink(state.disk))
+        except LinkError as e:
+            problems.append(f"{state.disk}: {e}")
+    return ended, problems
 
 
 def _stop_keeper(keeper: Helper) -> None:
