@@ -205,3 +205,31 @@ def test_requests_queued_behind_a_suspend_fail_when_revoked() -> None:
         assert await read(ns.lookup("/dev/a"), 0, 512) == bytes(512)  # nothing written
 
     run(go())
+
+
+def test_rename_moves_the_key_and_the_device_keeps_working() -> None:
+    """dmsetup rename moves /dev/mapper/OLD to /dev/mapper/NEW in the namespace without
+    closing the device (closing would revoke it: every later request ESHUTDOWN)."""
+    ns = namespace(a=1 << 20)
+    reg = Registry(ns, ns)
+
+    async def go() -> None:
+        dev = await reg.create("old", "0 64 linear /dev/a 0")
+        top = await reg.create("top", "0 64 linear /dev/mapper/old 0")
+        await write(dev, 0, b"r" * 512)
+        client = ns.open_export("dev/mapper/old")
+        with pytest.raises(OSError) as e:
+            await reg.rename("old", "new")  # a client names it by key: busy
+        assert e.value.errno == errno.EBUSY and reg.names() == ["old", "top"]
+        client.close()
+        await reg.rename("old", "new")
+        assert ns.lookup("/dev/mapper/new") is dev and not dev.revoked
+        with pytest.raises(OSError) as e:
+            ns.lookup("/dev/mapper/old")
+        assert e.value.errno == errno.ENOENT
+        assert await read(ns.lookup("/dev/mapper/new"), 0, 512) == b"r" * 512
+        await write(top, 512, b"t" * 512)  # the table above still reaches it
+        assert await read(dev, 512, 512) == b"t" * 512
+        assert [row.description for row in ns.ls() if row.key == "/dev/mapper/new"]
+
+    run(go())

@@ -47,6 +47,10 @@ class Publisher(Protocol):
         """References to `key` now (NBD connections, tables)."""
         ...
 
+    def rekey(self, key: str, new_key: str, description: str | None = None) -> str:
+        """Move `key`'s device to `new_key` without closing it; EBUSY while in use."""
+        ...
+
     def on_unused(self, listener: Callable[[str], None]) -> None:
         """Call `listener(key)` whenever the last reference to a key is let go."""
         ...
@@ -98,6 +102,16 @@ class DeviceDict:
             raise OSError(errno.EEXIST, f"key {key} is already registered")
         self.devices[key] = device
         return key
+
+    def rekey(self, key: str, new_key: str, description: str | None = None) -> str:
+        if key not in self.devices:
+            raise OSError(errno.ENOENT, f"key {key} is not registered")
+        if self.holds.get(key):
+            raise OSError(errno.EBUSY, f"key {key} is in use ({self.holds[key]} references)")
+        if new_key in self.devices:
+            raise OSError(errno.EEXIST, f"key {new_key} is already registered")
+        self.devices[new_key] = self.devices.pop(key)
+        return new_key
 
     async def remove(self, key: str, force: bool = False) -> None:
         if key not in self.devices:

@@ -309,13 +309,13 @@ class Registry:
             if new_name in self.devices:
                 raise OSError(errno.EBUSY, f"device {new_name} already exists")
             if self.publisher is not None:
-                # The export name is the key: clients still connected keep it busy.
-                await self.publisher.remove(dev.mapper_key)
+                # The export name is the key: clients still connected keep it busy. Moved,
+                # not removed and registered again: removal would close (revoke) the device.
+                self.publisher.rekey(dev.mapper_key, MAPPER_PREFIX + new_name,
+                                     f"dm {new_name}")
             del self.devices[name]
             dev.name = new_name
             self.devices[new_name] = dev
-            if self.publisher is not None:
-                self.publisher.register_device(dev.mapper_key, dev, f"dm {new_name}")
 
     async def set_uuid(self, name: str, uuid: str) -> None:
         """dmsetup rename --setuuid: only a device without a UUID may be given one."""

@@ -164,6 +164,25 @@ class Namespace:
         del self._entries[key]
         await self._close_entry(entry)
 
+    def rekey(self, key: str, new_key: str, description: str | None = None) -> str:
+        """Move a device key's device to `new_key` without closing it (dmsetup rename): EBUSY
+        while it has users (clients name it by key), ENOENT, EEXIST as for registration."""
+        key, new_key = canonical_key(key), canonical_key(new_key)
+        entry = self._entries.get(key)
+        if entry is None:
+            raise OSError(errno.ENOENT, f"key {key} is not registered")
+        if entry.type != DEVICE_TYPE:
+            raise OSError(errno.EINVAL, f"key {key} is a host-file key; only device keys move")
+        if entry.users:
+            raise OSError(errno.EBUSY, f"key {key} is in use ({entry.users} references)")
+        self.check_free(new_key)
+        del self._entries[key]
+        entry.key = new_key
+        if description is not None:
+            entry.description = description
+        self._entries[new_key] = entry
+        return new_key
+
     async def _close_entry(self, entry: Entry) -> None:
         entries = [entry, *entry.children.values()]
         entry.children.clear()
