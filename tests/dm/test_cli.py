@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from click.testing import CliRunner
-from dm_helpers import Server
+from dm_helpers import MINIDISK, Server
 
 from minidisk.cli.dmsetup import dmsetup
 
@@ -133,3 +133,25 @@ def test_udev_flags_and_commands_are_harmless(serve: Callable[..., Server]) -> N
     assert server.dmsetup("--verifyudev", "table", "d", "--noudevsync").stdout == "0 8 zero \n"
     server.dmsetup("remove", "--noudevsync", "--noudevrules", "--verifyudev", "d")
     assert server.dmsetup("ls", "--noudevsync").stdout == "No devices found\n"
+
+
+def test_remove_retry_waits_for_a_busy_device(serve: Callable[..., Server]) -> None:
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "low", "--table", "0 8 linear /dev/a 0")
+    server.dmsetup("create", "top", "--table", "0 8 linear /dev/mapper/low 0")
+    busy = server.dmsetup("remove", "low", check=False)
+    assert busy.returncode == 1 and "Device or resource busy" in busy.stderr
+    retrying = subprocess.Popen([MINIDISK, "dmsetup", "--server", server.url, "remove",
+                                 "--retry", "low"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert retrying.poll() is None  # still trying: it retries for ~5 s
+        server.dmsetup("remove", "top")  # lets go of low
+        _, err = retrying.communicate(timeout=30)
+    finally:
+        if retrying.poll() is None:
+            retrying.kill()
+            retrying.wait()
+    assert retrying.returncode == 0, err
+    assert server.dmsetup("ls").stdout == "No devices found\n"

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -258,19 +259,41 @@ def clear(s: Session, name: str | None) -> None:
         _call(s, "dm.clear", device, "clear", label)
 
 
+# libdevmapper's retry of a busy remove: 25 tries, 0.2 s apart (DM_IOCTL_RETRIES,
+# DM_RETRY_USLEEP_DELAY): long enough for a briefly held device (a blkid probe, a client
+# that is just disconnecting) to be let go.
+REMOVE_RETRIES = 25
+REMOVE_RETRY_DELAY_S = 0.2
+
+
 @dmsetup.command()
 @click.argument("names", nargs=-1)
 @click.option("-f", "--force", is_flag=True, help="Swap in an error table if it is open.")
 @click.option("--deferred", is_flag=True,
               help="If open, remove when the last user closes it (cancel with "
                    "`message NAME 0 @cancel_deferred_remove`).")
+@click.option("--retry", is_flag=True,
+              help=f"If the device is busy, try again for about "
+                   f"{REMOVE_RETRIES * REMOVE_RETRY_DELAY_S:g} s before failing.")
 @select_options
 @pass_session
-def remove(s: Session, names: tuple[str, ...], force: bool, deferred: bool) -> None:
+def remove(s: Session, names: tuple[str, ...], force: bool, deferred: bool,
+           retry: bool) -> None:
     """Remove devices (EBUSY while open)."""
+    from minidisk.daemon.control import ControlError, call
+
+    url = require_server(s.server)
     for device, label in _each_device(s, names):
-        _call(s, "dm.remove", {**device, "force": force, "deferred": deferred}, "remove",
-              label)
+        args = {**device, "force": force, "deferred": deferred}
+        for attempt in range(REMOVE_RETRIES if retry else 1):
+            try:
+                call(url, "dm.remove", args)
+                break
+            except ControlError as e:
+                if e.errno == errno.EBUSY and attempt + 1 < (REMOVE_RETRIES if retry else 1):
+                    time.sleep(REMOVE_RETRY_DELAY_S)
+                    continue
+                _failed("remove", label, e.errno, e.message)
 
 
 @dmsetup.command(name="remove_all")
