@@ -36,12 +36,24 @@ DEFAULT_BUDGET_US = 100
 MAX_BUDGET_US = 10_000
 
 
+def several_cpus() -> bool:
+    """May this process run on more than one CPU? Polling pays only when the message comes
+    from a process running on another CPU. Pinned to one (taskset, a one-CPU container), the
+    poller would spin away the time its peer needs to send that message: measured with
+    everything on one vCPU, lock+unlock fell from 28,000/s to 19,700/s with polling on."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return (os.cpu_count() or 1) > 1
+
+
 def budget_from_env(environ: dict[str, str] | None = None) -> float:
-    """The configured budget in seconds; 0 means off. A bad value is an error, not
+    """The configured budget in seconds; 0 means off. Unset: the default, unless this
+    process may run on one CPU only (`several_cpus`). A bad value is an error, not
     silently the default: a mistyped tuning knob should not go unnoticed."""
     raw = (os.environ if environ is None else environ).get(ENV, "").strip()
     if not raw:
-        return DEFAULT_BUDGET_US / 1e6
+        return DEFAULT_BUDGET_US / 1e6 if several_cpus() else 0.0
     try:
         micros = int(raw)
     except ValueError:

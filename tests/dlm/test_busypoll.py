@@ -4,6 +4,7 @@ spinning never starves other tasks, and that the client and service work with it
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import anyio
@@ -18,11 +19,29 @@ pytestmark = [pytest.mark.timeout(30)]
 
 
 @pytest.mark.parametrize(("raw", "seconds"), [
-    ("", busypoll.DEFAULT_BUDGET_US / 1e6), ("0", 0.0), (" 250 ", 250e-6),
+    ("", busypoll.DEFAULT_BUDGET_US / 1e6 if busypoll.several_cpus() else 0.0),
+    ("0", 0.0), (" 250 ", 250e-6),
     (str(busypoll.MAX_BUDGET_US), busypoll.MAX_BUDGET_US / 1e6),
 ])
 def test_budget_from_env(raw: str, seconds: float) -> None:
     assert busypoll.budget_from_env({busypoll.ENV: raw}) == pytest.approx(seconds)
+
+
+def test_no_default_polling_when_pinned_to_one_cpu() -> None:
+    """A process that may run on one CPU only does not poll unless told to: its peer would
+    need the very CPU it spins on."""
+    import subprocess
+    import sys
+
+    probe = ("import os; from minidisk import busypoll; "
+             "print(busypoll.budget_from_env({}), busypoll.budget_from_env({busypoll.ENV: '80'}))")
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe],
+                            capture_output=True, text=True, check=True)
+    assert pinned.stdout.split() == ["0.0", "8e-05"]  # an explicit budget still holds
+    if len(os.sched_getaffinity(0)) > 1:
+        free = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              check=True)
+        assert free.stdout.split() == [str(busypoll.DEFAULT_BUDGET_US / 1e6), "8e-05"]
 
 
 @pytest.mark.parametrize("raw", ["abc", "-1", "1.5", str(busypoll.MAX_BUDGET_US + 1)])
