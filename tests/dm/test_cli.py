@@ -155,3 +155,44 @@ def test_remove_retry_waits_for_a_busy_device(serve: Callable[..., Server]) -> N
             retrying.wait()
     assert retrying.returncode == 0, err
     assert server.dmsetup("ls").stdout == "No devices found\n"
+
+
+def test_info_columns_with_fields_separators_and_prefixes(serve: Callable[..., Server]) -> None:
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "x", "--table", "0 8 linear /dev/a 0")
+    server.dmsetup("create", "vg-lv", "-u", "LVM-abc", "--table", "0 8 zero")
+    server.dmsetup("suspend", "vg-lv")
+    # the classic default, aligned, numbers right-aligned under their headings
+    assert server.dmsetup("info", "-c").stdout == (
+        "Name             Maj Min Stat Open Targ Event  UUID\n"
+        "vg-lv            253   1 L-sw    0    1      0 LVM-abc\n"
+        "x                253   0 L--w    0    1      0 \n")
+    # --noheadings alone: dmsetup's old unaligned form, ':' between fields
+    assert server.dmsetup("info", "-c", "--noheadings", "-o", "name,uuid,open").stdout == \
+        "vg-lv:LVM-abc:0\nx::0\n"
+    assert server.dmsetup("info", "-c", "--noheadings", "--separator", ",", "-o",
+                          "name,devno,suspended,readonly,tables_loaded").stdout == \
+        "vg-lv,253:1,Suspended,Writeable,Live\nx,253:0,Active,Writeable,Live\n"
+    added = server.dmsetup("info", "-C", "-o", "+devno", "x").stdout.splitlines()
+    assert added[0].endswith("UUID                             DevNo")
+    assert added[1].split() == ["x", "253", "0", "L--w", "0", "1", "0", "253:0"]
+    assert server.dmsetup("info", "-c", "--nameprefixes", "-o", "name,attr", "x").stdout == \
+        "DM_NAME='x' DM_ATTR='L--w'\n"
+    assert server.dmsetup("info", "-c", "--nameprefixes", "--unquoted", "--noheadings",
+                          "-o", "name,events", "x").stdout == "DM_NAME=x:DM_EVENTS=0\n"
+    listing = server.dmsetup("info", "-c", "-o", "help").stdout
+    assert "  segments" in listing and "  attr" in listing
+    bad = server.dmsetup("info", "-c", "-o", "name,bogus", check=False)
+    assert bad.returncode == 1 and bad.stderr == "Unrecognised field: bogus\nCommand failed.\n"
+
+
+def test_halt_with_a_suspended_device_returns(serve: Callable[..., Server]) -> None:
+    """A suspended device would hold halt's flush until a resume that never comes: halt
+    skips it (its children are flushed as keys of their own) and the server stops."""
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "x", "--table", "0 8 linear /dev/a 0")
+    server.dmsetup("suspend", "x")
+    done = subprocess.run([MINIDISK, "halt", server.url], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert server.proc.wait(30) == 0

@@ -327,16 +327,35 @@ def rename(s: Session, name: str, new_name: str | None, setuuid: str | None) -> 
 
 @dmsetup.command()
 @click.argument("name", required=False)
-@click.option("-c", "--columns", is_flag=True, help="One line per device.")
-@click.option("--noheadings", is_flag=True, help="With -c: no heading line.")
+@click.option("-c", "-C", "--columns", is_flag=True, help="One line per device.")
+@click.option("--noheadings", is_flag=True,
+              help="With -c: no heading line (and ':' between fields, as dmsetup).")
+@click.option("-o", "--options", "fields", metavar="FIELDS",
+              help="With -c: the fields to show, comma-separated (+FIELDS adds to the "
+                   "default; 'help' lists them).")
+@click.option("--separator", metavar="SEP", help="With -c: between fields, unaligned.")
+@click.option("--nameprefixes", is_flag=True, help="With -c: DM_FIELD='value' pairs.")
+@click.option("--unquoted", is_flag=True, help="With --nameprefixes: no quotes.")
 @select_options
 @pass_session
-def info(s: Session, name: str | None, columns: bool, noheadings: bool) -> None:
+def info(s: Session, name: str | None, columns: bool, noheadings: bool, fields: str | None,
+         separator: str | None, nameprefixes: bool, unquoted: bool) -> None:
     """State, tables present, open count, event number of NAME (or all)."""
+    if columns and fields is not None and "help" in fields.split(","):
+        click.echo(report.report_help(), nl=False)
+        return
+    if columns:
+        try:
+            wanted = report.report_fields(fields)
+        except ValueError as e:
+            click.echo(str(e), err=True)
+            click.echo("Command failed.", err=True)
+            sys.exit(1)
     device, label = s.device(name)
     devices = _call(s, "dm.info", device, "info", label)["devices"]
     if columns:
-        click.echo(report.info_columns(devices, not noheadings), nl=False)
+        click.echo(report.info_columns(devices, not noheadings, wanted, separator,
+                                       nameprefixes, not unquoted), nl=False)
     elif not devices:
         click.echo("No devices found")
     else:

@@ -21,11 +21,13 @@ from minidisk.daemon import etfs
 from minidisk.daemon.config import DaemonConfig
 from minidisk.daemon.control import Control
 from minidisk.daemon.lifecycle import Readiness
+from minidisk.device.api import BlockDevice
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import MemoryDevice
 from minidisk.device.null import NullDevice
 from minidisk.dlm.service import DlmService, start_dlm_service
 from minidisk.dm import control as dm_control
+from minidisk.dm.mapped import MappedDevice
 from minidisk.dm.registry import Registry
 from minidisk.link.authority import LinkAuthority
 from minidisk.link.directory import Directory
@@ -127,8 +129,13 @@ class Daemon:
                 access = answer
         return access
 
+    @staticmethod
+    def _suspended(device: BlockDevice) -> bool:
+        """A suspended mapped device: not flushed at halt (it would wait for a resume)."""
+        return isinstance(device, MappedDevice) and device.suspended
+
     async def _halt(self, args: dict[str, Any]) -> dict[str, Any]:
-        await self.namespace.sync()
+        await self.namespace.sync(self._suspended)
         self.stop.set()
         return {"pid": os.getpid()}
 
@@ -141,7 +148,7 @@ class Daemon:
         try:
             await self.dm.remove_all(force=True)
         finally:
-            await self.namespace.aclose()
+            await self.namespace.aclose(self._suspended)
 
     async def run(self, readiness: Readiness | None) -> int:
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """dmsetup's output formats, from the dicts the control handlers return.
 
 Matched to lvm2's tools/dmsetup.c so that scripts written for dmsetup read our output:
-`info` (long form), `ls` (`name\\t(major:minor)`), `ls --target` (`name\\t(major, minor)`),
+`info` (long form; `-c` as libdm's report with dmsetup's device fields), `ls` (`name\\t(major:minor)`), `ls --target` (`name\\t(major, minor)`),
 `ls --tree`, `deps` (`N dependencies\\t: (major, minor)...`), `table`/`status` (`name: `
 prefixed when all devices are listed; a device without a table prints an empty line, and
 with --target a device without such segments prints nothing), `targets`, `version`.
@@ -43,15 +43,91 @@ def info_long(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def info_columns(infos: Sequence[dict[str, Any]], headings: bool = True) -> str:
-    """`dmsetup info -c` in its classic fixed-column form."""
-    out = ["Name             Maj Min Stat Open Targ Event  UUID"] if headings else []
-    for i in infos:
-        stat = (("L" if i["live_table"] else "-") + ("I" if i["inactive_table"] else "-")
-                + ("s" if i["suspended"] else "-") + ("r" if i["read_only"] else "w"))
-        out.append(f"{i['name']:<16} {i['major']:3d} {i['minor']:3d} {stat} "
-                   f"{i['open_count']:4d} {i['target_count']:4d} {i['event_nr']:6d} {i['uuid']}")
-    return "".join(line + "\n" for line in out)
+def _attr(i: dict[str, Any]) -> str:
+    return (("L" if i["live_table"] else "-") + ("I" if i["inactive_table"] else "-")
+            + ("s" if i["suspended"] else "-") + ("r" if i["read_only"] else "w"))
+
+
+def _tables_loaded(i: dict[str, Any]) -> str:
+    live, inactive = i["live_table"], i["inactive_table"]
+    return "Both" if live and inactive else "Live" if live else \
+        "Inactive" if inactive else "None"
+
+
+# `dmsetup info -c -o FIELD,...`: the device fields of dmsetup's report (id, heading, minimum
+# width, numeric, value). Numbers are right-aligned, text left-aligned, as libdm's report does.
+REPORT_FIELDS: dict[str, tuple[str, int, bool, Any]] = {
+    "name": ("Name", 16, False, lambda i: i["name"]),
+    "uuid": ("UUID", 32, False, lambda i: i["uuid"]),
+    "read_ahead": ("RAhead", 6, True, lambda i: READ_AHEAD),
+    "attr": ("Stat", 4, False, _attr),
+    "tables_loaded": ("Tables", 6, False, _tables_loaded),
+    "suspended": ("Suspended", 9, False,
+                  lambda i: "Suspended" if i["suspended"] else "Active"),
+    "readonly": ("Read-only", 9, False,
+                 lambda i: "Read-only" if i["read_only"] else "Writeable"),
+    "devno": ("DevNo", 5, False, lambda i: f"{i['major']}:{i['minor']}"),
+    "major": ("Maj", 3, True, lambda i: i["major"]),
+    "minor": ("Min", 3, True, lambda i: i["minor"]),
+    "open": ("Open", 4, True, lambda i: i["open_count"]),
+    "segments": ("Targ", 4, True, lambda i: i["target_count"]),
+    "events": ("Event", 6, True, lambda i: i["event_nr"]),
+}
+DEFAULT_REPORT = "name,major,minor,attr,open,segments,events,uuid"
+
+
+def report_fields(option: str | None) -> list[str]:
+    """The field ids `-o` asks for: a list, or `+list` to add to the default. ValueError
+    names an unknown field as libdm does."""
+    if not option:
+        return DEFAULT_REPORT.split(",")
+    wanted = (DEFAULT_REPORT + "," + option[1:]) if option.startswith("+") else option
+    fields = [f.strip() for f in wanted.split(",") if f.strip()]
+    for field in fields:
+        if field not in REPORT_FIELDS:
+            raise ValueError(f"Unrecognised field: {field}")
+    return fields
+
+
+def report_help() -> str:
+    width = max(len(f) for f in REPORT_FIELDS)
+    return "Mapped Device Information Fields\n" + "".join(
+        f"  {field:<{width}} - {heading}\n"
+        for field, (heading, _, _, _) in REPORT_FIELDS.items())
+
+
+def info_columns(infos: Sequence[dict[str, Any]], headings: bool = True,
+                 fields: Sequence[str] | None = None, separator: str | None = None,
+                 prefixes: bool = False, quoted: bool = True) -> str:
+    """`dmsetup info -c` as libdm's report prints it: aligned columns with headings by
+    default; `--noheadings` alone is dmsetup's old unaligned form with ':' between fields;
+    `--separator` is unaligned; `--nameprefixes` prints DM_FIELD='value' pairs."""
+    fields = list(fields or DEFAULT_REPORT.split(","))
+    columns = [REPORT_FIELDS[f] for f in fields]
+    rows = [[str(value(i)) for _, _, _, value in columns] for i in infos]
+    aligned = separator is None and headings and not prefixes
+    # As dmsetup: --noheadings alone means ':' between fields; --separator wins.
+    sep = separator if separator is not None else (" " if headings else ":")
+    if prefixes:
+        def pair(field: str, text: str) -> str:
+            return f"DM_{field.upper()}=" + (f"'{text}'" if quoted else text)
+        return "".join(sep.join(pair(f, t) for f, t in zip(fields, row, strict=True)) + "\n"
+                       for row in rows)
+    if not aligned:
+        lines = [[heading for heading, _, _, _ in columns]] if headings else []
+        return "".join(sep.join(line) + "\n" for line in lines + rows)
+    widths = [max([width, len(heading)] + [len(row[n]) for row in rows])
+              for n, (heading, width, _, _) in enumerate(columns)]
+
+    def line(cells: list[str], numeric: list[bool]) -> str:
+        padded = [cell.rjust(w) if num else cell.ljust(w)
+                  for cell, w, num in zip(cells, widths, numeric, strict=True)]
+        if not numeric[-1]:
+            padded[-1] = cells[-1]  # the last text column is not padded out
+        return sep.join(padded) + "\n"
+
+    out = line([c[0] for c in columns], [False] * len(columns))
+    return out + "".join(line(row, [c[2] for c in columns]) for row in rows)
 
 
 def ls(devices: Sequence[dict[str, Any]], by_name: bool = False) -> str:

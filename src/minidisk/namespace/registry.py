@@ -316,16 +316,21 @@ class Namespace:
 
     # Shutdown.
 
-    async def sync(self) -> None:
-        """Write back every cache and flush every writable host file (halt's first step)."""
+    async def sync(self, skip: Callable[[BlockDevice], bool] | None = None) -> None:
+        """Write back every cache and flush every writable host file (halt's first step).
+        Devices `skip` names are not flushed: a suspended dm device would hold the flush
+        until a resume that, at halt, never comes (its own children are flushed here as
+        their own keys)."""
         for entry in list(self._entries.values()):
             for e in (entry, *entry.children.values()):
-                if e.device is not None and e.device.caps.flush and not e.device.revoked:
-                    await e.device.flush()
+                device = e.device
+                if device is not None and device.caps.flush and not device.revoked \
+                        and not (skip is not None and skip(device)):
+                    await device.flush()
 
-    async def aclose(self) -> None:
-        """Flush and close every device and forget every key (halt)."""
-        await self.sync()
+    async def aclose(self, skip: Callable[[BlockDevice], bool] | None = None) -> None:
+        """Flush (see `sync`) and close every device and forget every key (halt)."""
+        await self.sync(skip)
         entries, self._entries = list(self._entries.values()), {}
         errors = []
         for entry in entries:
