@@ -196,3 +196,30 @@ def test_halt_with_a_suspended_device_returns(serve: Callable[..., Server]) -> N
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert server.proc.wait(30) == 0
+
+
+def test_halt_fails_requests_queued_on_a_suspended_device(serve: Callable[..., Server]) -> None:
+    """A client's read waits on a suspended device; halt must not wait for a resume that
+    will never come: the read fails and the server exits (well before its 30 s drain)."""
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "x", "--table", "0 8 linear /dev/a 0")
+    server.dmsetup("suspend", "x")
+    reader = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read 0 512",
+                               server.uri("/dev/mapper/x")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.0)
+        assert reader.poll() is None  # queued behind the suspend, not failed
+        done = subprocess.run([MINIDISK, "halt", server.url], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert server.proc.wait(60) == 0
+        out, _ = reader.communicate(timeout=30)
+        assert "read 512/512 bytes" not in out  # the queued read did not succeed
+        # ...because it was failed, not because the shutdown gave up waiting for it.
+        log = server.sock.with_suffix(".log").read_text()
+        assert "still busy" not in log, log
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()

@@ -172,9 +172,21 @@ class Daemon:
             readiness.ready()
         log.info("serving %s on %s", ", ".join(self.namespace.export_names()),
                  " ".join(self.config.urls) or "an inherited socket")
-        await self.server.serve_until(self.stop)
+        releaser = asyncio.ensure_future(self._release_suspended_at_stop())
+        try:
+            await self.server.serve_until(self.stop)
+        finally:
+            releaser.cancel()
         await self.close_services()
         return 0
+
+    async def _release_suspended_at_stop(self) -> None:
+        """Once stopping, requests queued on a suspended mapped device fail (ESHUTDOWN)
+        instead of holding the server's shutdown until its timeout: no resume will come."""
+        await self.stop.wait()
+        for device in list(self.dm.devices.values()):
+            if device.suspended:
+                device.revoke()
 
     async def close_services(self) -> None:
         if self.links is not None:

@@ -1,7 +1,8 @@
 """dmsetup's output formats, from the dicts the control handlers return.
 
 Matched to lvm2's tools/dmsetup.c so that scripts written for dmsetup read our output:
-`info` (long form; `-c` as libdm's report with dmsetup's device fields), `ls` (`name\\t(major:minor)`), `ls --target` (`name\\t(major, minor)`),
+`info` (long form; `-c` as libdm's report with dmsetup's device fields), `ls`
+(`name\\t(major:minor)`), `ls --target` (`name\\t(major, minor)`),
 `ls --tree`, `deps` (`N dependencies\\t: (major, minor)...`), `table`/`status` (`name: `
 prefixed when all devices are listed; a device without a table prints an empty line, and
 with --target a device without such segments prints nothing), `targets`, `version`.

@@ -699,6 +699,9 @@ class NBDServer:
         if waits:
             done, pending = await asyncio.wait(
                 [asyncio.ensure_future(w) for w in waits], timeout=timeout)
+            if pending:
+                log.warning("shutdown: %d connection(s) still busy after %g s; closing them",
+                            len(pending), timeout)
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.abort()
