@@ -301,3 +301,35 @@ def test_busy_poll_setting_in_config_and_flags(short_tmp: Path) -> None:
             DaemonConfig.load({}, str(toml))
     done = run_cli("serve", "--busy-poll-us", "20000", "--memory", "m=1M", url)
     assert done.returncode == 2 and "--busy-poll-us" in done.stderr
+
+
+def test_halt_with_a_dead_remote_still_syncs_the_rest_and_stops(serve: Server,
+                                                                short_tmp: Path) -> None:
+    """A remote export whose server died cannot be flushed. halt still flushes every other
+    device (here a write-back blk cache registered after the remote), stops the server, and
+    says what was not flushed (exit status 1)."""
+    remote_sock = short_tmp / "remote.sock"
+    remote = subprocess.Popen(["nbdkit", "-f", "-U", str(remote_sock), "memory", "16M"])
+    try:
+        deadline = time.monotonic() + 20
+        while not remote_sock.exists():
+            assert remote.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        sock = serve("--nbd", f"/remote=nbd+unix:///?socket={remote_sock}")
+        pid = _server_pid(sock)
+        host = short_tmp / "late.img"
+        host.write_bytes(bytes(1 << 20))
+        env = {"MINIDISK_SERVER": f"unix://{sock}"}
+        done = run_cli("etfs", "register", "--type", "blk", "/late", str(host), env=env)
+        assert done.returncode == 0, done.stderr
+        pattern = bytes(range(256)) * 16
+        subprocess.run(["nbdcopy", "-", f"nbd+unix:///late?socket={sock}"], input=pattern,
+                       check=True, capture_output=True)
+    finally:
+        remote.kill()
+        remote.wait()
+    halted = run_cli("halt", f"unix://{sock}")
+    assert halted.returncode == 1
+    assert "server stopped, but not flushed: /remote:" in halted.stderr, halted.stderr
+    assert not _pid_alive(pid)
+    assert host.read_bytes()[:len(pattern)] == pattern  # the blk cache was written back

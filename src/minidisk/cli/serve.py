@@ -88,13 +88,17 @@ def halt(server: str | None, url: str | None, timeout: float) -> None:
     address = parse_url(target)
     local = address.kind == "unix" or address.host in ("127.0.0.1", "::1", "0.0.0.0")
     pid = int(result.get("pid", 0))
+    errors = [str(e) for e in result.get("errors", [])]
     deadline = time.monotonic() + timeout
     while local and pid and time.monotonic() < deadline:
         if not _running(pid):
-            return
+            break
         time.sleep(0.02)
-    if local and pid:
-        fail(f"server {pid} still running after {timeout:g} s")
+    else:
+        if local and pid:
+            fail(f"server {pid} still running after {timeout:g} s")
+    if errors:
+        fail("server stopped, but " + "; ".join(errors))
 
 
 def _running(pid: int) -> bool:

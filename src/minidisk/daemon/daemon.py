@@ -135,9 +135,16 @@ class Daemon:
         return isinstance(device, MappedDevice) and device.suspended
 
     async def _halt(self, args: dict[str, Any]) -> dict[str, Any]:
-        await self.namespace.sync(self._suspended)
+        """Sync, then stop -- also when a device cannot be flushed (a remote export whose
+        server died): the caller is told what was not flushed, the server stops anyway."""
+        errors = []
+        try:
+            await self.namespace.sync(self._suspended)
+        except OSError as e:
+            log.error("halt: %s", e.strerror or e)
+            errors.append(str(e.strerror or e))
         self.stop.set()
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "errors": errors}
 
     async def _exports(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"exports": [{"name": row.key.lstrip("/"), "size": row.size,

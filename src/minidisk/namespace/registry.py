@@ -321,18 +321,28 @@ class Namespace:
         Devices `skip` names are not flushed: a suspended dm device would hold the flush
         until a resume that, at halt, never comes (its own children are flushed here as
         their own keys)."""
+        failed = []
         for entry in list(self._entries.values()):
             for e in (entry, *entry.children.values()):
                 device = e.device
                 if device is not None and device.caps.flush and not device.revoked \
                         and not (skip is not None and skip(device)):
-                    await device.flush()
+                    try:
+                        await device.flush()
+                    except OSError as err:  # one dead device must not keep the rest unsynced
+                        failed.append(f"{e.key}: {err.strerror or err}")
+        if failed:
+            raise OSError(errno.EIO, "not flushed: " + "; ".join(failed))
 
     async def aclose(self, skip: Callable[[BlockDevice], bool] | None = None) -> None:
-        """Flush (see `sync`) and close every device and forget every key (halt)."""
-        await self.sync(skip)
+        """Flush (see `sync`) and close every device and forget every key (halt). A flush
+        that fails is reported after everything is closed, not instead of closing."""
+        errors: list[OSError] = []
+        try:
+            await self.sync(skip)
+        except OSError as e:
+            errors.append(e)
         entries, self._entries = list(self._entries.values()), {}
-        errors = []
         for entry in entries:
             try:
                 await self._close_entry(entry)

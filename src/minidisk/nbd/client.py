@@ -184,7 +184,7 @@ class RemoteDevice(BlockDevice):
                 payload: memoryview | None = None, buf: memoryview | None = None,
                 ) -> asyncio.Future[list[Extent] | None]:
         if self.dead is not None or self.writer is None:
-            raise NBDError(errno.ESHUTDOWN, f"connection to {self.uri} is gone")
+            raise NBDError(errno.ESHUTDOWN, f"connection to the server gone ({self.describe()})")
         cookie = next(self.cookies)
         fut: asyncio.Future[list[Extent] | None] = \
             asyncio.get_running_loop().create_future()
