@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import MINIDISK
+from tests.conftest import MINIDISK, stop_process
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None,
@@ -44,13 +44,7 @@ def serve(short_tmp: Path) -> Iterator[Server]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def nbdinfo_json(uri: str) -> dict:  # type: ignore[type-arg]

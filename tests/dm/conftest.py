@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import stop_process
 
 from minidisk.device.file import FileDevice
 
@@ -74,9 +75,4 @@ def serve(short_tmp: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in started:
-        server.proc.terminate()
-        try:
-            server.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+        stop_process(server.proc)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import stop_process
 
 from minidisk import kernel
 from minidisk.kernel import mount, state
@@ -60,12 +61,7 @@ def make_export(short_tmp: Path) -> Iterator[MakeExport]:
 
     yield start
     for server in servers:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 @pytest.fixture

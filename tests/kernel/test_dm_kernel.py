@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import stop_process
 
 from minidisk.kernel import mount, state
 
@@ -57,12 +58,7 @@ def dm_server(short_tmp: Path) -> Iterator[str]:
             time.sleep(0.05)
         yield f"unix://{sock}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
 
 
 def _files(directory: Path, prefix: str, count: int) -> dict[str, str]:

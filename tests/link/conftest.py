@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import stop_process
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -189,11 +190,6 @@ def _running(site: Site, monkeypatch: pytest.MonkeyPatch, settings: str, owner: 
                 for where in kernel_mount.mounts_of(att.device):
                     kernel_mount.umount(where, lazy=True)
                 detach(att.device)
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 15)
         if started:  # else the caller may try again in the same root
             subprocess.run(["rm", "-rf", str(root)], check=False)

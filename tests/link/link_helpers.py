@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MINIDISK
+from tests.conftest import MINIDISK, stop_process
 
 from minidisk.daemon.control import ControlError, Session
 from minidisk.link.directory import Directory
@@ -283,12 +283,7 @@ def running_automounter(site: Site, timeout: int = 2, **env: str
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 30)
         if autofs_mounted(root):
             subprocess.run(["umount", "-l", str(root)], check=False)
 
