@@ -33,7 +33,7 @@ def test_no_default_polling_when_pinned_to_one_cpu() -> None:
     import subprocess
     import sys
 
-    probe = ("import os; from minidisk import busypoll; "
+    probe = ("from minidisk import busypoll; "
              "print(busypoll.budget_from_env({}), busypoll.budget_from_env({busypoll.ENV: '80'}))")
     pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe],
                             capture_output=True, text=True, check=True)

@@ -285,12 +285,13 @@ def remove(s: Session, names: tuple[str, ...], force: bool, deferred: bool,
     url = require_server(s.server)
     for device, label in _each_device(s, names):
         args = {**device, "force": force, "deferred": deferred}
-        for attempt in range(REMOVE_RETRIES if retry else 1):
+        tries = REMOVE_RETRIES if retry else 1
+        for attempt in range(tries):
             try:
                 call(url, "dm.remove", args)
                 break
             except ControlError as e:
-                if e.errno == errno.EBUSY and attempt + 1 < (REMOVE_RETRIES if retry else 1):
+                if e.errno == errno.EBUSY and attempt + 1 < tries:
                     time.sleep(REMOVE_RETRY_DELAY_S)
                     continue
                 _failed("remove", label, e.errno, e.message)

@@ -70,13 +70,10 @@ class Striped(Target):
         self.stripes = stripes
         self.chunk = self.chunk_sectors * SECTOR
         self.children: list[BlockDevice] = [r.device for r in self.refs]
-        # The one-chunk paths step over each child's revocable wrapper (see `unwrap`).
-        unwrapped = [unwrap(c) for c in self.children]
-        self.gates = [gate for gate, _ in unwrapped]
-        self.inners = [inner for _, inner in unwrapped]
         self.bases = [s * SECTOR for s in self.starts]
-        self.hops = [(gate, inner, base) for (gate, inner), base
-                     in zip(unwrapped, self.bases, strict=True)]
+        # Where `route` sends a one-chunk request: past each child's revocable wrapper.
+        self.hops = [(*unwrap(child), base)
+                     for child, base in zip(self.children, self.bases, strict=True)]
         self.error_counts = [0] * stripes
         self.raise_event = ctx.raise_event
         self.caps = combine_caps(c.caps for c in self.children)
@@ -134,17 +131,10 @@ class Striped(Target):
         chunk_no, in_chunk = divmod(offset, chunk)
         if in_chunk + len(buf) <= chunk:
             row, stripe = divmod(chunk_no, self.stripes)
-            gate = self.gates[stripe]
             try:
-                if gate is not None:
-                    gate.enter()
-                try:
-                    await self.inners[stripe].pread(
-                        buf, row * chunk + in_chunk + self.bases[stripe])
-                finally:
-                    if gate is not None:
-                        gate.leave()
-            except OSError as e:  # a revoked child too, as when it was called whole
+                await self.children[stripe].pread(
+                    buf, row * chunk + in_chunk + self.bases[stripe])
+            except OSError as e:
                 self._failed(stripe, e)
                 raise
             return
@@ -164,16 +154,9 @@ class Striped(Target):
             # Our caps were combined from the children's, so each child tells holes too.
             row, stripe = divmod(chunk_no, self.stripes)
             at = row * chunk + in_chunk + self.bases[stripe]
-            gate = self.gates[stripe]
             try:
-                if gate is not None:
-                    gate.enter()
-                try:
-                    found = await self.inners[stripe].pread_sparse(buf, at)
-                finally:
-                    if gate is not None:
-                        gate.leave()
-            except OSError as e:  # a revoked child too, as when it was called whole
+                found = await self.children[stripe].pread_sparse(buf, at)
+            except OSError as e:
                 self._failed(stripe, e)
                 raise
             if found and at != offset:
@@ -195,17 +178,10 @@ class Striped(Target):
         chunk_no, in_chunk = divmod(offset, chunk)
         if in_chunk + len(buf) <= chunk:
             row, stripe = divmod(chunk_no, self.stripes)
-            gate = self.gates[stripe]
             try:
-                if gate is not None:
-                    gate.enter()
-                try:
-                    await self.inners[stripe].pwrite(
-                        buf, row * chunk + in_chunk + self.bases[stripe], fua)
-                finally:
-                    if gate is not None:
-                        gate.leave()
-            except OSError as e:  # a revoked child too, as when it was called whole
+                await self.children[stripe].pwrite(
+                    buf, row * chunk + in_chunk + self.bases[stripe], fua)
+            except OSError as e:
                 self._failed(stripe, e)
                 raise
             return
