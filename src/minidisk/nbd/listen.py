@@ -9,8 +9,10 @@ systemd socket activation (LISTEN_PID = our pid, LISTEN_FDS >= 1, as nbdinfo/nbd
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 from dataclasses import dataclass
 
 SD_LISTEN_FDS_START = 3
@@ -79,8 +81,7 @@ def bind(address: ListenAddress, backlog: int = 128) -> socket.socket:
     """Create the listening socket (so errors such as 'address in use' surface early)."""
     if address.kind == "unix":
         path = address.path
-        if os.path.exists(path) and _stale_unix_socket(path):
-            os.unlink(path)
+        _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
@@ -103,16 +104,28 @@ def bind(address: ListenAddress, backlog: int = 128) -> socket.socket:
     return sock
 
 
-def _stale_unix_socket(path: str) -> bool:
-    """True if `path` is a socket nobody listens on (left behind by a crash)."""
+def _remove_stale_socket(path: str) -> None:
+    """Remove `path` if it is a socket nobody listens on (left behind by a crash).
+
+    Anything else there is an error: a live socket is another server's, and a regular file
+    or a symlink (lstat: never followed, even to a stale socket) is not ours to delete.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"cannot listen on unix://{path}: it exists and is not "
+                      "a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    else:
-        return False
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on unix://{path}: {e.strerror}") from None
     finally:
         probe.close()
+    raise OSError(errno.EADDRINUSE, f"cannot listen on unix://{path}: in use by a running "
+                  "server")
