@@ -29,7 +29,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +47,9 @@ from minidisk.nbd.exports import Access, Identity
 log = logging.getLogger(__name__)
 
 LOCK_DOMAIN = "vmlink"
+# How long an ended link waits for its data connections' requests in flight before it lets
+# its lock go anyway (a request stuck in a device must not pin the disk for ever).
+HANG_UP_WAIT = 10.0
 
 
 class Connections(Protocol):
@@ -55,8 +58,31 @@ class Connections(Protocol):
     def connection_closed(self, identity: Identity) -> asyncio.Event | None:
         """Set when the connection whose identity object is `identity` has closed."""
 
-    def hang_up(self, wanted: Callable[[Identity, str], bool]) -> None:
-        """End every data connection for which wanted(identity, export name) is true."""
+    def hang_up(self, wanted: Callable[[Identity, str, bool], bool]) -> list[asyncio.Event]:
+        """End every data connection for which wanted(identity, export name, writable) is
+        true; their events are set once each has closed."""
+
+
+class KeyedLocks:
+    """One asyncio lock per name, existing only while someone holds or waits for it (names
+    come from requests: an idle name must cost nothing)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name) or (asyncio.Lock(), 0)
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
 
 
 class LinkConflict(OSError):
@@ -76,6 +102,9 @@ class LiveLink:
     since: float = field(default_factory=time.time)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str = ""
+    # Set once the link's data connections are gone: only then is its lock let go.
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    holding: asyncio.Task[None] | None = None  # the task that holds its lock
 
     def end(self, reason: str) -> None:
         if not self.ended.is_set():
@@ -100,6 +129,7 @@ class LinkAuthority:
         self.has_export = has_export
         self.links: list[LiveLink] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self.admission = KeyedLocks()
 
     # -- the export policy --
 
@@ -167,27 +197,34 @@ class LinkAuthority:
             self._audit(principal, "link", raw_key[:300], mode_text[:8], "refused", str(e), args)
             raise OSError(errno.EINVAL, str(e)) from None
         try:
-            disk, why = self._authorize(principal, key, mode, args.get("password"))
-            for other in self.links:
-                if other.principal == principal and other.disk.name == disk.name:
-                    raise OSError(errno.EEXIST, f"{disk.name} is already linked by "
-                                  f"{principal} in mode {other.mode.name}; unlink it first")
-            closed = self.connections.connection_closed(identity)
-            if closed is None:
-                raise OSError(errno.ENOTCONN, "the linking connection is gone")
-            link = LiveLink(principal, disk, mode, mode.writes, False, why, identity)
-            degraded = await self._admit(link)
+            # One decision at a time per disk: authorize, the one-link-per-principal check,
+            # the lock and the registration, with nothing of another link's in between.
+            async with self.admission.hold(key.name):
+                link = await self._link(principal, key, mode, args, identity)
         except OSError as e:
             self._audit(principal, "link", key.name, mode.name, "refused", str(e.strerror), args)
             raise
-        link.degraded = degraded
-        link.writes = mode.writes and not degraded
+        outcome = "degraded to read-only" if link.degraded else "linked"
+        self._audit(principal, "link", link.disk.name, mode.name, outcome, link.why, args)
+        log.info("%s linked %s %s (%s)", principal, link.disk.name, mode.name, outcome)
+        return link.describe()
+
+    async def _link(self, principal: str, key: DiskKey, mode: LinkMode, args: dict[str, Any],
+                    identity: Identity) -> LiveLink:
+        disk, why = self._authorize(principal, key, mode, args.get("password"))
+        for other in self.links:
+            if other.principal == principal and other.disk.name == disk.name:
+                raise OSError(errno.EEXIST, f"{disk.name} is already linked by "
+                              f"{principal} in mode {other.mode.name}; unlink it first")
+        closed = self.connections.connection_closed(identity)
+        if closed is None:
+            raise OSError(errno.ENOTCONN, "the linking connection is gone")
+        link = LiveLink(principal, disk, mode, mode.writes, False, why, identity)
+        link.degraded = await self._admit(link)
+        link.writes = mode.writes and not link.degraded
         self.links.append(link)
         self._spawn(self._watch(link, closed))
-        outcome = "degraded to read-only" if degraded else "linked"
-        self._audit(principal, "link", disk.name, mode.name, outcome, why, args)
-        log.info("%s linked %s %s (%s)", principal, disk.name, mode.name, outcome)
-        return link.describe()
+        return link
 
     async def unlink(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
         """End the link made on this connection (the keeper's clean way out)."""
@@ -226,7 +263,7 @@ class LinkAuthority:
         """Take the link's lock as §2.3 says; True when WR/MR fell back to a read link.
         Never waits for other links: LinkConflict names the one in the way."""
         admitted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._spawn(self._hold(link, admitted))
+        link.holding = self._spawn(self._hold(link, admitted))
         return await admitted
 
     async def _hold(self, link: LiveLink, admitted: asyncio.Future[bool]) -> None:
@@ -247,7 +284,7 @@ class LinkAuthority:
                         f"{link.disk.name} cannot be linked {mode.name}: it is linked "
                         f"{', '.join(holders) or 'by someone'}"))
                     return
-                await link.ended.wait()
+                await link.released.wait()
         except Exception as e:  # the lock manager is down or refused us
             if not admitted.done():
                 admitted.set_exception(OSError(errno.EAGAIN, f"lock manager: {e}"))
@@ -263,27 +300,48 @@ class LinkAuthority:
             for w in waits:
                 w.cancel()
             link.end("the holder's connection closed")
-            self.links.remove(link)
-            self._hang_up(link)
-            self._audit(link.principal, "unlink", link.disk.name, link.mode.name, "unlinked",
-                        link.end_reason, {})
-            log.info("%s unlinked %s: %s", link.principal, link.disk.name, link.end_reason)
+            await self._end(link)
 
-    def _hang_up(self, link: LiveLink) -> None:
-        """A principal that lost its link loses its data connections to the disk too, unless
-        another live link of it (or ownership) still admits them."""
+    async def _end(self, link: LiveLink) -> None:
+        """Take an ended link out, as one step for the disk's admission: no new data
+        connection is admitted by it, those it admitted are hung up and waited for, and only
+        then is its lock released -- so nobody links beside a write still in flight."""
+        async with self.admission.hold(link.disk.name):
+            self.links.remove(link)
+            closing = self._hang_up(link)
+            if closing:
+                _, late = await asyncio.wait([asyncio.ensure_future(c.wait()) for c in closing],
+                                             timeout=HANG_UP_WAIT)
+                for waiter in late:
+                    waiter.cancel()
+                if late:
+                    log.warning("link %s of %s: %d data connection(s) still busy after %g s",
+                                link.disk.name, link.principal, len(late), HANG_UP_WAIT)
+            link.released.set()
+            if link.holding is not None:
+                await asyncio.wait([link.holding], timeout=HANG_UP_WAIT)
+        self._audit(link.principal, "unlink", link.disk.name, link.mode.name, "unlinked",
+                    link.end_reason, {})
+        log.info("%s unlinked %s: %s", link.principal, link.disk.name, link.end_reason)
+
+    def _hang_up(self, link: LiveLink) -> list[asyncio.Event]:
+        """The data connections `link` admitted: this principal's to this disk, which no live
+        link of it (nor ownership) admits any more, or which write and may now only read."""
         export = link.disk.export
 
-        def wanted(identity: Identity, name: str) -> bool:
-            return (name.lstrip("/") == export and principal_of(identity) == link.principal
-                    and self.policy(identity, name) is Access.DENY)
+        def wanted(identity: Identity, name: str, writable: bool) -> bool:
+            if name.lstrip("/") != export or principal_of(identity) != link.principal:
+                return False
+            access = self.policy(identity, name)
+            return access is Access.DENY or (writable and access is not Access.READ_WRITE)
 
-        self.connections.hang_up(wanted)
+        return self.connections.hang_up(wanted)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     def _audit(self, who: str, action: str, disk: str, mode: str, outcome: str, why: str,
                args: dict[str, Any]) -> None:
