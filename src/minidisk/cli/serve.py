@@ -48,6 +48,16 @@ from minidisk.nbd.listen import parse_url
               help="After each request and reply keep polling this long before sleeping: "
                    "about halves queue-depth-1 latency on a VM, at the price of CPU "
                    "(default 0: off).")
+@click.option("--max-connections", type=click.IntRange(1, 1_000_000), metavar="N",
+              help="Open connections at most; a client over the limit is closed before the "
+                   "greeting (default 1024; also the listen backlog).")
+@click.option("--handshake-timeout", type=click.IntRange(0, 86_400), metavar="SECONDS",
+              help="A client that has not reached transmission (or run a control command) "
+                   "by then is disconnected (default 10; 0: no deadline).")
+@click.option("--tcp-timeout", type=click.IntRange(0, 86_400), metavar="SECONDS",
+              help="Drop a TCP peer that stops answering (host gone, network cut) after "
+                   "about this long: keepalive probes and TCP_USER_TIMEOUT (default 120; "
+                   "0: off).")
 @click.option("--log-file", metavar="FILE", help="Where a detached server logs.")
 @click.option("--dlm", metavar="URL", help="Also host the lock manager at URL (unix://PATH).")
 @click.option("--directory", metavar="FILE",

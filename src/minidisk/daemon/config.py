@@ -17,6 +17,9 @@ The TOML file can say everything the flags say, under the flags' long names::
     admin_subject = ["CN=ops,O=example"]          # --admin-subject: TLS clients that may
                                                   #   run control commands (halt, etfs, dm)
     busy_poll_us = 0                              # --busy-poll-us: poll after requests
+    max_connections = 1024                        # --max-connections: more are closed
+    handshake_timeout = 10                        # --handshake-timeout: seconds to negotiate
+    tcp_timeout = 120                             # --tcp-timeout: drop a vanished TCP peer
     log_file = "/var/log/minidisk.log"
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
     directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
@@ -44,7 +47,13 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
-            "directory": str, "link_dlm": str, "busy_poll_us": int}
+            "directory": str, "link_dlm": str, "busy_poll_us": int,
+            "max_connections": int, "handshake_timeout": int, "tcp_timeout": int}
+# Integer settings: (smallest, largest, unit for the error message).
+_BOUNDED = {"busy_poll_us": (0, 10_000, "microseconds"),
+            "max_connections": (1, 1_000_000, "connections"),
+            "handshake_timeout": (0, 86_400, "seconds (0: no deadline)"),
+            "tcp_timeout": (0, 86_400, "seconds (0: off)")}
 
 
 def parse_human_size(text: str) -> int:
@@ -86,6 +95,9 @@ class DaemonConfig:
     admin_subjects: list[str] = field(default_factory=list)
     log_file: str | None = None
     busy_poll_us: int = 0  # 0: the NBD server never busy-polls (see minidisk.busypoll)
+    max_connections: int = 1024  # open connections (any phase); more are closed at once
+    handshake_timeout: int = 10  # seconds a client has to reach transmission (qemu: 10)
+    tcp_timeout: int = 120  # seconds before a silent TCP peer is dropped (keepalive)
     dlm: str | None = None
     directory: str | None = None  # the link directory (minidisk.link); None: no link layer
     link_dlm: str | None = None  # where links take their locks (default: --dlm, $MINIDISK_DLM)
@@ -133,11 +145,11 @@ class DaemonConfig:
         config.tls_verify_peer = bool(m.get("tls_verify_peer", False))
         config.admin_subjects = [str(subject) for subject in m["admin_subject"]]
         config.log_file = m.get("log_file")
-        busy_poll_us = m.get("busy_poll_us", 0)
-        if type(busy_poll_us) is not int or not 0 <= busy_poll_us <= 10_000:
-            raise ValueError(f"busy_poll_us = {busy_poll_us!r}: expected 0 to 10000 "
-                             "microseconds")
-        config.busy_poll_us = busy_poll_us
+        for name, (low, high, unit) in _BOUNDED.items():
+            value = m.get(name, getattr(config, name))
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"{name} = {value!r}: expected {low} to {high} {unit}")
+            setattr(config, name, value)
         config.dlm = m.get("dlm")
         config.directory = os.path.abspath(m["directory"]) if m.get("directory") else None
         config.link_dlm = m.get("link_dlm")

@@ -75,7 +75,10 @@ class Daemon:
                                 tls_mode=config.tls_mode, tls_context=tls, control=self.control,
                                 policy=self._policy,
                                 admin_subjects=frozenset(config.admin_subjects),
-                                busy_poll=config.busy_poll_us / 1e6)
+                                busy_poll=config.busy_poll_us / 1e6,
+                                max_connections=config.max_connections,
+                                handshake_timeout=config.handshake_timeout,
+                                tcp_timeout=config.tcp_timeout)
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)
         self.control.update(etfs.control_handlers(self.namespace))

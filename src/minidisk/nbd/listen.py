@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 import stat
 from dataclasses import dataclass
 
 SD_LISTEN_FDS_START = 3
+KEEPALIVE_PROBES = 4
 
 
 class URLError(ValueError):
@@ -77,7 +79,7 @@ def socket_activation() -> list[socket.socket]:
     return socks
 
 
-def bind(address: ListenAddress, backlog: int = 128) -> socket.socket:
+def bind(address: ListenAddress, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """Create the listening socket (so errors such as 'address in use' surface early)."""
     if address.kind == "unix":
         path = address.path
@@ -102,6 +104,33 @@ def bind(address: ListenAddress, backlog: int = 128) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def drop_dead_peers(sock: socket.socket, timeout: int) -> None:
+    """Make the kernel close an accepted TCP connection whose peer stops answering (its host
+    vanished, the network was cut) after about `timeout` seconds, idle or not.
+
+    Keepalive probes start after half of it idle and come every eighth; TCP_USER_TIMEOUT
+    ends the connection once data or probes have gone unacknowledged for `timeout` (with
+    both set the kernel gives up on the first unanswered probe past it). TLS runs over
+    this same socket, so it is covered too.
+    """
+    idle = max(1, timeout // 2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, timeout // 8))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout * 1000)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft limit on open files to `wanted` if the hard limit allows (a server
+    that may hold `max_connections` sockets); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
 
 
 def _remove_stale_socket(path: str) -> None:

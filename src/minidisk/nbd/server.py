@@ -38,7 +38,14 @@ from minidisk.nbd.exports import (
     OpenedExport,
     allow_all,
 )
-from minidisk.nbd.listen import ListenAddress, bind, parse_url, socket_activation
+from minidisk.nbd.listen import (
+    ListenAddress,
+    bind,
+    drop_dead_peers,
+    parse_url,
+    raise_fd_limit,
+    socket_activation,
+)
 from minidisk.nbd.malloc_tuning import keep_buffers_on_heap
 from minidisk.nbd.negotiation import (
     Action,
@@ -59,6 +66,7 @@ MAX_INFLIGHT = 512  # requests in flight per connection before reading pauses
 # the server queue gigabytes of replies for a client that never reads them.
 MAX_QUEUED_READ = 16 * 1024 * 1024
 MAX_EXTENTS = 1 << 20  # proto.md: SHOULD NOT send more descriptors than this
+FD_RESERVE = 256  # open files beyond one per connection: exports, logs, the thread pool
 _PEERCRED = struct.Struct("3i")
 
 
@@ -127,6 +135,8 @@ class Connection(asyncio.BufferedProtocol):
         self.shutting_down = False
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Until transmission (or a control command) a client must hurry: see connection_made.
+        self.handshake_deadline: asyncio.TimerHandle | None = None
 
     @property
     def identity(self) -> Identity | None:
@@ -137,11 +147,20 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        srv = self.server
+        if not srv.admit_connection():
+            transport.close()  # before the greeting: the client sees a clean EOF
+            return
         sock = transport.get_extra_info("socket")
         identity = self._identity(sock)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        srv = self.server
+            if srv.tcp_timeout:
+                drop_dead_peers(sock, srv.tcp_timeout)
+        if srv.handshake_timeout:
+            self.handshake_deadline = self.loop.call_later(
+                srv.handshake_timeout, self._abort,
+                f"no handshake within {srv.handshake_timeout:g} s")
         self.negotiation = Negotiation(
             srv.exports, identity, srv.policy, srv.tls_mode, srv.read_only,
             control_allowed=srv.control is not None and srv.control_permitted(identity),
@@ -170,6 +189,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._handshake_done()
         self.server.connections.discard(self)
         if self.export is not None:
             self.export.close()
@@ -181,6 +201,11 @@ class Connection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self._flush()
             self.transport.close()
+
+    def _handshake_done(self) -> None:
+        if self.handshake_deadline is not None:
+            self.handshake_deadline.cancel()
+            self.handshake_deadline = None
 
     def _abort(self, reason: str) -> None:
         log.warning("dropping connection: %s", reason)
@@ -314,10 +339,14 @@ class Connection(asyncio.BufferedProtocol):
             self._pause_for(self._start_tls())
             return True
         if outcome.action is Action.CONTROL:
+            # A permitted control peer (link keepers hold this connection for the whole
+            # link) is the control layer's to bound from here on.
+            self._handshake_done()
             self._pause_for(self._control(outcome.control))
             return True
         if outcome.action is Action.TRANSMIT:
             assert outcome.export is not None and neg.session is not None
+            self._handshake_done()
             self.export = outcome.export
             self.device = outcome.export.device
             self.session = neg.session
@@ -598,6 +627,9 @@ class NBDServer:
         control: ControlHandler | None = None,
         admin_subjects: frozenset[str] = frozenset(),
         busy_poll: float = 0.0,
+        max_connections: int = 1024,
+        handshake_timeout: float = 10.0,
+        tcp_timeout: int = 120,
     ) -> None:
         if tls_mode is not TLSMode.OFF and tls_context is None:
             raise ValueError("TLS needs certificates (--tls-certificates DIR)")
@@ -609,6 +641,13 @@ class NBDServer:
         self.control = control
         self.admin_subjects = admin_subjects
         self.connections: set[Connection] = set()
+        # Connections in every phase count; one more is closed before the greeting (as
+        # nbdkit's limit filter and nbd-server's maxconnections refuse), not left waiting
+        # in the backlog, which is as long as the limit so that a burst is never refused.
+        self.max_connections = max_connections
+        self.at_limit = False  # logged once per episode, not per refused client
+        self.handshake_timeout = handshake_timeout
+        self.tcp_timeout = tcp_timeout
         # Bounded busy-polling after requests and replies (see minidisk.busypoll): off
         # unless asked for, as it spends CPU to save the wake-up of an idle vCPU.
         self.busy_poll = busy_poll
@@ -617,6 +656,16 @@ class NBDServer:
         self.shutting_down = False
         self.unix_paths: list[str] = []
         self.stdio_done: asyncio.Event | None = None
+
+    def admit_connection(self) -> bool:
+        if len(self.connections) < self.max_connections:
+            self.at_limit = False
+            return True
+        if not self.at_limit:
+            self.at_limit = True
+            log.warning("connection limit (%d) reached: closing new connections",
+                        self.max_connections)
+        return False
 
     def control_permitted(self, identity: Identity) -> bool:
         """Who may send control commands: our own uid (or root) on a unix socket, or a TLS
@@ -661,7 +710,7 @@ class NBDServer:
             loop.create_task(closed.wait()).add_done_callback(
                 lambda _: self.stdio_done.set() if self.stdio_done else None)
             return
-        sock = bind(address)
+        sock = bind(address, self.max_connections)
         await self.listen_socket(sock, address.kind)
         if address.kind == "unix":
             self.unix_paths.append(address.path)
@@ -670,14 +719,21 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         kind = kind or ("unix" if sock.family == socket.AF_UNIX else "tcp")
+        backlog = self.max_connections  # asyncio's default of 100 refused bursts (EAGAIN)
         if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(lambda: Connection(self, kind), sock=sock)
+            srv = await loop.create_unix_server(lambda: Connection(self, kind), sock=sock,
+                                                backlog=backlog)
         else:
-            srv = await loop.create_server(lambda: Connection(self, kind), sock=sock)
+            srv = await loop.create_server(lambda: Connection(self, kind), sock=sock,
+                                           backlog=backlog)
         self.servers.append(srv)
 
     async def start(self, urls: list[str]) -> None:
         """Listen on the sockets systemd passed us, or else on every URL."""
+        wanted = self.max_connections + FD_RESERVE
+        if raise_fd_limit(wanted) < wanted:
+            log.warning("open file limit is below %d: connections may fail before the "
+                        "limit of %d", wanted, self.max_connections)
         inherited = socket_activation()
         for sock in inherited:
             await self.listen_socket(sock, "socket")
