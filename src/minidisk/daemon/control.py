@@ -34,6 +34,8 @@ from minidisk.nbd.tls import client_context
 log = logging.getLogger(__name__)
 
 TLS_ENV = "MINIDISK_TLS_CERTIFICATES"
+# A request is one option; larger option data is refused before it is read.
+MAX_REQUEST = p.MAX_OPTION_DATA
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 # For commands that act on behalf of the caller (link, unlink): the caller's proven identity.
@@ -80,17 +82,15 @@ class Control:
             self.add(name, handler)
 
     async def __call__(self, identity: Identity, request: bytes) -> bytes:
+        """The reply to one request: never raises, so that every body gets an answer and
+        the connection goes back to reading options (or hangs up) instead of waiting."""
         try:
-            message = json.loads(request)
-            command = message["command"]
-            args = message.get("args", {})
-            if not isinstance(args, dict):
-                raise TypeError("args must be an object")
-        except (ValueError, KeyError, TypeError) as e:
+            command, args = parse_request(request)
+        except ValueError as e:
             return _reply_error(errno.EINVAL, f"malformed control request: {e}")
         handler = self.handlers.get(command)
         if handler is None:
-            return _reply_error(errno.ENOSYS, f"unknown control command {command!r}")
+            return _reply_error(errno.ENOSYS, f"unknown control command {_shown(command)}")
         if command not in self.for_anyone and self.admin is not None and not self.admin(identity):
             log.info("control %s refused to %s: not an administrator", command, identity)
             return _reply_error(errno.EPERM, f"{command!r} is for administrators only")
@@ -104,7 +104,41 @@ class Control:
             log.exception("control command %s failed", command)
             return _reply_error(errno.EIO, f"{type(e).__name__}: {e}")
         log.info("control %s by %s", command, identity)
-        return json.dumps({"ok": True, "result": result}).encode()
+        try:
+            return json.dumps({"ok": True, "result": result}).encode()
+        except (TypeError, ValueError, RecursionError) as e:
+            log.error("control command %s: result not representable in JSON: %s", command, e)
+            return _reply_error(errno.EIO, f"{command}: result not representable in JSON")
+
+
+def parse_request(request: bytes) -> tuple[str, dict[str, Any]]:
+    """A control body's command name and arguments; ValueError names what is wrong."""
+    if len(request) > MAX_REQUEST:  # the option reader refuses these before reading them
+        raise ValueError(f"{len(request)} bytes, over {MAX_REQUEST}")
+    try:
+        text = request.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    try:
+        message = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, or an integer over Python's digit limit
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(message, dict):
+        raise ValueError("the request must be a JSON object")
+    command = message.get("command")
+    if not isinstance(command, str):
+        raise ValueError('"command" must be a string')
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise ValueError('"args" must be an object')
+    return command, args
+
+
+def _shown(text: str) -> str:
+    """User text in a message: quoted (no forged lines) and cut short."""
+    return repr(text[:80] + ("..." if len(text) > 80 else ""))
 
 
 def _reply_error(err: int, message: str) -> bytes:
