@@ -12,9 +12,9 @@ Framing: every message is one frame; the first byte of the body says what it is:
 
 Kind 0 is a JSON object (UTF-8). The hot path -- lock, convert, unlock, cancel, their replies
 and the grant/cancel/bast events -- has fixed binary layouts (big endian, `struct` notation
-below), so that a lock+unlock costs no JSON at all. A frame over `MAX_FRAME` bytes, an unknown
-kind, a short binary body or a JSON body that is not an object is a protocol error and the
-service closes the connection.
+below), so that a lock+unlock costs no JSON at all. A frame over `MAX_FRAME` bytes (over
+`MAX_REQUEST` from a client to the service), an unknown kind, a short binary body or a JSON
+body that is not an object is a protocol error and the reader closes the connection.
 
 Requests (client to service) carry an `id` chosen by the client and an op; the service answers
 every request exactly once, in request order, and handles the requests of one connection in
@@ -101,7 +101,11 @@ from typing import Any
 from minidisk.dlm.engine import Flag
 
 VERSION = 2
-MAX_FRAME = 1 << 20
+MAX_FRAME = 1 << 20  # what a reader accepts, and the largest reply (a page of status)
+# What the service accepts from a client: the largest legitimate request (a JSON lock with
+# 64-byte names and a hex value block) is a few hundred bytes, and every connection may hold
+# one partial frame of this size, so it is what an idle connection can cost.
+MAX_REQUEST = 1 << 16
 DEFAULT_URL = "unix:///run/minidisk/dlm.sock"
 ENV_URL = "MINIDISK_DLM"
 
@@ -173,6 +177,8 @@ def decode_json(body: bytes | memoryview) -> dict[str, Any]:
         message = json.loads(bytes(body[1:]))
     except ValueError as err:
         raise ProtocolError(f"bad JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError("JSON nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
     return message
@@ -201,13 +207,14 @@ def encode_lock_with(call_id: int, ref: int, mode: int, flags: int,
 def decode_lock(body: bytes) -> tuple[int, int, int, int, str, str]:
     """(id, ref, mode, flags, domain, name) of a LOCK body."""
     _, call_id, ref, mode, flags, dlen = LOCK_BODY.unpack_from(body)
-    at = LOCK_BODY.size
-    domain = body[at:at + dlen]
-    at += dlen
+    at = LOCK_BODY.size + dlen
+    if at + NAME_LENGTH.size > len(body):
+        raise ProtocolError("short LOCK message")
+    domain = body[LOCK_BODY.size:at]
     (nlen,) = NAME_LENGTH.unpack_from(body, at)
     at += NAME_LENGTH.size
     name = body[at:at + nlen]
-    if len(domain) != dlen or len(name) != nlen:
+    if len(name) != nlen:
         raise ProtocolError("short LOCK message")
     try:
         return call_id, ref, mode, flags, domain.decode(), name.decode()
@@ -266,8 +273,9 @@ class FrameDecoder:
             ERROR: ERROR_BODY.size, GRANTED: GRANTED_BODY.size, GRANT: GRANT_BODY.size,
             CANCELLED: EVENT_BODY.size, BAST: EVENT_BODY.size}
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buffer = b""
+        self.max_frame = max_frame
 
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer + data if self._buffer else data
@@ -276,10 +284,11 @@ class FrameDecoder:
         size = len(buffer)
         minimum = self._MIN
         unpack = _LENGTH.unpack_from
+        limit = self.max_frame
         while size - at >= 4:
             (length,) = unpack(buffer, at)
-            if length > MAX_FRAME:
-                raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+            if length > limit:  # refused on its header, before any of it is kept
+                raise ProtocolError(f"frame of {length} bytes exceeds {limit}")
             end = at + 4 + length
             if end > size:
                 break

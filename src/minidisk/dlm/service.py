@@ -23,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import signal
 import socket
 import stat
 import struct
+import termios
 import time
 from typing import Any, cast
 
@@ -45,6 +47,10 @@ MAX_WRITE_BUFFER = 8 << 20
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _DRAIN_SIZE = 1 << 16
+# FIONREAD's answer, for `_Connection.drain` (one loop thread: one buffer for all; asking
+# costs a third of the failed read it replaces).
+_QUEUED_BYTES = bytearray(4)
+_QUEUED = memoryview(_QUEUED_BYTES).cast("i")
 
 
 class _Connection(asyncio.Protocol):
@@ -52,7 +58,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, service: DlmService) -> None:
         self._service = service
-        self._decoder = protocol.FrameDecoder()
+        self.decoder = protocol.FrameDecoder(protocol.MAX_REQUEST)
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self.refs: dict[int, int] = {}  # the client's lock number -> engine lock id
@@ -60,6 +66,7 @@ class _Connection(asyncio.Protocol):
         self.name = ""
         self.granted_reply = False  # answer a LOCK granted at once with one GRANTED frame
         self.prompt_unlock = False  # what it has sent is handled before others' later requests
+        self.closing = False  # hung up: nothing it sent is handled any more
         self._fd = -1
 
     def __str__(self) -> str:
@@ -77,67 +84,62 @@ class _Connection(asyncio.Protocol):
         self._service.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        service = self._service
-        if service.prompt:
-            service.drain_prompt(self)
-        self._handle_data(data)
-        service.flush()
-        if service.poller is not None:
-            # This client's next request (or another's) usually follows within tens of
-            # microseconds: stay awake for it (see busypoll).
-            service.poller.poke()
-
-    def _handle_data(self, data: bytes) -> None:
-        try:
-            bodies = self._decoder.feed(data)
-            service = self._service
-            for body in bodies:
-                service.handle_body(self, body)
-        except protocol.ProtocolError as err:
-            log.warning("%s: %s; closing", self, err)
-            self.abort()
+        self._service.received(self, data)
 
     def drain(self) -> None:
-        """Read and handle, now, whatever this connection has sent that is still in its
-        socket's buffer. Reading under the transport's feet is safe: its own next read finds
-        nothing (EAGAIN) and waits again; an end of stream or an error is left for it to
-        find."""
-        while self._transport is not None and self._fd >= 0:
+        """Read and handle, now, what this connection has sent that is still in its socket's
+        buffer -- exactly what is there at this moment, which is everything sent before the
+        request that made the service look, and no more: a client that keeps writing cannot
+        keep the service here. Reading under the transport's feet is safe: its own next read
+        finds the rest or nothing (EAGAIN); an end of stream or an error is left for it."""
+        fd = self._fd
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, _QUEUED_BYTES)
+        except OSError:
+            return
+        left = _QUEUED[0]
+        service = self._service
+        while left > 0 and not self.closing:
             try:
-                data = os.read(self._fd, _DRAIN_SIZE)
+                data = os.read(fd, min(left, _DRAIN_SIZE))
             except OSError:
                 return
             if not data:
                 return
-            self._handle_data(data)
-            if len(data) < _DRAIN_SIZE:
-                return
+            left -= len(data)
+            service.take(self, data)
+            if left:
+                self.flush()  # its replies leave (or it is cut off) before it may send more
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self.closing = True
         self._service.connection_gone(self)
 
     def send(self, message: dict[str, Any]) -> None:
         self.send_frame(protocol.encode(message))
 
     def send_frame(self, frame: bytes) -> None:
-        if self._transport is not None:
+        if not self.closing:
             if not self._out:
                 self._service.dirty.append(self)
             self._out.append(frame)
 
     def flush(self) -> None:
         transport = self._transport
-        if transport is None or not self._out:
+        if transport is None or self.closing or not self._out:
             self._out.clear()
             return
         transport.write(b"".join(self._out) if len(self._out) > 1 else self._out[0])
         self._out.clear()
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-            log.warning("%s: not reading its events; disconnecting", self)
-            self.abort()
+            self._service.hang_up(self, "not reading its events")
 
     def abort(self) -> None:
+        """Drop the connection at once; nothing it sent afterwards is handled, nothing more
+        is sent to it. Its locks go when the transport reports it lost."""
+        self.closing = True
+        self._out.clear()
         if self._transport is not None:
             self._transport.abort()
 
@@ -224,6 +226,39 @@ class DlmService:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def received(self, conn: _Connection, data: bytes) -> None:
+        """What one connection's wake-up read: first what prompt-unlock connections have
+        already sent (see `drain_prompt`), then this, then every reply and event leaves."""
+        if self.prompt:
+            self.drain_prompt(conn)
+        self.take(conn, data)
+        self.flush()
+        if self.poller is not None:
+            # This client's next request (or another's) usually follows within tens of
+            # microseconds: stay awake for it (see busypoll).
+            self.poller.poke()
+
+    def take(self, conn: _Connection, data: bytes) -> None:
+        """Decode and handle bytes `conn` sent. Every connection's input goes through here,
+        whichever connection's wake-up read it (a prompt-unlock drain reads other sockets),
+        so whatever goes wrong while handling it is `conn`'s, and hangs up `conn` alone."""
+        if conn.closing:
+            return
+        try:
+            for body in conn.decoder.feed(data):
+                self.handle_body(conn, body)
+        except protocol.ProtocolError as err:
+            self.hang_up(conn, str(err))
+        except Exception:  # a bug, but still one this sender's bytes hit: it alone pays
+            log.exception("%s: handling its request failed", conn)
+            self.hang_up(conn, "internal error")
+
+    def hang_up(self, conn: _Connection, why: str) -> None:
+        log.warning("%s: %s; closing", conn, why)
+        if conn in self.prompt:
+            self.prompt.remove(conn)
+        conn.abort()
+
     def handle_body(self, conn: _Connection, body: bytes) -> None:
         """One request frame (its body, kind byte first): handled, answered, events queued."""
         kind = body[0]
@@ -290,7 +325,8 @@ class DlmService:
         except DlmError as err:
             events = err.events
             reply = {"id": request_id, "ok": False, "errno": err.errno, "error": err.detail}
-        except (KeyError, ValueError, TypeError) as err:
+        except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as err:
+            # An argument missing or of the wrong type or range (1e999 for a number).
             reply = {"id": request_id, "ok": False, "errno": errno.EINVAL,
                      "error": f"bad request: {err!r}"}
         conn.send(reply)
