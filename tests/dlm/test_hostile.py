@@ -4,10 +4,12 @@ connection only, never another's, and nothing one client does grows the service 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,13 +41,15 @@ def frozen(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-def hung_up(raw: Raw) -> bool:
-    """Has the service closed this connection? (It sends nothing else to these.)"""
+def wait_hang_up(raw: Raw) -> None:
+    """Wait until the service closes this connection (reading and dropping whatever it sent
+    first); a TimeoutError if it does not."""
     raw.sock.settimeout(10)
     try:
-        return raw.sock.recv(65536) == b""
+        while raw.sock.recv(1 << 20):
+            pass
     except ConnectionResetError:
-        return True
+        pass
 
 
 def _lock_frame_with_a_domain_longer_than_the_frame() -> bytes:
@@ -101,7 +105,7 @@ async def test_a_bad_frame_drained_for_another_connection_is_its_sender_s_alone(
                 await released.release(wait=True)  # prompt-unlock: done once written
                 b.send(frame)
             if expected is None:
-                assert hung_up(b)
+                wait_hang_up(b)
             else:
                 reply = protocol.decode_json(b.next())
                 assert (reply["id"], reply["ok"], reply["errno"]) == (9, False, expected)
@@ -115,3 +119,63 @@ async def test_a_bad_frame_drained_for_another_connection_is_its_sender_s_alone(
         free = witness.lock("d", "released", Mode.EX)
         assert await free.acquire(blocking=False)  # and its unlock was handled
         await free.release()
+
+
+def vm_kib(pid: int, field: str) -> int:
+    """A VmRSS/VmHWM-style line of /proc/PID/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def _flood(raw: Raw, frame: bytes, total: int) -> int:
+    """Write `frame` over and over, never reading, until `total` bytes are written or the
+    service hangs up; how many bytes it took."""
+    chunk = frame * (65536 // len(frame))
+    sent = 0
+    raw.sock.settimeout(30)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        while sent < total:
+            raw.sock.sendall(chunk)
+            sent += len(chunk)
+    return sent
+
+
+def test_a_prompt_unlock_client_that_never_reads_is_cut_off_while_drained(
+        dlm_server: Server) -> None:
+    """P asks for prompt-unlock and floods requests that each have a reply (a CANCEL of a
+    lock it does not have: an ERROR), never reading one; W keeps asking, so P is drained
+    during W's wake-ups. Draining must not keep reading as long as P keeps writing (its
+    replies piling up unsent): P is cut off once its unread replies pass the write-buffer
+    limit, and the service's peak memory stays within a few times that limit."""
+    pid = dlm_server.process.pid
+    p, w = Raw(dlm_server), Raw(dlm_server)
+    try:
+        assert p.call({"id": 1, "op": "hello", "name": "p", "features": ["prompt-unlock"]})
+        assert w.call({"id": 1, "op": "hello", "name": "w"})["ok"]
+        before = vm_kib(pid, "VmHWM")
+        stop = threading.Event()
+
+        def keep_asking() -> None:
+            call = 2
+            while not stop.is_set():
+                assert w.call({"id": call, "op": "hello", "name": "w"})["ok"]
+                call += 1
+
+        asker = threading.Thread(target=keep_asking, daemon=True)
+        asker.start()
+        cancel = protocol.CANCEL_FRAME.pack(protocol.CANCEL_BODY.size, protocol.CANCEL, 5, 77)
+        total = 64 << 20
+        sent = _flood(p, cancel, total)
+        stop.set()
+        asker.join(30)
+        grown_mib = (vm_kib(pid, "VmHWM") - before) / 1024
+        print(f"P wrote {sent >> 20} MiB; the service's peak grew {grown_mib:.1f} MiB")
+        assert sent < total, f"P wrote {sent >> 20} MiB of requests, never cut off"
+        assert grown_mib < 48, f"the service grew by {grown_mib:.0f} MiB"
+        wait_hang_up(p)
+        assert w.call({"id": 0, "op": "hello", "name": "w"})["ok"]
+    finally:
+        p.close()
+        w.close()
