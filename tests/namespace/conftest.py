@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from minidisk.namespace import Namespace
+from minidisk.namespace import Namespace, hostpath
 
 Pattern = Callable[..., bytes]
 
@@ -63,3 +63,15 @@ def umask() -> Iterator[Callable[[int], None]]:
 
     yield set_mask
     os.umask(old)
+
+
+@pytest.fixture(params=["openat2", "walk"])
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once with openat2 and once with the per-component openat walk (the
+    fallback where the kernel has no openat2)."""
+    if request.param == "openat2":
+        if not hostpath.openat2_available():
+            pytest.skip("this kernel has no openat2")
+    else:
+        monkeypatch.setattr(hostpath, "_openat2_works", False)
+    return str(request.param)

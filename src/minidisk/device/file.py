@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
 
@@ -48,11 +49,17 @@ def host_size(fd: int) -> int:
 class FileDevice(BlockDevice):
     def __init__(
         self, path: str, offset: int = 0, length: int | None = None, read_only: bool = False,
-        block_size: BlockSize | None = None,
+        block_size: BlockSize | None = None, fd: int | None = None,
     ) -> None:
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        """`fd`, when given, is an open descriptor of `path` that the device takes over (and
+        closes), so that the file is never opened again by a name that may have changed;
+        `path` then only describes it. A read-only `fd` makes a read-only device."""
         self.path = path
-        self.fd = os.open(path, flags)
+        if fd is None:
+            fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        elif fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            read_only = True
+        self.fd = fd
         try:
             total = host_size(self.fd)
             if offset < 0 or offset > total:

@@ -9,6 +9,7 @@ Grammar (comma-separated ``token=value``; a value cannot contain a comma, as wit
     disklabel=LETTER   the window is BSD disklabel partition a…v of the file's first 64 KiB
     partition=N        (our extension) the window is MBR or GPT partition N (1-based; 5+ logical)
     type=blk|chr|reg   default blk; our extension: dir, dir_subdirs
+    symlinks=follow    (our extension) follow symbolic links in hostpath; they are refused
 
 Rules, rump_server's with its edge cases fixed: every token at most once (``size=0`` may not
 repeat either); key and hostpath required; size, disklabel or partition required except for
@@ -22,6 +23,13 @@ mode 0644 & ~umask, and a regular file shorter than offset+size is extended spar
 image is an error, not a reason to grow it). A file it created is removed, and a file it grew
 is cut back, when any later step fails, so an error leaves nothing behind. Every error is a
 `DrivespecError`, one line that names the offending token and value.
+
+It does all this as root, so the host file is opened once, by descriptor (hostpath.py), and
+everything after works on that descriptor: a symbolic link anywhere in hostpath is refused
+(unless symlinks=follow), a file is created only with O_EXCL, the descriptor is grown with
+ftruncate and registered as it is, and the undo removes or cuts back only the very file
+(st_dev, st_ino) it created or grew. A link planted in the path cannot make it create, grow,
+truncate or export a file elsewhere.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from minidisk.device.file import host_size
+from minidisk.namespace.hostpath import HostPathError, open_host_file, unlink_host_file
 from minidisk.namespace.keys import RUMP_ETFS_SIZE_ENDOFF, EtfsType, canonical_key
 from minidisk.namespace.partitions import (
     LABEL_PARTITION_LETTERS,
@@ -44,7 +53,8 @@ from minidisk.namespace.partitions import (
 from minidisk.namespace.registry import Namespace
 from minidisk.namespace.sizes import MAX_SIZE, SizeError, parse_size
 
-TOKENS = ("key", "hostpath", "size", "offset", "disklabel", "partition", "type")
+TOKENS = ("key", "hostpath", "size", "offset", "disklabel", "partition", "type", "symlinks")
+SYMLINK_POLICIES = ("follow", "refuse")
 DRIVESPEC_TYPES = ("blk", "chr", "reg", "dir", "dir_subdirs")
 MAX_PARTITION_NUMBER = 1 << 16
 
@@ -72,6 +82,7 @@ class Drivespec:
     offset: int = 0
     disklabel: str | None = None
     partition: int | None = None
+    follow_symlinks: bool = False
 
     def format(self) -> str:
         """The drivespec text that `parse` reads back as this spec."""
@@ -86,6 +97,8 @@ class Drivespec:
             parts.append(f"disklabel={self.disklabel}")
         if self.partition is not None:
             parts.append(f"partition={self.partition}")
+        if self.follow_symlinks:
+            parts.append("symlinks=follow")
         return ",".join(parts)
 
 
@@ -116,6 +129,10 @@ def parse(text: str) -> Drivespec:
         raise DrivespecError("type", type_text,
                              f"unknown type (expected {', '.join(DRIVESPEC_TYPES)})")
     etfs_type = EtfsType(type_text)
+    symlinks = given.get("symlinks", "refuse")
+    if symlinks not in SYMLINK_POLICIES:
+        raise DrivespecError("symlinks", symlinks,
+                             f"unknown policy (expected {', '.join(SYMLINK_POLICIES)})")
 
     _check_alone(given, "disklabel", ("size", "offset", "partition"))
     _check_alone(given, "partition", ("size", "offset"))
@@ -154,7 +171,7 @@ def parse(text: str) -> Drivespec:
         raise DrivespecError("size", None,
                              f"missing: type={type_text} needs size=…, disklabel=… or partition=…")
     return Drivespec(key, given["hostpath"], etfs_type, size, given.get("size") == "host",
-                     offset or 0, disklabel, partition)
+                     offset or 0, disklabel, partition, symlinks == "follow")
 
 
 def _check_alone(given: dict[str, str], token: str, others: tuple[str, ...]) -> None:
@@ -180,19 +197,42 @@ class Applied:
     key: str
     created_file: bool = False
     grown_from: int | None = None  # the file's size before apply grew it
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file created or grown
 
     async def undo(self, namespace: Namespace) -> None:
         try:
             await namespace.remove(self.key, force=True)
         finally:
-            _restore_host_file(self.spec.hostpath, self.created_file, self.grown_from)
+            if self.identity is not None:
+                _restore_host_file(self.spec, self.identity, self.created_file,
+                                   self.grown_from)
 
 
-def _restore_host_file(hostpath: str, created: bool, grown_from: int | None) -> None:
+def _restore_host_file(spec: Drivespec, identity: tuple[int, int], created: bool,
+                       grown_from: int | None, fd: int | None = None) -> None:
+    """Remove the file apply created or cut back the file it grew, if its path still leads
+    to that file (`fd`: apply's descriptor of it, when still open); else leave it alone."""
     if created:
-        os.unlink(hostpath)
+        unlink_host_file(spec.hostpath, identity, spec.follow_symlinks)
     elif grown_from is not None:
-        os.truncate(hostpath, grown_from)
+        own = fd is None
+        if own:
+            try:
+                fd, _ = open_host_file(spec.hostpath, _any_kind, spec.follow_symlinks)
+            except HostPathError:
+                return
+        assert fd is not None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == identity:
+                os.ftruncate(fd, grown_from)
+        finally:
+            if own:
+                os.close(fd)
+
+
+def _any_kind(st: os.stat_result) -> None:
+    """open_host_file's type check where any type apply could have grown will do."""
 
 
 def apply(spec: Drivespec, namespace: Namespace) -> Applied:
@@ -208,12 +248,14 @@ def apply(spec: Drivespec, namespace: Namespace) -> Applied:
         return Applied(spec, spec.key)
 
     fd, created = _open_host_file(spec)
+    st = os.fstat(fd)
+    identity = (st.st_dev, st.st_ino)
     grown_from = None
     try:
         begin, size, token, value = _window(spec, fd)
         # Only an explicit size grows a file: a table that points past the end of its image
         # means a truncated image, which growing would hide.
-        if spec.size is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        if spec.size is not None and stat.S_ISREG(st.st_mode):
             fsize = host_size(fd)
             if fsize < begin + size:
                 try:
@@ -225,21 +267,20 @@ def apply(spec: Drivespec, namespace: Namespace) -> Applied:
                     raise DrivespecError(token, value, f"cannot extend {spec.hostpath} to "
                                          f"{begin + size} bytes: {e.strerror}", e.errno) from None
                 grown_from = fsize
-        os.close(fd)
-        fd = -1
-        _register(namespace, spec, begin, size, token, value)
+        _register(namespace, spec, begin, size, token, value, fd)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        _restore_host_file(spec.hostpath, created, grown_from)
+        _restore_host_file(spec, identity, created, grown_from, fd)
         raise
-    return Applied(spec, spec.key, created, grown_from)
+    finally:
+        os.close(fd)
+    return Applied(spec, spec.key, created, grown_from, identity)
 
 
 def _register(namespace: Namespace, spec: Drivespec, begin: int, size: int, token: str,
-              value: str) -> None:
+              value: str, fd: int | None = None) -> None:
     try:
-        namespace.register(spec.key, spec.hostpath, spec.type, begin, size)
+        namespace.register(spec.key, spec.hostpath, spec.type, begin, size,
+                           spec.follow_symlinks, fd)
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENAMETOOLONG):
             token, value = "key", spec.key
@@ -252,31 +293,18 @@ def _open_host_file(spec: Drivespec) -> tuple[int, bool]:
     """An fd of the host file, created (0644 & ~umask) unless the spec needs it to exist."""
     must_exist = spec.size_from_host or spec.disklabel is not None or spec.partition is not None
     path = spec.hostpath
+
+    def kind(st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, f"is a directory (type={spec.type.value})")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise OSError(errno.EINVAL, "neither a regular file nor a block device")
+
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise DrivespecError("hostpath", path, e.strerror or str(e), e.errno) from None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise DrivespecError("hostpath", path, f"is a directory (type={spec.type.value})",
-                             errno.EISDIR)
-    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise DrivespecError("hostpath", path, "neither a regular file nor a block device")
-    try:
-        if st is None and not must_exist:
-            try:
-                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), True
-            except FileExistsError:
-                pass  # created by someone else since the stat: use it as it is
-        try:
-            return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
-    except OSError as e:
-        raise DrivespecError("hostpath", path, e.strerror or str(e), e.errno) from None
+        return open_host_file(path, kind, spec.follow_symlinks,
+                              None if must_exist else 0o644)
+    except HostPathError as e:
+        raise DrivespecError("hostpath", path, e.reason, e.errno) from None
 
 
 def _window(spec: Drivespec, fd: int) -> tuple[int, int, str, str]:

@@ -5,8 +5,9 @@ a size of RUMP_ETFS_SIZE_ENDOFF means "to the end", and `begin + size > fsize` i
 library never creates or grows files (drivespec.apply does that, as rump_server does).
 
 The host file must be a regular file or a block device (EISDIR for a directory, EINVAL for
-anything else; a FIFO is refused before it is opened, so registration cannot hang on it). It
-is opened read-write, falling back to read-only like rumpblk; the device then says read_only.
+anything else). It is opened by descriptor (hostpath.py: no symbolic links unless the operator
+asks, non-blocking until fstat has checked its type, so a FIFO cannot hang registration),
+read-write, falling back to read-only like rumpblk; the device then says read_only.
 
 `reg` is byte-granular. `chr` and `blk` take only whole 512-byte sectors (EINVAL otherwise, as
 rumpblk) and advertise that minimum block size; their size is the window rounded down to whole
@@ -22,47 +23,48 @@ import stat
 from minidisk.device.api import MAX_REQUEST, BlockDevice, BlockSize, Extent
 from minidisk.device.file import FileDevice
 from minidisk.namespace.blockcache import BlockCache, CacheMemory
+from minidisk.namespace.hostpath import open_host_file
 from minidisk.namespace.keys import RUMP_ETFS_SIZE_ENDOFF, EtfsType
 
 SECTOR = 512
 SECTOR_BLOCK_SIZE = BlockSize(minimum=SECTOR, preferred=4096, maximum=MAX_REQUEST)
 
 
-def host_file_kind(hostpath: str) -> os.stat_result:
-    """stat() a host path that may back a device, or raise the errno rump_etfs would."""
-    st = os.stat(hostpath)
+def host_file_kind(st: os.stat_result) -> None:
+    """Refuse, with the errno rump_etfs would use, a host file that cannot back a device."""
     if stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.EISDIR, f"{hostpath} is a directory")
+        raise OSError(errno.EISDIR, "is a directory")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise OSError(errno.EINVAL, f"{hostpath} is neither a regular file nor a block device")
-    return st
+        raise OSError(errno.EINVAL, "neither a regular file nor a block device")
 
 
-def open_window(hostpath: str, begin: int, size: int,
+def open_host(hostpath: str, follow_symlinks: bool = False) -> int:
+    """A descriptor of the operator's `hostpath` (see hostpath.py), read-write if allowed."""
+    fd, _ = open_host_file(hostpath, host_file_kind, follow_symlinks)
+    return fd
+
+
+def open_window(fd: int, hostpath: str, begin: int, size: int,
                 block_size: BlockSize | None = None) -> FileDevice:
-    """A FileDevice over [begin, begin+size) of `hostpath`, read-write if the file allows it.
+    """A FileDevice over [begin, begin+size) of the open host file `fd`, which it takes over.
 
     FileDevice applies rump_etfs's window checks (EINVAL past the end); ENDOFF becomes "to the
     end of the file".
     """
-    host_file_kind(hostpath)
     length = None if size == RUMP_ETFS_SIZE_ENDOFF else size
-    try:
-        return FileDevice(hostpath, begin, length, block_size=block_size)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-    return FileDevice(hostpath, begin, length, read_only=True, block_size=block_size)
+    return FileDevice(hostpath, begin, length, block_size=block_size, fd=fd)
 
 
-def open_host_device(hostpath: str, etfs_type: EtfsType, begin: int, size: int,
+def open_host_device(fd: int, hostpath: str, etfs_type: EtfsType, begin: int, size: int,
                      memory: CacheMemory) -> BlockDevice:
-    """The device a `reg`, `blk` or `chr` key maps to."""
-    if etfs_type is EtfsType.REG:
-        return open_window(hostpath, begin, size)
+    """The device a `reg`, `blk` or `chr` key maps to, over the open host file `fd` (which it
+    takes over)."""
     if etfs_type.is_dir:
+        os.close(fd)
         raise OSError(errno.EINVAL, "directory keys have no device of their own")
-    window = open_window(hostpath, begin, size, SECTOR_BLOCK_SIZE)
+    if etfs_type is EtfsType.REG:
+        return open_window(fd, hostpath, begin, size)
+    window = open_window(fd, hostpath, begin, size, SECTOR_BLOCK_SIZE)
     window.size -= window.size % SECTOR
     inner: BlockDevice = BlockCache(window, memory) if etfs_type is EtfsType.BLK else window
     return SectorDevice(inner)

@@ -23,7 +23,8 @@ Each registration gets its own device and window, even for the same host file (N
 the first registration's minor and window, a bug we do not copy).
 
 Directory keys are not exports of their own and are not listed by `export_names` (rump_etfs
-keys never show in readdir either); the files below them are opened by name. The default
+keys never show in readdir either); the files below them are opened on demand, by descriptor
+below the directory descriptor the key took at registration (hostpath.py). The default
 export (the empty NBD name) is the first-registered key that is not a directory.
 """
 
@@ -32,14 +33,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from minidisk.device.api import BlockDevice
 from minidisk.device.revocable import Revocable, revocable
 from minidisk.namespace.blockcache import DEFAULT_CACHE_LIMIT, CacheMemory
-from minidisk.namespace.hostdev import open_host_device, open_window
+from minidisk.namespace.hostdev import open_host, open_host_device, open_window
+from minidisk.namespace.hostpath import open_directory, open_regular_below
 from minidisk.namespace.keys import (
     RUMP_ETFS_SIZE_ENDOFF,
     EtfsType,
@@ -58,6 +59,7 @@ class Entry:
     device: Revocable | None  # None for directory keys
     description: str
     hostpath: str | None = None
+    dirfd: int | None = None  # a directory key's O_PATH descriptor: files resolve below it
     begin: int = 0
     users: int = 0
     parent: Entry | None = None  # the directory key a file below it was found under
@@ -113,21 +115,31 @@ class Namespace:
     # Registration.
 
     def register(self, key: str, hostpath: str, type: str | EtfsType = EtfsType.BLK,
-                 begin: int = 0, size: int = RUMP_ETFS_SIZE_ENDOFF) -> str:
-        """rump_etfs_register_withsize: map `key` to a window of `hostpath`; returns the key."""
+                 begin: int = 0, size: int = RUMP_ETFS_SIZE_ENDOFF,
+                 follow_symlinks: bool = False, fd: int | None = None) -> str:
+        """rump_etfs_register_withsize: map `key` to a window of `hostpath`; returns the key.
+
+        The host path is opened once, by descriptor, with symbolic links refused unless
+        `follow_symlinks` (hostpath.py); `fd`, when given, is that file already open (it is
+        duplicated, not taken over: drivespec.apply opened it to create or grow it)."""
         etfs_type = EtfsType.parse(type)
         key = canonical_key(key)
         hostpath = os.path.abspath(hostpath)  # a later chdir (daemonizing) must not move it
         self.check_free(key, etfs_type.is_dir)
         if etfs_type.is_dir:
-            if not os.path.isdir(hostpath):
-                raise OSError(errno.ENOTDIR, f"{hostpath} is not a directory")
             if begin != 0 or size != RUMP_ETFS_SIZE_ENDOFF:
                 raise OSError(errno.EISDIR, "a directory key takes no window")
+            try:
+                dirfd = open_directory(hostpath, follow_symlinks)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                raise OSError(errno.ENOTDIR, f"{hostpath} is not a directory") from None
             entry = Entry(key, etfs_type.value, None, f"{etfs_type.value} {hostpath}",
-                          hostpath=hostpath)
+                          hostpath=hostpath, dirfd=dirfd)
         else:
-            device = open_host_device(hostpath, etfs_type, begin, size, self.cache_memory)
+            fd = open_host(hostpath, follow_symlinks) if fd is None else os.dup(fd)
+            device = open_host_device(fd, hostpath, etfs_type, begin, size, self.cache_memory)
             entry = Entry(key, etfs_type.value, revocable(device),
                           f"{etfs_type.value} {hostpath} [{begin}, +{device.size}]",
                           hostpath=hostpath, begin=begin)
@@ -189,6 +201,9 @@ class Namespace:
         devices = [e.device for e in entries if e.device is not None]
         for e in entries:
             e.removed = True
+            if e.dirfd is not None:
+                os.close(e.dirfd)
+                e.dirfd = None
         for device in devices:  # all revoked before the first await: one atomic step
             device.revoke()
         errors = []
@@ -267,7 +282,7 @@ class Namespace:
 
     def _open_below(self, directory: Entry, below: str, key: str) -> Entry:
         """The entry for the regular file `below` (a relative path) of a directory key."""
-        assert directory.hostpath is not None
+        assert directory.hostpath is not None and directory.dirfd is not None
         parts = below.split("/")
         if ".." in parts:
             raise OSError(errno.EOPNOTSUPP, f"{key}: '..' is not looked up (as in rump_etfs)")
@@ -275,18 +290,17 @@ class Namespace:
             raise OSError(errno.ENOENT, f"{key}: empty or '.' path component")
         if directory.type == EtfsType.DIR.value and len(parts) > 1:
             raise OSError(errno.ENOENT, f"{key}: a dir key shows only its immediate children")
-        path = directory.hostpath
-        for i, part in enumerate(parts):
-            path = os.path.join(path, part)
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                raise OSError(errno.ENOENT, f"{key}: no such file") from None
-            # Symbolic links are not followed: they could lead out of the directory.
-            wanted = stat.S_ISREG if i == len(parts) - 1 else stat.S_ISDIR
-            if not wanted(mode):
-                raise OSError(errno.ENOENT, f"{key}: not a regular file or directory")
-        device = open_window(path, 0, RUMP_ETFS_SIZE_ENDOFF)
+        # By descriptor, below the key's own: a symbolic link anywhere could lead out of the
+        # directory, and a name checked first could be swapped for one before the open.
+        try:
+            fd = open_regular_below(directory.dirfd, parts)
+        except OSError as e:
+            if e.errno not in _NOT_A_REGULAR_FILE:
+                raise
+            raise OSError(errno.ENOENT, f"{key}: no such regular file (symbolic links are "
+                                        "not followed)") from None
+        path = os.path.join(directory.hostpath, *parts)
+        device = open_window(fd, path, 0, RUMP_ETFS_SIZE_ENDOFF)
         entry = Entry(key, EtfsType.REG.value, revocable(device),
                       f"reg {path} (below {directory.key})", hostpath=path, parent=directory)
         directory.children[key] = entry
@@ -355,3 +369,7 @@ class Namespace:
 
 
 _DIR_TYPES = (EtfsType.DIR.value, EtfsType.DIR_SUBDIRS.value)
+# How opening a file below a directory key says "there is no regular file by that name":
+# missing, a symbolic link (ELOOP, ENOTDIR, EXDEV), a directory, a socket, a FIFO or device.
+_NOT_A_REGULAR_FILE = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EXDEV, errno.EISDIR,
+                       errno.ENXIO)
