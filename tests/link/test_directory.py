@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
+from tests.conftest import MINIDISK
 
-from minidisk.link.directory import ALL, Directory, DirectoryError
+from minidisk.link.directory import Directory, DirectoryError
 from minidisk.link.modes import LINK_MODES, PasswordClass, parse_link_mode
 from minidisk.link.names import DiskKey, parse_key, parse_principal
 
@@ -88,7 +91,7 @@ def test_password_classes(directory: Directory) -> None:
         _authorize(directory, "uid:5", "R")
     with pytest.raises(DirectoryError):  # the read password does not open write modes
         _authorize(directory, "uid:5", "W", "r-secret")
-    directory.set_password(key, PasswordClass.WRITE, ALL)
+    directory.allow_everyone(key, PasswordClass.WRITE)
     assert _authorize(directory, "uid:5", "WR") == "write password ALL"
     directory.set_password(key, PasswordClass.WRITE, None)
     with pytest.raises(DirectoryError, match="set a write password"):
@@ -139,3 +142,60 @@ def test_concurrent_writers_lose_nothing(directory: Directory, tmp_path: Path) -
         assert w.exitcode == 0
     assert len(directory.grants()) == 120
     assert len(directory.audit_log()) == 120
+
+
+def test_a_password_spelled_all_is_a_password(directory: Directory, tmp_path: Path) -> None:
+    """`ALL` (anyone, no password) is its own marker; a password that reads "ALL" is hashed
+    and checked like any other (issue 10, item 6)."""
+    key = parse_key("alice.0191")
+    directory.set_password(key, PasswordClass.READ, "ALL")
+    with pytest.raises(DirectoryError, match="no read password"):
+        _authorize(directory, "uid:5", "R")
+    with pytest.raises(DirectoryError, match="wrong read password"):
+        _authorize(directory, "uid:5", "R", "all")
+    assert _authorize(directory, "uid:5", "R", "ALL") == "read password"
+    disk = directory.disk(key)
+    assert disk is not None and str(disk.passwords[PasswordClass.READ]).startswith("scrypt$")
+    directory.allow_everyone(key, PasswordClass.READ)
+    assert _authorize(directory, "uid:5", "R") == "read password ALL"
+
+
+def test_the_cli_tells_the_keyword_from_a_password(tmp_path: Path) -> None:
+    path = tmp_path / "dir.sqlite"
+    env = {**os.environ, "MINIDISK_DIRECTORY": str(path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MINIDISK, "directory", *args], capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    assert cli("define", "alice", "--identity", "uid:1000").returncode == 0
+    assert cli("define", "alice.0191", "--server", "unix:///x", "--key", "/a").returncode == 0
+    secret = tmp_path / "pw"
+    secret.write_text("ALL\n")
+    assert cli("passwd", "alice.0191", "read", "--password-file", str(secret)).returncode == 0
+    assert "read=set " in cli("ls").stdout
+    assert cli("passwd", "alice.0191", "read", "--all").returncode == 0
+    assert "read=ALL " in cli("ls").stdout
+
+
+FORGED = "alice.0191\n2026-01-01T00:00:00 uid:0 link alice.0191 W linked: owner"
+
+
+def test_audit_lines_cannot_be_forged(directory: Directory, tmp_path: Path) -> None:
+    """Text from a peer (a disk name, a reason) is printed escaped, one row one line."""
+    directory.audit("uid:5", "link", FORGED, "W\r", "refused", "bad\x1b[2Jkey\u2028x")
+    directory.close()
+    done = subprocess.run([MINIDISK, "directory", "ls", "--audit"], capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "MINIDISK_DIRECTORY": str(tmp_path / "dir.sqlite")})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, lines
+    assert "alice.0191\\n2026-01-01T00:00:00 uid:0" in lines[0]
+    assert "W\\r" in lines[0] and "bad\\x1b[2Jkey\\u2028x" in lines[0]
+
+
+@pytest.mark.parametrize("who", ["subject:CN=a\nb", "CN=x\x00", "subject:CN=\u2028"])
+def test_principals_with_control_characters_are_refused(who: str) -> None:
+    with pytest.raises(ValueError, match="control character"):
+        parse_principal(who)

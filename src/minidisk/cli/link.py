@@ -12,13 +12,18 @@ from minidisk.cli.common import fail, require_server, server_option
 from minidisk.daemon.control import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.directory import (
-    ALL,
+    EVERYONE,
     Directory,
     DirectoryError,
     default_path,
 )
 from minidisk.link.modes import PasswordClass, parse_link_mode
-from minidisk.link.names import parse_key, parse_owner, parse_principal
+from minidisk.link.names import (
+    has_control_characters,
+    parse_key,
+    parse_owner,
+    parse_principal,
+)
 
 
 def _open(ctx: click.Context) -> Directory:
@@ -27,6 +32,23 @@ def _open(ctx: click.Context) -> Directory:
         return Directory(path)
     except OSError as e:
         fail(f"directory {path}: {e.strerror or e}")
+
+
+def _shown(text: str) -> str:
+    """Text that came from a peer (a disk name, a reason, a subject), printed so that it can
+    never start a line of its own or rewrite the terminal: backslash escapes for control,
+    format and separator characters, and for the backslash itself."""
+    if not has_control_characters(text) and "\\" not in text:
+        return text
+    out = []
+    for c in text:
+        if c == "\\":
+            out.append("\\\\")
+        elif has_control_characters(c):
+            out.append(c.encode("unicode_escape").decode("ascii"))  # \n, \x1b, \u2028
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def _first_line(path: str) -> str:
@@ -118,7 +140,8 @@ def revoke(ctx: click.Context, who: str, disk: str) -> None:
 @directory.command()
 @click.argument("disk")
 @click.argument("kind", type=click.Choice([c.value for c in PasswordClass]))
-@click.option("--all", "everyone", is_flag=True, help="ALL: anyone may link, no password.")
+@click.option("--all", "everyone", is_flag=True, help="z/VM's ALL keyword: anyone may link, no "
+              "password (a password that reads ALL is only a password).")
 @click.option("--none", "nobody", is_flag=True, help="Nobody without a grant may link.")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
               help="Read the password from the first line of a file.")
@@ -128,21 +151,23 @@ def passwd(ctx: click.Context, disk: str, kind: str, everyone: bool, nobody: boo
     """Set DISK's read, write or multi password (asked for unless --all, --none or a file)."""
     if everyone and nobody:
         fail("--all and --none exclude each other", code=2)
-    password: str | None
-    if everyone:
-        password = ALL
-    elif nobody:
-        password = None
-    elif password_file is not None:
+    if (everyone or nobody) and password_file is not None:
+        fail("--password-file and --all/--none exclude each other", code=2)
+    password: str | None = None
+    if password_file is not None:
         password = _first_line(password_file)
-    else:
+    elif not everyone and not nobody:
         password = click.prompt(f"{kind} password for {disk}", hide_input=True,
                                 confirmation_prompt=True)
     if password == "":
         fail("empty password: use --none or --all", code=2)
     d = _open(ctx)
     try:
-        d.set_password(parse_key(disk, partition=False), PasswordClass(kind), password)
+        key = parse_key(disk, partition=False)
+        if everyone:
+            d.allow_everyone(key, PasswordClass(kind))
+        else:
+            d.set_password(key, PasswordClass(kind), password)
     except (ValueError, DirectoryError) as e:
         fail(str(e))
 
@@ -156,18 +181,19 @@ def ls(ctx: click.Context, audit: bool) -> None:
     if audit:
         for e in d.audit_log():
             when = datetime.datetime.fromtimestamp(e.at).isoformat(timespec="seconds")
-            click.echo(f"{when} {e.who} {e.action} {e.disk or '-'} {e.mode or '-'} "
-                       f"{e.outcome}: {e.why}")
+            click.echo(f"{when} {_shown(e.who)} {_shown(e.action)} {_shown(e.disk) or '-'} "
+                       f"{_shown(e.mode) or '-'} {_shown(e.outcome)}: {_shown(e.why)}")
         return
     for owner, principal in d.owners().items():
-        click.echo(f"owner {owner} {principal}")
+        click.echo(f"owner {owner} {_shown(principal)}")
     for disk in d.disks():
-        shown = {kind.value: ("none" if stored is None else "ALL" if stored == ALL else "set")
+        shown = {kind.value: ("none" if stored is None else "ALL" if stored == EVERYONE
+                              else "set")
                  for kind, stored in disk.passwords.items()}
-        click.echo(f"disk {disk.name} {disk.server} {disk.key} read={shown['read']} "
-                   f"write={shown['write']} multi={shown['multi']}")
+        click.echo(f"disk {disk.name} {_shown(disk.server)} {_shown(disk.key)} "
+                   f"read={shown['read']} write={shown['write']} multi={shown['multi']}")
     for principal, disk_name, mode in d.grants():
-        click.echo(f"grant {principal} {disk_name} {mode}")
+        click.echo(f"grant {_shown(principal)} {disk_name} {mode}")
 
 
 @click.command()

@@ -8,8 +8,10 @@ password hashes).
 * Concurrent writers: WAL journal, a busy timeout, and every change in one `BEGIN IMMEDIATE`
   transaction, so two administrators (or an administrator and a daemon auditing) never lose
   each other's writes and never see half a change.
-* Passwords: `ALL` (anyone may link in that class without one), unset (nobody but the owner
-  and grantees may), or a salted scrypt hash — the plaintext is never stored.
+* Passwords: z/VM's `ALL` keyword (anyone may link in that class without one), unset (nobody
+  but the owner and grantees may), or a salted scrypt hash — the plaintext is never stored.
+  The keyword is its own marker, set by `allow_everyone`; a password that reads "ALL" is a
+  password like any other (hashed, and needed).
 * Audit: every link, unlink and refusal, append-only; triggers refuse UPDATE and DELETE, so
   not even a bug in this module can rewrite history.
 """
@@ -29,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minidisk.link.modes import LinkMode, PasswordClass, allowed_by, parse_link_mode
-from minidisk.link.names import DiskKey
+from minidisk.link.names import DiskKey, has_control_characters
 
 DEFAULT_PATH = "/var/lib/minidisk/directory.sqlite"
 ENV_PATH = "MINIDISK_DIRECTORY"
-ALL = "ALL"
+# The stored marker of z/VM's ALL keyword: no hash looks like it, and no password becomes it.
+EVERYONE = "keyword:ALL"
 
 # scrypt cost: 16 MiB and ~50 ms per check, the interactive-login figure from the scrypt paper.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 1 << 14, 8, 1
@@ -95,7 +98,7 @@ class Disk:
     server: str  # the control URL of the server that holds it
     key: str  # its namespace key there
     owner_principal: str
-    passwords: dict[PasswordClass, str | None]  # None, ALL or a scrypt hash
+    passwords: dict[PasswordClass, str | None]  # None, EVERYONE or a scrypt hash
 
     @property
     def name(self) -> str:
@@ -141,12 +144,15 @@ def default_path() -> str:
 
 
 class Directory:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check_same_thread: bool = True) -> None:
+        """`check_same_thread=False` for a connection that is opened in one thread and then
+        used in another one only (the link authority's worker thread)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Created 0600 before SQLite sees it: its WAL and shm files copy these permissions.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                  check_same_thread=check_same_thread)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         with self._write():
@@ -157,6 +163,11 @@ class Directory:
 
     def close(self) -> None:
         self.db.close()
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (process or thread) committed a change: a
+        cheap test of whether what was read before is still what the file holds."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -177,6 +188,10 @@ class Directory:
                        "SET principal = excluded.principal", (owner, principal))
 
     def define_disk(self, key: DiskKey, server: str, namespace_key: str) -> None:
+        for what, text in (("server", server), ("key", namespace_key)):
+            if has_control_characters(text):
+                raise DirectoryError(errno.EINVAL, f"{what} {text!r} of {key.name} contains "
+                                     "a control character")
         with self._write() as db:
             if db.execute("SELECT 1 FROM owners WHERE name = ?", (key.owner,)).fetchone() is None:
                 raise DirectoryError(errno.ENOENT, f"no owner {key.owner!r}: define it first "
@@ -201,11 +216,18 @@ class Directory:
                 raise DirectoryError(errno.ENOENT, f"no owner {owner!r}")
 
     def set_password(self, key: DiskKey, kind: PasswordClass, password: str | None) -> None:
-        """`password` is the plaintext, `ALL`, or None to allow nobody without a grant.
+        """`password` is the plaintext (any text: "ALL" too is only a password), or None to
+        allow nobody without a grant.
 
         As MDISK requires, a write password needs a read password and a multi password
         needs both."""
-        stored = password if password in (None, ALL) else hash_password(password)
+        self._set_password(key, kind, None if password is None else hash_password(password))
+
+    def allow_everyone(self, key: DiskKey, kind: PasswordClass) -> None:
+        """z/VM's ALL: anyone may link in this class without a password."""
+        self._set_password(key, kind, EVERYONE)
+
+    def _set_password(self, key: DiskKey, kind: PasswordClass, stored: str | None) -> None:
         column = f"{kind.value}_password"
         with self._write() as db:
             row = db.execute("SELECT read_password, write_password FROM disks "
@@ -281,7 +303,7 @@ class Directory:
         if granted is not None and allowed_by(granted, mode):
             return f"grant {granted.name}"
         stored = disk.passwords[mode.password]
-        if stored == ALL:
+        if stored == EVERYONE:
             return f"{mode.password.value} password ALL"
         if stored is not None and password is not None and check_password(stored, password):
             return f"{mode.password.value} password"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pwd
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from minidisk.nbd.exports import Identity
@@ -80,9 +81,17 @@ def principal_of(identity: Identity) -> str | None:
     return None
 
 
+def has_control_characters(text: str) -> bool:
+    """Newlines, escapes, format characters (bidi overrides), line separators: text with
+    any of them is no name, and would forge or hide lines wherever it is printed."""
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
 def parse_principal(text: str) -> str:
     """What an administrator may type: `uid:N`, a number, a login name, `subject:DN` or a
     bare DN (`CN=bob,O=example`); stored as `uid:N` or `subject:DN`."""
+    if has_control_characters(text):
+        raise ValueError(f"principal {text!r} contains a control character")
     text = text.strip()
     if text.startswith("subject:"):
         if not text[len("subject:"):]:
