@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from minidisk.device.api import BlockDevice
 from minidisk.namespace import Namespace, hostpath
 
 Pattern = Callable[..., bytes]
@@ -75,3 +76,20 @@ def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     else:
         monkeypatch.setattr(hostpath, "_openat2_works", False)
     return str(request.param)
+
+
+async def read(device: BlockDevice, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    await device.pread(memoryview(buf), offset)
+    return bytes(buf)
+
+
+async def write(device: BlockDevice, offset: int, data: bytes) -> None:
+    await device.pwrite(memoryview(data), offset)
+
+
+def file_at(path: Path, offset: int, length: int) -> bytes:
+    """`length` bytes of the host file `path` at `offset`, read past any cache."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)

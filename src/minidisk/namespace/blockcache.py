@@ -18,8 +18,12 @@ Design, and why:
   the price of no parallel I/O on one `blk` drive (`reg` and `chr` drives have no such limit).
 * Writes are acknowledged from the cache; FLUSH writes back dirty lines and then flushes the
   host file; a FUA write goes through to the host file with FUA (and updates cached lines);
-  `close` (at remove and at halt) writes back and flushes. Trim, zero and extent queries write
-  back the dirty lines they touch first, so the host file is the truth they act on.
+  `close` (at remove and at halt) writes back and flushes. Extent queries write back the dirty
+  lines they touch first, so the host file is the truth they report.
+* Trim and zero act on the host file first, then drop the lines inside their range, dirty
+  or not, without writing them back (that data is being thrown away, and a TRIM on a full file
+  system must not need space), and zero the part they cover of a line at either edge, so
+  the cache reads what the host file now holds.
 * Reads fill only lines the request covers completely (no read amplification); writes that
   cover part of an uncached line fill it from the host first.
 """
@@ -205,26 +209,34 @@ class BlockCache(BlockDevice):
             await self._write_back(sorted(self.dirty))
             await self.backing.flush()
 
-    def _drop_range(self, offset: int, length: int) -> None:
-        first, last = offset // LINE, (offset + length - 1) // LINE
+    def _discard_range(self, offset: int, length: int) -> None:
+        """The host file reads as zeroes in the range now (a trim or zero went through): drop
+        the lines inside it, dirty or not, and zero the covered part of lines at its edges
+        (they keep their state: a dirty edge still holds data outside the range)."""
+        end = offset + length
+        first, last = offset // LINE, (end - 1) // LINE
         for lineno in [n for n in self.lines if first <= n <= last]:
-            self.memory.forget(self, lineno)
-            self.memory.give_back(self.lines.pop(lineno))
+            line_start, line_bytes = lineno * LINE, self._line_bytes(lineno)
+            lo, hi = max(offset - line_start, 0), min(end - line_start, line_bytes)
+            if lo == 0 and hi == line_bytes:
+                self.memory.forget(self, lineno)
+                self.dirty.discard(lineno)
+                self.memory.give_back(self.lines.pop(lineno))
+            else:
+                self.lines[lineno][lo:hi] = bytes(hi - lo)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         async with self._lock:
-            await self._write_back_range(offset, length)
-            self._drop_range(offset, length)
             await self.backing.trim(offset, length, fua)
+            self._discard_range(offset, length)
 
     async def zero(
         self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
         fua: bool = False,
     ) -> None:
         async with self._lock:
-            await self._write_back_range(offset, length)
-            self._drop_range(offset, length)
             await self.backing.zero(offset, length, may_trim, fast, fua)
+            self._discard_range(offset, length)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         async with self._lock:
