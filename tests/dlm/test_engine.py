@@ -484,3 +484,35 @@ def _exists(e: Engine, lkid: int) -> bool:
     except DlmError:
         return False
     return True
+
+
+def test_listing_resumes_where_it_stopped_whatever_changed_meanwhile() -> None:
+    """Pages of a listing, with resources created and dropped between them: every resource
+    that was there all along is listed exactly once, in order, with all its locks."""
+    e = Engine()
+    kept = [f"r{i:05}" for i in range(0, 3000, 2)]
+    for name in kept:
+        e.request("o", "d", name, Mode.PR)
+        e.request("x", "d", name, Mode.PR)
+        e.request("o", "d", name + "z", Mode.NL)  # dropped later, some before it is listed
+    e.request("o", "a", "only", Mode.EX)
+    listed: list[tuple[str, str, int]] = []
+    after = None
+    step = 0
+    while True:
+        page = list(itertools.islice(e.listing(after), 97))
+        if not page:
+            break
+        listed += [pos for pos, kind, _ in page if kind == "granted"]
+        after = page[-1][0]
+        step += 1
+        e.request("n", "d", f"{kept[step * 37 % len(kept)]}x", Mode.NL)  # a new name
+        victim = f"{kept[step * 53 % len(kept)]}z"
+        lkid = next((lk for lk, state in e._locks.items()
+                     if state.resource.name == victim), None)
+        if lkid is not None:
+            e.unlock(lkid)
+            e.drop("d", victim)
+    assert listed[0] == ("a", "only", 1)
+    assert [pos for pos in listed if pos[1] in set(kept)] == [
+        ("d", name, n) for name in kept for n in (1, 2)]

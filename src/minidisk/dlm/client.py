@@ -315,8 +315,15 @@ class DlmClient:
         await self._call("drop", domain=domain, name=name)
 
     async def status(self) -> dict[str, Any]:
+        """Every domain, resource and lock, and the clients: the service's pages (one per
+        `service.STATUS_PAGE` bytes) put together. Not atomic when it takes several pages:
+        what changes meanwhile may show half-way."""
         reply = await self._call("status")
-        return {"domains": reply["domains"], "clients": reply["clients"]}
+        status = {"domains": reply["domains"], "clients": reply["clients"]}
+        while reply.get("next") is not None:
+            reply = await self._call("status", after=reply["next"])
+            _merge_status_page(status["domains"], reply["domains"])
+        return status
 
     async def purge(self, domain: str | None = None, pid: int | None = None) -> int:
         """Remove orphans (PERSISTENT locks of dead owners); returns how many."""
@@ -601,6 +608,22 @@ class DlmClient:
 
     def _unregister(self, ref: int) -> None:
         self._locks.pop(ref, None)
+
+
+def _merge_status_page(domains: list[dict[str, Any]], page: list[dict[str, Any]]) -> None:
+    """Append a status page's domains to `domains`; a domain or resource marked "continued"
+    goes on from the last one of the previous page."""
+    for dom in page:
+        if dom.get("continued") and domains and domains[-1]["name"] == dom["name"]:
+            resources = domains[-1]["resources"]
+            for res in dom["resources"]:
+                if res.get("continued") and resources and resources[-1]["name"] == res["name"]:
+                    for queue in ("granted", "converting", "waiting"):
+                        resources[-1][queue] += res[queue]
+                else:
+                    resources.append(res)
+        else:
+            domains.append(dom)
 
 
 def _on_trio() -> bool:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -36,7 +37,7 @@ from typing import Any, cast
 
 from minidisk import busypoll
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import Cancelled, DlmError, Engine, Event, Flag, Granted
+from minidisk.dlm.engine import NAME_MAX, Cancelled, Cursor, DlmError, Engine, Event, Flag, Granted
 from minidisk.dlm.modes import Mode
 
 log = logging.getLogger("minidisk.dlm")
@@ -447,9 +448,40 @@ class DlmService:
         return {}, []
 
     def _op_status(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        clients = [{"owner": str(c), "pid": c.pid, "locks": len(c.refs)}
-                   for c in sorted(self.connections, key=str)]
-        return {**self.engine.snapshot(), "clients": clients}, []
+        """One page of `Engine.listing`, at most `STATUS_PAGE` bytes of JSON: the first (no
+        "after") with the clients, each with "next", the cursor to ask the following one
+        with as "after" (null on the last). A domain or resource that goes on from the
+        previous page comes again with "continued": true and only the rest of its pieces."""
+        after = msg.get("after")
+        start = None if after is None else _cursor(after)
+        page: dict[str, Any] = {"domains": []}
+        size = 0
+        if start is None:
+            page["clients"] = [{"owner": str(c), "pid": c.pid, "locks": len(c.refs)}
+                               for c in sorted(self.connections, key=str)]
+            size = len(protocol.encode(page))
+        domains: list[dict[str, Any]] = page["domains"]
+        reached: Cursor | None = None  # the position after the last piece on this page
+        for position, kind, piece in self.engine.listing(start):
+            cost = len(json.dumps(piece, separators=(",", ":"))) + _PIECE_OVERHEAD
+            if reached is not None and size + cost > STATUS_PAGE:
+                return {**page, "next": list(reached)}, []
+            size += cost
+            if kind == "domain":
+                domains.append({**piece, "resources": []})
+            else:
+                if not domains or domains[-1]["name"] != position[0]:
+                    domains.append({"name": position[0], "continued": True, "resources": []})
+                resources = domains[-1]["resources"]
+                if kind == "resource":
+                    resources.append({**piece, "granted": [], "converting": [], "waiting": []})
+                else:
+                    if not resources or resources[-1]["name"] != position[1]:
+                        resources.append({"name": position[1], "continued": True,
+                                          "granted": [], "converting": [], "waiting": []})
+                    resources[-1][kind].append(piece)
+            reached = position
+        return {**page, "next": None}, []
 
     def _op_purge(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
         pid = msg.get("pid")
@@ -461,6 +493,20 @@ class DlmService:
 
 
 _Result = tuple[dict[str, Any], list[Event]]
+
+# A status page's budget, well under the frame limit: a piece costs its JSON and at most
+# `_PIECE_OVERHEAD` more for the containers it may open ("continued" ones included).
+STATUS_PAGE = protocol.MAX_FRAME // 2
+_PIECE_OVERHEAD = 120 + 2 * NAME_MAX
+
+
+def _cursor(value: Any) -> Cursor:
+    """A status cursor from the wire: [domain, resource, locks listed]."""
+    if (not isinstance(value, list) or len(value) != 3 or not isinstance(value[0], str)
+            or not isinstance(value[1], str) or type(value[2]) is not int):
+        raise ValueError(f"bad status cursor {value!r}")
+    return value[0], value[1], value[2]
+
 _HANDLERS = {
     name.removeprefix("_op_"): getattr(DlmService, name)
     for name in vars(DlmService) if name.startswith("_op_")
