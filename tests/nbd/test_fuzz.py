@@ -1,0 +1,44 @@
+"""The bounded NBD protocol fuzzer (fuzz_engine.py) against a real `minidisk serve`.
+
+MINIDISK_FUZZ_SECONDS sets how long it runs (default 40), MINIDISK_FUZZ_SEED replays a run
+(the seed is printed with the summary, pass or fail; `pytest -s` shows it). Each finding
+names the session seed that replays it alone: `scripts/fuzz-nbd --session SEED`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import fuzz_engine
+import pytest
+from tests.nbd.conftest import StartServer
+
+from minidisk.nbd.malloc_tuning import TRIM_THRESHOLD
+
+SECONDS = float(os.environ.get("MINIDISK_FUZZ_SECONDS", "40"))
+SEED = int(os.environ.get("MINIDISK_FUZZ_SEED") or random.randrange(1 << 31))
+# What the server may keep after the fuzz connections are gone, beyond what it held before:
+# the data written (a memory disk, the blk cache), the freed heap glibc is told to keep for
+# request buffers, and some slack; not the payloads of requests that are over (the fuzzer
+# announces up to 4 GiB and sends 33 MiB writes and 16 MiB reads).
+KEPT_BYTES = (fuzz_engine.EXPORT_SIZE + fuzz_engine.CACHE_SIZE + TRIM_THRESHOLD
+              + 32 * 1024 * 1024)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SECONDS + 180)
+def test_fuzz_sessions_with_a_witness(start_server: StartServer, tmp_path: Path) -> None:
+    args, targets = fuzz_engine.server_args(tmp_path)
+    server = start_server(*args, name="fuzz")
+    report = fuzz_engine.run_campaign(server.socket, server.proc.pid, targets, SEED, SECONDS)
+    summary = f"MINIDISK_FUZZ_SEED={SEED}\n{report.summary()}"
+    print(summary)
+    assert report.server_alive, f"the server died\n{summary}\n{server.log_text()[-4000:]}"
+    assert not report.findings, summary
+    assert report.witness["error"] is None, summary
+    assert report.witness["reads"] > 0, summary
+    assert report.fds[1] <= report.fds[0], f"the server kept descriptors\n{summary}"
+    kept_kib = report.rss_kib[1] - report.rss_kib[0]
+    assert kept_kib <= KEPT_BYTES // 1024, f"the server kept memory\n{summary}"
