@@ -46,6 +46,19 @@ def host_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
+def window_length(path: str, total: int, offset: int, length: int | None) -> int:
+    """The length of the window [offset, +length) of a host file of `total` bytes (None: to
+    its end), or EINVAL when it does not lie inside the file (rump_etfs's rule)."""
+    if offset < 0 or offset > total:
+        raise OSError(errno.EINVAL, f"offset {offset} is past the end of {path} ({total})")
+    if length is None:
+        length = total - offset
+    if length < 0 or offset + length > total:
+        raise OSError(errno.EINVAL,
+                      f"window {offset}+{length} is past the end of {path} ({total})")
+    return length
+
+
 class FileDevice(BlockDevice):
     def __init__(
         self, path: str, offset: int = 0, length: int | None = None, read_only: bool = False,
@@ -61,14 +74,7 @@ class FileDevice(BlockDevice):
             read_only = True
         self.fd = fd
         try:
-            total = host_size(self.fd)
-            if offset < 0 or offset > total:
-                raise OSError(errno.EINVAL, f"offset {offset} is past the end of {path} ({total})")
-            if length is None:
-                length = total - offset
-            if length < 0 or offset + length > total:
-                raise OSError(errno.EINVAL,
-                              f"window {offset}+{length} is past the end of {path} ({total})")
+            length = window_length(path, host_size(self.fd), offset, length)
             self.is_regular = stat.S_ISREG(os.fstat(self.fd).st_mode)
         except BaseException:
             os.close(self.fd)
@@ -85,7 +91,8 @@ class FileDevice(BlockDevice):
 
     # The blocking halves run in the pool; each loops over short transfers.
 
-    def _pread(self, buf: memoryview, offset: int) -> None:
+    def pread_blocking(self, buf: memoryview, offset: int) -> None:
+        """`pread` in the calling thread: for a few bytes where awaiting is not possible."""
         pos = 0
         while pos < len(buf):
             n = os.preadv(self.fd, [buf[pos:]], self.base + offset + pos)
@@ -101,7 +108,7 @@ class FileDevice(BlockDevice):
             pos += os.pwritev(self.fd, [buf[pos:]], self.base + offset + pos, flags)
 
     async def pread(self, buf: memoryview, offset: int) -> None:
-        await run_blocking(self._pread, buf, offset)
+        await run_blocking(self.pread_blocking, buf, offset)
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         await run_blocking(self._pwrite, buf, offset, fua)

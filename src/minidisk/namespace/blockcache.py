@@ -24,15 +24,15 @@ Design, and why:
   or not, without writing them back (that data is being thrown away, and a TRIM on a full file
   system must not need space), and zero the part they cover of a line at either edge, so
   the cache reads what the host file now holds.
-* Reads fill only lines the request covers completely (no read amplification); writes that
-  cover part of an uncached line fill it from the host first.
+* Reads fill only lines the request covers completely (no read amplification); a write that
+  covers part of an uncached line fills the rest of it from the host first.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from minidisk.device.api import BlockDevice, Caps, Extent
 
@@ -124,19 +124,26 @@ class BlockCache(BlockDevice):
             yield lineno, start, stop, pos - offset
             pos += stop - start
 
-    async def _fresh_line(self, lineno: int, fill: bool, may_write_back: bool) -> bytearray | None:
+    async def _fresh_line(self, lineno: int, covered: int,
+                          may_write_back: bool) -> bytearray | None:
+        """A new line for `lineno`, holding the host file's bytes except its first `covered`,
+        which the caller overwrites as soon as this returns."""
         line = self.memory.take()
         if line is None and may_write_back and self.dirty:
             await self._write_back(sorted(self.dirty))
             line = self.memory.take()
         if line is None:
             return None
-        if fill:
-            try:
-                await self.backing.pread(memoryview(line)[:self._line_bytes(lineno)], lineno * LINE)
-            except BaseException:
-                self.memory.give_back(line)
-                raise
+        have = covered
+        try:
+            # The line's length is read again after each await: a grow() meanwhile makes
+            # the last line longer, and it cannot fill a line that is not in `lines` yet.
+            while have < (want := self._line_bytes(lineno)):
+                await self.backing.pread(memoryview(line)[have:want], lineno * LINE + have)
+                have = want
+        except BaseException:
+            self.memory.give_back(line)
+            raise
         self.lines[lineno] = line
         self.memory.mark_clean(self, lineno)
         return line
@@ -159,6 +166,17 @@ class BlockCache(BlockDevice):
     async def _write_back_range(self, offset: int, length: int) -> None:
         first, last = offset // LINE, (offset + length - 1) // LINE
         await self._write_back(sorted(n for n in self.dirty if first <= n <= last))
+
+    def grow(self, size: int, read_blocking: Callable[[memoryview, int], None]) -> None:
+        """The backing now has `size` bytes (more than before: a window past the old end joined
+        a shared cache). A cached short last line gets the bytes it lacked, read at once with
+        `read_blocking(buf, offset)`: registration cannot await, and a stale buffer tail
+        would otherwise be written back over them."""
+        last, have = divmod(self.size, LINE)
+        line = self.lines.get(last) if have else None
+        self.size = size
+        if line is not None:
+            read_blocking(memoryview(line)[have:self._line_bytes(last)], last * LINE + have)
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         async with self._lock:
@@ -190,8 +208,8 @@ class BlockCache(BlockDevice):
             for lineno, start, stop, pos in self._segments(offset, len(buf)):
                 line = self.lines.get(lineno)
                 if line is None and not fua:
-                    whole = start == 0 and stop == self._line_bytes(lineno)
-                    line = await self._fresh_line(lineno, fill=not whole, may_write_back=True)
+                    line = await self._fresh_line(lineno, stop if start == 0 else 0,
+                                                  may_write_back=True)
                     if line is None:
                         await self.backing.pwrite(buf[pos:pos + stop - start],
                                                   lineno * LINE + start)

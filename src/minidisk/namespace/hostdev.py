@@ -12,16 +12,25 @@ read-write, falling back to read-only like rumpblk; the device then says read_on
 `reg` is byte-granular. `chr` and `blk` take only whole 512-byte sectors (EINVAL otherwise, as
 rumpblk) and advertise that minimum block size; their size is the window rounded down to whole
 sectors. `blk` goes through a write-back `BlockCache`; `chr` does not.
+
+All `blk` keys over one host file share one `BlockCache` of the whole file (`HostCaches`): with
+a cache each, a key would read its own stale copy of a line another key had since written, and
+its flush would write that copy back over the other's flushed data. A file is known by
+(st_dev, st_ino), so hard links and `symlinks=follow` paths find the same cache, and a block
+device by its device number, so two device nodes of one disk do. A key's window is a
+`CacheWindow` into that cache; removing a key flushes the cache, and the last window closes it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+from dataclasses import replace
 
-from minidisk.device.api import MAX_REQUEST, BlockDevice, BlockSize, Extent
-from minidisk.device.file import FileDevice
+from minidisk.device.api import MAX_REQUEST, BlockDevice, BlockSize, Caps, Extent
+from minidisk.device.file import FileDevice, host_size, window_length
 from minidisk.namespace.blockcache import BlockCache, CacheMemory
 from minidisk.namespace.hostpath import open_host_file
 from minidisk.namespace.keys import RUMP_ETFS_SIZE_ENDOFF, EtfsType
@@ -56,7 +65,7 @@ def open_window(fd: int, hostpath: str, begin: int, size: int,
 
 
 def open_host_device(fd: int, hostpath: str, etfs_type: EtfsType, begin: int, size: int,
-                     memory: CacheMemory) -> BlockDevice:
+                     caches: HostCaches) -> BlockDevice:
     """The device a `reg`, `blk` or `chr` key maps to, over the open host file `fd` (which it
     takes over)."""
     if etfs_type.is_dir:
@@ -64,10 +73,128 @@ def open_host_device(fd: int, hostpath: str, etfs_type: EtfsType, begin: int, si
         raise OSError(errno.EINVAL, "directory keys have no device of their own")
     if etfs_type is EtfsType.REG:
         return open_window(fd, hostpath, begin, size)
-    window = open_window(fd, hostpath, begin, size, SECTOR_BLOCK_SIZE)
-    window.size -= window.size % SECTOR
-    inner: BlockDevice = BlockCache(window, memory) if etfs_type is EtfsType.BLK else window
-    return SectorDevice(inner)
+    if etfs_type is EtfsType.CHR:
+        window = open_window(fd, hostpath, begin, size, SECTOR_BLOCK_SIZE)
+        window.size -= window.size % SECTOR
+        return SectorDevice(window)
+    return SectorDevice(caches.window(fd, hostpath, begin, size))
+
+
+class HostCaches:
+    """The shared block caches of one namespace's `blk` keys: one per host file."""
+
+    def __init__(self, memory: CacheMemory) -> None:
+        self.memory = memory
+        self._caches: dict[tuple[int, int], SharedCache] = {}
+
+    def window(self, fd: int, hostpath: str, begin: int, size: int) -> CacheWindow:
+        """A window over [begin, begin+size) of the host file `fd` (taken over, and closed
+        when the file already has a cache) through that file's one cache."""
+        try:
+            st = os.fstat(fd)
+            length = window_length(hostpath, host_size(fd), begin,
+                                   None if size == RUMP_ETFS_SIZE_ENDOFF else size)
+            length -= length % SECTOR
+            read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            # A block device's identity is its number, not the node's inode.
+            identity = (-1, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+            shared = self._caches.get(identity)
+            if shared is None:
+                whole = FileDevice(hostpath, block_size=SECTOR_BLOCK_SIZE, fd=fd)
+                fd = -1
+                shared = self._caches[identity] = SharedCache(self, identity, whole)
+            else:
+                shared.cover(begin + length)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return CacheWindow(shared, begin, length, read_only)
+
+    def _forget(self, shared: SharedCache) -> None:
+        if self._caches.get(shared.identity) is shared:
+            del self._caches[shared.identity]
+
+
+class SharedCache:
+    """The cache of one host file, and how many windows use it."""
+
+    def __init__(self, owner: HostCaches, identity: tuple[int, int], whole: FileDevice) -> None:
+        self.identity = identity
+        self.file = whole
+        self.cache = BlockCache(whole, owner.memory)
+        self.users = 0
+        self._owner = owner
+
+    def cover(self, end: int) -> None:
+        """Make the cache reach `end` (the file grew for a new window since it was made)."""
+        if end > self.cache.size:
+            self.file.size = end
+            self.cache.grow(end, self.file.pread_blocking)
+
+    async def release(self, flush: bool) -> None:
+        """A window is gone: write back what it (or anyone) wrote, as a removed key always
+        has, and close the cache with the last one."""
+        self.users -= 1
+        try:
+            if flush:
+                await self.cache.flush()
+        finally:
+            # Checked after the flush: a key registered meanwhile keeps the cache open. With
+            # no window left nothing can dirty it, so closing writes nothing back.
+            if not self.users:
+                self._owner._forget(self)
+                await self.cache.close()
+
+
+class CacheWindow(BlockDevice):
+    """One `blk` key: [base, base+size) of its host file, through the file's shared cache."""
+
+    def __init__(self, shared: SharedCache, base: int, size: int, read_only: bool) -> None:
+        self.shared = shared
+        self.backing = shared.cache
+        self.base = base
+        self.size = size
+        self.block_size = self.backing.block_size
+        caps = self.backing.caps
+        if read_only and not caps.read_only:  # this key's open said read-only: keep it so
+            caps = replace(caps, read_only=True, fua=False, trim=False, zero=False,
+                           fast_zero=False)
+        self.caps: Caps = caps
+        self._open = True
+        shared.users += 1
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        await self.backing.pread(buf, self.base + offset)
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        await self.backing.pwrite(buf, self.base + offset, fua)
+
+    async def flush(self) -> None:
+        await self.backing.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.backing.trim(self.base + offset, length, fua)
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = False, fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self.backing.zero(self.base + offset, length, may_trim, fast, fua)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(e.offset - self.base, e.length, e.flags)
+                for e in await self.backing.extents(self.base + offset, length)]
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.backing.cache(self.base + offset, length)
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            await self.shared.release(flush=not self.caps.read_only)
+
+    def describe(self) -> str:
+        return f"[{self.base}, +{self.size}] of {self.backing.describe()}"
 
 
 class SectorDevice(BlockDevice):

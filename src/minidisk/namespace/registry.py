@@ -20,7 +20,9 @@ vnodes and returns 0 (and older DIAGNOSTIC kernels panic). We define it instead:
   connections never notice. Users keep their references, which then do nothing on close.
 
 Each registration gets its own device and window, even for the same host file (NetBSD reuses
-the first registration's minor and window, a bug we do not copy).
+the first registration's minor and window, a bug we do not copy); `blk` keys over one file
+share its one block cache, though (hostdev.py), so that they never see or write back each
+other's stale lines.
 
 Directory keys are not exports of their own and are not listed by `export_names` (rump_etfs
 keys never show in readdir either); the files below them are opened on demand, by descriptor
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from minidisk.device.api import BlockDevice
 from minidisk.device.revocable import Revocable, revocable
 from minidisk.namespace.blockcache import DEFAULT_CACHE_LIMIT, CacheMemory
-from minidisk.namespace.hostdev import open_host, open_host_device, open_window
+from minidisk.namespace.hostdev import HostCaches, open_host, open_host_device, open_window
 from minidisk.namespace.hostpath import open_directory, open_regular_below
 from minidisk.namespace.keys import (
     RUMP_ETFS_SIZE_ENDOFF,
@@ -108,6 +110,7 @@ OpenedExport = Reference  # the NBD server's name for a connection's reference
 class Namespace:
     def __init__(self, cache_limit: int = DEFAULT_CACHE_LIMIT) -> None:
         self.cache_memory = CacheMemory(cache_limit)
+        self.host_caches = HostCaches(self.cache_memory)  # one per host file of blk keys
         self._entries: dict[str, Entry] = {}  # in registration order
         self._closing: set[asyncio.Task[None]] = set()
         self._unused_listeners: list[Callable[[str], None]] = []
@@ -139,7 +142,7 @@ class Namespace:
                           hostpath=hostpath, dirfd=dirfd)
         else:
             fd = open_host(hostpath, follow_symlinks) if fd is None else os.dup(fd)
-            device = open_host_device(fd, hostpath, etfs_type, begin, size, self.cache_memory)
+            device = open_host_device(fd, hostpath, etfs_type, begin, size, self.host_caches)
             entry = Entry(key, etfs_type.value, revocable(device),
                           f"{etfs_type.value} {hostpath} [{begin}, +{device.size}]",
                           hostpath=hostpath, begin=begin)

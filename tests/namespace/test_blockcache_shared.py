@@ -1,0 +1,123 @@
+"""`blk` keys over one host file share one block cache (issue 10, item 12): a flush through
+one key never writes back a line that is stale for another."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from tests.namespace.conftest import file_at, read, write
+
+from minidisk.namespace import Namespace, apply, parse
+from minidisk.namespace.blockcache import LINE
+
+S = 512
+
+
+def test_flush_through_one_key_never_undoes_the_other(tmp_path: Path) -> None:
+    """A writes sector 0 and flushes, B writes sector 0 and flushes, A writes sector 1 (same
+    cache line) and flushes: the file and both keys hold B's sector 0."""
+    host = tmp_path / "h.img"
+    host.write_bytes(bytes(16 * LINE))
+    ns = Namespace()
+    ns.register("/a", str(host), "blk")
+    ns.register("/b", str(host), "blk")
+
+    async def scenario() -> None:
+        a, b = ns.open_export("a"), ns.open_export("b")
+        await write(a.device, 0, b"A" * S)
+        await a.device.flush()
+        await write(b.device, 0, b"B" * S)
+        await b.device.flush()
+        assert file_at(host, 0, S) == b"B" * S
+        assert await read(a.device, 0, S) == b"B" * S  # not A's stale line
+        await write(a.device, S, b"a" * S)
+        await a.device.flush()
+        assert file_at(host, 0, S) == b"B" * S  # A's flush did not write its old line 0
+        await b.device.flush()
+        a.close()
+        b.close()
+        await ns.aclose()
+
+    asyncio.run(scenario())
+    assert file_at(host, 0, 2 * S) == b"B" * S + b"a" * S
+
+
+def test_windows_at_different_offsets_share_lines(tmp_path: Path) -> None:
+    """Key B is [LINE/2, +4 LINE) of the file that key A covers whole, and key C reaches it
+    through a hard link: offsets translate, and every key sees every other key's writes."""
+    host = tmp_path / "h.img"
+    host.write_bytes(bytes(8 * LINE))
+    os.link(host, tmp_path / "hard.img")
+    ns = Namespace()
+    ns.register("/a", str(host), "blk")
+    ns.register("/b", str(host), "blk", LINE // 2, 4 * LINE)
+    ns.register("/c", str(tmp_path / "hard.img"), "blk", LINE, LINE)
+
+    async def scenario() -> None:
+        a, b, c = ns.lookup("/a"), ns.lookup("/b"), ns.lookup("/c")
+        await write(a, LINE, b"1" * S)
+        await write(b, LINE // 2 + S, b"2" * S)  # file offset LINE + S
+        await write(c, 2 * S, b"3" * S)  # file offset LINE + 2S
+        expected = b"1" * S + b"2" * S + b"3" * S
+        assert await read(a, LINE, 3 * S) == expected
+        assert await read(b, LINE // 2, 3 * S) == expected
+        assert await read(c, 0, 3 * S) == expected
+        await c.flush()
+        assert file_at(host, LINE, 3 * S) == expected
+        await ns.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_growing_the_file_for_a_new_window_keeps_the_shared_tail(tmp_path: Path) -> None:
+    """The file ends inside a cached dirty line; a drivespec for a second window grows it:
+    writing that line back must not put stale buffer bytes past the old end."""
+    host = tmp_path / "h.img"
+    old_size = LINE + 100 * S
+    host.write_bytes(b"o" * old_size)
+    ns = Namespace()
+    apply(parse(f"key=/a,hostpath={host},size=host"), ns)
+
+    async def scenario() -> None:
+        a = ns.lookup("/a")
+        await write(a, 0, b"g" * LINE)  # a line buffer full of g, given back by the trim:
+        await a.trim(0, LINE)  # the next line taken is that buffer, not a fresh zeroed one
+        await write(a, LINE, b"x" * S)  # dirty, partial last line
+        apply(parse(f"key=/b,hostpath={host},offset={2 * LINE},size={LINE}"), ns)
+        b = ns.lookup("/b")
+        await write(b, 0, b"y" * S)
+        await b.flush()
+        await ns.aclose()
+
+    asyncio.run(scenario())
+    data = host.read_bytes()
+    assert len(data) == 3 * LINE
+    assert data[:LINE] == bytes(LINE)
+    assert data[LINE:LINE + S] == b"x" * S
+    assert data[LINE + S:old_size] == b"o" * (old_size - LINE - S)
+    assert data[old_size:2 * LINE] == bytes(2 * LINE - old_size)  # grown: zeroes
+    assert data[2 * LINE:2 * LINE + S] == b"y" * S
+
+
+def test_removing_one_key_keeps_the_other_and_its_data(tmp_path: Path) -> None:
+    host = tmp_path / "h.img"
+    host.write_bytes(bytes(4 * LINE))
+    ns = Namespace()
+    ns.register("/a", str(host), "blk")
+    ns.register("/b", str(host), "blk")
+
+    async def scenario() -> None:
+        await write(ns.lookup("/a"), 0, b"A" * S)
+        await ns.remove("/a")
+        assert file_at(host, 0, S) == b"A" * S  # removal writes back, as before
+        b = ns.lookup("/b")
+        await write(b, S, b"B" * S)
+        assert await read(b, 0, 2 * S) == b"A" * S + b"B" * S
+        ns.register("/a", str(host), "blk")  # a new key joins the live cache
+        assert await read(ns.lookup("/a"), 0, 2 * S) == b"A" * S + b"B" * S
+        await ns.aclose()
+
+    asyncio.run(scenario())
+    assert file_at(host, 0, 2 * S) == b"A" * S + b"B" * S
