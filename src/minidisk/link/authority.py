@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from minidisk.dlm import client as dlm_client
 from minidisk.link.directory import Directory, DirectoryError, Disk
@@ -42,6 +44,7 @@ from minidisk.link.modes import (
     parse_link_mode,
 )
 from minidisk.link.names import DiskKey, parse_key, principal_of
+from minidisk.link.ratelimit import RefusalLimiter
 from minidisk.nbd.exports import Access, Identity
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,12 @@ LOCK_DOMAIN = "vmlink"
 # How long an ended link waits for its data connections' requests in flight before it lets
 # its lock go anyway (a request stuck in a device must not pin the disk for ever).
 HANG_UP_WAIT = 10.0
+# The refusals that count against a principal's rate limit: wrong or missing passwords and
+# grants, unknown disks and owners, bad keys -- what guessing and probing get. Conflicts
+# with other links (EBUSY, EEXIST) are an authorized user's and do not count.
+_PROBING = (errno.EACCES, errno.ENOENT, errno.EINVAL, errno.ENXIO)
+
+T = TypeVar("T")
 
 
 class Connections(Protocol):
@@ -130,6 +139,14 @@ class LinkAuthority:
         self.links: list[LiveLink] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.admission = KeyedLocks()
+        self.limiter = RefusalLimiter()
+        # scrypt (~50 ms a check) and SQLite writes (an fsync each) must not stop the loop
+        # that serves every client's data: they run on one thread with its own connection.
+        # The loop keeps `directory` for the export policy's reads (cached, see _governing).
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="link-directory")
+        self.worker_directory = Directory(directory.path, check_same_thread=False)
+        self._governed: dict[str, Disk] = {}
+        self._governed_version: int | None = None
 
     # -- the export policy --
 
@@ -155,11 +172,13 @@ class LinkAuthority:
         return access
 
     def _governing(self, export: str) -> Disk | None:
-        export = export.lstrip("/")
-        for disk in self.directory.disks():
-            if disk.export == export:
-                return disk
-        return None
+        """The directory's disk served as `export`. The policy runs for every export of
+        every LIST, INFO and GO: the disks are read again only when the file changed."""
+        version = self.directory.data_version()
+        if version != self._governed_version:
+            self._governed = {disk.export: disk for disk in self.directory.disks()}
+            self._governed_version = version
+        return self._governed.get(export.lstrip("/"))
 
     # -- control commands --
 
@@ -169,32 +188,41 @@ class LinkAuthority:
 
     async def resolve(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
         principal = self._principal(identity)
+        self.limiter.check(principal)
         raw = str(args.get("key", ""))
         try:
             key = parse_key(raw)
         except ValueError as e:
-            self._audit(principal, "resolve", raw[:300], "", "refused", str(e), args)
+            await self._refused(principal, "resolve", raw[:300], "", str(e), args)
             raise OSError(errno.ENOENT, str(e)) from None
-        disk = self.directory.disk(key)
-        if disk is None:
-            why = (f"no disk {key.name} in the directory" if
-                   self.directory.owner_exists(key.owner) else f"no owner {key.owner!r}")
-            self._audit(principal, "resolve", str(key), "", "refused", why, args)
-            raise OSError(errno.ENOENT, why)
-        granted = self.directory.granted_mode(principal, key)
+        try:
+            disk, granted = await self._in_worker(self._look_up, principal, key)
+        except OSError as e:
+            await self._refused(principal, "resolve", str(key), "", str(e.strerror), args)
+            raise
         return {"disk": disk.name, "partition": key.partition, "server": disk.server,
                 "export": disk.export, "owner": principal == disk.owner_principal,
                 "grant": granted.name if granted else None}
 
+    def _look_up(self, principal: str, key: DiskKey) -> tuple[Disk, LinkMode | None]:
+        """In the worker: the disk `key` names and `principal`'s grant on it."""
+        d = self.worker_directory
+        disk = d.disk(key)
+        if disk is None:
+            raise OSError(errno.ENOENT, f"no disk {key.name} in the directory"
+                          if d.owner_exists(key.owner) else f"no owner {key.owner!r}")
+        return disk, d.granted_mode(principal, key)
+
     async def link(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
         principal = self._principal(identity)
+        self.limiter.check(principal)
         raw_key = str(args.get("disk", ""))
         mode_text = str(args.get("mode") or DEFAULT_MODE)
         try:
             key = parse_key(raw_key, partition=False)
             mode = parse_link_mode(mode_text)
         except ValueError as e:
-            self._audit(principal, "link", raw_key[:300], mode_text[:8], "refused", str(e), args)
+            await self._refused(principal, "link", raw_key[:300], mode_text[:8], str(e), args)
             raise OSError(errno.EINVAL, str(e)) from None
         try:
             # One decision at a time per disk: authorize, the one-link-per-principal check,
@@ -202,16 +230,22 @@ class LinkAuthority:
             async with self.admission.hold(key.name):
                 link = await self._link(principal, key, mode, args, identity)
         except OSError as e:
-            self._audit(principal, "link", key.name, mode.name, "refused", str(e.strerror), args)
+            await self._refused(principal, "link", key.name, mode.name, str(e.strerror), args,
+                                counted=e.errno in _PROBING)
             raise
+        self.limiter.admitted(principal)
         outcome = "degraded to read-only" if link.degraded else "linked"
-        self._audit(principal, "link", link.disk.name, mode.name, outcome, link.why, args)
+        await self._audit(principal, "link", link.disk.name, mode.name, outcome, link.why, args)
         log.info("%s linked %s %s (%s)", principal, link.disk.name, mode.name, outcome)
         return link.describe()
 
     async def _link(self, principal: str, key: DiskKey, mode: LinkMode, args: dict[str, Any],
                     identity: Identity) -> LiveLink:
-        disk, why = self._authorize(principal, key, mode, args.get("password"))
+        password = args.get("password")
+        disk, why = await self._in_worker(self._authorize, principal, key, mode,
+                                          password if isinstance(password, str) else None)
+        if not self.has_export(disk.key):
+            raise OSError(errno.ENXIO, f"{disk.name} is held by {disk.server}, not here")
         for other in self.links:
             if other.principal == principal and other.disk.name == disk.name:
                 raise OSError(errno.EEXIST, f"{disk.name} is already linked by "
@@ -247,15 +281,16 @@ class LinkAuthority:
         return principal
 
     def _authorize(self, principal: str, key: DiskKey, mode: LinkMode,
-                   password: object) -> tuple[Disk, str]:
-        disk = self.directory.disk(key)
+                   password: str | None) -> tuple[Disk, str]:
+        """In the worker: the disk, and why `principal` may link it in `mode`."""
+        disk = self.worker_directory.disk(key)
         if disk is None:
             raise DirectoryError(errno.ENOENT, f"no disk {key.name} in the directory")
-        if not self.has_export(disk.key):
-            raise OSError(errno.ENXIO, f"{disk.name} is held by {disk.server}, not here")
-        why = self.directory.authorize(principal, disk, mode,
-                                       password if isinstance(password, str) else None)
-        return disk, why
+        return disk, self.worker_directory.authorize(principal, disk, mode, password)
+
+    async def _in_worker(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.worker, functools.partial(call, *args))
 
     # -- locking --
 
@@ -320,8 +355,8 @@ class LinkAuthority:
             link.released.set()
             if link.holding is not None:
                 await asyncio.wait([link.holding], timeout=HANG_UP_WAIT)
-        self._audit(link.principal, "unlink", link.disk.name, link.mode.name, "unlinked",
-                    link.end_reason, {})
+        await self._audit(link.principal, "unlink", link.disk.name, link.mode.name,
+                          "unlinked", link.end_reason, {})
         log.info("%s unlinked %s: %s", link.principal, link.disk.name, link.end_reason)
 
     def _hang_up(self, link: LiveLink) -> list[asyncio.Event]:
@@ -343,12 +378,21 @@ class LinkAuthority:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def _audit(self, who: str, action: str, disk: str, mode: str, outcome: str, why: str,
-               args: dict[str, Any]) -> None:
+    async def _refused(self, principal: str, action: str, disk: str, mode: str, why: str,
+                       args: dict[str, Any], counted: bool = True) -> None:
+        """Audit a refusal; `counted` ones (what guessing and probing get) count against the
+        principal's rate limit, whose notes go into the row."""
+        note = self.limiter.refused(principal) if counted else ""
+        await self._audit(principal, action, disk, mode, "refused",
+                          f"{why} ({note})" if note else why, args)
+
+    async def _audit(self, who: str, action: str, disk: str, mode: str, outcome: str, why: str,
+                     args: dict[str, Any]) -> None:
         if args.get("on_behalf_of") is not None:
             why = f"{why} (for {str(args['on_behalf_of'])[:64]})"
         try:
-            self.directory.audit(who, action, disk, mode, outcome, why)
+            await self._in_worker(self.worker_directory.audit, who, action, disk, mode,
+                                  outcome, why)
         except Exception:
             log.exception("could not write the audit log")
 
@@ -358,6 +402,9 @@ class LinkAuthority:
             link.end("the server stopped")
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=10)
+        with contextlib.suppress(Exception):
+            await self._in_worker(self.worker_directory.close)
+        self.worker.shutdown(wait=False)
 
 
 async def _holders(dlm: dlm_client.DlmClient, resource: str) -> list[str]:

@@ -18,6 +18,7 @@ password hashes).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -150,7 +151,11 @@ class Directory:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Created 0600 before SQLite sees it: its WAL and shm files copy these permissions.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        # Only created: closing a descriptor of a database file drops every POSIX lock this
+        # process holds on it, also another connection's (which then lost its WAL to the
+        # next process that closed the file: the link authority keeps two connections).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                   check_same_thread=check_same_thread)
         self.db.execute("PRAGMA journal_mode=WAL")
