@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from tests.namespace.conftest import file_at, read, write
 
+from minidisk.device.api import EXTENT_HOLE
 from minidisk.namespace import Namespace
 from minidisk.namespace.blockcache import LINE
 
@@ -79,3 +80,34 @@ def test_trim_of_dirty_lines_on_a_full_file_system(tiny_fs: Path, op: str) -> No
     assert file_at(host, LINE, S) == b"E" * S
     assert file_at(host, LINE + LINE // 2, 5 * LINE) == bytes(5 * LINE)
     assert file_at(host, 6 * LINE + LINE // 2, LINE // 2) == b"e" * (LINE // 2)
+
+
+def test_block_status_of_dirty_lines_on_a_full_file_system(tiny_fs: Path) -> None:
+    """Extents of a range with dirty lines over a hole: answered without writing anything
+    back (the full file system would refuse it), with the dirty lines reported as data."""
+    host = tiny_fs / "disk.img"
+    host.touch()
+    os.truncate(host, 16 * LINE)
+    ns = Namespace()
+    ns.register("/d", str(host), "blk")
+
+    async def scenario() -> None:
+        d = ns.lookup("/d")
+        await write(d, 3 * LINE + S, b"t" * 2 * LINE)  # dirty lines 3, 4 and 5, in a hole
+        fill(tiny_fs)
+        extents = await d.extents(0, 16 * LINE)
+        assert sum(e.length for e in extents) == 16 * LINE
+        pos = 0
+        for e in extents:  # contiguous, and data exactly where lines are dirty
+            assert e.offset == pos
+            data = 3 * LINE <= e.offset < 6 * LINE
+            assert (e.flags & EXTENT_HOLE == 0) == data, (e, extents)
+            pos += e.length
+        assert await read(d, 3 * LINE + S, 2 * LINE) == b"t" * 2 * LINE
+        holes = await d.pread_sparse(memoryview(bytearray(16 * LINE)), 0)
+        assert holes == [(0, 3 * LINE), (6 * LINE, 10 * LINE)]
+        os.unlink(tiny_fs / "filler")
+        await ns.aclose()
+
+    asyncio.run(scenario())
+    assert file_at(host, 3 * LINE + S, 2 * LINE) == b"t" * 2 * LINE

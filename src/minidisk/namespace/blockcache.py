@@ -18,8 +18,8 @@ Design, and why:
   the price of no parallel I/O on one `blk` drive (`reg` and `chr` drives have no such limit).
 * Writes are acknowledged from the cache; FLUSH writes back dirty lines and then flushes the
   host file; a FUA write goes through to the host file with FUA (and updates cached lines);
-  `close` (at remove and at halt) writes back and flushes. Extent queries write back the dirty
-  lines they touch first, so the host file is the truth they report.
+  `close` (at remove and at halt) writes back and flushes. Extent queries report the host
+  file's extents with dirty lines as data, without writing anything back.
 * Trim and zero act on the host file first, then drop the lines inside their range, dirty
   or not, without writing them back (that data is being thrown away, and a TRIM on a full file
   system must not need space), and zero the part they cover of a line at either edge, so
@@ -163,10 +163,6 @@ class BlockCache(BlockDevice):
         for i in range(0, len(linenos), 8):
             await asyncio.gather(*(one(n) for n in linenos[i:i + 8]))
 
-    async def _write_back_range(self, offset: int, length: int) -> None:
-        first, last = offset // LINE, (offset + length - 1) // LINE
-        await self._write_back(sorted(n for n in self.dirty if first <= n <= last))
-
     def grow(self, size: int, read_blocking: Callable[[memoryview, int], None]) -> None:
         """The backing now has `size` bytes (more than before: a window past the old end joined
         a shared cache). A cached short last line gets the bytes it lacked, read at once with
@@ -258,8 +254,16 @@ class BlockCache(BlockDevice):
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         async with self._lock:
-            await self._write_back_range(offset, length)
-            return await self.backing.extents(offset, length)
+            end = offset + length
+            first, last = offset // LINE, (end - 1) // LINE
+            runs: list[tuple[int, int]] = []  # dirty lines in the range, merged, clipped
+            for lineno in sorted(n for n in self.dirty if first <= n <= last):
+                lo, hi = max(lineno * LINE, offset), min((lineno + 1) * LINE, end)
+                if runs and runs[-1][1] == lo:
+                    runs[-1] = (runs[-1][0], hi)
+                else:
+                    runs.append((lo, hi))
+            return _with_data(await self.backing.extents(offset, length), runs)
 
     async def cache(self, offset: int, length: int) -> None:
         await self.backing.cache(offset, length)
@@ -280,6 +284,26 @@ class BlockCache(BlockDevice):
     def describe(self) -> str:
         return (f"block cache ({len(self.lines)} lines, {len(self.dirty)} dirty) over "
                 + self.backing.describe())
+
+
+def _with_data(extents: list[Extent], runs: list[tuple[int, int]]) -> list[Extent]:
+    """The host file's `extents`, with the ascending ranges `runs` (dirty lines) as data."""
+    if not runs:
+        return extents
+    out: list[Extent] = []
+    for e in extents:
+        pos, end = e.offset, e.offset + e.length
+        for lo, hi in runs:
+            lo, hi = max(lo, pos), min(hi, end)
+            if lo >= hi:
+                continue
+            if lo > pos:
+                out.append(Extent(pos, lo - pos, e.flags))
+            out.append(Extent(lo, hi - lo, 0))
+            pos = hi
+        if pos < end:
+            out.append(Extent(pos, end - pos, e.flags))
+    return out
 
 
 def _runs(segments: list[tuple[int, int, int, int]]) -> Iterator[list[tuple[int, int, int, int]]]:
