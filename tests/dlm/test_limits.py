@@ -4,17 +4,25 @@ letting it grow the service (issue 10, item 10)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
+from tests.conftest import stop_process
 
 from minidisk.dlm import protocol
 from minidisk.dlm.client import connect
+from minidisk.dlm.engine import DlmError
+from minidisk.dlm.limits import Limits
 from minidisk.dlm.modes import Mode
 
 from .conftest import MINIDISK, Server  # type: ignore[import-not-found]
+from .test_protocol import Raw  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,5 +71,141 @@ def test_one_resource_whose_locks_fill_several_pages_arrives_whole(dlm_server: S
                 lk["lkid"] for lk in res["granted"])
             assert len(res["granted"]) == len(locks) and res["lvb"]["seq"] == 0
             assert "continued" not in res and "continued" not in domain
+
+    anyio.run(main)
+
+
+@pytest.fixture
+def capped(tmp_short: Path) -> Iterator[Server]:
+    """A service with small limits, set on the command line."""
+    path = str(tmp_short / "capped.sock")
+    process = subprocess.Popen(
+        [MINIDISK, "dlm", "serve", f"unix://{path}", "--max-clients", "4",
+         "--max-locks-per-client", "100", "--max-domains-per-client", "3",
+         "--max-locks", "150", "--max-resources", "120"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on"), line
+        yield Server(f"unix://{path}", path, process)
+    finally:
+        stop_process(process)
+
+
+def refused(err: pytest.ExceptionInfo[DlmError], code: int) -> str:
+    assert err.value.errno == code, err.value
+    return str(err.value)
+
+
+def test_a_client_past_its_lock_limit_is_refused_and_keeps_what_it_has(capped: Server) -> None:
+    async def main() -> None:
+        async with connect(capped.url, name="greedy") as greedy, \
+                connect(capped.url, name="other") as other:
+            held = [greedy.lock("d", f"r{i}", Mode.EX) for i in range(100)]
+            for lock in held:
+                assert await lock.acquire()
+            with pytest.raises(DlmError) as err:
+                await greedy.lock("d", "one-more", Mode.EX).acquire()
+            assert "this client has 100 locks" in refused(err, errno.ENOLCK)
+            assert all(lock.held for lock in held)
+            assert await other.lock("d", "mine", Mode.EX).acquire()  # others are not
+            await held[0].release(wait=True)
+            assert await greedy.lock("d", "one-more", Mode.EX).acquire()  # room again
+            # Everyone together: 150 locks at most (on one resource: resources are capped
+            # at 120).
+            theirs = [other.lock("d", "shared", Mode.PR) for _ in range(50)]
+            for lock in theirs[:-1]:
+                assert await lock.acquire()
+            with pytest.raises(DlmError) as err:
+                await theirs[-1].acquire()
+            assert "the lock manager holds 150 locks" in refused(err, errno.ENOLCK)
+            await greedy.sync()  # both connections still alive
+
+    anyio.run(main)
+
+
+def test_a_client_past_its_domain_limit_is_refused(capped: Server) -> None:
+    async def main() -> None:
+        async with connect(capped.url, name="joiner") as client:
+            for name in ("a", "b"):
+                await client.join(name)
+            assert await client.lock("c", "r", Mode.PR).acquire()  # a lock joins too
+            with pytest.raises(DlmError) as err:
+                await client.join("d")
+            assert "this client is in 3 domains" in refused(err, errno.EDQUOT)
+            with pytest.raises(DlmError) as err:
+                await client.lock("d", "r", Mode.PR).acquire()
+            refused(err, errno.EDQUOT)
+            assert await client.lock("a", "r", Mode.PR).acquire()  # its own domains: fine
+            await client.leave("b")
+            await client.join("d")
+            assert "d" in [dom["name"] for dom in (await client.status())["domains"]]
+
+    anyio.run(main)
+
+
+def test_lock_free_resources_are_bounded_too(capped: Server) -> None:
+    """A resource outlives its locks (it keeps the value block), so lock+unlock on ever new
+    names would grow the service for ever: past --max-resources a new one is refused."""
+    async def main() -> None:
+        async with connect(capped.url, name="namer") as client:
+            for i in range(120):
+                lock = client.lock("d", f"r{i}", Mode.EX)
+                assert await lock.acquire()
+                await lock.release()
+            with pytest.raises(DlmError) as err:
+                await client.lock("d", "r120", Mode.EX).acquire()
+            assert "120 resources" in refused(err, errno.ENOSPC)
+            (domain,) = (await client.status())["domains"]
+            assert len(domain["resources"]) == 120
+            assert await client.lock("d", "r7", Mode.EX).acquire()  # existing ones: fine
+            await client.drop("d", "r8")
+            assert await client.lock("d", "r120", Mode.EX).acquire()
+
+    anyio.run(main)
+
+
+def test_clients_past_the_connection_limit_are_told_and_hung_up(capped: Server) -> None:
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            first = [await stack.enter_async_context(connect(capped.url, name=f"c{i}"))
+                     for i in range(4)]
+            with pytest.raises(DlmError) as err:
+                async with connect(capped.url, name="fifth"):
+                    pass
+            assert "serves 4 clients" in refused(err, errno.EUSERS)
+            await first[0].sync()
+        async with connect(capped.url, name="later") as later:  # room again once they left
+            await later.sync()
+
+    anyio.run(main)
+
+
+def test_a_json_value_block_longer_than_64_bytes_is_refused(dlm_server: Server) -> None:
+    """A pending conversion keeps the value block it was given: a JSON one of 32 KiB per
+    lock would be 2 GiB for 65536 locks."""
+    raw = Raw(dlm_server)
+    try:
+        assert raw.call({"id": 1, "op": "lock", "ref": 1, "domain": "d", "name": "r",
+                         "mode": "PR"})["ok"]
+        raw.next()  # its grant
+        reply = raw.call({"id": 2, "op": "convert", "ref": 1, "mode": "EX",
+                          "lvb": "ab" * 16384})
+        assert (reply["ok"], reply["errno"]) == (False, errno.EINVAL), reply
+        assert "at most 64 bytes" in reply["error"]
+        assert raw.call({"id": 3, "op": "unlock", "ref": 1, "lvb": "ab" * 64})["ok"]
+    finally:
+        raw.close()
+
+
+def test_the_default_domain_limit_holds(dlm_server: Server) -> None:
+    async def main() -> None:
+        async with connect(dlm_server.url, name="joiner") as client:
+            for i in range(Limits.domains_per_client):
+                await client.join(f"d{i}")
+            with pytest.raises(DlmError) as err:
+                await client.join("one-more")
+            refused(err, errno.EDQUOT)
 
     anyio.run(main)

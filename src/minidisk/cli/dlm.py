@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from minidisk.dlm.limits import Limits
+
 SERVER_HELP = "Lock manager URL (default: $MINIDISK_DLM or unix:///run/minidisk/dlm.sock)."
 
 
@@ -29,12 +31,31 @@ def dlm() -> None:
 @click.option("--busy-poll-us", type=click.IntRange(0, 10_000), metavar="US",
               help="Keep polling this long after each request before sleeping (default: "
                    "$MINIDISK_DLM_BUSY_POLL_US, else 100; 0 = off).")
-def serve(url: str | None, busy_poll_us: int | None) -> None:
-    """Run a lock manager in the foreground on URL until SIGINT/SIGTERM."""
+@click.option("--max-clients", type=click.IntRange(1), default=Limits.clients,
+              show_default=True, help="Connections served at once (more are refused).")
+@click.option("--max-locks-per-client", type=click.IntRange(1),
+              default=Limits.locks_per_client, show_default=True,
+              help="Locks one connection may have, granted or queued.")
+@click.option("--max-domains-per-client", type=click.IntRange(1),
+              default=Limits.domains_per_client, show_default=True,
+              help="Domains one connection may be a member of.")
+@click.option("--max-locks", type=click.IntRange(1), default=Limits.locks, show_default=True,
+              help="Locks of all clients together.")
+@click.option("--max-resources", type=click.IntRange(1), default=Limits.resources,
+              show_default=True,
+              help="Resources, lock-free ones (which keep a value block) included.")
+def serve(url: str | None, busy_poll_us: int | None, max_clients: int,
+          max_locks_per_client: int, max_domains_per_client: int, max_locks: int,
+          max_resources: int) -> None:
+    """Run a lock manager in the foreground on URL until SIGINT/SIGTERM. A client asking for
+    more than the limits allow gets an error (ENOLCK, EDQUOT, ENOSPC, EUSERS)."""
     from minidisk.dlm.service import run_dlm_service
 
+    limits = Limits(clients=max_clients, locks_per_client=max_locks_per_client,
+                    domains_per_client=max_domains_per_client, locks=max_locks,
+                    resources=max_resources)
     try:
-        run_dlm_service(url, ready="listening on {path}",
+        run_dlm_service(url, ready="listening on {path}", limits=limits,
                         busy_poll=None if busy_poll_us is None else busy_poll_us / 1e6)
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None

@@ -291,6 +291,7 @@ class DlmClient:
         self._unanswered: int | None = None  # the last request sent without waiting
         self._quiet: int | None = None  # the last quiet request not known handled yet
         self._lost_reported = False
+        self._refusal: DlmError | None = None  # why the service hung up, if it said
         self._name = ""
         self.server: dict[str, Any] = {}
         self.on_lost: Callable[[], None] | None = None  # called once if the connection drops
@@ -550,6 +551,9 @@ class DlmClient:
         elif kind == protocol.ERROR:
             _, call_id, err = protocol.ERROR_BODY.unpack_from(body)
             detail = body[protocol.ERROR_BODY.size:].decode(errors="replace")
+            if call_id == 0:  # no request has id 0: the service refuses the connection
+                self._refusal = DlmError(err, detail)
+                return
             self._answered(call_id)
             waiter = self._calls.get(call_id)
             if waiter is not None:
@@ -579,7 +583,7 @@ class DlmClient:
     def _lost(self, unexpected: bool) -> None:
         self.closed = True
         for waiter in self._calls.values():
-            waiter.settle(None)
+            waiter.settle(self._refusal)
         for lock in list(self._locks.values()):
             lock._lost()
         self._locks.clear()

@@ -40,7 +40,7 @@ import enum
 import errno
 import heapq
 import os
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,7 +178,14 @@ def check_name(kind: str, name: str) -> None:
 class Engine:
     """All domains, resources and locks of one lock manager."""
 
-    def __init__(self, first_token: int = 1) -> None:
+    def __init__(self, first_token: int = 1, *, max_locks: int | None = None,
+                 max_resources: int | None = None) -> None:
+        """`max_locks` and `max_resources` (None: no limit) bound what all owners together
+        can make it hold; past them a new lock is refused with ENOLCK and a new resource
+        with ENOSPC."""
+        self.max_locks = max_locks
+        self.max_resources = max_resources
+        self._resource_count = 0  # in every domain, lock-free ones (value blocks) included
         self._domains: dict[str, Domain] = {}
         self._locks: dict[int, LockState] = {}
         self._by_owner: dict[Owner, dict[int, LockState]] = {}
@@ -198,6 +205,10 @@ class Engine:
 
     def domains(self) -> list[str]:
         return sorted(self._domains)
+
+    def memberships(self, owner: Owner) -> Collection[str]:
+        """The domains `owner` is a member of."""
+        return self._memberships.get(owner, ())
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, as plain JSON-able data: `listing()` put together."""
@@ -290,6 +301,7 @@ class Engine:
         if res.has_locks():
             raise DlmError(errno.EBUSY, f"resource {name!r} has locks")
         del dom.resources[name]
+        self._resource_count -= 1
         self._collect(dom)
 
     # -- lock operations --------------------------------------------------------------------
@@ -298,12 +310,22 @@ class Engine:
                 flags: Flag = Flag.NONE) -> tuple[int, list[Event]]:
         """A new lock. Returns its id and the events (its own `Granted` if granted at once)."""
         dom = self._domains.get(domain) or self._domain(domain)
+        bits = int(flags)  # plain int operations: IntFlag's cost a microsecond each
+        if (self.max_locks is not None and len(self._locks) >= self.max_locks
+                and not bits & _ORPHAN):
+            self._collect(dom)
+            raise DlmError(errno.ENOLCK, f"the lock manager holds {len(self._locks)} locks, "
+                                         "the most it allows")
         res = dom.resources.get(name)
         if res is None:
             check_name("resource", name)  # a resource that exists has a good name
+            if self.max_resources is not None and self._resource_count >= self.max_resources:
+                self._collect(dom)
+                raise DlmError(errno.ENOSPC, f"the lock manager holds {self._resource_count} "
+                                             "resources, the most it allows")
             res = dom.resources[name] = Resource(dom, name)
+            self._resource_count += 1
         events: list[Event] = []
-        bits = int(flags)  # plain int operations: IntFlag's cost a microsecond each
         if bits & _ORPHAN:
             return self._adopt(owner, res, mode, events), events
         lk = LockState(self._next_lkid, owner, res, None, mode,
@@ -461,6 +483,7 @@ class Engine:
         """A domain with no member and no lock goes away, with its resources."""
         if not dom.members and dom.lock_count == 0 and self._domains.get(dom.name) is dom:
             del self._domains[dom.name]
+            self._resource_count -= len(dom.resources)
 
     def _owned(self, lkid: int) -> LockState:
         lk = self.state(lkid)

@@ -38,6 +38,7 @@ from typing import Any, cast
 from minidisk import busypoll
 from minidisk.dlm import protocol
 from minidisk.dlm.engine import NAME_MAX, Cancelled, Cursor, DlmError, Engine, Event, Flag, Granted
+from minidisk.dlm.limits import Limits
 from minidisk.dlm.modes import Mode
 
 log = logging.getLogger("minidisk.dlm")
@@ -82,7 +83,17 @@ class _Connection(asyncio.Protocol):
             self.pid = _PEERCRED.unpack(creds)[0]
         with contextlib.suppress(OSError, AttributeError):
             self._fd = sock.fileno()
-        self._service.connections.add(self)
+        service = self._service
+        if len(service.connections) >= service.limits.clients:
+            log.warning("%s: refused, %d clients already", self, len(service.connections))
+            # Request id 0 is never used by a client: this names the refusal to it.
+            self._transport.write(protocol.encode_error(
+                0, errno.EUSERS, f"the lock manager serves {len(service.connections)} "
+                                 "clients, the most it allows"))
+            self.closing = True
+            self._transport.close()
+            return
+        service.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self._service.received(self, data)
@@ -182,11 +193,14 @@ class DlmService:
     """A lock manager serving one engine on a unix socket. Start it with
     `start_dlm_service()`; stop it with `close()`."""
 
-    def __init__(self, engine: Engine | None = None, *, busy_poll: float | None = None
-                 ) -> None:
+    def __init__(self, engine: Engine | None = None, *, busy_poll: float | None = None,
+                 limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
         # Tokens start at the wall clock in microseconds, so they keep increasing across a
         # restart of the service (as long as it granted fewer than a million locks a second).
-        self.engine = engine or Engine(first_token=time.time_ns() // 1000)
+        self.engine = engine or Engine(first_token=time.time_ns() // 1000,
+                                       max_locks=self.limits.locks,
+                                       max_resources=self.limits.resources)
         self.connections: set[_Connection] = set()
         self.dirty: list[_Connection] = []
         # Connections with the prompt-unlock feature: before any other connection's data is
@@ -206,7 +220,9 @@ class DlmService:
         loop = asyncio.get_running_loop()
         if self.busy_poll > 0:
             self.poller = busypoll.AsyncioPoller(loop, self.busy_poll)
-        self._server = await loop.create_unix_server(lambda: _Connection(self), path)
+        # A backlog as deep as the client limit: a burst of connects within it all land.
+        self._server = await loop.create_unix_server(lambda: _Connection(self), path,
+                                                     backlog=self.limits.clients)
         self.path = path
         log.info("lock manager listening on %s", path)
 
@@ -271,8 +287,7 @@ class DlmService:
         try:
             if kind == protocol.LOCK:
                 call_id, ref, mode, flags, domain, name = protocol.decode_lock(body)
-                if ref in conn.refs:
-                    raise DlmError(errno.EINVAL, f"ref {ref} is already in use")
+                self._admit_lock(conn, ref, domain)
                 lkid, events = self.engine.request(conn, domain, name, _mode(mode), _flag(flags))
                 conn.refs[ref] = lkid
                 self._routes[lkid] = (conn, ref)
@@ -369,6 +384,22 @@ class DlmService:
         self.deliver(self.engine.owner_gone(conn))
         self.flush()
 
+    def _admit_lock(self, conn: _Connection, ref: int, domain: str) -> None:
+        """May `conn` ask for one more lock, as `ref`, in `domain`?"""
+        if ref in conn.refs:
+            raise DlmError(errno.EINVAL, f"ref {ref} is already in use")
+        if len(conn.refs) >= self.limits.locks_per_client:
+            raise DlmError(errno.ENOLCK, f"this client has {len(conn.refs)} locks, the most "
+                                         "the lock manager allows one")
+        self._admit_domain(conn, domain)
+
+    def _admit_domain(self, conn: _Connection, domain: str) -> None:
+        """May `conn` be (or become) a member of `domain`?"""
+        joined = self.engine.memberships(conn)
+        if len(joined) >= self.limits.domains_per_client and domain not in joined:
+            raise DlmError(errno.EDQUOT, f"this client is in {len(joined)} domains, the most "
+                                         "the lock manager allows one")
+
     def _route(self, conn: _Connection, ref: int, lkid: int) -> None:
         conn.refs[ref] = lkid
         self._routes[lkid] = (conn, ref)
@@ -407,7 +438,9 @@ class DlmService:
                 "features": features}, []
 
     def _op_join(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        self.engine.join(conn, str(msg["domain"]))
+        domain = str(msg["domain"])
+        self._admit_domain(conn, domain)
+        self.engine.join(conn, domain)
         return {}, []
 
     def _op_leave(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
@@ -416,26 +449,23 @@ class DlmService:
 
     def _op_lock(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
         ref = int(msg["ref"])
-        if ref in conn.refs:
-            raise DlmError(errno.EINVAL, f"ref {ref} is already in use")
+        domain = str(msg["domain"])
+        self._admit_lock(conn, ref, domain)
         lkid, events = self.engine.request(
-            conn, str(msg["domain"]), str(msg["name"]), Mode.parse(msg["mode"]),
+            conn, domain, str(msg["name"]), Mode.parse(msg["mode"]),
             protocol.flags_from_wire(msg.get("flags", [])))
         self._route(conn, ref, lkid)
         return {"lkid": lkid}, events
 
     def _op_convert(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        lvb = msg.get("lvb")
         events = self.engine.convert(
             self._lkid(conn, msg), Mode.parse(msg["mode"]),
-            protocol.flags_from_wire(msg.get("flags", [])),
-            None if lvb is None else bytes.fromhex(lvb))
+            protocol.flags_from_wire(msg.get("flags", [])), _lvb(msg.get("lvb")))
         return {}, events
 
     def _op_unlock(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        lvb = msg.get("lvb")
         events = self.engine.unlock(
-            self._lkid(conn, msg), None if lvb is None else bytes.fromhex(lvb),
+            self._lkid(conn, msg), _lvb(msg.get("lvb")),
             protocol.flags_from_wire(msg.get("flags", [])))
         self._forget(conn, int(msg["ref"]))
         return {}, events
@@ -500,6 +530,16 @@ STATUS_PAGE = protocol.MAX_FRAME // 2
 _PIECE_OVERHEAD = 120 + 2 * NAME_MAX
 
 
+def _lvb(value: Any) -> bytes | None:
+    """A JSON request's value block (hex): at most `LVB_SIZE` bytes, since a pending
+    conversion keeps it as given."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 2 * protocol.LVB_SIZE:
+        raise ValueError(f"a value block is at most {protocol.LVB_SIZE} bytes of hex")
+    return bytes.fromhex(value)
+
+
 def _cursor(value: Any) -> Cursor:
     """A status cursor from the wire: [domain, resource, locks listed]."""
     if (not isinstance(value, list) or len(value) != 3 or not isinstance(value[0], str)
@@ -532,25 +572,25 @@ def _remove_stale_socket(path: str) -> None:
     raise FileExistsError(errno.EADDRINUSE, "a lock manager is already listening", path)
 
 
-async def start_dlm_service(url: str | None = None, *, busy_poll: float | None = None
-                            ) -> DlmService:
+async def start_dlm_service(url: str | None = None, *, busy_poll: float | None = None,
+                            limits: Limits | None = None) -> DlmService:
     """Start a lock manager on the running asyncio loop; returns once it is listening.
 
     `url` is `unix:///abs/path`, `unix://relative/path` or a path; None means $MINIDISK_DLM or
     `protocol.DEFAULT_URL`. Call `await service.close()` to stop it.
     """
-    service = DlmService(busy_poll=busy_poll)
+    service = DlmService(busy_poll=busy_poll, limits=limits)
     await service.start(protocol.socket_path(url))
     return service
 
 
 def run_dlm_service(url: str | None = None, *, ready: str | None = None,
-                    busy_poll: float | None = None) -> None:
+                    busy_poll: float | None = None, limits: Limits | None = None) -> None:
     """Serve in the foreground until SIGINT or SIGTERM (`minidisk dlm serve`). When `ready`
     is given, print it on stdout once listening (for scripts that wait for the socket)."""
 
     async def main() -> None:
-        service = await start_dlm_service(url, busy_poll=busy_poll)
+        service = await start_dlm_service(url, busy_poll=busy_poll, limits=limits)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(service.close()))
