@@ -30,7 +30,6 @@ import platform
 import stat
 from collections.abc import Callable
 
-AT_FDCWD = -100
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
@@ -83,11 +82,14 @@ def openat2_available() -> bool:
     if _openat2_works is None:
         _openat2_works = False
         if _SYS_OPENAT2 is not None:
+            root = os.open("/", DIR_FLAGS)
             try:
-                os.close(_openat2(AT_FDCWD, ".", DIR_FLAGS))
+                os.close(_openat2(root, ".", DIR_FLAGS))
                 _openat2_works = True
             except OSError:
-                pass
+                pass  # ENOSYS (before Linux 5.6), or EPERM from a seccomp filter
+            finally:
+                os.close(root)
     return _openat2_works
 
 
@@ -166,7 +168,8 @@ def _refusal(path: str, error: OSError, follow_symlinks: bool) -> HostPathError:
             if is_link:
                 where = "" if prefix == os.path.abspath(path) else f" ({prefix})"
                 return HostPathError(errno.ELOOP, path, f"a symbolic link{where} is not "
-                                     "followed; give the real path, or symlinks=follow")
+                                     "followed; give the real path, or the drivespec token "
+                                     "symlinks=follow")
     return HostPathError(error.errno or errno.EIO, path, error.strerror or str(error))
 
 
