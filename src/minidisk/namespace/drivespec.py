@@ -248,10 +248,11 @@ def apply(spec: Drivespec, namespace: Namespace) -> Applied:
         return Applied(spec, spec.key)
 
     fd, created = _open_host_file(spec)
-    st = os.fstat(fd)
-    identity = (st.st_dev, st.st_ino)
+    identity = (0, 0)
     grown_from = None
     try:
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
         begin, size, token, value = _window(spec, fd)
         # Only an explicit size grows a file: a table that points past the end of its image
         # means a truncated image, which growing would hide.

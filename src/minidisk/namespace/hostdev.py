@@ -19,6 +19,9 @@ its flush would write that copy back over the other's flushed data. A file is kn
 (st_dev, st_ino), so hard links and `symlinks=follow` paths find the same cache, and a block
 device by its device number, so two device nodes of one disk do. A key's window is a
 `CacheWindow` into that cache; removing a key flushes the cache, and the last window closes it.
+A key whose own open was read-only stays read-only; one that could write, joining a cache a
+read-only open made, reads only. `reg` and `chr` keys over a file a `blk` key caches go
+around that cache, as rump's do (rump_etfs(3): do not touch a host file a BLK key maps).
 """
 
 from __future__ import annotations
