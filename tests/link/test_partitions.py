@@ -68,7 +68,7 @@ def test_a_partition_that_does_not_exist(site: Site) -> None:
 
 
 def test_automount_a_partition(site: Site, automounter: tuple[object, Path]) -> None:
-    _, root = automounter
+    root = automounter[1] / "root"  # root's own subtree of /vmlink
     listed = run_ls(root / "alice.0191.2")
     assert listed.returncode == 0 and "p2.txt" in listed.stdout, listed.stderr
     assert "p1.txt" not in listed.stdout

@@ -225,9 +225,9 @@ def test_automount_with_a_certificate(tls_site: Site) -> None:
     _grant(site, "bob", "alice.0191", "R")
     _grant(site, "carol", "alice.0191", "W")
     with running_automounter(site, MINIDISK_TLS_CERTIFICATES=str(site.pki["bob"])) as (_, root):
-        listed = run_ls(root / "alice.0191")
+        listed = run_ls(root / "root" / "alice.0191")  # root's subtree, bob's certificate
         assert listed.returncode == 0 and "hello.txt" in listed.stdout, listed.stderr
-        assert "ro" in mount_options(root / "alice.0191")
+        assert "ro" in mount_options(root / "root" / "alice.0191")
         [attachment] = attachments()
         assert attachment.method == "nbdfuse" and attachment.uri.startswith("nbds://")
         with pytest.raises(ControlError, match=f"linked R by {BOB}"):

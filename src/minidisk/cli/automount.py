@@ -10,6 +10,7 @@ import click
 from minidisk.cli.common import fail, require_server, server_option
 from minidisk.daemon.control import TLS_ENV
 from minidisk.link import linker
+from minidisk.link.asuser import LocalUser
 from minidisk.link.automount import Automounter, program_map_entry
 
 
@@ -33,9 +34,11 @@ def automount(server: str | None, root: str, timeout: int, tls_certificates: str
     url = require_server(server)
     if key is not None:
         try:
-            click.echo(program_map_entry(key, url, tls_certificates))
+            entry = program_map_entry(key, url, tls_certificates, _map_requester(),
+                                      os.path.join(os.getcwd(), key))
         except (ValueError, linker.LinkError) as e:
             fail(str(e))  # no output and a non-zero exit: the map lookup fails (ENOENT)
+        click.echo(entry)
         return
     if os.geteuid() != 0:
         fail("the automounter mounts file systems: run it as root")
@@ -44,6 +47,20 @@ def automount(server: str | None, root: str, timeout: int, tls_certificates: str
             on_ready=lambda: click.echo(f"automounting {root}", err=True))
     except OSError as e:
         fail(str(e.strerror or e))
+
+
+def _map_requester() -> LocalUser | None:
+    """Who looked the key up, as automount(8) tells a program map: AUTOFS_UID and AUTOFS_GID
+    (UID and GID when it runs with force_standard_program_map_env). None when run by hand:
+    for the caller. From root's environment only: any other caller cannot become another
+    user anyway, and its keeper would fail to."""
+    for prefix in ("AUTOFS_", ""):
+        uid, gid = os.environ.get(f"{prefix}UID"), os.environ.get(f"{prefix}GID")
+        if uid is not None and gid is not None:
+            if not (uid.isdigit() and gid.isdigit()):
+                fail(f"{prefix}UID={uid!r} {prefix}GID={gid!r}: not a uid and gid")
+            return LocalUser(int(uid), int(gid))
+    return None
 
 
 def register(cli: click.Group) -> None:

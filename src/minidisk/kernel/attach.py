@@ -34,15 +34,21 @@ def choose_method(uri: NbdUri, method: str = "auto") -> str:
                       "nbdfuse (libnbd-bin) or losetup")
 
 
-def attach(uri_text: str, *, read_only: bool = False, method: str = "auto") -> state.Attachment:
+def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
+           connect_as: tuple[int, int] | None = None) -> state.Attachment:
     """Bring the export at `uri_text` online as a kernel block device; return its state.
+    With `connect_as` (uid, gid) the NBD connections are made by a process of that identity
+    (the server then admits whom that user's link admits, not root): only nbdfuse can, as
+    the kernel's own client connects from this process.
 
     Returns once the device is usable; helpers it needed keep running after we exit.
     """
     uri = parse_nbd_uri(uri_text)
-    chosen = choose_method(uri, method)
+    chosen = choose_method(uri, "nbdfuse" if connect_as is not None else method)
+    if connect_as is not None and method not in ("auto", "nbdfuse"):
+        raise AttachError(f"attach method {method} cannot connect as another user")
     if chosen == "nbdfuse":
-        return fuseloop.attach(uri, read_only)
+        return fuseloop.attach(uri, read_only, connect_as)
     return nbdkernel.attach(uri, read_only, use_netlink=chosen == "netlink")
 
 

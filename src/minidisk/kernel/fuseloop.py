@@ -57,7 +57,8 @@ def available() -> bool:
 
 
 
-def attach(uri: NbdUri, read_only: bool) -> state.Attachment:
+def attach(uri: NbdUri, read_only: bool,
+           connect_as: tuple[int, int] | None = None) -> state.Attachment:
     workdir = state.state_dir() / secrets.token_hex(6)
     workdir.mkdir(parents=True, mode=0o700)
     backing = workdir / "export"
@@ -65,7 +66,7 @@ def attach(uri: NbdUri, read_only: bool) -> state.Attachment:
     fuse: Helper | None = None
     device = ""
     try:
-        fuse = _start_nbdfuse(uri, read_only, workdir, backing)
+        fuse = _start_nbdfuse(uri, read_only, workdir, backing, connect_as)
         argv = ["losetup", "--find", "--show", "--direct-io=on"]
         if read_only:
             argv.append("--read-only")
@@ -93,13 +94,14 @@ def attach(uri: NbdUri, read_only: bool) -> state.Attachment:
         raise
 
 
-def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path) -> Helper:
+def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path,
+                   connect_as: tuple[int, int] | None) -> Helper:
     pidfile = workdir / "nbdfuse.pid"
     logfile = workdir / "nbdfuse.log"
     argv = ["nbdfuse", "-P", str(pidfile), "-C", str(CONNECTIONS)]
     if read_only:
         argv.append("-r")
-    argv += [str(backing), *_nbdfuse_target(uri, read_only)]
+    argv += [str(backing), *_nbdfuse_target(uri, read_only, connect_as)]
     log.debug("starting %s", " ".join(argv))
     with open(logfile, "wb") as log_out:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out,
@@ -128,23 +130,27 @@ def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path) -
     return helper
 
 
-def _nbdfuse_target(uri: NbdUri, read_only: bool) -> list[str]:
+def _nbdfuse_target(uri: NbdUri, read_only: bool,
+                    connect_as: tuple[int, int] | None = None) -> list[str]:
     """What nbdfuse connects to. libnbd 1.14 (nbdfuse, and nbdkit's nbd plugin) refuses URIs
     that name local files (`tls-certificates=`, `tls-psk-file=`: "local file access ... is
     not allowed"), so such a URI goes, without them, to nbdkit's nbd plugin, which takes
     them as parameters, started by nbdfuse on a private socket ([ CMD ] mode: one
-    connection, no multi-conn)."""
+    connection, no multi-conn). So does every URI to be connected `connect_as` (uid, gid):
+    nbdkit takes that identity (-u/-g) before its plugin connects, and reads the files as
+    that user."""
     parts = urllib.parse.urlsplit(uri.text)
     query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
     files = {"tls-certificates": "tls-certificates", "tls-psk-file": "tls-psk"}
-    if not files.keys() & query.keys():
+    if not files.keys() & query.keys() and connect_as is None:
         return [uri.text]
     params = [f"{files[key]}={query.pop(key)}" for key in list(query) if key in files]
     rest = urllib.parse.urlencode(query, safe="/", quote_via=urllib.parse.quote)
     # Not urlunsplit: it drops the "//" of an empty authority for unknown schemes.
     plain = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
-    return ["[", "nbdkit", *(["-r"] if read_only else []), "nbd", f"uri={plain}", *params,
-            "]"]
+    identity = ["-u", str(connect_as[0]), "-g", str(connect_as[1])] if connect_as else []
+    return ["[", "nbdkit", *identity, *(["-r"] if read_only else []), "nbd", f"uri={plain}",
+            *params, "]"]
 
 
 def _tail(logfile: Path) -> str:

@@ -11,6 +11,11 @@ answered); the kernel picks a name unused for the timeout and sends it to us to 
 
 CATATONIC detaches the daemon: every pending and future lookup then fails at once with
 ENOENT instead of sleeping, which is what must happen before a daemon exits.
+
+One daemon may serve several mounts, nested ones too (an autofs mount on a directory of
+another), through one pipe: each packet names the device of the mount it comes from. A mount
+made for one user (`owner`) has that uid and gid (the `uid=`/`gid=` options) and mode 0700 on
+its root before any lookup under it is answered, so the kernel keeps every other uid out.
 """
 
 from __future__ import annotations
@@ -46,60 +51,73 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 class Packet:
     type: int
     token: int
-    uid: int
+    dev: int  # st_dev of the mount the packet comes from
+    uid: int  # who looked the name up
     gid: int
     pid: int
     name: str
 
     @classmethod
     def parse(cls, raw: bytes) -> Packet:
-        version, kind, token, _dev, _ino, uid, gid, pid, _tgid, length, name = \
+        version, kind, token, dev, _ino, uid, gid, pid, _tgid, length, name = \
             _V5_PACKET.unpack_from(raw)
         if version != PROTO_VERSION:
             raise ValueError(f"autofs protocol {version}, not {PROTO_VERSION}")
-        return cls(kind, token, uid, gid, pid,
+        return cls(kind, token, dev, uid, gid, pid,
                    name[:length].decode("utf-8", "surrogateescape"))
 
 
-class AutofsMount:
-    """One indirect autofs mount that this process serves."""
+class PacketPipe:
+    """The pipe our mounts write packets into (packet mode: one read returns one packet).
+    Reading ends (None) once our write end is closed and every mount is catatonic."""
 
-    def __init__(self, root: str | Path, timeout: int) -> None:
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe2(os.O_DIRECT | os.O_CLOEXEC)
+
+    def read_packet(self) -> Packet | None:
+        raw = os.read(self.read_end, PACKET_SIZE)
+        return Packet.parse(raw) if raw else None
+
+    def close_write_end(self) -> None:
+        if self.write_end >= 0:
+            os.close(self.write_end)
+            self.write_end = -1
+
+    def close(self) -> None:
+        self.close_write_end()
+        os.close(self.read_end)
+
+
+class AutofsMount:
+    """One indirect autofs mount that this process serves; `owner` (uid, gid): for that
+    user alone (module docstring)."""
+
+    def __init__(self, root: str | Path, timeout: int, pipe: PacketPipe,
+                 owner: tuple[int, int] | None = None) -> None:
         self.root = Path(root)
         if os.getpgrp() != os.getpid():
             # Our process group is never trapped: sharing a script's would make every
             # process of the script see an empty directory instead of asking us.
             os.setpgid(0, 0)
         self.root.mkdir(parents=True, exist_ok=True)
-        read_end, write_end = os.pipe2(os.O_DIRECT | os.O_CLOEXEC)  # packet mode
-        options = (f"fd={write_end},pgrp={os.getpgrp()},minproto={PROTO_VERSION},"
+        options = (f"fd={pipe.write_end},pgrp={os.getpgrp()},minproto={PROTO_VERSION},"
                    f"maxproto={PROTO_VERSION},indirect")
-        try:
-            if _libc.mount(b"minidisk-automount", str(self.root).encode(), b"autofs", 0,
-                           options.encode()) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mount autofs on {self.root}: {os.strerror(err)}")
-        except BaseException:
-            os.close(read_end)
-            os.close(write_end)
-            raise
-        os.close(write_end)  # the kernel holds its own reference
-        self.pipe = read_end
+        if owner is not None:
+            options += f",uid={owner[0]},gid={owner[1]}"
+        if _libc.mount(b"minidisk-automount", str(self.root).encode(), b"autofs", 0,
+                       options.encode()) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount autofs on {self.root}: {os.strerror(err)}")
         self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.catatonic = False
-        fcntl.ioctl(self.fd, AUTOFS_IOC_SETTIMEOUT, struct.pack("=Q", timeout))
-
-    def read_packet(self) -> Packet | None:
-        """The next packet; None once the pipe is closed (catatonic)."""
         try:
-            raw = os.read(self.pipe, PACKET_SIZE)
-        except OSError as e:
-            if e.errno == errno.EBADF:
-                return None
+            if owner is not None:
+                os.fchmod(self.fd, 0o700)
+            fcntl.ioctl(self.fd, AUTOFS_IOC_SETTIMEOUT, struct.pack("=Q", timeout))
+            self.dev = os.fstat(self.fd).st_dev
+        except BaseException:
+            self.close()
             raise
-        if not raw:
-            return None
-        return Packet.parse(raw)
 
     def ready(self, token: int) -> None:
         self._answer(AUTOFS_IOC_READY, token)
@@ -135,7 +153,6 @@ class AutofsMount:
         """Catatonic, then unmount the autofs file system itself (lazily if busy)."""
         self.go_catatonic()
         os.close(self.fd)
-        os.close(self.pipe)
         for flags in (0, 2):  # MNT_DETACH when someone still has it open
             if _libc.umount2(str(self.root).encode(), flags) == 0:
                 return

@@ -2,20 +2,35 @@
 attach, mount — and back again, in the opposite order.
 
 State, so that `unlink` (another process, later) finds what `link` made, one JSON file per
-linked disk under $MINIDISK_STATE_DIR/link (default /run/minidisk/link). It is rewritten
-after every step in both directions, so a link that failed halfway is undone by `unlink`,
-and an `unlink` that failed halfway (a busy mount) can simply be run again: it goes on where
-it stopped, never out of order — umount, detach, then stop the keeper (which unlocks).
+link under $MINIDISK_STATE_DIR/link (default /run/minidisk/link): `owner.disk.json` for a
+link made with the caller's own identity, `owner.disk.uidN.json` for one made for local user
+N (the automounter's, the program map's). It is rewritten after every step in both
+directions, so a link that failed halfway is undone by `unlink`, and an `unlink` that failed
+halfway (a busy mount) can simply be run again: it goes on where it stopped, never out of
+order — umount, detach, then stop the keeper (which unlocks).
+
+Root acts on these files, so the directory must be ours alone: it is opened once with
+O_NOFOLLOW and refused unless it is a directory owned by us and closed to everyone else,
+and every file in it is opened relative to that descriptor, never by a path a user could
+redirect (a planted symlink, or a directory swapped in a parent the user can write).
+
+A link for another local user (`as_user`) is made by processes of that user's identity
+(asuser.py): the resolve and the keeper's control connection, and the data connections
+(attach with connect_as), so the server admits exactly what that user's grants admit.
+Attach and mount still run here, as root, once the link was granted to that user.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import time
@@ -30,6 +45,7 @@ from minidisk.kernel.attach import attach as attach_export
 from minidisk.kernel.attach import detach as detach_device
 from minidisk.kernel.commands import Helper, run
 from minidisk.kernel.errors import KernelError, NotAttachedError
+from minidisk.link.asuser import LocalUser
 from minidisk.link.names import DiskKey, parse_key
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
@@ -58,7 +74,14 @@ class LinkState:
     fstype: str = ""
     on_behalf_of: str = ""  # "program map": made for the stock automount (see unlink_idle)
     linked_at: float = 0.0  # time.time() when the link was made
+    uid: int | None = None  # the local user it was made for; None: whoever ran `link`
+    entry: str = ""  # program map: the automount path whose symlink leads to mountpoint
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """The name of its state: `owner.disk`, or `owner.disk.uidN` when made for user N."""
+        return self.disk if self.uid is None else f"{self.disk}.uid{self.uid}"
 
     @property
     def read_only(self) -> bool:
@@ -87,23 +110,65 @@ def state_dir() -> Path:
     return Path(os.environ.get("MINIDISK_STATE_DIR", "/run/minidisk")) / "link"
 
 
-def _state_path(disk: str) -> Path:
-    return state_dir() / f"{disk}.json"
+_ID = re.compile(r"([a-z0-9][a-z0-9_-]{0,31}\.[0-9a-f]{4})(?:\.uid([0-9]{1,10}))?")
+
+
+@contextlib.contextmanager
+def _private_dir(create: bool = True) -> Iterator[int]:
+    """A descriptor of the state directory, checked to be ours alone (module docstring)."""
+    directory = state_dir()
+    if create:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENOENT and not create:
+            raise
+        raise LinkError(f"{directory}: not a directory of ours ({e.strerror}): refusing to "
+                        "keep link state there", errno.EPERM) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise LinkError(f"{directory} is owned by uid {st.st_uid} with mode "
+                            f"{st.st_mode & 0o777:o}, not ours alone (0700): refusing to keep "
+                            "link state there", errno.EPERM)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_in(directory: int, name: str, flags: int) -> int:
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=directory)
 
 
 def _save(state: LinkState) -> None:
-    directory = state_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = _state_path(state.disk).with_suffix(".tmp")
-    tmp.write_text(state.to_json())
-    os.replace(tmp, _state_path(state.disk))
+    with _private_dir() as directory:
+        tmp = f"{state.id}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=directory)
+        fd = _open_in(directory, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "w") as f:
+            f.write(state.to_json())
+        os.replace(tmp, f"{state.id}.json", src_dir_fd=directory, dst_dir_fd=directory)
+
+
+def _read(directory: int, name: str) -> LinkState:
+    with os.fdopen(_open_in(directory, name, os.O_RDONLY)) as f:
+        return LinkState.from_json(f.read())
 
 
 def links() -> list[LinkState]:
     found = []
-    for path in sorted(state_dir().glob("*.json")):
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            found.append(LinkState.from_json(path.read_text()))
+    try:
+        with _private_dir(create=False) as directory:
+            for name in sorted(os.listdir(directory)):
+                if name.endswith(".json") and _ID.fullmatch(name.removesuffix(".json")):
+                    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                        found.append(_read(directory, name))
+    except FileNotFoundError:
+        pass
     return found
 
 
@@ -122,7 +187,11 @@ def nbd_uri(server: str, export: str, tls_certificates: str | None) -> str:
     raise LinkError(f"cannot reach disks at {server} (want unix:// or tcp://)")
 
 
-def resolve(key: str, server: str, tls_certificates: str | None = None) -> dict[str, Any]:
+def resolve(key: str, server: str, tls_certificates: str | None = None,
+            as_user: LocalUser | None = None) -> dict[str, Any]:
+    """Where the disk `key` names lives, and the grant on it of the caller (or `as_user`)."""
+    if as_user is not None:
+        return _resolve_as(as_user, key, server, tls_certificates)
     tls = client_context(tls_certificates) if tls_certificates else None
     try:
         return control.call(server, "resolve", {"key": key}, tls=tls, timeout=60.0)
@@ -130,51 +199,77 @@ def resolve(key: str, server: str, tls_certificates: str | None = None) -> dict[
         raise LinkError(str(e), e.errno) from None
 
 
+def _resolve_as(user: LocalUser, key: str, server: str,
+                tls_certificates: str | None) -> dict[str, Any]:
+    done = subprocess.run([*user.argv(), "resolve", server, key,
+                           *([tls_certificates] if tls_certificates else [])],
+                          capture_output=True, text=True, timeout=90, cwd="/",
+                          stdin=subprocess.DEVNULL)
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        raise LinkError(f"resolving {key} as {user} failed (exit {done.returncode}): "
+                        f"{done.stderr.strip()[-300:]}") from None
+    if not answer.get("ok"):
+        raise LinkError(str(answer.get("error")), int(answer.get("errno") or 0))
+    result = answer["result"]
+    assert isinstance(result, dict)
+    return result
+
+
 def link(key_text: str, server: str, *, mountpoint: str | None = None,
          mode: str | None = None, password: str | None = None,
          tls_certificates: str | None = None, attach: bool = True,
-         on_behalf_of: str | None = None) -> LinkState:
-    """Link the disk `key_text` names in `mode`, attach it and (with a mountpoint) mount it.
-    On any failure everything done so far is undone and LinkError says why."""
+         on_behalf_of: str | None = None, as_user: LocalUser | None = None,
+         resolved: dict[str, Any] | None = None, entry: str = "") -> LinkState:
+    """Link the disk `key_text` names in `mode`, attach it and (with a mountpoint) mount it;
+    with `as_user`, as that local user (module docstring); `resolved`: what resolve() said
+    for the key, if the caller asked already; `entry`: see LinkState. On any failure
+    everything done so far is undone and LinkError says why."""
     try:
         key = parse_key(key_text)
     except ValueError as e:
         raise LinkError(str(e)) from None
     if key.partition is not None and mountpoint is None:
         raise LinkError(f"{key}: a partition can only be named with a mount point")
-    found = resolve(key_text, server, tls_certificates)
-    existing = _load(key.name)
+    found = resolved or resolve(key_text, server, tls_certificates, as_user)
+    state = LinkState(disk=found["disk"], server=found["server"], export=found["export"],
+                      mode=(mode or "R").upper(), partition=key.partition,
+                      on_behalf_of=on_behalf_of or "", linked_at=time.time(),
+                      uid=as_user.uid if as_user is not None else None, entry=entry)
+    existing = load(state.id)
     if existing is not None:
         alive = existing.keeper is not None and existing.keeper.alive()
         raise LinkError(f"{key.name} is already linked here"
+                        f"{f' for {as_user}' if as_user else ''}"
                         f"{'' if alive else ' (its link was lost)'}: "
-                        f"minidisk unlink {key.name} first", 17)
-    state = LinkState(disk=found["disk"], server=found["server"], export=found["export"],
-                      mode=(mode or "R").upper(), partition=key.partition,
-                      on_behalf_of=on_behalf_of or "", linked_at=time.time())
-    _start_keeper(state, password, tls_certificates, on_behalf_of)
+                        f"minidisk unlink {state.id} first", 17)
+    _start_keeper(state, password, tls_certificates, on_behalf_of, as_user)
     try:
         if attach:
-            _attach_and_mount(state, key, mountpoint, tls_certificates)
+            _attach_and_mount(state, key, mountpoint, tls_certificates, as_user)
     except BaseException:
         with contextlib.suppress(LinkError):
-            unlink(state.disk)
+            unlink(state.id)
         raise
     return state
 
 
 def _start_keeper(state: LinkState, password: str | None, tls_certificates: str | None,
-                  on_behalf_of: str | None) -> None:
-    argv = [sys.executable, "-m", "minidisk.link.keeper", "--server", state.server,
-            "--disk", state.disk, "--mode", state.mode]
+                  on_behalf_of: str | None, as_user: LocalUser | None) -> None:
+    runner = ([sys.executable, "-m", "minidisk.link.keeper"] if as_user is None
+              else [*as_user.argv(), "keeper"])
+    argv = [*runner, "--server", state.server, "--disk", state.disk, "--mode", state.mode]
     if password is not None:
         argv.append("--password-on-stdin")
     if tls_certificates:
         argv += ["--tls-certificates", tls_certificates]
     if on_behalf_of:
         argv += ["--on-behalf-of", on_behalf_of]
-    state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(state_dir() / f"{state.disk}.keeper.log", "ab") as log_out:
+    with _private_dir() as directory:
+        log_fd = _open_in(directory, f"{state.id}.keeper.log",
+                          os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(log_fd, "ab") as log_out:
         keeper = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=log_out, cwd="/", start_new_session=True)
     assert keeper.stdin is not None and keeper.stdout is not None
@@ -190,7 +285,7 @@ def _start_keeper(state: LinkState, password: str | None, tls_certificates: str 
     except ValueError:
         keeper.wait()
         raise LinkError(f"the link keeper failed (exit {keeper.returncode}); see "
-                        f"{state_dir() / (state.disk + '.keeper.log')}") from None
+                        f"{state_dir() / (state.id + '.keeper.log')}") from None
     if not answer.get("ok"):
         keeper.wait()
         raise LinkError(str(answer.get("error")), int(answer.get("errno") or 0))
@@ -202,10 +297,11 @@ def _start_keeper(state: LinkState, password: str | None, tls_certificates: str 
 
 
 def _attach_and_mount(state: LinkState, key: DiskKey, mountpoint: str | None,
-                      tls_certificates: str | None) -> None:
+                      tls_certificates: str | None, as_user: LocalUser | None) -> None:
+    connect_as = (as_user.uid, as_user.gid) if as_user is not None else None
     try:
         attachment = attach_export(nbd_uri(state.server, state.export, tls_certificates),
-                                          read_only=state.read_only)
+                                   read_only=state.read_only, connect_as=connect_as)
     except KernelError as e:
         raise LinkError(f"attach: {e}") from None
     state.device = attachment.device
@@ -249,19 +345,29 @@ def _detect_in_window(device: str, start: int, size: int) -> str | None:
     return done.stdout.strip() or None
 
 
-def _load(disk: str) -> LinkState | None:
+def load(link_id: str) -> LinkState | None:
     try:
-        return LinkState.from_json(_state_path(disk).read_text())
+        with _private_dir(create=False) as directory:
+            return _read(directory, f"{link_id}.json")
     except FileNotFoundError:
         return None
 
 
 def find(target: str) -> LinkState:
-    """The link `target` names: `owner.disk` or the mount point it is mounted on."""
+    """The link `target` names: its id (`owner.disk`, `owner.disk.uidN`: the only link of
+    that disk here will do for `owner.disk`) or the mount point it is mounted on."""
     with contextlib.suppress(ValueError):
-        state = _load(parse_key(target, partition=False).name)
+        target = parse_key(target, partition=False).name  # ALICE.191 → alice.0191
+    if _ID.fullmatch(target):
+        state = load(target)
         if state is not None:
             return state
+        others = [s.id for s in links() if s.disk == target]
+        if len(others) == 1:
+            return load(others[0]) or find(others[0])
+        if others:
+            raise LinkError(f"{target} is linked here for several users: name one of "
+                            f"{', '.join(others)}", errno.EEXIST)
     real = os.path.realpath(target)
     for state in links():
         if state.mountpoint and state.mountpoint == real:
@@ -270,25 +376,25 @@ def find(target: str) -> LinkState:
 
 
 @contextlib.contextmanager
-def _locked(disk: str) -> Iterator[LinkState]:
-    """The state of `disk` under an exclusive lock, so two unlinks never race."""
-    path = _state_path(disk)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        raise LinkError(f"{disk}: not linked here", 2) from None
+def _locked(link_id: str) -> Iterator[LinkState]:
+    """The state of link `link_id` under an exclusive lock, so two unlinks never race."""
+    with _private_dir() as directory:
+        try:
+            fd = _open_in(directory, f"{link_id}.json", os.O_RDWR)
+        except FileNotFoundError:
+            raise LinkError(f"{link_id}: not linked here", 2) from None
     with os.fdopen(fd, "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         if os.fstat(f.fileno()).st_nlink == 0:
-            raise LinkError(f"{disk} was unlinked meanwhile", 2)
+            raise LinkError(f"{link_id} was unlinked meanwhile", 2)
         yield LinkState.from_json(f.read())
 
 
 def unlink(target: str) -> LinkState:
     """Umount, detach, unlock — in that order, each only if still needed, stopping at the
     first step that fails (state kept, so running unlink again finishes the job)."""
-    disk = find(target).disk
-    with _locked(disk) as state:
+    link_id = find(target).id
+    with _locked(link_id) as state:
         if state.mountpoint:
             if kernel_mount.mounted_at(state.mountpoint):
                 try:
@@ -310,8 +416,8 @@ def unlink(target: str) -> LinkState:
             _stop_keeper(state.keeper)
             state.keeper = None
             _save(state)
-        with contextlib.suppress(FileNotFoundError):
-            _state_path(disk).unlink()
+        with _private_dir() as directory, contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{link_id}.json", dir_fd=directory)
         return state
 
 
@@ -329,16 +435,90 @@ def unlink_idle(min_age: float = 60.0) -> tuple[list[LinkState], list[str]]:
     for state in links():
         if state.on_behalf_of != PROGRAM_MAP or now - state.linked_at < min_age:
             continue
-        if state.device:
-            try:
-                kernel_mount.refuse_if_in_use(state.device)
-            except KernelError:
-                continue  # mounted (or open): still in use
+        if state.entry and _leads_to(state.entry, state.mountpoint):
+            continue  # the automount's name for it is still there
+        mountpoint = state.mountpoint
         try:
-            ended.append(unlink(state.disk))
+            ended.append(unlink(state.id))
         except LinkError as e:
-            problems.append(f"{state.disk}: {e}")
+            if not (mountpoint and kernel_mount.mounted_at(mountpoint)):
+                problems.append(f"{state.id}: {e}")
+            continue  # (still mounted: a file under it is open, so it is still in use)
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)
     return ended, problems
+
+
+def _leads_to(entry: str, mountpoint: str) -> bool:
+    """Whether the automount's symlink `entry` is there and leads to `mountpoint`. Its
+    directory is listed first: looking up a name that is not there would make the automount
+    run the program map again."""
+    directory, name = os.path.split(entry)
+    try:
+        return name in os.listdir(directory) and os.readlink(entry) == mountpoint
+    except OSError:
+        return False
+
+
+# A POSIX ACL (the system.posix_acl_access xattr, acl_ea.h): version, then (tag, perm, id).
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_NO_ID = 0xFFFFFFFF
+
+
+def _search_only_for(uid: int) -> bytes:
+    """Owner (root) rwx, `uid` search only (--x), group and others nothing."""
+    entries = [(_ACL_USER_OBJ, 7, _ACL_NO_ID), (_ACL_USER, 1, uid), (_ACL_GROUP_OBJ, 0, _ACL_NO_ID),
+               (_ACL_MASK, 1, _ACL_NO_ID), (_ACL_OTHER, 0, _ACL_NO_ID)]
+    return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def user_mount_point(user: LocalUser, name: str) -> str:
+    """$MINIDISK_STATE_DIR/vmlink/UID/NAME, a directory for mounting a link of `user`'s: every
+    directory on the way is ours and closed to writing by others (so no user can redirect the
+    path root mounts on), and UID's is 0700 with an ACL that lets `user` alone search it (so
+    only that user reaches what is mounted there)."""
+    top = state_dir().parent / "vmlink"
+    top.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_untrusted(top.parent)
+    with contextlib.suppress(FileExistsError):
+        top.mkdir(mode=0o711)
+    _refuse_untrusted(top)
+    directory = top / str(user.uid)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o067:  # (the ACL mask shows as g+x)
+            raise LinkError(f"{directory}: owned by uid {st.st_uid} with mode "
+                            f"{st.st_mode & 0o777:o}, not ours alone", errno.EPERM)
+        try:
+            os.setxattr(fd, "system.posix_acl_access", _search_only_for(user.uid))
+        except OSError as e:
+            raise LinkError(f"{directory}: cannot let only {user} in (POSIX ACL: "
+                            f"{e.strerror}); use a MINIDISK_STATE_DIR that has ACLs",
+                            e.errno) from None
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=fd)
+        os.close(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd))
+    finally:
+        os.close(fd)
+    return str(directory / name)
+
+
+def _refuse_untrusted(path: Path) -> None:
+    """LinkError unless `path` and every directory above it belong to root or us and can be
+    changed by nobody else (a sticky directory such as /tmp only by the owners of names)."""
+    real = Path(os.path.realpath(path))
+    for directory in [real, *real.parents]:
+        st = os.lstat(directory)
+        if st.st_uid not in (0, os.geteuid()) or \
+                (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX) or \
+                (directory == real and st.st_mode & 0o022):
+            raise LinkError(f"{directory} can be changed by others (uid {st.st_uid}, mode "
+                            f"{st.st_mode & 0o7777:o}): refusing to mount below it",
+                            errno.EPERM)
 
 
 def _stop_keeper(keeper: Helper) -> None:
