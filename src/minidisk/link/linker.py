@@ -498,7 +498,7 @@ def user_mount_point(user: LocalUser, name: str) -> str:
         except OSError as e:
             raise LinkError(f"{directory}: cannot let only {user} in (POSIX ACL: "
                             f"{e.strerror}); use a MINIDISK_STATE_DIR that has ACLs",
-                            e.errno) from None
+                            e.errno or 0) from None
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o755, dir_fd=fd)
         os.close(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd))
