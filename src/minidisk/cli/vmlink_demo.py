@@ -3,7 +3,8 @@
 The administrator's side: a daemon serving alice's disk 0191 (a host file with ext4 on it),
 with a directory and a lock manager; alice defined as its owner; root granted R on it. The
 user's side: the automounter on a private /vmlink, and a plain `cat` of
-/vmlink/alice.0191/hello.txt — which links, attaches and mounts the disk on the way. Then
+/vmlink/root/alice.0191/hello.txt (root's own subtree: every user has one, see
+minidisk.link.automount) — which links, attaches and mounts the disk on the way. Then
 everything is taken down in reverse: automounter (unmount, detach, unlink), server.
 """
 
@@ -95,14 +96,15 @@ def quickstart_vmlink(once: bool) -> None:
             root = workdir / "vmlink"
             with _automounter(root, env):
                 step(f"automounting {root}")
-                path = root / "alice.0191" / "hello.txt"
+                path = root / "root" / "alice.0191" / "hello.txt"
                 done = subprocess.run(["cat", str(path)], capture_output=True, text=True,
                                       timeout=60)
                 if done.returncode != 0:
                     raise click.ClickException(f"cat {path}: {done.stderr.strip()}")
                 step(f"cat {path}: {done.stdout.strip()}")
                 mounts = [line.split()[4] for line in open("/proc/self/mountinfo")
-                          if str(root) + "/" in line.split()[4]]
+                          if str(root) + "/" in line.split()[4]
+                          and line.split(" - ")[1].split()[0] != "autofs"]
                 step(f"linked R and mounted read-only at {', '.join(mounts)}")
                 if not once:
                     wait_for_ctrl_c("press Ctrl-C to tear everything down")
