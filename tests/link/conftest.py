@@ -19,6 +19,7 @@ from tests.conftest import stop_process
 sys.path.insert(0, str(Path(__file__).parent))
 
 from link_helpers import (  # noqa: E402
+    LEASE,
     MATRIX_DISKS,
     MINIDISK,
     NOBODY,
@@ -49,10 +50,24 @@ def site(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     """A site on a unix socket: principals are uids. alice.0191 is an ext4 image (hello.txt),
     or, parametrised indirectly with "partitioned", an MBR disk with ext4 in two partitions
     (link_helpers.make_partitioned)."""
+    with _unix_site(monkeypatch, getattr(request, "param", None) == "partitioned") as running:
+        yield running
+
+
+@pytest.fixture
+def leased_site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    """The `site`, with a link lease of LEASE seconds (holders renew every LEASE/3)."""
+    with _unix_site(monkeypatch, settings=f"link_lease = {LEASE}\n") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _unix_site(monkeypatch: pytest.MonkeyPatch, partitioned: bool = False,
+               settings: str = "") -> Iterator[Site]:
     root = _new_root()
     sock = root / "s.sock"
     url = f"unix://{sock}"
-    if getattr(request, "param", None) == "partitioned":
+    if partitioned:
         make_partitioned(root / "0191.img")
     else:
         make_ext4(root / "0191.img")
@@ -61,7 +76,7 @@ def site(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     def ready() -> bool:  # the daemon opens the socket to every user after listening
         return sock.exists() and sock.stat().st_mode & 0o777 == 0o666
 
-    with _running(site, monkeypatch, f'url = "{url}"\n', f"uid:{OWNER_UID}",
+    with _running(site, monkeypatch, f'url = "{url}"\n{settings}', f"uid:{OWNER_UID}",
                   [f"uid:{uid}" for uid in (0, NOBODY)], ready):
         yield site
 

@@ -33,6 +33,7 @@ OWNER_UID = 1000
 NOBODY = 65534
 # Disks for the mode matrix: one fresh disk per pair, so no pair waits for the last to end.
 MATRIX_DISKS = [f"{n:04x}" for n in range(0x100, 0x100 + 12 * 12)]
+LEASE = 2  # seconds: the link lease of the `leased_site` fixture
 
 
 @contextlib.contextmanager

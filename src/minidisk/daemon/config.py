@@ -24,6 +24,7 @@ The TOML file can say everything the flags say, under the flags' long names::
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
     directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
     link_dlm = "unix:///run/minidisk/dlm.sock"    # --link-dlm URL: lock manager for links
+    link_lease = 60                               # seconds a link lives unrenewed
 
 Lists from the file and from the command line are concatenated (file first); a scalar
 given on the command line wins over the file.
@@ -47,10 +48,11 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
-            "directory": str, "link_dlm": str, "busy_poll_us": int,
+            "directory": str, "link_dlm": str, "link_lease": int, "busy_poll_us": int,
             "max_connections": int, "handshake_timeout": int, "tcp_timeout": int}
 # Integer settings: (smallest, largest, unit for the error message).
 _BOUNDED = {"busy_poll_us": (0, 10_000, "microseconds"),
+            "link_lease": (1, 86_400, "seconds"),
             "max_connections": (1, 1_000_000, "connections"),
             "handshake_timeout": (0, 86_400, "seconds (0: no deadline)"),
             "tcp_timeout": (0, 86_400, "seconds (0: off)")}
@@ -101,6 +103,7 @@ class DaemonConfig:
     dlm: str | None = None
     directory: str | None = None  # the link directory (minidisk.link); None: no link layer
     link_dlm: str | None = None  # where links take their locks (default: --dlm, $MINIDISK_DLM)
+    link_lease: int = 60  # seconds a link lives without its holder renewing it
 
     @classmethod
     def load(cls, options: dict[str, Any], config_file: str | None = None) -> DaemonConfig:

@@ -92,7 +92,8 @@ class Daemon:
         """--directory: the directory's disks served here may be opened only by their owners
         and by identities with a live link (minidisk.link.authority)."""
         self.links = LinkAuthority(Directory(path), self.config.link_dlm or self.config.dlm,
-                                   self.server, self._serves, self.server.is_admin)
+                                   self.server, self._serves, self.server.is_admin,
+                                   lease=self.config.link_lease)
         self.policies.append(self.links.policy)
         self.server.control_for_anyone = True
         self.control.admin = self.server.is_admin

@@ -7,11 +7,14 @@ caller's identity is the one the NBD server proved: SO_PEERCRED uid or TLS subje
 
     resolve {key}                    where a disk lives, and the caller's grant on it
     link {disk, mode, password?}     authorize, lock, record a live link tied to this connection
+    renew {}                         renew the lease of the link made on this connection
     unlink {}                        end the link made on this same connection
 
 A live link is bound to the control connection that made it: it ends when that connection
-closes for any reason (clean unlink, the holder killed with -9, a lost network), and then the
-lock is released and every data connection of that principal to that disk is hung up.
+closes for any reason (clean unlink, the holder killed with -9, a lost network), or when its
+holder has not renewed its lease for `lease` seconds (a host that vanished without closing
+anything: the keeper renews every third of it). Then every data connection the link admitted
+is hung up and waited for, and only then is the lock released.
 The export policy admits an identity to a governed disk only while it holds a live link
 (read links read-only); the owner always. Exports the directory does not name stay as they
 were for network peers; on the unix socket (made 0666 so that every local user can link)
@@ -53,6 +56,8 @@ LOCK_DOMAIN = "vmlink"
 # How long an ended link waits for its data connections' requests in flight before it lets
 # its lock go anyway (a request stuck in a device must not pin the disk for ever).
 HANG_UP_WAIT = 10.0
+# Seconds a link lives without a renewal (`link_lease` in the daemon's configuration).
+DEFAULT_LEASE = 60.0
 # The refusals that count against a principal's rate limit: wrong or missing passwords and
 # grants, unknown disks and owners, bad keys -- what guessing and probing get. Conflicts
 # with other links (EBUSY, EEXIST) are an authorized user's and do not count.
@@ -113,6 +118,7 @@ class LiveLink:
     end_reason: str = ""
     # Set once the link's data connections are gone: only then is its lock let go.
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    expires: float = 0.0  # monotonic time by which the holder must renew it
     holding: asyncio.Task[None] | None = None  # the task that holds its lock
 
     def end(self, reason: str) -> None:
@@ -129,9 +135,10 @@ class LiveLink:
 
 class LinkAuthority:
     def __init__(self, directory: Directory, dlm_url: str | None, connections: Connections,
-                 has_export: Callable[[str], bool], is_admin: Callable[[Identity], bool]
-                 ) -> None:
+                 has_export: Callable[[str], bool], is_admin: Callable[[Identity], bool],
+                 lease: float = DEFAULT_LEASE) -> None:
         self.directory = directory
+        self.lease = lease
         self.is_admin = is_admin
         self.dlm_url = dlm_url
         self.connections = connections
@@ -183,8 +190,8 @@ class LinkAuthority:
     # -- control commands --
 
     def control_handlers(self) -> dict[str, Callable[..., Any]]:
-        return {"resolve": self.resolve, "link": self.link, "unlink": self.unlink,
-                "links": self.list_links}
+        return {"resolve": self.resolve, "link": self.link, "renew": self.renew,
+                "unlink": self.unlink, "links": self.list_links}
 
     async def resolve(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
         principal = self._principal(identity)
@@ -237,7 +244,7 @@ class LinkAuthority:
         outcome = "degraded to read-only" if link.degraded else "linked"
         await self._audit(principal, "link", link.disk.name, mode.name, outcome, link.why, args)
         log.info("%s linked %s %s (%s)", principal, link.disk.name, mode.name, outcome)
-        return link.describe()
+        return {**link.describe(), "lease": self.lease}
 
     async def _link(self, principal: str, key: DiskKey, mode: LinkMode, args: dict[str, Any],
                     identity: Identity) -> LiveLink:
@@ -256,9 +263,19 @@ class LinkAuthority:
         link = LiveLink(principal, disk, mode, mode.writes, False, why, identity)
         link.degraded = await self._admit(link)
         link.writes = mode.writes and not link.degraded
+        link.expires = time.monotonic() + self.lease
         self.links.append(link)
         self._spawn(self._watch(link, closed))
         return link
+
+    async def renew(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
+        """Push back the end of the lease of the link made on this connection."""
+        for link in self.links:
+            if link.identity is identity and not link.ended.is_set():
+                link.expires = time.monotonic() + self.lease
+                return {"disk": link.disk.name, "lease": self.lease}
+        raise OSError(errno.ENOENT, "no live link was made on this connection (it ended: "
+                      "unlinked, lease expired or lock manager lost)")
 
     async def unlink(self, args: dict[str, Any], identity: Identity) -> dict[str, Any]:
         """End the link made on this connection (the keeper's clean way out)."""
@@ -330,7 +347,12 @@ class LinkAuthority:
     async def _watch(self, link: LiveLink, closed: asyncio.Event) -> None:
         waits = [asyncio.ensure_future(closed.wait()), asyncio.ensure_future(link.ended.wait())]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            while not (closed.is_set() or link.ended.is_set()):
+                left = link.expires - time.monotonic()
+                if left <= 0:
+                    link.end(f"its lease of {self.lease:g} s expired (not renewed)")
+                    break
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()

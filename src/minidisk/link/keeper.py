@@ -4,20 +4,25 @@
 outlives the command and its terminal. The keeper opens a control connection to the server
 that holds the disk, sends `link` (the password, if any, arrives on stdin, never in argv),
 writes the server's answer as one JSON line on stdout, closes stdout, and then holds the
-connection open and does nothing. The server binds the link — its lock, and the export
-policy's permission to open the disk — to that connection:
+connection open, renewing the link's lease every third of it (the answer says how long it
+is). The server binds the link — its lock, and the export policy's permission to open the
+disk — to that connection and to the lease:
 
 * `minidisk unlink` sends SIGTERM: the keeper sends `unlink` on the connection (so the audit
   log says "unlink"), closes it and exits 0;
 * kill -9, a crash or a lost network close the connection without a word: the server ends
   the link all the same ("the holder's connection closed"), releases the lock and hangs up
   this principal's data connections to the disk;
+* a keeper that cannot renew in time (its host hung, suspended, cut off) loses the link: the
+  server ends it when the lease runs out, as if the connection had closed; when such a
+  keeper runs again, its renewal is refused, and it says so on stderr and exits 4;
 * if the server goes away first, the keeper sees EOF and exits 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -29,6 +34,7 @@ from minidisk.nbd.tls import client_context
 
 EXIT_REFUSED = 1
 EXIT_SERVER_GONE = 3
+EXIT_LINK_LOST = 4
 
 
 class _Stop(Exception):
@@ -66,11 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop:
         return EXIT_REFUSED
     _report({"ok": True, "pid": os.getpid(), **result})
+    lease = float(result.get("lease") or 0)
     try:
-        session.sock.settimeout(None)
-        while session.sock.recv(4096):  # the server never speaks first: only EOF comes
-            pass
-        return EXIT_SERVER_GONE
+        # The server never speaks first: a timeout is the time to renew, EOF its end.
+        session.sock.settimeout(lease / 3 if lease > 0 else None)
+        while True:
+            try:
+                if not session.sock.recv(4096):
+                    return EXIT_SERVER_GONE
+            except TimeoutError:
+                try:
+                    session.call("renew")
+                except ControlError as e:
+                    if e.errno == errno.ECONNRESET:
+                        return EXIT_SERVER_GONE
+                    sys.stderr.write(f"minidisk link keeper: the link of {options.disk} is "
+                                     f"gone: {e}\n")
+                    return EXIT_LINK_LOST
     except _Stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
