@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
+import socket
 import struct
+import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 
 from minidisk.dlm import protocol
 from minidisk.dlm.client import connect
+from minidisk.dlm.engine import DlmError
 from minidisk.dlm.modes import Mode
 
 from .conftest import Server  # type: ignore[import-not-found]
@@ -50,6 +56,21 @@ def wait_hang_up(raw: Raw) -> None:
             pass
     except ConnectionResetError:
         pass
+
+
+def wait_taken(raw: Raw) -> None:
+    """Wait until the service has read everything this connection wrote (or hung up)."""
+    deadline = time.monotonic() + 10
+    unread = bytearray(4)
+    while time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(raw.sock.fileno(), termios.TIOCOUTQ, unread)
+        except OSError:
+            return
+        if int.from_bytes(unread, sys.byteorder) == 0:
+            return
+        time.sleep(0.01)
+    raise TimeoutError("the service did not read what was sent")
 
 
 def _lock_frame_with_a_domain_longer_than_the_frame() -> bytes:
@@ -179,3 +200,70 @@ def test_a_prompt_unlock_client_that_never_reads_is_cut_off_while_drained(
     finally:
         p.close()
         w.close()
+
+
+def test_partial_frames_cost_the_service_no_more_than_the_request_limit(
+        dlm_server: Server) -> None:
+    """Forty connections each announce a frame of almost a megabyte (under the old limit of
+    every frame, `MAX_FRAME`) and send most of it: the service must refuse each on its header
+    (a request is at most `MAX_REQUEST`), not keep 40 MiB of partial requests."""
+    pid = dlm_server.process.pid
+    length = protocol.MAX_FRAME - 1
+    raws = [Raw(dlm_server) for _ in range(40)]
+    try:
+        for raw in raws:  # every connection accepted before the measure starts
+            assert raw.call({"id": 1, "op": "hello", "name": "partial"})["ok"]
+        before = vm_kib(pid, "VmRSS")
+        for raw in raws:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                raw.send(struct.pack(">IB", length, protocol.JSON) + b" " * (length - 100))
+        for raw in raws:
+            wait_taken(raw)
+        grown_mib = (vm_kib(pid, "VmRSS") - before) / 1024
+        assert grown_mib < 8, f"the service grew by {grown_mib:.0f} MiB"
+        for raw in raws:
+            wait_hang_up(raw)
+    finally:
+        for raw in raws:
+            raw.close()
+
+
+HOSTILE_REPLIES = {
+    "header-of-4-gib": struct.pack(">IB", 0xFFFFFFFF, protocol.JSON),
+    "json-id-a-list": _json_frame('{"id":[1],"ok":true}'),
+    "json-nested-too-deep": _json_frame("[" * 100_000),
+}
+
+
+@pytest.mark.parametrize("reply", list(HOSTILE_REPLIES), ids=list(HOSTILE_REPLIES))
+@pytest.mark.anyio
+async def test_a_hostile_service_s_reply_ends_the_connection_not_the_client(
+        tmp_short: Path, reply: str, anyio_backend: str) -> None:
+    """Whatever a service answers, the client neither allocates what a header announces nor
+    lets a bad reply escape its reader: the call fails (ENOTCONN), nothing hangs."""
+    path = str(tmp_short / "hostile.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        conn.recv(65536)  # the hello
+        conn.sendall(HOSTILE_REPLIES[reply])  # and the connection stays open
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        before = vm_kib(os.getpid(), "VmRSS")
+        with anyio.fail_after(10), pytest.raises(DlmError) as err:
+            async with connect(f"unix://{path}", name="victim"):
+                pass
+        assert err.value.errno == errno.ENOTCONN
+        assert vm_kib(os.getpid(), "VmRSS") - before < 64 << 10  # KiB: no 4 GiB buffer
+    finally:
+        server.join(10)
+        for conn in accepted:
+            conn.close()
+        listener.close()

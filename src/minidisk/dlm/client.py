@@ -510,7 +510,8 @@ class DlmClient:
         for body in bodies:
             try:
                 self._dispatch(body)
-            except (protocol.ProtocolError, ValueError, KeyError, IndexError) as err:
+            except (protocol.ProtocolError, ValueError, KeyError, IndexError,
+                    TypeError) as err:  # TypeError: a JSON reply whose id is a list
                 return self._read_failed(err)
         return True
 
