@@ -3,9 +3,10 @@ same host files, and every write acknowledged before a completed FLUSH reads bac
 
 For each backend — a `blk` key (write-back cache) over a host file, a `reg` key, and a dm
 linear table over two host files (re-created on restart from its table file) — a raw-socket
-client pipelines whole-block writes (never two in flight to one block) with a FLUSH every few
-writes, while a timer kills the server at a random point. The model, per block: `durable` is
-the newest write acknowledged before a FLUSH was sent that then completed. After the restart a
+client pipelines whole-block writes (never two in flight to one block; some with FUA) with a
+FLUSH every few writes, while a timer kills the server at a random point. The model, per
+block: `durable` is the newest write acknowledged before a FLUSH was sent that then completed,
+or acknowledged with FUA. After the restart a
 block must hold exactly the value of one write to it that is not older than `durable` (each
 value names its block and sequence number, and the rest of it is derived from both), or
 zeroes while nothing is durable there. What it holds becomes the new durable value.
@@ -41,6 +42,7 @@ BLOCK = 4096
 BLOCKS = 256  # 1 MiB
 QUEUE_DEPTH = 16
 FLUSH_EVERY = 12  # writes between FLUSHes
+FUA_SHARE = 0.1  # writes sent with FUA: durable when acknowledged
 START_TIMEOUT = 30.0
 
 
@@ -95,7 +97,7 @@ def decode(block: int, data: bytes) -> int | None:
     got_block, seq = struct.unpack_from(">QQ", data)
     if got_block != block or data != block_value(block, seq):
         return None
-    return seq
+    return int(seq)
 
 
 @dataclass
@@ -161,7 +163,7 @@ def crash_dir() -> Iterator[Path]:
 
 def workload(client: RawClient, rng: random.Random, model: Model) -> int:
     """Pipelined writes and FLUSHes until the server goes away; the writes sent."""
-    inflight: dict[int, tuple[int, int]] = {}  # cookie -> (block, seq) of a WRITE
+    inflight: dict[int, tuple[int, int, bool]] = {}  # cookie -> (block, seq, fua) of a WRITE
     flushes: dict[int, dict[int, int]] = {}  # cookie -> newest acked seq per block
     acked: dict[int, int] = {}  # block -> newest acknowledged seq since the last flush sent
     busy: set[int] = set()
@@ -185,9 +187,11 @@ def workload(client: RawClient, rng: random.Random, model: Model) -> int:
                 model.next_seq += 1
                 model.written[block].add(seq)
                 cookie = next(cookies)
+                fua = rng.random() < FUA_SHARE
                 client.send_request(p.CMD_WRITE, cookie, block * BLOCK, BLOCK,
+                                    flags=p.CMD_FLAG_FUA if fua else 0,
                                     payload=block_value(block, seq))
-                inflight[cookie] = (block, seq)
+                inflight[cookie] = (block, seq, fua)
                 busy.add(block)
                 sent += 1
                 since_flush += 1
@@ -197,9 +201,12 @@ def workload(client: RawClient, rng: random.Random, model: Model) -> int:
             reply = replies.pop(cookie_done)
             assert reply.error == 0, f"request {cookie_done} failed: {reply}"
             if cookie_done in inflight:
-                block, seq = inflight.pop(cookie_done)
+                block, seq, fua = inflight.pop(cookie_done)
                 busy.discard(block)
                 acked[block] = seq
+                if fua:  # durable once acknowledged
+                    model.durable[block] = max(model.durable[block], seq)
+                    model.flushed.add(block)
             else:
                 for block, seq in flushes.pop(cookie_done).items():
                     model.durable[block] = max(model.durable[block], seq)

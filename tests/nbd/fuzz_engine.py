@@ -585,15 +585,12 @@ class Fuzzer:
         if (magic, ihaveopt) != (p.NBDMAGIC, p.IHAVEOPT) or hflags & ~3 or not hflags & 1:
             raise Broken("bad-reply", f"greeting {magic:#x} {ihaveopt:#x} {hflags:#x}")
         if rng.random() < 0.4:
-            session = self._valid_handshake(rng, peer)
-            if session is None:
-                return "refused-export"
-            return self._transmission(rng, peer, session)
+            return self._transmission(rng, peer, self._valid_handshake(rng, peer))
         return self._fuzz_handshake(rng, peer)
 
     # -- handshake --
 
-    def _valid_handshake(self, rng: random.Random, peer: Peer) -> Session | None:
+    def _valid_handshake(self, rng: random.Random, peer: Peer) -> Session:
         no_zeroes = rng.random() < 0.5
         flags = p.FLAG_C_FIXED_NEWSTYLE | (p.FLAG_C_NO_ZEROES if no_zeroes else 0)
         peer.send(p.CLIENT_FLAGS.pack(flags))
@@ -609,10 +606,9 @@ class Fuzzer:
             data = p.info_request(target.name, [p.INFO_TYPE_BLOCK_SIZE])
             result = self._option_exchange(peer, [_send_option(peer, p.OPT_GO, data)])
         else:
-            peer.send(p.OPTION_HEADER.pack(p.IHAVEOPT, p.OPT_EXPORT_NAME, len(target.name))
-                      + target.name.encode())
+            _send_option(peer, p.OPT_EXPORT_NAME, target.name.encode())
             result = self._export_name_reply(peer, no_zeroes)
-        if result is None:
+        if not isinstance(result, tuple):
             raise Broken("wrong-answer", f"export {target.name!r} refused")
         size, tflags = result
         return Session(structured, meta, size, tflags)
@@ -669,8 +665,8 @@ class Fuzzer:
             if isinstance(event, Cut):
                 return "cut"
             if event.option == p.OPT_EXPORT_NAME:
-                result = self._export_name_reply(peer, no_zeroes)
-                return "export-refused" if result is None else result
+                export = self._export_name_reply(peer, no_zeroes)
+                return "export-refused" if export is None else export
             result = self._option_replies(peer, event)
             if result is not None:
                 return result
