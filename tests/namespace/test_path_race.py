@@ -231,3 +231,51 @@ def test_directory_key_keeps_its_directory_when_an_ancestor_moves(
             ref.close()
 
     assert asyncio.run(read_f()) == INSIDE
+
+
+@pytest.mark.timeout(60)
+def test_drivespec_create_and_grow_race_never_touches_the_outside(tmp_path: Path,
+                                                                   resolver: str) -> None:
+    """apply (create or grow work/sub/disk.img to 1 MiB) and undo, as fast as they go, while
+    work/sub flips between a real directory and a link to a directory holding a 4 KiB
+    disk.img of its own: that file is never grown, cut or removed, and nothing appears there."""
+    from minidisk.namespace import DrivespecError, apply, parse
+
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    victim = outside / "disk.img"
+    victim.write_bytes(b"v" * 4096)
+    os.utime(victim, (1_000_000_000, 1_000_000_000))
+    (work / "sub_alt").symlink_to(outside)
+    spec = parse(f"key=/d,hostpath={work}/sub/disk.img,size=1m")
+    applied = refused = 0
+    undo_errors: list[OSError] = []
+    ns = Namespace()
+
+    async def scenario() -> None:
+        nonlocal applied, refused
+        deadline = time.monotonic() + RACE_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                done = apply(spec, ns)
+            except DrivespecError:
+                refused += 1
+                continue
+            applied += 1
+            try:
+                await done.undo(ns)
+            except OSError as e:  # counted: the outside file is what this test is about
+                undo_errors.append(e)
+        await ns.aclose()
+
+    with Flipper(work / "sub", work / "sub_alt") as flipper:
+        asyncio.run(scenario())
+    assert flipper.flips > 100
+    st = victim.stat()
+    assert (st.st_size, st.st_mtime) == (4096, 1_000_000_000), "the outside file was touched"
+    assert victim.read_bytes() == b"v" * 4096
+    assert os.listdir(outside) == ["disk.img"]
+    assert not undo_errors
+    assert applied > 0 and refused > 0
