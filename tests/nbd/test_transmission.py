@@ -310,9 +310,12 @@ def test_t8_zero_length_requests(server: Server, structured: bool) -> None:
 
 def test_t9_oversize(server: Server) -> None:
     with connect(server) as c:
-        assert c.request(p.CMD_READ, 0, 32 * MiB + 1).errno == p.NBD_EINVAL
-        assert c.request(p.CMD_READ, 0, 32 * MiB + 1, p.CMD_FLAG_DF).errno in (
-            p.NBD_EOVERFLOW, p.NBD_EINVAL)
+        # Above the advertised 32 MiB is served too, as by nbdkit and nbd-server (clients
+        # that used EXPORT_NAME never saw the maximum); tests/nbd/test_bounds.py has the
+        # hard limit of 64 MiB.
+        assert c.request(p.CMD_READ, 0, 32 * MiB + 1).errno == 0
+        reply = c.request(p.CMD_READ, 0, 32 * MiB + 1, p.CMD_FLAG_DF)
+        assert reply.errno == 0 and len(reply.chunks) == 1
         # Exactly the maximum works, as one chunk with DF.
         reply = c.request(p.CMD_READ, 0, 32 * MiB, p.CMD_FLAG_DF)
         assert reply.errno == 0 and len(reply.chunks) == 1

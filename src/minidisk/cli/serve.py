@@ -58,6 +58,9 @@ from minidisk.nbd.listen import parse_url
               help="Drop a TCP peer that stops answering (host gone, network cut) after "
                    "about this long: keepalive probes and TCP_USER_TIMEOUT (default 120; "
                    "0: off).")
+@click.option("--payload-budget", metavar="SIZE",
+              help="READ and WRITE payload bytes all clients together may have in memory; "
+                   "more wait, unread (default 512M; 64M at most per connection).")
 @click.option("--log-file", metavar="FILE", help="Where a detached server logs.")
 @click.option("--dlm", metavar="URL", help="Also host the lock manager at URL (unix://PATH).")
 @click.option("--directory", metavar="FILE",

@@ -20,6 +20,7 @@ The TOML file can say everything the flags say, under the flags' long names::
     max_connections = 1024                        # --max-connections: more are closed
     handshake_timeout = 10                        # --handshake-timeout: seconds to negotiate
     tcp_timeout = 120                             # --tcp-timeout: drop a vanished TCP peer
+    payload_budget = "512M"                       # --payload-budget: request bytes in memory
     log_file = "/var/log/minidisk.log"
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
     directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
@@ -49,7 +50,8 @@ _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subje
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
             "directory": str, "link_dlm": str, "link_lease": int, "busy_poll_us": int,
-            "max_connections": int, "handshake_timeout": int, "tcp_timeout": int}
+            "max_connections": int, "handshake_timeout": int, "tcp_timeout": int,
+            "payload_budget": str}
 # Integer settings: (smallest, largest, unit for the error message).
 _BOUNDED = {"busy_poll_us": (0, 10_000, "microseconds"),
             "link_lease": (1, 86_400, "seconds"),
@@ -100,6 +102,7 @@ class DaemonConfig:
     max_connections: int = 1024  # open connections (any phase); more are closed at once
     handshake_timeout: int = 10  # seconds a client has to reach transmission (qemu: 10)
     tcp_timeout: int = 120  # seconds before a silent TCP peer is dropped (keepalive)
+    payload_budget: int = 512 << 20  # READ/WRITE payload bytes all clients may hold
     dlm: str | None = None
     directory: str | None = None  # the link directory (minidisk.link); None: no link layer
     link_dlm: str | None = None  # where links take their locks (default: --dlm, $MINIDISK_DLM)
@@ -153,6 +156,11 @@ class DaemonConfig:
             if type(value) is not int or not low <= value <= high:
                 raise ValueError(f"{name} = {value!r}: expected {low} to {high} {unit}")
             setattr(config, name, value)
+        if m.get("payload_budget"):
+            config.payload_budget = parse_human_size(str(m["payload_budget"]))
+            if config.payload_budget < 1 << 20:
+                raise ValueError(f"payload_budget = {m['payload_budget']!r}: expected at "
+                                 "least 1M")
         config.dlm = m.get("dlm")
         config.directory = os.path.abspath(m["directory"]) if m.get("directory") else None
         config.link_dlm = m.get("link_dlm")

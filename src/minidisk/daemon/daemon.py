@@ -78,7 +78,8 @@ class Daemon:
                                 busy_poll=config.busy_poll_us / 1e6,
                                 max_connections=config.max_connections,
                                 handshake_timeout=config.handshake_timeout,
-                                tcp_timeout=config.tcp_timeout)
+                                tcp_timeout=config.tcp_timeout,
+                                payload_budget=config.payload_budget)
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)
         self.control.update(etfs.control_handlers(self.namespace))

@@ -8,7 +8,7 @@ return EPERM for writes and trims on a read-only export).
 
 from __future__ import annotations
 
-from minidisk.device.api import BlockDevice
+from minidisk.device.api import MAX_REQUEST, BlockDevice
 from minidisk.nbd import protocol as p
 from minidisk.nbd.negotiation import Session
 
@@ -17,6 +17,10 @@ from minidisk.nbd.negotiation import Session
 # (nbdkit draws the same line at 128 MiB). proto.md: payloads up to 32 MiB SHOULD NOT be
 # treated as a denial of service even above the advertised maximum.
 MAX_DRAIN = 128 * 1024 * 1024
+# The largest READ or WRITE served when the device has no limit of its own below the
+# advertised MAX_REQUEST: nbdkit's MAX_REQUEST_SIZE. Clients that never saw the advertised
+# maximum (EXPORT_NAME) send more than it: nbd-tester-client up to ~48 MiB.
+MAX_PAYLOAD = 64 * 1024 * 1024
 
 _WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
 _RANGED = (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_CACHE, p.CMD_WRITE_ZEROES,
@@ -62,10 +66,11 @@ def check_request(
     bs = device.block_size
     if bs.minimum > 1 and (offset % bs.minimum or length % bs.minimum):
         return p.NBD_EINVAL, f"request is not aligned to {bs.minimum} bytes"
-    if cmd in (p.CMD_READ, p.CMD_WRITE) and length > bs.maximum:
+    limit = bs.maximum if bs.maximum < MAX_REQUEST else MAX_PAYLOAD
+    if cmd in (p.CMD_READ, p.CMD_WRITE) and length > limit:
         if flags & p.CMD_FLAG_DF:
             return p.NBD_EOVERFLOW, f"{length} bytes cannot be sent as one chunk"
-        return p.NBD_EINVAL, f"{length} bytes is over the maximum of {bs.maximum}"
+        return p.NBD_EINVAL, f"{length} bytes is over the maximum of {limit}"
     if cmd == p.CMD_BLOCK_STATUS and length == 0:
         return p.NBD_EINVAL, "BLOCK_STATUS of zero length"
     return 0, ""

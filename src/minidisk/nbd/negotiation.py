@@ -21,6 +21,11 @@ from minidisk.nbd.exports import Access, ExportPolicy, ExportSource, Identity, O
 log = logging.getLogger(__name__)
 
 META_CONTEXT_ID = 1  # the transient id of base:allocation on every connection
+# Options a client may send before it picks an export, and as many more per export a LIST
+# showed it (nbdkit's MAX_NR_OPTIONS): each may open an export, so there must be an end.
+# Control commands are not counted: only permitted peers send them, and a link keeper
+# sends them for as long as its link lives.
+MAX_OPTIONS = 32
 
 
 class TLSMode(enum.Enum):
@@ -108,6 +113,8 @@ class Negotiation:
         self.meta_selected = False
         self.shutting_down = False
         self.session: Session | None = None
+        self.options_left = MAX_OPTIONS
+        self.listed = False  # LIST answers once per connection (as nbdkit)
 
     # -- entry points --
 
@@ -129,6 +136,12 @@ class Negotiation:
         self.meta_selected = False
 
     def option(self, opt: int, data: bytes) -> Outcome:
+        if not (opt == p.OPT_MINIDISK_CONTROL and self.control_allowed):
+            self.options_left -= 1
+            if self.options_left < 0:
+                log.info("client sent more than %d options without choosing an export; "
+                         "closing", MAX_OPTIONS)
+                return Outcome(action=Action.CLOSE)
         if opt == p.OPT_ABORT:
             return Outcome([p.option_reply(opt, p.REP_ACK)], Action.CLOSE)
         if opt == p.OPT_STARTTLS:
@@ -193,12 +206,16 @@ class Negotiation:
     def _list(self, opt: int, data: bytes) -> Outcome:
         if data:
             return self._error(opt, p.REP_ERR_INVALID, "LIST takes no data")
+        if self.listed:  # a client asking again and again would multiply the replies
+            return self._error(opt, p.REP_ERR_INVALID, "the export list was already sent")
+        self.listed = True
         replies = []
         for name in self.exports.export_names():
             if self.policy(self.identity, name) is Access.DENY:
                 continue
             raw = name.encode()
             replies.append(p.option_reply(opt, p.REP_SERVER, p.U32.pack(len(raw)) + raw))
+        self.options_left += MAX_OPTIONS * len(replies)  # INFO on each export, and more
         replies.append(p.option_reply(opt, p.REP_ACK))
         return Outcome(replies)
 

@@ -11,7 +11,12 @@ Shape, from the measurements in research/python-stack.md §2:
 * Replies may complete out of order. Each reply is appended whole to one output list, which
   is written with one `writelines` per loop iteration, so replies never interleave.
 * Back-pressure: reading pauses while the transport's write buffer is over its high-water
-  mark or while too many requests are in flight.
+  mark, while too many requests are in flight, or while the next request's payload does
+  not fit the connection's or the server's budget of payload bytes (minidisk.nbd.budget).
+  Requests are checked before their buffers are allocated; a refused WRITE's payload is
+  read into one small shared buffer and dropped.
+* Memory: a connection receives into a small buffer until transmission begins, and the
+  heap is trimmed once a burst of large requests is over.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 from minidisk import busypoll
 from minidisk.device.api import BlockDevice
 from minidisk.nbd import protocol as p
+from minidisk.nbd.budget import PayloadBudget, fits
 from minidisk.nbd.checks import MAX_DRAIN, check_request
 from minidisk.nbd.exports import (
     DictExports,
@@ -46,7 +52,7 @@ from minidisk.nbd.listen import (
     raise_fd_limit,
     socket_activation,
 )
-from minidisk.nbd.malloc_tuning import keep_buffers_on_heap
+from minidisk.nbd.malloc_tuning import TRIM_THRESHOLD, give_back, keep_buffers_on_heap
 from minidisk.nbd.negotiation import (
     Action,
     ControlHandler,
@@ -59,15 +65,23 @@ from minidisk.nbd.tls import peer_subject
 
 log = logging.getLogger(__name__)
 
-RX_BUFFER = 256 * 1024
+RX_BUFFER = 256 * 1024  # in transmission: many request headers per wakeup
+HANDSHAKE_RX = 4096  # before it: options are small, and idle clients cost little
+DRAIN_BUFFER = 64 * 1024  # where refused WRITE payloads are read and dropped (shared)
 MAX_INFLIGHT = 512  # requests in flight per connection before reading pauses
-# READ reply bytes one parsing pass may queue before it writes them out and, if the client
-# is not reading, stops. Without it one 256 KiB receive buffer of 32 MiB READ headers made
+# Reply bytes one parsing pass may queue before it writes them out and, if the client is
+# not reading, stops. Without it one 256 KiB receive buffer of 32 MiB READ headers made
 # the server queue gigabytes of replies for a client that never reads them.
-MAX_QUEUED_READ = 16 * 1024 * 1024
+MAX_QUEUED_OUT = 16 * 1024 * 1024
+HANDSHAKE_QUEUED_OUT = 64 * 1024  # the same for option replies
+CONNECTION_BUDGET = 64 * 1024 * 1024  # payload bytes one connection may hold (nbdkit's
+# largest request, so that two 32 MiB requests may be in flight)
+SERVER_BUDGET = 512 * 1024 * 1024  # payload bytes all connections together may hold
+TRIM_DELAY = 1.0  # seconds without payload in memory before a burst's heap is trimmed
 MAX_EXTENTS = 1 << 20  # proto.md: SHOULD NOT send more descriptors than this
 FD_RESERVE = 256  # open files beyond one per connection: exports, logs, the thread pool
 _PEERCRED = struct.Struct("3i")
+_PAYLOAD = (p.CMD_READ, p.CMD_WRITE)  # commands whose payload is held in memory
 
 
 class _Resume:
@@ -116,20 +130,28 @@ class Connection(asyncio.BufferedProtocol):
         self.session: Session | None = None
         self.export: OpenedExport | None = None
         self.device: BlockDevice | None = None
-        self.rx = bytearray(RX_BUFFER)
+        self.rx = bytearray(HANDSHAKE_RX)
         self.rx_view = memoryview(self.rx)
         self.rx_start = self.rx_end = 0
+        self.drain = 0  # bytes of a refused WRITE's payload still to be read and dropped
         # A WRITE whose payload is still arriving: (payload, received, request fields)
         self.payload: bytearray | None = None
         self.payload_view: memoryview | None = None
         self.payload_pos = 0
         self.payload_request: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.out: list[bytes | bytearray | memoryview] = []
+        self.out_bytes = 0
         self.flush_scheduled = False
+        # Payload budget bytes (see minidisk.nbd.budget) this connection holds: in flight,
+        # of which `unsent` are replies queued in `out` and `held` replies in a transport
+        # buffer that is over its high-water mark (given back when it drains).
+        self.charged = self.unsent = self.held = 0
+        self.budget_blocked = False  # the next request waits for budget
         self.inflight = 0
         self.write_paused = False
         self.reading_paused = False
         self.parse_deferred = False  # requests left in rx until the client reads replies
+        self.options_deferred = False  # the same for options
         self.busy = False  # STARTTLS or a control command in progress
         self.disconnecting = False
         self.shutting_down = False
@@ -190,6 +212,11 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._handshake_done()
+        self.server.budget.leave(self)
+        self.out.clear()
+        if self.unsent or self.held:  # in-flight requests give theirs back when they end
+            unsent, self.unsent, self.held = self.unsent + self.held, 0, 0
+            self._give(unsent)
         self.server.connections.discard(self)
         if self.export is not None:
             self.export.close()
@@ -218,6 +245,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.transport is None:
             return
         self.out.extend(parts)
+        for part in parts:
+            self.out_bytes += len(part)
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -226,9 +255,16 @@ class Connection(asyncio.BufferedProtocol):
         self.flush_scheduled = False
         if self.out and self.transport is not None and not self.transport.is_closing():
             out, self.out = self.out, []
-            self.transport.writelines(out)
+            self.out_bytes = 0
+            self.transport.writelines(out)  # calls pause_writing if it goes over high water
             if self.server.poller is not None:  # the client's next request comes soon
                 self.server.poller.poke()
+        if self.unsent:
+            unsent, self.unsent = self.unsent, 0
+            if self.write_paused and self.transport is not None:
+                self.held += unsent  # still in memory, in the transport's buffer
+            else:
+                self._give(unsent)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -236,12 +272,25 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.held:
+            held, self.held = self.held, 0
+            self._give(held)
         if self.parse_deferred:  # parse what is left before reading more
-            self.loop.call_soon(self._parse_deferred)
+            self.loop.call_soon(self._continue_parsing)
+        if self.options_deferred:
+            self.options_deferred = False
+            self.loop.call_soon(self._resume_options)
         self._update_reading()
 
-    def _parse_deferred(self) -> None:
-        self.parse_deferred = False
+    def budget_freed(self) -> None:
+        if self.budget_blocked:
+            self.loop.call_soon(self._continue_parsing)
+
+    def _continue_parsing(self) -> None:
+        """Parse the requests left in rx when the client fell behind or the budget ran out."""
+        if not (self.parse_deferred or self.budget_blocked):
+            return
+        self.parse_deferred = self.budget_blocked = False
         if self.transport is None or self.session is None:
             return
         try:
@@ -251,11 +300,33 @@ class Connection(asyncio.BufferedProtocol):
             self.disconnecting = True
             self._close()
             return
+        if not self.budget_blocked:
+            # Not waiting for the server's budget (any more): a place kept in its queue
+            # would hold up everyone behind it, e.g. while our client does not read.
+            self.server.budget.leave(self)
         self._update_reading()
+
+    # -- payload budget --
+
+    def _take(self, size: int) -> bool:
+        """Take `size` payload bytes, or stop parsing until they are available."""
+        srv = self.server
+        if fits(self.charged, size, srv.connection_budget) and srv.budget.take(size, self):
+            self.charged += size
+            return True
+        self.budget_blocked = True  # resumed by _give (ours) or budget_freed (the server's)
+        self._update_reading()
+        return False
+
+    def _give(self, size: int) -> None:
+        self.charged -= size
+        self.server.budget.give(size)
+        if self.budget_blocked:
+            self.loop.call_soon(self._continue_parsing)
 
     def _update_reading(self) -> None:
         want_pause = (self.write_paused or self.inflight >= MAX_INFLIGHT or self.busy
-                      or self.disconnecting or self.parse_deferred)
+                      or self.disconnecting or self.parse_deferred or self.budget_blocked)
         if self.transport is None or want_pause == self.reading_paused:
             return
         self.reading_paused = want_pause
@@ -269,6 +340,8 @@ class Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.payload_view is not None:
             return self.payload_view[self.payload_pos:]
+        if self.drain:
+            return self.server.drain_view[:self.drain]
         if len(self.rx) - self.rx_end < p.REQUEST.size:
             # Move the unparsed tail to the front; it is always shorter than one header.
             tail = self.rx_end - self.rx_start
@@ -277,6 +350,9 @@ class Connection(asyncio.BufferedProtocol):
         return self.rx_view[self.rx_end:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.drain:
+            self.drain -= nbytes  # rx is empty behind a payload: nothing else to parse
+            return
         if self.payload_view is not None:
             self.payload_pos += nbytes
             if self.payload_pos < len(self.payload_view):
@@ -285,7 +361,7 @@ class Connection(asyncio.BufferedProtocol):
             self.payload = self.payload_view = None
             flags, cmd, cookie, offset = self.payload_request
             assert payload is not None
-            self._request(flags, cmd, cookie, offset, len(payload), payload)
+            self._execute_now(flags, cmd, cookie, offset, len(payload), payload)
             return
         self.rx_end += nbytes
         try:
@@ -313,13 +389,24 @@ class Connection(asyncio.BufferedProtocol):
         neg = self.negotiation
         assert neg is not None
         self.handshake.append(data)
-        # One event at a time: after GO the rest is transmission, after STARTTLS it is TLS.
+        self._next_options()
+
+    def _next_options(self) -> None:
+        """Act on the options received, one at a time: after GO the rest is transmission,
+        after STARTTLS it is TLS. Stops while the client is not reading the replies."""
+        neg = self.negotiation
+        assert neg is not None
         while (event := self.handshake.next_event()) is not None:
             if isinstance(event, p.ClientFlags):
                 outcome = neg.client_flags(event.flags)
             else:
                 outcome = neg.option(event.option, event.data)
             if self._carry_out(outcome):
+                return
+            if self.out_bytes >= HANDSHAKE_QUEUED_OUT:
+                self._flush()
+            if self.write_paused:
+                self.options_deferred = True
                 return
 
     def _carry_out(self, outcome: Outcome) -> bool:
@@ -350,7 +437,9 @@ class Connection(asyncio.BufferedProtocol):
             self.export = outcome.export
             self.device = outcome.export.device
             self.session = neg.session
-            rest = self.handshake.take_rest()
+            rest = self.handshake.take_rest()  # at most one small handshake read
+            self.rx = bytearray(max(RX_BUFFER, len(rest)))
+            self.rx_view = memoryview(self.rx)
             self.rx[:len(rest)] = rest
             self.rx_start, self.rx_end = 0, len(rest)
             log.debug("transmission on %r, flags %#x", self.export.name, self.session.tflags)
@@ -370,14 +459,10 @@ class Connection(asyncio.BufferedProtocol):
     def _resume_options(self) -> None:
         self.busy = False
         self._update_reading()
-        # Options the client pipelined behind the one we just finished.
-        neg = self.negotiation
-        assert neg is not None
-        try:
-            while (event := self.handshake.next_event()) is not None:
-                assert isinstance(event, p.Option)
-                if self._carry_out(neg.option(event.option, event.data)):
-                    return
+        if self.transport is None:
+            return
+        try:  # options the client pipelined behind the one we just finished
+            self._next_options()
         except p.ProtocolError as e:
             self._abort(str(e))
 
@@ -418,26 +503,43 @@ class Connection(asyncio.BufferedProtocol):
     def _transmission_input(self) -> None:
         rx, pos, end = self.rx, self.rx_start, self.rx_end
         unpack = p.REQUEST.unpack_from
-        queued_read = 0
         while end - pos >= p.REQUEST.size and not self.disconnecting:
+            if self.out_bytes >= MAX_QUEUED_OUT:
+                self._flush()  # the transport calls pause_writing if it backs up
+            if self.write_paused:  # the client is not reading: the rest waits in rx
+                self.parse_deferred = True
+                self._update_reading()
+                break
             magic, flags, cmd, cookie, offset, length = unpack(rx, pos)
             if magic != p.REQUEST_MAGIC:
                 raise p.ProtocolError(f"bad request magic {magic:#x}")
+            if cmd == p.CMD_DISC:
+                pos += p.REQUEST.size
+                log.debug("client sent DISC")
+                self.disconnecting = True
+                self._update_reading()
+                self._maybe_finish()
+                break
+            # Checked before anything is allocated for it.
+            err, reason = self._check(cmd, flags, offset, length)
+            if not err and cmd in _PAYLOAD and length and not self._take(length):
+                break  # the header stays in rx until the budget has room
             pos += p.REQUEST.size
-            if cmd != p.CMD_WRITE:
-                self._request(flags, cmd, cookie, offset, length, None)
-                if cmd == p.CMD_READ:
-                    queued_read += length
-                    if queued_read > MAX_QUEUED_READ:
-                        queued_read = 0
-                        self._flush()  # the transport calls pause_writing if it backs up
-                        if self.write_paused:
-                            self.parse_deferred = True
-                            self._update_reading()
-                            break
+            if err:
+                if cmd == p.CMD_WRITE and length > MAX_DRAIN:
+                    raise p.ProtocolError(f"WRITE payload of {length} bytes")
+                log.debug("%s refused: %s", p.CMD_NAMES.get(cmd, cmd), reason)
+                self._fail(cookie, cmd, err, reason)
+                if cmd == p.CMD_WRITE:  # its payload is read and dropped, never stored
+                    skip = min(end - pos, length)
+                    pos += skip
+                    if skip < length:
+                        self.drain = length - skip
+                        break
                 continue
-            if length > MAX_DRAIN:
-                raise p.ProtocolError(f"WRITE payload of {length} bytes")
+            if cmd != p.CMD_WRITE:
+                self._execute_now(flags, cmd, cookie, offset, length, None)
+                continue
             payload = bytearray(length)
             have = min(end - pos, length)
             payload[:have] = rx[pos:pos + have]
@@ -447,29 +549,23 @@ class Connection(asyncio.BufferedProtocol):
                 self.payload_pos = have
                 self.payload_request = (flags, cmd, cookie, offset)
                 break
-            self._request(flags, cmd, cookie, offset, length, payload)
+            self._execute_now(flags, cmd, cookie, offset, length, payload)
         if pos == end:
             pos = end = 0
         self.rx_start, self.rx_end = pos, end
 
-    def _request(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
-                 payload: bytearray | None) -> None:
-        if cmd == p.CMD_DISC:
-            log.debug("client sent DISC")
-            self.disconnecting = True
-            self._update_reading()
-            self._maybe_finish()
-            return
+    def _check(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
         session, device = self.session, self.device
         assert session is not None and device is not None
         if self.shutting_down:
-            self._fail(cookie, cmd, p.NBD_ESHUTDOWN, "server is shutting down")
-            return
-        err, reason = check_request(session, device, cmd, flags, offset, length)
-        if err:
-            log.debug("%s refused: %s", p.CMD_NAMES.get(cmd, cmd), reason)
-            self._fail(cookie, cmd, err, reason)
-            return
+            return p.NBD_ESHUTDOWN, "server is shutting down"
+        return check_request(session, device, cmd, flags, offset, length)
+
+    def _execute_now(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                     payload: bytearray | None) -> None:
+        """Run a checked request: inline until it first waits, then as a task."""
+        device = self.device
+        assert device is not None
         self.inflight += 1
         if self.inflight >= MAX_INFLIGHT:
             self._update_reading()
@@ -485,9 +581,13 @@ class Connection(asyncio.BufferedProtocol):
     async def _execute(self, device: BlockDevice, flags: int, cmd: int, cookie: int,
                        offset: int, length: int, payload: bytearray | None) -> None:
         fua = bool(flags & p.CMD_FLAG_FUA)
+        charge = length if cmd in _PAYLOAD else 0  # what _transmission_input took
         try:
             if cmd == p.CMD_READ:
                 await self._read(device, flags, cookie, offset, length)
+                if self.transport is not None:  # the reply buffer now waits in `out`
+                    self.unsent += charge
+                    charge = 0
                 return
             if cmd == p.CMD_BLOCK_STATUS:
                 await self._block_status(device, flags, cookie, offset, length)
@@ -515,6 +615,8 @@ class Connection(asyncio.BufferedProtocol):
             log.exception("%s failed in %s", p.CMD_NAMES[cmd], device.describe())
             self._fail(cookie, cmd, p.NBD_EIO, f"internal error: {type(e).__name__}")
         finally:
+            if charge:
+                self._give(charge)
             self.inflight -= 1
             if self.inflight == MAX_INFLIGHT - 1 or self.inflight == 0:
                 self._update_reading()
@@ -630,6 +732,7 @@ class NBDServer:
         max_connections: int = 1024,
         handshake_timeout: float = 10.0,
         tcp_timeout: int = 120,
+        payload_budget: int = SERVER_BUDGET,
     ) -> None:
         if tls_mode is not TLSMode.OFF and tls_context is None:
             raise ValueError("TLS needs certificates (--tls-certificates DIR)")
@@ -648,6 +751,10 @@ class NBDServer:
         self.at_limit = False  # logged once per episode, not per refused client
         self.handshake_timeout = handshake_timeout
         self.tcp_timeout = tcp_timeout
+        self.budget = PayloadBudget(payload_budget, self._budget_idle)
+        self.connection_budget = min(CONNECTION_BUDGET, payload_budget)
+        self.drain_view = memoryview(bytearray(DRAIN_BUFFER))
+        self.trim: asyncio.TimerHandle | None = None
         # Bounded busy-polling after requests and replies (see minidisk.busypoll): off
         # unless asked for, as it spends CPU to save the wake-up of an idle vCPU.
         self.busy_poll = busy_poll
@@ -666,6 +773,20 @@ class NBDServer:
             log.warning("connection limit (%d) reached: closing new connections",
                         self.max_connections)
         return False
+
+    def _budget_idle(self, peak: int) -> None:
+        """No payload in memory any more: after a burst larger than glibc trims by itself,
+        give the freed heap back once the server stays idle a moment (trimming between
+        requests would cost the page faults malloc_tuning avoids)."""
+        if peak >= TRIM_THRESHOLD and self.trim is None:
+            self.trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self.trim = None
+        if self.budget.used == 0:
+            give_back()
+        else:  # busy again: trim after this burst instead
+            self.budget.peak = max(self.budget.peak, TRIM_THRESHOLD)
 
     def control_permitted(self, identity: Identity) -> bool:
         """Who may send control commands: our own uid (or root) on a unix socket, or a TLS
