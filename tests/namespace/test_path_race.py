@@ -26,7 +26,7 @@ from tests.conftest import MINIDISK, stop_process
 from tests.daemon.conftest import wait_for_socket
 from tests.nbd.nbd_helpers import run_libnbd
 
-from minidisk.namespace import Namespace
+from minidisk.namespace import DrivespecError, Namespace, apply, parse
 
 RACE_SECONDS = 4.0
 INSIDE = b"inside"
@@ -239,8 +239,6 @@ def test_drivespec_create_and_grow_race_never_touches_the_outside(tmp_path: Path
     """apply (create or grow work/sub/disk.img to 1 MiB) and undo, as fast as they go, while
     work/sub flips between a real directory and a link to a directory holding a 4 KiB
     disk.img of its own: that file is never grown, cut or removed, and nothing appears there."""
-    from minidisk.namespace import DrivespecError, apply, parse
-
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)
     outside = tmp_path / "outside"
