@@ -153,3 +153,46 @@ def test_plain_register_over_a_fifo_does_not_block(ns: Namespace, tmp_path: Path
     assert info.value.errno == errno.EINVAL
     error = refusal(f"key=/k,hostpath={tmp_path}/fifo,size=1m", ns)
     assert error.errno == errno.EINVAL
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_descriptor_leaks_on_refusals_and_removal(tmp_path: Path, victim: Path,
+                                                     resolver: str) -> None:
+    """Every refused open and every removed key gives its descriptors back."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_bytes(b"f" * 4096)
+    (tree / "link").symlink_to(victim)
+    os.mkfifo(tree / "fifo")
+    before = open_fds()
+    ns = Namespace()
+
+    async def scenario() -> None:
+        ns.register("/t", str(tree), "dir_subdirs")
+        for _ in range(50):
+            for name in ("t/link", "t/fifo", "t/sub", "t/missing/f", "t/link/x"):
+                with pytest.raises(OSError):
+                    ns.open_export(name)
+            ns.open_export("t/sub/f").close()
+            for spec in (f"key=/b,hostpath={tree}/sub/f,disklabel=a",  # no label
+                         f"key=/b,hostpath={tree}/link,size=1k",
+                         f"key=/b,hostpath={tree}/fifo,size=1k"):
+                with pytest.raises(DrivespecError):
+                    apply(parse(spec), ns)
+            past_end = (str(tree / "sub" / "f"), "blk", 1 << 20, 512)
+            with pytest.raises(OSError):
+                ns.register("/c", *past_end)  # no cache for the file yet
+            ns.register("/a", str(tree / "sub" / "f"), "blk")
+            with pytest.raises(OSError):
+                ns.register("/c", *past_end)  # the file's cache exists
+            ns.register("/b", str(tree / "sub" / "f"), "blk")
+            await ns.remove("/a")
+            await ns.remove("/b")
+        await asyncio.sleep(0)  # the background close of the last file below /t
+        await ns.aclose()
+
+    asyncio.run(scenario())
+    assert open_fds() == before

@@ -103,8 +103,8 @@ class HostCaches:
             identity = (-1, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
             shared = self._caches.get(identity)
             if shared is None:
-                whole = FileDevice(hostpath, block_size=SECTOR_BLOCK_SIZE, fd=fd)
-                fd = -1
+                fd, owned = -1, fd  # FileDevice owns it now, and closes it if it fails
+                whole = FileDevice(hostpath, block_size=SECTOR_BLOCK_SIZE, fd=owned)
                 shared = self._caches[identity] = SharedCache(self, identity, whole)
             else:
                 shared.cover(begin + length)
