@@ -121,3 +121,26 @@ def test_removing_one_key_keeps_the_other_and_its_data(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert file_at(host, 0, 2 * S) == b"A" * S + b"B" * S
+
+
+def test_write_back_never_touches_bytes_outside_every_blk_window(tmp_path: Path) -> None:
+    """The shared cache's lines are in file coordinates, so a line at a window's edge also
+    holds bytes of the file outside it: a `reg` key (or anything else) owns those, and
+    writing the line back must not put the bytes the line was filled with over theirs."""
+    host = tmp_path / "h.img"
+    host.write_bytes(bytes(4 * LINE))
+    edge = LINE + LINE // 2  # the blk window ends halfway through line 1
+    ns = Namespace()
+    ns.register("/b", str(host), "blk", 0, edge)
+    ns.register("/r", str(host), "reg", edge, LINE)
+
+    async def scenario() -> None:
+        b, r = ns.lookup("/b"), ns.lookup("/r")
+        await write(b, edge - S, b"B" * S)  # fills line 1 from the file, and dirties it
+        await write(r, 0, b"R" * S)  # straight to the file, next to it
+        await r.flush()
+        await b.flush()
+        await ns.aclose()
+
+    asyncio.run(scenario())
+    assert file_at(host, edge - S, 2 * S) == b"B" * S + b"R" * S

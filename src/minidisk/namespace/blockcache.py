@@ -94,9 +94,15 @@ class CacheMemory:
 class BlockCache(BlockDevice):
     """A write-back cache of `backing`, with lines from `memory`."""
 
-    def __init__(self, backing: BlockDevice, memory: CacheMemory) -> None:
+    def __init__(self, backing: BlockDevice, memory: CacheMemory,
+                 spans: list[tuple[int, int]] | None = None) -> None:
+        """`spans`, when given, are the only ranges [begin, end) of `backing` that writing a
+        line back may write (and the caller keeps them current): a cache of a whole host
+        file shared by windows must not write the bytes around them that a line was filled
+        with over whatever else owns them."""
         self.backing = backing
         self.memory = memory
+        self.spans = spans
         self.size = backing.size
         self.block_size = backing.block_size
         bc = backing.caps
@@ -154,8 +160,10 @@ class BlockCache(BlockDevice):
 
     async def _write_back(self, linenos: list[int]) -> None:
         async def one(lineno: int) -> None:
-            line = self.lines[lineno]
-            await self.backing.pwrite(memoryview(line)[:self._line_bytes(lineno)], lineno * LINE)
+            line, start = memoryview(self.lines[lineno]), lineno * LINE
+            end = start + self._line_bytes(lineno)
+            for lo, hi in [(start, end)] if self.spans is None else _clip(self.spans, start, end):
+                await self.backing.pwrite(line[lo - start:hi - start], lo)
             self.dirty.discard(lineno)
             self.memory.mark_clean(self, lineno)
 
@@ -284,6 +292,19 @@ class BlockCache(BlockDevice):
     def describe(self) -> str:
         return (f"block cache ({len(self.lines)} lines, {len(self.dirty)} dirty) over "
                 + self.backing.describe())
+
+
+def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) inside any of `spans`, ascending and merged."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted((max(lo, start), min(hi, end)) for lo, hi in spans):
+        if lo >= hi:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(hi, out[-1][1]))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _with_data(extents: list[Extent], runs: list[tuple[int, int]]) -> list[Extent]:

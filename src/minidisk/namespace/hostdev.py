@@ -19,6 +19,9 @@ its flush would write that copy back over the other's flushed data. A file is kn
 (st_dev, st_ino), so hard links and `symlinks=follow` paths find the same cache, and a block
 device by its device number, so two device nodes of one disk do. A key's window is a
 `CacheWindow` into that cache; removing a key flushes the cache, and the last window closes it.
+Lines are in file coordinates, so one at a window's edge holds bytes outside every window too;
+write-back writes only the bytes inside writable windows, so bytes no `blk` key maps are
+never written by the cache, as when each window had a cache of its own.
 A key whose own open was read-only stays read-only; one that could write, joining a cache a
 read-only open made, reads only. `reg` and `chr` keys over a file a `blk` key caches go
 around that cache, as rump's do (rump_etfs(3): do not touch a host file a BLK key maps).
@@ -119,13 +122,14 @@ class HostCaches:
 
 
 class SharedCache:
-    """The cache of one host file, and how many windows use it."""
+    """The cache of one host file, and the windows that use it."""
 
     def __init__(self, owner: HostCaches, identity: tuple[int, int], whole: FileDevice) -> None:
         self.identity = identity
         self.file = whole
-        self.cache = BlockCache(whole, owner.memory)
-        self.users = 0
+        self.windows = 0
+        self.spans: list[tuple[int, int]] = []  # the writable windows': all it may write back
+        self.cache = BlockCache(whole, owner.memory, self.spans)
         self._owner = owner
 
     def cover(self, end: int) -> None:
@@ -134,17 +138,24 @@ class SharedCache:
             self.file.size = end
             self.cache.grow(end, self.file.pread_blocking)
 
-    async def release(self, flush: bool) -> None:
-        """A window is gone: write back what it (or anyone) wrote, as a removed key always
-        has, and close the cache with the last one."""
-        self.users -= 1
+    def attach(self, span: tuple[int, int], writable: bool) -> None:
+        self.windows += 1
+        if writable:
+            self.spans.append(span)
+
+    async def release(self, span: tuple[int, int], writable: bool) -> None:
+        """The window over `span` is gone: write back what it (or anyone) wrote, as a removed
+        key always has, then stop writing back its bytes; close the cache with the last one."""
         try:
-            if flush:
+            if writable:
                 await self.cache.flush()
         finally:
+            self.windows -= 1
+            if writable:
+                self.spans.remove(span)
             # Checked after the flush: a key registered meanwhile keeps the cache open. With
             # no window left nothing can dirty it, so closing writes nothing back.
-            if not self.users:
+            if not self.windows:
                 self._owner._forget(self)
                 await self.cache.close()
 
@@ -163,8 +174,8 @@ class CacheWindow(BlockDevice):
             caps = replace(caps, read_only=True, fua=False, trim=False, zero=False,
                            fast_zero=False)
         self.caps: Caps = caps
-        self._open = True
-        shared.users += 1
+        self._span: tuple[int, int] | None = (base, base + size)
+        shared.attach(self._span, not caps.read_only)
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         await self.backing.pread(buf, self.base + offset)
@@ -192,9 +203,9 @@ class CacheWindow(BlockDevice):
         await self.backing.cache(self.base + offset, length)
 
     async def close(self) -> None:
-        if self._open:
-            self._open = False
-            await self.shared.release(flush=not self.caps.read_only)
+        span, self._span = self._span, None
+        if span is not None:
+            await self.shared.release(span, not self.caps.read_only)
 
     def describe(self) -> str:
         return f"[{self.base}, +{self.size}] of {self.backing.describe()}"
