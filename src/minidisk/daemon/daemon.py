@@ -31,6 +31,7 @@ from minidisk.dm.mapped import MappedDevice
 from minidisk.dm.registry import Registry
 from minidisk.link.authority import LinkAuthority
 from minidisk.link.directory import Directory
+from minidisk.link.governance import Governance
 from minidisk.namespace import DEFAULT_CACHE_LIMIT, Namespace, apply_all
 from minidisk.nbd.client import RemoteDevice
 from minidisk.nbd.exports import Access, ExportPolicy, Identity
@@ -96,6 +97,11 @@ class Daemon:
                                    self.server, self._serves, self.server.is_admin,
                                    lease=self.config.link_lease)
         self.policies.append(self.links.policy)
+        # ... and wherever their bytes appear under another name (minidisk.link.governance).
+        governance = Governance(self.links.disks, self.namespace, self.dm)
+        self.namespace.host_checks.append(governance.check_host)
+        self.dm.child_checks.append(governance.check_table_child)
+        self.policies.append(governance.policy)
         self.server.control_for_anyone = True
         self.control.admin = self.server.is_admin
         for name, handler in self.links.control_handlers().items():

@@ -71,6 +71,9 @@ class Registry:
         self._reaper: asyncio.Task[None] | None = None  # runs while devices are marked
         # A table or the last NBD client let go of a device marked for deferred removal.
         self._released = asyncio.Event()
+        # Asked with (the loading device's key, a child's key, the child) before a table maps
+        # it; raising refuses the table (the link layer: no table over a governed disk).
+        self.child_checks: list[Callable[[str, str, BlockDevice], None]] = []
         if publisher is not None:
             publisher.on_unused(self._key_unused)
 
@@ -109,14 +112,20 @@ class Registry:
                 if child is loading or self._reaches(child, loading):
                     raise OSError(errno.ELOOP,
                                   f"{loading.name} would hold itself through {key}")
+                self._check_child(loading, key, child)
                 child.open()
                 return child, lambda: self._release(child)
             if self.source is None:
                 raise OSError(errno.ENOENT, f"no namespace to look up {key}")
             device = self.source.lookup(key)
+            self._check_child(loading, key, device)
             return device, self.source.hold(key).release
 
         return open_device
+
+    def _check_child(self, loading: MappedDevice, key: str, child: BlockDevice) -> None:
+        for check in self.child_checks:
+            check(loading.mapper_key, key, child)
 
     def _release(self, dev: MappedDevice) -> None:
         dev.release()

@@ -179,13 +179,18 @@ class LinkAuthority:
         return access
 
     def _governing(self, export: str) -> Disk | None:
-        """The directory's disk served as `export`. The policy runs for every export of
-        every LIST, INFO and GO: the disks are read again only when the file changed."""
+        """The directory's disk served as `export`."""
+        self.disks()
+        return self._governed.get(export.lstrip("/"))
+
+    def disks(self) -> list[Disk]:
+        """The directory's disks. The policy asks for every export of every LIST, INFO and
+        GO: they are read again only when the file changed."""
         version = self.directory.data_version()
         if version != self._governed_version:
             self._governed = {disk.export: disk for disk in self.directory.disks()}
             self._governed_version = version
-        return self._governed.get(export.lstrip("/"))
+        return list(self._governed.values())
 
     # -- control commands --
 

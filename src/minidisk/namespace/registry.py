@@ -114,6 +114,10 @@ class Namespace:
         self._entries: dict[str, Entry] = {}  # in registration order
         self._closing: set[asyncio.Task[None]] = set()
         self._unused_listeners: list[Callable[[str], None]] = []
+        # Asked before a key over a host file (or directory) is registered, with the fstat of
+        # the descriptor opened for it; raising refuses the key (the link layer: no second
+        # key over a governed disk's file, minidisk.link.governance).
+        self.host_checks: list[Callable[[str, os.stat_result, bool], None]] = []
 
     # Registration.
 
@@ -138,16 +142,28 @@ class Namespace:
                 if e.errno != errno.ENOENT:
                     raise
                 raise OSError(errno.ENOTDIR, f"{hostpath} is not a directory") from None
+            self._check_host(key, dirfd, True)
             entry = Entry(key, etfs_type.value, None, f"{etfs_type.value} {hostpath}",
                           hostpath=hostpath, dirfd=dirfd)
         else:
             fd = open_host(hostpath, follow_symlinks) if fd is None else os.dup(fd)
+            self._check_host(key, fd, False)
             device = open_host_device(fd, hostpath, etfs_type, begin, size, self.host_caches)
             entry = Entry(key, etfs_type.value, revocable(device),
                           f"{etfs_type.value} {hostpath} [{begin}, +{device.size}]",
                           hostpath=hostpath, begin=begin)
         self._entries[key] = entry
         return key
+
+    def _check_host(self, key: str, fd: int, is_dir: bool) -> None:
+        """Run the host checks; a refusal closes `fd` (nothing else was made yet)."""
+        try:
+            st = os.fstat(fd)
+            for check in self.host_checks:
+                check(key, st, is_dir)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def register_device(self, key: str, device: BlockDevice, description: str | None = None) -> str:
         """Map `key` to an already-built device, which the namespace now owns (closes)."""
