@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from pathlib import Path
 
+import pytest
 from tests.namespace.conftest import file_at, read, write
 
 from minidisk.namespace import Namespace, apply, parse
@@ -144,3 +146,60 @@ def test_write_back_never_touches_bytes_outside_every_blk_window(tmp_path: Path)
 
     asyncio.run(scenario())
     assert file_at(host, edge - S, 2 * S) == b"B" * S + b"R" * S
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_overlapping_windows_match_a_model_under_a_tiny_budget(tmp_path: Path,
+                                                               seed: int) -> None:
+    """Random I/O through three overlapping blk windows of one file (edges inside lines, a
+    5-line budget), with a reg key over bytes no blk window maps: every read matches the
+    model of the file, the file matches it after every flush, and the budget holds."""
+    rng = random.Random(seed)
+    size = 24 * LINE + 7 * S
+    host = tmp_path / "h.img"
+    model = bytearray(rng.randbytes(size))
+    host.write_bytes(model)
+    ns = Namespace(cache_limit=5 * LINE)
+    windows = {"/a": (0, 16 * LINE), "/b": (LINE // 2 + 3 * S, 10 * LINE),
+               "/c": (5 * LINE + S, 19 * LINE + 3 * S)}  # ends where /r begins
+    for key, (begin, length) in windows.items():
+        ns.register(key, str(host), "blk", begin, length)
+    ns.register("/r", str(host), "reg", size - 3 * S, 3 * S)  # after every blk window
+    assert all(b + n <= size - 3 * S for b, n in windows.values())
+
+    async def scenario() -> None:
+        for step in range(500):
+            key = rng.choice(list(windows))
+            begin, length = windows[key]
+            device = ns.lookup(key)
+            sectors = length // S
+            start = rng.randrange(sectors)
+            count = min(rng.choice([1, 2, 127, 128, 129, 300]), sectors - start)
+            offset, n = start * S, count * S
+            where = begin + offset
+            op = rng.choice(["read", "read", "write", "write", "fua", "flush", "trim", "zero",
+                             "reg"])
+            if op == "read":
+                assert await read(device, offset, n) == model[where:where + n], step
+            elif op in ("write", "fua"):
+                data = rng.randbytes(n)
+                await device.pwrite(memoryview(data), offset, op == "fua")
+                model[where:where + n] = data
+            elif op == "flush":
+                await device.flush()
+                assert host.read_bytes() == model, step
+            elif op == "trim":
+                await device.trim(offset, n)
+                model[where:where + n] = bytes(n)
+            elif op == "zero":
+                await device.zero(offset, n)
+                model[where:where + n] = bytes(n)
+            else:
+                data = rng.randbytes(3 * S)
+                await write(ns.lookup("/r"), 0, data)
+                model[size - 3 * S:] = data
+            assert ns.cache_memory.allocated <= ns.cache_memory.limit
+        await ns.aclose()
+
+    asyncio.run(scenario())
+    assert host.read_bytes() == model
