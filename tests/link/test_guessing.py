@@ -78,3 +78,17 @@ def test_guessing_a_password_stalls_nobody_and_is_rate_limited(site: Site,
     assert "rate limit" in rows[-1][4]
     # The owner is nobody's guess: it links at once all the while.
     assert site.holder(OWNER_UID).link("alice.0192", "R")["why"] == "owner"
+
+
+def test_conflicts_are_not_slowed_down_but_audited_once(site: Site) -> None:
+    """A linker told again and again that someone else holds the disk is answered each time
+    (a conflict is no guess), but the same refusal gets one audit row, not one each."""
+    disk = "alice.0100"  # a matrix disk: root and nobody may link it in every mode
+    site.holder(0).link(disk, "W")
+    rows_before = len(site.audit())
+    for _ in range(20):
+        with pytest.raises(ControlError) as refused:
+            site.holder(NOBODY).link(disk, "W")
+        assert refused.value.errno == 16, refused.value  # EBUSY, never the rate limit
+    rows = [row for row in site.audit()[rows_before:] if row[0] == f"uid:{NOBODY}"]
+    assert len(rows) == 1, rows

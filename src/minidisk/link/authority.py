@@ -408,10 +408,12 @@ class LinkAuthority:
     async def _refused(self, principal: str, action: str, disk: str, mode: str, why: str,
                        args: dict[str, Any], counted: bool = True) -> None:
         """Audit a refusal; `counted` ones (what guessing and probing get) count against the
-        principal's rate limit, whose notes go into the row."""
-        note = self.limiter.refused(principal) if counted else ""
-        await self._audit(principal, action, disk, mode, "refused",
-                          f"{why} ({note})" if note else why, args)
+        principal's rate limit, whose notes go into the row; an uncounted one repeated at
+        once is only counted into the next row (RefusalLimiter.refused)."""
+        note = self.limiter.refused(principal, counted, f"{action} {disk} {mode}: {why}")
+        if note is not None:
+            await self._audit(principal, action, disk, mode, "refused",
+                              f"{why} ({note})" if note else why, args)
 
     async def _audit(self, who: str, action: str, disk: str, mode: str, outcome: str, why: str,
                      args: dict[str, Any]) -> None:
