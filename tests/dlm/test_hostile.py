@@ -267,3 +267,31 @@ async def test_a_hostile_service_s_reply_ends_the_connection_not_the_client(
         for conn in accepted:
             conn.close()
         listener.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_grant_to_a_client_that_just_hung_up_does_not_hurt_the_granter(
+        dlm_server: Server, anyio_backend: str) -> None:
+    """X waits for Y's lock and closes its socket; Y unlocks in the same instant. The
+    service sees X's end of stream first (its transport is closed from then on, though not
+    yet reported lost) and then Y's unlock, which grants X's queued request: writing that
+    grant to X's closed transport must not fail Y's wake-up, and so Y's connection."""
+    async with connect(dlm_server.url, name="y", prompt_unlock=True) as y:
+        lock = y.lock("d", "r", Mode.EX)
+        kept = y.lock("d", "kept", Mode.EX)
+        assert await lock.acquire() and await kept.acquire()
+        x = Raw(dlm_server)
+        try:
+            x.send(protocol.encode_lock(2, 1, 5, 0, "d", "r"))
+            assert x.next()[0] == protocol.OK  # queued behind Y
+            assert x.call({"id": 3, "op": "hello", "name": "x"})["ok"]  # X reported last
+            with frozen(dlm_server.process.pid):
+                x.sock.close()
+                await lock.release(wait=True)
+        finally:
+            x.close()
+        await y.sync()
+        assert kept.held
+        async with connect(dlm_server.url, name="witness") as witness:
+            assert not await witness.lock("d", "kept", Mode.EX).acquire(blocking=False)

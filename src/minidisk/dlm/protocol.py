@@ -36,7 +36,8 @@ convert     ref, mode, flags, lvb (hex, optional)       --
 unlock      ref, flags, lvb (hex, optional)             --
 cancel      ref                                         --
 drop        domain, name                                --
-status      --                                          domains (engine snapshot), clients
+status      after (optional: the previous page's next)  domains, clients (first page only),
+                                                        next (null on the last page)
 purge       domain (optional), pid (optional)           purged (count)
 ==========  ==========================================  ==============================
 
@@ -80,7 +81,14 @@ events name locks by it, so a client can route a grant before it has seen the re
 CONVDEADLK, PERSISTENT, IVVALBLK, ORPHAN, NOQUEUEBAST). `lvb` is the holder's 64-byte value
 block (hex in JSON), sent by a PW/EX holder only when it changed it. Errors are errno numbers
 (EAGAIN: a NOQUEUE request was not grantable; EDEADLK: conversion deadlock; EBUSY: a request
-is pending, or nothing is; ENOENT: unknown ref or resource; EINVAL: bad arguments).
+is pending, or nothing is; ENOENT: unknown ref or resource; EINVAL: bad arguments; past the
+service's limits, `minidisk.dlm.limits`: ENOLCK for locks, EDQUOT for domains, ENOSPC for
+resources, and EUSERS, in an ERROR with id 0 before a hang-up, for connections).
+
+Status comes in pages of at most half a frame, so a state of any size can be listed: each
+reply's `next` is the cursor to ask the following page with. A domain or resource that goes
+on from the previous page comes again with `"continued": true` and only the rest of its
+members, resources or locks (`DlmClient.status` puts them together).
 
 Events (service to client) have no id; a reply always precedes the events its request caused.
 Their JSON forms, used by nothing any more but kept readable here::
