@@ -163,17 +163,18 @@ def _flood(raw: Raw, frame: bytes, total: int) -> int:
     return sent
 
 
-def test_a_prompt_unlock_client_that_never_reads_is_cut_off_while_drained(
-        dlm_server: Server) -> None:
-    """P asks for prompt-unlock and floods requests that each have a reply (a CANCEL of a
-    lock it does not have: an ERROR), never reading one; W keeps asking, so P is drained
-    during W's wake-ups. Draining must not keep reading as long as P keeps writing (its
-    replies piling up unsent): P is cut off once its unread replies pass the write-buffer
-    limit, and the service's peak memory stays within a few times that limit."""
+@pytest.mark.parametrize("features", [["prompt-unlock"], []], ids=["prompt-unlock", "plain"])
+def test_a_client_that_floods_and_never_reads_is_cut_off(dlm_server: Server,
+                                                         features: list[str]) -> None:
+    """P floods requests that each have a reply (a CANCEL of a lock it does not have: an
+    ERROR), never reading one; W keeps asking, so a prompt-unlock P is drained during W's
+    wake-ups too. Draining must not keep reading as long as P keeps writing (its replies
+    piling up unsent): P is cut off once its unread replies pass the write-buffer limit, and
+    the service's peak memory stays within a few times that limit."""
     pid = dlm_server.process.pid
     p, w = Raw(dlm_server), Raw(dlm_server)
     try:
-        assert p.call({"id": 1, "op": "hello", "name": "p", "features": ["prompt-unlock"]})
+        assert p.call({"id": 1, "op": "hello", "name": "p", "features": features})
         assert w.call({"id": 1, "op": "hello", "name": "w"})["ok"]
         before = vm_kib(pid, "VmHWM")
         stop = threading.Event()
