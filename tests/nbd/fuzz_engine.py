@@ -560,7 +560,8 @@ class Fuzzer:
             outcome = self._run(rng, peer)
             return self._record(seed, outcome, None)
         except Hang as e:
-            return self._record(seed, "hang", Finding("hang", str(e), seed, bytes(peer.sent)))
+            detail = f"{e}; {self._probe()}"
+            return self._record(seed, "hang", Finding("hang", detail, seed, bytes(peer.sent)))
         except Closed as e:
             finding = Finding("closed", f"hung up where a reply was owed: {e}", seed,
                               bytes(peer.sent))
@@ -569,6 +570,20 @@ class Fuzzer:
             return self._record(seed, e.kind, Finding(e.kind, str(e), seed, bytes(peer.sent)))
         finally:
             peer.close()
+
+    def _probe(self) -> str:
+        """Whether a fresh connection is served while one hangs: tells a stuck connection
+        from a stuck server."""
+        target = self.targets[0]
+        try:
+            with nbd_helpers.RawClient(self.socket_path, timeout=self.timeout) as client:
+                client.handshake()
+                client.go(target.name, structured=False)
+                client.read(0, 512)
+            return "a fresh connection is served meanwhile"
+        except Exception as e:
+            return f"a fresh connection is not served either ({type(e).__name__}): " \
+                   "the whole server is stuck"
 
     def _record(self, seed: int, outcome: str, finding: Finding | None) -> Finding | None:
         with self.lock:
