@@ -296,3 +296,30 @@ async def test_a_grant_to_a_client_that_just_hung_up_does_not_hurt_the_granter(
         assert kept.held
         async with connect(dlm_server.url, name="witness") as witness:
             assert not await witness.lock("d", "kept", Mode.EX).acquire(blocking=False)
+
+
+def test_a_drain_never_reads_a_socket_that_is_no_longer_its_connection_s(
+        dlm_server: Server) -> None:
+    """X (prompt-unlock) closes; N connects and says hello; W asks something -- all while
+    the service is stopped, so it then handles X's end of stream, accepts N (which may get
+    X's old descriptor number), and takes W's request, draining prompt-unlock connections
+    first. X must not be drained any more: reading its old descriptor would steal N's hello
+    (N would wait for ever, its request handled as X's)."""
+    x, w = Raw(dlm_server), Raw(dlm_server)
+    n = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert w.call({"id": 1, "op": "hello", "name": "w"})["ok"]
+        assert x.call({"id": 1, "op": "hello", "name": "x", "features": ["prompt-unlock"]})
+        with frozen(dlm_server.process.pid):
+            x.sock.close()
+            n.connect(dlm_server.path)
+            n.sendall(protocol.encode({"id": 7, "op": "hello", "name": "n"}))
+            w.send(protocol.encode({"id": 2, "op": "hello", "name": "w"}))
+        assert protocol.decode_json(w.next())["id"] == 2
+        n.settimeout(10)
+        (body,) = protocol.FrameDecoder().feed(n.recv(65536))
+        assert protocol.decode_json(body)["id"] == 7
+    finally:
+        x.close()
+        w.close()
+        n.close()
