@@ -172,7 +172,9 @@ class LinkAuthority:
             return Access.READ_WRITE
         access = Access.DENY
         for link in self.links:
-            if link.principal == principal and link.disk.name == disk.name:
+            # An ended link admits nothing, also while it waits for its turn to be taken out.
+            if link.principal == principal and link.disk.name == disk.name \
+                    and not link.ended.is_set():
                 if link.writes:
                     return Access.READ_WRITE
                 access = Access.READ_ONLY
