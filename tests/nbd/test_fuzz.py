@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 from pathlib import Path
 
 import fuzz_engine
 import pytest
+from nbd_helpers import RawClient
 from tests.nbd.conftest import StartServer
 
+from minidisk.nbd import protocol as p
 from minidisk.nbd.malloc_tuning import TRIM_THRESHOLD
 
 SECONDS = float(os.environ.get("MINIDISK_FUZZ_SECONDS", "40"))
@@ -42,3 +45,23 @@ def test_fuzz_sessions_with_a_witness(start_server: StartServer, tmp_path: Path)
     assert report.fds[1] <= report.fds[0], f"the server kept descriptors\n{summary}"
     kept_kib = report.rss_kib[1] - report.rss_kib[0]
     assert kept_kib <= KEPT_BYTES // 1024, f"the server kept memory\n{summary}"
+
+
+@pytest.mark.timeout(120)
+def test_dropped_partial_writes_give_their_payload_budget_back(start_server: StartServer
+                                                               ) -> None:
+    """The fuzzer's first finding on 54d831b (a whole-server stall after ~20 s, seed 202 with
+    3 workers), reduced: a WRITE whose payload never comes takes its length from the
+    server's payload budget, and its connection going away must give it back. 40 such
+    connections of 16 MiB each are more than the 512 MiB server budget."""
+    server = start_server("--memory", "mem=16M")
+    for _ in range(40):
+        with RawClient(server.socket) as client:
+            client.handshake()
+            client.go("mem", structured=False)
+            client.send(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_WRITE, 1, 0, 16 << 20)
+                        + b"x")
+    with RawClient(server.socket) as client:
+        client.handshake()
+        client.go("mem", structured=False)
+        assert client.read(0, 512) == bytes(512)
