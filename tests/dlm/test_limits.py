@@ -81,6 +81,7 @@ def capped(tmp_short: Path) -> Iterator[Server]:
     path = str(tmp_short / "capped.sock")
     process = subprocess.Popen(
         [MINIDISK, "dlm", "serve", f"unix://{path}", "--max-clients", "4",
+         "--max-prompt-clients", "2",
          "--max-locks-per-client", "100", "--max-domains-per-client", "3",
          "--max-locks", "150", "--max-resources", "120"],
         stdout=subprocess.PIPE, text=True)
@@ -207,5 +208,27 @@ def test_the_default_domain_limit_holds(dlm_server: Server) -> None:
             with pytest.raises(DlmError) as err:
                 await client.join("one-more")
             refused(err, errno.EDQUOT)
+
+    anyio.run(main)
+
+
+def test_prompt_unlock_is_granted_to_a_few_connections_only(capped: Server) -> None:
+    """Every prompt-unlock connection costs each request of anyone else a look at its
+    socket: past --max-prompt-clients a hello gets the feature refused, and that client
+    still works (its release(wait=True) waits for the reply instead)."""
+    async def main() -> None:
+        async with connect(capped.url, name="p1", prompt_unlock=True) as p1, \
+                connect(capped.url, name="p2", prompt_unlock=True) as p2, \
+                connect(capped.url, name="p3", prompt_unlock=True) as p3:
+            assert (p1.prompt_unlock, p2.prompt_unlock, p3.prompt_unlock) == (
+                True, True, False)
+            lock = p3.lock("d", "r", Mode.EX)
+            assert await lock.acquire()
+            await lock.release(wait=True)
+            assert await p1.lock("d", "r", Mode.EX).acquire(blocking=False)
+            await p2.sync()  # a hello without features keeps p2's
+            assert p2.prompt_unlock
+        async with connect(capped.url, name="p4", prompt_unlock=True) as p4:
+            assert p4.prompt_unlock  # the others are gone
 
     anyio.run(main)

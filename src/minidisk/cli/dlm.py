@@ -33,6 +33,10 @@ def dlm() -> None:
                    "$MINIDISK_DLM_BUSY_POLL_US, else 100; 0 = off).")
 @click.option("--max-clients", type=click.IntRange(1), default=Limits.clients,
               show_default=True, help="Connections served at once (more are refused).")
+@click.option("--max-prompt-clients", type=click.IntRange(0), default=Limits.prompt_clients,
+              show_default=True,
+              help="Connections granted prompt-unlock at once (each costs every request of "
+                   "the others a look at its socket); more get the feature refused.")
 @click.option("--max-locks-per-client", type=click.IntRange(1),
               default=Limits.locks_per_client, show_default=True,
               help="Locks one connection may have, granted or queued.")
@@ -45,13 +49,14 @@ def dlm() -> None:
               show_default=True,
               help="Resources, lock-free ones (which keep a value block) included.")
 def serve(url: str | None, busy_poll_us: int | None, max_clients: int,
-          max_locks_per_client: int, max_domains_per_client: int, max_locks: int,
-          max_resources: int) -> None:
+          max_prompt_clients: int, max_locks_per_client: int, max_domains_per_client: int,
+          max_locks: int, max_resources: int) -> None:
     """Run a lock manager in the foreground on URL until SIGINT/SIGTERM. A client asking for
     more than the limits allow gets an error (ENOLCK, EDQUOT, ENOSPC, EUSERS)."""
     from minidisk.dlm.service import run_dlm_service
 
-    limits = Limits(clients=max_clients, locks_per_client=max_locks_per_client,
+    limits = Limits(clients=max_clients, prompt_clients=max_prompt_clients,
+                    locks_per_client=max_locks_per_client,
                     domains_per_client=max_domains_per_client, locks=max_locks,
                     resources=max_resources)
     try:

@@ -15,6 +15,7 @@ class Limits:
     A resource with one lock costs the service about 1 KiB, each further lock on it 0.4 KiB."""
 
     clients: int = 1024             # connections at once (EUSERS, then hung up)
+    prompt_clients: int = 16        # granted prompt-unlock at once (more: not granted)
     locks_per_client: int = 65536   # locks one connection has, granted or queued (ENOLCK)
     domains_per_client: int = 256   # domains one connection is a member of (EDQUOT)
     locks: int = 1 << 20            # locks of everyone together (ENOLCK)

@@ -425,7 +425,12 @@ class DlmService:
         asked = msg.get("features")
         if isinstance(asked, list):  # a hello without the field (a sync) changes nothing
             conn.granted_reply = protocol.FEATURE_GRANTED_REPLY in asked
-            prompt = protocol.FEATURE_PROMPT_UNLOCK in asked and conn._fd >= 0
+            # Each prompt-unlock connection costs every other connection's wake-up a look
+            # at its socket: past the limit the feature is not granted (the client then
+            # waits for its unlocks' replies instead).
+            prompt = (protocol.FEATURE_PROMPT_UNLOCK in asked and conn._fd >= 0
+                      and (conn.prompt_unlock
+                           or len(self.prompt) < self.limits.prompt_clients))
             if prompt and not conn.prompt_unlock:
                 self.prompt.append(conn)
             elif conn.prompt_unlock and not prompt:
