@@ -52,7 +52,7 @@ class Negotiated:
     sock: socket.socket
     size: int
     flags: int  # transmission flags
-    block_size: int  # the server's preferred block size, clamped for the kernel
+    block_size: int  # the server's minimum block size, clamped for the kernel
 
     @property
     def read_only(self) -> bool:
@@ -103,7 +103,7 @@ def _negotiate(sock: socket.socket, export: str) -> Negotiated:
     name = export.encode()
     data = info_request(export, [INFO_BLOCK_SIZE])
     sock.sendall(OPTION.pack(IHAVEOPT, OPT_GO, len(data)) + data)
-    size, flags, preferred = -1, 0, 512
+    size, flags, minimum = -1, 0, 512
     while True:
         magic, option, reply, length = OPTION_REPLY.unpack(_recv(sock, OPTION_REPLY.size))
         payload = _recv(sock, length)
@@ -122,10 +122,10 @@ def _negotiate(sock: socket.socket, export: str) -> Negotiated:
             if info == INFO_EXPORT and len(payload) == INFO_EXPORT_DATA.size:
                 _, size, flags = INFO_EXPORT_DATA.unpack(payload)
             elif info == INFO_BLOCK_SIZE and len(payload) == INFO_BLOCK_SIZE_DATA.size:
-                _, _, preferred, _ = INFO_BLOCK_SIZE_DATA.unpack(payload)
+                _, minimum, _, _ = INFO_BLOCK_SIZE_DATA.unpack(payload)
     if size < 0:
         raise AttachError("server acknowledged GO without sending the export size")
-    return Negotiated(sock, size, flags, _kernel_block_size(preferred))
+    return Negotiated(sock, size, flags, _kernel_block_size(minimum))
 
 
 def _export_name(sock: socket.socket, name: bytes, no_zeroes: bool) -> Negotiated:
@@ -136,10 +136,12 @@ def _export_name(sock: socket.socket, name: bytes, no_zeroes: bool) -> Negotiate
     return Negotiated(sock, size, flags, 512)
 
 
-def _kernel_block_size(preferred: int) -> int:
-    # The kernel takes a power of two between 512 and the page size as logical block size.
+def _kernel_block_size(minimum: int) -> int:
+    # The kernel's logical block size is the smallest request it makes: the export's minimum
+    # (as nbd-client's 512 by default), a power of two between 512 and the page size. The
+    # preferred size would refuse 512-byte O_DIRECT on exports that take any size.
     size = 512
-    while size < min(preferred, 4096):
+    while size < min(minimum, 4096):
         size *= 2
     return size
 
