@@ -23,8 +23,9 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from minidisk.nbd import protocol as p
 from minidisk.nbd.exports import Identity
@@ -32,6 +33,7 @@ from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 TLS_ENV = "MINIDISK_TLS_CERTIFICATES"
 # A request is one option; larger option data is refused before it is read.
@@ -148,16 +150,6 @@ def _reply_error(err: int, message: str) -> bytes:
 # -- client side (blocking: CLI commands are one-shot) --
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ControlError(errno.ECONNRESET, "server closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
 def connect(url: str, timeout: float = 30.0) -> socket.socket:
     address = parse_url(url)
     try:
@@ -179,7 +171,11 @@ def connect(url: str, timeout: float = 30.0) -> socket.socket:
 class Session:
     """One control connection for several commands, in order. `call()` uses one per command;
     a link keeper keeps one open for as long as its link must live (the server ends the link
-    when this connection closes)."""
+    when this connection closes).
+
+    Every reply is checked before it is read (ReplyError, as the NBD client does) and is
+    awaited for at most the socket's timeout; whatever the server sends, the caller gets a
+    ControlError naming the server."""
 
     def __init__(self, url: str, tls: ssl.SSLContext | None = None,
                  timeout: float = 300.0) -> None:
@@ -190,40 +186,86 @@ class Session:
             tls = client_context(os.environ[TLS_ENV])
         self.sock = connect(url, timeout)
         try:
-            magic, opt_magic, _flags = p.GREETING.unpack(
-                _recv_exactly(self.sock, p.GREETING.size))
+            greeting = self._exchange(lambda recv: recv(p.GREETING.size))
+            magic, opt_magic, _flags = p.GREETING.unpack(greeting)
             if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
                 raise ControlError(errno.EPROTO, f"{url} is not an NBD server")
             self.sock.sendall(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
             if tls is not None:
-                _send_option(self.sock, p.OPT_STARTTLS, b"")
-                _, reply, data = _recv_reply(self.sock)
+                reply, data = self._option(p.OPT_STARTTLS, b"")
                 if reply != p.REP_ACK:
-                    raise ControlError(errno.EPROTO, f"STARTTLS refused: {data.decode()!r}")
+                    raise ControlError(errno.EPROTO, f"{url}: STARTTLS refused: "
+                                       f"{data.decode(errors='replace')!r}")
                 self.sock = tls.wrap_socket(self.sock)
+        except OSError as e:
+            self.sock.close()
+            raise ControlError(e.errno or errno.EIO, f"{url}: {e.strerror or e}") from None
         except BaseException:
             self.sock.close()
             raise
 
     def call(self, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         body = json.dumps({"command": command, "args": args or {}}).encode()
-        _send_option(self.sock, p.OPT_MINIDISK_CONTROL, body)
-        _, reply, data = _recv_reply(self.sock)
+        reply, data = self._option(p.OPT_MINIDISK_CONTROL, body)
         if reply == p.REP_ERR_UNSUP:
             raise ControlError(errno.EPERM, f"{self.url} refused control commands "
                                "(not a minidisk server, or not permitted for this client)")
         if reply != p.REP_MINIDISK_RESULT:
-            raise ControlError(errno.EPROTO, f"unexpected reply {reply:#x}: {data[:200]!r}")
-        message = json.loads(data)
-        if not message.get("ok"):
-            raise ControlError(int(message.get("errno", errno.EIO)), str(message.get("error")))
-        result = message.get("result", {})
-        assert isinstance(result, dict)
-        return result
+            raise ControlError(errno.EPROTO, f"{self.url}: control command refused with "
+                               f"reply {reply:#x}: {data[:200].decode(errors='replace')!r}")
+        return _result(self.url, data)
+
+    def _option(self, option: int, data: bytes) -> tuple[int, bytes]:
+        """Send one option; its final reply (type, data)."""
+        try:
+            self.sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
+        except OSError as e:
+            raise ControlError(e.errno or errno.EIO, f"{self.url}: {e.strerror or e}") from None
+        replies = p.OptionReplies(option)
+
+        def read(recv: Callable[[int], bytes]) -> tuple[int, bytes]:
+            while not replies.add(recv(replies.data_length(recv(p.OPTION_REPLY.size)))):
+                pass
+            return replies.final
+
+        return self._exchange(read)
+
+    def _exchange(self, read: Callable[[Callable[[int], bytes]], _T]) -> _T:
+        """Run `read` on the server's bytes with one deadline (the socket's timeout) for all
+        of them; every failure is a ControlError naming the server."""
+        timeout = self.sock.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def recv(n: int) -> bytes:
+            buf = bytearray()
+            while len(buf) < n:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    self.sock.settimeout(left)
+                chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+                if not chunk:
+                    raise ControlError(errno.ECONNRESET, f"{self.url}: server closed the "
+                                       "connection")
+                buf += chunk
+            return bytes(buf)
+
+        try:
+            return read(recv)
+        except TimeoutError:
+            raise ControlError(errno.ETIMEDOUT,
+                               f"{self.url}: no reply within {timeout:g} s") from None
+        except p.ReplyError as e:
+            raise ControlError(errno.EPROTO, f"{self.url}: {e}") from None
+        except OSError as e:
+            raise ControlError(e.errno or errno.EIO, f"{self.url}: {e.strerror or e}") from None
+        finally:
+            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         try:
-            _send_option(self.sock, p.OPT_ABORT, b"")
+            self.sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, p.OPT_ABORT, 0))
         except OSError:
             pass
         finally:
@@ -236,20 +278,29 @@ class Session:
         self.close()
 
 
+def _result(url: str, data: bytes) -> dict[str, Any]:
+    """The result of a REP_MINIDISK_RESULT, or its error as a ControlError."""
+    try:
+        message = json.loads(data)
+    except RecursionError:
+        raise ControlError(errno.EPROTO, f"{url}: reply is not JSON (nested too deeply)") from None
+    except ValueError:
+        raise ControlError(errno.EPROTO, f"{url}: reply is not JSON") from None
+    if not isinstance(message, dict):
+        raise ControlError(errno.EPROTO, f"{url}: reply is not a JSON object")
+    if not message.get("ok"):
+        err = message.get("errno", errno.EIO)
+        if type(err) is not int or not 0 < err < 4096:
+            raise ControlError(errno.EPROTO, f"{url}: reply has a bad errno {_shown(str(err))}")
+        raise ControlError(err, str(message.get("error")))
+    result = message.get("result", {})
+    if not isinstance(result, dict):
+        raise ControlError(errno.EPROTO, f"{url}: result is not an object")
+    return result
+
+
 def call(url: str, command: str, args: dict[str, Any] | None = None,
          tls: ssl.SSLContext | None = None, timeout: float = 300.0) -> dict[str, Any]:
     """Run one control command on the server at `url` and return its result."""
     with Session(url, tls, timeout) as session:
         return session.call(command, args)
-
-
-def _send_option(sock: socket.socket, option: int, data: bytes) -> None:
-    sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
-
-
-def _recv_reply(sock: socket.socket) -> tuple[int, int, bytes]:
-    magic, option, reply, length = p.OPTION_REPLY.unpack(
-        _recv_exactly(sock, p.OPTION_REPLY.size))
-    if magic != p.REPLY_MAGIC:
-        raise ControlError(errno.EPROTO, f"bad option reply magic {magic:#x}")
-    return option, reply, _recv_exactly(sock, length)

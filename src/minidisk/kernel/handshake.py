@@ -8,7 +8,7 @@ Falls back to NBD_OPT_EXPORT_NAME for servers that answer GO with ERR_UNSUP.
 from __future__ import annotations
 
 import socket
-import struct
+import time
 from dataclasses import dataclass
 
 from minidisk.kernel.errors import AttachError
@@ -28,18 +28,15 @@ from minidisk.nbd.protocol import (
     OPT_EXPORT_NAME,
     OPT_GO,
     OPTION_REPLY,
-    REP_ACK,
     REP_ERR_UNSUP,
-    REP_INFO,
-    REPLY_MAGIC,
     TFLAG_CAN_MULTI_CONN,
     TFLAG_READ_ONLY,
+    OptionReplies,
+    ReplyError,
+    export_info,
     info_request,
 )
-from minidisk.nbd.protocol import INFO_BLOCK_SIZE as INFO_BLOCK_SIZE_DATA
-from minidisk.nbd.protocol import INFO_EXPORT as INFO_EXPORT_DATA
 from minidisk.nbd.protocol import INFO_TYPE_BLOCK_SIZE as INFO_BLOCK_SIZE
-from minidisk.nbd.protocol import INFO_TYPE_EXPORT as INFO_EXPORT
 from minidisk.nbd.protocol import OPTION_HEADER as OPTION
 from minidisk.nbd.protocol import REP_FLAG_ERROR as REP_ERR_BIT
 
@@ -80,7 +77,7 @@ def connect(uri: NbdUri, timeout: float = 30.0) -> Negotiated:
     except OSError as e:
         raise AttachError(f"cannot connect to {uri}: {e.strerror or e}") from None
     try:
-        negotiated = _negotiate(sock, uri.export)
+        negotiated = _negotiate(_Peer(sock, time.monotonic() + timeout), uri.export)
     except OSError as e:
         sock.close()
         raise AttachError(f"handshake with {uri} failed: {e.strerror or e}") from None
@@ -91,8 +88,9 @@ def connect(uri: NbdUri, timeout: float = 30.0) -> Negotiated:
     return negotiated
 
 
-def _negotiate(sock: socket.socket, export: str) -> Negotiated:
-    magic, opt_magic, server_flags = GREETING.unpack(_recv(sock, GREETING.size))
+def _negotiate(peer: _Peer, export: str) -> Negotiated:
+    sock, _recv = peer.sock, peer.recv
+    magic, opt_magic, server_flags = GREETING.unpack(_recv(GREETING.size))
     if magic != NBDMAGIC or opt_magic != IHAVEOPT:
         raise AttachError("not an NBD server speaking the newstyle protocol")
     if not server_flags & FLAG_FIXED_NEWSTYLE:
@@ -100,40 +98,33 @@ def _negotiate(sock: socket.socket, export: str) -> Negotiated:
     no_zeroes = bool(server_flags & FLAG_NO_ZEROES)
     sock.sendall(CLIENT_FLAGS.pack(FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if no_zeroes else 0)))
 
-    name = export.encode()
     data = info_request(export, [INFO_BLOCK_SIZE])
     sock.sendall(OPTION.pack(IHAVEOPT, OPT_GO, len(data)) + data)
-    size, flags, minimum = -1, 0, 512
-    while True:
-        magic, option, reply, length = OPTION_REPLY.unpack(_recv(sock, OPTION_REPLY.size))
-        payload = _recv(sock, length)
-        if magic != REPLY_MAGIC or option != OPT_GO:
-            raise AttachError("server sent a malformed option reply")
-        if reply == REP_ACK:
-            break
+    # Each reply's length is checked before it is read, and so is their number.
+    replies = OptionReplies(OPT_GO)
+    try:
+        while not replies.add(_recv(replies.data_length(_recv(OPTION_REPLY.size)))):
+            pass
+        reply, payload = replies.final
         if reply == REP_ERR_UNSUP:
-            return _export_name(sock, name, no_zeroes)
-        if reply & REP_ERR_BIT:
+            return _export_name(peer, export.encode(), no_zeroes)
+        if replies.refused:
             why = _ERRORS.get(reply & ~REP_ERR_BIT, f"error {reply & ~REP_ERR_BIT}")
             text = payload.decode(errors="replace")
             raise AttachError(f"export {export!r} refused: {why}" + (f" ({text})" if text else ""))
-        if reply == REP_INFO and len(payload) >= 2:
-            (info,) = struct.unpack_from(">H", payload)
-            if info == INFO_EXPORT and len(payload) == INFO_EXPORT_DATA.size:
-                _, size, flags = INFO_EXPORT_DATA.unpack(payload)
-            elif info == INFO_BLOCK_SIZE and len(payload) == INFO_BLOCK_SIZE_DATA.size:
-                _, minimum, _, _ = INFO_BLOCK_SIZE_DATA.unpack(payload)
-    if size < 0:
-        raise AttachError("server acknowledged GO without sending the export size")
-    return Negotiated(sock, size, flags, _kernel_block_size(minimum))
+        info = export_info(replies.replies)
+    except ReplyError as e:
+        raise AttachError(f"server broke the handshake: {e}") from None
+    minimum = info.block_size[0] if info.block_size is not None else 512
+    return Negotiated(sock, info.size, info.tflags, _kernel_block_size(minimum))
 
 
-def _export_name(sock: socket.socket, name: bytes, no_zeroes: bool) -> Negotiated:
-    sock.sendall(OPTION.pack(IHAVEOPT, OPT_EXPORT_NAME, len(name)) + name)
-    size, flags = EXPORT_NAME_REPLY.unpack(_recv(sock, EXPORT_NAME_REPLY.size))
+def _export_name(peer: _Peer, name: bytes, no_zeroes: bool) -> Negotiated:
+    peer.sock.sendall(OPTION.pack(IHAVEOPT, OPT_EXPORT_NAME, len(name)) + name)
+    size, flags = EXPORT_NAME_REPLY.unpack(peer.recv(EXPORT_NAME_REPLY.size))
     if not no_zeroes:
-        _recv(sock, 124)
-    return Negotiated(sock, size, flags, 512)
+        peer.recv(124)
+    return Negotiated(peer.sock, size, flags, 512)
 
 
 def _kernel_block_size(minimum: int) -> int:
@@ -146,12 +137,25 @@ def _kernel_block_size(minimum: int) -> int:
     return size
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        chunk = sock.recv_into(view[got:])
-        if chunk == 0:
-            raise AttachError("server closed the connection during the handshake")
-        got += chunk
-    return bytes(buf)
+@dataclass
+class _Peer:
+    """The server during the handshake: every read counts against one deadline, so that a
+    server sending a byte now and then cannot hold the attach for longer than the timeout."""
+
+    sock: socket.socket
+    deadline: float
+
+    def recv(self, n: int) -> bytes:
+        """n bytes; callers check a declared length before asking for it."""
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv_into(view[got:])
+            if chunk == 0:
+                raise AttachError("server closed the connection during the handshake")
+            got += chunk
+        return bytes(buf)

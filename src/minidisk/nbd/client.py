@@ -17,7 +17,6 @@ import errno
 import itertools
 import logging
 import os
-import struct
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -36,9 +35,9 @@ from minidisk.nbd.tls import client_context
 log = logging.getLogger(__name__)
 
 NBD_PORT = 10809
-# Replies after their 4-byte magic, which is read first to tell the two kinds apart.
-_SIMPLE_REST = struct.Struct(">IQ")
-_CHUNK_REST = struct.Struct(">HHQI")
+DEFAULT_TIMEOUT = 60.0
+"""Seconds a request (or the handshake) may wait for the server; `?timeout=` in the URI."""
+CLOSE_TIMEOUT = 5.0  # the longest close() waits for the server to take our DISC
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +48,7 @@ class NBDURI:
     port: int = NBD_PORT
     tls: bool = False
     tls_certificates: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
 
     @classmethod
     def parse(cls, uri: str) -> NBDURI:
@@ -60,15 +60,28 @@ class NBDURI:
         export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         tls = scheme.startswith("nbds")
         certs = query.get("tls-certificates", [None])[0]
+        timeout = _timeout(uri, query.get("timeout", [None])[0])
         if scheme.endswith("+unix"):
             sock = query.get("socket", [None])[0]
             if not sock:
                 raise ValueError(f"{uri!r}: nbd+unix URI without ?socket=PATH")
-            return cls(export, socket=sock, tls=tls, tls_certificates=certs)
+            return cls(export, socket=sock, tls=tls, tls_certificates=certs, timeout=timeout)
         if not parts.hostname:
             raise ValueError(f"{uri!r}: no host")
         return cls(export, host=parts.hostname, port=parts.port or NBD_PORT, tls=tls,
-                   tls_certificates=certs)
+                   tls_certificates=certs, timeout=timeout)
+
+
+def _timeout(uri: str, text: str | None) -> float:
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{uri!r}: timeout={text} is not a positive number of seconds")
+    return value
 
 
 class NBDError(OSError):
@@ -78,14 +91,16 @@ class NBDError(OSError):
 class RemoteDevice(BlockDevice):
     def __init__(self, uri: NBDURI) -> None:
         self.uri = uri
+        self.timeout = uri.timeout
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.cookies = itertools.count(1)
         self.pending: dict[int, _Pending] = {}
         self.reader_task: asyncio.Task[None] | None = None
-        self.dead: BaseException | None = None
+        self.dead: NBDError | None = None
         self.structured = False
         self.base_allocation = False
+        self.context_id: int | None = None  # the server's id for base:allocation
         self.tflags = 0
 
     @classmethod
@@ -99,17 +114,33 @@ class RemoteDevice(BlockDevice):
     async def _connect(self) -> None:
         u = self.uri
         try:
-            if u.socket:
-                self.reader, self.writer = await asyncio.open_unix_connection(u.socket)
-            else:
-                self.reader, self.writer = await asyncio.open_connection(u.host, u.port)
+            async with asyncio.timeout(self.timeout):
+                if u.socket:
+                    self.reader, self.writer = await asyncio.open_unix_connection(u.socket)
+                else:
+                    self.reader, self.writer = await asyncio.open_connection(u.host, u.port)
+        except TimeoutError:
+            raise NBDError(errno.ETIMEDOUT, f"cannot connect to {self.describe()}: "
+                           f"no answer within {self.timeout:g} s") from None
         except OSError as e:
             raise NBDError(e.errno or errno.EIO,
                            f"cannot connect to {self.describe()}: {e.strerror or e}") from None
         try:
-            await self._handshake()
-        except BaseException:
-            self.writer.close()
+            async with asyncio.timeout(self.timeout):
+                await self._handshake()
+        except BaseException as e:
+            self.writer.transport.abort()
+            if isinstance(e, TimeoutError):
+                raise NBDError(errno.ETIMEDOUT, f"{self.describe()}: no handshake within "
+                               f"{self.timeout:g} s") from None
+            if isinstance(e, p.ReplyError):
+                raise NBDError(errno.EPROTO, f"{self.describe()}: {e}") from None
+            if isinstance(e, asyncio.IncompleteReadError):
+                raise NBDError(errno.ECONNRESET, f"{self.describe()}: server closed the "
+                               "connection during the handshake") from None
+            if isinstance(e, OSError) and not isinstance(e, NBDError):
+                raise NBDError(e.errno or errno.EIO,
+                               f"{self.describe()}: {e.strerror or e}") from None
             raise
         self.reader_task = asyncio.get_running_loop().create_task(self._read_replies())
 
@@ -118,7 +149,7 @@ class RemoteDevice(BlockDevice):
         magic, opt_magic, hflags = p.GREETING.unpack(
             await self.reader.readexactly(p.GREETING.size))
         if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
-            raise NBDError(errno.EPROTO, "not a fixed-newstyle NBD server")
+            raise NBDError(errno.EPROTO, f"{self.describe()}: not a fixed-newstyle NBD server")
         self.writer.write(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | (
             p.FLAG_C_NO_ZEROES if hflags & p.FLAG_NO_ZEROES else 0)))
         if self.uri.tls:
@@ -127,28 +158,30 @@ class RemoteDevice(BlockDevice):
                 raise NBDError(errno.EINVAL, "nbds URI needs ?tls-certificates=DIR")
             await self.writer.start_tls(client_context(self.uri.tls_certificates))
         replies = await self._option(p.OPT_STRUCTURED_REPLY, b"")
-        self.structured = replies[-1][0] == p.REP_ACK
+        self.structured = not replies.refused
         if self.structured:
             replies = await self._option(p.OPT_SET_META_CONTEXT, p.meta_context_request(
                 self.uri.export, [p.META_BASE_ALLOCATION]))
-            self.base_allocation = any(r == p.REP_META_CONTEXT for r, _ in replies)
+            for reply, data in replies.replies:
+                if reply == p.REP_META_CONTEXT:
+                    context_id, name = p.parse_meta_context_reply(data)
+                    if name == p.META_BASE_ALLOCATION:
+                        self.context_id = context_id
+            self.base_allocation = self.context_id is not None
         replies = await self._option(p.OPT_GO, p.info_request(
             self.uri.export, [p.INFO_TYPE_BLOCK_SIZE]))
-        if replies[-1][0] != p.REP_ACK:
-            reply, data = replies[-1]
+        if replies.refused:
+            reply, data = replies.final
             raise NBDError(errno.ENOENT if reply == p.REP_ERR_UNKNOWN else errno.EACCES,
-                           f"export {self.uri.export!r} refused: {data.decode(errors='replace')}")
-        block = BlockSize()
-        for reply, data in replies:
-            if reply != p.REP_INFO:
-                continue
-            (info,) = p.U16.unpack_from(data)
-            if info == p.INFO_TYPE_EXPORT:
-                _, self.size, self.tflags = p.INFO_EXPORT.unpack(data)
-            elif info == p.INFO_TYPE_BLOCK_SIZE:
-                _, minimum, preferred, maximum = p.INFO_BLOCK_SIZE.unpack(data)
-                block = BlockSize(minimum, preferred, min(maximum, 32 * 1024 * 1024))
-        self.block_size = block
+                           f"{self.describe()}: export refused: "
+                           f"{data.decode(errors='replace')}")
+        info = p.export_info(replies.replies)
+        self.size, self.tflags = info.size, info.tflags
+        if info.block_size is not None:
+            minimum, preferred, maximum = info.block_size
+            self.block_size = BlockSize(minimum, preferred, min(maximum, 32 * 1024 * 1024))
+        else:
+            self.block_size = BlockSize()
         f = self.tflags
         self.caps = Caps(
             read_only=bool(f & p.TFLAG_READ_ONLY), flush=bool(f & p.TFLAG_SEND_FLUSH),
@@ -161,114 +194,158 @@ class RemoteDevice(BlockDevice):
         )
 
     async def _option(self, option: int, data: bytes,
-                      expect_ack: bool = False) -> list[tuple[int, bytes]]:
-        """Send one option; collect replies up to the final ACK or error."""
+                      expect_ack: bool = False) -> p.OptionReplies:
+        """Send one option; collect its replies up to the final ACK or error."""
         assert self.reader is not None and self.writer is not None
         self.writer.write(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
-        replies = []
-        while True:
-            magic, opt, reply, length = p.OPTION_REPLY.unpack(
-                await self.reader.readexactly(p.OPTION_REPLY.size))
-            if magic != p.REPLY_MAGIC or opt != option:
-                raise NBDError(errno.EPROTO, f"bad option reply to {option}")
-            replies.append((reply, await self.reader.readexactly(length)))
-            if reply == p.REP_ACK or reply & p.REP_FLAG_ERROR:
-                break
-        if expect_ack and replies[-1][0] != p.REP_ACK:
-            raise NBDError(errno.EPROTO, f"option {option} refused: {replies[-1][1]!r}")
+        replies = p.OptionReplies(option)
+        read = self.reader.readexactly
+        while not replies.add(await read(replies.data_length(await read(p.OPTION_REPLY.size)))):
+            pass
+        if expect_ack and replies.refused:
+            raise NBDError(errno.EPROTO, f"{self.describe()}: option {option} refused: "
+                           f"{replies.final[1].decode(errors='replace')}")
         return replies
 
     # -- transmission --
 
     def _submit(self, cmd: int, flags: int, offset: int, length: int,
                 payload: memoryview | None = None, buf: memoryview | None = None,
-                ) -> asyncio.Future[list[Extent] | None]:
-        if self.dead is not None or self.writer is None:
+                ) -> _Pending:
+        if self.dead is not None:
+            raise NBDError(self.dead.errno, self.dead.strerror)
+        if self.writer is None:
             raise NBDError(errno.ESHUTDOWN, f"connection to the server gone ({self.describe()})")
         cookie = next(self.cookies)
-        fut: asyncio.Future[list[Extent] | None] = \
-            asyncio.get_running_loop().create_future()
-        self.pending[cookie] = _Pending(fut, cmd, offset, buf)
+        pending = _Pending(asyncio.get_running_loop().create_future(), p.ExpectedReply(
+            cmd, offset, length, self.structured, bool(flags & p.CMD_FLAG_REQ_ONE)), buf)
+        self.pending[cookie] = pending
         header = p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
         if payload is not None:
             self.writer.writelines([header, payload])
         else:
             self.writer.write(header)
-        return fut
+        return pending
 
     async def _request(self, cmd: int, flags: int, offset: int, length: int,
                        payload: memoryview | None = None,
                        buf: memoryview | None = None) -> list[Extent] | None:
-        fut = self._submit(cmd, flags, offset, length, payload, buf)
-        assert self.writer is not None
-        await self.writer.drain()
-        return await fut
+        pending = self._submit(cmd, flags, offset, length, payload, buf)
+        writer = self.writer
+        assert writer is not None
+        # A timer, not asyncio.timeout: the server may run this coroutine outside any task.
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._timed_out, cmd)
+        try:
+            await writer.drain()
+            return await pending.future
+        except asyncio.CancelledError:
+            pending.buf = None  # a late reply must not write into a buffer given up on
+            raise
+        except ConnectionError as e:  # drain on a transport that is gone
+            if self.dead is not None:
+                raise NBDError(self.dead.errno, self.dead.strerror) from None
+            raise NBDError(errno.ECONNRESET, f"{self.describe()}: {e}") from None
+        finally:
+            timer.cancel()
+
+    def _timed_out(self, cmd: int) -> None:
+        # A server that owes a reply past the bound (or stopped reading) is not trusted with
+        # the next request either: the connection ends and everything pending fails.
+        self._die(NBDError(errno.ETIMEDOUT, f"{self.describe()}: no reply to "
+                           f"{p.CMD_NAMES.get(cmd, cmd)} within {self.timeout:g} s"))
 
     async def _read_replies(self) -> None:
         reader = self.reader
         assert reader is not None
         try:
             while True:
-                (magic,) = p.U32.unpack(await reader.readexactly(4))
-                if magic == p.SIMPLE_REPLY_MAGIC:
+                if p.reply_magic(await reader.readexactly(4)) == p.SIMPLE_REPLY_MAGIC:
                     await self._simple_reply(reader)
-                elif magic == p.STRUCTURED_REPLY_MAGIC:
-                    await self._chunk(reader)
                 else:
-                    raise NBDError(errno.EPROTO, f"bad reply magic {magic:#x}")
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
-            self._fail_all(e if isinstance(e, OSError) else
-                           NBDError(errno.ECONNRESET, "server closed the connection"))
+                    await self._chunk(reader)
+        except p.ReplyError as e:
+            log.error("%s: protocol error: %s; dropping the connection", self.describe(), e)
+            self._die(NBDError(errno.EIO, f"{self.describe()}: protocol error: {e}"))
+        except (asyncio.IncompleteReadError, OSError):
+            self._die(NBDError(errno.ECONNRESET,
+                               f"{self.describe()}: server closed the connection"))
         except asyncio.CancelledError:
-            self._fail_all(NBDError(errno.ESHUTDOWN, "connection closed"))
+            self._die(NBDError(errno.ESHUTDOWN, f"{self.describe()}: connection closed"))
             raise
+        except Exception as e:  # a bug here must not leave requests waiting for ever
+            log.exception("%s: reading replies failed", self.describe())
+            self._die(NBDError(errno.EIO, f"{self.describe()}: {type(e).__name__}: {e}"))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        self.dead = exc
+    def _die(self, exc: NBDError) -> None:
+        """The connection cannot continue: fail everything pending with `exc`, hang up."""
+        if self.dead is None:
+            self.dead = exc
         for pending in self.pending.values():
             if not pending.future.done():
-                pending.future.set_exception(exc)
+                pending.future.set_exception(NBDError(self.dead.errno, self.dead.strerror))
         self.pending.clear()
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+    def _pending_for(self, cookie: int) -> _Pending:
+        pending = self.pending.get(cookie)
+        if pending is None:
+            raise p.UnknownCookie(f"reply for cookie {cookie}, which is not pending")
+        return pending
+
+    def _settle(self, cookie: int, pending: _Pending) -> None:
+        del self.pending[cookie]
+        if pending.future.done():  # its caller was cancelled
+            return
+        if pending.error:
+            pending.future.set_exception(_error(pending.error, pending.expected.cmd,
+                                                pending.message))
+        else:
+            pending.future.set_result(pending.extents)
 
     async def _simple_reply(self, reader: asyncio.StreamReader) -> None:
-        error, cookie = _SIMPLE_REST.unpack(await reader.readexactly(_SIMPLE_REST.size))
-        pending = self.pending.pop(cookie)
-        if error:
-            pending.future.set_exception(_error(error, pending.cmd))
-            return
-        if pending.cmd == p.CMD_READ and pending.buf is not None:
-            pending.buf[:] = await reader.readexactly(len(pending.buf))
-        pending.future.set_result(None)
+        error, cookie = p.SIMPLE_REPLY_REST.unpack(
+            await reader.readexactly(p.SIMPLE_REPLY_REST.size))
+        pending = self._pending_for(cookie)
+        length = pending.expected.simple(error)
+        if length:  # the READ's own length: bounded by what we asked for
+            data = await reader.readexactly(length)
+            if pending.buf is not None:
+                pending.buf[:] = data
+        pending.error = error
+        self._settle(cookie, pending)
 
     async def _chunk(self, reader: asyncio.StreamReader) -> None:
-        flags, ctype, cookie, length = _CHUNK_REST.unpack(
-            await reader.readexactly(_CHUNK_REST.size))
-        payload = await reader.readexactly(length)
-        pending = self.pending[cookie]
-        if ctype == p.REPLY_TYPE_OFFSET_DATA and pending.buf is not None:
-            (offset,) = p.OFFSET.unpack_from(payload)
-            start = offset - pending.offset
-            pending.buf[start:start + length - 8] = memoryview(payload)[8:]
-        elif ctype == p.REPLY_TYPE_OFFSET_HOLE and pending.buf is not None:
-            offset, size = p.CHUNK_OFFSET_HOLE.unpack(payload)
-            start = offset - pending.offset
-            pending.buf[start:start + size] = bytes(size)
+        header = p.ChunkHeader.parse(await reader.readexactly(p.CHUNK_REST.size))
+        pending = self._pending_for(header.cookie)
+        expected = pending.expected
+        expected.chunk(header)  # the length is checked before anything is read
+        kind = header.chunk_type
+        if kind == p.REPLY_TYPE_OFFSET_DATA:
+            (offset,) = p.OFFSET.unpack(await reader.readexactly(p.OFFSET.size))
+            size = header.length - p.OFFSET.size
+            start = expected.claim(offset, size)
+            data = await reader.readexactly(size)
+            if pending.buf is not None:
+                pending.buf[start:start + size] = data
+        elif kind == p.REPLY_TYPE_OFFSET_HOLE:
+            offset, size = p.CHUNK_OFFSET_HOLE.unpack(await reader.readexactly(header.length))
+            start = expected.claim(offset, size)
+            if pending.buf is not None:
+                pending.buf[start:start + size] = bytes(size)
             pending.extents.append(Extent(offset, size, EXTENT_HOLE | EXTENT_ZERO))
-        elif ctype == p.REPLY_TYPE_BLOCK_STATUS:
-            pos = pending.offset
-            for i in range(4, length, p.BLOCK_STATUS_DESCRIPTOR.size):
-                size, status = p.BLOCK_STATUS_DESCRIPTOR.unpack_from(payload, i)
-                pending.extents.append(Extent(pos, size, status & 3))
-                pos += size
-        elif ctype & 0x8000:
-            error, _ = p.CHUNK_ERROR.unpack_from(payload)
-            pending.error = pending.error or error
-        if flags & p.REPLY_FLAG_DONE:
-            del self.pending[cookie]
-            if pending.error:
-                pending.future.set_exception(_error(pending.error, pending.cmd))
-            else:
-                pending.future.set_result(pending.extents)
+        elif kind == p.REPLY_TYPE_BLOCK_STATUS:
+            payload = await reader.readexactly(header.length)
+            pending.extents.extend(Extent(offset, length, status & 3) for offset, length, status
+                                   in expected.block_status(payload, self.context_id))
+        elif kind & p.REPLY_FLAG_ERROR_TYPE:
+            error, message = p.parse_error_chunk(kind, await reader.readexactly(header.length))
+            if not pending.error:
+                pending.error, pending.message = error, message
+        if header.done:
+            if not pending.error:
+                expected.finished()
+            self._settle(header.cookie, pending)
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         await self._request(p.CMD_READ, 0, offset, len(buf), buf=buf)
@@ -312,18 +389,27 @@ class RemoteDevice(BlockDevice):
         await self._request(p.CMD_CACHE, 0, offset, length)
 
     async def close(self) -> None:
-        if self.writer is None:
+        """Say goodbye and hang up, whatever the server does: every wait here is bounded,
+        and requests still pending fail with ESHUTDOWN."""
+        writer, task = self.writer, self.reader_task
+        if writer is None:
             return
+        bound = min(self.timeout, CLOSE_TIMEOUT)
         if self.dead is None:
-            try:
-                self.writer.write(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 0, 0, 0))
-                await self.writer.drain()
-            except OSError:
-                pass
-        self.writer.close()
-        if self.reader_task is not None:
-            self.reader_task.cancel()
+            writer.write(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 0, 0, 0))
+            self.dead = NBDError(errno.ESHUTDOWN, f"{self.describe()}: connection closed")
+            writer.close()  # sends what is buffered (the DISC), then closes
+            closing = asyncio.ensure_future(writer.wait_closed())
+            await asyncio.wait([closing], timeout=bound)
+            if not closing.done():
+                closing.cancel()
+            elif not closing.cancelled():
+                closing.exception()  # a reset while closing is no news: retrieved, dropped
+        self._die(self.dead)  # aborts the transport if the server would not take our DISC
         self.writer = None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=bound)
 
     def describe(self) -> str:
         where = self.uri.socket or f"{self.uri.host}:{self.uri.port}"
@@ -333,13 +419,14 @@ class RemoteDevice(BlockDevice):
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[list[Extent] | None]
-    cmd: int
-    offset: int
+    expected: p.ExpectedReply
     buf: memoryview | None
     error: int = 0
+    message: str = ""
     extents: list[Extent] = field(default_factory=list)
 
 
-def _error(nbd_err: int, cmd: int) -> NBDError:
+def _error(nbd_err: int, cmd: int, message: str = "") -> NBDError:
     err = p.NBD_TO_ERRNO.get(nbd_err, errno.EINVAL)  # proto.md: unknown values mean EINVAL
-    return NBDError(err, f"{p.CMD_NAMES.get(cmd, cmd)}: {os.strerror(err)}")
+    said = f" ({message})" if message else ""
+    return NBDError(err, f"{p.CMD_NAMES.get(cmd, cmd)}: {os.strerror(err)}{said}")
