@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,17 +44,21 @@ def state_dir(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def make_export(short_tmp: Path) -> Iterator[MakeExport]:
-    """`make_export(size="256M", read_only=False)` → the URI of a fresh memory export."""
+    """`make_export(size="256M", read_only=False)` → the URI of a fresh memory export;
+    `filters=("blocksize-policy",), params=("blocksize-minimum=4096",)` are nbdkit's."""
     servers: list[subprocess.Popen[bytes]] = []
 
-    def start(size: str = "256M", read_only: bool = False) -> str:
+    def start(size: str = "256M", read_only: bool = False, filters: Sequence[str] = (),
+              params: Sequence[str] = ()) -> str:
         sock = short_tmp / f"nbd{len(servers)}.sock"
-        argv = ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock)]
+        pidfile = sock.with_suffix(".pid")  # nbdkit writes it once it listens
+        argv = ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "-P", str(pidfile)]
         if read_only:
             argv.append("-r")
-        server = subprocess.Popen([*argv, "memory", size], stdin=subprocess.DEVNULL)
+        argv += [f"--filter={f}" for f in filters]
+        server = subprocess.Popen([*argv, "memory", size, *params], stdin=subprocess.DEVNULL)
         servers.append(server)
-        if not wait_until(lambda: sock.exists() or server.poll() is not None, 15.0) \
+        if not wait_until(lambda: pidfile.exists() or server.poll() is not None, 15.0) \
                 or server.poll() is not None:
             raise RuntimeError(f"nbdkit did not start: {argv}")
         return f"nbd+unix:///?socket={sock}"

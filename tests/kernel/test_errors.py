@@ -94,3 +94,42 @@ def test_fsck_reports_a_device_without_file_system(md: Cli, nbd_uri: str) -> Non
     with pytest.raises(mount.CommandError, match="fsck failed"):
         mount.fsck(device, fstype="ext4")
     md("detach", device)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--list", "nbd://h/"), "give a URI or --list, not both"),
+    ((), "missing argument URI (or --list)"),
+    (("--connections", "0", "nbd://h/"), "0 is not in the range 1<=x<=64"),
+    (("--timeout", "-1", "nbd://h/"), "-1 is not in the range x>=0"),
+])
+def test_attach_option_errors(md: Cli, state_dir: Path, args: tuple[str, ...],
+                              message: str) -> None:
+    done = md("attach", *args, check=False)
+    assert done.returncode == 2
+    assert message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("option", [("--connections", "2"), ("--timeout", "5")])
+def test_kernel_nbd_options_refused_for_nbdfuse(md: Cli, state_dir: Path, nbd_uri: str,
+                                                option: tuple[str, str]) -> None:
+    done = md("attach", "--method", "nbdfuse", *option, nbd_uri, check=False)
+    assert done.returncode == 1
+    assert "--connections and --timeout are kernel nbd's" in done.stderr, done.stderr
+    assert not state_dir.exists() or list(state_dir.iterdir()) == []
+
+
+def test_attach_list(md: Cli, state_dir: Path, make_export: Callable[..., str]) -> None:
+    assert md("attach", "--list").stdout.split() == ["DEVICE", "METHOD", "PID", "URI"]
+    first, second = make_export("16M"), make_export("16M", read_only=True)
+    devices = [md("attach", first).stdout.strip(), md("attach", second).stdout.strip()]
+    lines = md("attach", "--list").stdout.splitlines()
+    assert lines[0].split() == ["DEVICE", "METHOD", "PID", "URI"]
+    listed = {fields[0]: fields[1:] for fields in (line.split() for line in lines[1:])}
+    assert sorted(listed) == sorted(devices)
+    for device, uri in zip(devices, (first, second), strict=True):
+        method, pid, listed_uri = listed[device]
+        assert (method, listed_uri) == ("nbdfuse", uri)
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "nbdfuse"
+    for device in devices:
+        md("detach", device)
+    assert md("attach", "--list").stdout.split() == ["DEVICE", "METHOD", "PID", "URI"]

@@ -5,25 +5,56 @@ from __future__ import annotations
 import click
 
 from minidisk import kernel
+from minidisk.kernel import nbdkernel
 
 
 @click.command()
-@click.argument("uri")
+@click.argument("uri", required=False)
 @click.option("--read-only", "-r", is_flag=True, help="Attach read-only.")
 @click.option("--method", type=click.Choice(kernel.METHODS), default="auto", show_default=True,
               help="Kernel nbd (netlink, ioctl) or nbdfuse + loop; auto picks the best here.")
-def attach(uri: str, read_only: bool, method: str) -> None:
+@click.option("--connections", "-C", type=click.IntRange(1, nbdkernel.MAX_CONNECTIONS),
+              help="Kernel nbd: NBD connections, for a server that allows multi-conn "
+                   "(as nbd-client -C; default 1).")
+@click.option("--timeout", "-t", type=click.IntRange(0), metavar="SECONDS",
+              help="Kernel nbd: a request the server leaves unanswered this long fails, with "
+                   f"every later one (as nbd-client -t; 0 waits forever; default "
+                   f"{nbdkernel.DEFAULT_TIMEOUT}).")
+@click.option("--list", "-l", "list_", is_flag=True,
+              help="List what minidisk attached: device, method, helper pid, URI.")
+def attach(uri: str | None, read_only: bool, method: str, connections: int | None,
+           timeout: int | None, list_: bool) -> None:
     """Bring NBD export URI online as a kernel block device and print its path.
 
     URI is nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (libnbd syntax).
     """
+    if list_:
+        if uri is not None:
+            raise click.UsageError("give a URI or --list, not both")
+        list_attachments()
+        return
+    if uri is None:
+        raise click.UsageError("missing argument URI (or --list)")
     try:
-        attachment = kernel.attach(uri, read_only=read_only, method=method)
+        attachment = kernel.attach(uri, read_only=read_only, method=method,
+                                   connections=connections, timeout=timeout)
     except kernel.KernelError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # e.g. not root: the state directory or /dev/loop-control
         raise click.ClickException(f"cannot attach: {e}") from None
     click.echo(attachment.device)
+
+
+def list_attachments() -> None:
+    """One line per attachment, as `losetup -a` lists loop devices; PID is the helper that
+    serves the device (nbdfuse, the NBD_DO_IT process), "-" when the kernel holds it alone."""
+    rows = [("DEVICE", "METHOD", "PID", "URI")]
+    for a in kernel.attachments():
+        rows.append((a.device, a.method, str(a.helpers[0].pid) if a.helpers else "-", a.uri))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+        click.echo("  ".join([*cells, row[3]]))
 
 
 @click.command()

@@ -1,8 +1,8 @@
 """Attach through the kernel's nbd driver: netlink where the family exists, else ioctls.
 
-UNTESTED ON THE CI MACHINES: they have no nbd module. Only the parts that do not need it
-(handshake, netlink framing, backend choice) run in tests; the kernel calls below follow
-include/uapi/linux/nbd.h and nbd-netlink.h and what nbd-client does, and are kept small.
+The CI machines' kernel has no nbd module: tests/vm boots Debian's kernel in a guest and runs
+both paths there, row by row against nbd-client. The kernel calls follow
+include/uapi/linux/nbd.h and nbd-netlink.h and what nbd-client does.
 
 Both paths connect and negotiate the sockets themselves (handshake.py), then hand them to the
 kernel, which speaks the transmission phase from then on. With netlink the kernel keeps the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import logging
 import os
 import secrets
 import signal
@@ -31,10 +30,10 @@ from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32,
 from minidisk.kernel.uri import NbdUri
 from minidisk.nbd.protocol import TFLAG_READ_ONLY
 
-log = logging.getLogger(__name__)
-
-REQUEST_TIMEOUT = 60  # seconds before the kernel fails a request the server never answered
-MAX_CONNECTIONS = 4
+# Seconds before the kernel gives up on a request the server never answered and fails it (and
+# every later one) with EIO; 0 waits forever, as nbd-client does without -t.
+DEFAULT_TIMEOUT = 60
+MAX_CONNECTIONS = 64  # nbd-client -C has no limit; each one is a socket and a kernel thread
 
 # nbd-netlink.h
 NBD_CMD_CONNECT = 1
@@ -75,31 +74,44 @@ def available() -> str | None:
         return "ioctl" if os.path.exists("/dev/nbd0") else None
 
 
-def _connect_all(uri: NbdUri) -> list[Negotiated]:
-    first = connect(uri)
-    links = [first]
+def _connect_all(uri: NbdUri, connections: int) -> list[Negotiated]:
+    """`connections` negotiated sockets to the export; more than one only with multi-conn."""
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise AttachError(f"--connections {connections}: give 1 to {MAX_CONNECTIONS}")
+    links = [connect(uri)]
     try:
-        while first.multi_conn and len(links) < min(MAX_CONNECTIONS, os.cpu_count() or 1):
+        if connections > 1 and not links[0].multi_conn:
+            # Without NBD_FLAG_CAN_MULTI_CONN a flush on one connection need not cover writes
+            # made on another: the kernel's flushes would promise what the server does not.
+            raise AttachError(f"{uri}: the server does not allow more than one connection "
+                              "(no NBD_FLAG_CAN_MULTI_CONN); attach with --connections 1")
+        while len(links) < connections:
             links.append(connect(uri))
-    except AttachError as e:
-        log.warning("extra connection refused, going on with %d: %s", len(links), e)
+    except BaseException:
+        for link in links:
+            link.sock.close()
+        raise
     return links
 
 
-def attach(uri: NbdUri, read_only: bool, *, use_netlink: bool) -> state.Attachment:
-    links = _connect_all(uri)
+def attach(uri: NbdUri, read_only: bool, *, use_netlink: bool, connections: int = 1,
+           timeout: int = DEFAULT_TIMEOUT) -> state.Attachment:
+    if timeout < 0:
+        raise AttachError(f"--timeout {timeout}: give seconds >= 0 (0: wait forever)")
+    links = _connect_all(uri, connections)
     try:
         flags = links[0].flags | (TFLAG_READ_ONLY if read_only else 0)
+        read_only = read_only or links[0].read_only
         if use_netlink:
-            return _attach_netlink(uri, read_only or links[0].read_only, links, flags)
-        return _attach_ioctl(uri, read_only or links[0].read_only, links, flags)
+            return _attach_netlink(uri, read_only, links, flags, timeout)
+        return _attach_ioctl(uri, read_only, links, flags, timeout)
     finally:
         for link in links:  # the kernel holds its own references now
             link.sock.close()
 
 
 def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
-                    flags: int) -> state.Attachment:
+                    flags: int, timeout: int) -> state.Attachment:
     identifier = f"minidisk-{secrets.token_hex(6)}"
     sockets = [attr_nested(NBD_SOCK_ITEM, [attr_u32(NBD_SOCK_FD, link.sock.fileno())])
                for link in links]
@@ -110,7 +122,7 @@ def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
                 attr_u64(NBD_ATTR_BLOCK_SIZE_BYTES, links[0].block_size),
                 attr_u64(NBD_ATTR_SERVER_FLAGS, flags),
                 attr_u64(NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT),
-                attr_u64(NBD_ATTR_TIMEOUT, REQUEST_TIMEOUT),
+                *([attr_u64(NBD_ATTR_TIMEOUT, timeout)] if timeout else []),
                 attr(NBD_ATTR_BACKEND_IDENTIFIER, identifier.encode() + b"\0"),
                 attr_nested(NBD_ATTR_SOCKETS, sockets),
             ])
@@ -126,8 +138,11 @@ def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
 
 
 def _attach_ioctl(uri: NbdUri, read_only: bool, links: list[Negotiated],
-                  flags: int) -> state.Attachment:
-    for index in range(len(list(Path("/sys/block").glob("nbd*")))):
+                  flags: int, timeout: int) -> state.Attachment:
+    # By number, not by count: netlink's DESTROY_ON_DISCONNECT leaves gaps (nbd0 gone, nbd1 on).
+    indexes = sorted(int(p.name[3:]) for p in Path("/sys/block").glob("nbd*")
+                     if p.name[3:].isdigit())
+    for index in indexes:
         if os.path.exists(f"/sys/block/nbd{index}/pid"):
             continue  # connected already
         device = f"/dev/nbd{index}"
@@ -145,7 +160,8 @@ def _attach_ioctl(uri: NbdUri, read_only: bool, links: list[Negotiated],
             fcntl.ioctl(fd, NBD_SET_BLKSIZE, links[0].block_size)
             fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, links[0].size // links[0].block_size)
             fcntl.ioctl(fd, NBD_SET_FLAGS, flags)
-            fcntl.ioctl(fd, NBD_SET_TIMEOUT, REQUEST_TIMEOUT)
+            if timeout:
+                fcntl.ioctl(fd, NBD_SET_TIMEOUT, timeout)
             helper = _fork_do_it(fd, device)
         except BaseException as e:
             with contextlib.suppress(OSError):
