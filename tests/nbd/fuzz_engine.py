@@ -89,7 +89,7 @@ def guard_of(size: int) -> int:
 
 @dataclass
 class Finding:
-    kind: str  # hang | closed | bad-reply | wrong-answer | internal-error
+    kind: str  # hang | closed | bad-reply | wrong-answer | internal-error | fuzzer-error
     detail: str
     session_seed: int
     sent: bytes = b""
@@ -568,6 +568,9 @@ class Fuzzer:
             return self._record(seed, "closed", finding)
         except Broken as e:
             return self._record(seed, e.kind, Finding(e.kind, str(e), seed, bytes(peer.sent)))
+        except Exception as e:  # the fuzzer's own defect, or one it did not foresee: shown
+            finding = Finding("fuzzer-error", repr(e), seed, bytes(peer.sent))
+            return self._record(seed, "fuzzer-error", finding)
         finally:
             peer.close()
 
@@ -993,6 +996,11 @@ class Witness:
     def failed(self) -> bool:
         return self.proc.poll() is not None
 
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
     def stop(self, timeout: float = 30.0) -> dict[str, Any]:
         """The witness's result: {"ops", "reads", "error"} (error None when all was well)."""
         try:
@@ -1083,12 +1091,16 @@ def run_campaign(socket_path: str, pid: int, targets: list[Target], seed: int,
 
     started = time.monotonic()
     threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    report.seconds = time.monotonic() - started
-    report.witness = witness.stop()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report.seconds = time.monotonic() - started
+        report.witness = witness.stop()
+    finally:
+        stop.set()
+        witness.kill()
     report.server_alive = _alive(pid)
     report.sessions, report.outcomes = fuzzer.sessions, fuzzer.outcomes
     report.findings = fuzzer.findings
