@@ -55,6 +55,21 @@ def settle(pid: int, deadline_s: float = 5.0) -> int:
     return last
 
 
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def settle_cpu(pid: int, deadline_s: float = 120.0) -> None:
+    """Wait until the server has done what it was sent: its CPU time stops growing."""
+    last, quiet, deadline = cpu_ticks(pid), 0, time.monotonic() + deadline_s
+    while quiet < 3 and time.monotonic() < deadline:  # three quiet half seconds in a row
+        time.sleep(0.5)
+        now = cpu_ticks(pid)
+        quiet = quiet + 1 if now == last else 0
+        last = now
+
+
 def wait_for(predicate: Callable[[], bool], deadline_s: float = 30.0) -> bool:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
@@ -213,6 +228,40 @@ def test_idle_connections_are_cheap(start_server: StartServer) -> None:
     finally:
         for c in warm + idle:
             c.close()
+
+
+def test_block_status_replies_for_a_client_that_never_reads_are_bounded(
+        start_server: StartServer) -> None:
+    """BLOCK_STATUS replies have no payload to budget by, but can be large (here 8192
+    extents, 64 KiB each): 20 connections pipelining 160 of them and reading none made the
+    server queue every reply (200 MiB). They are charged to the payload budget too."""
+    srv = start_server("--payload-budget", "32M", "--memory", "disk=256M")
+    pid = srv.proc.pid
+    page = 32 * KiB  # the memory device's allocation unit: every other one has data
+    with connect(srv) as c:
+        for i in range(0, 4096, 512):
+            for j in range(i, i + 512):
+                c.send_request(p.CMD_WRITE, j, 2 * j * page, page, payload=b"\x01" * page)
+            assert all(r.errno == 0 for r in c.replies(512).values())
+        reply = c.request(p.CMD_BLOCK_STATUS, 0, 256 * MiB)
+        assert len(reply.chunks[0].payload) == 4 + 8 * 8192
+    socks = []
+    try:
+        for _ in range(20):
+            c = connect(srv)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            socks.append(c)
+        base = settle(pid)
+        reset_peak(pid)
+        for c in socks:
+            c.send(b"".join(header(p.CMD_BLOCK_STATUS, i, 0, 256 * MiB) for i in range(160)))
+        settle_cpu(pid)
+        grown = peak(pid) - base
+        assert grown < 32 * MiB + 48 * MiB, f"unread BLOCK_STATUS replies cost {grown >> 20} MiB"
+    finally:
+        for c in socks:
+            c.close()
+    assert srv.alive()
 
 
 # -- item 14: requests above 32 MiB ---------------------------------------------------------

@@ -81,7 +81,22 @@ TRIM_DELAY = 1.0  # seconds without payload in memory before a burst's heap is t
 MAX_EXTENTS = 1 << 20  # proto.md: SHOULD NOT send more descriptors than this
 FD_RESERVE = 256  # open files beyond one per connection: exports, logs, the thread pool
 _PEERCRED = struct.Struct("3i")
-_PAYLOAD = (p.CMD_READ, p.CMD_WRITE)  # commands whose payload is held in memory
+
+
+def _max_descriptors(length: int) -> int:
+    """Descriptors one BLOCK_STATUS reply may carry: one per 512 bytes (finer extents end
+    the reply early, which the spec allows), and never more than MAX_EXTENTS."""
+    return min(MAX_EXTENTS, length // 512 + 1)
+
+
+def _charge(cmd: int, length: int) -> int:
+    """Payload budget bytes a request holds: its READ reply or WRITE payload, or room for
+    the largest BLOCK_STATUS reply it may get."""
+    if cmd in (p.CMD_READ, p.CMD_WRITE):
+        return length
+    if cmd == p.CMD_BLOCK_STATUS:
+        return 4 + 8 * _max_descriptors(length)
+    return 0
 
 
 class _Resume:
@@ -522,7 +537,8 @@ class Connection(asyncio.BufferedProtocol):
                 break
             # Checked before anything is allocated for it.
             err, reason = self._check(cmd, flags, offset, length)
-            if not err and cmd in _PAYLOAD and length and not self._take(length):
+            charge = _charge(cmd, length)
+            if not err and charge and not self._take(charge):
                 break  # the header stays in rx until the budget has room
             pos += p.REQUEST.size
             if err:
@@ -581,7 +597,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _execute(self, device: BlockDevice, flags: int, cmd: int, cookie: int,
                        offset: int, length: int, payload: bytearray | None) -> None:
         fua = bool(flags & p.CMD_FLAG_FUA)
-        charge = length if cmd in _PAYLOAD else 0  # what _transmission_input took
+        charge = _charge(cmd, length)  # what _transmission_input took
         try:
             if cmd == p.CMD_READ:
                 await self._read(device, flags, cookie, offset, length)
@@ -590,7 +606,10 @@ class Connection(asyncio.BufferedProtocol):
                     charge = 0
                 return
             if cmd == p.CMD_BLOCK_STATUS:
-                await self._block_status(device, flags, cookie, offset, length)
+                size = await self._block_status(device, flags, cookie, offset, length)
+                if self.transport is not None:  # the reply is smaller than the reserve
+                    self.unsent += size
+                    charge -= size
                 return
             if cmd == p.CMD_WRITE:
                 assert payload is not None
@@ -675,13 +694,15 @@ class Connection(asyncio.BufferedProtocol):
         self._send(*parts)
 
     async def _block_status(self, device: BlockDevice, flags: int, cookie: int, offset: int,
-                            length: int) -> None:
+                            length: int) -> int:
+        """Send the reply; return its size (at most _charge(BLOCK_STATUS, length))."""
         if device.caps.extents:
             extents = await device.extents(offset, length)
         else:
             extents = []
         end = offset + length
         descriptors = []
+        most = _max_descriptors(length)
         pos = offset
         for ext in extents:
             if ext.offset != pos or ext.length <= 0:
@@ -689,7 +710,7 @@ class Connection(asyncio.BufferedProtocol):
             size = min(ext.length, end - pos, 0xFFFFFFFF & ~511)
             descriptors.append(p.BLOCK_STATUS_DESCRIPTOR.pack(size, ext.flags & 3))
             pos += size
-            if pos >= end or len(descriptors) >= MAX_EXTENTS or flags & p.CMD_FLAG_REQ_ONE:
+            if pos >= end or len(descriptors) >= most or flags & p.CMD_FLAG_REQ_ONE:
                 break
             if size < ext.length:
                 break
@@ -698,6 +719,7 @@ class Connection(asyncio.BufferedProtocol):
         payload = p.U32.pack(1) + b"".join(descriptors)  # context id: negotiation.META_CONTEXT_ID
         self._send(p.chunk_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(payload), True),
                    payload)
+        return len(payload)
 
     # -- shutdown --
 
