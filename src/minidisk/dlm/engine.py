@@ -52,7 +52,9 @@ NAME_MAX = 64  # bytes, for domain and resource names (Linux DLM_RESNAME_MAXLEN)
 Owner = Hashable
 # Where a listing stopped: (domain, resource, locks of it listed); "" sorts before any name.
 Cursor = tuple[str, str, int]
-_LISTING_BATCH = 512  # resource names sorted at a time while listing
+# Resource names sorted at a time while listing: about a status page's worth, so a page
+# costs one pass over the domain's names (a C-level filter: 20 ms for a million names).
+_LISTING_BATCH = 4096
 
 
 class Flag(enum.IntFlag):
@@ -243,8 +245,7 @@ class Engine:
             if resume and last in dom.resources:
                 yield from self._lock_pieces(dom, dom.resources[last], locks_done)
             while True:
-                batch = heapq.nsmallest(
-                    _LISTING_BATCH, (name for name in dom.resources if name > last))
+                batch = heapq.nsmallest(_LISTING_BATCH, filter(last.__lt__, dom.resources))
                 for res_name in batch:
                     res = dom.resources.get(res_name)
                     if res is None:  # dropped while the listing was paused

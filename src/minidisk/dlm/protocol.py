@@ -85,7 +85,7 @@ is pending, or nothing is; ENOENT: unknown ref or resource; EINVAL: bad argument
 service's limits, `minidisk.dlm.limits`: ENOLCK for locks, EDQUOT for domains, ENOSPC for
 resources, and EUSERS, in an ERROR with id 0 before a hang-up, for connections).
 
-Status comes in pages of at most half a frame, so a state of any size can be listed: each
+Status comes in pages that fit a frame, so a state of any size can be listed: each
 reply's `next` is the cursor to ask the following page with. A domain or resource that goes
 on from the previous page comes again with `"continued": true` and only the rest of its
 members, resources or locks (`DlmClient.status` puts them together).

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from minidisk import busypoll
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import NAME_MAX, Cancelled, Cursor, DlmError, Engine, Event, Flag, Granted
+from minidisk.dlm.engine import Cancelled, Cursor, DlmError, Engine, Event, Flag, Granted
 from minidisk.dlm.limits import Limits
 from minidisk.dlm.modes import Mode
 
@@ -529,10 +529,11 @@ class DlmService:
 
 _Result = tuple[dict[str, Any], list[Event]]
 
-# A status page's budget, well under the frame limit: a piece costs its JSON and at most
-# `_PIECE_OVERHEAD` more for the containers it may open ("continued" ones included).
-STATUS_PAGE = protocol.MAX_FRAME // 2
-_PIECE_OVERHEAD = 120 + 2 * NAME_MAX
+# A status page's budget: a piece costs its JSON and `_PIECE_OVERHEAD` (a comma, and the
+# empty queues of a resource); the 64 KiB left of the frame cover the rest of the reply and
+# the at most two "continued" containers a page opens (names of 64 bytes, JSON-escaped).
+STATUS_PAGE = protocol.MAX_FRAME - (64 << 10)
+_PIECE_OVERHEAD = 48
 
 
 def _lvb(value: Any) -> bytes | None:
