@@ -33,8 +33,11 @@ def _stall(r: Request) -> bytes | None:
     return None
 
 
+Outer = tuple[Path, list[subprocess.Popen[bytes]]]
+
+
 @pytest.fixture
-def outer(short_tmp: Path) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]]]:
+def outer(short_tmp: Path) -> Iterator[Outer]:
     procs: list[subprocess.Popen[bytes]] = []
     yield short_tmp, procs
     for proc in procs:
@@ -67,8 +70,7 @@ def _exits(proc: subprocess.Popen[bytes]) -> bool:
     return True
 
 
-def test_bad_remote_reply_is_an_error_and_halt_stops(outer: tuple[Path, list[subprocess.Popen[bytes]]]
-                                                     ) -> None:
+def test_bad_remote_reply_is_an_error_and_halt_stops(outer: Outer) -> None:
     short_tmp, procs = outer
     with HostileServer(short_tmp / "remote.sock", _read_fails(1000)) as remote:
         proc, sock = _serve(short_tmp, procs, remote)
@@ -83,8 +85,7 @@ def test_bad_remote_reply_is_an_error_and_halt_stops(outer: tuple[Path, list[sub
     assert "protocol error" in (short_tmp / "outer.log").read_text()
 
 
-def test_stalled_remote_times_out_and_sigterm_stops(outer: tuple[Path, list[subprocess.Popen[bytes]]]
-                                                    ) -> None:
+def test_stalled_remote_times_out_and_sigterm_stops(outer: Outer) -> None:
     short_tmp, procs = outer
     with HostileServer(short_tmp / "remote.sock", _stall) as remote:
         proc, sock = _serve(short_tmp, procs, remote)
