@@ -215,11 +215,12 @@ def test_rss_stays_within_the_limit(tmp_path: Path) -> None:
 
 
 def test_blk_key_uses_the_namespace_budget(ns: Namespace, tmp_path: Path, run: Run) -> None:
-    host = tmp_path / "a.img"
+    host, other = tmp_path / "a.img", tmp_path / "c.img"
     host.write_bytes(bytes(16 * LINE))
+    other.write_bytes(bytes(16 * LINE))
     ns.cache_memory.set_limit(3 * LINE)
     ns.register("/a", str(host), "blk")
-    ns.register("/c", str(host), "chr")
+    ns.register("/c", str(other), "chr")
     run(ns.lookup("/a").pread(memoryview(bytearray(16 * LINE)), 0))
     run(ns.lookup("/c").pread(memoryview(bytearray(16 * LINE)), 0))
     assert ns.cache_memory.allocated == 3 * LINE  # chr is uncached

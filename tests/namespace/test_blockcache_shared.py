@@ -4,6 +4,7 @@ one key never writes back a line that is stale for another."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 from pathlib import Path
@@ -203,3 +204,42 @@ def test_overlapping_windows_match_a_model_under_a_tiny_budget(tmp_path: Path,
 
     asyncio.run(scenario())
     assert host.read_bytes() == model
+
+
+def test_uncached_keys_never_overlap_a_cached_window(tmp_path: Path) -> None:
+    """A reg or chr key (or a file below a directory key) over bytes a blk key caches would
+    read stale bytes past the cache and have its writes undone by the cache's write-back:
+    it is refused (EBUSY, naming the file), in either order; beside the window it is fine."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    host = tree / "h.img"
+    host.write_bytes(bytes(4 * LINE))
+    ns = Namespace()
+
+    def busy(*args: object) -> str:
+        with pytest.raises(OSError) as info:
+            ns.register(*args)  # type: ignore[arg-type]
+        assert info.value.errno == errno.EBUSY
+        return str(info.value.strerror)
+
+    async def scenario() -> None:
+        ns.register("/b", str(host), "blk", LINE, 2 * LINE)
+        assert str(host) in busy("/r", str(host), "reg", 0, LINE + S)
+        busy("/c", str(host), "chr", 2 * LINE, LINE)
+        ns.register("/r", str(host), "reg", 0, LINE)  # beside it
+        ns.register("/c", str(host), "chr", 3 * LINE, LINE)
+        ns.register("/t", str(tree), "dir")
+        with pytest.raises(OSError) as info:
+            ns.open_export("t/h.img")  # the whole file, through the directory key
+        assert info.value.errno == errno.EBUSY
+        await ns.remove("/b")
+        ref = ns.open_export("t/h.img")  # nothing cached any more
+        busy("/b", str(host), "blk", LINE, LINE)  # the other way round
+        ref.close()
+        await asyncio.sleep(0)  # its background close
+        await ns.remove("/r")
+        await ns.remove("/c")
+        ns.register("/b", str(host), "blk")
+        await ns.aclose()
+
+    asyncio.run(scenario())

@@ -182,13 +182,15 @@ def test_no_descriptor_leaks_on_refusals_and_removal(tmp_path: Path, victim: Pat
                          f"key=/b,hostpath={tree}/fifo,size=1k"):
                 with pytest.raises(DrivespecError):
                     apply(parse(spec), ns)
-            past_end = (str(tree / "sub" / "f"), "blk", 1 << 20, 512)
+            past_end = (str(victim), "blk", 1 << 20, 512)
             with pytest.raises(OSError):
                 ns.register("/c", *past_end)  # no cache for the file yet
-            ns.register("/a", str(tree / "sub" / "f"), "blk")
+            ns.register("/a", str(victim), "blk")
             with pytest.raises(OSError):
                 ns.register("/c", *past_end)  # the file's cache exists
-            ns.register("/b", str(tree / "sub" / "f"), "blk")
+            with pytest.raises(OSError):
+                ns.register("/c", str(victim), "reg")  # overlaps the cached windows
+            ns.register("/b", str(victim), "blk")
             await ns.remove("/a")
             await ns.remove("/b")
         await asyncio.sleep(0)  # the background close of the last file below /t

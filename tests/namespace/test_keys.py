@@ -116,11 +116,10 @@ def test_window_checks(ns: Namespace, make_file: Callable[..., Path], kind: str)
 
 def test_sector_types_round_down_to_whole_sectors(
         ns: Namespace, make_file: Callable[..., Path]) -> None:
-    f = str(make_file("f", 5000))
-    for kind in ("blk", "chr"):
-        ns.register("/" + kind, f, kind, 100)
+    for kind in ("blk", "chr"):  # a file each: uncached and cached windows may not overlap
+        ns.register("/" + kind, str(make_file(kind, 5000)), kind, 100)
         assert ns.lookup("/" + kind).size == 4608  # 4900 bytes, 9 whole sectors
         assert ns.lookup("/" + kind).block_size.minimum == 512
-    ns.register("/reg", f, "reg", 100)
+    ns.register("/reg", str(make_file("chr", 5000)), "reg", 100)
     assert ns.lookup("/reg").size == 4900
     assert ns.lookup("/reg").block_size.minimum == 1

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from minidisk.device.api import BlockDevice
 from minidisk.device.revocable import Revocable, revocable
 from minidisk.namespace.blockcache import DEFAULT_CACHE_LIMIT, CacheMemory
-from minidisk.namespace.hostdev import HostCaches, open_host, open_host_device, open_window
+from minidisk.namespace.hostdev import HostFiles, open_host, open_host_device
 from minidisk.namespace.hostpath import open_directory, open_regular_below
 from minidisk.namespace.keys import (
     RUMP_ETFS_SIZE_ENDOFF,
@@ -110,7 +110,7 @@ OpenedExport = Reference  # the NBD server's name for a connection's reference
 class Namespace:
     def __init__(self, cache_limit: int = DEFAULT_CACHE_LIMIT) -> None:
         self.cache_memory = CacheMemory(cache_limit)
-        self.host_caches = HostCaches(self.cache_memory)  # one per host file of blk keys
+        self.host_files = HostFiles(self.cache_memory)  # blk caches, uncached windows
         self._entries: dict[str, Entry] = {}  # in registration order
         self._closing: set[asyncio.Task[None]] = set()
         self._unused_listeners: list[Callable[[str], None]] = []
@@ -148,7 +148,7 @@ class Namespace:
         else:
             fd = open_host(hostpath, follow_symlinks) if fd is None else os.dup(fd)
             self._check_host(key, fd, False)
-            device = open_host_device(fd, hostpath, etfs_type, begin, size, self.host_caches)
+            device = open_host_device(fd, hostpath, etfs_type, begin, size, self.host_files)
             entry = Entry(key, etfs_type.value, revocable(device),
                           f"{etfs_type.value} {hostpath} [{begin}, +{device.size}]",
                           hostpath=hostpath, begin=begin)
@@ -319,7 +319,7 @@ class Namespace:
             raise OSError(errno.ENOENT, f"{key}: no such regular file (symbolic links are "
                                         "not followed)") from None
         path = os.path.join(directory.hostpath, *parts)
-        device = open_window(fd, path, 0, RUMP_ETFS_SIZE_ENDOFF)
+        device = self.host_files.uncached(fd, path, 0, RUMP_ETFS_SIZE_ENDOFF)
         entry = Entry(key, EtfsType.REG.value, revocable(device),
                       f"reg {path} (below {directory.key})", hostpath=path, parent=directory)
         directory.children[key] = entry
