@@ -79,3 +79,19 @@ def test_a_key_made_before_the_directory_named_the_disk_is_opened_by_nobody(
              check=True)
     assert not _bob_reads(site, "early")  # governed now: bob has no link
     assert not _bob_reads(site, "twin"), "the governed file is still served as /twin"
+
+
+def test_a_governed_file_below_a_directory_key_is_governed_under_other_keys(
+        tls_site: Site) -> None:
+    site = tls_site
+    homes = site.root / "homes"
+    homes.mkdir()
+    (homes / "g.img").write_bytes(bytes(1 << 20))
+    os.link(homes / "g.img", site.root / "g-link.img")
+    assert _admin(site, "etfs", "register", "-t", "dir", "/homes", str(homes)).returncode == 0
+    site.cli("directory", "define", "alice.0194", "--server", site.url, "--key",
+             "/homes/g.img", check=True)
+    _refused(_admin(site, "etfs", "register", "/g", str(site.root / "g-link.img")),
+             "alice.0194", "governs")
+    assert not _bob_reads(site, "g")
+    assert not _bob_reads(site, "homes/g.img")  # no link: the disk itself is governed

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -33,6 +34,8 @@ from minidisk.device.api import BlockDevice
 from minidisk.device.file import FileDevice
 from minidisk.dm.mapped import MappedDevice
 from minidisk.link.directory import Disk
+from minidisk.namespace import NamespaceRow
+from minidisk.namespace.keys import EtfsType, under_directory
 from minidisk.nbd.exports import Access, Identity
 
 # ("file", st_dev, st_ino) of a host file, or ("device", id(device), 0) of a device object
@@ -45,6 +48,8 @@ class Namespace(Protocol):
     def export_names(self) -> list[str]: ...
 
     def lookup(self, key: str) -> BlockDevice: ...
+
+    def ls(self) -> list[NamespaceRow]: ...
 
 
 class Tables(Protocol):
@@ -108,10 +113,13 @@ class Governance:
         by_leaf: dict[Leaf, set[str]] = {}
         paths: list[tuple[str, str]] = []
         present = set(self.namespace.export_names())
+        rows: list[NamespaceRow] | None = None
         for disk in disks:
-            if disk.export not in present:  # not served here (or below a directory key,
-                continue                    # which policy() meets once it is opened)
-            found, host_paths = leaves(self.namespace.lookup("/" + disk.export))
+            if disk.export in present:
+                found, host_paths = leaves(self.namespace.lookup("/" + disk.export))
+            else:  # not served here, or a file below a directory key, maybe not open now
+                rows = self.namespace.ls() if rows is None else rows
+                found, host_paths = _below_directory_key(disk.key, rows)
             for leaf in found:
                 by_leaf.setdefault(leaf, set()).add(disk.name)
             paths += [(path, disk.name) for path in host_paths]
@@ -130,6 +138,7 @@ class Governance:
 
     def check_host(self, key: str, st: os.stat_result, is_dir: bool) -> None:
         """Before `key` is registered over the host file (or directory) `st`."""
+        self._cache = None  # registrations are rare: decide on what holds now
         if is_dir:
             _, paths = self._governed_leaves()
             for path, name in paths:
@@ -151,6 +160,7 @@ class Governance:
 
     def check_table_child(self, table_key: str, child_key: str, child: BlockDevice) -> None:
         """Before the table of `table_key` maps `child_key`."""
+        self._cache = None
         found, _ = leaves(child)
         disks = self._disks_in(found)
         if disks:
@@ -178,6 +188,25 @@ class Governance:
             return Access.READ_WRITE
         own = self._governing(key)
         return Access.READ_WRITE if own is not None and disks == {own.name} else Access.DENY
+
+
+def _below_directory_key(key: str, rows: list[NamespaceRow]) -> tuple[set[Leaf], list[str]]:
+    """The host file a directory key would open as `key` (governed disks may live there),
+    found by name without opening it; nothing if there is none."""
+    for row in rows:
+        rest = under_directory(row.key, key)
+        if rest is None or row.hostpath is None or not (
+                row.type == EtfsType.DIR_SUBDIRS.value
+                or (row.type == EtfsType.DIR.value and "/" not in rest)):
+            continue
+        path = os.path.join(row.hostpath, rest)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            return {file_leaf(st)}, [path]
+    return set(), []
 
 
 def _below(path: str, directory: os.stat_result) -> bool:
