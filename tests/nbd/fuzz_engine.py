@@ -25,8 +25,9 @@ Nothing is sent after a message that ends the conversation, so a reset can never
 that was owed. Hence a "hang" finding (no reply and no hang-up within the timeout, although the
 server had everything it needed to answer) is real, and so is "closed" (a hang-up where the
 spec asks for a reply). Replies are checked too: magics, cookies, option codes, reply types,
-chunk bounds and coverage, error values (EIO from these backends is an internal error), and
-requests that must fail (past the end, unknown command or flag) that succeeded.
+chunk bounds and coverage, error values (EIO from these backends is an internal error),
+requests that must fail (past the end, unknown command or flag) that succeeded, and requests
+left as generated (aligned, in range, advertised) that failed.
 
 Writes never land in the last eighth of an export (the witness region): a mutated write whose
 range is valid and overlaps it is moved below it; one that runs past the end is sent as it is,
@@ -392,6 +393,7 @@ class Request:
     offset: int
     length: int
     payload: bytes | None = None  # WRITE: the payload, when it is sent whole
+    valid: bool = False  # generated valid (aligned, in range, flags it may carry)
 
     def header(self) -> bytes:
         return p.REQUEST.pack(self.magic, self.flags & 0xFFFF, self.cmd & 0xFFFF,
@@ -430,7 +432,8 @@ def _request(rng: random.Random, session: Session, cookie: int) -> Request:
     size = session.size
     guard = guard_of(size)
     cmd = rng.choice(_WEIGHTED_CMDS)
-    if cmd < 0:
+    known = cmd >= 0
+    if not known:
         cmd = rng.choice([8, 9, 15, 0x100, 0xFFFF, rng.randrange(1 << 16)])
     aligned = rng.random() < 0.8
     unit = 512 if aligned else 1
@@ -452,7 +455,9 @@ def _request(rng: random.Random, session: Session, cookie: int) -> Request:
     if rng.random() < 0.01:
         req.magic = rng.choice([0, p.SIMPLE_REPLY_MAGIC, p.REQUEST_MAGIC ^ 0x100,
                                 rng.getrandbits(32)])
-    for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):  # field mutations
+    mutations = rng.choice([0, 0, 0, 1, 1, 2])
+    req.valid = known and aligned and not mutations and req.magic == p.REQUEST_MAGIC
+    for _ in range(mutations):  # field mutations
         which = rng.randrange(5)
         if which == 0:
             req.flags = rng.choice([1 << rng.randrange(16), 0xFFFF, rng.randrange(1 << 16),
@@ -782,6 +787,7 @@ class Fuzzer:
                                         rng.choice([0, session.size]), BIG_WRITE,
                                         bytes(BIG_WRITE)))
             raw = _batch(rng, requests)
+            valid = {r.cookie: r for r in requests if r.valid}
             if rng.random() < 0.1:
                 raw = _cut_or_flip(rng, raw, session.size)
             events, used = parse_requests(raw)
@@ -793,21 +799,26 @@ class Fuzzer:
                 peer.sock.shutdown(socket.SHUT_WR)
                 peer.expect_eof()
                 return "half-closed"
-            result = self._replies(peer, session, events)
+            result = self._replies(peer, session, events, valid)
             if result != "ok":
                 return result
         peer.send(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 0, 0, 0))
         peer.expect_eof()
         return "transmission"
 
-    def _replies(self, peer: Peer, session: Session, events: list[TxEvent]) -> str:
+    def _replies(self, peer: Peer, session: Session, events: list[TxEvent],
+                 valid: dict[int, Request]) -> str:
         pending: dict[int, Request] = {}
         for event in events:
             if isinstance(event, RequestSent):
-                cookie = event.request.cookie
-                if cookie in pending:
+                sent = event.request
+                if sent.cookie in pending:
                     return "ambiguous"  # two requests in flight with one cookie
-                pending[cookie] = event.request
+                generated = valid.get(sent.cookie)
+                sent.valid = generated is not None and (
+                    sent.flags, sent.cmd, sent.offset, sent.length) == (
+                    generated.flags, generated.cmd, generated.offset, generated.length)
+                pending[sent.cookie] = sent
         end = events[-1] if events else None
         # Replies owed before a violation may be lost in the hang-up.
         optional = isinstance(end, Violation) or isinstance(end, Cut) and end.may_hang_up
@@ -899,6 +910,9 @@ class Fuzzer:
             raise Broken("bad-reply", f"{what}: error value {error}")
         if error == p.NBD_EIO:
             raise Broken("internal-error", f"{what}: EIO {message!r}")
+        if error and _must_succeed(req, session):
+            raise Broken("wrong-answer", f"{what}: a valid request failed with error "
+                         f"{error} {message!r}")
         if error:
             return
         if req.cmd not in p.CMD_NAMES:
@@ -910,6 +924,23 @@ class Fuzzer:
             raise Broken("wrong-answer", f"{what}: past the end ({session.size}) succeeded")
         if req.cmd in _WRITES and session.tflags & p.TFLAG_READ_ONLY:
             raise Broken("wrong-answer", f"{what}: write to a read-only export succeeded")
+
+
+def _must_succeed(req: Request, session: Session) -> bool:
+    """A request as generated (untouched by mutations) that the export advertised."""
+    if not req.valid:
+        return False
+    tflags = session.tflags
+    need = {p.CMD_FLUSH: p.TFLAG_SEND_FLUSH, p.CMD_TRIM: p.TFLAG_SEND_TRIM,
+            p.CMD_WRITE_ZEROES: p.TFLAG_SEND_WRITE_ZEROES, p.CMD_CACHE: p.TFLAG_SEND_CACHE
+            }.get(req.cmd, 0)
+    if need and not tflags & need:
+        return False
+    if req.flags & p.CMD_FLAG_FUA and not tflags & p.TFLAG_SEND_FUA:
+        return False
+    if req.flags & p.CMD_FLAG_FAST_ZERO:  # ENOTSUP is its answer when zeroing is slow
+        return False
+    return req.cmd != p.CMD_BLOCK_STATUS or session.meta
 
 
 def _batch(rng: random.Random, requests: list[Request]) -> bytes:
