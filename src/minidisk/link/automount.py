@@ -165,8 +165,9 @@ class Automounter:
             return False
         path = self.root / packet.name
         with self.mounts_lock:
-            if any(s.mount.root == path for s in self.subtrees.values()):
-                return True  # a second packet for it (lstat, then stat)
+            for subtree in self.subtrees.values():
+                if subtree.mount.root == path:  # a second packet for it (lstat, then stat),
+                    return subtree.user.uid == packet.uid  # or a login spelled as a uid
             if self.stopping.is_set() or self.pipe is None:
                 return False
             user = LocalUser(packet.uid, packet.gid)
