@@ -221,6 +221,7 @@ def test_partial_frames_cost_the_service_no_more_than_the_request_limit(
         for raw in raws:
             wait_taken(raw)
         grown_mib = (vm_kib(pid, "VmRSS") - before) / 1024
+        print(f"40 partial frames: the service grew {grown_mib:.1f} MiB")
         assert grown_mib < 8, f"the service grew by {grown_mib:.0f} MiB"
         for raw in raws:
             wait_hang_up(raw)
