@@ -5,6 +5,12 @@ structured replies, base:allocation, GO with block sizes) and then pipelines req
 any number in flight, replies matched by cookie in whatever order they arrive. The
 device's capabilities are exactly the remote export's transmission flags.
 
+The server is not trusted: each reply is checked by protocol.py's `ExpectedReply` (and the
+handshake's by `OptionReplies`) before its payload is read. A violation, or a request
+unanswered past the timeout (``?timeout=SECONDS`` in the URI, a minidisk extension), ends
+the connection: every pending request fails (EIO, ETIMEDOUT) with the server's name, and
+so does every later one. `close()` waits for the server only a bounded time.
+
 URIs follow libnbd (and the NBD URI spec): ``nbd://host[:port]/export``,
 ``nbd+unix:///export?socket=/path``, and the TLS forms ``nbds://`` and ``nbds+unix://``
 with ``tls-certificates=DIR`` in the query.
@@ -130,19 +136,22 @@ class RemoteDevice(BlockDevice):
                 await self._handshake()
         except BaseException as e:
             self.writer.transport.abort()
-            if isinstance(e, TimeoutError):
-                raise NBDError(errno.ETIMEDOUT, f"{self.describe()}: no handshake within "
-                               f"{self.timeout:g} s") from None
-            if isinstance(e, p.ReplyError):
-                raise NBDError(errno.EPROTO, f"{self.describe()}: {e}") from None
-            if isinstance(e, asyncio.IncompleteReadError):
-                raise NBDError(errno.ECONNRESET, f"{self.describe()}: server closed the "
-                               "connection during the handshake") from None
-            if isinstance(e, OSError) and not isinstance(e, NBDError):
-                raise NBDError(e.errno or errno.EIO,
-                               f"{self.describe()}: {e.strerror or e}") from None
-            raise
+            raise self._handshake_error(e) from None
         self.reader_task = asyncio.get_running_loop().create_task(self._read_replies())
+
+    def _handshake_error(self, e: BaseException) -> BaseException:
+        """What the caller is told when the handshake fails: an NBDError naming the server."""
+        if isinstance(e, TimeoutError):
+            return NBDError(errno.ETIMEDOUT, f"{self.describe()}: no handshake within "
+                            f"{self.timeout:g} s")
+        if isinstance(e, p.ReplyError):
+            return NBDError(errno.EPROTO, f"{self.describe()}: {e}")
+        if isinstance(e, asyncio.IncompleteReadError):
+            return NBDError(errno.ECONNRESET, f"{self.describe()}: server closed the "
+                            "connection during the handshake")
+        if isinstance(e, OSError) and not isinstance(e, NBDError):
+            return NBDError(e.errno or errno.EIO, f"{self.describe()}: {e.strerror or e}")
+        return e  # an NBDError already, or a cancellation
 
     async def _handshake(self) -> None:
         assert self.reader is not None and self.writer is not None
