@@ -67,6 +67,6 @@ def test_a_mount_point_below_a_directory_others_can_change_is_refused(
 
     with user_writable_state(site) as state:
         monkeypatch.setenv("MINIDISK_STATE_DIR", str(state))
-        with pytest.raises(linker.LinkError, match="can be changed by others"):
+        with pytest.raises(linker.LinkError, match="can be changed or read by others"):
             linker.user_mount_point(LocalUser(USER, USER), "alice.0191")
         assert not (state / "vmlink").exists() or not list((state / "vmlink").iterdir())

@@ -42,6 +42,7 @@ from minidisk.kernel.commands import Helper, run, wait_until
 from minidisk.kernel.errors import AttachError, CommandError, DetachError
 from minidisk.kernel.mount import mounted_at, refuse_if_in_use
 from minidisk.kernel.uri import NbdUri
+from minidisk.privatedir import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def available() -> bool:
 
 def attach(uri: NbdUri, read_only: bool,
            connect_as: tuple[int, int] | None = None) -> state.Attachment:
-    workdir = state.state_dir() / secrets.token_hex(6)
-    workdir.mkdir(parents=True, mode=0o700)
+    workdir = private_dir(state.state_dir()) / secrets.token_hex(6)
+    workdir.mkdir(mode=0o700)
     backing = workdir / "export"
     backing.touch(mode=0o600)
     fuse: Helper | None = None

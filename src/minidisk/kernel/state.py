@@ -24,6 +24,7 @@ from pathlib import Path
 
 from minidisk.kernel.commands import Helper
 from minidisk.kernel.errors import NotAttachedError
+from minidisk.privatedir import private_dir
 
 STATE_VERSION = 1
 
@@ -65,8 +66,7 @@ def state_path(name: str) -> Path:
 
 
 def save(attachment: Attachment) -> None:
-    directory = state_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state_dir())  # root acts on what it says later: no user may plant it
     final = state_path(attachment.name)
     tmp = final.with_suffix(".json.tmp")
     with open(tmp, "w") as f:

@@ -9,10 +9,9 @@ directions, so a link that failed halfway is undone by `unlink`, and an `unlink`
 halfway (a busy mount) can simply be run again: it goes on where it stopped, never out of
 order — umount, detach, then stop the keeper (which unlocks).
 
-Root acts on these files, so the directory must be ours alone: it is opened once with
-O_NOFOLLOW and refused unless it is a directory owned by us and closed to everyone else,
-and every file in it is opened relative to that descriptor, never by a path a user could
-redirect (a planted symlink, or a directory swapped in a parent the user can write).
+Root acts on these files, so the directory must be ours alone and no directory above it
+changeable by another user (privatedir.py: a planted symlink or a directory of the user's is
+refused); every file in it is opened relative to a descriptor of it, with O_NOFOLLOW.
 
 A link for another local user (`as_user`) is made by processes of that user's identity
 (asuser.py): the resolve and the keeper's control connection, and the data connections
@@ -29,7 +28,6 @@ import json
 import os
 import re
 import signal
-import stat
 import struct
 import subprocess
 import sys
@@ -49,6 +47,7 @@ from minidisk.link.asuser import LocalUser
 from minidisk.link.names import DiskKey, parse_key
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
+from minidisk.privatedir import UntrustedDirectory, private_dir
 
 KEEPER_EXIT_GRACE = 10.0
 
@@ -117,23 +116,14 @@ _ID = re.compile(r"([a-z0-9][a-z0-9_-]{0,31}\.[0-9a-f]{4})(?:\.uid([0-9]{1,10}))
 def _private_dir(create: bool = True) -> Iterator[int]:
     """A descriptor of the state directory, checked to be ours alone (module docstring)."""
     directory = state_dir()
-    if create:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            directory.mkdir(mode=0o700)
+    if not create and not os.path.lexists(directory):
+        raise FileNotFoundError(errno.ENOENT, "no link state", str(directory))
     try:
+        private_dir(directory)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ENOENT and not create:
-            raise
-        raise LinkError(f"{directory}: not a directory of ours ({e.strerror}): refusing to "
-                        "keep link state there", errno.EPERM) from None
+    except UntrustedDirectory as e:
+        raise LinkError(f"{e}: refusing to keep link state there", errno.EPERM) from None
     try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise LinkError(f"{directory} is owned by uid {st.st_uid} with mode "
-                            f"{st.st_mode & 0o777:o}, not ours alone (0700): refusing to keep "
-                            "link state there", errno.EPERM)
         yield fd
     finally:
         os.close(fd)
@@ -302,7 +292,7 @@ def _attach_and_mount(state: LinkState, key: DiskKey, mountpoint: str | None,
     try:
         attachment = attach_export(nbd_uri(state.server, state.export, tls_certificates),
                                    read_only=state.read_only, connect_as=connect_as)
-    except KernelError as e:
+    except (KernelError, UntrustedDirectory) as e:
         raise LinkError(f"attach: {e}") from None
     state.device = attachment.device
     _save(state)
@@ -479,11 +469,10 @@ def user_mount_point(user: LocalUser, name: str) -> str:
     path root mounts on), and UID's is 0700 with an ACL that lets `user` alone search it (so
     only that user reaches what is mounted there)."""
     top = state_dir().parent / "vmlink"
-    top.parent.mkdir(parents=True, exist_ok=True)
-    _refuse_untrusted(top.parent)
-    with contextlib.suppress(FileExistsError):
-        top.mkdir(mode=0o711)
-    _refuse_untrusted(top)
+    try:
+        private_dir(top, mode=0o711)
+    except UntrustedDirectory as e:
+        raise LinkError(f"{e}: refusing to mount below it", errno.EPERM) from None
     directory = top / str(user.uid)
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
@@ -505,20 +494,6 @@ def user_mount_point(user: LocalUser, name: str) -> str:
     finally:
         os.close(fd)
     return str(directory / name)
-
-
-def _refuse_untrusted(path: Path) -> None:
-    """LinkError unless `path` and every directory above it belong to root or us and can be
-    changed by nobody else (a sticky directory such as /tmp only by the owners of names)."""
-    real = Path(os.path.realpath(path))
-    for directory in [real, *real.parents]:
-        st = os.lstat(directory)
-        if st.st_uid not in (0, os.geteuid()) or \
-                (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX) or \
-                (directory == real and st.st_mode & 0o022):
-            raise LinkError(f"{directory} can be changed by others (uid {st.st_uid}, mode "
-                            f"{st.st_mode & 0o7777:o}): refusing to mount below it",
-                            errno.EPERM)
 
 
 def _stop_keeper(keeper: Helper) -> None:

@@ -1,0 +1,54 @@
+"""Directories root keeps state in and mounts below, which no other user can redirect.
+
+Root writes state files there and later acts on what they say (umount, detach, signal a
+pid), and mounts below them. If a user could change any directory on the way, it could swap
+in a symlink or a directory of its own between our check and our use. So every directory on
+the way up to / must belong to root (or to us) and be writable by nobody else; a sticky
+directory such as /tmp will do above it (others may add names there, but not take ours).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+
+
+class UntrustedDirectory(PermissionError):
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def private_dir(path: Path, mode: int = 0o700) -> Path:
+    """`path`, made with `mode` (and missing parents 0755) unless it is there, once it and
+    every directory above it are trusted (module docstring) and it grants others no more
+    than `mode` does. UntrustedDirectory says what is wrong otherwise."""
+    missing = []
+    existing = path
+    while not os.path.lexists(existing):
+        missing.append(existing)
+        existing = existing.parent
+    _refuse_untrusted(Path(os.path.realpath(existing)), final=not missing, mode=mode)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=mode if directory == path else 0o755)
+        _refuse_untrusted(Path(os.path.realpath(directory)), final=directory == path,
+                          mode=mode)
+    return path
+
+
+def _refuse_untrusted(real: Path, final: bool, mode: int) -> None:
+    for directory in [real, *real.parents]:
+        st = os.lstat(directory)
+        writable = st.st_mode & 0o022
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or \
+                (writable and (directory == real or not st.st_mode & stat.S_ISVTX)) or \
+                (final and directory == real and st.st_mode & 0o077 & ~mode):
+            raise UntrustedDirectory(
+                f"{directory} can be changed or read by others (uid {st.st_uid}, mode "
+                f"{st.st_mode & 0o7777:o})")
