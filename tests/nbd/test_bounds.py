@@ -159,6 +159,31 @@ def test_valid_writes_wait_for_the_server_budget(start_server: StartServer) -> N
             c.close()
 
 
+@pytest.mark.parametrize("stall", ["stops sending", "stops reading"])
+def test_a_client_holding_the_budget_without_progress_is_dropped(
+        start_server: StartServer, stall: str) -> None:
+    """With a server-wide budget, a client that takes all of it and then stops (sends half
+    a WRITE payload, or stops reading its READ replies) would stall every other client for
+    ever: it is dropped after --peer-timeout without progress, and the others go on."""
+    srv = start_server("--payload-budget", "16M", "--peer-timeout", "2",
+                       "--memory", "disk=64M")
+    hog = connect(srv, structured=False)
+    try:
+        if stall == "stops sending":
+            hog.send(header(p.CMD_WRITE, 1, 0, 16 * MiB) + bytes(64 * KiB))
+        else:
+            hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.send(b"".join(header(p.CMD_READ, i, 0, 8 * MiB) for i in range(8)))
+        time.sleep(0.5)  # the hog's requests are in before the victim's
+        with connect(srv) as victim:
+            victim.sock.settimeout(30)
+            assert victim.read(0, MiB) == bytes(MiB)  # once the hog is gone
+        assert hog.is_closed(timeout=10)
+    finally:
+        hog.close()
+    assert "no progress" in srv.log_text()
+
+
 def test_pipelined_reads_are_bounded_per_connection(start_server: StartServer,
                                                     tmp_path: Path) -> None:
     """32 pipelined 32 MiB READs on a file export (served from a thread pool, so all of

@@ -217,9 +217,9 @@ def test_a_control_session_outlives_the_handshake_deadline(start_server: StartSe
 def test_connection_limits_from_toml(tmp_path: Path) -> None:
     config_file = tmp_path / "server.toml"
     config_file.write_text('url = "unix:///tmp/x.sock"\nmax_connections = 16\n'
-                           'handshake_timeout = 5\ntcp_timeout = 30\n')
+                           'handshake_timeout = 5\npeer_timeout = 30\n')
     config = DaemonConfig.load({}, str(config_file))
-    assert (config.max_connections, config.handshake_timeout, config.tcp_timeout) == (16, 5, 30)
+    assert (config.max_connections, config.handshake_timeout, config.peer_timeout) == (16, 5, 30)
     config = DaemonConfig.load({"url": ("unix:///tmp/x.sock",)})
     assert config.max_connections == 1024 and config.handshake_timeout == 10
     config_file.write_text('url = "unix:///tmp/x.sock"\nmax_connections = 0\n')
@@ -281,7 +281,7 @@ def _dead_peer_options(sock: socket.socket) -> tuple[int, int, int, int, int]:
 
 @pytest.mark.parametrize("configured, expected", [
     ((), (1, 60, 15, 4, 120_000)),  # the default: gone after about two minutes
-    (("--tcp-timeout", "40"), (1, 20, 5, 4, 40_000)),
+    (("--peer-timeout", "40"), (1, 20, 5, 4, 40_000)),
 ])
 def test_accepted_tcp_sockets_keepalive_and_user_timeout(
         start_server: StartServer, configured: tuple[str, ...],
@@ -301,7 +301,7 @@ def test_tls_connections_keep_the_keepalive(start_server: StartServer,
     make_certificates(tmp_path)
     port = _free_port()
     srv = start_server("--tls=require", "--tls-certificates", str(tmp_path),
-                       "--tcp-timeout", "30", "--memory", "disk=1M", f"tcp://127.0.0.1:{port}/")
+                       "--peer-timeout", "30", "--memory", "disk=1M", f"tcp://127.0.0.1:{port}/")
     with TCPClient(("127.0.0.1", port)) as c:
         c.handshake()
         starttls(c, client_context(tmp_path))
@@ -311,9 +311,9 @@ def test_tls_connections_keep_the_keepalive(start_server: StartServer,
             assert _dead_peer_options(theirs) == (1, 15, 3, 4, 30_000)
 
 
-def test_tcp_timeout_zero_leaves_keepalive_off(start_server: StartServer) -> None:
+def test_peer_timeout_zero_leaves_keepalive_off(start_server: StartServer) -> None:
     port = _free_port()
-    srv = start_server("--tcp-timeout", "0", "--memory", "disk=1M", f"tcp://127.0.0.1:{port}/")
+    srv = start_server("--peer-timeout", "0", "--memory", "disk=1M", f"tcp://127.0.0.1:{port}/")
     with TCPClient(("127.0.0.1", port)) as c:
         c.handshake()
         with _server_side(srv.proc.pid, c.sock) as theirs:
@@ -382,7 +382,7 @@ def test_a_peer_whose_network_vanishes_is_dropped(
         start_server: StartServer, vanishing_peer: tuple[str, str, str]) -> None:
     ns, server_ip, their_link = vanishing_peer
     port = _free_port(server_ip)
-    srv = start_server("--tcp-timeout", "4", "--memory", "disk=1M",
+    srv = start_server("--peer-timeout", "4", "--memory", "disk=1M",
                        f"tcp://{server_ip}:{port}/")
     pid = srv.proc.pid
     before = _fds(pid)

@@ -54,9 +54,10 @@ from minidisk.nbd.listen import parse_url
 @click.option("--handshake-timeout", type=click.IntRange(0, 86_400), metavar="SECONDS",
               help="A client that has not reached transmission (or run a control command) "
                    "by then is disconnected (default 10; 0: no deadline).")
-@click.option("--tcp-timeout", type=click.IntRange(0, 86_400), metavar="SECONDS",
-              help="Drop a TCP peer that stops answering (host gone, network cut) after "
-                   "about this long: keepalive probes and TCP_USER_TIMEOUT (default 120; "
+@click.option("--peer-timeout", type=click.IntRange(0, 86_400), metavar="SECONDS",
+              help="Drop a peer that stops answering after about this long: a TCP host "
+                   "gone (keepalive, TCP_USER_TIMEOUT), or a client holding payload budget "
+                   "that stops sending its WRITE or reading its replies (default 120; "
                    "0: off).")
 @click.option("--payload-budget", metavar="SIZE",
               help="READ and WRITE payload bytes all clients together may have in memory; "

@@ -19,7 +19,7 @@ The TOML file can say everything the flags say, under the flags' long names::
     busy_poll_us = 0                              # --busy-poll-us: poll after requests
     max_connections = 1024                        # --max-connections: more are closed
     handshake_timeout = 10                        # --handshake-timeout: seconds to negotiate
-    tcp_timeout = 120                             # --tcp-timeout: drop a vanished TCP peer
+    peer_timeout = 120                            # --peer-timeout: drop a peer that stalls
     payload_budget = "512M"                       # --payload-budget: request bytes in memory
     log_file = "/var/log/minidisk.log"
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
@@ -50,14 +50,14 @@ _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subje
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
             "directory": str, "link_dlm": str, "link_lease": int, "busy_poll_us": int,
-            "max_connections": int, "handshake_timeout": int, "tcp_timeout": int,
+            "max_connections": int, "handshake_timeout": int, "peer_timeout": int,
             "payload_budget": str}
 # Integer settings: (smallest, largest, unit for the error message).
 _BOUNDED = {"busy_poll_us": (0, 10_000, "microseconds"),
             "link_lease": (1, 86_400, "seconds"),
             "max_connections": (1, 1_000_000, "connections"),
             "handshake_timeout": (0, 86_400, "seconds (0: no deadline)"),
-            "tcp_timeout": (0, 86_400, "seconds (0: off)")}
+            "peer_timeout": (0, 86_400, "seconds (0: off)")}
 
 
 def parse_human_size(text: str) -> int:
@@ -101,7 +101,7 @@ class DaemonConfig:
     busy_poll_us: int = 0  # 0: the NBD server never busy-polls (see minidisk.busypoll)
     max_connections: int = 1024  # open connections (any phase); more are closed at once
     handshake_timeout: int = 10  # seconds a client has to reach transmission (qemu: 10)
-    tcp_timeout: int = 120  # seconds before a silent TCP peer is dropped (keepalive)
+    peer_timeout: int = 120  # seconds before a vanished or stalled peer is dropped
     payload_budget: int = 512 << 20  # READ/WRITE payload bytes all clients may hold
     dlm: str | None = None
     directory: str | None = None  # the link directory (minidisk.link); None: no link layer

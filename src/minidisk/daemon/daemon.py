@@ -79,7 +79,7 @@ class Daemon:
                                 busy_poll=config.busy_poll_us / 1e6,
                                 max_connections=config.max_connections,
                                 handshake_timeout=config.handshake_timeout,
-                                tcp_timeout=config.tcp_timeout,
+                                peer_timeout=config.peer_timeout,
                                 payload_budget=config.payload_budget)
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)

@@ -174,6 +174,11 @@ class Connection(asyncio.BufferedProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
         # Until transmission (or a control command) a client must hurry: see connection_made.
         self.handshake_deadline: asyncio.TimerHandle | None = None
+        # A client holding budget (a WRITE payload half sent, replies it does not read) must
+        # make progress: see _watch_progress.
+        self.progress = 0.0  # loop time of its last progress
+        self.backlog = 0  # the transport's write buffer size when last looked at
+        self.stall_check: asyncio.TimerHandle | None = None
 
     @property
     def identity(self) -> Identity | None:
@@ -192,8 +197,8 @@ class Connection(asyncio.BufferedProtocol):
         identity = self._identity(sock)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if srv.tcp_timeout:
-                drop_dead_peers(sock, srv.tcp_timeout)
+            if srv.peer_timeout:
+                drop_dead_peers(sock, srv.peer_timeout)
         if srv.handshake_timeout:
             self.handshake_deadline = self.loop.call_later(
                 srv.handshake_timeout, self._abort,
@@ -227,6 +232,12 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._handshake_done()
+        if self.stall_check is not None:
+            self.stall_check.cancel()
+        if self.payload is not None:  # a WRITE whose payload never came in full
+            size = len(self.payload)
+            self.payload = self.payload_view = None
+            self._give(size)
         self.server.budget.leave(self)
         self.out.clear()
         if self.unsent or self.held:  # in-flight requests give theirs back when they end
@@ -278,6 +289,7 @@ class Connection(asyncio.BufferedProtocol):
             unsent, self.unsent = self.unsent, 0
             if self.write_paused and self.transport is not None:
                 self.held += unsent  # still in memory, in the transport's buffer
+                self._watch_progress()
             else:
                 self._give(unsent)
 
@@ -287,6 +299,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.progress = self.loop.time()
         if self.held:
             held, self.held = self.held, 0
             self._give(held)
@@ -339,6 +352,33 @@ class Connection(asyncio.BufferedProtocol):
         if self.budget_blocked:
             self.loop.call_soon(self._continue_parsing)
 
+    def _watch_progress(self) -> None:
+        """Drop the client if it holds budget and makes no progress for peer_timeout: else
+        a few connections that announce large WRITEs and stop sending, or stop reading
+        their replies, would hold the server's whole budget and stall every client."""
+        timeout = self.server.peer_timeout
+        if timeout and self.stall_check is None and self.transport is not None:
+            self.progress = self.loop.time()
+            self.backlog = self.transport.get_write_buffer_size()
+            self.stall_check = self.loop.call_later(timeout, self._check_progress)
+
+    def _check_progress(self) -> None:
+        self.stall_check = None
+        transport = self.transport
+        if transport is None or not (self.payload_view is not None or self.held):
+            return
+        backlog = transport.get_write_buffer_size()
+        if backlog < self.backlog:  # the client reads, if slowly
+            self.progress = self.loop.time()
+        self.backlog = backlog
+        timeout = self.server.peer_timeout
+        idle = self.loop.time() - self.progress
+        if idle >= timeout:
+            self._abort(f"no progress for {timeout} s while holding {self.charged} bytes "
+                        "of the payload budget")
+            return
+        self.stall_check = self.loop.call_later(timeout - idle, self._check_progress)
+
     def _update_reading(self) -> None:
         want_pause = (self.write_paused or self.inflight >= MAX_INFLIGHT or self.busy
                       or self.disconnecting or self.parse_deferred or self.budget_blocked)
@@ -370,6 +410,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if self.payload_view is not None:
             self.payload_pos += nbytes
+            self.progress = self.loop.time()
             if self.payload_pos < len(self.payload_view):
                 return
             payload = self.payload
@@ -564,6 +605,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.payload, self.payload_view = payload, memoryview(payload)
                 self.payload_pos = have
                 self.payload_request = (flags, cmd, cookie, offset)
+                self._watch_progress()
                 break
             self._execute_now(flags, cmd, cookie, offset, length, payload)
         if pos == end:
@@ -753,7 +795,7 @@ class NBDServer:
         busy_poll: float = 0.0,
         max_connections: int = 1024,
         handshake_timeout: float = 10.0,
-        tcp_timeout: int = 120,
+        peer_timeout: int = 120,
         payload_budget: int = SERVER_BUDGET,
     ) -> None:
         if tls_mode is not TLSMode.OFF and tls_context is None:
@@ -772,7 +814,7 @@ class NBDServer:
         self.max_connections = max_connections
         self.at_limit = False  # logged once per episode, not per refused client
         self.handshake_timeout = handshake_timeout
-        self.tcp_timeout = tcp_timeout
+        self.peer_timeout = peer_timeout
         self.budget = PayloadBudget(payload_budget, self._budget_idle)
         self.connection_budget = min(CONNECTION_BUDGET, payload_budget)
         self.drain_view = memoryview(bytearray(DRAIN_BUFFER))
