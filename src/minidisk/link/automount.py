@@ -89,7 +89,9 @@ class Automounter:
         self.pipe: PacketPipe | None = None
         self.top: AutofsMount | None = None
         self.subtrees: dict[int, Subtree] = {}  # by the st_dev of its mount
-        self.mounts_lock = threading.Lock()  # subtrees are made and stopped under it
+        # Subtrees are made and stopped under it; reentrant: stop() also runs from a signal
+        # handler, which may interrupt the main thread inside stop() itself.
+        self.mounts_lock = threading.RLock()
         self.path_locks: defaultdict[Path, threading.Lock] = defaultdict(threading.Lock)
         self.linked: dict[Path, str] = {}  # mounted path -> link id (linker state)
         self.aliases: set[Path] = set()
