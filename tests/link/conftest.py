@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import stop_process
+from tests.conftest import scaled, stop_process
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -119,7 +119,7 @@ def tls_site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
 
         def ready(url: str = url, ops: ssl.SSLContext = ops) -> bool:
             try:
-                control.call(url, "exports", tls=ops, timeout=5)
+                control.call(url, "exports", tls=ops, timeout=scaled(5))
                 return True
             except ControlError:
                 return False
@@ -185,7 +185,7 @@ def _running(site: Site, monkeypatch: pytest.MonkeyPatch, settings: str, owner: 
                               env={**os.environ, **site.env})
     started = False
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(20)
         while not ready():
             if server.poll() is not None or time.monotonic() > deadline:
                 raise ServerDidNotStart(

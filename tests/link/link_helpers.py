@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MINIDISK, stop_process
+from tests.conftest import MINIDISK, scaled, stop_process
 
 from minidisk.daemon.control import ControlError, Session
 from minidisk.link.directory import Directory
@@ -53,7 +53,7 @@ class Holder:
     def __init__(self, url: str, uid: int = 0, tls: Path | None = None) -> None:
         context = client_context(str(tls)) if tls is not None else None
         with as_uid(uid):
-            self.session = Session(url, context, timeout=30)
+            self.session = Session(url, context, timeout=scaled(30))
 
     def link(self, disk: str, mode: str, password: str | None = None) -> dict[str, Any]:
         args: dict[str, Any] = {"disk": disk, "mode": mode}
@@ -100,7 +100,7 @@ class Site:
         return h
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([MINIDISK, *args], capture_output=True, text=True, timeout=60,
+        return subprocess.run([MINIDISK, *args], capture_output=True, text=True, timeout=scaled(60),
                               env={**os.environ, **self.env}, check=check)
 
     def audit(self) -> list[tuple[str, str, str, str, str]]:
@@ -113,7 +113,7 @@ class Site:
     def wait_linkable(self, disk: str, mode: str = "W", uid: int = NOBODY,
                       timeout: float = 10.0) -> Holder:
         """Link `disk` as soon as nothing is in the way (a link ends asynchronously)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             h = self.holder(uid)
             try:
@@ -129,7 +129,7 @@ class Site:
 def as_user(uid: int, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a system tool (from /usr/bin) as `uid`."""
     return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                           *argv], capture_output=True, text=True, timeout=timeout,
+                           *argv], capture_output=True, text=True, timeout=scaled(timeout),
                           env={"PATH": "/usr/bin:/bin", "LANG": "C"})
 
 
@@ -250,7 +250,7 @@ def autofs_mounted(root: Path) -> bool:
 
 def run_ls(path: Path) -> subprocess.CompletedProcess[str]:
     """`ls PATH` in another process group than the automounter's: its lookups are trapped."""
-    return subprocess.run(["ls", str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["ls", str(path)], capture_output=True, text=True, timeout=scaled(60))
 
 
 def mount_options(path: Path) -> list[str]:
@@ -275,7 +275,7 @@ def running_automounter(site: Site, timeout: int = 2, **env: str
                             env={**os.environ, **site.env, **env}, start_new_session=True,
                             stderr=open(site.root / "automount.log", "wb"))
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(20)
         while not autofs_mounted(root):
             assert proc.poll() is None and time.monotonic() < deadline, \
                 (site.root / "automount.log").read_text()

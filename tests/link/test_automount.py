@@ -27,6 +27,7 @@ from minidisk.link import linker
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
+@pytest.mark.autofs
 def test_entering_links_and_mounts_then_expiry_undoes_it(
         site: Site, automounter: tuple[subprocess.Popen[bytes], Path]) -> None:
     _, top = automounter
@@ -52,6 +53,7 @@ def test_entering_links_and_mounts_then_expiry_undoes_it(
     site.wait_linkable("alice.0191", "W")  # and the lock is gone
 
 
+@pytest.mark.autofs
 def test_bad_keys_are_enoent_and_audited(
         site: Site, automounter: tuple[subprocess.Popen[bytes], Path]) -> None:
     _, top = automounter
@@ -72,6 +74,7 @@ def test_bad_keys_are_enoent_and_audited(
     assert not attachments() and not linker.links()
 
 
+@pytest.mark.autofs
 def test_stopping_leaves_no_hung_caller_and_no_mount(
         site: Site, automounter: tuple[subprocess.Popen[bytes], Path]) -> None:
     proc, top = automounter
@@ -180,6 +183,7 @@ def test_unlink_idle_ends_program_map_links_once_their_symlink_is_gone(
     assert neither.returncode == 2 and "TARGET or --idle" in neither.stderr
 
 
+@pytest.mark.autofs
 def test_quickstart_vmlink_once() -> None:
     done = subprocess.run([MINIDISK, "quickstart-vmlink", "--once"], capture_output=True,
                           text=True, timeout=100)

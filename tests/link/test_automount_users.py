@@ -18,7 +18,7 @@ from link_helpers import Site, as_user, mount_options, running_automounter
 from minidisk.kernel.state import attachments
 from minidisk.link import linker
 
-pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.kernel, pytest.mark.autofs, pytest.mark.timeout(180)]
 
 ALICE_READER = 60001  # granted R on alice.0191
 BOB_READER = 60002  # granted R on alice.0191 too

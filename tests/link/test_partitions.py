@@ -67,6 +67,7 @@ def test_a_partition_that_does_not_exist(site: Site) -> None:
     assert no_mountpoint.returncode != 0 and "mount point" in no_mountpoint.stderr
 
 
+@pytest.mark.autofs
 def test_automount_a_partition(site: Site, automounter: tuple[object, Path]) -> None:
     root = automounter[1] / "root"  # root's own subtree of /vmlink
     listed = run_ls(root / "alice.0191.2")

@@ -220,6 +220,7 @@ def test_certificates_from_the_environment(tls_site: Site) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.autofs
 def test_automount_with_a_certificate(tls_site: Site) -> None:
     site = tls_site
     _grant(site, "bob", "alice.0191", "R")

@@ -1,0 +1,54 @@
+"""The autofs tests, in a guest, when this machine's kernel has no autofs.
+
+`/vmlink` is made of the kernel's autofs: the tests marked `autofs` (tests/link) mount it for
+real. Some machines of this kind boot a kernel without it (no autofs in /proc/filesystems, no
+module to load), so there tests/conftest.py deselects them and this test runs the same tests,
+unchanged, under Debian 12's kernel in one guest, whose autofs4 module loads. Where the host
+kernel has autofs the tests run on the host and this one is deselected instead: every autofs
+test runs exactly once either way, and none is skipped.
+
+The interpreter and the virtualenv reach the guest on ext4 images over virtio-blk
+(pyimage.py): over 9p alone each `minidisk` process the tests start spent most of a minute
+importing.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+from tests.vm.harness import ROOT, Boot
+from tests.vm.pyimage import python_images
+
+pytestmark = [pytest.mark.vm, pytest.mark.autofs_guest, pytest.mark.xdist_group("vm"),
+              pytest.mark.timeout(1500)]
+
+GUEST_TIMEOUT = 1400.0  # one boot running every autofs test, under TCG
+TIME_SCALE = 10  # the tests' own bounds, in a guest where Python runs ~20x slower
+
+
+def test_autofs_tests_pass_under_debians_kernel(boot: Boot) -> None:
+    cache = ROOT / ".cache" / "vm-images"
+    images = python_images(cache, cache / "checkout.img")
+    # Modules first: they live in .cache (through /lib/modules), which the checkout's image
+    # hides once mounted.
+    script = "for m in autofs4 fuse loop; do modprobe $m || exit 98; done\n"
+    script += images.mount_script + f"""
+export PYTHONDONTWRITEBYTECODE=1 MINIDISK_TEST_TIME_SCALE={TIME_SCALE}
+cd {ROOT}
+"$PYTHON" -m pytest -p no:cacheprovider -n 0 -q -o faulthandler_timeout=0 -m autofs \\
+    --junitxml="$RESULTS/junit.xml" tests/link > "$RESULTS/pytest.txt" 2>&1
+"""
+    run = boot("autofs", script, timeout=GUEST_TIMEOUT, vng_args=images.vng_args())
+    report = run.results / "pytest.txt"
+    output = report.read_text(errors="replace") if report.exists() else run.explain()
+    junit = run.results / "junit.xml"
+    assert junit.exists(), f"pytest in the guest left no report\n{output[-6000:]}"
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}
+    assert counts["tests"] > 0, f"no autofs test ran in the guest\n{output[-6000:]}"
+    assert (counts["failures"], counts["errors"], counts["skipped"]) == (0, 0, 0), \
+        f"{counts}\n{output[-12000:]}"
+    assert run.status == 0, output[-6000:]
+
