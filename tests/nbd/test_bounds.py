@@ -211,6 +211,38 @@ def test_pipelined_reads_are_bounded_per_connection(start_server: StartServer,
         assert peak(pid) - base < 128 * MiB
 
 
+def test_requests_in_flight_are_bounded_per_connection(start_server: StartServer,
+                                                      tmp_path: Path) -> None:
+    """Requests without payload cost memory too while in flight (a coroutine, a task, a
+    thread pool work item on a file export): 20 clients that pipeline thousands of
+    WRITE_ZEROES and read no reply made the server hold them all (63 MiB; 99 MiB once the
+    payload budget had come in). Parsing stops at the per-connection limit now."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    os.truncate(image, 64 * MiB)
+    srv = start_server("--file", f"disk={image}")
+    pid = srv.proc.pid
+    clients = [connect(srv, structured=False) for _ in range(20)]
+    try:
+        base = settle(pid)
+        reset_peak(pid)
+        burst = b"".join(header(p.CMD_WRITE_ZEROES, i, (i % 1000) * 4096, 4096)
+                         for i in range(9000))
+        for c in clients:
+            c.sock.setblocking(False)  # as much as the socket takes: the server stops reading
+            try:
+                c.sock.send(burst)
+            except BlockingIOError:
+                pass
+        settle_cpu(pid)
+        grown = peak(pid) - base
+        assert grown < 32 * MiB, f"pipelined WRITE_ZEROES cost {grown >> 20} MiB"
+    finally:
+        for c in clients:
+            c.close()
+    assert srv.alive()
+
+
 def test_memory_is_given_back_after_a_burst(start_server: StartServer) -> None:
     """After many connections read big blocks at once, the freed buffers go back to the
     system instead of staying in the heap."""
