@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from minidisk.nbd import protocol as p
+from minidisk.nbd import replies as r
 from minidisk.nbd.exports import Identity
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
@@ -221,7 +222,7 @@ class Session:
             self.sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
         except OSError as e:
             raise ControlError(e.errno or errno.EIO, f"{self.url}: {e.strerror or e}") from None
-        replies = p.OptionReplies(option)
+        replies = r.OptionReplies(option)
 
         def read(recv: Callable[[int], bytes]) -> tuple[int, bytes]:
             while not replies.add(recv(replies.data_length(recv(p.OPTION_REPLY.size)))):
@@ -256,7 +257,7 @@ class Session:
         except TimeoutError:
             raise ControlError(errno.ETIMEDOUT,
                                f"{self.url}: no reply within {timeout:g} s") from None
-        except p.ReplyError as e:
+        except r.ReplyError as e:
             raise ControlError(errno.EPROTO, f"{self.url}: {e}") from None
         except OSError as e:
             raise ControlError(e.errno or errno.EIO, f"{self.url}: {e.strerror or e}") from None

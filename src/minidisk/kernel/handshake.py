@@ -31,14 +31,12 @@ from minidisk.nbd.protocol import (
     REP_ERR_UNSUP,
     TFLAG_CAN_MULTI_CONN,
     TFLAG_READ_ONLY,
-    OptionReplies,
-    ReplyError,
-    export_info,
     info_request,
 )
 from minidisk.nbd.protocol import INFO_TYPE_BLOCK_SIZE as INFO_BLOCK_SIZE
 from minidisk.nbd.protocol import OPTION_HEADER as OPTION
 from minidisk.nbd.protocol import REP_FLAG_ERROR as REP_ERR_BIT
+from minidisk.nbd.replies import OptionReplies, ReplyError, export_info
 
 _ERRORS = {1: "option unsupported", 2: "denied by policy", 3: "invalid option", 4: "platform",
            5: "TLS required", 6: "no such export", 7: "shutting down", 8: "block size",

@@ -36,6 +36,7 @@ from minidisk.device.api import (
     add_holes,
 )
 from minidisk.nbd import protocol as p
+from minidisk.nbd import replies as r
 from minidisk.nbd.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class RemoteDevice(BlockDevice):
         if isinstance(e, TimeoutError):
             return NBDError(errno.ETIMEDOUT, f"{self.describe()}: no handshake within "
                             f"{self.timeout:g} s")
-        if isinstance(e, p.ReplyError):
+        if isinstance(e, r.ReplyError):
             return NBDError(errno.EPROTO, f"{self.describe()}: {e}")
         if isinstance(e, asyncio.IncompleteReadError):
             return NBDError(errno.ECONNRESET, f"{self.describe()}: server closed the "
@@ -173,7 +174,7 @@ class RemoteDevice(BlockDevice):
                 self.uri.export, [p.META_BASE_ALLOCATION]))
             for reply, data in replies.replies:
                 if reply == p.REP_META_CONTEXT:
-                    context_id, name = p.parse_meta_context_reply(data)
+                    context_id, name = r.parse_meta_context_reply(data)
                     if name == p.META_BASE_ALLOCATION:
                         self.context_id = context_id
             self.base_allocation = self.context_id is not None
@@ -184,7 +185,7 @@ class RemoteDevice(BlockDevice):
             raise NBDError(errno.ENOENT if reply == p.REP_ERR_UNKNOWN else errno.EACCES,
                            f"{self.describe()}: export refused: "
                            f"{data.decode(errors='replace')}")
-        info = p.export_info(replies.replies)
+        info = r.export_info(replies.replies)
         self.size, self.tflags = info.size, info.tflags
         if info.block_size is not None:
             minimum, preferred, maximum = info.block_size
@@ -203,11 +204,11 @@ class RemoteDevice(BlockDevice):
         )
 
     async def _option(self, option: int, data: bytes,
-                      expect_ack: bool = False) -> p.OptionReplies:
+                      expect_ack: bool = False) -> r.OptionReplies:
         """Send one option; collect its replies up to the final ACK or error."""
         assert self.reader is not None and self.writer is not None
         self.writer.write(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
-        replies = p.OptionReplies(option)
+        replies = r.OptionReplies(option)
         read = self.reader.readexactly
         while not replies.add(await read(replies.data_length(await read(p.OPTION_REPLY.size)))):
             pass
@@ -226,7 +227,7 @@ class RemoteDevice(BlockDevice):
         if self.writer is None:
             raise NBDError(errno.ESHUTDOWN, f"connection to the server gone ({self.describe()})")
         cookie = next(self.cookies)
-        pending = _Pending(asyncio.get_running_loop().create_future(), p.ExpectedReply(
+        pending = _Pending(asyncio.get_running_loop().create_future(), r.ExpectedReply(
             cmd, offset, length, self.structured, bool(flags & p.CMD_FLAG_REQ_ONE)), buf)
         self.pending[cookie] = pending
         header = p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
@@ -268,11 +269,11 @@ class RemoteDevice(BlockDevice):
         assert reader is not None
         try:
             while True:
-                if p.reply_magic(await reader.readexactly(4)) == p.SIMPLE_REPLY_MAGIC:
+                if r.reply_magic(await reader.readexactly(4)) == p.SIMPLE_REPLY_MAGIC:
                     await self._simple_reply(reader)
                 else:
                     await self._chunk(reader)
-        except p.ReplyError as e:
+        except r.ReplyError as e:
             log.error("%s: protocol error: %s; dropping the connection", self.describe(), e)
             self._die(NBDError(errno.EIO, f"{self.describe()}: protocol error: {e}"))
         except (asyncio.IncompleteReadError, OSError):
@@ -299,7 +300,7 @@ class RemoteDevice(BlockDevice):
     def _pending_for(self, cookie: int) -> _Pending:
         pending = self.pending.get(cookie)
         if pending is None:
-            raise p.UnknownCookie(f"reply for cookie {cookie}, which is not pending")
+            raise r.UnknownCookie(f"reply for cookie {cookie}, which is not pending")
         return pending
 
     def _settle(self, cookie: int, pending: _Pending) -> None:
@@ -313,8 +314,8 @@ class RemoteDevice(BlockDevice):
             pending.future.set_result(pending.extents)
 
     async def _simple_reply(self, reader: asyncio.StreamReader) -> None:
-        error, cookie = p.SIMPLE_REPLY_REST.unpack(
-            await reader.readexactly(p.SIMPLE_REPLY_REST.size))
+        error, cookie = r.SIMPLE_REPLY_REST.unpack(
+            await reader.readexactly(r.SIMPLE_REPLY_REST.size))
         pending = self._pending_for(cookie)
         length = pending.expected.simple(error)
         if length:  # the READ's own length: bounded by what we asked for
@@ -325,7 +326,7 @@ class RemoteDevice(BlockDevice):
         self._settle(cookie, pending)
 
     async def _chunk(self, reader: asyncio.StreamReader) -> None:
-        header = p.ChunkHeader.parse(await reader.readexactly(p.CHUNK_REST.size))
+        header = r.ChunkHeader.parse(await reader.readexactly(r.CHUNK_REST.size))
         pending = self._pending_for(header.cookie)
         expected = pending.expected
         expected.chunk(header)  # the length is checked before anything is read
@@ -347,8 +348,8 @@ class RemoteDevice(BlockDevice):
             payload = await reader.readexactly(header.length)
             pending.extents.extend(Extent(offset, length, status & 3) for offset, length, status
                                    in expected.block_status(payload, self.context_id))
-        elif kind & p.REPLY_FLAG_ERROR_TYPE:
-            error, message = p.parse_error_chunk(kind, await reader.readexactly(header.length))
+        elif kind & r.REPLY_FLAG_ERROR_TYPE:
+            error, message = r.parse_error_chunk(kind, await reader.readexactly(header.length))
             if not pending.error:
                 pending.error, pending.message = error, message
         if header.done:
@@ -428,7 +429,7 @@ class RemoteDevice(BlockDevice):
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[list[Extent] | None]
-    expected: p.ExpectedReply
+    expected: r.ExpectedReply
     buf: memoryview | None
     error: int = 0
     message: str = ""
