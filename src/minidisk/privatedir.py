@@ -47,7 +47,7 @@ def _refuse_untrusted(real: Path, final: bool, mode: int) -> None:
         st = os.lstat(directory)
         writable = st.st_mode & 0o022
         if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or \
-                (writable and (directory == real or not st.st_mode & stat.S_ISVTX)) or \
+                (writable and ((final and directory == real) or not st.st_mode & stat.S_ISVTX)) or \
                 (final and directory == real and st.st_mode & 0o077 & ~mode):
             raise UntrustedDirectory(
                 f"{directory} can be changed or read by others (uid {st.st_uid}, mode "

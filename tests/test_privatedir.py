@@ -1,0 +1,47 @@
+"""privatedir: where root keeps state, nobody else may redirect it; a sticky parent is fine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from minidisk.privatedir import UntrustedDirectory, private_dir
+
+
+@pytest.fixture
+def sticky(tmp_path: Path) -> Path:
+    """A /tmp-like directory: root's, world-writable, sticky."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    os.chmod(d, 0o1777)
+    return d
+
+
+def test_a_missing_directory_is_made_below_a_sticky_one(sticky: Path) -> None:
+    # Before: the sticky parent was judged as if it were the state directory itself.
+    made = private_dir(sticky / "state" / "attach")
+    assert made.is_dir() and made.stat().st_mode & 0o777 == 0o700
+    assert (sticky / "state").stat().st_mode & 0o777 == 0o755
+
+
+def test_an_existing_directory_others_may_write_is_refused(sticky: Path) -> None:
+    with pytest.raises(UntrustedDirectory, match="can be changed or read by others"):
+        private_dir(sticky)
+
+
+def test_a_world_writable_parent_without_the_sticky_bit_is_refused(tmp_path: Path) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(UntrustedDirectory, match=str(open_dir)):
+        private_dir(open_dir / "state")
+
+
+def test_a_directory_of_another_user_is_refused(sticky: Path) -> None:
+    planted = sticky / "state"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(UntrustedDirectory, match="uid 65534"):
+        private_dir(planted)
