@@ -41,7 +41,11 @@ class PythonImages:
     mount_script: str  # bash, run first in the guest: mounts them over their host paths
 
     def vng_args(self) -> list[str]:
-        return [arg for disk in self.disks for arg in ("--disk", str(disk))]
+        # Not vng's --disk: it attaches images writable, and qemu's write lock then keeps a
+        # second guest (another test run) from sharing them. Read-only drives share.
+        drives = [f"-drive if=none,id=mdpy{i},file={disk},format=raw,readonly=on "
+                  f"-device virtio-blk-pci,drive=mdpy{i}" for i, disk in enumerate(self.disks)]
+        return [f"--qemu-opts={' '.join(drives)}"]
 
 
 def _fingerprint(*trees: Path) -> str:

@@ -15,6 +15,7 @@ importing.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from tests.vm.harness import ROOT, Boot
@@ -27,9 +28,9 @@ GUEST_TIMEOUT = 1400.0  # one boot running every autofs test, under TCG
 TIME_SCALE = 10  # the tests' own bounds, in a guest where Python runs ~20x slower
 
 
-def test_autofs_tests_pass_under_debians_kernel(boot: Boot) -> None:
-    cache = ROOT / ".cache" / "vm-images"
-    images = python_images(cache, cache / "checkout.img")
+def test_autofs_tests_pass_under_debians_kernel(boot: Boot, tmp_path: Path) -> None:
+    # The checkout's image is this run's own: another run may be making its own meanwhile.
+    images = python_images(ROOT / ".cache" / "vm-images", tmp_path / "checkout.img")
     # Modules first: they live in .cache (through /lib/modules), which the checkout's image
     # hides once mounted.
     script = "for m in autofs4 fuse loop; do modprobe $m || exit 98; done\n"
