@@ -33,6 +33,7 @@ from minidisk.link.authority import LinkAuthority
 from minidisk.link.directory import Directory
 from minidisk.link.governance import Governance
 from minidisk.namespace import DEFAULT_CACHE_LIMIT, Namespace, apply_all
+from minidisk.namespace.hostdev import open_host
 from minidisk.nbd.client import RemoteDevice
 from minidisk.nbd.exports import Access, ExportPolicy, Identity
 from minidisk.nbd.negotiation import TLSMode
@@ -119,7 +120,9 @@ class Daemon:
             for key, size in c.null:
                 ns.register_device(key, NullDevice(size))
             for key, path, offset, length in c.files:
-                ns.register_device(key, FileDevice(path, offset, length, c.read_only))
+                # By descriptor, refusing a symlink, as drivespec host paths are (hostpath.py).
+                ns.register_device(key, FileDevice(path, offset, length, c.read_only,
+                                                   fd=open_host(path)))
             await apply_all(c.drives, ns)
             for key, uri in c.remotes:
                 ns.register_device(key, await RemoteDevice.connect(uri))
