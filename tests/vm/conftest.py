@@ -1,0 +1,58 @@
+"""Fixtures for tests that boot Debian 12's kernel in a guest (harness.py says how).
+
+These tests never skip: a machine that runs scripts/bootstrap.sh can boot the guest, so a
+missing kernel, qemu or virtme-ng is a failure that names the missing step. A boot takes
+seconds under TCG, so a test module boots once (a module-scoped fixture running one script
+that leaves many rows) and its tests read the rows. All VM tests share one xdist group, so they
+run one guest at a time on one worker while the other worker runs the rest of the suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from tests.vm.harness import (
+    Boot,
+    GuestRun,
+    Kernel,
+    find_kernel,
+    kvm_problem,
+    run_in_guest,
+)
+
+BOOT_TIMEOUT = 900.0  # seconds for one boot and its script, under TCG on a loaded machine
+
+
+@pytest.fixture(scope="session")
+def guest_kernel() -> Kernel:
+    return find_kernel()
+
+
+@pytest.fixture(scope="session")
+def use_kvm(guest_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> bool:
+    problem = kvm_problem(guest_kernel, tmp_path_factory.mktemp("kvm-probe"))
+    log = tmp_path_factory.getbasetemp() / "vm-boots.txt"
+    with open(log, "a") as f:
+        f.write(f"kvm: {'yes' if problem is None else f'no, TCG ({problem})'}\n")
+    return problem is None
+
+
+@pytest.fixture(scope="session")
+def boot(guest_kernel: Kernel, use_kvm: bool, tmp_path_factory: pytest.TempPathFactory) -> Boot:
+    """`boot(name, script)` → the GuestRun of `script` (bash) in a fresh guest.
+
+    Boot times go to vm-boots.txt in pytest's base temporary directory.
+    """
+    def run(name: str, script: str, timeout: float = BOOT_TIMEOUT,
+            vng_args: Sequence[str] = ()) -> GuestRun:
+        results = tmp_path_factory.mktemp(f"vm-{name}")
+        guest = run_in_guest(script, results, kernel=guest_kernel, kvm=use_kvm, timeout=timeout,
+                             vng_args=vng_args)
+        with open(tmp_path_factory.getbasetemp() / "vm-boots.txt", "a") as f:
+            f.write(f"{name}: {guest.seconds:.1f} s, status {guest.status}\n")
+        if guest.status is None:
+            pytest.fail(f"guest {name} did not finish its script\n{guest.explain()}")
+        return guest
+    return run
+

@@ -1,0 +1,45 @@
+"""Kernel nbd in a guest when it gets hard: multi-conn, a killed server, a server that stops
+answering; each row against Debian's nbd-client in the same boot (guest/nbd_failures.sh)."""
+
+from __future__ import annotations
+
+import pytest
+from tests.vm.harness import Boot, Rows, guest_script
+
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def rows(boot: Boot) -> Rows:
+    return Rows(boot("nbd-failures", guest_script("nbd_failures.sh")))
+
+
+def ok(rows: Rows, *names: str) -> None:
+    for name in names:
+        assert rows.status(name) == 0, f"{name}: {rows.error(name)}"
+
+
+@pytest.mark.parametrize("method", ["netlink", "ioctl"])
+def test_connections(rows: Rows, method: str) -> None:
+    """`--connections 2` opens two sockets to the server, as nbd-client -C 2, and works."""
+    p = f"multi_{method}"
+    ok(rows, f"{p}.attach", f"{p}.write", f"{p}.detach", "multi_theirs.attach")
+    ours = int(rows[f"{p}.sockets"]) - int(rows[f"{p}.sockets_before"])
+    theirs = int(rows["multi_theirs.sockets"]) - int(rows["multi_theirs.sockets_before"])
+    assert ours == theirs == 2
+
+
+def test_killed_server_gives_io_errors(rows: Rows) -> None:
+    ok(rows, "kill.attach", "kill.read_before", "theirs_kill.read_before")
+    assert rows.status("kill.read_after") == rows.status("theirs_kill.read_after") == 1
+    assert "Input/output error" in rows.error("kill.read_after")
+    ok(rows, "kill.detach", "theirs_kill.detach")
+
+
+def test_stopped_server_times_out(rows: Rows) -> None:
+    """`--timeout 5`: a request the server never answers fails with EIO (124 would be a hang,
+    ended by the guest script's own `timeout 120`), as with nbd-client -t 5."""
+    ok(rows, "stop.attach", "theirs_stop.attach")
+    assert rows.status("stop.read") == rows.status("theirs_stop.read") == 1
+    assert "Input/output error" in rows.error("stop.read")
+    ok(rows, "stop.detach", "theirs_stop.detach")
