@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import termios
 import time
@@ -40,6 +39,7 @@ from minidisk.dlm import protocol
 from minidisk.dlm.engine import Cancelled, Cursor, DlmError, Engine, Event, Flag, Granted
 from minidisk.dlm.limits import Limits
 from minidisk.dlm.modes import Mode
+from minidisk.unixsocket import remove_stale_socket
 
 log = logging.getLogger("minidisk.dlm")
 
@@ -216,7 +216,7 @@ class DlmService:
     async def start(self, path: str) -> None:
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         loop = asyncio.get_running_loop()
         if self.busy_poll > 0:
             self.poller = busypoll.AsyncioPoller(loop, self.busy_poll)
@@ -559,23 +559,6 @@ _HANDLERS = {
 }
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by a dead service; refuse to steal one that still answers."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise FileExistsError(errno.EADDRINUSE, "a lock manager is already listening", path)
 
 
 async def start_dlm_service(url: str | None = None, *, busy_poll: float | None = None,

@@ -9,12 +9,12 @@ systemd socket activation (LISTEN_PID = our pid, LISTEN_FDS >= 1, as nbdinfo/nbd
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import socket
-import stat
 from dataclasses import dataclass
+
+from minidisk.unixsocket import remove_stale_socket
 
 SD_LISTEN_FDS_START = 3
 KEEPALIVE_PROBES = 4
@@ -83,7 +83,7 @@ def bind(address: ListenAddress, backlog: int = socket.SOMAXCONN) -> socket.sock
     """Create the listening socket (so errors such as 'address in use' surface early)."""
     if address.kind == "unix":
         path = address.path
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
@@ -133,28 +133,3 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove `path` if it is a socket nobody listens on (left behind by a crash).
-
-    Anything else there is an error: a live socket is another server's, and a regular file
-    or a symlink (lstat: never followed, even to a stale socket) is not ours to delete.
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(errno.EEXIST, f"cannot listen on unix://{path}: it exists and is not "
-                      "a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError as e:
-        raise OSError(e.errno, f"cannot listen on unix://{path}: {e.strerror}") from None
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"cannot listen on unix://{path}: in use by a running "
-                  "server")
