@@ -68,10 +68,18 @@ def attach(uri: NbdUri, read_only: bool,
     device = ""
     try:
         fuse = _start_nbdfuse(uri, read_only, workdir, backing, connect_as)
+        # Linux before 6.14 sizes a loop device by the backing inode's cached i_size, and a
+        # FUSE mount's root inode has none until someone asks for its attributes: without
+        # this stat, Debian 12's kernel made a loop device of 0 bytes (seen in tests/vm).
+        size = backing.stat().st_size
         argv = ["losetup", "--find", "--show", "--direct-io=on"]
         if read_only:
             argv.append("--read-only")
         device = run([*argv, str(backing)]).stdout.strip()
+        sectors = Path(f"/sys/block/{Path(device).name}/size").read_text().strip()
+        if int(sectors) * 512 != size - size % 512:
+            raise AttachError(f"{device} has {int(sectors) * 512} bytes, not the export's "
+                              f"{size}")
         # A read-only export makes nbdfuse's file read-only and losetup falls back to a
         # read-only loop device by itself; record what the kernel really gave us.
         read_only = read_only or Path(f"/sys/block/{Path(device).name}/ro").read_text() == "1\n"
