@@ -270,8 +270,10 @@ def running_automounter(site: Site, timeout: int = 2, **env: str
     """`minidisk automount SITE/vmlink --timeout T` (`env` added to the site's), stopped
     afterwards."""
     root = site.root / "vmlink"
+    # The expiry is scaled too: where every step is slower, a mount must outlive the steps
+    # a test takes before it looks at it.
     proc = subprocess.Popen([MINIDISK, "-v", "automount", str(root), "--timeout",
-                             str(timeout)],
+                             str(round(scaled(timeout)))],
                             env={**os.environ, **site.env, **env}, start_new_session=True,
                             stderr=open(site.root / "automount.log", "wb"))
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from link_helpers import Site, mount_options, run_ls
+from tests.conftest import scaled
 
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.state import attachments
@@ -81,7 +82,7 @@ def test_automount_a_partition(site: Site, automounter: tuple[object, Path]) -> 
     assert run_ls(root / "alice.0191.7").returncode != 0  # no such partition: ENOENT
     [state] = linker.links()
     assert state.disk == "alice.0191" and state.partition == 2
-    deadline = time.monotonic() + 30  # idle: expired, unmounted, detached, unlinked
+    deadline = time.monotonic() + scaled(30)  # idle: expired, unmounted, detached, unlinked
     while mount_options(root / "alice.0191.2") or attachments() or linker.links():
         assert time.monotonic() < deadline, (site.root / "automount.log").read_text()
         time.sleep(0.2)

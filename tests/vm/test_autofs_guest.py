@@ -21,9 +21,11 @@ import pytest
 from tests.vm.harness import ROOT, Boot
 from tests.vm.pyimage import python_images
 
-pytestmark = [pytest.mark.vm, pytest.mark.autofs_guest, pytest.mark.xdist_group("vm"),
+pytestmark = [pytest.mark.vm, pytest.mark.autofs_guest, pytest.mark.xdist_group("vm-autofs"),
               pytest.mark.timeout(1500)]
 
+# Its own xdist group: this guest runs beside the kernel-nbd ones (group "vm") instead of after
+# them, so the suite's wall time is the longer of the two, not their sum.
 GUEST_TIMEOUT = 1400.0  # one boot running every autofs test, under TCG
 TIME_SCALE = 10  # the tests' own bounds, in a guest where Python runs ~20x slower
 

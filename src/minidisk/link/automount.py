@@ -122,6 +122,7 @@ class Automounter:
                 signal.signal(sig, handler)
 
     def _signalled(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
         self.stop()
 
     def stop(self) -> None:
@@ -129,8 +130,10 @@ class Automounter:
         self.stopping.set()
         with self.mounts_lock:
             for mount in self._mounts():
-                with contextlib.suppress(OSError):
+                try:
                     mount.go_catatonic()
+                except OSError as e:  # a caller may now wait until it gives up itself
+                    log.warning("%s: cannot go catatonic: %s", mount.root, e)
             if self.pipe is not None:
                 self.pipe.close_write_end()  # the reader sees the end once all let go
 
