@@ -49,7 +49,11 @@ cd {ROOT}
     assert junit.exists(), f"pytest in the guest left no report\n{output[-6000:]}"
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]
-    counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}
+    counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors")}
+    # junit files an xfail (a known open bug, its reason in the test) as skipped: only a real
+    # skip counts against the run.
+    counts["skipped"] = sum(1 for skip in suite.iter("skipped")
+                            if skip.get("type") != "pytest.xfail")
     assert counts["tests"] > 0, f"no autofs test ran in the guest\n{output[-6000:]}"
     assert (counts["failures"], counts["errors"], counts["skipped"]) == (0, 0, 0), \
         f"{counts}\n{output[-12000:]}"
