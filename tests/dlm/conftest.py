@@ -3,6 +3,7 @@ dlmfs mount on its own directory, both always torn down."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -54,10 +55,10 @@ def _stop(process: subprocess.Popen[str]) -> None:
             process.wait(5)
 
 
-@pytest.fixture
-def dlm_server(tmp_short: Path) -> Iterator[Server]:
-    path = str(tmp_short / "dlm.sock")
-    process = subprocess.Popen([MINIDISK, "dlm", "serve", f"unix://{path}"],
+@contextlib.contextmanager
+def serving(path: str, *options: str) -> Iterator[Server]:
+    """`minidisk dlm serve unix://PATH OPTIONS...` once it listens; stopped afterwards."""
+    process = subprocess.Popen([MINIDISK, "dlm", "serve", f"unix://{path}", *options],
                                stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -66,6 +67,12 @@ def dlm_server(tmp_short: Path) -> Iterator[Server]:
         yield Server(f"unix://{path}", path, process)
     finally:
         _stop(process)
+
+
+@pytest.fixture
+def dlm_server(tmp_short: Path) -> Iterator[Server]:
+    with serving(str(tmp_short / "dlm.sock")) as server:
+        yield server
 
 
 def _mounted(path: Path) -> bool:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from tests.conftest import stop_process
 
 from minidisk.dlm import protocol
 from minidisk.dlm.client import connect
@@ -21,7 +20,7 @@ from minidisk.dlm.engine import DlmError
 from minidisk.dlm.limits import Limits
 from minidisk.dlm.modes import Mode
 
-from .conftest import MINIDISK, Server  # type: ignore[import-not-found]
+from .conftest import MINIDISK, Server, serving  # type: ignore[import-not-found]
 from .test_protocol import Raw  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,20 +95,11 @@ def test_one_resource_whose_locks_fill_several_pages_arrives_whole(dlm_server: S
 @pytest.fixture
 def capped(tmp_short: Path) -> Iterator[Server]:
     """A service with small limits, set on the command line."""
-    path = str(tmp_short / "capped.sock")
-    process = subprocess.Popen(
-        [MINIDISK, "dlm", "serve", f"unix://{path}", "--max-clients", "4",
-         "--max-prompt-clients", "2",
-         "--max-locks-per-client", "100", "--max-domains-per-client", "3",
-         "--max-locks", "150", "--max-resources", "120"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on"), line
-        yield Server(f"unix://{path}", path, process)
-    finally:
-        stop_process(process)
+    with serving(str(tmp_short / "capped.sock"), "--max-clients", "4",
+                 "--max-prompt-clients", "2",
+                 "--max-locks-per-client", "100", "--max-domains-per-client", "3",
+                 "--max-locks", "150", "--max-resources", "120") as server:
+        yield server
 
 
 def refused(err: pytest.ExceptionInfo[DlmError], code: int) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,6 @@ import pytest
 from minidisk.namespace import DrivespecError, Namespace, apply, parse
 
 OLD = 1_000_000_000  # an mtime far in the past, so any change to the file shows
-
-
-@pytest.fixture
-def ns() -> Iterator[Namespace]:
-    namespace = Namespace()
-    yield namespace
-    asyncio.run(namespace.aclose())
 
 
 @pytest.fixture
