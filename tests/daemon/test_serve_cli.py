@@ -270,9 +270,19 @@ def test_busy_poll_spins_after_requests_then_sleeps(serve: Server, budget_us: in
         finally:
             await dev.close()
 
-    before = _cpu_seconds(pid)
-    asyncio.run(requests())
-    during = _cpu_seconds(pid) - before
+    def cpu_during_requests() -> float:
+        before = _cpu_seconds(pid)
+        asyncio.run(requests())
+        return _cpu_seconds(pid) - before
+
+    during = cpu_during_requests()
+    # Polling yields the CPU between passes, so when other processes (a guest of tests/vm)
+    # keep both CPUs busy the poller gets little of it: a few more rounds give it the chance
+    # to show. A server that never polls stays near 0.04 s however often it is asked.
+    for _ in range(4 if budget_us else 0):
+        if during > 0.15:
+            break
+        during = max(during, cpu_during_requests())
     time.sleep(0.2)  # the last budget runs out
     idle_start = _cpu_seconds(pid)
     time.sleep(1.0)
