@@ -45,3 +45,12 @@ def test_a_directory_of_another_user_is_refused(sticky: Path) -> None:
     os.chown(planted, 65534, 65534)
     with pytest.raises(UntrustedDirectory, match="uid 65534"):
         private_dir(planted)
+
+
+def test_our_own_directory_that_others_may_only_read_is_narrowed(tmp_path: Path) -> None:
+    # Before: /run/minidisk/attach, made 0755 by an older minidisk, failed every attach.
+    old = tmp_path / "attach"
+    old.mkdir(mode=0o755)
+    os.chmod(old, 0o755)
+    assert private_dir(old) == old
+    assert old.stat().st_mode & 0o777 == 0o700

@@ -33,6 +33,8 @@ def private_dir(path: Path, mode: int = 0o700) -> Path:
     while not os.path.lexists(existing):
         missing.append(existing)
         existing = existing.parent
+    if not missing:
+        _narrow(path, mode)
     _refuse_untrusted(Path(os.path.realpath(existing)), final=not missing, mode=mode)
     for directory in reversed(missing):
         with contextlib.suppress(FileExistsError):
@@ -40,6 +42,22 @@ def private_dir(path: Path, mode: int = 0o700) -> Path:
         _refuse_untrusted(Path(os.path.realpath(directory)), final=directory == path,
                           mode=mode)
     return path
+
+
+def _narrow(path: Path, mode: int) -> None:
+    """Take away what `path` grants others beyond `mode`, when it is a directory of ours that
+    nobody else can write (one made by an older minidisk with 0755): its contents are ours
+    alone, so only reading it was open. Anything else is left for the check to refuse."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o022 and st.st_mode & 0o077 & ~mode:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~(0o077 & ~mode))
+    finally:
+        os.close(fd)
 
 
 def _refuse_untrusted(real: Path, final: bool, mode: int) -> None:
