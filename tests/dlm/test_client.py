@@ -9,15 +9,10 @@ import time
 import anyio
 import pytest
 
-from minidisk.dlm.client import (
-    BusyLock,
-    LvbInvalid,
-    RecursiveLock,
-    TrylockFailed,
-    connect,
-)
+from minidisk.dlm.client import connect
 from minidisk.dlm.engine import DlmError, Flag
 from minidisk.dlm.modes import Mode
+from minidisk.dlm.o2dlm import BusyLock, LvbInvalid, RecursiveLock, TrylockFailed
 from minidisk.dlm.service import start_dlm_service
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -291,3 +286,31 @@ async def _release_then_close(url: str, prompt_unlock: bool) -> None:
             assert waiter.held and waiter.lvb_valid
             assert waiter.lvb.rstrip(b"\0") == f"v{i}".encode()
             await waiter.release(wait=prompt_unlock)
+
+
+async def test_contenders_lists_holders_then_converting_then_waiting(dlm_server) -> None:  # type: ignore[no-untyped-def]
+    """kazoo's `contenders()`: every owner with a lock on the resource, in queue order, an
+    orphan (a PERSISTENT lock whose owner went away) named after its dead owner."""
+    me = os.getpid()
+    async with connect(dlm_server.url, name="gone") as gone:
+        assert await gone.lock("d", "r", Mode.PR, persistent=True).acquire()
+    async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b, \
+            connect(dlm_server.url, name="c") as c:
+        holder = a.lock("d", "r", Mode.PR)
+        assert await holder.acquire()
+        assert await holder.contenders() == [f"orphan of gone[{me}]", f"a[{me}]"]
+        converter = b.lock("d", "r", Mode.PR)
+        assert await converter.acquire()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(converter.convert, Mode.EX)
+            while await waiting_on(dlm_server.url, "r") == []:
+                await anyio.sleep(0.01)
+            tasks.start_soon(c.lock("d", "r", Mode.EX).acquire)
+            while len(await waiting_on(dlm_server.url, "r")) < 2:
+                await anyio.sleep(0.01)
+            assert await c.lock("d", "r").contenders() == [
+                f"orphan of gone[{me}]", f"a[{me}]", f"b[{me}]", f"c[{me}]"]
+            tasks.cancel_scope.cancel()
+        assert await a.lock("d", "nobody").contenders() == []
+        assert await a.lock("elsewhere", "r").contenders() == []
+        await a.purge("d")

@@ -2,7 +2,8 @@
 tokens), an embedded service on a unix socket, and a client for asyncio and trio.
 
 `modes` and `engine` are pure logic; `protocol` is the wire format; `service` hosts an engine;
-`client` talks to a service. Nothing here imports nbd or dm.
+`client` is a connection to a service (over `loops`, the asyncio/trio part), `lock` the Lock
+recipe on it and `o2dlm` the libo2dlm face. Nothing here imports nbd or dm.
 """
 
 from minidisk.dlm.engine import LVB_LEN, DlmError, Flag

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from minidisk.dlm.client import DlmClient, Lock
+from minidisk.dlm.client import DlmClient
 from minidisk.dlm.engine import LVB_LEN, DlmError
+from minidisk.dlm.lock import Lock
 from minidisk.dlm.modes import Mode
 from minidisk.dlmfs import holders
 
