@@ -27,8 +27,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from minidisk.nbd import client_negotiation as cn
 from minidisk.nbd import protocol as p
 from minidisk.nbd import replies as r
+from minidisk.nbd.blocking import negotiate
 from minidisk.nbd.exports import Identity
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
@@ -186,21 +188,16 @@ class Session:
             # ca-cert.pem, client-cert.pem, client-key.pem).
             tls = client_context(os.environ[TLS_ENV])
         self.sock = connect(url, timeout)
+        # The handshake and every command are nbd/client_negotiation.py's option phase.
+        self.negotiation = cn.ClientNegotiation(None, tls=tls is not None)
         try:
-            greeting = self._exchange(lambda recv: recv(p.GREETING.size))
-            magic, opt_magic, _flags = p.GREETING.unpack(greeting)
-            if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
-                raise ControlError(errno.EPROTO, f"{url} is not an NBD server")
-            self.sock.sendall(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
-            if tls is not None:
-                reply, data = self._option(p.OPT_STARTTLS, b"")
-                if reply != p.REP_ACK:
-                    raise ControlError(errno.EPROTO, f"{url}: STARTTLS refused: "
-                                       f"{data.decode(errors='replace')!r}")
+            event = self._exchange()
+            if isinstance(event, cn.StartTLS):
+                assert tls is not None
                 self.sock = tls.wrap_socket(self.sock)
-        except OSError as e:
-            self.sock.close()
-            raise ControlError(e.errno or errno.EIO, f"{url}: {e.strerror or e}") from None
+                self.negotiation.tls_started()
+                event = self._exchange()
+            assert isinstance(event, cn.Ready)  # the plan has no export
         except BaseException:
             self.sock.close()
             raise
@@ -218,55 +215,37 @@ class Session:
 
     def _option(self, option: int, data: bytes) -> tuple[int, bytes]:
         """Send one option; its final reply (type, data)."""
-        try:
-            self.sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
-        except OSError as e:
-            raise ControlError(e.errno or errno.EIO, f"{self.url}: {e.strerror or e}") from None
-        replies = r.OptionReplies(option)
+        if self.negotiation.state is not cn.State.READY:  # a command cut short (a signal)
+            raise ControlError(errno.EPROTO, f"{self.url}: an earlier command did not "
+                               "finish; this connection cannot carry another")
+        self.negotiation.send_option(option, data)
+        result = self._exchange()
+        assert isinstance(result, cn.OptionResult)
+        return result.reply, result.data
 
-        def read(recv: Callable[[int], bytes]) -> tuple[int, bytes]:
-            while not replies.add(recv(replies.data_length(recv(p.OPTION_REPLY.size)))):
-                pass
-            return replies.final
-
-        return self._exchange(read)
-
-    def _exchange(self, read: Callable[[Callable[[int], bytes]], _T]) -> _T:
-        """Run `read` on the server's bytes with one deadline (the socket's timeout) for all
-        of them; every failure is a ControlError naming the server."""
+    def _exchange(self) -> cn.Event:
+        """Drive the negotiation to its next event, with one deadline (the socket's timeout)
+        for all of the server's bytes; every failure is a ControlError naming the server."""
         timeout = self.sock.gettimeout()
         deadline = None if timeout is None else time.monotonic() + timeout
-
-        def recv(n: int) -> bytes:
-            buf = bytearray()
-            while len(buf) < n:
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError
-                    self.sock.settimeout(left)
-                chunk = self.sock.recv(min(n - len(buf), 1 << 20))
-                if not chunk:
-                    raise ControlError(errno.ECONNRESET, f"{self.url}: server closed the "
-                                       "connection")
-                buf += chunk
-            return bytes(buf)
-
         try:
-            return read(recv)
+            return negotiate(self.negotiation, self.sock, deadline)
         except TimeoutError:
             raise ControlError(errno.ETIMEDOUT,
                                f"{self.url}: no reply within {timeout:g} s") from None
+        except cn.OptionRefused as e:  # only STARTTLS is the negotiation's to refuse
+            raise ControlError(errno.EPROTO, f"{self.url}: STARTTLS refused: "
+                               f"{e.message!r}") from None
         except r.ReplyError as e:
             raise ControlError(errno.EPROTO, f"{self.url}: {e}") from None
         except OSError as e:
             raise ControlError(e.errno or errno.EIO, f"{self.url}: {e.strerror or e}") from None
-        finally:
-            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         try:
-            self.sock.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, p.OPT_ABORT, 0))
+            if self.negotiation.state is cn.State.READY:
+                self.negotiation.abort()
+                self.sock.sendall(self.negotiation.data_to_send())
         except OSError:
             pass
         finally:

@@ -1,8 +1,9 @@
-"""The client half of the NBD fixed-newstyle handshake, for handing a socket to kernel nbd.
+"""The client half of the NBD handshake, for handing a socket to kernel nbd.
 
 The kernel's nbd driver speaks only the transmission phase with simple replies, so we connect,
-negotiate NBD_OPT_GO ourselves (no structured replies, no TLS) and give it the socket.
-Falls back to NBD_OPT_EXPORT_NAME for servers that answer GO with ERR_UNSUP.
+negotiate NBD_OPT_GO ourselves (no structured replies, no TLS; nbd/client_negotiation.py over
+a blocking socket) and give it the socket. Falls back to NBD_OPT_EXPORT_NAME for servers that
+answer GO with ERR_UNSUP.
 """
 
 from __future__ import annotations
@@ -13,37 +14,16 @@ from dataclasses import dataclass
 
 from minidisk.kernel.errors import AttachError
 from minidisk.kernel.uri import NbdUri
+from minidisk.nbd import client_negotiation as cn
+from minidisk.nbd.blocking import negotiate
+from minidisk.nbd.protocol import TFLAG_CAN_MULTI_CONN, TFLAG_READ_ONLY
+from minidisk.nbd.replies import ReplyError
 
-# The wire format is the one pure module the server and every client share.
-from minidisk.nbd.protocol import (
-    CLIENT_FLAGS,
-    EXPORT_NAME_REPLY,
-    FLAG_C_FIXED_NEWSTYLE,
-    FLAG_C_NO_ZEROES,
-    FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES,
-    GREETING,
-    IHAVEOPT,
-    NBDMAGIC,
-    OPT_EXPORT_NAME,
-    OPT_GO,
-    OPTION_REPLY,
-    REP_ERR_UNSUP,
-    TFLAG_CAN_MULTI_CONN,
-    TFLAG_READ_ONLY,
-    info_request,
-)
-from minidisk.nbd.protocol import INFO_TYPE_BLOCK_SIZE as INFO_BLOCK_SIZE
-from minidisk.nbd.protocol import OPTION_HEADER as OPTION
-from minidisk.nbd.protocol import REP_FLAG_ERROR as REP_ERR_BIT
-from minidisk.nbd.replies import OptionReplies, ReplyError, export_info
-
-_ERRORS = {1: "option unsupported", 2: "denied by policy", 3: "invalid option", 4: "platform",
-           5: "TLS required", 6: "no such export", 7: "shutting down", 8: "block size",
-           9: "too big"}
 
 @dataclass
 class Negotiated:
+    """A socket negotiated for kernel nbd, and what the kernel is to be told about it."""
+
     sock: socket.socket
     size: int
     flags: int  # transmission flags
@@ -59,9 +39,12 @@ class Negotiated:
 
 
 def connect(uri: NbdUri, timeout: float = 30.0) -> Negotiated:
-    """Open a socket to `uri`'s server and negotiate its export; errors are AttachError."""
+    """Open a socket to `uri`'s server and negotiate its export; errors are AttachError.
+    The whole handshake is bounded by `timeout`, or by the URI's ?timeout= if it has one."""
     if uri.tls:
         raise AttachError(f"{uri}: kernel nbd cannot use TLS; attach with --method nbdfuse")
+    if uri.timeout is not None:
+        timeout = uri.timeout
     try:
         if uri.transport == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -74,55 +57,23 @@ def connect(uri: NbdUri, timeout: float = 30.0) -> Negotiated:
             raise AttachError(f"{uri}: kernel nbd attach supports tcp and unix sockets only")
     except OSError as e:
         raise AttachError(f"cannot connect to {uri}: {e.strerror or e}") from None
+    neg = cn.ClientNegotiation(uri.export, export_name_fallback=True)
     try:
-        negotiated = _negotiate(_Peer(sock, time.monotonic() + timeout), uri.export)
+        event = negotiate(neg, sock, time.monotonic() + timeout)
     except OSError as e:
         sock.close()
         raise AttachError(f"handshake with {uri} failed: {e.strerror or e}") from None
-    except AttachError as e:
+    except cn.OptionRefused as e:
         sock.close()
-        raise AttachError(f"{uri}: {e}") from None
-    sock.settimeout(None)  # the kernel expects a blocking socket
-    return negotiated
-
-
-def _negotiate(peer: _Peer, export: str) -> Negotiated:
-    sock, _recv = peer.sock, peer.recv
-    magic, opt_magic, server_flags = GREETING.unpack(_recv(GREETING.size))
-    if magic != NBDMAGIC or opt_magic != IHAVEOPT:
-        raise AttachError("not an NBD server speaking the newstyle protocol")
-    if not server_flags & FLAG_FIXED_NEWSTYLE:
-        raise AttachError("server does not speak fixed newstyle")
-    no_zeroes = bool(server_flags & FLAG_NO_ZEROES)
-    sock.sendall(CLIENT_FLAGS.pack(FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if no_zeroes else 0)))
-
-    data = info_request(export, [INFO_BLOCK_SIZE])
-    sock.sendall(OPTION.pack(IHAVEOPT, OPT_GO, len(data)) + data)
-    # Each reply's length is checked before it is read, and so is their number.
-    replies = OptionReplies(OPT_GO)
-    try:
-        while not replies.add(_recv(replies.data_length(_recv(OPTION_REPLY.size)))):
-            pass
-        reply, payload = replies.final
-        if reply == REP_ERR_UNSUP:
-            return _export_name(peer, export.encode(), no_zeroes)
-        if replies.refused:
-            why = _ERRORS.get(reply & ~REP_ERR_BIT, f"error {reply & ~REP_ERR_BIT}")
-            text = payload.decode(errors="replace")
-            raise AttachError(f"export {export!r} refused: {why}" + (f" ({text})" if text else ""))
-        info = export_info(replies.replies)
+        raise AttachError(f"{uri}: export {uri.export!r} refused: {e.reason}"
+                          + (f" ({e.message})" if e.message else "")) from None
     except ReplyError as e:
-        raise AttachError(f"server broke the handshake: {e}") from None
-    minimum = info.block_size[0] if info.block_size is not None else 512
-    return Negotiated(sock, info.size, info.tflags, _kernel_block_size(minimum))
-
-
-def _export_name(peer: _Peer, name: bytes, no_zeroes: bool) -> Negotiated:
-    peer.sock.sendall(OPTION.pack(IHAVEOPT, OPT_EXPORT_NAME, len(name)) + name)
-    size, flags = EXPORT_NAME_REPLY.unpack(peer.recv(EXPORT_NAME_REPLY.size))
-    if not no_zeroes:
-        peer.recv(124)
-    return Negotiated(peer.sock, size, flags, 512)
+        sock.close()
+        raise AttachError(f"{uri}: server broke the handshake: {e}") from None
+    assert isinstance(event, cn.Negotiated)  # the plan ends in GO (or EXPORT_NAME)
+    sock.settimeout(None)  # the kernel expects a blocking socket
+    minimum = event.block_size[0] if event.block_size is not None else 512
+    return Negotiated(sock, event.size, event.tflags, _kernel_block_size(minimum))
 
 
 def _kernel_block_size(minimum: int) -> int:
@@ -133,27 +84,3 @@ def _kernel_block_size(minimum: int) -> int:
     while size < min(minimum, 4096):
         size *= 2
     return size
-
-
-@dataclass
-class _Peer:
-    """The server during the handshake: every read counts against one deadline, so that a
-    server sending a byte now and then cannot hold the attach for longer than the timeout."""
-
-    sock: socket.socket
-    deadline: float
-
-    def recv(self, n: int) -> bytes:
-        """n bytes; callers check a declared length before asking for it."""
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv_into(view[got:])
-            if chunk == 0:
-                raise AttachError("server closed the connection during the handshake")
-            got += chunk
-        return bytes(buf)

@@ -5,13 +5,14 @@ structured replies, base:allocation, GO with block sizes) and then pipelines req
 any number in flight, replies matched by cookie in whatever order they arrive. The
 device's capabilities are exactly the remote export's transmission flags.
 
-The server is not trusted: each reply is checked by protocol.py's `ExpectedReply` (and the
-handshake's by `OptionReplies`) before its payload is read. A violation, or a request
+The handshake is client_negotiation.py's, driven here. The server is not trusted: each
+reply is checked by replies.py's `ExpectedReply` (and the handshake's by `OptionReplies`)
+before its payload is read. A violation, or a request
 unanswered past the timeout (``?timeout=SECONDS`` in the URI, a minidisk extension), ends
 the connection: every pending request fails (EIO, ETIMEDOUT) with the server's name, and
 so does every later one. `close()` waits for the server only a bounded time.
 
-URIs follow libnbd (and the NBD URI spec): ``nbd://host[:port]/export``,
+URIs are uri.py's (libnbd's syntax): ``nbd://host[:port]/export``,
 ``nbd+unix:///export?socket=/path``, and the TLS forms ``nbds://`` and ``nbds+unix://``
 with ``tls-certificates=DIR`` in the query.
 """
@@ -24,7 +25,6 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from minidisk.device.api import (
     EXTENT_HOLE,
@@ -35,60 +35,17 @@ from minidisk.device.api import (
     Extent,
     add_holes,
 )
+from minidisk.nbd import client_negotiation as cn
 from minidisk.nbd import protocol as p
 from minidisk.nbd import replies as r
 from minidisk.nbd.tls import client_context
+from minidisk.nbd.uri import NBDURI
 
 log = logging.getLogger(__name__)
 
-NBD_PORT = 10809
 DEFAULT_TIMEOUT = 60.0
 """Seconds a request (or the handshake) may wait for the server; `?timeout=` in the URI."""
 CLOSE_TIMEOUT = 5.0  # the longest close() waits for the server to take our DISC
-
-
-@dataclass(frozen=True, slots=True)
-class NBDURI:
-    export: str
-    socket: str | None = None
-    host: str | None = None
-    port: int = NBD_PORT
-    tls: bool = False
-    tls_certificates: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
-
-    @classmethod
-    def parse(cls, uri: str) -> NBDURI:
-        parts = urlsplit(uri)
-        scheme = parts.scheme
-        if scheme not in ("nbd", "nbds", "nbd+unix", "nbds+unix"):
-            raise ValueError(f"{uri!r}: not an NBD URI (nbd://, nbd+unix://, nbds://...)")
-        query = parse_qs(parts.query)
-        export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-        tls = scheme.startswith("nbds")
-        certs = query.get("tls-certificates", [None])[0]
-        timeout = _timeout(uri, query.get("timeout", [None])[0])
-        if scheme.endswith("+unix"):
-            sock = query.get("socket", [None])[0]
-            if not sock:
-                raise ValueError(f"{uri!r}: nbd+unix URI without ?socket=PATH")
-            return cls(export, socket=sock, tls=tls, tls_certificates=certs, timeout=timeout)
-        if not parts.hostname:
-            raise ValueError(f"{uri!r}: no host")
-        return cls(export, host=parts.hostname, port=parts.port or NBD_PORT, tls=tls,
-                   tls_certificates=certs, timeout=timeout)
-
-
-def _timeout(uri: str, text: str | None) -> float:
-    if text is None:
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{uri!r}: timeout={text} is not a positive number of seconds")
-    return value
 
 
 class NBDError(OSError):
@@ -98,7 +55,7 @@ class NBDError(OSError):
 class RemoteDevice(BlockDevice):
     def __init__(self, uri: NBDURI) -> None:
         self.uri = uri
-        self.timeout = uri.timeout
+        self.timeout = DEFAULT_TIMEOUT if uri.timeout is None else uri.timeout
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.cookies = itertools.count(1)
@@ -112,7 +69,10 @@ class RemoteDevice(BlockDevice):
 
     @classmethod
     async def connect(cls, uri: str) -> RemoteDevice:
-        device = cls(NBDURI.parse(uri))
+        parsed = NBDURI.parse(uri)
+        if parsed.transport == "vsock":
+            raise ValueError(f"{uri!r}: a remote export is reached over tcp or a unix socket")
+        device = cls(parsed)
         await device._connect()
         return device
 
@@ -147,6 +107,12 @@ class RemoteDevice(BlockDevice):
                             f"{self.timeout:g} s")
         if isinstance(e, r.ReplyError):
             return NBDError(errno.EPROTO, f"{self.describe()}: {e}")
+        if isinstance(e, cn.OptionRefused):
+            if e.option == p.OPT_GO:
+                return NBDError(errno.ENOENT if e.reply == p.REP_ERR_UNKNOWN else errno.EACCES,
+                                f"{self.describe()}: export refused: {e.message}")
+            return NBDError(errno.EPROTO, f"{self.describe()}: option {e.option} refused: "
+                            f"{e.message}")
         if isinstance(e, asyncio.IncompleteReadError):
             return NBDError(errno.ECONNRESET, f"{self.describe()}: server closed the "
                             "connection during the handshake")
@@ -156,39 +122,27 @@ class RemoteDevice(BlockDevice):
 
     async def _handshake(self) -> None:
         assert self.reader is not None and self.writer is not None
-        magic, opt_magic, hflags = p.GREETING.unpack(
-            await self.reader.readexactly(p.GREETING.size))
-        if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
-            raise NBDError(errno.EPROTO, f"{self.describe()}: not a fixed-newstyle NBD server")
-        self.writer.write(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | (
-            p.FLAG_C_NO_ZEROES if hflags & p.FLAG_NO_ZEROES else 0)))
-        if self.uri.tls:
-            await self._option(p.OPT_STARTTLS, b"", expect_ack=True)
-            if not self.uri.tls_certificates:
-                raise NBDError(errno.EINVAL, "nbds URI needs ?tls-certificates=DIR")
-            await self.writer.start_tls(client_context(self.uri.tls_certificates))
-        replies = await self._option(p.OPT_STRUCTURED_REPLY, b"")
-        self.structured = not replies.refused
-        if self.structured:
-            replies = await self._option(p.OPT_SET_META_CONTEXT, p.meta_context_request(
-                self.uri.export, [p.META_BASE_ALLOCATION]))
-            for reply, data in replies.replies:
-                if reply == p.REP_META_CONTEXT:
-                    context_id, name = r.parse_meta_context_reply(data)
-                    if name == p.META_BASE_ALLOCATION:
-                        self.context_id = context_id
-            self.base_allocation = self.context_id is not None
-        replies = await self._option(p.OPT_GO, p.info_request(
-            self.uri.export, [p.INFO_TYPE_BLOCK_SIZE]))
-        if replies.refused:
-            reply, data = replies.final
-            raise NBDError(errno.ENOENT if reply == p.REP_ERR_UNKNOWN else errno.EACCES,
-                           f"{self.describe()}: export refused: "
-                           f"{data.decode(errors='replace')}")
-        info = r.export_info(replies.replies)
-        self.size, self.tflags = info.size, info.tflags
-        if info.block_size is not None:
-            minimum, preferred, maximum = info.block_size
+        neg = cn.ClientNegotiation(self.uri.export, tls=self.uri.tls, structured=True,
+                                   base_allocation=True)
+        while True:
+            event = neg.next_event()
+            if out := neg.data_to_send():
+                self.writer.write(out)
+            if event is None:
+                neg.receive_data(await self.reader.readexactly(neg.wanted))
+            elif isinstance(event, cn.StartTLS):
+                if not self.uri.tls_certificates:
+                    raise NBDError(errno.EINVAL, "nbds URI needs ?tls-certificates=DIR")
+                await self.writer.start_tls(client_context(self.uri.tls_certificates))
+                neg.tls_started()
+            else:
+                assert isinstance(event, cn.Negotiated)  # the plan ends in GO
+                break
+        self.structured, self.context_id = event.structured, event.context_id
+        self.base_allocation = event.context_id is not None
+        self.size, self.tflags = event.size, event.tflags
+        if event.block_size is not None:
+            minimum, preferred, maximum = event.block_size
             self.block_size = BlockSize(minimum, preferred, min(maximum, 32 * 1024 * 1024))
         else:
             self.block_size = BlockSize()
@@ -202,20 +156,6 @@ class RemoteDevice(BlockDevice):
             multi_conn=bool(f & p.TFLAG_CAN_MULTI_CONN),
             rotational=bool(f & p.TFLAG_ROTATIONAL),
         )
-
-    async def _option(self, option: int, data: bytes,
-                      expect_ack: bool = False) -> r.OptionReplies:
-        """Send one option; collect its replies up to the final ACK or error."""
-        assert self.reader is not None and self.writer is not None
-        self.writer.write(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
-        replies = r.OptionReplies(option)
-        read = self.reader.readexactly
-        while not replies.add(await read(replies.data_length(await read(p.OPTION_REPLY.size)))):
-            pass
-        if expect_ack and replies.refused:
-            raise NBDError(errno.EPROTO, f"{self.describe()}: option {option} refused: "
-                           f"{replies.final[1].decode(errors='replace')}")
-        return replies
 
     # -- transmission --
 
@@ -422,8 +362,7 @@ class RemoteDevice(BlockDevice):
             await asyncio.wait([task], timeout=bound)
 
     def describe(self) -> str:
-        where = self.uri.socket or f"{self.uri.host}:{self.uri.port}"
-        return f"nbd {where} export {self.uri.export!r}"
+        return f"nbd {self.uri.where} export {self.uri.export!r}"
 
 
 @dataclass(slots=True)

@@ -4,8 +4,8 @@ A client checks every reply header against the request it answers before it read
 allocates) the payload: a length is accepted only when the request can receive that much.
 Any violation is a `ReplyError` (one subclass per kind, as ovirt-imageio's nbd client names
 them); the client then drops the connection and fails every request still pending on it
-(the stream cannot be resynchronised). Used by nbd/client.py (transmission and handshake),
-kernel/handshake.py and the control client (option replies).
+(the stream cannot be resynchronised). Used by nbd/client.py (transmission) and
+client_negotiation.py (the handshake of every client).
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ REPLY_FLAG_ERROR_TYPE = 1 << 15  # chunk types with this bit carry an error
 
 class ReplyError(ProtocolError):
     """The server broke the protocol in a reply; the connection cannot continue."""
+
+
+class NotNBDServer(ReplyError):
+    """The greeting is not a fixed-newstyle NBD server's."""
 
 
 class BadReplyMagic(ReplyError):
