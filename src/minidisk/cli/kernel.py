@@ -7,6 +7,8 @@ import click
 from minidisk import kernel
 from minidisk.kernel import nbdkernel
 
+DEFAULT_PERSIST_WAIT = 300  # kernel/persist.py's DEFAULT_WAIT; not imported: keep --help cheap
+
 
 @click.command()
 @click.argument("uri", required=False)
@@ -20,10 +22,17 @@ from minidisk.kernel import nbdkernel
               help="Kernel nbd: a request the server leaves unanswered this long fails, with "
                    f"every later one (as nbd-client -t; 0 waits forever; default "
                    f"{nbdkernel.DEFAULT_TIMEOUT}).")
+@click.option("--persist", "-p", is_flag=True,
+              help="Kernel nbd (netlink): when the server goes away, reconnect once it is back "
+                   "(as nbd-client -persist); I/O waits for it meanwhile.")
+@click.option("--persist-wait", type=click.IntRange(1), metavar="SECONDS",
+              help="With --persist: how long I/O waits for the server to come back before it "
+                   "fails (default 300).")
 @click.option("--list", "-l", "list_", is_flag=True,
               help="List what minidisk attached: device, method, helper pid, URI.")
 def attach(uri: str | None, read_only: bool, method: str, connections: int | None,
-           timeout: int | None, list_: bool) -> None:
+           timeout: int | None, persist: bool, persist_wait: int | None,
+           list_: bool) -> None:
     """Bring NBD export URI online as a kernel block device and print its path.
 
     URI is nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (libnbd syntax).
@@ -35,9 +44,13 @@ def attach(uri: str | None, read_only: bool, method: str, connections: int | Non
         return
     if uri is None:
         raise click.UsageError("missing argument URI (or --list)")
+    if persist_wait is not None and not persist:
+        raise click.UsageError("--persist-wait goes with --persist")
     try:
         attachment = kernel.attach(uri, read_only=read_only, method=method,
-                                   connections=connections, timeout=timeout)
+                                   connections=connections, timeout=timeout,
+                                   persist_wait=(persist_wait or DEFAULT_PERSIST_WAIT)
+                                   if persist else None)
     except kernel.KernelError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # e.g. not root: the state directory or /dev/loop-control

@@ -36,13 +36,14 @@ def choose_method(uri: NbdUri, method: str = "auto") -> str:
 
 def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
            connect_as: tuple[int, int] | None = None, connections: int | None = None,
-           timeout: int | None = None) -> state.Attachment:
+           timeout: int | None = None, persist_wait: int | None = None) -> state.Attachment:
     """Bring the export at `uri_text` online as a kernel block device; return its state.
     With `connect_as` (uid, gid) the NBD connections are made by a process of that identity
     (the server then admits whom that user's link admits, not root): only nbdfuse can, as
     the kernel's own client connects from this process. `connections` (default 1) and
     `timeout` (seconds, default nbdkernel.DEFAULT_TIMEOUT) are kernel nbd's, as nbd-client's
-    -C and -t.
+    -C and -t. `persist_wait` (seconds) makes the device outlive a restart of its server
+    (persist.py): I/O waits that long for the server to come back.
 
     Returns once the device is usable; helpers it needed keep running after we exit.
     """
@@ -51,13 +52,14 @@ def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
     if connect_as is not None and method not in ("auto", "nbdfuse"):
         raise AttachError(f"attach method {method} cannot connect as another user")
     if chosen == "nbdfuse":
-        if connections is not None or timeout is not None:
-            raise AttachError("--connections and --timeout are kernel nbd's; nbdfuse was "
-                              "chosen (give --method netlink or ioctl)")
+        if connections is not None or timeout is not None or persist_wait is not None:
+            raise AttachError("--connections, --timeout and --persist are kernel nbd's; "
+                              "nbdfuse was chosen (give --method netlink or ioctl)")
         return fuseloop.attach(uri, read_only, connect_as)
     return nbdkernel.attach(uri, read_only, use_netlink=chosen == "netlink",
                             connections=1 if connections is None else connections,
-                            timeout=nbdkernel.DEFAULT_TIMEOUT if timeout is None else timeout)
+                            timeout=nbdkernel.DEFAULT_TIMEOUT if timeout is None else timeout,
+                            persist_wait=persist_wait)
 
 
 def device_name(device: str) -> str:

@@ -21,7 +21,7 @@ import signal
 import struct
 from pathlib import Path
 
-from minidisk.kernel import state
+from minidisk.kernel import persist, state
 from minidisk.kernel.commands import Helper, wait_until
 from minidisk.kernel.errors import AttachError, DetachError
 from minidisk.kernel.handshake import Negotiated, connect
@@ -29,6 +29,7 @@ from minidisk.kernel.mount import refuse_if_in_use
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32, attr_u64
 from minidisk.kernel.uri import NbdUri
 from minidisk.nbd.protocol import TFLAG_READ_ONLY
+from minidisk.privatedir import private_dir
 
 # Seconds before the kernel gives up on a request the server never answered and fails it (and
 # every later one) with EIO; 0 waits forever, as nbd-client does without -t.
@@ -95,15 +96,24 @@ def _connect_all(uri: NbdUri, connections: int) -> list[Negotiated]:
 
 
 def attach(uri: NbdUri, read_only: bool, *, use_netlink: bool, connections: int = 1,
-           timeout: int = DEFAULT_TIMEOUT) -> state.Attachment:
+           timeout: int = DEFAULT_TIMEOUT, persist_wait: int | None = None) -> state.Attachment:
+    """`persist_wait` (seconds) keeps the device through server restarts (persist.py)."""
     if timeout < 0:
         raise AttachError(f"--timeout {timeout}: give seconds >= 0 (0: wait forever)")
+    if persist_wait is not None:
+        if not use_netlink:
+            raise AttachError("--persist reconnects through netlink; the ioctl method cannot")
+        if timeout == 0:
+            # A request in flight when the server died is retried only once it times out.
+            raise AttachError("--persist needs a --timeout above 0")
+        if persist_wait < 1:
+            raise AttachError(f"--persist-wait {persist_wait}: give seconds >= 1")
     links = _connect_all(uri, connections)
     try:
         flags = links[0].flags | (TFLAG_READ_ONLY if read_only else 0)
         read_only = read_only or links[0].read_only
         if use_netlink:
-            return _attach_netlink(uri, read_only, links, flags, timeout)
+            return _attach_netlink(uri, read_only, links, flags, timeout, persist_wait)
         return _attach_ioctl(uri, read_only, links, flags, timeout)
     finally:
         for link in links:  # the kernel holds its own references now
@@ -111,10 +121,12 @@ def attach(uri: NbdUri, read_only: bool, *, use_netlink: bool, connections: int 
 
 
 def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
-                    flags: int, timeout: int) -> state.Attachment:
+                    flags: int, timeout: int, persist_wait: int | None) -> state.Attachment:
     identifier = f"minidisk-{secrets.token_hex(6)}"
     sockets = [attr_nested(NBD_SOCK_ITEM, [attr_u32(NBD_SOCK_FD, link.sock.fileno())])
                for link in links]
+    events = persist.subscribe() if persist_wait is not None else None
+    attachment: state.Attachment | None = None
     try:
         with GenericNetlink() as nl:
             reply = nl.request(nl.family("nbd"), NBD_CMD_CONNECT, 1, [
@@ -123,16 +135,34 @@ def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
                 attr_u64(NBD_ATTR_SERVER_FLAGS, flags),
                 attr_u64(NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT),
                 *([attr_u64(NBD_ATTR_TIMEOUT, timeout)] if timeout else []),
+                *([attr_u64(persist.NBD_ATTR_DEAD_CONN_TIMEOUT, persist_wait)]
+                  if persist_wait is not None else []),
                 attr(NBD_ATTR_BACKEND_IDENTIFIER, identifier.encode() + b"\0"),
                 attr_nested(NBD_ATTR_SOCKETS, sockets),
             ])
+        index = struct.unpack("=I", reply[NBD_ATTR_INDEX][:4])[0]
+        attachment = state.Attachment(device=f"/dev/nbd{index}", method="netlink",
+                                      uri=str(uri), read_only=read_only, nbd_index=index,
+                                      backing_file=identifier)
     except OSError as e:
         raise AttachError(f"nbd netlink CONNECT failed: {e.strerror or e}") from None
-    index = struct.unpack("=I", reply[NBD_ATTR_INDEX][:4])[0]
-    attachment = state.Attachment(device=f"/dev/nbd{index}", method="netlink", uri=str(uri),
-                                  read_only=read_only, nbd_index=index,
-                                  backing_file=identifier)
-    _wait_for_node(attachment)
+    finally:
+        if events is not None and attachment is None:
+            events[0].close()
+    assert attachment is not None  # CONNECT either gave an index or raised
+    try:
+        _wait_for_node(attachment)
+        if events is not None:
+            private_dir(state.state_dir())
+            log = state.state_dir() / f"{attachment.name}.keeper.log"
+            keeper = persist.start_keeper(*events, uri, index, identifier,
+                                          persist.Export.of(links[0]), log)
+            attachment.helpers.append(keeper)
+    except BaseException:
+        # The kernel has the device: take it down again rather than leave it unmanaged.
+        with contextlib.suppress(OSError), GenericNetlink() as nl:
+            nl.request(nl.family("nbd"), NBD_CMD_DISCONNECT, 1, [attr_u32(NBD_ATTR_INDEX, index)])
+        raise
     state.save(attachment)
     return attachment
 
@@ -225,6 +255,12 @@ def _connected(attachment: state.Attachment) -> bool:
 
 def detach(attachment: state.Attachment) -> None:
     device = attachment.device
+    # A keeper first: it must not hand the kernel a new socket while we take the device down.
+    for keeper in [h for h in attachment.helpers if h.name == persist.KEEPER]:
+        try:
+            keeper.stop(0.0)
+        except (TimeoutError, PermissionError) as e:
+            raise DetachError(str(e)) from None
     if _connected(attachment):
         refuse_if_in_use(device)
         try:

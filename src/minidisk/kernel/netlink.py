@@ -16,6 +16,11 @@ GENL_ID_CTRL = 0x10
 CTRL_CMD_GETFAMILY = 3
 CTRL_ATTR_FAMILY_ID = 1
 CTRL_ATTR_FAMILY_NAME = 2
+CTRL_ATTR_MCAST_GROUPS = 7
+CTRL_ATTR_MCAST_GRP_NAME = 1
+CTRL_ATTR_MCAST_GRP_ID = 2
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLMSG_ERROR = 0x2
@@ -76,9 +81,49 @@ class GenericNetlink:
 
     def family(self, name: str) -> int:
         """The id of family `name`; FileNotFoundError when no module registered it."""
+        return self._family(name)[0]
+
+    def join(self, family: str, group: str) -> int:
+        """Receive the multicasts of `family`'s `group` on this socket from now on; return
+        the family's id (events carry it as their message type)."""
+        family_id, groups = self._family(family)
+        if group not in groups:
+            raise FileNotFoundError(f"generic netlink family {family} has no group {group}")
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, groups[group])
+        return family_id
+
+    def _family(self, name: str) -> tuple[int, dict[str, int]]:
         reply = self.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1,
                              [attr(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0")])
-        return int(struct.unpack("=H", reply[CTRL_ATTR_FAMILY_ID][:2])[0])
+        groups = {}
+        for item in parse_attrs(reply.get(CTRL_ATTR_MCAST_GROUPS, b"")).values():
+            fields = parse_attrs(item)
+            if CTRL_ATTR_MCAST_GRP_NAME in fields and CTRL_ATTR_MCAST_GRP_ID in fields:
+                group = fields[CTRL_ATTR_MCAST_GRP_NAME].rstrip(b"\0").decode()
+                groups[group] = struct.unpack("=I", fields[CTRL_ATTR_MCAST_GRP_ID][:4])[0]
+        return int(struct.unpack("=H", reply[CTRL_ATTR_FAMILY_ID][:2])[0]), groups
+
+    def event(self, family: int, timeout: float) -> tuple[int, dict[int, bytes]] | None:
+        """The next multicast message of `family` as (command, attributes), or None when
+        none came within `timeout` seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        finally:
+            self.sock.settimeout(30.0)
+        offset = 0
+        while offset + NLMSGHDR.size <= len(data):
+            length, kind, _, _, _ = NLMSGHDR.unpack_from(data, offset)
+            if length < NLMSGHDR.size + GENLMSGHDR.size:
+                break
+            payload = data[offset + NLMSGHDR.size:offset + length]
+            offset += (length + 3) & ~3
+            if kind == family:
+                command = GENLMSGHDR.unpack_from(payload)[0]
+                return command, parse_attrs(payload[GENLMSGHDR.size:])
+        return None
 
     def request(self, family: int, command: int, version: int,
                 attrs: Sequence[bytes]) -> dict[int, bytes]:

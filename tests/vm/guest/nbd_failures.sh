@@ -68,4 +68,59 @@ check theirs_stop.read timeout 120 dd if=/dev/nbd15 of=/dev/null bs=4k count=1 s
   iflag=direct status=none
 check theirs_stop.detach nbd-client -d /dev/nbd15
 kill -CONT "$multi"
+
+# --persist: the server is killed and a new one started on the same socket (the old one's
+# socket file left behind) while a file system is mounted and written; it must go on without
+# an error. The same for Debian's nbd-client -persist (ioctl; its own reconnect loop).
+truncate -s 64M /tmp/persist.img
+file_server() {  # a server of /tmp/persist.img on /tmp/persist.sock
+  "$MINIDISK" serve -s unix:///tmp/persist.sock --file /dk=/tmp/persist.img \
+    >> "$RESULTS/persist-server.log" 2>&1 &
+  echo $! > /tmp/persist.pid
+  local i
+  for i in $(seq 600); do
+    nbdinfo --size "$(uri persist)" > /dev/null 2>&1 && return
+    sleep 0.2
+  done
+}
+# survive PREFIX DEV: mkfs, mount, write; kill the server; write while it is away; restart
+# it; write again; every write must land and the file system stay clean.
+survive() {
+  local p=$1 dev=$2 writer
+  check "$p.mkfs" mkfs.ext4 -q -F "$dev"
+  mkdir -p /tmp/mnt-persist
+  check "$p.mount" mount "$dev" /tmp/mnt-persist
+  check "$p.before" dd if=/tmp/pattern of=/tmp/mnt-persist/before bs=64k conv=fsync status=none
+  kill -KILL "$(cat /tmp/persist.pid)"
+  sleep 1
+  ( dd if=/tmp/pattern of=/tmp/mnt-persist/during bs=64k conv=fsync status=none \
+      2> "$RESULTS/rows/$p.during.err"; echo $? > "$RESULTS/rows/$p.during.rc" ) &
+  writer=$!
+  sleep 3
+  file_server
+  timeout 120 tail --pid=$writer -f /dev/null
+  check "$p.after" dd if=/tmp/pattern of=/tmp/mnt-persist/after bs=64k conv=fsync status=none
+  echo 3 > /proc/sys/vm/drop_caches
+  check "$p.readback" cmp /tmp/pattern /tmp/mnt-persist/during
+  check "$p.umount" umount /tmp/mnt-persist
+  check "$p.fsck" fsck.ext4 -f -n "$dev"
+}
+dmesg -C
+file_server
+dev=$(check persist.attach "$MINIDISK" attach --method netlink --persist --timeout $TIMEOUT \
+  "$(uri persist)")
+keeper=$(awk '/"pid"/ { gsub(/[^0-9]/, ""); print }' "$MINIDISK_STATE_DIR/attach/${dev#/dev/}.json")
+survive persist "$dev"
+dmesg > "$RESULTS/rows/persist.dmesg"
+row persist.kernel_errors "$(dmesg | grep -ciE 'I/O error|EXT4-fs error')"
+cp "$MINIDISK_STATE_DIR/attach/${dev#/dev/}.keeper.log" "$RESULTS/rows/persist.keeper_log"
+check persist.detach "$MINIDISK" detach "$dev"
+row persist.keeper_after "$(kill -0 "$keeper" 2>/dev/null && echo running || echo gone)"
+dmesg -C
+check persist_theirs.attach nbd-client -persist -t $TIMEOUT -u /tmp/persist.sock /dev/nbd15 -N dk
+survive persist_theirs /dev/nbd15
+dmesg > "$RESULTS/rows/persist_theirs.dmesg"
+row persist_theirs.kernel_errors "$(dmesg | grep -ciE 'I/O error|EXT4-fs error')"
+check persist_theirs.detach nbd-client -d /dev/nbd15
+kill "$(cat /tmp/persist.pid)"
 dmesg > "$RESULTS/dmesg"
