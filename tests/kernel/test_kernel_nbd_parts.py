@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minidisk.kernel import BadUriError, nbdkernel, parse_nbd_uri
+from minidisk.kernel import BadUriError, nbdkernel, parse_nbd_uri, persist
 from minidisk.kernel.attach import choose_method
 from minidisk.kernel.errors import AttachError
 from minidisk.kernel.handshake import connect
@@ -103,3 +103,32 @@ def test_backend_choice_here() -> None:
     else:
         assert nbdkernel.available() is None
         assert choose_method(parse_nbd_uri("nbd://h/")) == "nbdfuse"
+
+
+def test_generic_netlink_joins_a_multicast_group() -> None:
+    """The controller's own group, parsed from the real kernel's family reply (nbd's
+    "nbd_mc_group" is joined the same way; the guest proves the rest)."""
+    with GenericNetlink() as nl:
+        assert nl.join("nlctrl", "notify") == 0x10
+        with pytest.raises(FileNotFoundError, match="no group"):
+            nl.join("nlctrl", "no-such-group")
+        assert nl.event(0x10, 0.01) is None  # nothing happened: no event, no hang
+
+
+def test_persist_keeper_reconnects_only_to_the_same_export(
+        make_export: Callable[..., str], short_tmp: Path) -> None:
+    """A restarted server offering another disk (here half the size) is not handed to the
+    kernel: a file system on the device must not see a different disk."""
+    first = connect(parse_nbd_uri(make_export("64M")))
+    first.sock.close()
+    export = persist.Export.of(first)
+    with GenericNetlink() as events:
+        other = parse_nbd_uri(make_export("32M"))
+        keeper = persist.Keeper(events, 0, other, 4095, "minidisk-test", export)
+        assert keeper.attempt() == ("not reconnecting: the export's size is now 0x2000000, "
+                                    "the device's 0x4000000")
+        gone = parse_nbd_uri(f"nbd+unix:///?socket={short_tmp}/none.sock")
+        problem = persist.Keeper(events, 0, gone, 4095, "minidisk-test", export).attempt()
+        assert problem is not None and "cannot connect" in problem
+        assert not keeper.ours()  # no /sys/block/nbd4095: the keeper's loop ends at once
+        keeper.run()
