@@ -90,10 +90,10 @@ MALFORMED: dict[str, tuple[bytes, int | None]] = {
     "lock-names-past-the-frame": (_lock_frame_with_a_domain_longer_than_the_frame(), None),
     "json-nested-too-deep": (_json_frame("[" * 100_000), None),
     "frame-over-the-request-limit": (struct.pack(">IB", protocol.MAX_REQUEST + 1, 0), None),
-    "json-ref-out-of-range": (_json_frame(
-        '{"id":9,"op":"lock","ref":1e999,"domain":"d","name":"x","mode":"EX"}'), errno.EINVAL),
-    "json-mode-not-a-name": (_json_frame(
-        '{"id":9,"op":"lock","ref":1,"domain":"d","name":"x","mode":[]}'), errno.EINVAL),
+    "json-pid-out-of-range": (_json_frame('{"id":9,"op":"purge","pid":1e999}'), errno.EINVAL),
+    "json-domain-not-a-string": (_json_frame('{"id":9,"op":"join","domain":[]}'), errno.EINVAL),
+    "json-op-gone": (_json_frame(  # the JSON form of lock went: no client sent it
+        '{"id":9,"op":"lock","ref":1,"domain":"d","name":"x","mode":"EX"}'), errno.EINVAL),
 }
 
 

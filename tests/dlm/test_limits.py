@@ -191,23 +191,6 @@ def test_clients_past_the_connection_limit_are_told_and_hung_up(capped: Server) 
     anyio.run(main)
 
 
-def test_a_json_value_block_longer_than_64_bytes_is_refused(dlm_server: Server) -> None:
-    """A pending conversion keeps the value block it was given: a JSON one of 32 KiB per
-    lock would be 2 GiB for 65536 locks."""
-    raw = Raw(dlm_server)
-    try:
-        assert raw.call({"id": 1, "op": "lock", "ref": 1, "domain": "d", "name": "r",
-                         "mode": "PR"})["ok"]
-        raw.next()  # its grant
-        reply = raw.call({"id": 2, "op": "convert", "ref": 1, "mode": "EX",
-                          "lvb": "ab" * 16384})
-        assert (reply["ok"], reply["errno"]) == (False, errno.EINVAL), reply
-        assert "at most 64 bytes" in reply["error"]
-        assert raw.call({"id": 3, "op": "unlock", "ref": 1, "lvb": "ab" * 64})["ok"]
-    finally:
-        raw.close()
-
-
 def test_the_default_domain_limit_holds(dlm_server: Server) -> None:
     async def main() -> None:
         async with connect(dlm_server.url, name="joiner") as client:

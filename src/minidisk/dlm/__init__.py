@@ -1,7 +1,8 @@
 """The lock manager: VMS/Linux DLM semantics (modes, queues, value blocks, basts, fencing
 tokens), an embedded service on a unix socket, and a client for asyncio and trio.
 
-`modes` and `engine` are pure logic; `protocol` is the wire format; `service` hosts an engine;
+`modes` and `engine` are pure logic; `protocol` is the wire format, decoding into the frozen
+dataclasses of `messages`; `service` hosts an engine;
 `client` is a connection to a service (over `loops`, the asyncio/trio part), `lock` the Lock
 recipe on it and `o2dlm` the libo2dlm face. Nothing here imports nbd or dm.
 """

@@ -53,12 +53,20 @@ from minidisk.dlm import protocol
 from minidisk.dlm.engine import DlmError
 from minidisk.dlm.lock import BlockingCallback, Lock
 from minidisk.dlm.loops import LoopIo, Waiter, connect_unix, loop_io
+from minidisk.dlm.messages import (
+    BastEvent,
+    CancelEvent,
+    ErrorReply,
+    GrantedReply,
+    GrantEvent,
+    JsonReply,
+    OkReply,
+)
 from minidisk.dlm.modes import Mode
 from minidisk.dlm.o2dlm import O2dlmDomain
 
 log = logging.getLogger("minidisk.dlm.client")
 
-_MODES = tuple(Mode)
 _RECV_SIZE = 1 << 18
 _CLOSE_FLUSH_S = 5.0  # longest a close waits to hand buffered requests to the kernel
 _U32 = 0xFFFFFFFF
@@ -184,21 +192,18 @@ class DlmClient:
     async def _call(self, op: str, **args: Any) -> dict[str, Any]:
         """A JSON request; its reply."""
         call_id = self._new_id()
-        reply = await self._roundtrip(call_id, protocol.encode({"id": call_id, "op": op,
-                                                                **args}))
-        if not reply.get("ok"):
-            raise DlmError(int(reply["errno"]), str(reply.get("error", "")))
-        return dict(reply)
+        fields: dict[str, Any] = await self._roundtrip(
+            call_id, protocol.encode({"id": call_id, "op": op, **args}))
+        return fields
 
-    async def _roundtrip(self, call_id: int, frame: bytes | None) -> Any:
-        """Send a request frame (None: it is sent already) and wait for its reply (a dict, a
-        lkid, or a DlmError)."""
+    async def _roundtrip(self, call_id: int, frame: bytes) -> Any:
+        """Send a request frame and wait for its reply: a JSON reply's fields, or the lkid of
+        an OK or GRANTED (0 unless a LOCK); a failure is raised as DlmError."""
         if self.closed:
             raise DlmError(errno.ENOTCONN, "not connected to the lock manager")
         waiter = self._calls[call_id] = self._io.future()
         try:
-            if frame is not None:
-                self._write(frame)
+            self._write(frame)
             # The reply usually comes within tens of microseconds: catch it awake.
             self._io.poller.poke()
             reply = await waiter.wait()
@@ -310,8 +315,7 @@ class DlmClient:
         for body in bodies:
             try:
                 self._dispatch(body)
-            except (protocol.ProtocolError, ValueError, KeyError, IndexError,
-                    TypeError) as err:  # TypeError: a JSON reply whose id is a list
+            except protocol.ProtocolError as err:
                 return self._read_failed(err)
         return True
 
@@ -323,63 +327,44 @@ class DlmClient:
         return False
 
     def _dispatch(self, body: bytes) -> None:
-        kind = body[0]
-        if kind == protocol.OK:
-            _, call_id, lkid = protocol.OK_BODY.unpack_from(body)
-            self._answered(call_id)
-            waiter = self._calls.get(call_id)
-            if waiter is not None:
-                waiter.settle(lkid)
-        elif kind == protocol.GRANTED:  # OK and GRANT in one: the lock was granted at once
-            _, call_id, ref, lkid, mode, token, seq, bits = protocol.GRANTED_BODY.unpack_from(
-                body)
-            lock = self._locks.get(ref)
+        message = protocol.decode_reply(body)
+        if type(message) is OkReply:
+            self._settle(message.call_id, message.lkid)
+        elif type(message) is GrantedReply:  # OK and GRANT in one: granted at once
+            lock = self._locks.get(message.ref)
             if lock is not None:
-                lvb = protocol.trailing_lvb(body, protocol.GRANTED_BODY.size,
-                                            bits & protocol.GRANT_LVB)
-                lock._granted(_MODES[mode], token, seq, bits, lvb)
-            self._answered(call_id)
-            waiter = self._calls.get(call_id)
-            if waiter is not None:
-                waiter.settle(lkid)
-        elif kind == protocol.GRANT:
-            _, ref, mode, token, seq, bits = protocol.GRANT_BODY.unpack_from(body)
-            lock = self._locks.get(ref)
+                lock._granted(message)
+            self._settle(message.call_id, message.lkid)
+        elif type(message) is GrantEvent:
+            lock = self._locks.get(message.ref)
             if lock is not None:
-                lvb = protocol.trailing_lvb(body, protocol.GRANT_BODY.size,
-                                            bits & protocol.GRANT_LVB)
-                lock._granted(_MODES[mode], token, seq, bits, lvb)
-        elif kind == protocol.ERROR:
-            _, call_id, err = protocol.ERROR_BODY.unpack_from(body)
-            detail = body[protocol.ERROR_BODY.size:].decode(errors="replace")
-            if call_id == 0:  # no request has id 0: the service refuses the connection
-                self._refusal = DlmError(err, detail)
-                return
-            self._answered(call_id)
-            waiter = self._calls.get(call_id)
-            if waiter is not None:
-                waiter.settle(DlmError(err, detail))
-            else:
-                log.warning("lock manager: a request not waited for failed: %s",
-                            DlmError(err, detail))
-        elif kind == protocol.CANCELLED or kind == protocol.BAST:
-            _, ref, mode = protocol.EVENT_BODY.unpack_from(body)
-            lock = self._locks.get(ref)
-            if lock is None:
-                return
-            if kind == protocol.BAST:
-                lock._bast(_MODES[mode])
-            else:
-                lock._cancelled(None if mode == protocol.NO_MODE else _MODES[mode])
-        elif kind == protocol.JSON:
-            message = protocol.decode_json(body)
-            if isinstance(message.get("id"), int):
-                self._answered(message["id"])
-            waiter = self._calls.get(message.get("id", -1))
-            if waiter is not None:
-                waiter.settle(message)
-        else:
-            raise protocol.ProtocolError(f"unexpected message kind {kind}")
+                lock._granted(message)
+        elif type(message) is ErrorReply:
+            error = DlmError(message.errno, message.detail)
+            if message.call_id == 0:  # no request has id 0: the service refuses the connection
+                self._refusal = error
+            elif not self._settle(message.call_id, error):
+                log.warning("lock manager: a request not waited for failed: %s", error)
+        elif type(message) is CancelEvent:
+            lock = self._locks.get(message.ref)
+            if lock is not None:
+                lock._cancelled(message.mode)
+        elif type(message) is BastEvent:
+            lock = self._locks.get(message.ref)
+            if lock is not None:
+                lock._bast(message.mode)
+        elif type(message) is JsonReply:
+            self._settle(message.call_id, message.fields)
+
+    def _settle(self, call_id: int, value: Any) -> bool:
+        """The reply to `call_id` arrived (every request sent before it was handled too): hand
+        `value` to its waiter; False when nobody waits for it."""
+        self._answered(call_id)
+        waiter = self._calls.get(call_id)
+        if waiter is None:
+            return False
+        waiter.settle(value)
+        return True
 
     def _lost(self, unexpected: bool) -> None:
         self.closed = True

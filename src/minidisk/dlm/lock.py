@@ -26,6 +26,7 @@ import anyio
 from minidisk.dlm import protocol
 from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
 from minidisk.dlm.loops import Waiter
+from minidisk.dlm.messages import GrantEvent
 from minidisk.dlm.modes import LvbAction, Mode, lvb_action
 
 if TYPE_CHECKING:
@@ -126,9 +127,8 @@ class Lock:
             flags |= Flag.NOQUEUE
         writes = self._lvb_dirty and lvb_action(self.mode, wanted) is LvbAction.WRITE
         call_id = self.client._new_id()
-        frame = protocol.encode_lvb_request(
-            protocol.CONVERT_HEAD, protocol.CONVERT, call_id, self._ref, wanted, flags,
-            lvb=self.lvb if writes else None)
+        frame = protocol.encode_convert(call_id, self._ref, wanted, flags,
+                                        self.lvb if writes else None)
         granted = await self._request(call_id, frame, flags, timeout, new=False)
         if granted and writes:
             self._lvb_dirty = False
@@ -162,9 +162,7 @@ class Lock:
                 lvb = self.lvb
         call_id = client._new_id()
         prompt = wait and client.prompt_unlock
-        frame = protocol.encode_lvb_request(
-            protocol.UNLOCK_HEAD, protocol.UNLOCK_QUIET if prompt else protocol.UNLOCK,
-            call_id, ref, flags, lvb=lvb)
+        frame = protocol.encode_unlock(call_id, ref, flags, lvb, quiet=prompt)
         self._forget()
         try:
             if prompt:
@@ -195,8 +193,7 @@ class Lock:
     async def _cancel_request(self, ref: int) -> None:
         client = self.client
         call_id = client._new_id()
-        await client._roundtrip(call_id, protocol.CANCEL_FRAME.pack(
-            protocol.CANCEL_BODY.size, protocol.CANCEL, call_id, ref))
+        await client._roundtrip(call_id, protocol.encode_cancel(call_id, ref))
 
     def write_lvb(self, data: bytes, offset: int = 0) -> int:
         """Change the local copy of the value block; it reaches the resource when this PW/EX
@@ -289,16 +286,15 @@ class Lock:
             elif err.errno not in (errno.EBUSY, errno.ENOENT, errno.ENOTCONN):
                 raise
 
-    def _granted(self, mode: Mode, token: int, seq: int, bits: int, lvb: bytes | None
-                 ) -> None:
-        self.mode = mode
-        self.token = token
-        if lvb is not None:
-            self.lvb = lvb
+    def _granted(self, grant: GrantEvent) -> None:
+        self.mode = grant.mode
+        self.token = grant.token
+        if grant.lvb is not None:
+            self.lvb = grant.lvb
             self._lvb_dirty = False
-        self.lvb_valid = bool(bits & protocol.GRANT_VALID)
-        self.lvb_seq = seq
-        self.demoted = bool(bits & protocol.GRANT_DEMOTED)
+        self.lvb_valid = grant.lvb_valid
+        self.lvb_seq = grant.lvb_seq
+        self.demoted = grant.demoted
         self.blocking = None
         self._outcome = Outcome.GRANTED
         if self._done is not None:

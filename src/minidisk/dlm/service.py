@@ -32,13 +32,26 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from minidisk import busypoll
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import Cancelled, Cursor, DlmError, Engine, Event, Flag, Granted
+from minidisk.dlm.engine import Cancelled, Cursor, DlmError, Engine, Event, Granted
 from minidisk.dlm.limits import Limits
-from minidisk.dlm.modes import Mode
+from minidisk.dlm.messages import (
+    CancelRequest,
+    ConvertRequest,
+    Drop,
+    Hello,
+    Join,
+    Leave,
+    LockRequest,
+    Purge,
+    Request,
+    StatusRequest,
+    UnlockRequest,
+)
 from minidisk.unixsocket import remove_stale_socket
 
 log = logging.getLogger("minidisk.dlm")
@@ -157,36 +170,12 @@ class _Connection(asyncio.Protocol):
 
 
 def _event_frame(event: Event, ref: int) -> bytes:
-    if type(event) is Granted:
+    if isinstance(event, Granted):
         return protocol.encode_grant(ref, event.mode, event.token, event.lvb_seq,
                                      event.lvb_valid, event.demoted, event.lvb)
-    if type(event) is Cancelled:
-        return protocol.EVENT_FRAME.pack(
-            protocol.EVENT_BODY.size, protocol.CANCELLED, ref,
-            protocol.NO_MODE if event.mode is None else event.mode)
-    return protocol.EVENT_FRAME.pack(protocol.EVENT_BODY.size, protocol.BAST, ref, event.mode)
-
-
-_OK_SIZE = protocol.OK_BODY.size
-_OK = protocol.OK
-_MODES = tuple(Mode)
-_FLAGS: dict[int, Flag] = {}
-
-
-def _flag(bits: int) -> Flag:
-    """`Flag(bits)`, cached (building an IntFlag member is slow on the hot path)."""
-    flags = _FLAGS.get(bits)
-    if flags is None:
-        flags = Flag(bits)
-        if len(_FLAGS) < 1024:
-            _FLAGS[bits] = flags
-    return flags
-
-
-def _mode(number: int) -> Mode:
-    if number >= len(_MODES):
-        raise ValueError(f"no mode {number}")
-    return _MODES[number]
+    if isinstance(event, Cancelled):
+        return protocol.encode_cancelled(ref, event.mode)
+    return protocol.encode_bast(ref, event.mode)
 
 
 class DlmService:
@@ -278,73 +267,64 @@ class DlmService:
 
     def handle_body(self, conn: _Connection, body: bytes) -> None:
         """One request frame (its body, kind byte first): handled, answered, events queued."""
-        kind = body[0]
-        if kind == protocol.JSON:
-            self.handle(conn, protocol.decode_json(body))
+        try:
+            request = protocol.decode_request(body)
+        except protocol.RequestError as err:
+            if body[0] == protocol.JSON:
+                conn.send({"id": err.call_id, "ok": False, "errno": errno.EINVAL,
+                           "error": err.detail})
+            else:
+                conn.send_frame(protocol.encode_error(err.call_id, errno.EINVAL, err.detail))
             return
-        call_id = 0
         events: list[Event]
         try:
-            if kind == protocol.LOCK:
-                call_id, ref, mode, flags, domain, name = protocol.decode_lock(body)
-                self._admit_lock(conn, ref, domain)
-                lkid, events = self.engine.request(conn, domain, name, _mode(mode), _flag(flags))
-                conn.refs[ref] = lkid
-                self._routes[lkid] = (conn, ref)
+            if type(request) is LockRequest:
+                self._admit_lock(conn, request.ref, request.domain)
+                lkid, events = self.engine.request(conn, request.domain, request.name,
+                                                   request.mode, request.flags)
+                conn.refs[request.ref] = lkid
+                self._routes[lkid] = (conn, request.ref)
                 first = events[0] if events else None
                 if conn.granted_reply and type(first) is Granted and first.lkid == lkid:
                     # Granted at once: the grant is the reply (its own event is always first).
                     conn.send_frame(protocol.encode_granted(
-                        call_id, ref, lkid, first.mode, first.token, first.lvb_seq,
-                        first.lvb_valid, first.demoted, first.lvb))
+                        request.call_id, request.ref, lkid, first.mode, first.token,
+                        first.lvb_seq, first.lvb_valid, first.demoted, first.lvb))
                     del events[0]
                 else:
-                    conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, lkid))
-            elif kind == protocol.UNLOCK or kind == protocol.UNLOCK_QUIET:
-                _, call_id, ref, flags, has_lvb = protocol.UNLOCK_BODY.unpack_from(body)
-                lvb = protocol.trailing_lvb(body, protocol.UNLOCK_BODY.size, has_lvb)
-                events = self.engine.unlock(self._lkid_of(conn, ref), lvb, _flag(flags))
-                self._forget(conn, ref)
-                if kind == protocol.UNLOCK:
-                    conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
-            elif kind == protocol.CONVERT:
-                _, call_id, ref, mode, flags, has_lvb = protocol.CONVERT_BODY.unpack_from(body)
-                lvb = protocol.trailing_lvb(body, protocol.CONVERT_BODY.size, has_lvb)
-                events = self.engine.convert(self._lkid_of(conn, ref), _mode(mode), _flag(flags),
-                                             lvb)
-                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
-            elif kind == protocol.CANCEL:
-                _, call_id, ref = protocol.CANCEL_BODY.unpack_from(body)
-                events = self.engine.cancel(self._lkid_of(conn, ref))
-                conn.send_frame(protocol.OK_FRAME.pack(_OK_SIZE, _OK, call_id, 0))
+                    conn.send_frame(protocol.encode_ok(request.call_id, lkid))
+            elif type(request) is UnlockRequest:
+                events = self.engine.unlock(self._lkid_of(conn, request.ref), request.lvb,
+                                            request.flags)
+                self._forget(conn, request.ref)
+                if not request.quiet:
+                    conn.send_frame(protocol.encode_ok(request.call_id))
+            elif type(request) is ConvertRequest:
+                events = self.engine.convert(self._lkid_of(conn, request.ref), request.mode,
+                                             request.flags, request.lvb)
+                conn.send_frame(protocol.encode_ok(request.call_id))
+            elif type(request) is CancelRequest:
+                events = self.engine.cancel(self._lkid_of(conn, request.ref))
+                conn.send_frame(protocol.encode_ok(request.call_id))
             else:
-                raise protocol.ProtocolError(f"kind {kind} is not a request")
+                self.handle(conn, request)
+                return
         except DlmError as err:
             events = err.events
-            conn.send_frame(protocol.encode_error(call_id, err.errno or errno.EIO, err.detail))
-        except ValueError as err:  # a mode or flag out of range
-            events = []
-            conn.send_frame(protocol.encode_error(call_id, errno.EINVAL,
-                                                  f"bad request: {err!r}"))
+            conn.send_frame(protocol.encode_error(request.call_id, err.errno or errno.EIO,
+                                                  err.detail))
         if events:
             self.deliver(events)
 
-    def handle(self, conn: _Connection, message: dict[str, Any]) -> None:
-        request_id = message.get("id")
-        events: list[Event] = []
+    def handle(self, conn: _Connection, request: Request) -> None:
+        """A JSON request: answered in JSON."""
         try:
-            handler = _HANDLERS.get(str(message.get("op")))
-            if handler is None:
-                raise DlmError(errno.EINVAL, f"unknown op {message.get('op')!r}")
-            result, events = handler(self, conn, message)
-            reply: dict[str, Any] = {"id": request_id, "ok": True, **result}
+            result, events = _HANDLERS[type(request)](self, conn, request)
+            reply: dict[str, Any] = {"id": request.call_id, "ok": True, **result}
         except DlmError as err:
             events = err.events
-            reply = {"id": request_id, "ok": False, "errno": err.errno, "error": err.detail}
-        except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as err:
-            # An argument missing or of the wrong type or range (1e999 for a number).
-            reply = {"id": request_id, "ok": False, "errno": errno.EINVAL,
-                     "error": f"bad request: {err!r}"}
+            reply = {"id": request.call_id, "ok": False, "errno": err.errno,
+                     "error": err.detail}
         conn.send(reply)
         self.deliver(events)
 
@@ -400,17 +380,10 @@ class DlmService:
             raise DlmError(errno.EDQUOT, f"this client is in {len(joined)} domains, the most "
                                          "the lock manager allows one")
 
-    def _route(self, conn: _Connection, ref: int, lkid: int) -> None:
-        conn.refs[ref] = lkid
-        self._routes[lkid] = (conn, ref)
-
     def _forget(self, conn: _Connection, ref: int) -> None:
         lkid = conn.refs.pop(ref, None)
         if lkid is not None:
             self._routes.pop(lkid, None)
-
-    def _lkid(self, conn: _Connection, message: dict[str, Any]) -> int:
-        return self._lkid_of(conn, int(message["ref"]))
 
     def _lkid_of(self, conn: _Connection, ref: int) -> int:
         try:
@@ -418,12 +391,12 @@ class DlmService:
         except KeyError:
             raise DlmError(errno.ENOENT, f"no lock with ref {ref}") from None
 
-    # One method per op: (connection, message) -> (result fields, events).
+    # One method per JSON request: (connection, request) -> (result fields, events).
 
-    def _op_hello(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        conn.name = str(msg.get("name", ""))[:100]
-        asked = msg.get("features")
-        if isinstance(asked, list):  # a hello without the field (a sync) changes nothing
+    def _op_hello(self, conn: _Connection, msg: Hello) -> _Result:
+        conn.name = msg.name[:100]
+        asked = msg.features
+        if asked is not None:  # a hello without the field (a sync) changes nothing
             conn.granted_reply = protocol.FEATURE_GRANTED_REPLY in asked
             # Each prompt-unlock connection costs every other connection's wake-up a look
             # at its socket: past the limit the feature is not granted (the client then
@@ -442,53 +415,25 @@ class DlmService:
         return {"server": "minidisk-dlm", "version": protocol.VERSION, "pid": os.getpid(),
                 "features": features}, []
 
-    def _op_join(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        domain = str(msg["domain"])
-        self._admit_domain(conn, domain)
-        self.engine.join(conn, domain)
+    def _op_join(self, conn: _Connection, msg: Join) -> _Result:
+        self._admit_domain(conn, msg.domain)
+        self.engine.join(conn, msg.domain)
         return {}, []
 
-    def _op_leave(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        self.engine.leave(conn, str(msg["domain"]))
+    def _op_leave(self, conn: _Connection, msg: Leave) -> _Result:
+        self.engine.leave(conn, msg.domain)
         return {}, []
 
-    def _op_lock(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        ref = int(msg["ref"])
-        domain = str(msg["domain"])
-        self._admit_lock(conn, ref, domain)
-        lkid, events = self.engine.request(
-            conn, domain, str(msg["name"]), Mode.parse(msg["mode"]),
-            protocol.flags_from_wire(msg.get("flags", [])))
-        self._route(conn, ref, lkid)
-        return {"lkid": lkid}, events
-
-    def _op_convert(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        events = self.engine.convert(
-            self._lkid(conn, msg), Mode.parse(msg["mode"]),
-            protocol.flags_from_wire(msg.get("flags", [])), _lvb(msg.get("lvb")))
-        return {}, events
-
-    def _op_unlock(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        events = self.engine.unlock(
-            self._lkid(conn, msg), _lvb(msg.get("lvb")),
-            protocol.flags_from_wire(msg.get("flags", [])))
-        self._forget(conn, int(msg["ref"]))
-        return {}, events
-
-    def _op_cancel(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        return {}, self.engine.cancel(self._lkid(conn, msg))
-
-    def _op_drop(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        self.engine.drop(str(msg["domain"]), str(msg["name"]))
+    def _op_drop(self, conn: _Connection, msg: Drop) -> _Result:
+        self.engine.drop(msg.domain, msg.name)
         return {}, []
 
-    def _op_status(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
+    def _op_status(self, conn: _Connection, msg: StatusRequest) -> _Result:
         """One page of `Engine.listing`, at most `STATUS_PAGE` bytes of JSON: the first (no
         "after") with the clients, each with "next", the cursor to ask the following one
         with as "after" (null on the last). A domain or resource that goes on from the
         previous page comes again with "continued": true and only the rest of its pieces."""
-        after = msg.get("after")
-        start = None if after is None else _cursor(after)
+        start = msg.after
         page: dict[str, Any] = {"domains": []}
         size = 0
         if start is None:
@@ -518,47 +463,27 @@ class DlmService:
             reached = position
         return {**page, "next": None}, []
 
-    def _op_purge(self, conn: _Connection, msg: dict[str, Any]) -> _Result:
-        pid = msg.get("pid")
-        domain = msg.get("domain")
+    def _op_purge(self, conn: _Connection, msg: Purge) -> _Result:
+        pid = msg.pid
         count, events = self.engine.purge(
-            None if domain is None else str(domain),
-            None if pid is None else (lambda owner: getattr(owner, "pid", None) == int(pid)))
+            msg.domain,
+            None if pid is None else (lambda owner: getattr(owner, "pid", None) == pid))
         return {"purged": count}, events
 
 
 _Result = tuple[dict[str, Any], list[Event]]
+_Handler = Callable[[DlmService, _Connection, Any], _Result]
+_HANDLERS: dict[type, _Handler] = {
+    Hello: DlmService._op_hello, Join: DlmService._op_join, Leave: DlmService._op_leave,
+    Drop: DlmService._op_drop, StatusRequest: DlmService._op_status,
+    Purge: DlmService._op_purge,
+}
 
 # A status page's budget: a piece costs its JSON and `_PIECE_OVERHEAD` (a comma, and the
 # empty queues of a resource); the 64 KiB left of the frame cover the rest of the reply and
 # the at most two "continued" containers a page opens (names of 64 bytes, JSON-escaped).
 STATUS_PAGE = protocol.MAX_FRAME - (64 << 10)
 _PIECE_OVERHEAD = 48
-
-
-def _lvb(value: Any) -> bytes | None:
-    """A JSON request's value block (hex): at most `LVB_SIZE` bytes, since a pending
-    conversion keeps it as given."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > 2 * protocol.LVB_SIZE:
-        raise ValueError(f"a value block is at most {protocol.LVB_SIZE} bytes of hex")
-    return bytes.fromhex(value)
-
-
-def _cursor(value: Any) -> Cursor:
-    """A status cursor from the wire: [domain, resource, locks listed]."""
-    if (not isinstance(value, list) or len(value) != 3 or not isinstance(value[0], str)
-            or not isinstance(value[1], str) or type(value[2]) is not int):
-        raise ValueError(f"bad status cursor {value!r}")
-    return value[0], value[1], value[2]
-
-_HANDLERS = {
-    name.removeprefix("_op_"): getattr(DlmService, name)
-    for name in vars(DlmService) if name.startswith("_op_")
-}
-
-
 
 
 async def start_dlm_service(url: str | None = None, *, busy_poll: float | None = None,
