@@ -1,0 +1,42 @@
+# The dmsetup battery (dmsetup_battery.sh) with the real dmsetup against 6.1's device-mapper,
+# on two loop devices; the steps come back as $RESULTS/kernel.tar (kernel/NNN-NAME.*), and
+# kernel/env says what the host side normalizes (the loop devices' numbers, dm's major).
+# No udev in the guest: /dev/mapper nodes come from `dmsetup mknodes` after the steps that
+# add or remove devices, and --noudevsync stops dmsetup waiting for udev.
+here=$(dirname "$0")
+# Every target module minidisk also has, loaded up front and in this order, so that
+# `dmsetup targets` lists the same set at every step (the kernel lists what is loaded,
+# most recently registered first).
+for m in dm-mod dm-zero dm-delay dm-flakey dm-log-writes loop; do
+  modprobe "$m" || echo "modprobe $m failed"
+done
+for i in 0 1; do
+  truncate -s 8M "/tmp/disk$i"
+  losetup "/dev/loop$i" "/tmp/disk$i" || echo "losetup loop$i failed"
+done
+# dmsetup, its libraries and the loader copied to the guest's tmpfs: run from the 9p root,
+# each of the ~300 runs spent most of its time reading them over 9p under TCG.
+bin=/tmp/dmbin
+mkdir -p $bin
+cp /sbin/dmsetup $bin/
+for lib in $(ldd /sbin/dmsetup | awk '$2 == "=>" { print $3 } $1 ~ /^\/lib/ { print $1 }'); do
+  cp "$lib" $bin/
+done
+dmsetup=($bin/ld-linux-x86-64.so.2 --library-path $bin $bin/dmsetup)
+out=/tmp/kernel  # on tmpfs too; one tar to $RESULTS at the end
+mkdir -p $out
+dmmaj=$(awk '$2 == "device-mapper" { print $1 }' /proc/devices)
+{
+  echo "DMMAJ=$dmmaj"
+  for i in 0 1; do
+    echo "DISK$i=/dev/loop$i $(printf '%d:%d' "0x$(stat -c %t /dev/loop$i)" "0x$(stat -c %T /dev/loop$i)")"
+  done
+  echo "KERNEL=$(uname -r)"
+} > $out/env
+start=$(date +%s.%N)
+DMSETUP="${dmsetup[*]} --noudevsync" DISK0=/dev/loop0 DISK1=/dev/loop1 DMMAJ=$dmmaj \
+  NODES="${dmsetup[*]} mknodes" bash "$here/dmsetup_battery.sh" $out
+end=$(date +%s.%N)
+awk "BEGIN { print $end - $start }" > $out/seconds
+dmesg > $out/dmesg
+tar -C /tmp -cf "$RESULTS/kernel.tar" kernel

@@ -1,0 +1,228 @@
+"""dmsetup fidelity: one battery of dmsetup steps (guest/dmsetup_battery.sh) run by the real
+dmsetup against Debian 12's kernel (6.1, on loop devices, in a guest: guest/dmsetup_kernel.sh)
+and by `minidisk dmsetup` against a minidisk server on the host, compared step by step:
+stdout, stderr and exit status of every step must be identical after normalization.
+
+What is normalized, and nothing else (`Side.normalize`):
+
+1. Device names: the guest's /dev/loop0 and /dev/loop1 and the server's keys /disk0 and
+   /disk1 become DISK0 and DISK1; their kernel names loop0/loop1 and our blkdevnames
+   disk0/disk1 (the key's last component) become DISK0 and DISK1 too.
+2. Major:minor numbers of those devices: 7:0 and the number minidisk gives /disk0 (as
+   "MAJ:MIN" and as "MAJ, MIN") become DISK0MAJ:DISK0MIN (DISK0MAJ, DISK0MIN); DISK1 alike.
+3. Device-mapper's major: the kernel allocates it (254 in the guest); minidisk says 253.
+   Every whole-word occurrence becomes DMMAJ. Minors of mapped devices are not normalized:
+   they are allocated and reused as the kernel does, and the battery checks that.
+
+A step that differs for a reason that cannot or should not be removed is listed in KNOWN,
+with the part that differs (out, err, rc) and why; the other parts must still match, and the
+listed part must still differ (an entry that no longer applies fails too).
+
+The host side runs while the guest boots (it needs no guest), so the module costs one boot.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tests.vm.harness import GUEST_SCRIPTS, Boot, guest_script
+
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout(1200)]
+
+MINIDISK = str(Path(sys.executable).parent / "minidisk")
+DISK_SIZE = "8M"  # as the guest's loop files
+HOST_DM_MAJOR = 253  # minidisk.dm.registry.DM_MAJOR
+
+# Steps whose output differs from the kernel's on purpose: step -> (parts that differ, why).
+KNOWN: dict[str, tuple[frozenset[str], str]] = {
+}
+
+
+@dataclass
+class Step:
+    out: str
+    err: str
+    rc: int
+
+    def part(self, name: str) -> str:
+        return str(getattr(self, name))
+
+
+@dataclass
+class Side:
+    """One run of the battery: its steps in order, and what to normalize in them."""
+
+    label: str
+    steps: dict[str, Step]
+    names: dict[str, str]  # device path or name -> DISKn
+    devnos: dict[tuple[int, int], str]  # a disk's (major, minor) -> DISKn
+    dm_major: int
+    seconds: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def normalize(self, text: str) -> str:
+        for (major, minor), disk in self.devnos.items():
+            text = re.sub(rf"\b{major}:{minor}\b", f"{disk}MAJ:{disk}MIN", text)
+            text = re.sub(rf"\b{major}, {minor}\b", f"{disk}MAJ, {disk}MIN", text)
+        for name in sorted(self.names, key=len, reverse=True):  # /dev/loop0 before loop0
+            text = re.sub(rf"(?<![\w/]){re.escape(name)}\b", self.names[name], text)
+        return re.sub(rf"\b{self.dm_major}\b", "DMMAJ", text)
+
+    def step(self, name: str) -> Step:
+        s = self.steps[name]
+        return Step(self.normalize(s.out), self.normalize(s.err), s.rc)
+
+
+def read_steps(directory: Path) -> dict[str, Step]:
+    names = (directory / "steps").read_text().split()
+    steps = {}
+    for n, name in enumerate(names, 1):
+        base = directory / f"{n:03d}-{name}"
+        steps[name] = Step(Path(f"{base}.out").read_text(errors="replace"),
+                           Path(f"{base}.err").read_text(errors="replace"),
+                           int(Path(f"{base}.rc").read_text()))
+    return steps
+
+
+def battery_step_names() -> list[str]:
+    text = (GUEST_SCRIPTS / "dmsetup_battery.sh").read_text()
+    return re.findall(r"^step(?:in)? (\S+)", text, re.M)
+
+
+class OurRun:
+    """The battery against a minidisk server on the host, started at once, finished by
+    `finish()` (so it runs while the guest boots)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.sockdir = Path(tempfile.mkdtemp(prefix="md-dm-", dir="/tmp"))  # sun_path
+        sock = self.sockdir / "dm.sock"
+        with open(directory / "serve.log", "wb") as log:
+            self.server = subprocess.Popen(
+                [MINIDISK, "serve", "-s", f"--memory=/disk0={DISK_SIZE}",
+                 f"--memory=/disk1={DISK_SIZE}", f"unix://{sock}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                self.server.kill()
+                raise RuntimeError((directory / "serve.log").read_text())
+            time.sleep(0.05)
+        env = {**os.environ, "DMSETUP": f"{MINIDISK} dmsetup --server unix://{sock} "
+               "--noudevsync", "DISK0": "/disk0", "DISK1": "/disk1",
+               "DMMAJ": str(HOST_DM_MAJOR), "NODES": "true"}
+        self.started = time.monotonic()
+        self.battery = subprocess.Popen(
+            ["bash", str(GUEST_SCRIPTS / "dmsetup_battery.sh"), str(directory / "steps")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def finish(self) -> Side:
+        try:
+            output, _ = self.battery.communicate(timeout=900)
+            seconds = time.monotonic() - self.started
+            if self.battery.returncode != 0:
+                raise RuntimeError(output.decode(errors="replace"))
+        finally:
+            self.server.terminate()
+            self.server.wait(30)
+            shutil.rmtree(self.sockdir, ignore_errors=True)
+        return Side("minidisk", read_steps(self.directory / "steps"),
+                    {"/disk0": "DISK0", "disk0": "DISK0", "/disk1": "DISK1",
+                     "disk1": "DISK1"}, host_devnos(), HOST_DM_MAJOR, seconds)
+
+
+def kernel_side(results: Path) -> Side:
+    """The guest's run, from the kernel.tar it left in `results`."""
+    with tarfile.open(results / "kernel.tar") as tar:
+        tar.extractall(results, filter="data")
+    kdir = results / "kernel"
+    env = dict(line.split("=", 1) for line in (kdir / "env").read_text().splitlines())
+    names, devnos = {}, {}
+    for i in (0, 1):
+        path, devno = env[f"DISK{i}"].split()
+        names[path] = names[path.removeprefix("/dev/")] = f"DISK{i}"
+        major, minor = devno.split(":")
+        devnos[(int(major), int(minor))] = f"DISK{i}"
+    return Side("kernel " + env["KERNEL"], read_steps(kdir), names, devnos, int(env["DMMAJ"]),
+                float((kdir / "seconds").read_text()))
+
+
+@pytest.fixture(scope="module")
+def sides(boot: Boot, tmp_path_factory: pytest.TempPathFactory) -> tuple[Side, Side]:
+    """(kernel, minidisk): the guest's run and ours, ours started first and run meanwhile."""
+    ours = OurRun(tmp_path_factory.mktemp("dmsetup-ours"))
+    try:
+        guest = boot("dmsetup-oracle", guest_script("dmsetup_kernel.sh"))
+    finally:
+        mine = ours.finish()
+    if guest.status != 0 or not (guest.results / "kernel.tar").exists():
+        pytest.fail(f"the guest battery did not finish\n{guest.explain()}")
+    kernel = kernel_side(guest.results)
+    with open(tmp_path_factory.getbasetemp() / "vm-boots.txt", "a") as f:
+        f.write(f"dmsetup battery: guest {kernel.seconds:.1f} s, host {mine.seconds:.1f} s\n")
+    return kernel, mine
+
+
+def host_devnos() -> dict[tuple[int, int], str]:
+    """The numbers minidisk gives /disk0 and /disk1 (the first two keys it registers)."""
+    try:
+        from minidisk.namespace.registry import KEY_MAJOR
+    except ImportError:
+        return {}
+    return {(KEY_MAJOR, 0): "DISK0", (KEY_MAJOR, 1): "DISK1"}
+
+
+def _show(label: str, step: Step) -> str:
+    return f"  [{label}] rc={step.rc}\n  stdout:\n{_indent(step.out)}  stderr:\n{_indent(step.err)}"
+
+
+def _indent(text: str) -> str:
+    return "".join(f"    |{line}\n" for line in text.splitlines()) or "    (empty)\n"
+
+
+def differing_parts(a: Step, b: Step) -> frozenset[str]:
+    return frozenset(p for p in ("out", "err", "rc") if a.part(p) != b.part(p))
+
+
+def test_both_sides_ran_every_step(sides: tuple[Side, Side]) -> None:
+    kernel, ours = sides
+    expected = battery_step_names()
+    assert len(expected) == len(set(expected)), "step names must be unique"
+    assert list(kernel.steps) == expected
+    assert list(ours.steps) == expected
+
+
+def test_every_step_as_the_kernel(sides: tuple[Side, Side]) -> None:
+    """Every step identical after normalization, but for the KNOWN differences (which must
+    still be differences, in exactly the parts listed)."""
+    kernel, ours = sides
+    report = []
+    for name in kernel.steps:
+        theirs, mine = kernel.step(name), ours.step(name)
+        parts = differing_parts(theirs, mine)
+        expected = KNOWN.get(name, (frozenset(), ""))[0]
+        if parts != expected:
+            diff = "".join(difflib.unified_diff(
+                (theirs.out + theirs.err).splitlines(True), (mine.out + mine.err).splitlines(True),
+                "kernel", "minidisk"))
+            report.append(f"{name}: differs in {sorted(parts)}, expected {sorted(expected)}\n"
+                          f"{_show(kernel.label, theirs)}{_show(ours.label, mine)}"
+                          f"  diff (stdout+stderr):\n{_indent(diff)}")
+    total = len(kernel.steps)
+    assert not report, (f"{len(report)} of {total} steps not as expected "
+                        f"({len(KNOWN)} known differences):\n\n" + "\n".join(report))
+
+
+def test_known_differences_are_battery_steps() -> None:
+    assert set(KNOWN) <= set(battery_step_names())
