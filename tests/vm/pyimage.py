@@ -11,8 +11,8 @@ does not use them), the virtualenv, and the checkout without .git, .cache and .v
 editable install's sources and the tests, byte-compiled caches included). The first two are
 kept until the interpreter or the virtualenv changes; the checkout's is made anew for each
 guest, so it is the tree as it is now. The guest mounts them over the same paths, so every
-path stays valid. Kernel modules come from .cache through /lib/modules, which the checkout's
-image hides: the guest loads what it needs before mounting it.
+path stays valid. The host's .cache (the kernel's modules, through /lib/modules) is bound back
+over the image's empty one, so modprobe works after the mounts as before.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _image(source: Path, image: Path, label: str, skipped: tuple[Path, ...] = ()
 
 def python_images(cache: Path, checkout_image: Path) -> PythonImages:
     """Images of the interpreter and the virtualenv (rebuilt only when either changed) and a
-    new one of the checkout at `checkout_image`; `modules` are loaded before mounting."""
+    new one of the checkout at `checkout_image`."""
     cache.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     key = _fingerprint(PREFIX, VENV, VENV / "lib" / stdlib.name / "site-packages")
@@ -104,7 +104,12 @@ def python_images(cache: Path, checkout_image: Path) -> PythonImages:
     _image(CHECKOUT, checkout_image, LABELS[1],
            tuple(CHECKOUT / name for name in NOT_IN_CHECKOUT))
     # Without udev there are no /dev/disk/by-* links; mount finds a label by probing itself.
-    lines = ["modprobe virtio_blk", "modprobe ext4"]
+    # The checkout's image hides the host's .cache, where the kernel's modules (through
+    # /lib/modules) and the kernel live: it is bound back over the image's empty .cache.
+    cache = CHECKOUT / ".cache"
+    lines = ["modprobe virtio_blk", "modprobe ext4", "mkdir -p /tmp/.md-host-cache",
+             f"mount --bind {cache} /tmp/.md-host-cache || exit 97"]
     for label, target in zip(LABELS, (PREFIX, CHECKOUT, VENV), strict=True):
         lines.append(f"mount -o ro,noatime LABEL={label} {target} || exit 97")
+    lines.append(f"mount --bind /tmp/.md-host-cache {cache} || exit 97")
     return PythonImages((prefix_image, checkout_image, venv_image), "\n".join(lines) + "\n")

@@ -15,11 +15,9 @@ importing.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 from tests.vm.harness import ROOT, Boot
-from tests.vm.pyimage import python_images
 
 pytestmark = [pytest.mark.vm, pytest.mark.autofs_guest, pytest.mark.xdist_group("vm-autofs"),
               pytest.mark.timeout(1500)]
@@ -30,19 +28,14 @@ GUEST_TIMEOUT = 1400.0  # one boot running every autofs test, under TCG
 TIME_SCALE = 10  # the tests' own bounds, in a guest where Python runs ~20x slower
 
 
-def test_autofs_tests_pass_under_debians_kernel(boot: Boot, tmp_path: Path) -> None:
-    # The checkout's image is this run's own: another run may be making its own meanwhile.
-    images = python_images(ROOT / ".cache" / "vm-images", tmp_path / "checkout.img")
-    # Modules first: they live in .cache (through /lib/modules), which the checkout's image
-    # hides once mounted.
-    script = "for m in autofs4 fuse loop; do modprobe $m || exit 98; done\n"
-    script += images.mount_script + f"""
+def test_autofs_tests_pass_under_debians_kernel(boot: Boot) -> None:
+    script = "for m in autofs4 fuse loop; do modprobe $m || exit 98; done\n" + f"""
 export PYTHONDONTWRITEBYTECODE=1 MINIDISK_TEST_TIME_SCALE={TIME_SCALE}
 cd {ROOT}
 "$PYTHON" -m pytest -p no:cacheprovider -n 0 -q -o faulthandler_timeout=0 -m autofs \\
     --junitxml="$RESULTS/junit.xml" tests/link > "$RESULTS/pytest.txt" 2>&1
 """
-    run = boot("autofs", script, timeout=GUEST_TIMEOUT, vng_args=images.vng_args())
+    run = boot("autofs", script, timeout=GUEST_TIMEOUT, python=True)
     report = run.results / "pytest.txt"
     output = report.read_text(errors="replace") if report.exists() else run.explain()
     junit = run.results / "junit.xml"

@@ -26,7 +26,7 @@ THEIRS = "/dev/nbd15"  # the device nbd-client attaches in the guest
 
 @pytest.fixture(scope="module")
 def battery(boot: Boot) -> Rows:
-    return Rows(boot("nbd-battery", guest_script("nbd_battery.sh", *METHODS)))
+    return Rows(boot("nbd-battery", guest_script("nbd_battery.sh", *METHODS), python=True))
 
 
 class MethodRows:

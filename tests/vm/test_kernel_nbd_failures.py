@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout
 
 @pytest.fixture(scope="module")
 def rows(boot: Boot) -> Rows:
-    return Rows(boot("nbd-failures", guest_script("nbd_failures.sh")))
+    return Rows(boot("nbd-failures", guest_script("nbd_failures.sh"), python=True))
 
 
 def ok(rows: Rows, *names: str) -> None:
@@ -43,3 +43,18 @@ def test_stopped_server_times_out(rows: Rows) -> None:
     assert rows.status("stop.read") == rows.status("theirs_stop.read") == 1
     assert "Input/output error" in rows.error("stop.read")
     ok(rows, "stop.detach", "theirs_stop.detach")
+
+
+SURVIVAL = ("mkfs", "mount", "before", "during", "after", "readback", "umount", "fsck")
+
+
+def test_persist_survives_a_server_restart(rows: Rows) -> None:
+    """`--persist`: the server is killed (SIGKILL) while ext4 is mounted on the device, a write
+    is made while it is away, a new server starts on the same socket; the keeper reconnects
+    through RECONFIGURE, the waiting write lands, nothing in the kernel log is an I/O error and
+    fsck finds the file system clean."""
+    ok(rows, "persist.attach", *(f"persist.{step}" for step in SURVIVAL), "persist.detach")
+    assert rows["persist.kernel_errors"] == "0", rows["persist.dmesg"]
+    log = rows["persist.keeper_log"]
+    assert "the connection died; reconnecting" in log and "reconnected" in log, log
+    assert rows["persist.keeper_after"] == "gone"  # detach stopped the keeper
