@@ -52,7 +52,13 @@ def test_persist_survives_a_server_restart(rows: Rows) -> None:
     """`--persist`: the server is killed (SIGKILL) while ext4 is mounted on the device, a write
     is made while it is away, a new server starts on the same socket; the keeper reconnects
     through RECONFIGURE, the waiting write lands, nothing in the kernel log is an I/O error and
-    fsck finds the file system clean."""
+    fsck finds the file system clean.
+
+    Debian's nbd-client 3.24 `-persist` runs the same steps in the same boot (rows
+    persist_theirs.*) and does not survive them: it reconnects through ioctls, which cannot
+    set a dead-connection timeout, so the kernel fails the waiting write at once ("Dead
+    connection, failed to find a fallback", EIO; seen 2026-12-02). Nothing is asserted of it:
+    the rows are there to compare."""
     ok(rows, "persist.attach", *(f"persist.{step}" for step in SURVIVAL), "persist.detach")
     assert rows["persist.kernel_errors"] == "0", rows["persist.dmesg"]
     log = rows["persist.keeper_log"]

@@ -115,7 +115,9 @@ dmesg > "$RESULTS/rows/persist.dmesg"
 row persist.kernel_errors "$(dmesg | grep -ciE 'I/O error|EXT4-fs error')"
 cp "$MINIDISK_STATE_DIR/attach/${dev#/dev/}.keeper.log" "$RESULTS/rows/persist.keeper_log"
 check persist.detach "$MINIDISK" detach "$dev"
-row persist.keeper_after "$(kill -0 "$keeper" 2>/dev/null && echo running || echo gone)"
+# Gone or a zombie (the guest's init need not reap orphans promptly): not running.
+state=$(awk '{ print $3 }' "/proc/$keeper/stat" 2>/dev/null)
+row persist.keeper_after "$([ -n "$state" ] && [ "$state" != Z ] && echo "running ($state)" || echo gone)"
 dmesg -C
 check persist_theirs.attach nbd-client -persist -t $TIMEOUT -u /tmp/persist.sock /dev/nbd15 -N dk
 survive persist_theirs /dev/nbd15
