@@ -111,7 +111,8 @@ class ThreadServer:
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.server.listen(ListenAddress("unix", self.socket)))
+            self.loop.run_until_complete(self.server.listeners.listen(
+                ListenAddress("unix", self.socket)))
             ready.set()
             self.loop.run_forever()
 

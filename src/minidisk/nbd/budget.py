@@ -15,11 +15,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from minidisk.nbd import protocol as p
+
 
 class Waiter(Protocol):
     def budget_freed(self) -> None:
         """Called (from the event loop) when the waiter is first in line and bytes came
         back: try to take again."""
+
+
+def payload_charge(cmd: int, length: int) -> int:
+    """Payload budget bytes a request holds: its READ reply or WRITE payload, or room for
+    the largest BLOCK_STATUS reply it may get."""
+    if cmd in (p.CMD_READ, p.CMD_WRITE):
+        return length
+    if cmd == p.CMD_BLOCK_STATUS:
+        return p.U32.size + p.BLOCK_STATUS_DESCRIPTOR.size * p.max_descriptors(length)
+    return 0
 
 
 def fits(used: int, size: int, limit: int) -> bool:

@@ -254,8 +254,7 @@ class RemoteDevice(BlockDevice):
             pending.future.set_result(pending.extents)
 
     async def _simple_reply(self, reader: asyncio.StreamReader) -> None:
-        error, cookie = r.SIMPLE_REPLY_REST.unpack(
-            await reader.readexactly(r.SIMPLE_REPLY_REST.size))
+        error, cookie = r.parse_simple_reply(await reader.readexactly(r.SIMPLE_REPLY_REST.size))
         pending = self._pending_for(cookie)
         length = pending.expected.simple(error)
         if length:  # the READ's own length: bounded by what we asked for
@@ -272,15 +271,12 @@ class RemoteDevice(BlockDevice):
         expected.chunk(header)  # the length is checked before anything is read
         kind = header.chunk_type
         if kind == p.REPLY_TYPE_OFFSET_DATA:
-            (offset,) = p.OFFSET.unpack(await reader.readexactly(p.OFFSET.size))
-            size = header.length - p.OFFSET.size
-            start = expected.claim(offset, size)
+            start, size = expected.data_chunk(header, await reader.readexactly(p.OFFSET.size))
             data = await reader.readexactly(size)
             if pending.buf is not None:
                 pending.buf[start:start + size] = data
         elif kind == p.REPLY_TYPE_OFFSET_HOLE:
-            offset, size = p.CHUNK_OFFSET_HOLE.unpack(await reader.readexactly(header.length))
-            start = expected.claim(offset, size)
+            offset, start, size = expected.hole_chunk(await reader.readexactly(header.length))
             if pending.buf is not None:
                 pending.buf[start:start + size] = bytes(size)
             pending.extents.append(Extent(offset, size, EXTENT_HOLE | EXTENT_ZERO))

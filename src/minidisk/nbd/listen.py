@@ -1,4 +1,5 @@
-"""Where a server listens: unix://, tcp://, stdin/stdout, or a systemd-activated socket.
+"""Where a server listens: unix://, tcp://, stdin/stdout, or a systemd-activated socket;
+the listeners themselves, and who is at the other end of an accepted connection.
 
 URL forms follow rump_sp(7) (and DESIGN.md): ``unix://relative/path``,
 ``unix:///absolute/path``, ``tcp://ip:port/`` (``tcp://0:3755/`` means every address).
@@ -9,15 +10,24 @@ systemd socket activation (LISTEN_PID = our pid, LISTEN_FDS >= 1, as nbdinfo/nbd
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from minidisk.nbd.exports import Identity
 from minidisk.unixsocket import remove_stale_socket
+
+if TYPE_CHECKING:
+    from minidisk.nbd.connection import Connection
 
 SD_LISTEN_FDS_START = 3
 KEEPALIVE_PROBES = 4
+_PEERCRED = struct.Struct("3i")
 
 
 class URLError(ValueError):
@@ -133,3 +143,81 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
+def peer_identity(sock: socket.socket | None, kind: str) -> Identity:
+    """Who is at the other end of an accepted connection, as far as the socket proves it:
+    SO_PEERCRED's pid, uid and gid on a unix socket, the address on TCP."""
+    if sock is None:
+        return Identity(kind)
+    if sock.family == socket.AF_UNIX:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            pid, uid, gid = _PEERCRED.unpack(raw)
+        except OSError:
+            return Identity(kind)
+        return Identity(kind, address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid)
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return Identity(kind)
+    return Identity(kind, address=f"{host}:{port}")
+
+
+class Listeners:
+    """Every socket one server accepts connections on, and its one stdin/stdout connection.
+
+    `factory(kind)` makes the connection for an accepted socket of that transport kind
+    ("unix", "tcp", "socket" for an inherited one, "stdio"); the backlog is as long as the
+    server's connection limit (asyncio's default of 100 refused bursts with EAGAIN).
+    """
+
+    def __init__(self, factory: Callable[[str], Connection], backlog: int) -> None:
+        self.factory = factory
+        self.backlog = backlog
+        self.servers: list[asyncio.base_events.Server] = []
+        self.unix_paths: list[str] = []  # removed again by close()
+        self.stdio_closed: asyncio.Event | None = None  # set when the stdio connection ends
+
+    async def start(self, urls: list[str]) -> None:
+        """Listen on the sockets systemd passed us, or else on every URL."""
+        inherited = socket_activation()
+        for sock in inherited:
+            await self.listen_socket(sock, "socket")
+        if not inherited:
+            for url in urls:
+                await self.listen(parse_url(url))
+
+    async def listen(self, address: ListenAddress) -> None:
+        loop = asyncio.get_running_loop()
+        if address.kind == "stdio":
+            sock = socket.socket(fileno=os.dup(0))
+            _, conn = await loop.connect_accepted_socket(lambda: self.factory("stdio"), sock)
+            self.stdio_closed = conn.closed
+            return
+        sock = bind(address, self.backlog)
+        await self.listen_socket(sock, address.kind)
+        if address.kind == "unix":
+            self.unix_paths.append(address.path)
+
+    async def listen_socket(self, sock: socket.socket, kind: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        kind_ = kind or ("unix" if sock.family == socket.AF_UNIX else "tcp")
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(lambda: self.factory(kind_), sock=sock,
+                                                backlog=self.backlog)
+        else:
+            srv = await loop.create_server(lambda: self.factory(kind_), sock=sock,
+                                           backlog=self.backlog)
+        self.servers.append(srv)
+
+    def stop(self) -> None:
+        """Accept no more connections (those accepted go on)."""
+        for srv in self.servers:
+            srv.close()
+
+    def remove_paths(self) -> None:
+        for path in self.unix_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

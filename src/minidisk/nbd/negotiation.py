@@ -20,7 +20,6 @@ from minidisk.nbd.exports import Access, ExportPolicy, ExportSource, Identity, O
 
 log = logging.getLogger(__name__)
 
-META_CONTEXT_ID = 1  # the transient id of base:allocation on every connection
 # Options a client may send before it picks an export, and as many more per export a LIST
 # showed it (nbdkit's MAX_NR_OPTIONS): each may open an export, so there must be an end.
 # Control commands are not counted: only permitted peers send them, and a link keeper
@@ -280,7 +279,7 @@ class Negotiation:
                                          for q in queries)
         replies = []
         if matched:
-            ctx_id = META_CONTEXT_ID if setting else 0
+            ctx_id = p.META_CONTEXT_ID if setting else 0
             replies.append(p.option_reply(opt, p.REP_META_CONTEXT, p.U32.pack(ctx_id)
                                           + p.META_BASE_ALLOCATION.encode()))
         if setting:

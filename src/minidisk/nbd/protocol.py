@@ -86,8 +86,10 @@ INFO_TYPE_DESCRIPTION = 2
 INFO_TYPE_BLOCK_SIZE = 3
 
 META_BASE_ALLOCATION = "base:allocation"
+META_CONTEXT_ID = 1  # the id a minidisk server gives base:allocation on every connection
 
 MAX_STRING = 4096  # proto.md: strings MUST be at most 4096 bytes
+MAX_EXTENTS = 1 << 20  # proto.md: a server SHOULD NOT send more descriptors than this
 MAX_OPTION_DATA = 64 * 1024  # larger option payloads are a DoS; the connection is dropped
 
 # -- Transmission ---------------------------------------------------------------------------
@@ -222,6 +224,76 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     msg = message.encode()[:MAX_STRING]
     payload = CHUNK_ERROR.pack(error, len(msg)) + msg
     return chunk_header(cookie, REPLY_TYPE_ERROR, len(payload), True) + payload
+
+
+def error_reply(cookie: int, cmd: int, structured: bool, error: int, message: str) -> bytes:
+    """A failed request's reply: an error chunk where the request needs a structured reply
+    (READ, BLOCK_STATUS once negotiated), else a simple reply (which has no message)."""
+    if structured and cmd in (CMD_READ, CMD_BLOCK_STATUS):
+        return error_chunk(cookie, error, message)
+    return simple_reply(cookie, error)
+
+
+def read_reply(cookie: int, offset: int, data: memoryview, holes: list[tuple[int, int]],
+               structured: bool) -> list[bytes | memoryview]:
+    """A successful READ's reply for `data` read at `offset`. Simple: the data after the
+    header. Structured: OFFSET_DATA chunks around an OFFSET_HOLE chunk per (start, size)
+    hole (sorted, within the read), the last one DONE; NONE for a READ of 0 bytes. Data
+    goes out as views of `data`: from the buffer the device filled, never copied."""
+    if not structured:
+        return [simple_reply(cookie), data]
+    end = offset + len(data)
+    if not data:
+        return [chunk_header(cookie, REPLY_TYPE_NONE, 0, True)]
+    if not holes:  # the common case: one data chunk
+        return [chunk_header(cookie, REPLY_TYPE_OFFSET_DATA, OFFSET.size + len(data), True),
+                OFFSET.pack(offset), data]
+    parts: list[bytes | memoryview] = []
+    pos = offset
+    for start, size in holes:
+        if start > pos:
+            parts += [chunk_header(cookie, REPLY_TYPE_OFFSET_DATA, OFFSET.size + start - pos,
+                                   False),
+                      OFFSET.pack(pos), data[pos - offset:start - offset]]
+        parts += [chunk_header(cookie, REPLY_TYPE_OFFSET_HOLE, CHUNK_OFFSET_HOLE.size,
+                               start + size == end),
+                  CHUNK_OFFSET_HOLE.pack(start, size)]
+        pos = start + size
+    if pos < end:
+        parts += [chunk_header(cookie, REPLY_TYPE_OFFSET_DATA, OFFSET.size + end - pos, True),
+                  OFFSET.pack(pos), data[pos - offset:]]
+    return parts
+
+
+def max_descriptors(length: int) -> int:
+    """Descriptors one BLOCK_STATUS reply may carry: one per 512 bytes (finer extents end
+    the reply early, which the spec allows), and never more than MAX_EXTENTS."""
+    return min(MAX_EXTENTS, length // 512 + 1)
+
+
+def block_status_reply(cookie: int, offset: int, length: int,
+                       extents: list[tuple[int, int, int]], req_one: bool) -> bytes:
+    """The BLOCK_STATUS chunk for base:allocation over [offset, offset+length) from the
+    device's (offset, length, flags) extents. Descriptors stop at the first extent that is
+    not contiguous (a device bug must not produce a wrong reply), at the request's end, at
+    max_descriptors, after one with REQ_ONE, and after an extent cut to fit a u32; with
+    none known the whole range is "allocated data", which is always a safe answer."""
+    end = offset + length
+    descriptors = []
+    most = max_descriptors(length)
+    pos = offset
+    for ext_offset, ext_length, flags in extents:
+        if ext_offset != pos or ext_length <= 0:
+            break
+        size = min(ext_length, end - pos, 0xFFFFFFFF & ~511)
+        descriptors.append(BLOCK_STATUS_DESCRIPTOR.pack(size, flags & 3))
+        pos += size
+        if pos >= end or len(descriptors) >= most or req_one or size < ext_length:
+            break
+    if not descriptors:
+        descriptors.append(BLOCK_STATUS_DESCRIPTOR.pack(length, 0))
+    payload = U32.pack(META_CONTEXT_ID) + b"".join(descriptors)
+    return chunk_header(cookie, REPLY_TYPE_BLOCK_STATUS, len(payload), True) + payload
 
 
 # -- Handshake reader (server side) ---------------------------------------------------------

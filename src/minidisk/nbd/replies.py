@@ -136,6 +136,12 @@ def reply_magic(data: bytes) -> int:
     return int(magic)
 
 
+def parse_simple_reply(data: bytes) -> tuple[int, int]:
+    """A simple reply after its magic: (NBD error, cookie)."""
+    error, cookie = SIMPLE_REPLY_REST.unpack(data)
+    return int(error), int(cookie)
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkHeader:
     flags: int
@@ -158,9 +164,9 @@ _MAX_ERROR_PAYLOAD = CHUNK_ERROR.size + MAX_STRING + OFFSET.size
 class ExpectedReply:
     """What one request may receive back, and the part of it received so far.
 
-    `simple` and `chunk` check a header before its payload is read; `claim` takes a READ
-    chunk's range, `block_status` decodes extents, `finished` checks a successful reply is
-    whole. All raise ReplyError subclasses.
+    `simple` and `chunk` check a header before its payload is read; `data_chunk` and
+    `hole_chunk` decode a READ chunk and take its range (`claim`), `block_status` decodes
+    extents, `finished` checks a successful reply is whole. All raise ReplyError subclasses.
     """
 
     __slots__ = ("cmd", "offset", "length", "structured", "req_one", "_filled", "_covered",
@@ -216,6 +222,18 @@ class ExpectedReply:
                 raise BadReplyLength(f"error chunk of {n} bytes")
         else:
             raise UnexpectedReply(f"unknown chunk type {kind}")
+
+    def data_chunk(self, header: ChunkHeader, data_offset: bytes) -> tuple[int, int]:
+        """An OFFSET_DATA chunk's offset field: where in the request its data goes
+        (index, size), taken as `claim` does; the data itself follows."""
+        (offset,) = OFFSET.unpack(data_offset)
+        size = header.length - OFFSET.size
+        return self.claim(offset, size), size
+
+    def hole_chunk(self, payload: bytes) -> tuple[int, int, int]:
+        """An OFFSET_HOLE chunk: (offset, index in the request, size), taken as `claim`."""
+        offset, size = CHUNK_OFFSET_HOLE.unpack(payload)
+        return offset, self.claim(offset, size), size
 
     def claim(self, offset: int, size: int) -> int:
         """Take [offset, offset+size) for a data or hole chunk; its index in the request."""

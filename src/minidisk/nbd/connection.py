@@ -1,0 +1,632 @@
+"""One NBD connection: an asyncio `BufferedProtocol` over the sans-I/O protocol modules.
+
+The handshake's decisions are negotiation.py's, the request checks checks.py's and the
+reply bytes protocol.py's; here bytes are moved and bounds kept (research/python-stack.md
+§2): all request headers of a wakeup parsed from one receive buffer, WRITE payloads received
+straight into their own buffer, one coroutine per request stepped inline until it waits
+(inline.py), replies appended whole to one output list written once per loop iteration
+(out of order, never interleaved), and back-pressure instead of errors: reading pauses
+under write back-pressure, at MAX_INFLIGHT requests, or while the next payload does not fit
+the connection's or the server's budget (budget.py). Requests are checked before their
+buffers are allocated; a refused WRITE's payload is read into a shared buffer and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from minidisk import busypoll
+from minidisk.device.api import BlockDevice
+from minidisk.nbd import protocol as p
+from minidisk.nbd.budget import fits, payload_charge
+from minidisk.nbd.checks import MAX_DRAIN, check_request
+from minidisk.nbd.exports import Identity, OpenedExport
+from minidisk.nbd.inline import run_inline
+from minidisk.nbd.listen import drop_dead_peers, peer_identity
+from minidisk.nbd.negotiation import Action, Negotiation, Outcome, Session
+from minidisk.nbd.tls import peer_subject
+
+if TYPE_CHECKING:
+    from minidisk.nbd.server import NBDServer
+
+log = logging.getLogger(__name__)
+
+RX_BUFFER = 256 * 1024  # in transmission: many request headers per wakeup
+HANDSHAKE_RX = 4096  # before it: options are small, and idle clients cost little
+# Requests in flight per connection before parsing and reading pause: each costs a few KiB
+# (coroutine, task, a thread pool work item). nbdkit runs 16 per connection, qemu-nbd 16;
+# nbdcopy sends 64, the benchmarks 32.
+MAX_INFLIGHT = 128
+# Reply bytes one parsing pass may queue before it writes them out and, if the client is
+# not reading, stops. Without it one 256 KiB receive buffer of 32 MiB READ headers made
+# the server queue gigabytes of replies for a client that never reads them.
+MAX_QUEUED_OUT = 16 * 1024 * 1024
+HANDSHAKE_QUEUED_OUT = 64 * 1024  # the same for option replies
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: NBDServer, transport_kind: str) -> None:
+        self.server = server
+        self.kind = transport_kind
+        self.loop = asyncio.get_running_loop()
+        if server.busy_poll > 0 and server.poller is None:  # on the serving loop, once
+            server.poller = busypoll.AsyncioPoller(self.loop, server.busy_poll)
+        self.transport: asyncio.Transport | None = None
+        self.negotiation: Negotiation | None = None
+        self.handshake = p.HandshakeReader()
+        self.session: Session | None = None
+        self.export: OpenedExport | None = None
+        self.device: BlockDevice | None = None
+        self.rx = bytearray(HANDSHAKE_RX)
+        self.rx_view = memoryview(self.rx)
+        self.rx_start = self.rx_end = 0
+        self.drain = 0  # bytes of a refused WRITE's payload still to be read and dropped
+        # A WRITE whose payload is still arriving: (payload, received, request fields)
+        self.payload: bytearray | None = None
+        self.payload_view: memoryview | None = None
+        self.payload_pos = 0
+        self.payload_request: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.out: list[bytes | bytearray | memoryview] = []
+        self.out_bytes = 0
+        self.flush_scheduled = False
+        # Payload budget bytes (see minidisk.nbd.budget) this connection holds: in flight,
+        # of which `unsent` are replies queued in `out` and `held` replies in a transport
+        # buffer that is over its high-water mark (given back when it drains).
+        self.charged = self.unsent = self.held = 0
+        self.budget_blocked = False  # the next request waits for budget
+        self.inflight = 0
+        self.write_paused = False
+        self.reading_paused = False
+        self.parse_deferred = False  # requests left in rx until the client reads replies
+        self.options_deferred = False  # the same for options
+        self.busy = False  # STARTTLS or a control command in progress
+        self.disconnecting = False
+        self.shutting_down = False
+        self.closed = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Until transmission (or a control command) a client must hurry: see connection_made.
+        self.handshake_deadline: asyncio.TimerHandle | None = None
+        # A client holding budget (a WRITE payload half sent, replies it does not read) must
+        # make progress: see _watch_progress.
+        self.progress = 0.0  # loop time of its last progress
+        self.backlog = 0  # the transport's write buffer size when last looked at
+        self.stall_check: asyncio.TimerHandle | None = None
+
+    @property
+    def identity(self) -> Identity | None:
+        """The peer as proven so far (updated when TLS starts)."""
+        return self.negotiation.identity if self.negotiation is not None else None
+
+    # -- connection lifecycle --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        srv = self.server
+        if not srv.admit_connection():
+            transport.close()  # before the greeting: the client sees a clean EOF
+            return
+        sock = transport.get_extra_info("socket")
+        identity = peer_identity(sock, self.kind)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if srv.peer_timeout:
+                drop_dead_peers(sock, srv.peer_timeout)
+        if srv.handshake_timeout:
+            self.handshake_deadline = self.loop.call_later(
+                srv.handshake_timeout, self._abort,
+                f"no handshake within {srv.handshake_timeout:g} s")
+        self.negotiation = Negotiation(
+            srv.exports, identity, srv.policy, srv.tls_mode, srv.read_only,
+            control_allowed=srv.control is not None and srv.control_permitted(identity),
+        )
+        self.negotiation.shutting_down = srv.shutting_down
+        srv.connections.add(self)
+        log.debug("connection from %s", identity)
+        self._send(p.greeting())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._handshake_done()
+        if self.stall_check is not None:
+            self.stall_check.cancel()
+        if self.payload is not None:  # a WRITE whose payload never came in full
+            size = len(self.payload)
+            self.payload = self.payload_view = None
+            self._give(size)
+        self.server.budget.leave(self)
+        self.out.clear()
+        if self.unsent or self.held:  # in-flight requests give theirs back when they end
+            unsent, self.unsent, self.held = self.unsent + self.held, 0, 0
+            self._give(unsent)
+        self.server.connections.discard(self)
+        if self.export is not None:
+            self.export.close()
+        self.closed.set()
+        if exc is not None:
+            log.debug("connection lost: %s", exc)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+    def _handshake_done(self) -> None:
+        if self.handshake_deadline is not None:
+            self.handshake_deadline.cancel()
+            self.handshake_deadline = None
+
+    def _abort(self, reason: str) -> None:
+        log.warning("dropping connection: %s", reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- output --
+
+    def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        if self.transport is None:
+            return
+        self.out.extend(parts)
+        for part in parts:
+            self.out_bytes += len(part)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            out, self.out = self.out, []
+            self.out_bytes = 0
+            self.transport.writelines(out)  # calls pause_writing if it goes over high water
+            if self.server.poller is not None:  # the client's next request comes soon
+                self.server.poller.poke()
+        if self.unsent:
+            unsent, self.unsent = self.unsent, 0
+            if self.write_paused and self.transport is not None:
+                self.held += unsent  # still in memory, in the transport's buffer
+                self._watch_progress()
+            else:
+                self._give(unsent)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.progress = self.loop.time()
+        if self.held:
+            held, self.held = self.held, 0
+            self._give(held)
+        if self.parse_deferred:  # parse what is left before reading more
+            self.loop.call_soon(self._continue_parsing)
+        if self.options_deferred:
+            self.options_deferred = False
+            self.loop.call_soon(self._resume_options)
+        self._update_reading()
+
+    def budget_freed(self) -> None:
+        if self.budget_blocked:
+            self.loop.call_soon(self._continue_parsing)
+
+    def _continue_parsing(self) -> None:
+        """Parse the requests left in rx when the client fell behind or the budget ran out."""
+        if not (self.parse_deferred or self.budget_blocked):
+            return
+        self.parse_deferred = self.budget_blocked = False
+        if self.transport is None or self.session is None:
+            return
+        try:
+            self._transmission_input()
+        except p.ProtocolError as e:
+            log.warning("dropping connection: %s", e)
+            self.disconnecting = True
+            self._close()
+            return
+        if not self.budget_blocked:
+            # Not waiting for the server's budget (any more): a place kept in its queue
+            # would hold up everyone behind it, e.g. while our client does not read.
+            self.server.budget.leave(self)
+        self._update_reading()
+
+    # -- payload budget --
+
+    def _take(self, size: int) -> bool:
+        """Take `size` payload bytes, or stop parsing until they are available."""
+        srv = self.server
+        if fits(self.charged, size, srv.connection_budget) and srv.budget.take(size, self):
+            self.charged += size
+            return True
+        self.budget_blocked = True  # resumed by _give (ours) or budget_freed (the server's)
+        self._update_reading()
+        return False
+
+    def _give(self, size: int) -> None:
+        self.charged -= size
+        self.server.budget.give(size)
+        if self.budget_blocked:
+            self.loop.call_soon(self._continue_parsing)
+
+    def _watch_progress(self) -> None:
+        """Drop the client if it holds budget and makes no progress for peer_timeout: else
+        a few connections that announce large WRITEs and stop sending, or stop reading
+        their replies, would hold the server's whole budget and stall every client."""
+        timeout = self.server.peer_timeout
+        if timeout and self.stall_check is None and self.transport is not None:
+            self.progress = self.loop.time()
+            self.backlog = self.transport.get_write_buffer_size()
+            self.stall_check = self.loop.call_later(timeout, self._check_progress)
+
+    def _check_progress(self) -> None:
+        self.stall_check = None
+        transport = self.transport
+        if transport is None or not (self.payload_view is not None or self.held):
+            return
+        backlog = transport.get_write_buffer_size()
+        if backlog < self.backlog:  # the client reads, if slowly
+            self.progress = self.loop.time()
+        self.backlog = backlog
+        timeout = self.server.peer_timeout
+        idle = self.loop.time() - self.progress
+        if idle >= timeout:
+            self._abort(f"no progress for {timeout} s while holding {self.charged} bytes "
+                        "of the payload budget")
+            return
+        self.stall_check = self.loop.call_later(timeout - idle, self._check_progress)
+
+    def _update_reading(self) -> None:
+        want_pause = (self.write_paused or self.inflight >= MAX_INFLIGHT or self.busy
+                      or self.disconnecting or self.parse_deferred or self.budget_blocked)
+        if self.transport is None or want_pause == self.reading_paused:
+            return
+        self.reading_paused = want_pause
+        if want_pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # -- input --
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.payload_view is not None:
+            return self.payload_view[self.payload_pos:]
+        if self.drain:
+            return self.server.drain_view[:self.drain]
+        if len(self.rx) - self.rx_end < p.REQUEST.size:
+            # Move the unparsed tail to the front; it is always shorter than one header.
+            tail = self.rx_end - self.rx_start
+            self.rx[:tail] = self.rx[self.rx_start:self.rx_end]
+            self.rx_start, self.rx_end = 0, tail
+        return self.rx_view[self.rx_end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.drain:
+            self.drain -= nbytes  # rx is empty behind a payload: nothing else to parse
+            return
+        if self.payload_view is not None:
+            self.payload_pos += nbytes
+            self.progress = self.loop.time()
+            if self.payload_pos < len(self.payload_view):
+                return
+            payload = self.payload
+            self.payload = self.payload_view = None
+            flags, cmd, cookie, offset = self.payload_request
+            assert payload is not None
+            self._execute_now(flags, cmd, cookie, offset, len(payload), payload)
+            return
+        self.rx_end += nbytes
+        try:
+            if self.session is None:
+                self._handshake_input()
+            else:
+                self._transmission_input()
+                if self.server.poller is not None:  # a device working off the loop (a pool
+                    self.server.poller.poke()        # thread) answers soon: stay awake
+        except p.ProtocolError as e:
+            # Hang up without reading further, but after the replies already produced for
+            # the valid requests that came before the bad bytes (abort would discard them).
+            log.warning("dropping connection: %s", e)
+            self.disconnecting = True
+            self._close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    # -- handshake --
+
+    def _handshake_input(self) -> None:
+        data = self.rx_view[self.rx_start:self.rx_end]
+        self.rx_start = self.rx_end = 0
+        neg = self.negotiation
+        assert neg is not None
+        self.handshake.append(data)
+        self._next_options()
+
+    def _next_options(self) -> None:
+        """Act on the options received, one at a time: after GO the rest is transmission,
+        after STARTTLS it is TLS. Stops while the client is not reading the replies."""
+        neg = self.negotiation
+        assert neg is not None
+        while (event := self.handshake.next_event()) is not None:
+            if isinstance(event, p.ClientFlags):
+                outcome = neg.client_flags(event.flags)
+            else:
+                outcome = neg.option(event.option, event.data)
+            if self._carry_out(outcome):
+                return
+            if self.out_bytes >= HANDSHAKE_QUEUED_OUT:
+                self._flush()
+            if self.write_paused:
+                self.options_deferred = True
+                return
+
+    def _carry_out(self, outcome: Outcome) -> bool:
+        """Write the replies and act; True when no further option may be processed now."""
+        self._send(*outcome.replies)
+        neg = self.negotiation
+        assert neg is not None
+        if outcome.action is Action.CLOSE:
+            self._close()
+            return True
+        if outcome.action is Action.STARTTLS:
+            if self.handshake.buffered:
+                # Plaintext sent behind STARTTLS must never be taken as if it had come over
+                # TLS (STARTTLS command injection); the client may not pipeline here.
+                self._abort("data pipelined after STARTTLS")
+                return True
+            self._pause_for(self._start_tls())
+            return True
+        if outcome.action is Action.CONTROL:
+            # A permitted control peer (link keepers hold this connection for the whole
+            # link) is the control layer's to bound from here on.
+            self._handshake_done()
+            self._pause_for(self._control(outcome.control))
+            return True
+        if outcome.action is Action.TRANSMIT:
+            assert outcome.export is not None and neg.session is not None
+            self._handshake_done()
+            self.export = outcome.export
+            self.device = outcome.export.device
+            self.session = neg.session
+            rest = self.handshake.take_rest()  # at most one small handshake read
+            self.rx = bytearray(max(RX_BUFFER, len(rest)))
+            self.rx_view = memoryview(self.rx)
+            self.rx[:len(rest)] = rest
+            self.rx_start, self.rx_end = 0, len(rest)
+            log.debug("transmission on %r, flags %#x", self.export.name, self.session.tflags)
+            if rest:
+                self._transmission_input()
+            return True
+        return False
+
+    def _pause_for(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a handshake step that must finish before the next option is read."""
+        self.busy = True
+        self._update_reading()
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _resume_options(self) -> None:
+        self.busy = False
+        self._update_reading()
+        if self.transport is None:
+            return
+        try:  # options the client pipelined behind the one we just finished
+            self._next_options()
+        except p.ProtocolError as e:
+            self._abort(str(e))
+
+    async def _start_tls(self) -> None:
+        ctx = self.server.tls_context
+        assert ctx is not None and self.transport is not None and self.negotiation is not None
+        self._flush()
+        try:
+            transport = await self.loop.start_tls(self.transport, self, ctx, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            log.info("TLS handshake failed: %s", e)
+            self._abort("TLS handshake failed")
+            return
+        if transport is None:
+            return
+        self.transport = transport
+        self.reading_paused = False
+        neg = self.negotiation
+        neg.tls_started()
+        subject = peer_subject(transport.get_extra_info("ssl_object"))
+        neg.identity = Identity(neg.identity.transport, neg.identity.address, neg.identity.uid,
+                                neg.identity.gid, neg.identity.pid, subject, tls=True)
+        neg.control_allowed = (self.server.control is not None
+                               and self.server.control_permitted(neg.identity))
+        # The identity export policies see; logged so that it can be checked from outside.
+        log.debug("TLS established; client certificate subject %s", subject)
+        self._resume_options()
+
+    async def _control(self, request: bytes) -> None:
+        neg = self.negotiation
+        assert neg is not None and self.server.control is not None
+        result = await self.server.control(neg.identity, request)
+        self._send(p.option_reply(p.OPT_MINIDISK_CONTROL, p.REP_MINIDISK_RESULT, result))
+        self._resume_options()
+
+    # -- transmission --
+
+    def _transmission_input(self) -> None:
+        rx, pos, end = self.rx, self.rx_start, self.rx_end
+        unpack = p.REQUEST.unpack_from
+        while end - pos >= p.REQUEST.size and not self.disconnecting:
+            if self.out_bytes >= MAX_QUEUED_OUT:
+                self._flush()  # the transport calls pause_writing if it backs up
+            if self.write_paused or self.inflight >= MAX_INFLIGHT:
+                # The client is not reading, or is far ahead: the rest waits in rx (each
+                # request in flight costs a coroutine, and rx holds 9000 headers).
+                self.parse_deferred = True
+                self._update_reading()
+                break
+            magic, flags, cmd, cookie, offset, length = unpack(rx, pos)
+            if magic != p.REQUEST_MAGIC:
+                raise p.ProtocolError(f"bad request magic {magic:#x}")
+            if cmd == p.CMD_DISC:
+                pos += p.REQUEST.size
+                log.debug("client sent DISC")
+                self.disconnecting = True
+                self._update_reading()
+                self._maybe_finish()
+                break
+            # Checked before anything is allocated for it.
+            err, reason = self._check(cmd, flags, offset, length)
+            charge = payload_charge(cmd, length)
+            if not err and charge and not self._take(charge):
+                break  # the header stays in rx until the budget has room
+            pos += p.REQUEST.size
+            if err:
+                if cmd == p.CMD_WRITE and length > MAX_DRAIN:
+                    raise p.ProtocolError(f"WRITE payload of {length} bytes")
+                log.debug("%s refused: %s", p.CMD_NAMES.get(cmd, cmd), reason)
+                self._fail(cookie, cmd, err, reason)
+                if cmd == p.CMD_WRITE:  # its payload is read and dropped, never stored
+                    skip = min(end - pos, length)
+                    pos += skip
+                    if skip < length:
+                        self.drain = length - skip
+                        break
+                continue
+            if cmd != p.CMD_WRITE:
+                self._execute_now(flags, cmd, cookie, offset, length, None)
+                continue
+            payload = bytearray(length)
+            have = min(end - pos, length)
+            payload[:have] = rx[pos:pos + have]
+            pos += have
+            if have < length:
+                self.payload, self.payload_view = payload, memoryview(payload)
+                self.payload_pos = have
+                self.payload_request = (flags, cmd, cookie, offset)
+                self._watch_progress()
+                break
+            self._execute_now(flags, cmd, cookie, offset, length, payload)
+        if pos == end:
+            pos = end = 0
+        self.rx_start, self.rx_end = pos, end
+
+    def _check(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
+        session, device = self.session, self.device
+        assert session is not None and device is not None
+        if self.shutting_down:
+            return p.NBD_ESHUTDOWN, "server is shutting down"
+        return check_request(session, device, cmd, flags, offset, length)
+
+    def _execute_now(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                     payload: bytearray | None) -> None:
+        """Run a checked request: inline until it first waits, then as a task."""
+        device = self.device
+        assert device is not None
+        self.inflight += 1
+        if self.inflight >= MAX_INFLIGHT:
+            self._update_reading()
+        run_inline(self.loop, self._execute(device, flags, cmd, cookie, offset, length,
+                                            payload), self.tasks)
+
+    async def _execute(self, device: BlockDevice, flags: int, cmd: int, cookie: int,
+                       offset: int, length: int, payload: bytearray | None) -> None:
+        fua = bool(flags & p.CMD_FLAG_FUA)
+        charge = payload_charge(cmd, length)  # what _transmission_input took
+        try:
+            if cmd == p.CMD_READ:
+                await self._read(device, flags, cookie, offset, length)
+                if self.transport is not None:  # the reply buffer now waits in `out`
+                    self.unsent += charge
+                    charge = 0
+                return
+            if cmd == p.CMD_BLOCK_STATUS:
+                size = await self._block_status(device, flags, cookie, offset, length)
+                if self.transport is not None:  # the reply is smaller than the reserve
+                    self.unsent += size
+                    charge -= size
+                return
+            if cmd == p.CMD_WRITE:
+                assert payload is not None
+                if length:
+                    await device.pwrite(memoryview(payload), offset, fua)
+            elif cmd == p.CMD_FLUSH:
+                await device.flush()
+            elif cmd == p.CMD_TRIM:
+                if length:
+                    await device.trim(offset, length, fua)
+            elif cmd == p.CMD_WRITE_ZEROES:
+                if length:
+                    await device.zero(offset, length, not flags & p.CMD_FLAG_NO_HOLE,
+                                      bool(flags & p.CMD_FLAG_FAST_ZERO), fua)
+            elif cmd == p.CMD_CACHE:
+                if length:
+                    await device.cache(offset, length)
+            self._ok(cookie)
+        except OSError as e:
+            self._fail(cookie, cmd, p.nbd_error(e.errno), e.strerror or str(e))
+        except Exception as e:
+            log.exception("%s failed in %s", p.CMD_NAMES[cmd], device.describe())
+            self._fail(cookie, cmd, p.NBD_EIO, f"internal error: {type(e).__name__}")
+        finally:
+            if charge:
+                self._give(charge)
+            self.inflight -= 1
+            if self.inflight == MAX_INFLIGHT - 1 or self.inflight == 0:
+                if self.parse_deferred and not self.write_paused:
+                    self.loop.call_soon(self._continue_parsing)
+                self._update_reading()
+                self._maybe_finish()
+
+    def _ok(self, cookie: int) -> None:
+        # Only READ and BLOCK_STATUS need structured replies; the rest may stay simple.
+        self._send(p.simple_reply(cookie))
+
+    def _fail(self, cookie: int, cmd: int, error: int, message: str) -> None:
+        session = self.session
+        assert session is not None
+        self._send(p.error_reply(cookie, cmd, session.structured, error, message))
+
+    async def _read(self, device: BlockDevice, flags: int, cookie: int, offset: int,
+                    length: int) -> None:
+        session = self.session
+        assert session is not None
+        view = memoryview(bytearray(length))
+        holes: list[tuple[int, int]] = []
+        if not length:
+            pass
+        elif not session.structured or flags & p.CMD_FLAG_DF or not device.caps.extents:
+            await device.pread(view, offset)
+        else:  # holes are not read at all: they go out as OFFSET_HOLE chunks
+            holes = await device.pread_sparse(view, offset)
+        self._send(*p.read_reply(cookie, offset, view, holes, session.structured))
+
+    async def _block_status(self, device: BlockDevice, flags: int, cookie: int, offset: int,
+                            length: int) -> int:
+        """Send the reply; return its size (at most payload_charge(BLOCK_STATUS, length))."""
+        extents = await device.extents(offset, length) if device.caps.extents else []
+        reply = p.block_status_reply(cookie, offset, length,
+                                     [(e.offset, e.length, e.flags) for e in extents],
+                                     bool(flags & p.CMD_FLAG_REQ_ONE))
+        self._send(reply)
+        return len(reply) - p.CHUNK.size
+
+    # -- shutdown --
+
+    def begin_shutdown(self) -> None:
+        """Finish in-flight requests; answer new ones with ESHUTDOWN; then hang up."""
+        self.shutting_down = True
+        if self.negotiation is not None:
+            self.negotiation.shutting_down = True
+        if self.session is None:
+            if not self.busy:
+                self._close()
+            return
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if (self.disconnecting or self.shutting_down) and self.inflight == 0:
+            self._close()
