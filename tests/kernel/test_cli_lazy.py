@@ -56,3 +56,16 @@ def test_lazy_group_runs_the_command() -> None:
     unknown = subprocess.run([sys.executable, "-m", "minidisk", "no-such-command"],
                              capture_output=True, text=True, timeout=30)
     assert unknown.returncode == 2 and "No such command 'no-such-command'" in unknown.stderr
+
+
+BACKENDS = ("minidisk.kernel.nbdkernel", "minidisk.kernel.fuseloop", "minidisk.kernel.persist",
+            "minidisk.kernel.handshake", "minidisk.nbd.client_negotiation")
+
+
+@pytest.mark.parametrize("argv", [("attach", "--help"), ("detach", "--help"),
+                                  ("detach", "/dev/no-such-device")])
+def test_attach_help_and_a_failing_detach_import_no_backend(argv: tuple[str, ...]) -> None:
+    """The backends are imported when a device is attached or detached, not to print help or
+    to refuse a device that is not there (nor does detach ever need the handshake)."""
+    loaded = modules_after(*argv)
+    assert sorted(m for m in loaded if m in BACKENDS) == []

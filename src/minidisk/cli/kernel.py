@@ -5,9 +5,7 @@ from __future__ import annotations
 import click
 
 from minidisk import kernel
-from minidisk.kernel import nbdkernel
-
-DEFAULT_PERSIST_WAIT = 300  # kernel/persist.py's DEFAULT_WAIT; not imported: keep --help cheap
+from minidisk.kernel.defaults import DEFAULT_PERSIST_WAIT, DEFAULT_TIMEOUT, MAX_CONNECTIONS
 
 
 @click.command()
@@ -15,19 +13,19 @@ DEFAULT_PERSIST_WAIT = 300  # kernel/persist.py's DEFAULT_WAIT; not imported: ke
 @click.option("--read-only", "-r", is_flag=True, help="Attach read-only.")
 @click.option("--method", type=click.Choice(kernel.METHODS), default="auto", show_default=True,
               help="Kernel nbd (netlink, ioctl) or nbdfuse + loop; auto picks the best here.")
-@click.option("--connections", "-C", type=click.IntRange(1, nbdkernel.MAX_CONNECTIONS),
+@click.option("--connections", "-C", type=click.IntRange(1, MAX_CONNECTIONS),
               help="Kernel nbd: NBD connections, for a server that allows multi-conn "
                    "(as nbd-client -C; default 1).")
 @click.option("--timeout", "-t", type=click.IntRange(0), metavar="SECONDS",
               help="Kernel nbd: a request the server leaves unanswered this long fails, with "
                    f"every later one (as nbd-client -t; 0 waits forever; default "
-                   f"{nbdkernel.DEFAULT_TIMEOUT}).")
+                   f"{DEFAULT_TIMEOUT}).")
 @click.option("--persist", "-p", is_flag=True,
               help="Kernel nbd (netlink): when the server goes away, reconnect once it is back "
                    "(as nbd-client -persist); I/O waits for it meanwhile.")
 @click.option("--persist-wait", type=click.IntRange(1), metavar="SECONDS",
               help="With --persist: how long I/O waits for the server to come back before it "
-                   "fails (default 300).")
+                   f"fails (default {DEFAULT_PERSIST_WAIT}).")
 @click.option("--list", "-l", "list_", is_flag=True,
               help="List what minidisk attached: device, method, helper pid, URI.")
 def attach(uri: str | None, read_only: bool, method: str, connections: int | None,

@@ -11,14 +11,20 @@ from __future__ import annotations
 import os
 import stat
 
-from minidisk.kernel import fuseloop, nbdkernel, state
+from minidisk.kernel import state
+from minidisk.kernel.defaults import DEFAULT_TIMEOUT
 from minidisk.kernel.errors import AttachError, NotAttachedError
 from minidisk.kernel.uri import NbdUri, parse_nbd_uri
 
 METHODS = ("auto", "netlink", "ioctl", "nbdfuse")
 
 
+# The backends are imported where used: a command pays for every module it imports (most in
+# a TCG guest), and detach needs one backend, --help none.
+
 def choose_method(uri: NbdUri, method: str = "auto") -> str:
+    from minidisk.kernel import fuseloop, nbdkernel
+
     if method not in METHODS:
         raise AttachError(f"unknown attach method {method!r}; use one of {', '.join(METHODS)}")
     if method != "auto":
@@ -41,7 +47,7 @@ def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
     With `connect_as` (uid, gid) the NBD connections are made by a process of that identity
     (the server then admits whom that user's link admits, not root): only nbdfuse can, as
     the kernel's own client connects from this process. `connections` (default 1) and
-    `timeout` (seconds, default nbdkernel.DEFAULT_TIMEOUT) are kernel nbd's, as nbd-client's
+    `timeout` (seconds, default DEFAULT_TIMEOUT) are kernel nbd's, as nbd-client's
     -C and -t. `persist_wait` (seconds) makes the device outlive a restart of its server
     (persist.py): I/O waits that long for the server to come back.
 
@@ -55,10 +61,14 @@ def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
         if connections is not None or timeout is not None or persist_wait is not None:
             raise AttachError("--connections, --timeout and --persist are kernel nbd's; "
                               "nbdfuse was chosen (give --method netlink or ioctl)")
+        from minidisk.kernel import fuseloop
+
         return fuseloop.attach(uri, read_only, connect_as)
+    from minidisk.kernel import nbdkernel
+
     return nbdkernel.attach(uri, read_only, use_netlink=chosen == "netlink",
                             connections=1 if connections is None else connections,
-                            timeout=nbdkernel.DEFAULT_TIMEOUT if timeout is None else timeout,
+                            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
                             persist_wait=persist_wait)
 
 
@@ -82,6 +92,10 @@ def detach(device: str) -> None:
     """Take down an attachment made by `attach`, in order; safe to repeat after a failure."""
     with state.locked(device_name(device)) as attachment:
         if attachment.method == "nbdfuse":
+            from minidisk.kernel import fuseloop
+
             fuseloop.detach(attachment)
         else:
+            from minidisk.kernel import nbdkernel
+
             nbdkernel.detach(attachment)

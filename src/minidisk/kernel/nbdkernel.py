@@ -20,21 +20,21 @@ import secrets
 import signal
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from minidisk.kernel import persist, state
+from minidisk.kernel import state
 from minidisk.kernel.commands import Helper, wait_until
+from minidisk.kernel.defaults import DEFAULT_TIMEOUT, KEEPER
 from minidisk.kernel.errors import AttachError, DetachError
-from minidisk.kernel.handshake import Negotiated, connect
 from minidisk.kernel.mount import refuse_if_in_use
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32, attr_u64
 from minidisk.kernel.uri import NbdUri
 from minidisk.nbd.protocol import TFLAG_READ_ONLY
 from minidisk.privatedir import private_dir
 
-# Seconds before the kernel gives up on a request the server never answered and fails it (and
-# every later one) with EIO; 0 waits forever, as nbd-client does without -t.
-DEFAULT_TIMEOUT = 60
-MAX_CONNECTIONS = 64  # nbd-client -C has no limit; each one is a socket and a kernel thread
+if TYPE_CHECKING:  # imported where used: `detach` needs neither the handshake nor persist
+    from minidisk.kernel.handshake import Negotiated
+
 
 # nbd-netlink.h
 NBD_CMD_CONNECT = 1
@@ -77,6 +77,8 @@ def available() -> str | None:
 
 def _connect_all(uri: NbdUri, connections: int) -> list[Negotiated]:
     """`connections` negotiated sockets to the export; more than one only with multi-conn."""
+    from minidisk.kernel.defaults import MAX_CONNECTIONS
+    from minidisk.kernel.handshake import connect
     if not 1 <= connections <= MAX_CONNECTIONS:
         raise AttachError(f"--connections {connections}: give 1 to {MAX_CONNECTIONS}")
     links = [connect(uri)]
@@ -125,6 +127,8 @@ def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
     identifier = f"minidisk-{secrets.token_hex(6)}"
     sockets = [attr_nested(NBD_SOCK_ITEM, [attr_u32(NBD_SOCK_FD, link.sock.fileno())])
                for link in links]
+    from minidisk.kernel import persist  # here: only attach needs it
+
     events = persist.subscribe() if persist_wait is not None else None
     attachment: state.Attachment | None = None
     try:
@@ -256,7 +260,7 @@ def _connected(attachment: state.Attachment) -> bool:
 def detach(attachment: state.Attachment) -> None:
     device = attachment.device
     # A keeper first: it must not hand the kernel a new socket while we take the device down.
-    for keeper in [h for h in attachment.helpers if h.name == persist.KEEPER]:
+    for keeper in [h for h in attachment.helpers if h.name == KEEPER]:
         try:
             keeper.stop(0.0)
         except (TimeoutError, PermissionError) as e:

@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minidisk.kernel.commands import Helper
+from minidisk.kernel.defaults import KEEPER
 from minidisk.kernel.errors import AttachError
 from minidisk.kernel.handshake import Negotiated, connect
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32
 from minidisk.nbd.uri import NBDURI
 
-KEEPER = "nbd-keeper"  # the Helper name, so detach stops it before it disconnects
 MULTICAST_GROUP = "nbd_mc_group"  # NBD_GENL_MCAST_GROUP_NAME
-DEFAULT_WAIT = 300  # seconds I/O waits for the server to come back (--persist-wait)
 POLL = 5.0  # seconds between checks that the device is still ours, when nothing happens
 FIRST_RETRY, LAST_RETRY = 0.1, 5.0  # back-off between reconnect attempts, seconds
 
