@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from minidisk.nbd import client_negotiation as cn
 from minidisk.nbd import protocol as p
 from minidisk.nbd import replies as r
-from minidisk.nbd.blocking import negotiate
+from minidisk.nbd.blocking import negotiate, open_socket
 from minidisk.nbd.exports import Identity
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
@@ -155,16 +155,11 @@ def _reply_error(err: int, message: str) -> bytes:
 
 def connect(url: str, timeout: float = 30.0) -> socket.socket:
     address = parse_url(url)
+    if address.kind not in ("unix", "tcp"):
+        raise ControlError(errno.EINVAL, f"cannot reach a server at {url}")
+    host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
     try:
-        if address.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(address.path)
-        elif address.kind == "tcp":
-            host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
-            sock = socket.create_connection((host, address.port), timeout=timeout)
-        else:
-            raise ControlError(errno.EINVAL, f"cannot reach a server at {url}")
+        sock = open_socket(address.kind, address.path, host, address.port, timeout)
     except OSError as e:
         raise ControlError(e.errno or errno.EIO,
                            f"cannot connect to {url}: {e.strerror or e}") from None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from minidisk.kernel.errors import AttachError
 from minidisk.kernel.uri import NbdUri
 from minidisk.nbd import client_negotiation as cn
-from minidisk.nbd.blocking import negotiate
+from minidisk.nbd.blocking import negotiate, open_socket
 from minidisk.nbd.protocol import TFLAG_CAN_MULTI_CONN, TFLAG_READ_ONLY
 from minidisk.nbd.replies import ReplyError
 
@@ -45,16 +45,10 @@ def connect(uri: NbdUri, timeout: float = 30.0) -> Negotiated:
         raise AttachError(f"{uri}: kernel nbd cannot use TLS; attach with --method nbdfuse")
     if uri.timeout is not None:
         timeout = uri.timeout
+    if uri.transport not in ("unix", "tcp"):
+        raise AttachError(f"{uri}: kernel nbd attach supports tcp and unix sockets only")
     try:
-        if uri.transport == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(uri.socket)
-        elif uri.transport == "tcp":
-            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            raise AttachError(f"{uri}: kernel nbd attach supports tcp and unix sockets only")
+        sock = open_socket(uri.transport, uri.socket, uri.host, uri.port, timeout)
     except OSError as e:
         raise AttachError(f"cannot connect to {uri}: {e.strerror or e}") from None
     neg = cn.ClientNegotiation(uri.export, export_name_fallback=True)

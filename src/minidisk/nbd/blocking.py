@@ -1,4 +1,5 @@
-"""A client negotiation driven over a blocking socket (kernel attach, the control client).
+"""Clients over blocking sockets (kernel attach, the control client): connecting, and a
+client negotiation driven over the socket.
 
 Every read of one `negotiate` call counts against one deadline, so that a server sending a
 byte now and then cannot hold the caller longer than its timeout; reads are exactly what
@@ -13,6 +14,24 @@ import socket
 import time
 
 from minidisk.nbd.client_negotiation import ClientNegotiation, Event
+
+
+def open_socket(transport: str, path: str, host: str, port: int,
+                timeout: float) -> socket.socket:
+    """A blocking stream socket connected to a unix `path` or a TCP `host`:`port` (with
+    TCP_NODELAY: options and requests are small); OSError as connect raises it."""
+    if transport == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def negotiate(neg: ClientNegotiation, sock: socket.socket, deadline: float | None) -> Event:
