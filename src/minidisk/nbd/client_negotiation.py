@@ -250,7 +250,7 @@ class ClientNegotiation:
                 return None
             return self._finished(self._replies)
         assert self.state is State.EXPORT_NAME
-        size, tflags = p.EXPORT_NAME_REPLY.unpack(self._take(self._need()))
+        size, tflags = p.EXPORT_NAME_REPLY.unpack_from(self._take(self._need()))  # + zeroes
         self.state = State.TRANSMISSION
         return Negotiated(size, tflags, None, self.structured, self.context_id)
 
