@@ -58,9 +58,11 @@ def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
     if connect_as is not None and method not in ("auto", "nbdfuse"):
         raise AttachError(f"attach method {method} cannot connect as another user")
     if chosen == "nbdfuse":
-        if connections is not None or timeout is not None or persist_wait is not None:
-            raise AttachError("--connections, --timeout and --persist are kernel nbd's; "
-                              "nbdfuse was chosen (give --method netlink or ioctl)")
+        given = [name for name, value in (("--connections", connections), ("--timeout", timeout),
+                                          ("--persist", persist_wait)) if value is not None]
+        if given:
+            raise AttachError(f"{' and '.join(given)}: kernel nbd's only; nbdfuse was chosen "
+                              "(give --method netlink or ioctl)")
         from minidisk.kernel import fuseloop
 
         return fuseloop.attach(uri, read_only, connect_as)
