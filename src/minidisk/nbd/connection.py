@@ -14,6 +14,7 @@ buffers are allocated; a refused WRITE's payload is read into a shared buffer an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -342,8 +343,6 @@ class Connection(asyncio.BufferedProtocol):
     def _handshake_input(self) -> None:
         data = self.rx_view[self.rx_start:self.rx_end]
         self.rx_start = self.rx_end = 0
-        neg = self.negotiation
-        assert neg is not None
         self.handshake.append(data)
         self._next_options()
 
@@ -439,8 +438,7 @@ class Connection(asyncio.BufferedProtocol):
         neg = self.negotiation
         neg.tls_started()
         subject = peer_subject(transport.get_extra_info("ssl_object"))
-        neg.identity = Identity(neg.identity.transport, neg.identity.address, neg.identity.uid,
-                                neg.identity.gid, neg.identity.pid, subject, tls=True)
+        neg.identity = dataclasses.replace(neg.identity, subject=subject, tls=True)
         neg.control_allowed = (self.server.control is not None
                                and self.server.control_permitted(neg.identity))
         # The identity export policies see; logged so that it can be checked from outside.

@@ -2,7 +2,7 @@
 
 One `Negotiation` per connection. It knows the TLS policy, the export source and the
 peer's identity, and it decides every option reply. It performs no I/O: the connection
-(server.py) writes the replies it returns and carries out its `action` (close, start TLS,
+(connection.py) writes the replies it returns and carries out its `action` (close, start TLS,
 enter transmission). OPT_INFO and OPT_GO share one code path so that they can never
 disagree (nbd-server 3.24 reported size 0 on INFO; proto.md requires identical answers).
 """
