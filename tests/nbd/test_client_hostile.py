@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -322,6 +323,20 @@ def test_kernel_handshake_with_a_silent_server_times_out(hostile: Hostile) -> No
     server = hostile(greet=False)
     with pytest.raises(AttachError, match="timed out"):
         kernel_connect(parse_nbd_uri(server.uri), timeout=1)
+
+
+def test_kernel_handshake_takes_the_uris_timeout(hostile: Hostile) -> None:
+    """?timeout= bounds the attach handshake too (else 30 s, past the guard)."""
+    server = hostile(greet=False)
+    started = time.monotonic()
+    with pytest.raises(AttachError, match="timed out"):
+        kernel_connect(parse_nbd_uri(f"{server.uri}&timeout=1"))
+    assert time.monotonic() - started < HANG_GUARD
+
+
+def test_remote_export_over_vsock_is_refused() -> None:
+    with pytest.raises(ValueError, match="tcp or a unix socket"):
+        asyncio.run(RemoteDevice.connect("nbd+vsock://3/x"))
 
 
 # -- the control client -----------------------------------------------------------------------
