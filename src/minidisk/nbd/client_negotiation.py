@@ -44,8 +44,6 @@ from minidisk.nbd.replies import (
     parse_meta_context_reply,
 )
 
-EXPORT_NAME_ZEROES = 124  # the padding after an EXPORT_NAME reply, unless NO_ZEROES
-
 
 class State(enum.Enum):
     GREETING = "greeting"  # reading the server's greeting
@@ -226,7 +224,7 @@ class ClientNegotiation:
         if self.state is State.REPLY_DATA:
             return self._length
         if self.state is State.EXPORT_NAME:
-            return p.EXPORT_NAME_REPLY.size + (0 if self.no_zeroes else EXPORT_NAME_ZEROES)
+            return p.EXPORT_NAME_REPLY.size + (0 if self.no_zeroes else p.EXPORT_NAME_ZEROES)
         return 0
 
     def _take(self, n: int) -> bytes:

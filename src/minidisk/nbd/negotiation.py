@@ -198,7 +198,7 @@ class Negotiation:
         tflags = transmission_flags(export, read_only, self.structured)
         reply = p.EXPORT_NAME_REPLY.pack(export.device.size, tflags)
         if not self.no_zeroes:
-            reply += bytes(124)
+            reply += bytes(p.EXPORT_NAME_ZEROES)
         self._enter(export, tflags)
         return Outcome([reply], Action.TRANSMIT, export)
 

@@ -43,6 +43,8 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")
 """Reply to OPT_EXPORT_NAME: size u64, transmission flags u16 (+124 zero bytes unless
 the client set NO_ZEROES)."""
 
+EXPORT_NAME_ZEROES = 124  # the padding after an EXPORT_NAME reply, unless NO_ZEROES
+
 INFO_EXPORT = struct.Struct(">HQH")
 """NBD_INFO_EXPORT: info type u16 (0), size u64, transmission flags u16."""
 
