@@ -14,7 +14,7 @@ from minidisk.kernel.errors import (
     NotAttachedError,
 )
 from minidisk.kernel.state import Attachment, attachments
-from minidisk.kernel.uri import NbdUri, parse_nbd_uri
+from minidisk.kernel.uri import parse_nbd_uri
 
 __all__ = [
     "METHODS",
@@ -24,7 +24,6 @@ __all__ = [
     "CommandError",
     "DetachError",
     "KernelError",
-    "NbdUri",
     "NotAttachedError",
     "attach",
     "attachments",

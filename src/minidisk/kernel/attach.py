@@ -14,7 +14,8 @@ import stat
 from minidisk.kernel import state
 from minidisk.kernel.defaults import DEFAULT_TIMEOUT
 from minidisk.kernel.errors import AttachError, NotAttachedError
-from minidisk.kernel.uri import NbdUri, parse_nbd_uri
+from minidisk.kernel.uri import parse_nbd_uri
+from minidisk.nbd.uri import NBDURI
 
 METHODS = ("auto", "netlink", "ioctl", "nbdfuse")
 
@@ -22,7 +23,7 @@ METHODS = ("auto", "netlink", "ioctl", "nbdfuse")
 # The backends are imported where used: a command pays for every module it imports (most in
 # a TCG guest), and detach needs one backend, --help none.
 
-def choose_method(uri: NbdUri, method: str = "auto") -> str:
+def choose_method(uri: NBDURI, method: str = "auto") -> str:
     from minidisk.kernel import fuseloop, nbdkernel
 
     if method not in METHODS:

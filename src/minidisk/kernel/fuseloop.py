@@ -41,7 +41,7 @@ from minidisk.kernel import state
 from minidisk.kernel.commands import Helper, run, wait_until
 from minidisk.kernel.errors import AttachError, CommandError, DetachError
 from minidisk.kernel.mount import mounted_at, refuse_if_in_use
-from minidisk.kernel.uri import NbdUri
+from minidisk.nbd.uri import NBDURI
 from minidisk.privatedir import private_dir
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def available() -> bool:
 
 
 
-def attach(uri: NbdUri, read_only: bool,
+def attach(uri: NBDURI, read_only: bool,
            connect_as: tuple[int, int] | None = None) -> state.Attachment:
     workdir = private_dir(state.state_dir()) / secrets.token_hex(6)
     workdir.mkdir(mode=0o700)
@@ -103,7 +103,7 @@ def attach(uri: NbdUri, read_only: bool,
         raise
 
 
-def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path,
+def _start_nbdfuse(uri: NBDURI, read_only: bool, workdir: Path, backing: Path,
                    connect_as: tuple[int, int] | None) -> Helper:
     pidfile = workdir / "nbdfuse.pid"
     logfile = workdir / "nbdfuse.log"
@@ -139,7 +139,7 @@ def _start_nbdfuse(uri: NbdUri, read_only: bool, workdir: Path, backing: Path,
     return helper
 
 
-def _nbdfuse_target(uri: NbdUri, read_only: bool,
+def _nbdfuse_target(uri: NBDURI, read_only: bool,
                     connect_as: tuple[int, int] | None = None) -> list[str]:
     """What nbdfuse connects to. libnbd 1.14 (nbdfuse, and nbdkit's nbd plugin) refuses URIs
     that name local files (`tls-certificates=`, `tls-psk-file=`: "local file access ... is

@@ -13,15 +13,15 @@ import time
 from dataclasses import dataclass
 
 from minidisk.kernel.errors import AttachError
-from minidisk.kernel.uri import NbdUri
 from minidisk.nbd import client_negotiation as cn
 from minidisk.nbd.blocking import negotiate, open_socket
 from minidisk.nbd.protocol import TFLAG_CAN_MULTI_CONN, TFLAG_READ_ONLY
 from minidisk.nbd.replies import ReplyError
+from minidisk.nbd.uri import NBDURI
 
 
 @dataclass
-class Negotiated:
+class KernelSocket:
     """A socket negotiated for kernel nbd, and what the kernel is to be told about it."""
 
     sock: socket.socket
@@ -38,7 +38,7 @@ class Negotiated:
         return bool(self.flags & TFLAG_CAN_MULTI_CONN)
 
 
-def connect(uri: NbdUri, timeout: float = 30.0) -> Negotiated:
+def connect(uri: NBDURI, timeout: float = 30.0) -> KernelSocket:
     """Open a socket to `uri`'s server and negotiate its export; errors are AttachError.
     The whole handshake is bounded by `timeout`, or by the URI's ?timeout= if it has one."""
     if uri.tls:
@@ -67,7 +67,7 @@ def connect(uri: NbdUri, timeout: float = 30.0) -> Negotiated:
     assert isinstance(event, cn.Negotiated)  # the plan ends in GO (or EXPORT_NAME)
     sock.settimeout(None)  # the kernel expects a blocking socket
     minimum = event.block_size[0] if event.block_size is not None else 512
-    return Negotiated(sock, event.size, event.tflags, _kernel_block_size(minimum))
+    return KernelSocket(sock, event.size, event.tflags, _kernel_block_size(minimum))
 
 
 def _kernel_block_size(minimum: int) -> int:

@@ -28,12 +28,12 @@ from minidisk.kernel.defaults import DEFAULT_TIMEOUT, KEEPER
 from minidisk.kernel.errors import AttachError, DetachError
 from minidisk.kernel.mount import refuse_if_in_use
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32, attr_u64
-from minidisk.kernel.uri import NbdUri
 from minidisk.nbd.protocol import TFLAG_READ_ONLY
+from minidisk.nbd.uri import NBDURI
 from minidisk.privatedir import private_dir
 
 if TYPE_CHECKING:  # imported where used: `detach` needs neither the handshake nor persist
-    from minidisk.kernel.handshake import Negotiated
+    from minidisk.kernel.handshake import KernelSocket
 
 
 # nbd-netlink.h
@@ -75,7 +75,7 @@ def available() -> str | None:
         return "ioctl" if os.path.exists("/dev/nbd0") else None
 
 
-def _connect_all(uri: NbdUri, connections: int) -> list[Negotiated]:
+def _connect_all(uri: NBDURI, connections: int) -> list[KernelSocket]:
     """`connections` negotiated sockets to the export; more than one only with multi-conn."""
     from minidisk.kernel.defaults import MAX_CONNECTIONS
     from minidisk.kernel.handshake import connect
@@ -97,7 +97,7 @@ def _connect_all(uri: NbdUri, connections: int) -> list[Negotiated]:
     return links
 
 
-def attach(uri: NbdUri, read_only: bool, *, use_netlink: bool, connections: int = 1,
+def attach(uri: NBDURI, read_only: bool, *, use_netlink: bool, connections: int = 1,
            timeout: int = DEFAULT_TIMEOUT, persist_wait: int | None = None) -> state.Attachment:
     """`persist_wait` (seconds) keeps the device through server restarts (persist.py)."""
     if timeout < 0:
@@ -122,7 +122,7 @@ def attach(uri: NbdUri, read_only: bool, *, use_netlink: bool, connections: int 
             link.sock.close()
 
 
-def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
+def _attach_netlink(uri: NBDURI, read_only: bool, links: list[KernelSocket],
                     flags: int, timeout: int, persist_wait: int | None) -> state.Attachment:
     identifier = f"minidisk-{secrets.token_hex(6)}"
     sockets = [attr_nested(NBD_SOCK_ITEM, [attr_u32(NBD_SOCK_FD, link.sock.fileno())])
@@ -171,7 +171,7 @@ def _attach_netlink(uri: NbdUri, read_only: bool, links: list[Negotiated],
     return attachment
 
 
-def _attach_ioctl(uri: NbdUri, read_only: bool, links: list[Negotiated],
+def _attach_ioctl(uri: NBDURI, read_only: bool, links: list[KernelSocket],
                   flags: int, timeout: int) -> state.Attachment:
     # By number, not by count: netlink's DESTROY_ON_DISCONNECT leaves gaps (nbd0 gone, nbd1 on).
     indexes = sorted(int(p.name[3:]) for p in Path("/sys/block").glob("nbd*")

@@ -34,7 +34,7 @@ from pathlib import Path
 from minidisk.kernel.commands import Helper
 from minidisk.kernel.defaults import KEEPER
 from minidisk.kernel.errors import AttachError
-from minidisk.kernel.handshake import Negotiated, connect
+from minidisk.kernel.handshake import KernelSocket, connect
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32
 from minidisk.nbd.uri import NBDURI
 
@@ -62,10 +62,10 @@ class Export:
     block_size: int
 
     @classmethod
-    def of(cls, link: Negotiated) -> Export:
+    def of(cls, link: KernelSocket) -> Export:
         return cls(link.size, link.flags, link.block_size)
 
-    def mismatch(self, link: Negotiated) -> str | None:
+    def mismatch(self, link: KernelSocket) -> str | None:
         for what, ours, theirs in (("size", self.size, link.size),
                                    ("transmission flags", self.flags, link.flags),
                                    ("block size", self.block_size, link.block_size)):
@@ -119,7 +119,7 @@ class Keeper:
 
     def __init__(self, events: GenericNetlink, family: int, uri: NBDURI, index: int,
                  identifier: str, export: Export,
-                 connect_: Callable[[NBDURI], Negotiated] = connect) -> None:
+                 connect_: Callable[[NBDURI], KernelSocket] = connect) -> None:
         self.events, self.family, self.uri = events, family, uri
         self.index, self.identifier, self.export = index, identifier, export
         self.connect = connect_

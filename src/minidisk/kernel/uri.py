@@ -1,4 +1,4 @@
-"""NBD URIs for attach: minidisk.nbd.uri's one type and parser, its error a KernelError.
+"""NBD URIs for attach: minidisk.nbd.uri's one parser, its error a KernelError.
 
 attach connects kernel nbd sockets itself (tcp, unix) and hands nbdfuse the URI's text, with
 a relative unix socket path made absolute (nbdfuse runs with cwd "/" and outlives us).
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from minidisk.kernel.errors import BadUriError
 from minidisk.nbd.uri import NBDURI, BadURI
-
-NbdUri = NBDURI  # the kernel package's spelling of the one URI type
 
 
 def parse_nbd_uri(text: str) -> NBDURI:
