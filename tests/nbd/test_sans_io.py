@@ -86,7 +86,7 @@ def test_go_with_structured_replies_and_base_allocation() -> None:
     assert isinstance(event, cn.Negotiated)
     assert (event.size, event.block_size) == (1 << 20, (512, 4096, BlockSize().maximum))
     assert event.structured and event.context_id == p.META_CONTEXT_ID
-    assert event.tflags & p.TFLAG_SEND_DF and not event.read_only
+    assert event.tflags & p.TFLAG_SEND_DF and not event.tflags & p.TFLAG_READ_ONLY
     assert wire.actions == [Action.TRANSMIT] and not wire.out  # nothing left unread
     assert client.state is cn.State.TRANSMISSION
     session = server.session
@@ -99,7 +99,8 @@ def test_plain_go_for_the_kernel() -> None:
     server = _server(read_only_for="disk")
     event = drive(cn.ClientNegotiation("/disk"), Wire(server))
     assert isinstance(event, cn.Negotiated)
-    assert not event.structured and event.context_id is None and event.read_only
+    assert not event.structured and event.context_id is None
+    assert event.tflags & p.TFLAG_READ_ONLY
     assert server.session is not None and not server.session.base_allocation
 
 

@@ -92,14 +92,6 @@ class Negotiated:
     structured: bool
     context_id: int | None  # the server's id for base:allocation, if it chose one
 
-    @property
-    def read_only(self) -> bool:
-        return bool(self.tflags & p.TFLAG_READ_ONLY)
-
-    @property
-    def multi_conn(self) -> bool:
-        return bool(self.tflags & p.TFLAG_CAN_MULTI_CONN)
-
 
 Event = StartTLS | Ready | OptionResult | Negotiated
 
