@@ -63,7 +63,7 @@ def serve(short_tmp: Path) -> Iterator[Callable[..., Server]]:
         proc = subprocess.Popen([MINIDISK, "serve", "-s", *options, f"unix://{sock}"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
-        server = Server(proc, sock)
+        server = Server(proc, sock, short_tmp / f"s{len(started)}.log")
         started.append(server)
         deadline = time.monotonic() + 20
         while not sock.exists():

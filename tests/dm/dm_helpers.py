@@ -51,9 +51,10 @@ def registry_over(ns: DeviceDict) -> Registry:
 class Server:
     """A `minidisk serve -s` process on a private unix socket."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
         self.proc = proc
         self.sock = sock
+        self.log = log  # its output: the log, where dm's reasons for refusals go
         self.url = f"unix://{sock}"
 
     def uri(self, key: str) -> str:

@@ -24,7 +24,7 @@ def test_target_option_on_table_status_and_ls(serve: Callable[..., Server]) -> N
     server.dmsetup("create", "zeros", "--table", "0 8 zero")
     server.dmsetup("create", "empty", "--notable")
     assert server.dmsetup("table", "--target", "linear").stdout == \
-        "mixed: 0 8 linear /dev/a 0\nmixed: 16 8 linear /dev/a 8\n"
+        "mixed: 0 8 linear 240:0 0\nmixed: 16 8 linear 240:0 8\n"
     assert server.dmsetup("status", "--target", "zero").stdout == \
         "mixed: 8 8 zero \nzeros: 0 8 zero \n"
     assert server.dmsetup("table", "--target", "zero", "mixed").stdout == "8 8 zero \n"
@@ -48,9 +48,9 @@ def test_devices_chosen_by_uuid_or_number(serve: Callable[..., Server]) -> None:
     assert "Major, minor:      253, 1\n" in info
     assert server.dmsetup("info", "-j", "253", "-m", "1").stdout == info
     # one device chosen: no "name: " prefix, as for a named device
-    assert server.dmsetup("table", "-u", "LVM-dust1").stdout == "0 8 dust /dev/a 0 512\n"
+    assert server.dmsetup("table", "-u", "LVM-dust1").stdout == "0 8 dust 240:0 0 512\n"
     assert server.dmsetup("status", "-j", "253", "-m", "0").stdout == "0 8 zero \n"
-    assert server.dmsetup("deps", "-u", "LVM-dust1").stdout == "1 dependencies\t: (/dev/a)\n"
+    assert server.dmsetup("deps", "-u", "LVM-dust1").stdout == "1 dependencies\t: (240, 0)\n"
     # after -u the positional arguments are the command's own
     assert server.dmsetup("message", "-u", "LVM-dust1", "0", "countbadblocks").stdout == \
         "countbadblocks: 0 badblock(s) found\n"
@@ -164,9 +164,10 @@ def test_info_columns_with_fields_separators_and_prefixes(serve: Callable[..., S
     server.dmsetup("suspend", "vg-lv")
     # the classic default, aligned, numbers right-aligned under their headings
     assert server.dmsetup("info", "-c").stdout == (
-        "Name             Maj Min Stat Open Targ Event  UUID\n"
-        "vg-lv            253   1 L-sw    0    1      0 LVM-abc\n"
-        "x                253   0 L--w    0    1      0 \n")
+        # every column padded, the last too, as libdm does
+        "Name             Maj Min Stat Open Targ Event  UUID                            \n"
+        "vg-lv            253   1 L-sw    0    1      0 LVM-abc                         \n"
+        "x                253   0 L--w    0    1      0                                 \n")
     # --noheadings alone: dmsetup's old unaligned form, ':' between fields
     assert server.dmsetup("info", "-c", "--noheadings", "-o", "name,uuid,open").stdout == \
         "vg-lv:LVM-abc:0\nx::0\n"

@@ -28,7 +28,7 @@ def test_target_keeps_only_segments_of_that_type_and_drops_devices_without() -> 
         await reg.create("empty")
         table = await call(reg, "dm.table", target="linear")
         assert table["devices"] == [{"name": "mixed", "lines": [
-            "0 8 linear /dev/a 0", "16 8 linear /dev/a 8"]}]
+            "0 8 linear 240:0 0", "16 8 linear 240:0 8"]}]
         status = await call(reg, "dm.status", target="zero")
         assert status["devices"] == [{"name": "mixed", "lines": ["8 8 zero "]},
                                      {"name": "zeros", "lines": ["0 8 zero "]}]
@@ -41,7 +41,7 @@ def test_target_keeps_only_segments_of_that_type_and_drops_devices_without() -> 
         # and the inactive slot is filtered the same way
         await reg.load("zeros", "0 4 linear /dev/a 0\n4 4 zero")
         inactive = await call(reg, "dm.table", name="zeros", inactive=True, target="linear")
-        assert inactive["devices"] == [{"name": "zeros", "lines": ["0 4 linear /dev/a 0"]}]
+        assert inactive["devices"] == [{"name": "zeros", "lines": ["0 4 linear 240:0 0"]}]
 
     run(go())
 
@@ -60,8 +60,8 @@ def test_commands_choose_a_device_by_name_uuid_or_number() -> None:
         named = await call(reg, "dm.table", name="first", uuid="LVM-abc")
         assert [d["name"] for d in named["devices"]] == ["first"]
         assert (await call(reg, "dm.deps", uuid="LVM-abc"))["devices"] == [
-            {"name": "second", "deps": [{"key": "/dev/a", "name": None, "major": None,
-                                         "minor": None}]}]
+            {"name": "second", "deps": [{"key": "/dev/a", "name": None, "major": 240,
+                                         "minor": 0}]}]
         assert (await call(reg, "dm.message", uuid="LVM-abc", sector=0,
                            args=["countbadblocks"]))["result"] == \
             "countbadblocks: 0 badblock(s) found"

@@ -52,11 +52,11 @@ def test_load_goes_to_the_inactive_slot_until_resume() -> None:
         info = reg.info("d")
         assert (info.live_table, info.inactive_table) == (True, True)
         assert await read(dev, 0, SECTOR) == b"A" * SECTOR  # still the live table
-        assert reg.table("d", inactive=True) == [(0, 32, "linear", ["/dev/b", "0"])]
+        assert reg.table("d", inactive=True) == [(0, 32, "linear", ["240:1", "0"])]
         await reg.resume("d")
         assert await read(dev, 0, SECTOR) == b"B" * SECTOR
         assert dev.size == 32 * SECTOR
-        assert reg.table("d") == [(0, 32, "linear", ["/dev/b", "0"])]
+        assert reg.table("d") == [(0, 32, "linear", ["240:1", "0"])]
         assert ns.holds == {"/dev/b": 1}  # the old table let go of /dev/a
         await reg.load("d", "0 64 linear /dev/a 0")
         await reg.clear("d")
@@ -153,7 +153,9 @@ def test_rename_keeps_the_tables_above_pointing_at_it() -> None:
         await reg.rename("old", "new")
         assert reg.names() == ["new", "top"]
         assert "/dev/mapper/new" in ns.devices and "/dev/mapper/old" not in ns.devices
-        assert reg.table("top") == [(0, 8, "linear", ["/dev/mapper/new", "0"])]
+        # the table above names it by number, which a rename keeps; deps by its new name
+        assert reg.table("top") == [(0, 8, "linear", ["253:0", "0"])]
+        assert [d.key for d in reg.deps("top")] == ["/dev/mapper/new"]
         assert reg.info("new").uuid == "U-1"
         with pytest.raises(OSError):
             await reg.set_uuid("new", "U-2")  # it already has one
@@ -218,7 +220,7 @@ def test_wait_returns_when_a_target_raises_an_event() -> None:
         with pytest.raises(OSError):
             await read(dev, 8 * SECTOR, SECTOR)  # chunk 1 is on the error stripe
         assert await asyncio.wait_for(waiter, 5) == 1
-        assert reg.status("s") == [(0, 32, "striped", "2 /dev/a /dev/mapper/bad 1 AD")]
+        assert reg.status("s") == [(0, 32, "striped", "2 240:0 253:0 1 AD")]
         assert reg.info("s").event_nr == 1
 
     run(go())

@@ -121,7 +121,7 @@ def test_three_deep_stack_striped_over_linear_over_windows(
         assert await read(top, 0, len(data)) == data
         assert reg.info("l0").open_count == 1
         deps = [d.key for d in reg.deps("top")]
-        assert deps == ["/dev/mapper/l0", "/dev/mapper/l1"]
+        assert deps == ["/dev/mapper/l1", "/dev/mapper/l0"]  # the kernel's order: last first
 
     run(go())
     # striped -> (stripe, s); linear l_i adds its start; the window adds its base.

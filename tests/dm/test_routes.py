@@ -1,4 +1,4 @@
-"""Direct routes (Target.route): a mapped device with a linear or striped table calls the
+"""Direct routes (dm/route.py): a mapped device with a linear or striped table calls the
 child's device itself, stepping over the target and the namespace's revocable wrapper. These
 tests run over a real `Namespace`, so the wrappers are there, and check that stepping over
 them changes nothing a user can see: the bytes, the holes, a forced removal of a child
@@ -111,6 +111,43 @@ def test_striped_route_places_by_the_formula_and_counts_a_revoked_stripe() -> No
         # Counted against stripe b, as when the stripe was called whole.
         assert reg.status("s")[0][3].endswith(" 1 AD")
         assert reg.info("s").event_nr >= 1
+
+    run(go())
+
+
+def test_striped_places_alike_routed_and_called() -> None:
+    """The route (its inlined formula) and the target's own paths (`_locate`: a table of two
+    segments is not routed) put the same bytes in the same places, tell the same holes,
+    and count a failed stripe alike."""
+    ns = namespace(a=1 << 20, b=1 << 20, c=1 << 20, d=1 << 20)
+    reg = Registry(ns, ns)
+
+    async def go() -> None:
+        routed = await reg.create("r", f"0 256 striped 2 {CHUNK_SECTORS} /dev/a 0 /dev/b 0")
+        called = await reg.create(
+            "c", f"0 256 striped 2 {CHUNK_SECTORS} /dev/c 0 /dev/d 0\n256 8 zero")
+        assert routed._router is not None and called._router is None
+        # Inside one chunk, up to its end, and across chunk and row boundaries.
+        for n, (at, size) in enumerate([(512, 1024), (CHUNK - 512, 512), (CHUNK - 100, 300),
+                                        (3 * CHUNK + 7, 2 * CHUNK + 9)]):
+            data = pattern(n, size)
+            await write(routed, at, data)
+            await write(called, at, data)
+            assert await read(called, at, size) == await read(routed, at, size) == data
+        for mine, theirs in (("/dev/a", "/dev/c"), ("/dev/b", "/dev/d")):
+            assert await read(ns.lookup(mine), 0, 4 * CHUNK) == \
+                await read(ns.lookup(theirs), 0, 4 * CHUNK)
+        for at, size in [(0, CHUNK), (CHUNK, 512), (0, 8 * CHUNK)]:
+            holes = await routed.pread_sparse(memoryview(bytearray(size)), at)
+            assert await called.pread_sparse(memoryview(bytearray(size)), at) == holes
+        await ns.remove("/dev/b", force=True)
+        await ns.remove("/dev/d", force=True)
+        for dev in (routed, called):
+            with pytest.raises(OSError) as e:
+                await read(dev, CHUNK, 512)  # chunk 1: stripe 1
+            assert e.value.errno == errno.ESHUTDOWN
+        assert reg.status("r")[0][3].endswith(" 1 AD")
+        assert reg.status("c")[0][3].endswith(" 1 AD")
 
     run(go())
 

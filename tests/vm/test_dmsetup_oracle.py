@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout
 
 MINIDISK = str(Path(sys.executable).parent / "minidisk")
 DISK_SIZE = "8M"  # as the guest's loop files
-HOST_DM_MAJOR = 253  # minidisk.dm.registry.DM_MAJOR
+HOST_DM_MAJOR = 253  # minidisk.dm.mapped.DM_MAJOR
 
 # Steps whose output differs from the kernel's on purpose: step -> (parts that differ, why).
 KNOWN: dict[str, tuple[frozenset[str], str]] = {
@@ -176,10 +176,7 @@ def sides(boot: Boot, tmp_path_factory: pytest.TempPathFactory) -> tuple[Side, S
 
 def host_devnos() -> dict[tuple[int, int], str]:
     """The numbers minidisk gives /disk0 and /disk1 (the first two keys it registers)."""
-    try:
-        from minidisk.namespace.registry import KEY_MAJOR
-    except ImportError:
-        return {}
+    from minidisk.namespace.registry import KEY_MAJOR
     return {(KEY_MAJOR, 0): "DISK0", (KEY_MAJOR, 1): "DISK1"}
 
 

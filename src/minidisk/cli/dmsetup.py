@@ -23,6 +23,8 @@ import click
 from minidisk.cli.common import require_server, server_option
 from minidisk.dm import report
 
+MAX_NAME = 127  # DM_NAME_LEN - 1
+
 
 @dataclass
 class Session:
@@ -81,17 +83,18 @@ def _too_many(rest: tuple[str, ...], allowed: int) -> None:
         raise click.UsageError(f"unexpected extra arguments: {' '.join(rest[allowed:])}")
 
 
-def _failed(op: str, name: str | None, err: int, message: str) -> NoReturn:
-    on = f" on {name} " if name else " "
-    click.echo(f"device-mapper: {op} ioctl{on} failed: {os.strerror(err)}", err=True)
-    if message and message != os.strerror(err):
-        click.echo(f"device-mapper: {op}: {message}", err=True)
+def _failed(op: str, name: str | None, err: int, devno: str = "") -> NoReturn:
+    """dmsetup's words for a failed ioctl: the errno only (the reason is in the server's
+    log, as the kernel's is in its log), with the device's number when the request gave
+    one (a create with -j/-m, the load of a create)."""
+    click.echo(f"device-mapper: {op} ioctl on {name or ''} {devno} failed: "
+               f"{os.strerror(err)}", err=True)
     click.echo("Command failed.", err=True)
     sys.exit(1)
 
 
 def _call(s: Session, command: str, args: dict[str, Any], op: str,
-          name: str | None = None) -> dict[str, Any]:
+          name: str | None = None, devno: str = "") -> dict[str, Any]:
     from minidisk.daemon.control import ControlError, call
 
     url = require_server(s.server)
@@ -102,7 +105,7 @@ def _call(s: Session, command: str, args: dict[str, Any], op: str,
             click.echo("Device does not exist.", err=True)
             click.echo("Command failed.", err=True)
             sys.exit(1)
-        _failed(op, name, e.errno, e.message)
+        _failed(op, name, e.errno, devno)
 
 
 def _read_table(table: str | None, table_file: str | None) -> str:
@@ -174,6 +177,35 @@ def select_options(func: F) -> F:
     return func
 
 
+def _check_name(name: str) -> None:
+    """What dmsetup refuses before asking the kernel (DM_NAME_LEN, no '/')."""
+    if len(name) > MAX_NAME:
+        _refuse(f'Name "{name}" too long.')
+    if "/" in name:
+        _refuse(f'Name "{name}" invalid. It contains "/".')
+
+
+def _refuse(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    click.echo("Command failed.", err=True)
+    sys.exit(1)
+
+
+def _table_text(text: str, source: str) -> str | None:
+    """The table as dmsetup reads it before any ioctl: each line needs a start and a length
+    (unsigned numbers) and a target type, else 'Invalid format'. None if there is no
+    segment at all (dmsetup then creates the device without a table)."""
+    lines = 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) < 3 or not words[0].isdigit() or not words[1].isdigit():
+            _refuse(f"Invalid format on line {number} of table {source}.")
+        lines += 1
+    return text if lines else None
+
+
 @dmsetup.command()
 @click.argument("name")
 @click.argument("table_file", required=False)
@@ -181,13 +213,37 @@ def select_options(func: F) -> F:
 @click.option("-n", "--notable", is_flag=True, help="Create without a table.")
 @click.option("-u", "--uuid", default="", help="The device's UUID.")
 @click.option("-r", "--readonly", is_flag=True, help="Create read-only.")
+@click.option("-j", "--major", type=click.IntRange(min=0), help="With -m: the device number.")
+@click.option("-m", "--minor", type=click.IntRange(min=0), help="The minor number to use.")
 @pass_session
 def create(s: Session, name: str, table_file: str | None, table: str | None, notable: bool,
-           uuid: str, readonly: bool) -> None:
-    """Create NAME; with a table (TABLE_FILE, --table or stdin) make it live."""
-    text = None if notable else _read_table(table, table_file)
-    _call(s, "dm.create", {"name": name, "table": text, "uuid": uuid, "read_only": readonly},
-          "create", name)
+           uuid: str, readonly: bool, major: int | None, minor: int | None) -> None:
+    """Create NAME; with a table (TABLE_FILE, --table or stdin) make it live.
+
+    As libdevmapper does it: create the device, load the table, resume; a refused table
+    removes the device again (its minor is free for the next one)."""
+    _check_name(name)
+    text = None if notable else _table_text(_read_table(table, table_file), table_file or "")
+    args: dict[str, Any] = {"name": name, "table": None, "uuid": uuid, "read_only": readonly}
+    devno = ""
+    if minor is not None:
+        args["minor"] = minor
+        devno = f"({major if major is not None else report.DM_MAJOR}:{minor})"
+    info = _call(s, "dm.create", args, "create", name, devno)
+    if text is None:
+        return
+    from minidisk.daemon.control import ControlError, call
+
+    url = require_server(s.server)
+    try:
+        call(url, "dm.load", {"name": name, "table": text})
+    except ControlError as e:
+        try:
+            call(url, "dm.remove", {"name": name})
+        except ControlError:
+            pass
+        _failed("reload", name, e.errno, f"({info['major']}:{info['minor']})")
+    _call(s, "dm.resume", {"name": name}, "resume", name)
 
 
 def _load(s: Session, args: tuple[str, ...], table: str | None) -> None:
@@ -294,7 +350,7 @@ def remove(s: Session, names: tuple[str, ...], force: bool, deferred: bool,
                 if e.errno == errno.EBUSY and attempt + 1 < tries:
                     time.sleep(REMOVE_RETRY_DELAY_S)
                     continue
-                _failed("remove", label, e.errno, e.message)
+                _failed("remove", label, e.errno)
 
 
 @dmsetup.command(name="remove_all")
@@ -354,19 +410,35 @@ def info(s: Session, name: str | None, columns: bool, noheadings: bool, fields: 
             sys.exit(1)
     device, label = s.device(name)
     devices = _call(s, "dm.info", device, "info", label)["devices"]
-    if columns:
+    if not devices:
+        click.echo("No devices found")
+    elif columns:
         click.echo(report.info_columns(devices, not noheadings, wanted, separator,
                                        nameprefixes, not unquoted), nl=False)
-    elif not devices:
-        click.echo("No devices found")
     else:
-        click.echo("".join(report.info_long(d) for d in devices), nl=False)
+        for d in devices:
+            if not d["live_table"]:  # dmsetup's failed open for the read-ahead
+                click.echo(f"/dev/mapper/{d['name']}: open failed: "
+                           f"{os.strerror(errno.ENXIO)}", err=True)
+            click.echo(report.info_long(d), nl=False)
 
 
-def _names_output(option: str | None) -> bool:
+def _names_output(option: str | None) -> str:
     if option not in (None, "devno", "devname", "blkdevname"):
         raise click.BadParameter("expected devno, devname or blkdevname", param_hint="-o")
-    return option in ("devname", "blkdevname")
+    return option or "devno"
+
+
+def _utf8_locale() -> bool:
+    """dmsetup draws trees with UTF-8 lines only when the locale's codeset is UTF-8 (not
+    Python's stdout encoding, which is UTF-8 under the C locale too)."""
+    import locale
+
+    try:
+        locale.setlocale(locale.LC_CTYPE, "")
+    except locale.Error:
+        return False
+    return locale.nl_langinfo(locale.CODESET).lower().replace("-", "") == "utf8"
 
 
 @dmsetup.command(name="ls")
@@ -376,7 +448,7 @@ def _names_output(option: str | None) -> bool:
 @pass_session
 def ls_(s: Session, tree: bool, target_type: str | None, output: str | None) -> None:
     """List devices."""
-    by_name = _names_output(output)
+    names = _names_output(output)
     devices = _call(s, "dm.ls", {}, "list")["devices"]
     if target_type is not None:
         # dmsetup lists these through its table code: --tree and -o do not apply.
@@ -384,10 +456,9 @@ def ls_(s: Session, tree: bool, target_type: str | None, output: str | None) -> 
                                            "table")["devices"]}
         click.echo(report.ls_target(devices, using), nl=False)
     elif tree:
-        utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
-        click.echo(report.tree(devices, utf8), nl=False)
+        click.echo(report.tree(devices, _utf8_locale()), nl=False)
     else:
-        click.echo(report.ls(devices, by_name), nl=False)
+        click.echo(report.ls(devices, names), nl=False)
 
 
 @dmsetup.command()
@@ -399,6 +470,9 @@ def deps(s: Session, name: str | None, output: str | None) -> None:
     """Devices NAME's live table uses."""
     device, label = s.device(name)
     devices = _call(s, "dm.deps", device, "deps", label)["devices"]
+    if not devices:
+        click.echo("No devices found")
+        return
     click.echo(report.deps(devices, label is None, _names_output(output)), nl=False)
 
 
@@ -408,6 +482,9 @@ def _segment_lines(s: Session, op: str, name: str | None, inactive: bool,
     device, label = s.device(name)
     devices = _call(s, f"dm.{op}", {**device, "inactive": inactive, "target": target_type},
                     op, label)["devices"]
+    if not devices and target_type is None:
+        click.echo("No devices found")
+        return
     click.echo(report.lines(devices, label is None), nl=False)
 
 

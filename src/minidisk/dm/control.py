@@ -13,19 +13,23 @@ since they come off the wire. Commands about one device name it by `name`, `uuid
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from minidisk.dm.mapped import MappedDevice
-from minidisk.dm.registry import DM_MAJOR, DRIVER_VERSION, Registry
+from minidisk.dm.mapped import DM_MAJOR, MappedDevice
+from minidisk.dm.registry import DRIVER_VERSION, Registry
 from minidisk.dm.table import TableError, format_line
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 Row = tuple[int, int, str, Any]  # a table or status line: start, length, target type, rest
 
-LIBRARY_VERSION = "1.02.185 (minidisk)"
+# The libdevmapper whose dmsetup `minidisk dmsetup` matches, output for output (Debian 12's).
+LIBRARY_VERSION = "1.02.185 (2022-05-18)"
 
 
 def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -57,14 +61,21 @@ def _opt_int(args: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def _table_errors(handler: Handler) -> Handler:
-    """Report a refused table as EINVAL with its one-line reason."""
+def _table_errors(command: str, handler: Handler) -> Handler:
+    """Report a refused table as its errno (EINVAL unless it says otherwise) with its
+    one-line reason, and log every failure's reason: dmsetup prints only the errno of a
+    failed ioctl and the kernel logs why, so the reason goes to the server's log, as the
+    kernel's goes to its log."""
 
     async def wrapped(args: dict[str, Any]) -> dict[str, Any]:
         try:
             return await handler(args)
         except TableError as e:
-            raise OSError(errno.EINVAL, str(e)) from None
+            log.warning("device-mapper: %s: %s", command, e)
+            raise OSError(e.errno, str(e)) from None
+        except OSError as e:
+            log.warning("device-mapper: %s: %s", command, e.strerror or e)
+            raise
 
     return wrapped
 
@@ -79,6 +90,8 @@ def _dependencies(registry: Registry, name: str) -> list[dict[str, Any]]:
     out = []
     for dep in registry.deps(name):
         entry: dict[str, Any] = {"key": dep.key, "name": None, "major": None, "minor": None}
+        if dep.devno is not None:
+            entry.update(major=dep.devno[0], minor=dep.devno[1])
         if dep.mapped is not None:
             entry.update(name=dep.mapped.name, major=DM_MAJOR, minor=dep.mapped.minor)
         out.append(entry)
@@ -117,7 +130,8 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
 
     async def create(args: dict[str, Any]) -> dict[str, Any]:
         dev = await registry.create(_str(args, "name"), _opt_str(args, "table"),
-                                    _str(args, "uuid", ""), _bool(args, "read_only"))
+                                    _str(args, "uuid", ""), _bool(args, "read_only"),
+                                    _opt_int(args, "minor"))
         return device_info(registry, dev.name)
 
     async def load(args: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +228,7 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         "dm.deps": deps, "dm.table": table, "dm.status": status, "dm.wait": wait,
         "dm.message": message, "dm.targets": targets, "dm.version": version,
     }
-    return {name: _table_errors(h) for name, h in handlers.items()}
+    return {name: _table_errors(name, h) for name, h in handlers.items()}
 
 
 async def create_from_table_file(registry: Registry, name: str, path: str | Path

@@ -21,6 +21,7 @@ from typing import Protocol
 from minidisk.device.api import BlockDevice
 
 MAPPER_PREFIX = "/dev/mapper/"
+DICT_MAJOR = 240  # as the namespace's KEY_MAJOR
 
 
 class Held(Protocol):
@@ -33,6 +34,14 @@ class DeviceSource(Protocol):
         ...
 
     def hold(self, key: str) -> Held: ...
+
+    def devno(self, key: str) -> tuple[int, int] | None:
+        """The key's device number, which tables print for it (None: print the key)."""
+        ...
+
+    def key_of_devno(self, major: int, minor: int) -> str:
+        """The key a table's MAJOR:MINOR names; OSError(ENOENT) if none."""
+        ...
 
 
 class Publisher(Protocol):
@@ -92,6 +101,17 @@ class DeviceDict:
 
     def users(self, key: str) -> int:
         return self.holds.get(key, 0)
+
+    def devno(self, key: str) -> tuple[int, int] | None:
+        """(DICT_MAJOR, position of the key among the devices): enough for tests."""
+        keys = [k for k in self.devices if not k.startswith(MAPPER_PREFIX)]
+        return (DICT_MAJOR, keys.index(key)) if key in keys else None
+
+    def key_of_devno(self, major: int, minor: int) -> str:
+        keys = [k for k in self.devices if not k.startswith(MAPPER_PREFIX)]
+        if major != DICT_MAJOR or minor >= len(keys):
+            raise OSError(errno.ENOENT, f"no key has device number {major}:{minor}")
+        return keys[minor]
 
     def on_unused(self, listener: Callable[[str], None]) -> None:
         self.unused_listeners.append(listener)

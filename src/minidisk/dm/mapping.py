@@ -206,7 +206,7 @@ def build_mapping(
             try:
                 targets.append(kind(ctx, list(seg.args)))
             except TargetError as e:
-                raise seg.error(f"{seg.target}: {e}") from None
+                raise seg.error(f"{seg.target}: {e}", e.errno) from None
     except BaseException:
         for ctx in contexts:
             ctx.close_all()

@@ -24,22 +24,24 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from minidisk.device.api import BlockDevice
 from minidisk.dm.devices import MAPPER_PREFIX, DeviceSource, Publisher
-from minidisk.dm.mapped import DeviceInfo, MappedDevice
+from minidisk.dm.mapped import DM_MAJOR, DeviceInfo, MappedDevice
 from minidisk.dm.mapping import Mapping, TableLine, build_mapping
 from minidisk.dm.table import Segment, TableError, parse_table
 from minidisk.dm.target import Opener, Target
 from minidisk.dm.targets import TARGET_TYPES
 
-DM_MAJOR = 253  # what Linux usually gives device-mapper; shown where dmsetup shows one
-DRIVER_VERSION = (4, 48, 0)
+DRIVER_VERSION = (4, 47, 0)  # Linux 6.1's, whose targets' versions and texts we match
 MAX_NAME = 127  # DM_NAME_LEN - 1
+MAX_MINOR = (1 << 20) - 1  # MINORMASK
 
 log = logging.getLogger(__name__)
+_DEVNO = re.compile(r"(\d+):(\d+)")
 
 
 def no_device(name: str) -> OSError:
@@ -53,8 +55,9 @@ def check_name(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Dependency:
-    key: str
+    key: str  # the namespace key
     mapped: MappedDevice | None  # set when the dependency is itself a mapped device
+    devno: tuple[int, int] | None = None  # the key's number, if it has one
 
 
 class Registry:
@@ -67,7 +70,6 @@ class Registry:
         self.types = dict(TARGET_TYPES if types is None else types)
         self.devices: dict[str, MappedDevice] = {}
         self._locks: dict[int, asyncio.Lock] = {}
-        self._next_minor = 0
         self._reaper: asyncio.Task[None] | None = None  # runs while devices are marked
         # A table or the last NBD client let go of a device marked for deferred removal.
         self._released = asyncio.Event()
@@ -93,7 +95,8 @@ class Registry:
         raise OSError(errno.ENXIO, f"no device has uuid {uuid!r}")
 
     def name_of_devno(self, major: int, minor: int) -> str:
-        """The device with this number (dmsetup -j/-m), as `info` prints it."""
+        """The device with this number (dmsetup -j/-m, a table's MAJOR:MINOR), as `info`
+        prints it."""
         if major == DM_MAJOR:
             for dev in self.devices.values():
                 if dev.minor == minor:
@@ -106,7 +109,15 @@ class Registry:
     # Device resolution for tables
 
     def _opener(self, loading: MappedDevice) -> Opener:
-        def open_device(key: str) -> tuple[BlockDevice, Callable[[], None]]:
+        def open_device(key: str) -> tuple[BlockDevice, Callable[[], None],
+                                            tuple[int, int] | None]:
+            number = _DEVNO.fullmatch(key)
+            if number is not None:  # MAJOR:MINOR, as the kernel takes (and prints) them
+                major, minor = int(number[1]), int(number[2])
+                if major == DM_MAJOR:
+                    key = MAPPER_PREFIX + self.name_of_devno(major, minor)
+                elif self.source is not None:
+                    key = self.source.key_of_devno(major, minor)
             if key.startswith(MAPPER_PREFIX):
                 child = self.get(key[len(MAPPER_PREFIX):])
                 if child is loading or self._reaches(child, loading):
@@ -114,12 +125,12 @@ class Registry:
                                   f"{loading.name} would hold itself through {key}")
                 self._check_child(loading, key, child)
                 child.open()
-                return child, lambda: self._release(child)
+                return child, lambda: self._release(child), None
             if self.source is None:
                 raise OSError(errno.ENOENT, f"no namespace to look up {key}")
             device = self.source.lookup(key)
             self._check_child(loading, key, device)
-            return device, self.source.hold(key).release
+            return device, self.source.hold(key).release, self.source.devno(key)
 
         return open_device
 
@@ -151,8 +162,19 @@ class Registry:
 
     # Lifecycle
 
+    def _free_minor(self, wanted: int | None) -> int:
+        """The kernel's choice (idr_alloc): the lowest minor not in use, so freed minors
+        are handed out again; a wanted one (create -j/-m) only if free (ENXIO, as 6.1's
+        create fails, if not)."""
+        used = {d.minor for d in self.devices.values()}
+        if wanted is not None:
+            if wanted in used or wanted > MAX_MINOR:
+                raise OSError(errno.ENXIO, f"minor {wanted} is in use")
+            return wanted
+        return next(m for m in range(len(used) + 1) if m not in used)
+
     async def create(self, name: str, table: str | None = None, uuid: str = "",
-                     read_only: bool = False) -> MappedDevice:
+                     read_only: bool = False, minor: int | None = None) -> MappedDevice:
         """dmsetup create: a new device, and with a table, loaded and resumed."""
         check_name(name)
         if name in self.devices:
@@ -161,8 +183,7 @@ class Registry:
             raise OSError(errno.EBUSY, f"uuid {uuid} is already in use")
         # Parse first: a table with a syntax error creates nothing.
         segments = parse_table(table) if table is not None else None
-        dev = MappedDevice(name, self._next_minor, uuid, read_only)
-        self._next_minor += 1
+        dev = MappedDevice(name, self._free_minor(minor), uuid, read_only)
         self.devices[name] = dev
         try:
             if segments is not None:
@@ -325,6 +346,7 @@ class Registry:
             del self.devices[name]
             dev.name = new_name
             self.devices[new_name] = dev
+            dev.raise_event()  # as the kernel's rename counts one (its uevent)
 
     async def set_uuid(self, name: str, uuid: str) -> None:
         """dmsetup rename --setuuid: only a device without a UUID may be given one."""
@@ -360,8 +382,10 @@ class Registry:
         dev = self.get(name)
         if not dev.has_live:
             return []
-        return [Dependency(r.key, r.device if isinstance(r.device, MappedDevice) else None)
-                for r in dev.live.devices()]
+        # Last used first, as the kernel lists a table's devices (it adds each at the head)
+        return [Dependency(r.name, r.device if isinstance(r.device, MappedDevice) else None,
+                           r.number)
+                for r in reversed(dev.live.devices())]
 
     def _slot(self, name: str, inactive: bool) -> Mapping | None:
         dev = self.get(name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+DM_MAJOR = 253  # as minidisk.dm.mapped.DM_MAJOR (this module imports nothing of ours)
 READ_AHEAD = 256  # the kernel's default, in sectors; we do no read-ahead of our own
 
 
@@ -32,7 +33,8 @@ def info_long(info: dict[str, Any]) -> str:
     lines = [
         f"Name:              {info['name']}",
         f"State:             {state}",
-        f"Read Ahead:        {READ_AHEAD}",
+        # dmsetup reads it from the block device, which cannot be opened without a table
+        *([f"Read Ahead:        {info.get('read_ahead', READ_AHEAD)}"] if live else []),
         f"Tables present:    {tables}",
         f"Open count:        {info['open_count']}",
         f"Event number:      {info['event_nr']}",
@@ -121,21 +123,25 @@ def info_columns(infos: Sequence[dict[str, Any]], headings: bool = True,
               for n, (heading, width, _, _) in enumerate(columns)]
 
     def line(cells: list[str], numeric: list[bool]) -> str:
+        # libdm pads every column, the last one too (trailing blanks included)
         padded = [cell.rjust(w) if num else cell.ljust(w)
                   for cell, w, num in zip(cells, widths, numeric, strict=True)]
-        if not numeric[-1]:
-            padded[-1] = cells[-1]  # the last text column is not padded out
         return sep.join(padded) + "\n"
 
     out = line([c[0] for c in columns], [False] * len(columns))
     return out + "".join(line(row, [c[2] for c in columns]) for row in rows)
 
 
-def ls(devices: Sequence[dict[str, Any]], by_name: bool = False) -> str:
+def ls(devices: Sequence[dict[str, Any]], names: str = "devno") -> str:
+    """`ls -o devno|devname|blkdevname`: a device without a table has no block device to
+    name, so it is shown by number whatever is asked."""
     if not devices:
         return "No devices found\n"
-    if by_name:
-        return "".join(f"{d['name']}\t({d['name']})\n" for d in devices)
+    if names != "devno":
+        return "".join(
+            f"{d['name']}\t({d['name'] if names == 'devname' else 'dm-' + str(d['minor'])})\n"
+            if d["live_table"] else f"{d['name']}\t({d['major']}:{d['minor']})\n"
+            for d in devices)
     return "".join(f"{d['name']}\t({d['major']}:{d['minor']})\n" for d in devices)
 
 
@@ -148,19 +154,25 @@ def ls_target(devices: Sequence[dict[str, Any]], using: set[str]) -> str:
                    if d["name"] in using)
 
 
-def _dep_text(dep: dict[str, Any], by_name: bool) -> str:
+def _dep_text(dep: dict[str, Any], names: str) -> str:
     if dep["name"] is None:
-        return f"({dep['key']})"
-    if by_name:
+        if dep["major"] is None:
+            return f"({dep['key']})"
+        if names == "devno":
+            return f"({dep['major']}, {dep['minor']})"
+        return f"({dep['key'].rsplit('/', 1)[-1]})"  # the key's last part, as a blkdev name
+    if names == "devname":
         return f"({dep['name']})"
+    if names == "blkdevname":
+        return f"(dm-{dep['minor']})"
     return f"({dep['major']}, {dep['minor']})"
 
 
-def deps(devices: Sequence[dict[str, Any]], multiple: bool, by_name: bool = False) -> str:
+def deps(devices: Sequence[dict[str, Any]], multiple: bool, names: str = "devno") -> str:
     out = []
     for d in devices:
         prefix = f"{d['name']}: " if multiple else ""
-        listed = "".join(" " + _dep_text(dep, by_name) for dep in d["deps"])
+        listed = "".join(" " + _dep_text(dep, names) for dep in d["deps"])
         out.append(f"{prefix}{len(d['deps'])} dependencies\t:{listed}\n")
     return "".join(out)
 
@@ -213,7 +225,8 @@ def tree(devices: Sequence[dict[str, Any]], utf8: bool = True) -> str:
             last = i == len(children) - 1
             child = by_name.get(dep["name"]) if dep["name"] is not None else None
             if child is None:
-                node(f" ({dep['key']})", [], more + [not last])
+                label = dep["key"] if dep["major"] is None else f"{dep['major']}:{dep['minor']}"
+                node(f" ({label})", [], more + [not last])
             else:
                 node(f"{child['name']} ({child['major']}:{child['minor']})", child["deps"],
                      more + [not last])

@@ -17,6 +17,7 @@ them (argument counts, device sizes, singleton targets) are checked when a table
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ _NEEDS_ESCAPE = re.compile(r"([\\\s])")
 class TableError(ValueError):
     """A table the kernel's load rules reject. `str()` is one line naming the segment."""
 
-    def __init__(self, reason: str, line: int | None = None, text: str | None = None) -> None:
+    def __init__(self, reason: str, line: int | None = None, text: str | None = None,
+                 err: int = errno.EINVAL) -> None:
         self.reason = reason
+        self.errno = err  # what the ioctl fails with: EINVAL, or ENODEV for a missing device
         self.line = line
         self.text = text
         where = ""
@@ -60,9 +63,9 @@ class Segment:
     def format(self) -> str:
         return format_line(self.start, self.length, self.target, self.args)
 
-    def error(self, reason: str) -> TableError:
+    def error(self, reason: str, err: int = errno.EINVAL) -> TableError:
         """A TableError that names this segment."""
-        return TableError(reason, self.line or None, self.format())
+        return TableError(reason, self.line or None, self.format(), err)
 
 
 def split_args(text: str) -> list[str]:

@@ -14,44 +14,59 @@ from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 from minidisk.device.api import BlockDevice, Caps, Extent
-from minidisk.device.revocable import RevocableDevice, unwrap
+from minidisk.dm.route import Hop, Routable, forwards_only, unwrap
 from minidisk.dm.table import SECTOR
-
-# Where a request goes when a target only moves it (see `Target.route`): the child's gate
-# (None when the child is not revocable), the device to call, the offset there, and a tag the
-# target wants back if the call fails.
-Hop = tuple[RevocableDevice | None, BlockDevice, int, int]
 
 
 class TargetError(ValueError):
-    """A constructor rejected its arguments; the table builder names the segment."""
+    """A constructor rejected its arguments; the table builder names the segment. `errno`
+    is what the kernel's load fails with: EINVAL, ENODEV when a device is not found."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 class DeviceRef:
     """A child device as a table names it.
 
-    The key is read back when the table is printed. A mapped device can be renamed while a
-    table above it holds it, so for those the current name is asked of the device itself.
+    `key` is what the table prints, as the kernel prints a table's devices: MAJOR:MINOR, a
+    mapped device's own (asked of it, so it follows renames) or the number the namespace
+    gave the key; a key without a number (a file below a directory key) by its key.
+    `name` is the namespace key (a mapped device's current /dev/mapper/NAME).
     """
 
-    __slots__ = ("device", "given_key")
+    __slots__ = ("device", "given_key", "devno")
 
-    def __init__(self, device: BlockDevice, key: str) -> None:
+    def __init__(self, device: BlockDevice, key: str,
+                 devno: tuple[int, int] | None = None) -> None:
         self.device = device
         self.given_key = key
+        self.devno = devno
+
+    @property
+    def name(self) -> str:
+        current = getattr(self.device, "mapper_key", None)
+        return current if isinstance(current, str) else self.given_key
+
+    @property
+    def number(self) -> tuple[int, int] | None:
+        own = getattr(self.device, "dm_devno", None)
+        return own if isinstance(own, tuple) else self.devno
 
     @property
     def key(self) -> str:
-        current = getattr(self.device, "mapper_key", None)
-        return current if isinstance(current, str) else self.given_key
+        number = self.number
+        return self.name if number is None else f"{number[0]}:{number[1]}"
 
     @property
     def sectors(self) -> int:
         return self.device.size // SECTOR
 
 
-# Opening a key gives the device and the function that lets go of it again.
-Opener = Callable[[str], tuple[BlockDevice, Callable[[], None]]]
+# Opening a key gives the device, the function that lets go of it again, and the key's
+# device number if it has one.
+Opener = Callable[[str], tuple[BlockDevice, Callable[[], None], tuple[int, int] | None]]
 
 
 class TargetContext:
@@ -72,11 +87,12 @@ class TargetContext:
         if length is None:
             length = self.length
         try:
-            device, release = self._open(key)
+            device, release, devno = self._open(key)
         except (KeyError, OSError) as e:
-            raise TargetError(f"Device lookup failed: {key}: {_reason(e)}") from None
+            raise TargetError(f"Device lookup failed: {key}: {_reason(e)}",
+                              errno.ENODEV) from None
         self._releases.append(release)
-        ref = DeviceRef(device, key)
+        ref = DeviceRef(device, key, devno)
         if start + length > ref.sectors:
             raise TargetError(
                 f"device {key} too small for target: needs sectors {start}..{start + length}, "
@@ -127,8 +143,9 @@ async def flush_device(device: BlockDevice) -> None:
         await device.flush()
 
 
-class Target(BlockDevice):
-    """Base of all targets. Subclasses set `name`, `version` and implement the I/O."""
+class Target(BlockDevice, Routable):
+    """Base of all targets. Subclasses set `name`, `version` and implement the I/O; one
+    that only moves reads and writes may let the mapped device route them (route.py)."""
 
     name: ClassVar[str]
     version: ClassVar[tuple[int, int, int]]
@@ -140,20 +157,6 @@ class Target(BlockDevice):
     def __init__(self, ctx: TargetContext, args: list[str]) -> None:
         self.length = ctx.length
         self.size = ctx.length * SECTOR
-
-    # Direct routing. A mapped device with a one-segment table asks its target where a read or
-    # write goes and calls that device itself: one coroutine (~0.4 µs of a ~6 µs request)
-    # less per layer, plus the child's revocable wrapper stepped over through its gate. Only
-    # a target whose I/O does nothing but move requests may say `routable`; `route` is then
-    # asked for every pread, pread_sparse and pwrite, and answers None for a request it
-    # must handle itself (e.g. one that spans chunks).
-    routable: bool = False
-
-    def route(self, offset: int, length: int) -> Hop | None:
-        return None
-
-    def route_failed(self, tag: int, error: OSError) -> None:
-        """A routed call failed (the target may count it, as striped's status does)."""
 
     def table_args(self) -> list[str]:
         """STATUSTYPE_TABLE: arguments that construct this target again."""
@@ -198,10 +201,7 @@ class WindowTarget(Target):
         self.block_size = self.child.block_size
         self.gate, self.inner = unwrap(self.child)
         # Routable unless a subclass intercepts reads or writes (flakey, dust, delay...).
-        cls = type(self)
-        self.routable = (self.caps.extents and cls.pread is WindowTarget.pread
-                         and cls.pwrite is WindowTarget.pwrite
-                         and cls.pread_sparse is WindowTarget.pread_sparse)
+        self.routable = self.caps.extents and forwards_only(type(self), WindowTarget)
 
     def route(self, offset: int, length: int) -> Hop | None:
         return self.gate, self.inner, offset + self.base, 0

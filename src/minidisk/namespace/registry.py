@@ -107,8 +107,17 @@ class Reference:
 OpenedExport = Reference  # the NBD server's name for a connection's reference
 
 
+# Every key has a device number, as a block device has, for dm tables and dmsetup, which
+# name devices by MAJOR:MINOR (the kernel prints a table's devices so; `deps`, `ls --tree`
+# show them so). The major is the first of Linux's "local/experimental use" range
+# (Documentation/admin-guide/devices.txt: 240-254); a key's minor is the lowest one free when
+# it is registered, kept while it lives (renames included) and free again once it is removed.
+KEY_MAJOR = 240
+
+
 class Namespace:
     def __init__(self, cache_limit: int = DEFAULT_CACHE_LIMIT) -> None:
+        self._minors: dict[str, int] = {}  # top-level key -> minor (see KEY_MAJOR)
         self.cache_memory = CacheMemory(cache_limit)
         self.host_files = HostFiles(self.cache_memory)  # blk caches, uncached windows
         self._entries: dict[str, Entry] = {}  # in registration order
@@ -153,7 +162,26 @@ class Namespace:
                           f"{etfs_type.value} {hostpath} [{begin}, +{device.size}]",
                           hostpath=hostpath, begin=begin)
         self._entries[key] = entry
+        self._number(key)
         return key
+
+    def _number(self, key: str) -> None:
+        used = set(self._minors.values())
+        self._minors[key] = next(m for m in range(len(used) + 1) if m not in used)
+
+    def devno(self, key: str) -> tuple[int, int] | None:
+        """The key's device number (KEY_MAJOR, minor); None for a file found below a
+        directory key (numbered only where registered)."""
+        minor = self._minors.get(canonical_key(key))
+        return None if minor is None else (KEY_MAJOR, minor)
+
+    def key_of_devno(self, major: int, minor: int) -> str:
+        """The key with this number; ENOENT if none has it."""
+        if major == KEY_MAJOR:
+            for key, number in self._minors.items():
+                if number == minor:
+                    return key
+        raise OSError(errno.ENOENT, f"no key has device number {major}:{minor}")
 
     def _check_host(self, key: str, fd: int, is_dir: bool) -> None:
         """Run the host checks; a refusal closes `fd` (nothing else was made yet)."""
@@ -171,6 +199,7 @@ class Namespace:
         self.check_free(key, False)
         self._entries[key] = Entry(key, DEVICE_TYPE, revocable(device),
                                    description or device.describe())
+        self._number(key)
         return key
 
     def check_free(self, key: str, is_dir: bool = False) -> None:
@@ -193,6 +222,7 @@ class Namespace:
         if users and not force:
             raise OSError(errno.EBUSY, f"key {key} is in use ({users} references)")
         del self._entries[key]
+        self._minors.pop(key, None)
         await self._close_entry(entry)
 
     def rekey(self, key: str, new_key: str, description: str | None = None) -> str:
@@ -212,6 +242,8 @@ class Namespace:
         if description is not None:
             entry.description = description
         self._entries[new_key] = entry
+        if key in self._minors:
+            self._minors[new_key] = self._minors.pop(key)
         return new_key
 
     async def _close_entry(self, entry: Entry) -> None:

@@ -12,8 +12,11 @@ from minidisk.dm.targets.log_writes import LogWrites
 from minidisk.dm.targets.striped import Striped
 from minidisk.dm.targets.zero import Zero
 
+# In the order 6.1 lists them (`dmsetup targets`: most recently registered first) once
+# dm-zero, dm-delay, dm-flakey and dm-log-writes are loaded in that order; dust, which 6.1
+# is built without, as if loaded last.
 TARGET_TYPES: dict[str, type[Target]] = {
-    t.name: t for t in (Linear, Striped, Zero, Error, Delay, Flakey, Dust, LogWrites)
+    t.name: t for t in (Dust, LogWrites, Flakey, Delay, Zero, Striped, Linear, Error)
 }
 
 __all__ = ["TARGET_TYPES"]

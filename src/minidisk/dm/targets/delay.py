@@ -50,7 +50,7 @@ def _wake(fut: asyncio.Future[None]) -> None:
 
 class Delay(Target):
     name = "delay"
-    version = (1, 4, 0)
+    version = (1, 3, 0)  # 6.1's
 
     def __init__(self, ctx: TargetContext, args: list[str]) -> None:
         super().__init__(ctx, args)

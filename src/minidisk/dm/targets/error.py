@@ -20,7 +20,7 @@ def _fail() -> OSError:
 
 class Error(Target):
     name = "error"
-    version = (1, 6, 0)
+    version = (1, 5, 0)  # 6.1's
     caps = Caps(flush=True, fua=True, trim=True, zero=True, multi_conn=True)
 
     def __init__(self, ctx: TargetContext, args: list[str]) -> None:

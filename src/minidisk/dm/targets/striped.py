@@ -6,8 +6,9 @@ Mapping, the kernel's `stripe_map_sector` in bytes::
     row, stripe = divmod(chunk, stripes)
     device offset = row * chunk_size + in_chunk + stripe start
 
-A request inside one chunk (the common case when the chunk is at least the I/O size) costs
-two divmods and one await; longer ones are cut at chunk boundaries and issued in order.
+`_locate` computes it; `route`, the fast path's copy, inlines it. A request inside one chunk
+(the common case when the chunk is at least the I/O size) costs two divmods and one await;
+longer ones are cut at chunk boundaries and issued in order.
 A stripe that fails I/O shows as `D` in status and raises an event, at most 15 times
 (DM_IO_ERROR_THRESHOLD), as the kernel does.
 """
@@ -18,11 +19,10 @@ import errno
 from collections.abc import Iterator
 
 from minidisk.device.api import BlockDevice, Extent, add_holes, pread_sparse_at
-from minidisk.device.revocable import unwrap
+from minidisk.dm.route import Hop, unwrap
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import (
     DeviceRef,
-    Hop,
     Target,
     TargetContext,
     TargetError,
@@ -100,13 +100,22 @@ class Striped(Target):
         if self.error_counts[stripe] < ERROR_EVENT_THRESHOLD:
             self.raise_event()
 
+    def _locate(self, offset: int) -> tuple[int, int, int]:
+        """(stripe, device offset, bytes left in the chunk) of the byte at `offset`: the
+        module docstring's formula, which every path but `route` takes from here."""
+        chunk = self.chunk
+        chunk_no, in_chunk = divmod(offset, chunk)
+        row, stripe = divmod(chunk_no, self.stripes)
+        return stripe, row * chunk + in_chunk + self.bases[stripe], chunk - in_chunk
+
     def route(self, offset: int, length: int) -> Hop | None:
         """A request inside one chunk, as most small ones are, goes straight to its stripe."""
+        # `_locate`, inlined and in separate operators (divmod's tuple costs more): this runs
+        # for every routed request (route.py).
         chunk = self.chunk
         in_chunk = offset % chunk
         if in_chunk + length > chunk:
             return None
-        # The same formula as `pieces`, in separate operators: divmod's tuple costs more.
         chunk_no = offset // chunk
         stripe = chunk_no % self.stripes
         gate, inner, base = self.hops[stripe]
@@ -117,23 +126,21 @@ class Striped(Target):
 
     def pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(stripe, device offset, position in request, bytes) for each chunk touched."""
-        chunk, stripes = self.chunk, self.stripes
         pos = 0
         while pos < length:
-            chunk_no, in_chunk = divmod(offset + pos, chunk)
-            row, stripe = divmod(chunk_no, stripes)
-            n = min(chunk - in_chunk, length - pos)
-            yield stripe, row * chunk + in_chunk + self.bases[stripe], pos, n
+            stripe, at, left = self._locate(offset + pos)
+            n = min(left, length - pos)
+            yield stripe, at, pos, n
             pos += n
 
+    # pread, pread_sparse and pwrite call a request inside one chunk (what a table of more
+    # than one segment, or an unroutable striped target, sends most) without the generator.
+
     async def pread(self, buf: memoryview, offset: int) -> None:
-        chunk = self.chunk
-        chunk_no, in_chunk = divmod(offset, chunk)
-        if in_chunk + len(buf) <= chunk:
-            row, stripe = divmod(chunk_no, self.stripes)
+        stripe, at, left = self._locate(offset)
+        if len(buf) <= left:
             try:
-                await self.children[stripe].pread(
-                    buf, row * chunk + in_chunk + self.bases[stripe])
+                await self.children[stripe].pread(buf, at)
             except OSError as e:
                 self._failed(stripe, e)
                 raise
@@ -146,14 +153,9 @@ class Striped(Target):
                 raise
 
     async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
-        chunk = self.chunk
-        chunk_no, in_chunk = divmod(offset, chunk)
-        if in_chunk + len(buf) <= chunk and self.caps.extents:
-            # One chunk, as most small reads are: no generator, no helper coroutine (this
-            # path runs once per 4 KiB read; every layer costs ~0.3 µs of a ~6 µs request).
+        stripe, at, left = self._locate(offset)
+        if len(buf) <= left and self.caps.extents:
             # Our caps were combined from the children's, so each child tells holes too.
-            row, stripe = divmod(chunk_no, self.stripes)
-            at = row * chunk + in_chunk + self.bases[stripe]
             try:
                 found = await self.children[stripe].pread_sparse(buf, at)
             except OSError as e:
@@ -174,13 +176,10 @@ class Striped(Target):
         return holes
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        chunk = self.chunk
-        chunk_no, in_chunk = divmod(offset, chunk)
-        if in_chunk + len(buf) <= chunk:
-            row, stripe = divmod(chunk_no, self.stripes)
+        stripe, at, left = self._locate(offset)
+        if len(buf) <= left:
             try:
-                await self.children[stripe].pwrite(
-                    buf, row * chunk + in_chunk + self.bases[stripe], fua)
+                await self.children[stripe].pwrite(buf, at, fua)
             except OSError as e:
                 self._failed(stripe, e)
                 raise

@@ -11,7 +11,7 @@ class Zero(NullDevice, Target):
     from NullDevice (first in the MRO), its table life from Target."""
 
     name = "zero"
-    version = (1, 2, 0)
+    version = (1, 1, 0)  # 6.1's
 
     def __init__(self, ctx: TargetContext, args: list[str]) -> None:
         Target.__init__(self, ctx, args)
