@@ -1,0 +1,134 @@
+"""dlmfs against the kernel's own: the same shell battery (guest/dlmfs_battery.sh) run on two
+ocfs2_dlmfs mounts of a one-node o2cb cluster in a guest (guest/dlmfs_o2cb.sh) and on two
+minidisk dlmfs mounts over one lock manager on the host; a mount is a node in both. Every
+observation is compared one by one.
+
+Deliberate exceptions, by name (DIFFERENT), each with what ours gives and why. Anything else
+that differs fails its test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.vm.harness import GUEST_SCRIPTS, Boot, GuestRun, guest_script
+
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout(900)]
+
+BATTERY = GUEST_SCRIPTS / "dlmfs_battery.sh"
+GUEST_TIMEOUT = 600.0
+
+# name -> (what minidisk's dlmfs records, why it cannot or will not be the kernel's)
+DIFFERENT: dict[str, tuple[str, str]] = {
+    "d.statfs_type": ("rc=0 out=65735546 err=",
+                      "a FUSE mount reports FUSE_SUPER_MAGIC; the kernel decides, not the "
+                      "daemon (libo2dlm's o2dlm_initialize checks it: see the README)"),
+    "v.after_recreate": ("rc=0 out= 64 err=",
+                         "unlink forgets the resource and its value block at once; o2dlm keeps "
+                         "an unused resource, value block included, until its purge a few "
+                         "seconds later (keeping ours would leave every unlinked resource in "
+                         "the lock manager for good)"),
+}
+
+
+def observation_names() -> list[str]:
+    """Every `obs NAME` of the battery, in order."""
+    return re.findall(r"^\s*obs (\S+)", BATTERY.read_text(), re.MULTILINE)
+
+
+def read_observations(directory: Path) -> dict[str, str]:
+    return {p.name: p.read_text().rstrip("\n") for p in directory.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def kernel_run(boot: Boot) -> GuestRun:
+    return boot("dlmfs-oracle", guest_script("dlmfs_o2cb.sh"), timeout=GUEST_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def kernel(kernel_run: GuestRun) -> dict[str, str]:
+    obs = kernel_run.results / "obs"
+    if not obs.is_dir():
+        pytest.fail(f"the guest ran no battery\n{kernel_run.explain()}")
+    return read_observations(obs)
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def minidisk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The battery on two minidisk dlmfs mounts (nodes A and B) over one lock manager."""
+    top = Path(tempfile.mkdtemp(prefix="dlmfs-oracle-", dir="/tmp"))
+    top.chmod(0o755)  # the battery's nobody steps must reach the mounts
+    sock = top / "dlm.sock"
+    server = subprocess.Popen([_bin("minidisk"), "dlm", "serve", f"unix://{sock}"],
+                              stdout=subprocess.PIPE)
+    mounts: list[tuple[Path, subprocess.Popen[bytes]]] = []
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().startswith(b"listening on")
+        for node in ("a", "b"):
+            mnt = top / node
+            mnt.mkdir()
+            mounts.append((mnt, subprocess.Popen(
+                [_bin("minidisk"), "dlmfs", str(mnt), "--server", f"unix://{sock}"])))
+        deadline = time.monotonic() + 20
+        for mnt, process in mounts:
+            while not os.path.ismount(mnt):
+                assert process.poll() is None, "dlmfs exited before mounting"
+                assert time.monotonic() < deadline, "dlmfs did not mount"
+                time.sleep(0.05)
+        out = tmp_path_factory.mktemp("dlmfs-minidisk") / "obs"
+        run = subprocess.run(["bash", str(BATTERY), str(top / "a"), str(top / "b"), str(out)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        yield read_observations(out)
+    finally:
+        for mnt, process in mounts:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False,
+                           stderr=subprocess.DEVNULL)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["umount", "-l", str(mnt)], check=False)
+                _stop(process)
+        _stop(server)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_every_step_was_observed_on_both(kernel: dict[str, str],
+                                         minidisk: dict[str, str]) -> None:
+    names = set(observation_names())
+    assert set(kernel) == names, sorted(names ^ set(kernel))
+    assert set(minidisk) == names, sorted(names ^ set(minidisk))
+
+
+@pytest.mark.parametrize("name", observation_names())
+def test_observation(name: str, kernel: dict[str, str], minidisk: dict[str, str]) -> None:
+    if name in DIFFERENT:
+        ours, why = DIFFERENT[name]
+        assert minidisk.get(name) == ours, why
+        assert kernel.get(name) != ours, f"the kernel now agrees: {name} is no exception"
+        return
+    assert minidisk.get(name) == kernel.get(name)
