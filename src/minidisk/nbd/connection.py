@@ -497,17 +497,24 @@ class Connection(asyncio.BufferedProtocol):
             if cmd != p.CMD_WRITE:
                 self._execute_now(flags, cmd, cookie, offset, length, None)
                 continue
-            payload = bytearray(length)
             have = min(end - pos, length)
-            payload[:have] = rx[pos:pos + have]
+            if have == length:
+                # All of it is in rx (every small WRITE): one copy by slicing, rather than a
+                # zero-filled buffer and a temporary slice copied into it (4 KiB: 0.7 µs
+                # instead of 2.7 µs, timeit on this VM under load).
+                payload = rx[pos:pos + length]
+                pos += length
+                self._execute_now(flags, cmd, cookie, offset, length, payload)
+                continue
+            # The rest arrives straight into the payload buffer (get_buffer).
+            payload = bytearray(length)
+            payload[:have] = self.rx_view[pos:pos + have]  # a view: no temporary copy
             pos += have
-            if have < length:
-                self.payload, self.payload_view = payload, memoryview(payload)
-                self.payload_pos = have
-                self.payload_request = (flags, cmd, cookie, offset)
-                self._watch_progress()
-                break
-            self._execute_now(flags, cmd, cookie, offset, length, payload)
+            self.payload, self.payload_view = payload, memoryview(payload)
+            self.payload_pos = have
+            self.payload_request = (flags, cmd, cookie, offset)
+            self._watch_progress()
+            break
         if pos == end:
             pos = end = 0
         self.rx_start, self.rx_end = pos, end
