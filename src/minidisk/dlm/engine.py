@@ -41,10 +41,11 @@ import errno
 import heapq
 import os
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
-from minidisk.dlm.modes import LvbAction, Mode, compatible, lvb_action
+from minidisk.dlm.modes import COMPATIBLE, LvbAction, Mode, compatible, lvb_action
 
 LVB_LEN = 64  # o2dlm/dlmfs size; also the VMS extended value block
 NAME_MAX = 64  # bytes, for domain and resource names (Linux DLM_RESNAME_MAXLEN)
@@ -75,6 +76,12 @@ _PERSISTENT = Flag.PERSISTENT.value
 _IVVALBLK = Flag.IVVALBLK.value
 _ORPHAN = Flag.ORPHAN.value
 _NOQUEUEBAST = Flag.NOQUEUEBAST.value
+# Sets of modes as bits (1 << mode); for each requested mode, the granted modes that block it.
+_BIT = tuple(1 << mode for mode in Mode)
+_BLOCKERS = tuple(sum(_BIT[held] for held in Mode if not COMPATIBLE[held][wanted])
+                  for wanted in Mode)
+# `Resource.notified` when nothing is blocked.
+_NOTHING_BLOCKED: frozenset[Mode] = frozenset()
 
 
 class DlmError(OSError):
@@ -145,6 +152,18 @@ class LockState:
 
 @dataclass(eq=False, slots=True)
 class Resource:
+    """A resource and its three queues. Two summaries keep a request's cost independent of
+    how many compatible locks the resource has:
+
+    * `held`, the number of holders (granted and converting locks) in each granted mode, and
+      `held_modes`, the modes whose count is not 0 (as bits), answer "does anyone else block
+      this mode?" at once, without looking at the holders;
+    * `notified`, when not None, says that every granted lock but the `fresh` one has had the
+      basts that the blocked requests' modes (a subset of `notified`) call for -- so a request
+      queued behind others in a mode already among them sends none, and a grant while others
+      wait looks at that one lock, not at all the holders. None: look at them all.
+    """
+
     domain: Domain
     name: str
     granted: dict[int, LockState] = field(default_factory=dict)
@@ -153,6 +172,10 @@ class Resource:
     lvb: bytes = bytes(LVB_LEN)
     lvb_seq: int = 0
     lvb_valid: bool = True
+    held: list[int] = field(default_factory=lambda: [0] * len(Mode))
+    held_modes: int = 0
+    notified: AbstractSet[Mode] | None = None
+    fresh: LockState | None = None  # granted since the last look at the holders
 
     def holders(self) -> Iterable[LockState]:
         """Locks that hold a granted mode: the granted and the converting ones."""
@@ -341,6 +364,7 @@ class Engine:
             self._collect(dom)
             raise DlmError(errno.EAGAIN, f"{name!r} {mode.name} not grantable now", events)
         self._register(lk, res.waiting)
+        self._blocked_by(res, mode)
         self._send_basts(res, events)
         return lk.lkid, events
 
@@ -368,7 +392,8 @@ class Engine:
             if not flags & Flag.CONVDEADLK:
                 self._revert(lk)
                 raise DlmError(errno.EDEADLK, f"conversion deadlock on {res.name!r}")
-            lk.grmode, lk.demoted = Mode.NL, True
+            self._set_grmode(lk, Mode.NL)
+            lk.demoted = True
             # The demotion may let queued conversions through, and then perhaps this one.
             self._grant_pending(res, events, conversions_only=True)
             if self._convertible_now(res, lk):
@@ -377,6 +402,7 @@ class Engine:
                 return events
         del res.granted[lkid]
         res.converting[lkid] = lk
+        self._blocked_by(res, mode)
         self._settle(res, events)
         return events
 
@@ -411,6 +437,7 @@ class Engine:
         else:
             del res.converting[lkid]
             res.granted[lkid] = lk
+            res.notified = None  # back among the granted, which basts go to
             self._revert(lk)
             events.append(Cancelled(lkid, lk.owner, lk.grmode))
         self._settle(res, events)
@@ -430,6 +457,7 @@ class Engine:
                 if lk.rqmode is not None:
                     res.converting.pop(lk.lkid, None)
                     res.granted[lk.lkid] = lk
+                    res.notified = None
                     self._revert(lk)
                 lk.owner, lk.orphan_of = None, owner
                 continue
@@ -510,6 +538,8 @@ class Engine:
         res = lk.resource
         for queue in (res.granted, res.converting, res.waiting):
             queue.pop(lk.lkid, None)
+        if lk.grmode is not None:
+            self._unhold(res, lk.grmode)
         del self._locks[lk.lkid]
         if lk.owner is not None:
             self._by_owner.get(lk.owner, {}).pop(lk.lkid, None)
@@ -523,18 +553,44 @@ class Engine:
                 if owner not in res.domain.members:
                     self.join(owner, res.domain.name)
                 # Adoption is a grant: a fresh token, and the value block is read.
-                lk.grmode, lk.rqmode = None, mode
+                self._set_grmode(lk, None)
+                lk.rqmode = mode
                 self._grant(lk, events)
                 return lk.lkid
         raise DlmError(errno.ENOENT, f"no {mode.name} orphan on {res.name!r}")
 
     def _conflicts(self, res: Resource, lk: LockState) -> bool:
+        """Does any holder but `lk` itself hold a mode that blocks `lk`'s request?"""
         assert lk.rqmode is not None
-        return any(
-            other is not lk and other.grmode is not None
-            and not compatible(other.grmode, lk.rqmode)
-            for other in res.holders()
-        )
+        present, own = res.held_modes, lk.grmode
+        if own is not None and res.held[own] == 1:
+            present ^= _BIT[own]  # `lk` is its mode's only holder
+        return present & _BLOCKERS[lk.rqmode] != 0
+
+    @staticmethod
+    def _unhold(res: Resource, mode: Mode) -> None:
+        """One holder of `mode` fewer."""
+        held = res.held
+        held[mode] -= 1
+        if not held[mode]:
+            res.held_modes &= ~_BIT[mode]
+
+    def _set_grmode(self, lk: LockState, mode: Mode | None) -> None:
+        """Change a holder's granted mode, keeping its resource's `held` counts."""
+        res = lk.resource
+        if lk.grmode is not None:
+            self._unhold(res, lk.grmode)
+        if mode is not None:
+            res.held[mode] += 1
+            res.held_modes |= _BIT[mode]
+        lk.grmode = mode
+
+    @staticmethod
+    def _blocked_by(res: Resource, mode: Mode) -> None:
+        """A request for `mode` joined a queue: holders may need basts for it, unless the
+        blocked modes of the last full look included it."""
+        if res.notified is not None and mode not in res.notified:
+            res.notified = None
 
     def _convertible_now(self, res: Resource, lk: LockState) -> bool:
         if self._conflicts(res, lk):
@@ -570,8 +626,9 @@ class Engine:
 
     def _grant(self, lk: LockState, events: list[Event]) -> None:
         res = lk.resource
-        assert lk.rqmode is not None
-        action = lvb_action(lk.grmode, lk.rqmode)
+        mode = lk.rqmode
+        assert mode is not None
+        action = lvb_action(lk.grmode, mode)
         if action is LvbAction.WRITE:
             self._store_lvb(res, lk.pending_lvb,
                             invalidate=bool(int(lk.rqflags) & _IVVALBLK))
@@ -581,10 +638,21 @@ class Engine:
         elif lk.lkid in res.waiting:
             del res.waiting[lk.lkid]
             res.granted[lk.lkid] = lk
-        lk.grmode = lk.rqmode
+        if lk.grmode is not None:  # (`_set_grmode`, inlined: every grant passes here)
+            self._unhold(res, lk.grmode)
+        res.held[mode] += 1
+        res.held_modes |= _BIT[mode]
+        lk.grmode = mode
+        # A new holder, which no bast has reached yet: look at it (alone, if it is the only
+        # one since the last look).
+        if res.notified is not None:
+            if res.fresh is None:
+                res.fresh = lk
+            elif res.fresh is not lk:
+                res.notified = None
         lk.token = self._take_token()
         events.append(Granted(
-            lk.lkid, lk.owner, lk.grmode, lk.token,
+            lk.lkid, lk.owner, mode, lk.token,
             res.lvb if action is LvbAction.READ else None,
             res.lvb_seq, res.lvb_valid, lk.demoted,
         ))
@@ -615,9 +683,28 @@ class Engine:
         self._send_basts(res, events)
 
     def _send_basts(self, res: Resource, events: list[Event]) -> None:
+        """Tell each granted lock in the way of a blocked request, for each blocked mode in
+        queue order (a mode that comes again has nothing more to tell)."""
+        notified, fresh = res.notified, res.fresh
+        if notified is not None and fresh is None:
+            return
+        if not res.converting and not res.waiting:
+            res.notified, res.fresh = _NOTHING_BLOCKED, None
+            return
+        # Every other holder has heard all it must: the fresh one alone (if still granted).
+        holders = res.granted.values() if notified is None else (
+            (fresh,) if fresh is not None and fresh.lkid in res.granted else ())
+        modes = set()
         for blocked in (*res.converting.values(), *res.waiting.values()):
-            assert blocked.rqmode is not None
-            self._notify_holders(res, res.granted.values(), blocked.rqmode, events)
+            mode = blocked.rqmode
+            assert mode is not None
+            if mode not in modes:
+                modes.add(mode)
+                self._notify_holders(res, holders, mode, events)
+        # What every granted lock has heard all it must for: the modes blocked now (those of
+        # the last look may include some that are not, which the fresh one was not told of).
+        res.notified = modes
+        res.fresh = None
 
     def _notify_holders(self, res: Resource, holders: Iterable[LockState], mode: Mode,
                         events: list[Event]) -> None:
