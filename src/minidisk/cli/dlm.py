@@ -132,16 +132,21 @@ def purge(url: str | None, domain: str | None, pid: int | None) -> None:
 @click.command()
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--server", "url", help=SERVER_HELP)
-@click.option("--wait-limit", type=float, default=30.0, show_default=True,
+@click.option("--wait-limit", type=float, default=None,
               help="Longest a blocking open waits for its lock before failing with "
-                   "ETIMEDOUT (a process blocked in a FUSE open cannot be killed).")
+                   "ETIMEDOUT (default: until granted, as dlmfs; a process blocked in a FUSE "
+                   "open cannot be killed meanwhile).")
+@click.option("--exclusive", is_flag=True,
+              help="Local opens exclude each other as opens on other nodes do (an extension: "
+                   "dlmfs leaves local exclusion to the programs).")
 @click.option("--debug-fuse", is_flag=True, help="Log every FUSE request.")
-def dlmfs(mountpoint: str, url: str | None, wait_limit: float, debug_fuse: bool) -> None:
+def dlmfs(mountpoint: str, url: str | None, wait_limit: float | None, exclusive: bool,
+          debug_fuse: bool) -> None:
     """Mount the lock file system (OCFS2 dlmfs semantics) on MOUNTPOINT, in the foreground.
     Unmount with `fusermount3 -u MOUNTPOINT` (or SIGINT/SIGTERM)."""
     from minidisk.dlmfs.mount import run_dlmfs
 
     try:
-        run_dlmfs(mountpoint, url, wait_limit=wait_limit, debug=debug_fuse)
+        run_dlmfs(mountpoint, url, wait_limit=wait_limit, exclusive=exclusive, debug=debug_fuse)
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None

@@ -8,34 +8,42 @@ mkdir /dlm/D            join domain D; only in the root (else EPERM); name < 64 
 rmdir /dlm/D            leave D; ENOTEMPTY while lock files exist
 open(D/L, O_CREAT)      create resource L; name < 32 bytes, no leading "$" (EINVAL); EACCES in
                         the root; without O_CREAT, ENOENT unless created through this mount
-open O_RDONLY           PR lock; open O_WRONLY or O_RDWR: EX lock. Blocks until granted, but at
-                        most --wait-limit seconds, then fails with ETIMEDOUT (a process blocked
-                        in a FUSE open cannot be interrupted or killed, so every wait is bounded)
+open O_RDONLY           PR lock; open O_WRONLY or O_RDWR: EX lock. Blocks until granted (with
+                        --wait-limit at most that long, then ETIMEDOUT)
 + O_NONBLOCK            trylock: ETXTBSY when not grantable at once (never queued)
 read                    the 64-byte value block; 0 bytes when it is invalid (a PW/EX holder died)
                         or at offset >= 64
-write                   needs EX (EBADF on a read-only descriptor); ENOSPC at offset >= 64,
-                        longer writes truncated; stored at close. Page cache bypassed (direct_io)
-poll                    POLLIN|POLLRDNORM when another holder waits for the lock
-close                   drops the lock before close(2) returns (done in FUSE FLUSH: RELEASE is
-                        asynchronous, so a trylock right after close could otherwise fail; the
-                        unlock counts once written, as the mount's connection is prompt-unlock);
-                        closing one of several descriptors of a description (dup2, fork) keeps
-                        it: see `holders`
+write                   needs EX (EBADF on a read-only descriptor); lands at the value block's
+                        start whatever the position (ENOSPC at a position >= 64, truncated to
+                        64 - position; O_APPEND ignored); stored when the lock leaves EX.
+                        Page cache bypassed (direct_io)
+fsync, fdatasync        EINVAL
+poll                    POLLIN|POLLRDNORM when another node waits for the lock
+close                   the open file description's hold ends at its last close (FUSE RELEASE);
+                        the lock stays cached on this node until another node asks for it
 unlink D/L              forget the resource; EBUSY while this mount holds it open
 chmod, chown, truncate  local only; the size stays 64
+mknod                   S_IFREG creates a lock file (it is how an O_CREAT open creates one);
+                        other types EPERM, as symlink, link and rename
+any name > 255 bytes    ENAMETOOLONG (before the name rules above)
 ======================  =========================================================================
 
-Deliberate divergences from OCFS2's dlmfs:
+A mount is a node (`fs.Resource`): one lock per lock file, cached; opens on the same mount,
+from any process, are granted from it (PR beside PR, PR upconverted to EX beside PR holders)
+and a close only counts its holder out. Another node's trylock fails while the lock is cached;
+its blocking request makes this node give way once no local holder conflicts (EX to nothing
+for EX, to PR for PR). Mounted with allow_other and default_permissions: the mode bits apply.
 
-* Every open file description holds its own lock, so two processes on the same machine exclude
-  each other (dlmfs only counts local holders and leaves local exclusion to the programs).
-* FUSE cannot say which close is a description's last, so `holders` counts descriptors in
-  the openers' process trees: a description passed to an unrelated process, or kept by a child
-  that outlives its opener, loses its lock at the opener's last close (later reads and writes
-  on it fail with EIO).
-* O_APPEND is not cleared at open: an appending write starts at offset 64 and gets ENOSPC.
+Deliberate divergences from OCFS2's dlmfs (tests/vm/test_dlmfs_oracle.py lists them):
+
+* statfs gives FUSE's f_type (the kernel fills it in), so libo2dlm refuses the mount.
+* unlink forgets the resource and its value block at once (o2dlm keeps an unused resource until
+  its purge, seconds later).
 * A never-written value block reads as 64 zero bytes (valid), as fs/dlm gives it.
+* A signal does not interrupt a blocked open (FUSE's INTERRUPT does not reach pyfuse3); dlmfs's
+  own wait is uninterruptible too, but it returns EINTR once granted.
+* --exclusive (ours): local opens exclude each other too; FUSE's RELEASE is asynchronous, so a
+  trylock right after a close may still find the lock held.
 * If the lock manager connection is lost, every lock of the mount is gone: reads and writes on
   open descriptors fail with EIO, poll reports POLLERR, new opens fail with ENOTCONN.
 """

@@ -1,12 +1,13 @@
 """The dlmfs `pyfuse3.Operations`: a two-level tree (domains, then lock files) kept locally,
-each open file description holding one lock in the lock manager. Semantics: see the package
-docstring."""
+the mount being one node: one cached lock per lock file, held for the open file descriptions
+of this mount (see `Resource`). Semantics: see the package docstring."""
 
 from __future__ import annotations
 
 import errno
 import itertools
 import logging
+import math
 import os
 import select
 import stat
@@ -15,18 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from minidisk.dlm.client import DlmClient
-from minidisk.dlm.engine import LVB_LEN, DlmError
+from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
 from minidisk.dlm.lock import Lock
-from minidisk.dlm.modes import Mode
-from minidisk.dlmfs import holders
+from minidisk.dlm.modes import Mode, compatible
 
 log = logging.getLogger("minidisk.dlmfs")
 
 DOMAIN_NAME_LIMIT = 64  # GROUP_NAME_MAX: a domain name must be shorter
 LOCK_NAME_LIMIT = 32    # DLM_LOCKID_NAME_MAX in dlmfs: a lock name must be shorter
+NAME_MAX = 255          # what the VFS allows at all (ENAMETOOLONG past it, before any rule)
 ROOT = pyfuse3.ROOT_INODE
 
 
@@ -39,25 +41,71 @@ class Node:
     uid: int
     gid: int
     children: dict[str, int] = field(default_factory=dict)
-    open_handles: set[int] = field(default_factory=set)
+    res: Resource = field(default_factory=lambda: Resource())  # lock files only
     lookups: int = 0
     unlinked: bool = False
     times_ns: list[int] = field(default_factory=lambda: [time.time_ns()] * 3)  # a, m, c
-    path: str = ""  # where a lock file is, under the mountpoint (set at its first close)
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
 
+class Resource:
+    """The mount's one lock on a lock file, as userdlm.c's lockres: this node's cached level,
+    the local holders of each mode, and whether another node waits for it.
+
+    A local open at or below the cached level is granted from it with no lock-manager call; a
+    higher level is one conversion. A close only counts a holder out: the lock stays cached
+    at its level until another node asks for it (a blocking notification), and then gives
+    way as soon as no local holder conflicts -- EX falls to nothing when the other node wants
+    EX, to PR when it wants PR. While it is asked for, new local opens that conflict with the
+    level it is falling to wait, so that a busy node cannot starve the other."""
+
+    def __init__(self) -> None:
+        self.lock: Lock | None = None
+        self.holders = {Mode.PR: 0, Mode.EX: 0}
+        self.busy = False  # a request or conversion of `lock` is in flight
+        self.blocked: Mode | None = None  # what another node waits for
+        self.unblocking = False  # a task is giving the lock way
+        self.handles: set[int] = set()
+        self._changed = trio.Event()
+
+    @property
+    def level(self) -> Mode | None:
+        lock = self.lock
+        return lock.mode if lock is not None and not lock.lost else None
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+
+    def conflicts_locally(self, level: Mode) -> bool:
+        """Whether a local holder excludes `level` (only with --exclusive)."""
+        return self.holders[Mode.EX] > 0 or (level is Mode.EX and self.holders[Mode.PR] > 0)
+
+    def may_give_way(self) -> bool:
+        assert self.blocked is not None
+        if self.busy or self.holders[Mode.EX]:
+            return False
+        return not (self.holders[Mode.PR] and not compatible(Mode.PR, self.blocked))
+
+
+def highest_compatible(mode: Mode) -> Mode:
+    """The highest level a lock can keep beside a request for `mode` (NL for EX)."""
+    return max(m for m in Mode if compatible(m, mode))
+
+
 @dataclass(eq=False)
 class Handle:
     fh: int
     node: Node
-    lock: Lock
-    opener: int  # the pid that opened it
-    dropped: bool = False
-    kept: bool = False  # a FLUSH found it maybe still referenced, so RELEASE will drop it
+    level: Mode  # PR (read-only open) or EX
+    append: bool  # opened O_APPEND: dlmfs clears it, so writes follow `position`
+    position: int = 0
     poll_handle: pyfuse3.PollHandle | None = None
 
     def wake_pollers(self) -> None:
@@ -71,17 +119,23 @@ def _fuse_error(err: DlmError) -> FUSEError:
 
 
 class DlmFs(pyfuse3.Operations):
-    """Lock files over one lock manager connection (`client`)."""
+    """Lock files over one lock manager connection (`client`): one node.
+
+    `nursery` runs the tasks that give cached locks way to other nodes; `wait_limit` bounds
+    a blocking open (None: it waits until granted, as dlmfs does); `exclusive` makes local
+    holders exclude each other too (our extension)."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, client: DlmClient, mountpoint: str, wait_limit: float) -> None:
+    def __init__(self, client: DlmClient, nursery: trio.Nursery, *,
+                 wait_limit: float | None = None, exclusive: bool = False) -> None:
         super().__init__()
         self.client = client
-        self.mountpoint = os.path.abspath(mountpoint)
+        self.nursery = nursery
         self.wait_limit = wait_limit
+        self.exclusive = exclusive
         self.nodes: dict[int, Node] = {
             ROOT: Node(ROOT, "", ROOT, stat.S_IFDIR | 0o755, os.getuid(), os.getgid())
         }
@@ -99,7 +153,7 @@ class DlmFs(pyfuse3.Operations):
             if node.is_dir else 1
         attrs.st_uid, attrs.st_gid = node.uid, node.gid
         attrs.st_size = 0 if node.is_dir else LVB_LEN
-        attrs.st_blksize = 512
+        attrs.st_blksize = 4096  # dlmfs's s_blocksize: PAGE_SIZE
         attrs.st_blocks = 0
         attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = node.times_ns
         # The tree changes only through this mount, so the kernel may cache names and
@@ -114,6 +168,8 @@ class DlmFs(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT) from None
 
     def _child(self, parent: int, name: bytes) -> Node:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         ino = self._node(parent).children.get(os.fsdecode(name))
         if ino is None:
             raise FUSEError(errno.ENOENT)
@@ -176,7 +232,7 @@ class DlmFs(pyfuse3.Operations):
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 512
         data.f_files = len(self.nodes)
-        data.f_namemax = DOMAIN_NAME_LIMIT - 1
+        data.f_namemax = NAME_MAX
         return data
 
     # -- domains ------------------------------------------------------------------------------
@@ -220,151 +276,273 @@ class DlmFs(pyfuse3.Operations):
 
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
                       token: pyfuse3.ReaddirToken) -> None:
-        for name, ino in sorted(self._node(fh).children.items(), key=lambda item: item[1]):
-            if ino <= start_id:
+        # Offsets: 1 after ".", 2 after "..", ino + 2 after a child (inodes only grow, so a
+        # listing resumed after changes neither repeats nor skips a name that stayed).
+        directory = self._node(fh)
+        dots = [(b".", directory, 1), (b"..", self._node(directory.parent), 2)]
+        for dot, node, offset in dots:
+            if offset > start_id and not pyfuse3.readdir_reply(token, dot, self._attrs(node),
+                                                                offset):
+                return
+        for name, ino in sorted(directory.children.items(), key=lambda item: item[1]):
+            if ino + 2 <= start_id:
                 continue
             node = self.nodes[ino]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), ino):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), ino + 2):
                 return
-            node.lookups += 1
+            node.lookups += 1  # the kernel counts a lookup for each entry but "." and ".."
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         pass
 
     # -- lock files ---------------------------------------------------------------------------
+    #
+    # No `create`: FUSE's CREATE runs under the kernel's lock of the directory, so an O_CREAT
+    # open waiting there for its lock would stall every lookup, readdir, create and unlink of
+    # the domain. Without it (ENOSYS, once) the kernel makes the file with MKNOD and opens it
+    # with OPEN, which waits outside the directory lock.
 
-    async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: int,
-                     flags: int, ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: int,
+                    rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # dlmfs has no mknod: only S_IFREG, which is create
         if parent_inode == ROOT:
             raise FUSEError(errno.EACCES)  # the root holds domains only
         parent = self._node(parent_inode)
         if len(name) >= LOCK_NAME_LIMIT or name.startswith(b"$"):
             raise FUSEError(errno.EINVAL)
-        existing = parent.children.get(os.fsdecode(name))
-        if existing is not None:
-            node = self.nodes[existing]
-        else:
-            node = self._add(parent, os.fsdecode(name),
-                             stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx)
-        # The inode exists from here on, whether or not the lock below is granted.
-        info = await self._lock(node, flags, ctx.pid)
-        return info, self._looked_up(node)
+        if os.fsdecode(name) in parent.children:
+            raise FUSEError(errno.EEXIST)
+        node = self._add(parent, os.fsdecode(name), stat.S_IFREG | (mode & ~ctx.umask & 0o7777),
+                         ctx)
+        return self._looked_up(node)
+
+    async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                      target: pyfuse3.FileNameT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EPERM)
+
+    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
+                   new_name: pyfuse3.FileNameT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT,
+                     parent_inode_new: pyfuse3.InodeT, name_new: pyfuse3.FileNameT, flags: int,
+                     ctx: pyfuse3.RequestContext) -> None:
+        raise FUSEError(errno.EPERM)
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        raise FUSEError(errno.EINVAL)  # dlmfs has no fsync (ENOSYS would mean "success")
 
     async def open(self, inode: pyfuse3.InodeT, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
-        return await self._lock(node, flags, ctx.pid)
-
-    async def _lock(self, node: Node, flags: int, opener: int) -> pyfuse3.FileInfo:
-        if self.client.closed:
-            raise FUSEError(errno.ENOTCONN)
-        mode = Mode.PR if flags & os.O_ACCMODE == os.O_RDONLY else Mode.EX
+        level = Mode.PR if flags & os.O_ACCMODE == os.O_RDONLY else Mode.EX
+        await self._hold(node, level, trylock=bool(flags & os.O_NONBLOCK))
         fh = next(self._fhs)
-        domain = self.nodes[node.parent].name
-        lock = self.client.lock(domain, node.name, mode,
-                                on_blocking=lambda _lock, _mode: self._bast(fh))
-        trylock = bool(flags & os.O_NONBLOCK)
+        self.handles[fh] = Handle(fh, node, level, append=bool(flags & os.O_APPEND))
+        node.res.handles.add(fh)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True, keep_cache=False)
+
+    async def _hold(self, node: Node, level: Mode, trylock: bool) -> None:
+        """Count one more local holder of `level`, asking the lock manager only when the
+        cached level is lower (userdlm.c's user_dlm_cluster_lock). Every wait, local or at
+        the lock manager, ends by the wait limit when there is one."""
+        res = node.res
+        deadline = math.inf if self.wait_limit is None else trio.current_time() + self.wait_limit
+        while True:
+            if self.client.closed:
+                raise FUSEError(errno.ENOTCONN)
+            if node.unlinked:
+                raise FUSEError(errno.ENOENT)
+            if self.exclusive and res.conflicts_locally(level):
+                if trylock:
+                    raise FUSEError(errno.ETXTBSY)
+                await self._wait(res, deadline)
+                continue
+            # A conversion in flight, or the lock is giving way to another node below what
+            # we want: wait for it, trylock or not (as dlmfs does).
+            if res.busy or (res.blocked is not None and level > highest_compatible(res.blocked)):
+                await self._wait(res, deadline)
+                continue
+            current = res.level
+            if current is not None and current >= level:
+                res.holders[level] += 1
+                return
+            timeout = None if deadline == math.inf else max(0.0, deadline - trio.current_time())
+            await self._raise_level(node, level, trylock, timeout)
+
+    @staticmethod
+    async def _wait(res: Resource, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            await res.wait()
+            return
+        raise FUSEError(errno.ETIMEDOUT)
+
+    async def _raise_level(self, node: Node, level: Mode, trylock: bool,
+                           timeout: float | None) -> None:
+        res = node.res
+        res.busy = True
         try:
-            granted = await lock.acquire(blocking=not trylock,
-                                         timeout=None if trylock else self.wait_limit)
+            lock = res.lock
+            if trylock:
+                timeout = None
+            if lock is None or lock.mode is None:
+                domain = self.nodes[node.parent].name
+                lock = res.lock = self.client.lock(
+                    domain, node.name, level,
+                    on_blocking=lambda _lock, mode: self._asked_for(node, mode))
+                granted = await lock.acquire(blocking=not trylock, timeout=timeout)
+            else:
+                # With no local holder, a conversion deadlock (both nodes converting PR to
+                # EX) demotes ours to NL rather than failing; with holders it fails, and the
+                # other node's request makes ours give way once they close.
+                flags = Flag.NONE if any(res.holders.values()) else Flag.CONVDEADLK
+                granted = await lock.convert(level, blocking=not trylock, timeout=timeout,
+                                             flags=flags)
         except DlmError as err:
+            if err.errno == errno.EDEADLK:
+                # The other converter's request makes ours give way (a notification), after
+                # which the caller asks again.
+                res.busy = False
+                res.changed()
+                with trio.move_on_after(math.inf if timeout is None else timeout):
+                    await res.wait()
+                return
             raise _fuse_error(err) from None
+        finally:
+            res.busy = False
+            res.changed()
         if not granted:
             raise FUSEError(errno.ETXTBSY if trylock else errno.ETIMEDOUT)
         if node.unlinked:  # unlinked while we waited for the grant
-            await lock.release()
-            raise FUSEError(errno.ENOENT)
-        self.handles[fh] = Handle(fh, node, lock, opener)
-        node.open_handles.add(fh)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True, keep_cache=False)
+            await self._unlock(node)
 
-    def _bast(self, fh: int) -> None:
-        handle = self.handles.get(fh)
-        if handle is not None:
-            handle.wake_pollers()
+    def _asked_for(self, node: Node, mode: Mode) -> None:
+        """Another node waits for `mode` (a blocking notification, from the client's reader:
+        must not block)."""
+        res = node.res
+        res.blocked = mode if res.blocked is None else max(res.blocked, mode)
+        res.changed()
+        for fh in res.handles:
+            self.handles[fh].wake_pollers()
+        if not res.unblocking:
+            res.unblocking = True
+            self.nursery.start_soon(self._give_way, node)
+
+    async def _give_way(self, node: Node) -> None:
+        """Lower the cached lock to what the waiting node allows, once no local holder
+        conflicts (userdlm.c's user_dlm_unblock_lock)."""
+        res = node.res
+        try:
+            while res.blocked is not None:
+                if not res.may_give_way():
+                    await res.wait()
+                    continue
+                lock, target = res.lock, highest_compatible(res.blocked)
+                res.blocked = None  # a later notification sets it again
+                if lock is None or lock.mode is None or lock.mode <= target:
+                    res.changed()
+                    continue
+                res.busy = True
+                try:
+                    if target is Mode.NL:
+                        # Released, not kept at NL: our next request then queues behind the
+                        # waiting node's instead of overtaking it as a conversion would.
+                        await lock.release(wait=True)
+                    else:
+                        await lock.convert(target)
+                except DlmError as err:
+                    log.warning("giving way on %s/%s: %s", self.nodes[node.parent].name,
+                                node.name, err)
+                finally:
+                    res.busy = False
+                    res.changed()
+        finally:
+            res.unblocking = False
+
+    async def _unlock(self, node: Node) -> None:
+        lock = node.res.lock
+        if lock is not None and lock.mode is not None:
+            try:
+                await lock.release(wait=True)
+            except DlmError as err:
+                log.warning("unlocking %s/%s: %s", self.nodes[node.parent].name, node.name, err)
+        node.res.changed()
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)
-        if handle is None or handle.dropped or handle.lock.lost:
+        if handle is None:
+            raise FUSEError(errno.EIO)
+        lock = handle.node.res.lock
+        if lock is None or lock.lost or lock.mode is None:
             raise FUSEError(errno.EIO)
         return handle
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        lock = self._handle(fh).lock
+        lock = self._handle(fh).node.res.lock
+        assert lock is not None
         if off >= LVB_LEN or not lock.lvb_valid:
             return b""
         return lock.lvb[off:off + size]
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        lock = self._handle(fh).lock
+        # dlmfs writes every buffer at the value block's start; the file position only
+        # decides ENOSPC (at 64 or past) and how much is taken. O_APPEND is cleared at open
+        # there, so an appending descriptor follows its own position, not the file's end.
+        handle = self._handle(fh)
+        lock = handle.node.res.lock
+        assert lock is not None
+        if handle.append:
+            off = handle.position
+        if off >= LVB_LEN:
+            raise FUSEError(errno.ENOSPC)
+        count = min(len(buf), LVB_LEN - off)
         try:
-            return lock.write_lvb(buf, off)
+            lock.write_lvb(buf[:count], 0)
         except DlmError as err:
             raise _fuse_error(err) from None
+        if handle.append:
+            handle.position += count
+        return count
 
     async def poll(self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT,
                    poll_handle: pyfuse3.PollHandle | None,
                    ctx: pyfuse3.RequestContext) -> int:
         handle = self.handles.get(fh)
-        if handle is None or handle.dropped or handle.lock.lost:
+        lock = handle.node.res.lock if handle is not None else None
+        if handle is None or lock is None or lock.lost:
             return select.POLLERR
-        if handle.lock.blocking is not None:
+        if handle.node.res.blocked is not None:
             return select.POLLIN | select.POLLRDNORM
         if poll_handle is not None:
             handle.poll_handle = poll_handle
         return 0
 
-    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        # close(2) waits for FLUSH, not for RELEASE: dropping the lock here is what makes it
-        # free by the time close returns -- unless this was not the description's last
-        # descriptor (dup2, fork), which `holders` estimates.
-        handle = self.handles.get(fh)
-        if handle is None or handle.dropped:
-            return
-        node = handle.node
-        others = [self.handles[h] for h in node.open_handles
-                  if h != fh and not self.handles[h].kept]
-        path = node.path
-        if not path:
-            path = node.path = os.path.join(self.mountpoint, self.nodes[node.parent].name,
-                                            node.name)
-        if holders.still_referenced(path, [handle.opener, *(h.opener for h in others)],
-                                    len(others)):
-            handle.kept = True
-            return
-        await self._drop(fh)
-
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        await self._drop(fh)
+        # RELEASE comes when the open file description's last reference goes (however many
+        # descriptors, processes or paths shared it): that, and only that, ends its hold.
+        # The lock itself stays cached until another node asks for it.
         handle = self.handles.pop(fh, None)
-        if handle is not None:
-            handle.wake_pollers()
-
-    async def _drop(self, fh: int) -> None:
-        handle = self.handles.get(fh)
-        if handle is None or handle.dropped:
+        if handle is None:
             return
-        handle.dropped = True
-        handle.node.open_handles.discard(fh)
-        try:
-            # close(2) must return with the lock free for everyone: wait=True. The mount's
-            # connection is prompt-unlock (see `connect`), so that is done once the unlock is
-            # in the socket -- the service handles it before anyone's later request.
-            await handle.lock.release(wait=True)
-        except DlmError as err:
-            log.warning("dropping %s/%s: %s", self.nodes[handle.node.parent].name,
-                        handle.node.name, err)
+        res = handle.node.res
+        res.handles.discard(fh)
+        res.holders[handle.level] -= 1
+        res.changed()
+        handle.wake_pollers()
 
     async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext) -> None:
         node = self._child(parent_inode, name)
-        if node.open_handles:
+        if node.res.handles:
             raise FUSEError(errno.EBUSY)
         parent = self.nodes[parent_inode]
         self._remove(parent, node)
+        await self._unlock(node)
         try:
             await self.client.drop(parent.name, node.name)
         except DlmError as err:

@@ -16,37 +16,42 @@ from minidisk.dlmfs.fs import DlmFs
 log = logging.getLogger("minidisk.dlmfs")
 
 
-def run_dlmfs(mountpoint: str, url: str | None = None, *, wait_limit: float = 30.0,
-              debug: bool = False) -> None:
-    """Mount dlmfs on `mountpoint` and serve it in the foreground."""
-    if wait_limit <= 0:
+def run_dlmfs(mountpoint: str, url: str | None = None, *, wait_limit: float | None = None,
+              exclusive: bool = False, debug: bool = False) -> None:
+    """Mount dlmfs on `mountpoint` and serve it in the foreground. `wait_limit`: the longest a
+    blocking open waits (None: until granted); `exclusive`: local opens exclude each other."""
+    if wait_limit is not None and wait_limit <= 0:
         raise ValueError("the wait limit must be positive")
-    trio.run(_serve, mountpoint, url, wait_limit, debug)
+    trio.run(_serve, mountpoint, url, wait_limit, exclusive, debug)
 
 
-async def _serve(mountpoint: str, url: str | None, wait_limit: float, debug: bool) -> None:
-    # prompt_unlock: a close's unlock counts once it is in the socket (the service handles
-    # it before anyone's later request), so FLUSH need not wait for the service's reply.
+async def _serve(mountpoint: str, url: str | None, wait_limit: float | None, exclusive: bool,
+                 debug: bool) -> None:
+    # prompt_unlock: an unlock counts once it is in the socket (the service handles it before
+    # anyone's later request), so giving a lock way to another node costs no round trip.
     async with connect(url, name=f"dlmfs {mountpoint}", prompt_unlock=True) as client:
-        fs = DlmFs(client, mountpoint, wait_limit)
+        async with trio.open_nursery() as nursery:
+            fs = DlmFs(client, nursery, wait_limit=wait_limit, exclusive=exclusive)
 
-        def lost() -> None:
-            log.error("lock manager connection lost: every lock of %s is gone", mountpoint)
-            for handle in fs.handles.values():
-                handle.wake_pollers()
+            def lost() -> None:
+                log.error("lock manager connection lost: every lock of %s is gone", mountpoint)
+                for handle in fs.handles.values():
+                    handle.wake_pollers()
 
-        client.on_lost = lost
-        options = set(pyfuse3.default_options) | {"fsname=dlmfs", "subtype=minidisk"}
-        if debug:
-            options.add("debug")
-        pyfuse3.init(fs, mountpoint, options)
-        try:
-            async with trio.open_nursery() as nursery:
+            client.on_lost = lost
+            # allow_other + default_permissions: every user may use the mount, and the kernel
+            # applies the lock files' and domains' mode bits, as it does on dlmfs.
+            options = set(pyfuse3.default_options) | {
+                "fsname=dlmfs", "subtype=minidisk", "allow_other", "default_permissions"}
+            if debug:
+                options.add("debug")
+            pyfuse3.init(fs, mountpoint, options)
+            try:
                 nursery.start_soon(_terminate_on_signal)
                 await pyfuse3.main()  # returns once unmounted, or terminate()d by a signal
                 nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
+            finally:
+                pyfuse3.close(unmount=True)
 
 
 async def _terminate_on_signal() -> None:
