@@ -103,8 +103,8 @@ class RevocableDevice(Revocable):
             self.leave()
 
     # `enter` and `leave` bracket every call into the inner device. They are public for the
-    # dm layer's direct routes (see `unwrap`), which step over this wrapper on the hot path
-    # and must bracket their calls exactly as the methods here do.
+    # dm fast path (minidisk/dm/route.py: its gate contract), which steps over this wrapper
+    # on the hot path and must bracket its calls exactly as the methods here do.
 
     def enter(self) -> None:
         if self.revoked:
@@ -159,11 +159,3 @@ class RevocableDevice(Revocable):
     def describe(self) -> str:
         return ("revoked " if self.revoked else "") + self.inner.describe()
 
-
-def unwrap(device: BlockDevice) -> tuple[RevocableDevice | None, BlockDevice]:
-    """(gate, device to call) for a caller that steps over a revocable wrapper to save a
-    coroutine per request: it must call `gate.enter()` before and `gate.leave()` after
-    (also when the call raises) whenever the gate is not None."""
-    if isinstance(device, RevocableDevice):
-        return device, device.inner
-    return None, device
