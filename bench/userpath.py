@@ -11,7 +11,10 @@ for each export, `minidisk detach` at the end.
 fio runs with ioengine=libaio and direct=1 on the loop device.  Next to each throughput the
 script prints the CPU the server and nbdfuse spent during the run (from /proc/PID/stat), as
 µs per request (4 KiB rows) or per MiB (1 MiB rows), so that a ratio set by nbdfuse or the
-loop driver rather than by the server shows as such.  See bench/README.md.
+loop driver rather than by the server shows as such.  With --protocol the same jobs also run
+with fio's nbd engine straight to each server (columns "minidisk nbd", "nbdkit nbd"), in the
+same repeats, so the path's cost and the protocol-level ratio of the moment sit side by side.
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ class Attached:
     label: str
     device: str
     server_pid: int
-    fuse_pid: int
+    fuse_pid: int | None  # None: fio's nbd engine straight to the server (--protocol)
+    uri: str
 
 
 @dataclass(frozen=True)
@@ -109,19 +113,22 @@ class FioJob:
         return BANDWIDTH, SERVER_CPU_MIB, FUSE_CPU_MIB, MACHINE_BUSY
 
     def run(self, target: Attached, settings: Settings) -> dict[str, float]:
-        argv = ["fio", f"--name={self.name}", f"--filename={target.device}",
-                "--ioengine=libaio", "--direct=1", f"--rw={self.rw}",
+        if target.fuse_pid is None:
+            where = ["--ioengine=nbd", f"--uri={target.uri}", f"--size={DEVICE_SIZE}"]
+        else:
+            where = [f"--filename={target.device}", "--ioengine=libaio", "--direct=1"]
+        argv = ["fio", f"--name={self.name}", *where, f"--rw={self.rw}",
                 f"--bs={self.block_size}", f"--iodepth={self.iodepth}",
                 "--time_based", f"--runtime={settings.runtime_s}",
                 # The first second fills pipelines and warms caches; leave it out.
                 "--ramp_time=1", "--output-format=json"]
         server_before = process_cpu_s(target.server_pid)
-        fuse_before = process_cpu_s(target.fuse_pid)
+        fuse_before = process_cpu_s(target.fuse_pid) if target.fuse_pid else 0.0
         busy_before, total_before = machine_ticks()
         done = subprocess.run(argv, capture_output=True, text=True,
                               timeout=settings.runtime_s + 120)
         server_cpu = process_cpu_s(target.server_pid) - server_before
-        fuse_cpu = process_cpu_s(target.fuse_pid) - fuse_before
+        fuse_cpu = process_cpu_s(target.fuse_pid) - fuse_before if target.fuse_pid else 0.0
         busy_after, total_after = machine_ticks()
         if done.returncode != 0:
             raise RuntimeError(f"fio {self.name} on {target.device} failed "
@@ -141,10 +148,12 @@ class FioJob:
                   / max(1, total_after - total_before)}
         if self.small:
             values["server_us_per_req"] = server_cpu * 1e6 / max(requests, 1)
-            values["fuse_us_per_req"] = fuse_cpu * 1e6 / max(requests, 1)
+            if target.fuse_pid:
+                values["fuse_us_per_req"] = fuse_cpu * 1e6 / max(requests, 1)
         else:
             values["server_us_per_mib"] = server_cpu * 1e6 / max(mib, 1)
-            values["fuse_us_per_mib"] = fuse_cpu * 1e6 / max(mib, 1)
+            if target.fuse_pid:
+                values["fuse_us_per_mib"] = fuse_cpu * 1e6 / max(mib, 1)
         return values
 
 
@@ -177,7 +186,7 @@ def attached(label: str, uri: str, server: Server, tool: Minidisk,
         fuse_pid = next(h["pid"] for h in record["helpers"] if h["name"] == "nbdfuse")
         assert server.process is not None
         print(f"  {label}: {uri} on {device} (nbdfuse pid {fuse_pid})", flush=True)
-        yield Attached(label, device, server.process.pid, fuse_pid)
+        yield Attached(label, device, server.process.pid, fuse_pid, uri)
     finally:
         gone = subprocess.run(tool.argv("detach", device), capture_output=True, text=True,
                               env=env, timeout=120)
@@ -199,9 +208,10 @@ def measure(jobs: list[FioJob], targets: list[Attached], settings: Settings,
             for target in targets:
                 values = job.run(target, settings)
                 loads.append(os.getloadavg()[0])
-                shown = ", ".join(f"{values[m.key]:,.1f} {m.unit}" for m in job.metrics)
+                shown = ", ".join(f"{values[m.key]:,.1f} {m.unit}" for m in job.metrics
+                                  if m.key in values)
                 print(f"  {job.name} #{repeat + 1} {target.label}: {shown}", flush=True)
-                for metric in job.metrics:
+                for metric in (m for m in job.metrics if m.key in values):
                     samples.setdefault(row_name(job, metric), {}).setdefault(
                         target.label, []).append(values[metric.key])
     return samples
@@ -222,6 +232,9 @@ def main() -> int:
     parser.add_argument("--runtime", type=int, help="seconds per fio run (overrides --quick)")
     parser.add_argument("--servers", default="minidisk,nbdkit",
                         help="comma-separated subset of minidisk,nbdkit")
+    parser.add_argument("--protocol", action="store_true",
+                        help="also run each job with fio's nbd engine straight to each "
+                             "server (columns 'NAME nbd'): what the path costs, same run")
     parser.add_argument("--cprofile", metavar="FILE", type=Path,
                         help="run the minidisk server under cProfile, stats to FILE")
     parser.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
@@ -278,6 +291,9 @@ def main() -> int:
                 report.setdefault("multi_conn", {})[name] = multi_conn(uri)
                 targets.append(stack.enter_context(attached(name, uri, server, attach_tool,
                                                             env)))
+            if args.protocol:
+                targets += [Attached(f"{t.label} nbd", "", t.server_pid, None, t.uri)
+                            for t in list(targets)]
             print(f"multi-conn advertised: {report['multi_conn']} "
                   "(nbdfuse opens 4 connections where it is, 1 where not)", flush=True)
             samples = measure(jobs, targets, settings, loads)
@@ -286,14 +302,19 @@ def main() -> int:
             subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
 
     ratios = [("minidisk", "nbdkit")] if {"minidisk", "nbdkit"} <= set(server_names) else []
-    lines, medians = median_table(samples, server_names, ratios)
+    columns = list(server_names)
+    if args.protocol:
+        columns += [f"{name} nbd" for name in server_names]
+        ratios += [(f"{a} nbd", f"{b} nbd") for a, b in ratios]
+    lines, medians = median_table(samples, columns, ratios)
     verdicts = [v for goal in GOALS for v in goal.check(medians)]
     report["userpath"] = {"samples": samples, "medians": medians}
     report["uptime_end"] = uptime()
     report["load_1min_per_sample"] = loads
     report["targets"] = [{"target": text, "verdict": verdict} for text, verdict in verdicts]
-    output = ["", "## user path: fio libaio direct=1 on nbdfuse + loop "
-              "(medians; CPU rows: lower is better)", "", *lines,
+    output = ["", "## user path: fio libaio direct=1 on nbdfuse + loop"
+              + (" ('nbd' columns: fio's nbd engine, no path)" if args.protocol else "")
+              + " (medians; CPU rows: lower is better)", "", *lines,
               "", "## targets", "", *(f"- [{verdict}] {text}" for text, verdict in verdicts)]
     if loads:
         output += ["", f"1-min load during the samples: min {min(loads):.2f}, "
