@@ -486,6 +486,21 @@ def test_lvb_counter_through_dlmfs(exclusive: Mount) -> None:
         assert os.read(fd, 64).rstrip(b"\0") == b"75"
 
 
+
+def test_counter_across_two_nodes(nodes: tuple[Mount, Mount]) -> None:
+    """One counting process per node: the nodes' locks exclude each other, every round
+    handing the cached EX over through a blocking notification, value block included."""
+    a, b = nodes
+    for mount in nodes:
+        os.close(os.open(mount.path / "dom" / "counter", os.O_CREAT | os.O_RDONLY))
+    workers = [subprocess.Popen([sys.executable, WORKER, "fscounter",
+                                 str(mount.path / "dom" / "counter"), "30"])
+               for mount in (a, b)]
+    for worker in workers:
+        assert worker.wait(40) == 0
+    with opened(a.path / "dom" / "counter", os.O_RDONLY) as fd:
+        assert os.read(fd, 64).rstrip(b"\0") == b"60"
+
 SHELL = r"""
 set -eu
 cd "$MNT"
