@@ -10,10 +10,11 @@ import anyio
 import pytest
 
 from minidisk.dlm.client import connect
-from minidisk.dlm.engine import DlmError, Flag
+from minidisk.dlm.engine import DlmError
 from minidisk.dlm.modes import Mode
 from minidisk.dlm.o2dlm import BusyLock, LvbInvalid, RecursiveLock, TrylockFailed
 from minidisk.dlm.service import start_dlm_service
+from minidisk.dlm.state import Flag
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 

@@ -10,17 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidisk.dlm.engine import (
-    LVB_LEN,
-    Blocking,
-    Cancelled,
-    DlmError,
-    Engine,
-    Event,
-    Flag,
-    Granted,
-)
+from minidisk.dlm.engine import DlmError, Engine
 from minidisk.dlm.modes import Mode, compatible
+from minidisk.dlm.state import LVB_LEN, Blocking, Cancelled, Event, Flag, Granted
 
 NL, CR, CW, PR, PW, EX = Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PW, Mode.EX
 

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from minidisk.dlm import engine as engine_module
-from minidisk.dlm.engine import Blocking, Engine, Event, Granted
+from minidisk.dlm.engine import Engine
 from minidisk.dlm.modes import Mode
+from minidisk.dlm.state import Blocking, Event, Granted
 
 ENGINE = engine_module.__file__
 

@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import Flag
 from minidisk.dlm.messages import (
     BastEvent,
     CancelEvent,
@@ -37,6 +36,7 @@ from minidisk.dlm.messages import (
     UnlockRequest,
 )
 from minidisk.dlm.modes import Mode
+from minidisk.dlm.state import Flag
 
 from .conftest import Server  # type: ignore[import-not-found]
 

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 import anyio
 
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
+from minidisk.dlm.engine import DlmError
 from minidisk.dlm.loops import Waiter
 from minidisk.dlm.messages import GrantEvent
 from minidisk.dlm.modes import LvbAction, Mode, lvb_action
+from minidisk.dlm.state import LVB_LEN, Flag
 
 if TYPE_CHECKING:
     from minidisk.dlm.client import DlmClient

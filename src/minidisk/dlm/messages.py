@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from minidisk.dlm.engine import Cursor, Flag
+from minidisk.dlm.engine import Cursor
 from minidisk.dlm.modes import Mode
+from minidisk.dlm.state import Flag
 
 _M = TypeVar("_M")
 _new = object.__new__

@@ -102,7 +102,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from minidisk.dlm.engine import Cursor, Flag
+from minidisk.dlm.engine import Cursor
 from minidisk.dlm.messages import (
     BastEvent,
     CancelEvent,
@@ -127,6 +127,7 @@ from minidisk.dlm.messages import (
     build,
 )
 from minidisk.dlm.modes import Mode
+from minidisk.dlm.state import Flag
 
 VERSION = 2
 MAX_FRAME = 1 << 20  # what a reader accepts, and the largest reply (a page of status)

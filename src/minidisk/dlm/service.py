@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from minidisk import busypoll
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import Cancelled, Cursor, DlmError, Engine, Event, Granted
+from minidisk.dlm.engine import Cursor, DlmError, Engine
 from minidisk.dlm.limits import Limits
 from minidisk.dlm.messages import (
     CancelRequest,
@@ -52,6 +52,7 @@ from minidisk.dlm.messages import (
     StatusRequest,
     UnlockRequest,
 )
+from minidisk.dlm.state import Cancelled, Event, Granted
 from minidisk.unixsocket import remove_stale_socket
 
 log = logging.getLogger("minidisk.dlm")

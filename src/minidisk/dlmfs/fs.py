@@ -20,9 +20,10 @@ import trio
 from pyfuse3 import FUSEError
 
 from minidisk.dlm.client import DlmClient
-from minidisk.dlm.engine import LVB_LEN, DlmError, Flag
+from minidisk.dlm.engine import DlmError
 from minidisk.dlm.lock import Lock
 from minidisk.dlm.modes import Mode, compatible
+from minidisk.dlm.state import LVB_LEN, Flag
 
 log = logging.getLogger("minidisk.dlmfs")
 
