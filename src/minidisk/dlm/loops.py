@@ -27,7 +27,6 @@ class Waiter(Protocol):
     """A one-shot future: settled once (later settles are ignored), awaited by one task."""
 
     def settle(self, value: Any) -> None: ...
-    def done(self) -> bool: ...
     def wait(self) -> Any: ...  # an awaitable of the value
 
 
@@ -81,9 +80,6 @@ class _TrioFuture:
             tasks, self._tasks = self._tasks, []
             for task in tasks:
                 _trio.lowlevel.reschedule(task)
-
-    def done(self) -> bool:
-        return self._done
 
     async def wait(self) -> Any:
         if not self._done:

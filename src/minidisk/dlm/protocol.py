@@ -159,7 +159,6 @@ GRANT_LVB = 4
 
 FEATURE_GRANTED_REPLY = "granted-reply"
 FEATURE_PROMPT_UNLOCK = "prompt-unlock"
-FEATURES = (FEATURE_GRANTED_REPLY, FEATURE_PROMPT_UNLOCK)  # what this version understands
 
 _LENGTH = struct.Struct(">I")
 # Whole frames (length prefix and kind included) for the fixed-size parts.
