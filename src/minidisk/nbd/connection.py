@@ -508,9 +508,12 @@ class Connection(asyncio.BufferedProtocol):
                 continue
             # The rest arrives straight into the payload buffer (get_buffer).
             payload = bytearray(length)
-            payload[:have] = self.rx_view[pos:pos + have]  # a view: no temporary copy
+            view = memoryview(payload)
+            # View to view: one copy (a bytearray's slice assignment would copy a memoryview
+            # into a temporary first).
+            view[:have] = self.rx_view[pos:pos + have]
             pos += have
-            self.payload, self.payload_view = payload, memoryview(payload)
+            self.payload, self.payload_view = payload, view
             self.payload_pos = have
             self.payload_request = (flags, cmd, cookie, offset)
             self._watch_progress()
