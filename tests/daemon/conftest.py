@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,14 +16,25 @@ from tests.conftest import MINIDISK, stop_process
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None,
                     timeout: float = 15.0) -> None:
+    """Until the server at `path` accepts connections: the socket file exists from bind(),
+    a moment before listen(), and a connect in between is refused (seen under load)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not _accepts(path):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: "
                                f"{proc.stderr.read().decode() if proc.stderr else ''}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"no socket at {path}")
         time.sleep(0.02)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
 
 
 Server = Callable[..., str]
