@@ -51,9 +51,9 @@ lvb() {
 # them would make it hold the very lock it waits for (a deadlock, on the kernel's dlmfs too).
 waiter() {
   if [ "$2" = "<" ]; then
-    ( exec 6>&- 7>&- && exec 8< "$3" && echo granted > "$T/$1" ) 2> /dev/null &
+    ( exec 5>&- 6>&- 7>&- && exec 8< "$3" && echo granted > "$T/$1" ) 2> /dev/null &
   else
-    ( exec 6>&- 7>&- && exec 8> "$3" && echo granted > "$T/$1" ) 2> /dev/null &
+    ( exec 5>&- 6>&- 7>&- && exec 8> "$3" && echo granted > "$T/$1" ) 2> /dev/null &
   fi
 }
 granted() { if [ -e "$T/$1" ]; then echo granted; else echo waiting; fi; }
@@ -134,15 +134,25 @@ obs c.b_upconvert tryw "$B/dom/c"
 create "$B/dom/h"
 create "$B/dom/s"
 create "$B/dom/k"
+create "$B/dom/cw"
 ln -s "$A" "$T/alink"
+exec 5> "$B/dom/cw"                            # B holds what A is about to create and wait for
 exec 7> "$A/dom/h"                             # held by this shell
 exec 6> "$T/alink/dom/s"                       # the same, reached through a symlink
 # The opener exits at once; its child keeps the descriptor.
-( exec 9> "$A/dom/k"; sleep 30 < /dev/null > /dev/null 2>&1 6>&- 7>&- & echo $! > "$T/sleeper" )
+( exec 9> "$A/dom/k"; sleep 30 < /dev/null > /dev/null 2>&1 5>&- 6>&- 7>&- & echo $! > "$T/sleeper" )
 waiter h "<" "$B/dom/h"
 waiter s "<" "$B/dom/s"
 waiter k "<" "$B/dom/k"
+waiter cw ">" "$A/dom/cw"                      # O_CREAT, waiting for B
 sleep 2                                        # long enough for a wrong grant to show
+# The waiting O_CREAT open holds no lock of the directory: others list and create on.
+obs x.ls_while_a_create_waits timeout 10 ls "$A/dom"
+obs x.create_while_a_create_waits timeout 10 dd if=/dev/null of="$A/dom/cw2" oflag=nonblock status=none
+obs x.create_waits granted cw
+exec 5>&-
+settle cw
+obs x.create_granted granted cw
 obs h.held granted h
 obs s.held_through_symlink granted s
 obs k.held_by_child granted k
