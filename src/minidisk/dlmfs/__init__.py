@@ -40,6 +40,8 @@ Deliberate divergences from OCFS2's dlmfs (tests/vm/test_dlmfs_oracle.py lists t
 * unlink forgets the resource and its value block at once (o2dlm keeps an unused resource until
   its purge, seconds later).
 * A never-written value block reads as 64 zero bytes (valid), as fs/dlm gives it.
+* A 0-byte write at position 64 or past succeeds: FUSE never sends it to the daemon (dlmfs
+  gives ENOSPC).
 * A signal does not interrupt a blocked open (FUSE's INTERRUPT does not reach pyfuse3); dlmfs's
   own wait is uninterruptible too, but it returns EINTR once granted.
 * --exclusive (ours): local opens exclude each other too; FUSE's RELEASE is asynchronous, so a
