@@ -291,8 +291,8 @@ def test_a_blocking_open_waits_until_granted(nodes: tuple[Mount, Mount]) -> None
         thread, got = granted_within(lk, os.O_CREAT | os.O_RDONLY, 3.0)
         assert thread.is_alive() and not got
         released = time.monotonic()
-    thread.join(5)
-    assert got and time.monotonic() - released < 2
+    thread.join(10)
+    assert got and time.monotonic() - released < 5
     os.close(got[0])
 
 
@@ -317,7 +317,7 @@ def test_a_waiting_create_stalls_nothing_else_in_the_domain(nodes: tuple[Mount, 
 
         worker = threading.Thread(target=others, daemon=True)
         worker.start()
-        worker.join(3)
+        worker.join(10)
         assert done == ["done"]
     thread.join(5)
     assert got
@@ -435,7 +435,7 @@ def test_poll_reports_a_waiter(nodes: tuple[Mount, Mount]) -> None:
         poller.register(fd, select.POLLIN)
         assert poller.poll(100) == []
         thread, got = granted_within(b.path / "dom" / "lk", os.O_RDONLY, 0)
-        events = poller.poll(1500)                        # woken by the other node's wait
+        events = poller.poll(5000)                        # woken by the other node's wait
         assert events and events[0][1] & select.POLLIN
     thread.join(5)
     assert got
