@@ -184,9 +184,9 @@ def test_control_refused_for_other_uids(serve: Server) -> None:
     os.chmod(os.path.dirname(sock), 0o755)
     os.chmod(sock, 0o777)
     # Import while still root (the interpreter lives under /root), then become nobody.
-    code = ("import os, sys; from minidisk.daemon import control;"
+    code = ("import os, sys; from minidisk import control_client;"
             "os.setgid(65534); os.setuid(65534);"
-            "control.call(sys.argv[1], 'halt')")
+            "control_client.call(sys.argv[1], 'halt')")
     done = subprocess.run([os.environ.get("PYTHON", _venv_python()), "-c", code,
                            f"unix://{sock}"], capture_output=True, text=True)
     assert done.returncode != 0 and "refused control commands" in done.stderr

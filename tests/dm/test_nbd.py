@@ -14,7 +14,7 @@ import pytest
 from dm_helpers import MINIDISK, SECTOR, Server, pattern
 from test_placement import kernel_stripe_map
 
-from minidisk.daemon.control import call
+from minidisk.control_client import call
 
 pytestmark = pytest.mark.slow
 

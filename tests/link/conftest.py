@@ -33,8 +33,8 @@ from link_helpers import (  # noqa: E402
     subject,
 )
 
-from minidisk.daemon import control  # noqa: E402
-from minidisk.daemon.control import ControlError  # noqa: E402
+from minidisk import control_client  # noqa: E402
+from minidisk.control_client import ControlError  # noqa: E402
 from minidisk.kernel import mount as kernel_mount  # noqa: E402
 from minidisk.kernel.attach import detach  # noqa: E402
 from minidisk.kernel.state import attachments  # noqa: E402
@@ -119,7 +119,7 @@ def tls_site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
 
         def ready(url: str = url, ops: ssl.SSLContext = ops) -> bool:
             try:
-                control.call(url, "exports", tls=ops, timeout=scaled(5))
+                control_client.call(url, "exports", tls=ops, timeout=scaled(5))
                 return True
             except ControlError:
                 return False

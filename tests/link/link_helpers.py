@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.conftest import MINIDISK, scaled, stop_process
 
-from minidisk.daemon.control import ControlError, Session
+from minidisk.control_client import ControlError, Session
 from minidisk.link.directory import Directory
 from minidisk.nbd.tls import client_context
 

@@ -10,7 +10,7 @@ import pytest
 from link_helpers import NOBODY, OWNER_UID, Holder, Site, as_uid
 from tests.nbd.nbd_helpers import Closed, RawClient
 
-from minidisk.daemon.control import ControlError
+from minidisk.control_client import ControlError
 from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(180)

@@ -21,7 +21,7 @@ from link_helpers import (
 )
 from tests.conftest import scaled
 
-from minidisk.daemon.control import ControlError
+from minidisk.control_client import ControlError
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.state import attachments
 from minidisk.link import linker

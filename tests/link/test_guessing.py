@@ -11,7 +11,7 @@ import pytest
 from link_helpers import NOBODY, OWNER_UID, Site, as_uid
 from tests.nbd.nbd_helpers import RawClient
 
-from minidisk.daemon.control import ControlError
+from minidisk.control_client import ControlError
 
 pytestmark = pytest.mark.timeout(180)
 

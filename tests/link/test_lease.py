@@ -17,7 +17,7 @@ from link_helpers import LEASE, NOBODY, Site
 from tests.conftest import stop_process
 from tests.nbd.nbd_helpers import Closed, RawClient
 
-from minidisk.daemon.control import ControlError
+from minidisk.control_client import ControlError
 from minidisk.link.keeper import EXIT_LINK_LOST
 from minidisk.nbd import protocol as p
 

@@ -9,7 +9,7 @@ import itertools
 import pytest
 from link_helpers import MATRIX_DISKS, NOBODY, Site, second_link_outcome
 
-from minidisk.daemon.control import ControlError
+from minidisk.control_client import ControlError
 from minidisk.dlm.modes import compatible
 from minidisk.link.modes import FALLBACK_HELD, FALLBACK_TEST, LINK_MODES
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from link_helpers import NOBODY, OWNER_UID, WRITE_AS_CLIENT, Site, as_user
 
-from minidisk.daemon.control import ControlError
+from minidisk.control_client import ControlError
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.state import attachments
 from minidisk.link import linker

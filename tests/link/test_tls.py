@@ -23,8 +23,8 @@ from link_helpers import (
 )
 from tests.conftest import SYSTEM_PYTHON
 
-from minidisk.daemon import control
-from minidisk.daemon.control import ControlError
+from minidisk import control_client
+from minidisk.control_client import ControlError
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.state import attachments
 from minidisk.link import linker
@@ -68,7 +68,7 @@ def test_grant_admits_one_subject_and_refuses_the_other(tls_site: Site) -> None:
     assert (BOB, "link", "alice.0192", "linked", "grant R") in site.audit()
     # A TLS client without a certificate is nobody: it may not even ask.
     with pytest.raises(ControlError) as anonymous:
-        control.call(site.url, "link", {"disk": "alice.0192", "mode": "R"},
+        control_client.call(site.url, "link", {"disk": "alice.0192", "mode": "R"},
                      tls=client_context(str(site.pki["anonymous"])), timeout=30)
     assert anonymous.value.errno == 1
 
@@ -188,13 +188,14 @@ def test_a_users_certificate_is_no_administrator(tls_site: Site) -> None:
     env = {**os.environ, **site.env}
     for who in ("bob", "alice"):  # a linker, and even the owner of every disk here
         with pytest.raises(ControlError) as refused:
-            control.call(site.url, "halt", tls=client_context(str(site.pki[who])), timeout=30)
+            control_client.call(site.url, "halt", tls=client_context(str(site.pki[who])),
+                                timeout=30)
         assert refused.value.errno == 1 and "administrators only" in str(refused.value)
     bob_halt = subprocess.run(
         [MINIDISK, "halt"], capture_output=True, text=True, timeout=60,
         env={**env, "MINIDISK_TLS_CERTIFICATES": str(site.pki["bob"])})
     assert bob_halt.returncode != 0 and "administrators only" in bob_halt.stderr
-    assert control.call(site.url, "exports", tls=client_context(str(site.pki["ops"])))
+    assert control_client.call(site.url, "exports", tls=client_context(str(site.pki["ops"])))
     ops_halt = subprocess.run(
         [MINIDISK, "halt"], capture_output=True, text=True, timeout=60,
         env={**env, "MINIDISK_TLS_CERTIFICATES": str(site.pki["ops"])})
@@ -249,7 +250,7 @@ def test_a_subject_spelled_inside_a_common_name_is_someone_else(tls_site: Site) 
         site.tls_holder("fake-alice").link("alice.0192", "W")
     assert no_grant.value.errno == 13 and f"{fake} has no grant" in str(no_grant.value)
     with pytest.raises(ControlError) as not_admin:  # nor is "ops,O=..." an administrator
-        control.call(site.url, "halt", tls=client_context(str(site.pki["fake-ops"])),
+        control_client.call(site.url, "halt", tls=client_context(str(site.pki["fake-ops"])),
                      timeout=30)
     assert not_admin.value.errno == 1
     assert _nbdinfo(site, "alice/0192", "alice").returncode == 0  # the real one still is

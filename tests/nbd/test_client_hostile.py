@@ -32,7 +32,7 @@ from tests.nbd.hostile_server import (
     simple,
 )
 
-from minidisk.daemon import control
+from minidisk.control_client import ControlError
 from minidisk.kernel.errors import AttachError
 from minidisk.kernel.handshake import connect as kernel_connect
 from minidisk.kernel.uri import parse_nbd_uri
@@ -295,10 +295,10 @@ _LIMITED = textwrap.dedent("""
             except AttachError as e:
                 print("ERROR", e)
         else:
-            from minidisk.daemon import control
+            from minidisk import control_client
             try:
-                control.call(target, "exports", timeout=5)
-            except control.ControlError as e:
+                control_client.call(target, "exports", timeout=5)
+            except control_client.ControlError as e:
                 print("ERROR", e.errno, e)
     except MemoryError:
         print("MemoryError")
@@ -376,4 +376,4 @@ def test_control_cli_says_one_line(hostile: Hostile) -> None:
     from tests.daemon.conftest import run_cli
     done = run_cli("halt", f"unix://{server.path}")
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert control.ControlError.__name__ not in done.stderr and "Traceback" not in done.stderr
+    assert ControlError.__name__ not in done.stderr and "Traceback" not in done.stderr

@@ -25,7 +25,7 @@ from tests.conftest import stop_process
 from tests.nbd.conftest import StartServer
 from tests.nbd.test_tls import client_context, make_certificates, starttls
 
-from minidisk.daemon import control
+from minidisk import control_client
 from minidisk.daemon.config import DaemonConfig
 from minidisk.nbd import protocol as p
 from minidisk.nbd.listen import ListenAddress, bind
@@ -225,7 +225,7 @@ def test_a_control_session_outlives_the_handshake_deadline(start_server: StartSe
     # Link keepers hold their control connection for the whole link: once a permitted
     # control command ran, the connection is no longer a pending handshake.
     srv = start_server("--handshake-timeout", "1", "--memory", "disk=1M")
-    with control.Session(srv.url) as session:
+    with control_client.Session(srv.url) as session:
         assert "disk" in str(session.call("exports"))
         time.sleep(1.5)
         assert "disk" in str(session.call("exports"))

@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nbd_helpers import Closed, RawClient
 from tests.nbd.conftest import MINIDISK, Server, StartServer, short_dir
 
-from minidisk.daemon import control
+from minidisk import control_client
 from minidisk.nbd import protocol as p
 
 pytestmark = pytest.mark.timeout(90)
@@ -347,10 +347,10 @@ def test_control_over_tls_only_for_admin_subjects(pki: Path, listed: bool) -> No
     with tcp_tls_server(pki, subject) as url:
         ctx = client_context(pki)
         if listed:
-            assert "exports" in control.call(url, "exports", tls=ctx)
+            assert "exports" in control_client.call(url, "exports", tls=ctx)
         else:
-            with pytest.raises(control.ControlError) as refused:
-                control.call(url, "exports", tls=ctx)
+            with pytest.raises(control_client.ControlError) as refused:
+                control_client.call(url, "exports", tls=ctx)
             assert "refused control commands" in str(refused.value)
 
 

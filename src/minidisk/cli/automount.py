@@ -8,7 +8,7 @@ import os
 import click
 
 from minidisk.cli.common import fail, require_server, server_option
-from minidisk.daemon.control import TLS_ENV
+from minidisk.control_client import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.asuser import LocalUser
 from minidisk.link.automount import Automounter, program_map_entry

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from minidisk.daemon import control
+from minidisk import control_client
 
 
 def step(message: str) -> None:
@@ -26,8 +26,8 @@ def halt_server(url: str, sock: Path) -> None:
     """Stop the demo's server; `halt` returns before its socket is gone, so wait for that."""
     step(f"halting the server at {url}")
     try:
-        control.call(url, "halt")
-    except control.ControlError as e:
+        control_client.call(url, "halt")
+    except control_client.ControlError as e:
         click.echo(f"    halt failed: {e}", err=True)
     for _ in range(100):
         if not sock.exists():

@@ -95,7 +95,7 @@ def _failed(op: str, name: str | None, err: int, devno: str = "") -> NoReturn:
 
 def _call(s: Session, command: str, args: dict[str, Any], op: str,
           name: str | None = None, devno: str = "") -> dict[str, Any]:
-    from minidisk.daemon.control import ControlError, call
+    from minidisk.control_client import ControlError, call
 
     url = require_server(s.server)
     try:
@@ -232,7 +232,7 @@ def create(s: Session, name: str, table_file: str | None, table: str | None, not
     info = _call(s, "dm.create", args, "create", name, devno)
     if text is None:
         return
-    from minidisk.daemon.control import ControlError, call
+    from minidisk.control_client import ControlError, call
 
     url = require_server(s.server)
     try:
@@ -336,7 +336,7 @@ REMOVE_RETRY_DELAY_S = 0.2
 def remove(s: Session, names: tuple[str, ...], force: bool, deferred: bool,
            retry: bool) -> None:
     """Remove devices (EBUSY while open)."""
-    from minidisk.daemon.control import ControlError, call
+    from minidisk.control_client import ControlError, call
 
     url = require_server(s.server)
     for device, label in _each_device(s, names):

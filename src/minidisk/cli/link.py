@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from minidisk.cli.common import fail, require_server, server_option
-from minidisk.daemon.control import TLS_ENV
+from minidisk.control_client import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.directory import (
     EVERYONE,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import click
 
+from minidisk import control_client
 from minidisk.cli.demo import halt_server, step, wait_for_ctrl_c
-from minidisk.daemon import control
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.attach import attach, detach
 
@@ -79,7 +79,7 @@ def _write_and_read(mountpoint: Path) -> None:
 
 
 def _status(url: str, device: str, mountpoint: Path) -> None:
-    exports = control.call(url, "exports")["exports"]
+    exports = control_client.call(url, "exports")["exports"]
     for export in exports:
         click.echo(f"    export {export['name']}: {export['description']}")
     usage = shutil.disk_usage(mountpoint)

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
+from minidisk import control_client
 from minidisk.cli.common import fail, require_server, server_option
-from minidisk.daemon import control
 from minidisk.daemon.config import DaemonConfig
 from minidisk.daemon.daemon import run_daemon
 from minidisk.daemon.lifecycle import detach
@@ -96,8 +96,8 @@ def halt(server: str | None, url: str | None, timeout: float) -> None:
     """
     target = require_server(server, url)
     try:
-        result = control.call(target, "halt")
-    except control.ControlError as e:
+        result = control_client.call(target, "halt")
+    except control_client.ControlError as e:
         fail(str(e))
     address = parse_url(target)
     local = address.kind == "unix" or address.host in ("127.0.0.1", "::1", "0.0.0.0")
@@ -134,8 +134,8 @@ def etfs() -> None:
 def etfs_ls(server: str | None) -> None:
     """List keys: key, type, host path, window, users."""
     try:
-        rows = control.call(require_server(server), "etfs.ls")["keys"]
-    except control.ControlError as e:
+        rows = control_client.call(require_server(server), "etfs.ls")["keys"]
+    except control_client.ControlError as e:
         fail(str(e))
     click.echo(f"{'KEY':<24} {'TYPE':<11} {'BEGIN':>12} {'SIZE':>14} {'USERS':>5}  HOSTPATH")
     for row in rows:
@@ -175,8 +175,8 @@ def etfs_register(server: str | None, etfs_type: str, begin: str, size: str | No
     else:
         fail("give KEY HOSTPATH or -d DRIVESPEC", code=2)
     try:
-        result = control.call(require_server(server), "etfs.register", args)
-    except control.ControlError as e:
+        result = control_client.call(require_server(server), "etfs.register", args)
+    except control_client.ControlError as e:
         fail(str(e))
     click.echo(result["key"])
 
@@ -188,8 +188,8 @@ def etfs_register(server: str | None, etfs_type: str, begin: str, size: str | No
 def etfs_remove(server: str | None, force: bool, key: str) -> None:
     """Remove KEY (EBUSY while in use, unless -f)."""
     try:
-        control.call(require_server(server), "etfs.remove", {"key": key, "force": force})
-    except control.ControlError as e:
+        control_client.call(require_server(server), "etfs.remove", {"key": key, "force": force})
+    except control_client.ControlError as e:
         fail(str(e))
 
 

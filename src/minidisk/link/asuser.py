@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
 
         become(user)
         return keeper.main(argv[3:])
-    from minidisk.daemon.control import ControlError, call
+    from minidisk.control_client import ControlError, call
     from minidisk.nbd.tls import client_context
 
     server, key, *tls_dir = argv[3:]

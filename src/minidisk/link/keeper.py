@@ -29,7 +29,7 @@ import signal
 import sys
 from types import FrameType
 
-from minidisk.daemon.control import ControlError, Session
+from minidisk.control_client import ControlError, Session
 from minidisk.nbd.tls import client_context
 
 EXIT_REFUSED = 1

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minidisk.daemon import control
+from minidisk import control_client
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.attach import attach as attach_export
 from minidisk.kernel.attach import detach as detach_device
@@ -184,8 +184,8 @@ def resolve(key: str, server: str, tls_certificates: str | None = None,
         return _resolve_as(as_user, key, server, tls_certificates)
     tls = client_context(tls_certificates) if tls_certificates else None
     try:
-        return control.call(server, "resolve", {"key": key}, tls=tls, timeout=60.0)
-    except control.ControlError as e:
+        return control_client.call(server, "resolve", {"key": key}, tls=tls, timeout=60.0)
+    except control_client.ControlError as e:
         raise LinkError(str(e), e.errno) from None
 
 

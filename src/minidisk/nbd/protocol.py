@@ -62,7 +62,8 @@ OPT_STRUCTURED_REPLY = 8
 OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
 OPT_EXTENDED_HEADERS = 11
-# minidisk's control channel: a private option carrying one JSON command (daemon/control.py).
+# minidisk's control channel: a private option carrying one JSON command (the client:
+# control_client.py; the server: daemon/control.py).
 # Any other server answers it with ERR_UNSUP, as for every unknown option.
 OPT_MINIDISK_CONTROL = 0x4D444B01
 
