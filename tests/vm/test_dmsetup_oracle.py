@@ -45,7 +45,29 @@ DISK_SIZE = "8M"  # as the guest's loop files
 HOST_DM_MAJOR = 253  # minidisk.dm.mapped.DM_MAJOR
 
 # Steps whose output differs from the kernel's on purpose: step -> (parts that differ, why).
+OUT, ERR, RC = frozenset({"out"}), frozenset({"err"}), frozenset({"rc"})
+USAGE = ("the usage text is minidisk's own: dmsetup's lists commands and options minidisk "
+         "does not have (stats, measure, mangle, setgeometry, udev cookies, -U/-G/-M...)")
+FIELDS = ("the field list is minidisk's: libdm's also has the stats fields and types "
+          "(`[string]`), which minidisk's info -c does not report")
 KNOWN: dict[str, tuple[frozenset[str], str]] = {
+    # 6.1 is built without dm-dust (CONFIG_DM_DUST off); minidisk has the target.
+    "targets_empty": (OUT, "dust is listed: 6.1 has no dm-dust"),
+    "targets": (OUT, "dust is listed: 6.1 has no dm-dust"),
+    "bad_dust": (ERR | RC, "a dust table loads: 6.1 has no dm-dust"),
+    # Usage and help texts (same exit status and stream, different text).
+    "help": (ERR, USAGE),
+    "help_columns": (ERR, USAGE + "; " + FIELDS),
+    "no_command": (ERR, USAGE),
+    "unknown_command": (ERR, USAGE),
+    "missing_ls_tree_dev": (ERR, USAGE),
+    "info_c_help": (ERR, FIELDS),
+    "info_c_bad_field": (ERR, FIELDS),
+    "info_c_bad_sort": (ERR, FIELDS),
+    "info_c_select_bad": (ERR, FIELDS + "; and libdm's selection error texts"),
+    # Normalization leaves a trace: libdm pads a column to its longest value, and 7:1 is
+    # shorter than the number of a key (240:1), so the padding of these columns differs.
+    "info_c_devnos_used": (OUT, "column widths follow the numbers' lengths (7:1, 240:1)"),
 }
 
 

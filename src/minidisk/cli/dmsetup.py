@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -101,7 +102,7 @@ def _call(s: Session, command: str, args: dict[str, Any], op: str,
     try:
         return call(url, command, args)
     except ControlError as e:
-        if e.errno == errno.ENXIO and op == "info":  # dmsetup's own wording
+        if e.errno == errno.ENXIO and op in ("info", "status"):  # dmsetup's own wording
             click.echo("Device does not exist.", err=True)
             click.echo("Command failed.", err=True)
             sys.exit(1)
@@ -131,6 +132,14 @@ class DmsetupGroup(click.Group):
         super().__init__(*args, **kwargs)
         self.params.extend(self._udev_flags())
 
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None:  # dmsetup's words and status, then its usage (ours here)
+            click.echo("Unknown command.", err=True)
+            click.echo(self.get_help(ctx), err=True)
+            ctx.exit(1)
+        return found
+
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         cmd.params.extend(self._udev_flags())
         super().add_command(cmd, name)
@@ -142,16 +151,23 @@ class DmsetupGroup(click.Group):
                 for flag in UDEV_FLAGS]
 
 
-@click.group(name="dmsetup", cls=DmsetupGroup)
+@click.group(name="dmsetup", cls=DmsetupGroup, invoke_without_command=True)
 @server_option
 @click.option("-v", "--verbose", count=True, help="Show device info with results.")
+@click.option("--version", "show_version", is_flag=True, help="The same as `version`.")
 @click.pass_context
-def dmsetup(ctx: click.Context, server: str | None, verbose: int) -> None:
+def dmsetup(ctx: click.Context, server: str | None, verbose: int, show_version: bool) -> None:
     """Device-mapper on a running server, with dmsetup's commands and output.
 
     There is no udev here: mapped devices are namespace keys (/dev/mapper/NAME), so the
     udev flags are accepted and ignored, and the udev commands have nothing to do."""
     ctx.obj = Session(server or (ctx.obj or {}).get("server"), verbose)
+    if ctx.invoked_subcommand is None:
+        if show_version:
+            click.echo(report.version(_call(ctx.obj, "dm.version", {}, "version")), nl=False)
+            ctx.exit(0)
+        click.echo(ctx.get_help(), err=True)  # as dmsetup without a command: usage, status 1
+        ctx.exit(1)
 
 
 pass_session = click.make_pass_decorator(Session)
@@ -191,6 +207,19 @@ def _refuse(message: str) -> NoReturn:
     sys.exit(1)
 
 
+def _set_readahead(s: Session, name: str, value: str | None) -> None:
+    """--readahead as dmsetup reads it: auto (leave it), none (0), +N (at least N), N; a
+    word that is no number is atoi's 0, as there."""
+    if value is None or value.lower() == "auto":
+        return
+    at_least = value.startswith("+")
+    digits = re.match(r"\d*", value[1:] if at_least else value)
+    sectors = 0 if value.lower() == "none" or digits is None or not digits[0] \
+        else int(digits[0])
+    _call(s, "dm.readahead", {"name": name, "sectors": sectors, "at_least": at_least},
+          "readahead", name)
+
+
 def _table_text(text: str, source: str) -> str | None:
     """The table as dmsetup reads it before any ioctl: each line needs a start and a length
     (unsigned numbers) and a target type, else 'Invalid format'. None if there is no
@@ -206,29 +235,60 @@ def _table_text(text: str, source: str) -> str | None:
     return text if lines else None
 
 
+def _create_concise(s: Session, spec: str) -> None:
+    """create --concise "NAME,UUID,MINOR,ro|rw,TABLE[,TABLE...];...": several devices, each
+    with its table lines after the flags, as dmsetup reads them."""
+    for entry in spec.split(";"):
+        fields = entry.split(",")
+        if len(fields) < 5:
+            shown = [*fields, *["(null)"] * (5 - len(fields))]
+            _refuse("Five comma-separated fields are required for each device\n"
+                    f"Parsed {len(fields)} fields: name: {shown[0]} uuid: {shown[1]} "
+                    f"minor: {shown[2]} flags: {shown[3]} table: {shown[4]}")
+        name, uuid, minor, flags = fields[:4]
+        _create(s, name, "\n".join(fields[4:]), uuid, flags == "ro", None,
+                int(minor) if minor.isdigit() else None, None)
+
+
 @dmsetup.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.argument("table_file", required=False)
+@click.option("--concise", "concise", is_flag=True,
+              help="NAME is a list of devices: name,uuid,minor,ro|rw,table;...")
 @click.option("--table", "table", metavar="TABLE", help="A one-line table.")
 @click.option("-n", "--notable", is_flag=True, help="Create without a table.")
 @click.option("-u", "--uuid", default="", help="The device's UUID.")
 @click.option("-r", "--readonly", is_flag=True, help="Create read-only.")
 @click.option("-j", "--major", type=click.IntRange(min=0), help="With -m: the device number.")
 @click.option("-m", "--minor", type=click.IntRange(min=0), help="The minor number to use.")
+@click.option("--readahead", metavar="[+]SECTORS|auto|none", help="Read-ahead to show.")
 @pass_session
-def create(s: Session, name: str, table_file: str | None, table: str | None, notable: bool,
-           uuid: str, readonly: bool, major: int | None, minor: int | None) -> None:
+def create(s: Session, name: str | None, table_file: str | None, concise: bool,
+           table: str | None, notable: bool, uuid: str, readonly: bool, major: int | None,
+           minor: int | None, readahead: str | None) -> None:
     """Create NAME; with a table (TABLE_FILE, --table or stdin) make it live.
 
     As libdevmapper does it: create the device, load the table, resume; a refused table
     removes the device again (its minor is free for the next one)."""
+    if concise:
+        _create_concise(s, name if name is not None else sys.stdin.read())
+        return
+    if name is None:
+        raise click.UsageError("give NAME")
+    text = None if notable else _read_table(table, table_file)
+    _create(s, name, text, uuid, readonly, major, minor, readahead, table_file or "")
+
+
+def _create(s: Session, name: str, text: str | None, uuid: str, readonly: bool,
+            major: int | None, minor: int | None, readahead: str | None,
+            source: str = "") -> None:
     _check_name(name)
-    text = None if notable else _table_text(_read_table(table, table_file), table_file or "")
+    text = None if text is None else _table_text(text, source)
     args: dict[str, Any] = {"name": name, "table": None, "uuid": uuid, "read_only": readonly}
-    devno = ""
+    devno = uuid  # what dmsetup prints after the name: the UUID, or the number asked for
     if minor is not None:
         args["minor"] = minor
-        devno = f"({major if major is not None else report.DM_MAJOR}:{minor})"
+        devno = devno or f"({major if major is not None else report.DM_MAJOR}:{minor})"
     info = _call(s, "dm.create", args, "create", name, devno)
     if text is None:
         return
@@ -244,6 +304,7 @@ def create(s: Session, name: str, table_file: str | None, table: str | None, not
             pass
         _failed("reload", name, e.errno, f"({info['major']}:{info['minor']})")
     _call(s, "dm.resume", {"name": name}, "resume", name)
+    _set_readahead(s, name, readahead)
 
 
 def _load(s: Session, args: tuple[str, ...], table: str | None) -> None:
@@ -297,12 +358,14 @@ def suspend(s: Session, names: tuple[str, ...], noflush: bool, nolockfs: bool) -
 
 @dmsetup.command()
 @click.argument("names", nargs=-1)
+@click.option("--readahead", metavar="[+]SECTORS|auto|none", help="Read-ahead to show.")
 @select_options
 @pass_session
-def resume(s: Session, names: tuple[str, ...]) -> None:
+def resume(s: Session, names: tuple[str, ...], readahead: str | None) -> None:
     """Make the inactive table live (if any) and release queued I/O."""
     for device, label in _each_device(s, names):
-        _call(s, "dm.resume", device, "resume", label)
+        info = _call(s, "dm.resume", device, "resume", label)
+        _set_readahead(s, info["name"], readahead)
 
 
 @dmsetup.command()
@@ -353,6 +416,31 @@ def remove(s: Session, names: tuple[str, ...], force: bool, deferred: bool,
                 _failed("remove", label, e.errno)
 
 
+@dmsetup.command(name="wipe_table")
+@click.argument("names", nargs=-1)
+@click.option("-f", "--force", is_flag=True, help="Accepted for dmsetup compatibility.")
+@click.option("--noflush", is_flag=True, help="Accepted for dmsetup compatibility.")
+@click.option("--nolockfs", is_flag=True, help="Accepted for dmsetup compatibility.")
+@select_options
+@pass_session
+def wipe_table(s: Session, names: tuple[str, ...], force: bool, noflush: bool,
+               nolockfs: bool) -> None:
+    """Make every I/O fail: load an error table of the same size and resume (as
+    dmsetup: the size from the live table, then reload and resume)."""
+    from minidisk.control_client import ControlError, call
+
+    for device, label in _each_device(s, names):
+        try:
+            devices = call(require_server(s.server), "dm.table", device)["devices"]
+        except ControlError as e:  # dmsetup goes on to the reload, which fails too
+            click.echo(f"device-mapper: table ioctl on {label}  failed: "
+                       f"{os.strerror(e.errno)}", err=True)
+            devices = []
+        sectors = sum(int(line.split()[1]) for d in devices for line in d["lines"])
+        _call(s, "dm.load", {**device, "table": f"0 {sectors} error"}, "reload", label)
+        _call(s, "dm.resume", device, "resume", label)
+
+
 @dmsetup.command(name="remove_all")
 @click.option("-f", "--force", is_flag=True, help="Swap in error tables for open devices.")
 @click.option("--deferred", is_flag=True, help="Mark open devices for removal on last close.")
@@ -378,12 +466,15 @@ def rename(s: Session, name: str, new_name: str | None, setuuid: str | None) -> 
     if setuuid is not None:
         args["uuid"] = setuuid
     else:
+        assert new_name is not None
+        if len(new_name) > MAX_NAME:  # dmsetup's words (no full stop, unlike create's)
+            _refuse(f'Name "{new_name}" too long')
         args["new_name"] = new_name
     _call(s, "dm.rename", args, "rename", name)
 
 
 @dmsetup.command()
-@click.argument("name", required=False)
+@click.argument("names", nargs=-1)
 @click.option("-c", "-C", "--columns", is_flag=True, help="One line per device.")
 @click.option("--noheadings", is_flag=True,
               help="With -c: no heading line (and ':' between fields, as dmsetup).")
@@ -393,34 +484,94 @@ def rename(s: Session, name: str, new_name: str | None, setuuid: str | None) -> 
 @click.option("--separator", metavar="SEP", help="With -c: between fields, unaligned.")
 @click.option("--nameprefixes", is_flag=True, help="With -c: DM_FIELD='value' pairs.")
 @click.option("--unquoted", is_flag=True, help="With --nameprefixes: no quotes.")
+@click.option("-v", "--verbose", count=True, help="Accepted: info is as verbose already.")
+@click.option("-O", "--sort", "sort_keys", metavar="FIELDS", help="With -c: sort by these.")
+@click.option("-S", "--select", "selection", metavar="FIELD OP VALUE",
+              help="With -c: only the devices that match.")
 @select_options
 @pass_session
-def info(s: Session, name: str | None, columns: bool, noheadings: bool, fields: str | None,
-         separator: str | None, nameprefixes: bool, unquoted: bool) -> None:
+def info(s: Session, names: tuple[str, ...], columns: bool, noheadings: bool, fields: str | None,
+         separator: str | None, nameprefixes: bool, unquoted: bool, verbose: int,
+         sort_keys: str | None, selection: str | None) -> None:
     """State, tables present, open count, event number of NAME (or all)."""
     if columns and fields is not None and "help" in fields.split(","):
-        click.echo(report.report_help(), nl=False)
+        click.echo(report.report_help(), nl=False, err=True)  # as libdm: on stderr
         return
     if columns:
         try:
             wanted = report.report_fields(fields)
-        except ValueError as e:
+        except ValueError as e:  # libdm: the field list, then what it did not know
+            click.echo(report.report_help(), nl=False, err=True)
             click.echo(str(e), err=True)
-            click.echo("Command failed.", err=True)
             sys.exit(1)
-    device, label = s.device(name)
-    devices = _call(s, "dm.info", device, "info", label)["devices"]
+    devices, _ = _gather(s, "dm.info", "info", names)
     if not devices:
         click.echo("No devices found")
     elif columns:
-        click.echo(report.info_columns(devices, not noheadings, wanted, separator,
-                                       nameprefixes, not unquoted), nl=False)
+        _info_columns(s, devices, wanted, noheadings, separator, nameprefixes, unquoted,
+                      sort_keys, selection)
     else:
         for d in devices:
-            if not d["live_table"]:  # dmsetup's failed open for the read-ahead
+            if not report.openable(d):  # dmsetup's failed open for the read-ahead
                 click.echo(f"/dev/mapper/{d['name']}: open failed: "
                            f"{os.strerror(errno.ENXIO)}", err=True)
             click.echo(report.info_long(d), nl=False)
+
+
+def _gather(s: Session, command: str, op: str, names: tuple[str, ...],
+            extra: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """The devices a listing command reports: each NAME in turn, else the one -u or -j/-m
+    choose, else every device; and whether several are meant (dmsetup then prefixes lines
+    with `name: `)."""
+    extra = extra or {}
+    if names:
+        out: list[dict[str, Any]] = []
+        for name in names:
+            out += _call(s, command, {"name": name, **extra}, op, name)["devices"]
+        return out, len(names) > 1
+    device, label = s.device(None)
+    return _call(s, command, {**device, **extra}, op, label)["devices"], label is None
+
+
+def _info_columns(s: Session, devices: list[dict[str, Any]], wanted: list[str],
+                  noheadings: bool, separator: str | None, nameprefixes: bool,
+                  unquoted: bool, sort_keys: str | None, selection: str | None) -> None:
+    """info -c: libdm's report of the devices, with their dependencies and users."""
+    every = {d["name"]: d for d in _call(s, "dm.ls", {}, "list")["devices"]}
+    for d in every.values():
+        d["users"] = [u for u in every.values()
+                      if any(dep["name"] == d["name"] for dep in u["deps"])]
+    rows = [every[d["name"]] for d in devices if d["name"] in every]
+    try:
+        rows = report.sort_rows(rows, sort_keys)
+    except ValueError as e:  # libdm's words, after its field list
+        click.echo(report.report_help(), err=True, nl=False)
+        click.echo(f"dm_report: {e}", err=True)
+        sys.exit(1)
+    try:
+        rows = report.select_rows(rows, selection)
+    except ValueError:
+        click.echo(report.report_help(), err=True, nl=False)
+        field = re.split(r"\W", selection or "", maxsplit=1)[0]
+        click.echo(f"Unrecognised selection field: {field}\n"
+                   f"Selection syntax error at '{selection}'.\n"
+                   "Use 'help' for selection to get more help.", err=True)
+        sys.exit(1)
+    unopenable = [d for d in rows if not report.openable(d)]  # no block device to ask
+    if "blkdevname" in wanted and unopenable:
+        shown = [d for d in rows if report.openable(d)]
+        click.echo(report.info_columns(shown, not noheadings, wanted, separator,
+                                       nameprefixes, not unquoted), nl=False)
+        d = unopenable[0]
+        _refuse(f"Could not resolve block device name for {d['major']}:{d['minor']}.\n"
+                "_do_report_object: report function failed for field blkdevname")
+    if "read_ahead" in wanted:
+        for d in unopenable:
+            click.echo(f"/dev/mapper/{d['name']}: open failed: {os.strerror(errno.ENXIO)}",
+                       err=True)
+    if rows:  # nothing at all, not even headings, when nothing is selected
+        click.echo(report.info_columns(rows, not noheadings, wanted, separator,
+                                       nameprefixes, not unquoted), nl=False)
 
 
 def _names_output(option: str | None) -> str:
@@ -445,10 +596,30 @@ def _utf8_locale() -> bool:
 @click.option("--tree", is_flag=True, help="Show how devices stack.")
 @click.option("--target", "target_type", metavar="TYPE", help="Only devices using TYPE.")
 @click.option("-o", "output", metavar="devno|devname", help="How to show devices.")
-@pass_session
-def ls_(s: Session, tree: bool, target_type: str | None, output: str | None) -> None:
+@click.argument("extra", nargs=-1)
+@click.pass_context
+def ls_(ctx: click.Context, tree: bool, target_type: str | None, output: str | None,
+        extra: tuple[str, ...]) -> None:
     """List devices."""
-    names = _names_output(output)
+    s = ctx.find_object(Session)
+    assert s is not None
+    if extra:  # dmsetup's words and status, then its usage (ours here)
+        click.echo("Incorrect number of arguments.", err=True)
+        assert ctx.parent is not None
+        click.echo(ctx.parent.get_help(), err=True)
+        ctx.exit(1)
+    words = frozenset(w for w in (output or "").split(",") if w)
+    if tree:
+        unknown = sorted(words - report.TREE_OPTIONS)
+        if unknown:
+            _refuse(f"Tree options not recognised: {','.join(unknown)}.")
+        names = "devno"
+    elif words - {"devno", "devname", "blkdevname"}:
+        bad = sorted(words - {"devno", "devname", "blkdevname"})[0]
+        click.echo(f"Option not recognised: {bad}.\nCouldn't process command line.", err=True)
+        sys.exit(1)
+    else:
+        names = _names_output(output)
     devices = _call(s, "dm.ls", {}, "list")["devices"]
     if target_type is not None:
         # dmsetup lists these through its table code: --tree and -o do not apply.
@@ -456,62 +627,75 @@ def ls_(s: Session, tree: bool, target_type: str | None, output: str | None) -> 
                                            "table")["devices"]}
         click.echo(report.ls_target(devices, using), nl=False)
     elif tree:
-        click.echo(report.tree(devices, _utf8_locale()), nl=False)
+        click.echo(report.tree(devices, _utf8_locale(), words), nl=False)
     else:
         click.echo(report.ls(devices, names), nl=False)
 
 
 @dmsetup.command()
-@click.argument("name", required=False)
+@click.argument("names", nargs=-1)
 @click.option("-o", "output", metavar="devno|devname", help="How to show devices.")
 @select_options
 @pass_session
-def deps(s: Session, name: str | None, output: str | None) -> None:
+def deps(s: Session, names: tuple[str, ...], output: str | None) -> None:
     """Devices NAME's live table uses."""
-    device, label = s.device(name)
-    devices = _call(s, "dm.deps", device, "deps", label)["devices"]
+    devices, multiple = _gather(s, "dm.deps", "deps", names)
     if not devices:
         click.echo("No devices found")
         return
-    click.echo(report.deps(devices, label is None, _names_output(output)), nl=False)
+    click.echo(report.deps(devices, multiple, _names_output(output)), nl=False)
 
 
-def _segment_lines(s: Session, op: str, name: str | None, inactive: bool,
-                   target_type: str | None) -> None:
-    """table and status: one line per segment, `name: ` first when every device is listed."""
-    device, label = s.device(name)
-    devices = _call(s, f"dm.{op}", {**device, "inactive": inactive, "target": target_type},
-                    op, label)["devices"]
+def _segment_lines(s: Session, op: str, names: tuple[str, ...], inactive: bool,
+                   target_type: str | None, verbose: int = 0) -> None:
+    """table and status: one line per segment, `name: ` first when several are listed;
+    with -v the device's info first, as dmsetup."""
+    if (verbose or s.verbose) and len(names) == 1:
+        for d in _call(s, "dm.info", {"name": names[0]}, "info", names[0])["devices"]:
+            click.echo(report.info_long(d), nl=False)
+    devices, multiple = _gather(s, f"dm.{op}", op, names,
+                                {"inactive": inactive, "target": target_type})
     if not devices and target_type is None:
         click.echo("No devices found")
         return
-    click.echo(report.lines(devices, label is None), nl=False)
+    click.echo(report.lines(devices, multiple), nl=False)
 
 
 @dmsetup.command()
-@click.argument("name", required=False)
+@click.argument("names", nargs=-1)
 @click.option("--inactive", is_flag=True, help="Show the inactive table.")
 @click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
 @click.option("--showkeys", is_flag=True, help="Accepted for dmsetup compatibility.")
+@click.option("-v", "--verbose", count=True, help="The device's info first.")
+@click.option("--concise", is_flag=True, help="In the form create --concise takes.")
 @select_options
 @pass_session
-def table(s: Session, name: str | None, inactive: bool, target_type: str | None,
-          showkeys: bool) -> None:
+def table(s: Session, names: tuple[str, ...], inactive: bool, target_type: str | None,
+          showkeys: bool, verbose: int, concise: bool) -> None:
     """NAME's table, in a form `load` accepts."""
-    _segment_lines(s, "table", name, inactive, target_type)
+    if concise:
+        infos, _ = _gather(s, "dm.info", "info", names)
+        tables, _ = _gather(s, "dm.table", "table", names, {"inactive": inactive})
+        lines = {d["name"]: d["lines"] for d in tables}
+        click.echo(";".join(
+            ",".join([i["name"], i["uuid"], str(i["minor"]), "ro" if i["read_only"] else "rw",
+                      *lines.get(i["name"], [])]) for i in infos))
+        return
+    _segment_lines(s, "table", names, inactive, target_type, verbose)
 
 
 @dmsetup.command()
-@click.argument("name", required=False)
+@click.argument("names", nargs=-1)
 @click.option("--inactive", is_flag=True, help="Status of the inactive table.")
 @click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
 @click.option("--noflush", is_flag=True, help="Accepted for dmsetup compatibility.")
+@click.option("-v", "--verbose", count=True, help="The device's info first.")
 @select_options
 @pass_session
-def status(s: Session, name: str | None, inactive: bool, target_type: str | None,
-           noflush: bool) -> None:
+def status(s: Session, names: tuple[str, ...], inactive: bool, target_type: str | None,
+           noflush: bool, verbose: int) -> None:
     """Each target's status line."""
-    _segment_lines(s, "status", name, inactive, target_type)
+    _segment_lines(s, "status", names, inactive, target_type, verbose)
 
 
 @dmsetup.command()
@@ -538,7 +722,9 @@ def message(s: Session, args: tuple[str, ...]) -> None:
     device, label, rest = s.leading_device(args)
     if len(rest) < 2:
         raise click.UsageError("give SECTOR and a MESSAGE")
-    sector = _uint(rest[0], "SECTOR")
+    if not rest[0].isdigit():
+        _refuse("Invalid sector.")  # dmsetup's words
+    sector = int(rest[0])
     result = _call(s, "dm.message", {**device, "sector": sector, "args": list(rest[1:])},
                    "message", label)["result"]
     if result:
@@ -553,11 +739,44 @@ def targets(s: Session) -> None:
                nl=False)
 
 
+@dmsetup.command(name="help")
+@click.option("-c", "-C", "--columns", is_flag=True, help="Also the fields of info -c.")
+@click.pass_context
+def help_(ctx: click.Context, columns: bool) -> None:
+    """The usage, on stderr as dmsetup prints it (ours: our commands and options)."""
+    assert ctx.parent is not None
+    click.echo(ctx.parent.get_help(), err=True)
+    if columns:
+        click.echo(report.report_help(), err=True, nl=False)
+
+
+@dmsetup.command(name="target-version")
+@click.argument("types", nargs=-1)
+@pass_session
+def target_version(s: Session, types: tuple[str, ...]) -> None:
+    """The versions of the target types named (the kernel's GET_TARGET_VERSION)."""
+    known = {t["name"]: t for t in _call(s, "dm.targets", {}, "list_versions")["targets"]}
+    for name in types:
+        if name not in known:  # the kernel's answer: EINVAL
+            _failed("target-version", name, errno.EINVAL)
+        click.echo(report.targets([known[name]]), nl=False)
+
+
 @dmsetup.command()
 @pass_session
 def version(s: Session) -> None:
     """Library and driver versions."""
     click.echo(report.version(_call(s, "dm.version", {}, "version")), nl=False)
+
+
+@dmsetup.command()
+@click.argument("device")
+@click.argument("subsystem", default="LVM")
+@click.option("-c", "-C", "--columns", is_flag=True, help="Accepted: always in columns.")
+@click.option("-o", "--options", "fields", metavar="FIELDS", help="vg_name,lv_name,lv_layer")
+def splitname(device: str, subsystem: str, columns: bool, fields: str | None) -> None:
+    """Split an LVM device name into VG, LV and layer ('--' is a '-' in a name)."""
+    click.echo(report.splitname(device, subsystem, fields), nl=False)
 
 
 @dmsetup.command()

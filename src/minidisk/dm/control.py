@@ -214,6 +214,15 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         sector = _opt_int(args, "sector") or 0
         return {"result": await registry.message(one(args), sector, words)}
 
+    async def readahead(args: dict[str, Any]) -> dict[str, Any]:
+        """dmsetup --readahead N (set) or +N (at least N), in sectors."""
+        name = one(args)
+        sectors = _opt_int(args, "sectors") or 0
+        dev = registry.get(name)
+        if not (_bool(args, "at_least") and dev.read_ahead >= sectors):
+            dev.read_ahead = sectors
+        return device_info(registry, name)
+
     async def targets(args: dict[str, Any]) -> dict[str, Any]:
         return {"targets": [{"name": n, "version": list(v)}
                             for n, v in registry.target_versions()]}
@@ -226,7 +235,8 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
         "dm.resume": resume, "dm.clear": clear, "dm.remove": remove,
         "dm.remove_all": remove_all, "dm.rename": rename, "dm.info": info, "dm.ls": ls,
         "dm.deps": deps, "dm.table": table, "dm.status": status, "dm.wait": wait,
-        "dm.message": message, "dm.targets": targets, "dm.version": version,
+        "dm.message": message, "dm.targets": targets, "dm.readahead": readahead,
+        "dm.version": version,
     }
     return {name: _table_errors(name, h) for name, h in handlers.items()}
 

@@ -47,6 +47,7 @@ class DeviceInfo:
     target_count: int
     sectors: int
     deferred_remove: bool = False
+    read_ahead: int = 256
 
 
 class MappedDevice(RoutedIO, Revocable):
@@ -66,6 +67,9 @@ class MappedDevice(RoutedIO, Revocable):
         self.open_count = 0
         self.removed = False
         self.deferred_remove = False  # remove --deferred while open (see Registry.remove)
+        # What `info` shows as Read Ahead: the kernel's default for a new block device, in
+        # sectors, until `--readahead` sets it (we read ahead nothing ourselves).
+        self.read_ahead = 256
         self._apply(EMPTY)
         # `_blocked` (suspended or revoked) is tested on every request; `_resumed` releases
         # the requests queued behind it.
@@ -186,7 +190,8 @@ class MappedDevice(RoutedIO, Revocable):
             read_only=self.read_only, live_table=self.has_live,
             inactive_table=self.inactive is not None, open_count=self.open_count,
             event_nr=self.event_nr, target_count=len(self.live) if self.has_live else 0,
-            sectors=self.live.sectors, deferred_remove=self.deferred_remove)
+            sectors=self.live.sectors, deferred_remove=self.deferred_remove,
+            read_ahead=self.read_ahead)
 
     # I/O
 

@@ -356,6 +356,7 @@ class Registry:
         if any(d.uuid == uuid for d in self.devices.values()):
             raise OSError(errno.EBUSY, f"uuid {uuid} is already in use")
         dev.uuid = uuid
+        dev.raise_event()  # as a rename (the kernel's uevent)
 
     # Queries
 

@@ -13,11 +13,18 @@ non-dm device, the namespace key is printed instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 DM_MAJOR = 253  # as minidisk.dm.mapped.DM_MAJOR (this module imports nothing of ours)
 READ_AHEAD = 256  # the kernel's default, in sectors; we do no read-ahead of our own
+
+
+def openable(info: dict[str, Any]) -> bool:
+    """Whether dmsetup could open the device's block device to ask it something (its
+    read-ahead, its name): not while no table at all has been loaded."""
+    return bool(info["live_table"] or info["inactive_table"])
 
 
 def info_long(info: dict[str, Any]) -> str:
@@ -34,7 +41,8 @@ def info_long(info: dict[str, Any]) -> str:
         f"Name:              {info['name']}",
         f"State:             {state}",
         # dmsetup reads it from the block device, which cannot be opened without a table
-        *([f"Read Ahead:        {info.get('read_ahead', READ_AHEAD)}"] if live else []),
+        *([f"Read Ahead:        {info.get('read_ahead', READ_AHEAD)}"]
+          if openable(info) else []),
         f"Tables present:    {tables}",
         f"Open count:        {info['open_count']}",
         f"Event number:      {info['event_nr']}",
@@ -59,22 +67,77 @@ def _tables_loaded(i: dict[str, Any]) -> str:
 
 # `dmsetup info -c -o FIELD,...`: the device fields of dmsetup's report (id, heading, minimum
 # width, numeric, value). Numbers are right-aligned, text left-aligned, as libdm's report does.
+def _blk(dep: dict[str, Any]) -> str:
+    """A dependency's block device name: dm-N, or a key's last part (as loop0 is)."""
+    return f"dm-{dep['minor']}" if dep["name"] is not None else dep["key"].rsplit("/", 1)[-1]
+
+
+def _devno(dep: dict[str, Any]) -> str:
+    return dep["key"] if dep["major"] is None else f"{dep['major']}:{dep['minor']}"
+
+
+def _subsystem(i: dict[str, Any]) -> str:
+    """What owns the device: its UUID up to the first '-' (LVM-..., CRYPT-...)."""
+    uuid = str(i["uuid"])
+    return uuid.split("-", 1)[0] if "-" in uuid else ""
+
+
+def _lvm_part(i: dict[str, Any], n: int) -> str:
+    return split_lvm_name(str(i["name"]))[n] if _subsystem(i) == "LVM" else ""
+
+
+# Fields whose value needs the device's block device (no table: none to open).
+NEEDS_BLOCK_DEVICE = {"blkdevname", "read_ahead"}
+
+# (heading, minimum width, numeric, value); `i` is a device as dm.ls gives it, with
+# "users" (the devices whose live tables use it) added by the caller.
 REPORT_FIELDS: dict[str, tuple[str, int, bool, Any]] = {
     "name": ("Name", 16, False, lambda i: i["name"]),
+    "mangled_name": ("MangledName", 16, False, lambda i: i["name"]),
+    "unmangled_name": ("UnmangledName", 16, False, lambda i: i["name"]),
     "uuid": ("UUID", 32, False, lambda i: i["uuid"]),
-    "read_ahead": ("RAhead", 6, True, lambda i: READ_AHEAD),
+    "mangled_uuid": ("MangledUUID", 32, False, lambda i: i["uuid"]),
+    "unmangled_uuid": ("UnmangledUUID", 32, False, lambda i: i["uuid"]),
+    "read_ahead": ("RAhead", 6, True,
+                   lambda i: i.get("read_ahead", READ_AHEAD) if openable(i) else 0),
+    "blkdevname": ("BlkDevName", 16, False, lambda i: f"dm-{i['minor']}"),
     "attr": ("Stat", 4, False, _attr),
     "tables_loaded": ("Tables", 6, False, _tables_loaded),
     "suspended": ("Suspended", 9, False,
                   lambda i: "Suspended" if i["suspended"] else "Active"),
     "readonly": ("Read-only", 9, False,
                  lambda i: "Read-only" if i["read_only"] else "Writeable"),
-    "devno": ("DevNo", 5, False, lambda i: f"{i['major']}:{i['minor']}"),
+    "devno": ("DevNo", 7, False, lambda i: f"{i['major']}:{i['minor']}"),
     "major": ("Maj", 3, True, lambda i: i["major"]),
     "minor": ("Min", 3, True, lambda i: i["minor"]),
     "open": ("Open", 4, True, lambda i: i["open_count"]),
     "segments": ("Targ", 4, True, lambda i: i["target_count"]),
     "events": ("Event", 6, True, lambda i: i["event_nr"]),
+    "device_count": ("#Devs", 5, True, lambda i: len(i["deps"])),
+    "devs_used": ("DevNamesUsed", 16, False,
+                  lambda i: ",".join(sorted(d["name"] for d in i["deps"] if d["name"]))),
+    "devnos_used": ("DevNosUsed", 16, False,
+                    lambda i: ",".join(_devno(d) for d in i["deps"])),
+    "blkdevs_used": ("BlkDevNamesUsed", 16, False,
+                     lambda i: ",".join(_blk(d) for d in i["deps"])),
+    "device_ref_count": ("#Refs", 5, True, lambda i: len(i.get("users", []))),
+    "names_using_dev": ("RefNames", 8, False,
+                        lambda i: ",".join(sorted(u["name"] for u in i.get("users", [])))),
+    "devnos_using_dev": ("RefDevNos", 9, False,
+                         lambda i: ",".join(f"{u['major']}:{u['minor']}"
+                                            for u in i.get("users", []))),
+    "subsystem": ("Subsys", 6, False, lambda i: _subsystem(i)),
+    "vg_name": ("VG", 4, False, lambda i: _lvm_part(i, 0)),
+    "lv_name": ("LV", 4, False, lambda i: _lvm_part(i, 1)),
+    "lv_layer": ("LVLayer", 7, False, lambda i: _lvm_part(i, 2)),
+}
+FIELD_GROUPS = {
+    "name_all": "name,mangled_name,unmangled_name,uuid,mangled_uuid,unmangled_uuid,read_ahead",
+    "info_all": "blkdevname,attr,tables_loaded,suspended,readonly,devno,major,minor,open,"
+                "segments,events",
+    "deps_all": "device_count,devs_used,devnos_used,blkdevs_used,device_ref_count,"
+                "names_using_dev,devnos_using_dev",
+    "splitname_all": "subsystem,vg_name,lv_name,lv_layer",
 }
 DEFAULT_REPORT = "name,major,minor,attr,open,segments,events,uuid"
 
@@ -85,11 +148,51 @@ def report_fields(option: str | None) -> list[str]:
     if not option:
         return DEFAULT_REPORT.split(",")
     wanted = (DEFAULT_REPORT + "," + option[1:]) if option.startswith("+") else option
-    fields = [f.strip() for f in wanted.split(",") if f.strip()]
+    fields = [g for f in wanted.split(",") if f.strip()
+              for g in FIELD_GROUPS.get(f.strip(), f.strip()).split(",")]
     for field in fields:
         if field not in REPORT_FIELDS:
             raise ValueError(f"Unrecognised field: {field}")
     return fields
+
+
+def sort_rows(infos: list[dict[str, Any]], keys: str | None) -> list[dict[str, Any]]:
+    """-O FIELD[,-FIELD...]: sort by each field in turn ('-' descending); without -O the
+    devices stay in the order asked for (all of them: by name)."""
+    rows = list(infos)
+    for key in reversed(keys.split(",") if keys else []):
+        field = key.lstrip("-+")
+        if field not in REPORT_FIELDS:
+            raise ValueError(f"Unrecognised field: {field}")
+        value = REPORT_FIELDS[field][3]
+        rows.sort(key=value, reverse=key.startswith("-"))
+    return rows
+
+
+_SELECT = re.compile(r"\s*(\w+)\s*(=~|!~|>=|<=|!=|=|>|<)\s*(.*?)\s*")
+
+
+def select_rows(infos: list[dict[str, Any]], selection: str | None) -> list[dict[str, Any]]:
+    """-S FIELD OP VALUE (=, !=, <, <=, >, >=; =~ and !~ a regular expression). ValueError
+    for a selection we cannot read."""
+    if not selection:
+        return infos
+    m = _SELECT.fullmatch(selection)
+    if m is None or m[1] not in REPORT_FIELDS:
+        raise ValueError(selection)
+    field, op, wanted = m[1], m[2], m[3].strip("\"'")
+    heading, _, numeric, value = REPORT_FIELDS[field]
+
+    def keep(i: dict[str, Any]) -> bool:
+        got = value(i)
+        if op in ("=~", "!~"):
+            return bool(re.search(wanted, str(got))) == (op == "=~")
+        a: Any = int(got) if numeric else str(got)
+        b: Any = int(wanted) if numeric else wanted
+        return bool({"=": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b,
+                     ">=": a >= b}[op])
+
+    return [i for i in infos if keep(i)]
 
 
 def report_help() -> str:
@@ -114,8 +217,10 @@ def info_columns(infos: Sequence[dict[str, Any]], headings: bool = True,
     if prefixes:
         def pair(field: str, text: str) -> str:
             return f"DM_{field.upper()}=" + (f"'{text}'" if quoted else text)
-        return "".join(sep.join(pair(f, t) for f, t in zip(fields, row, strict=True)) + "\n"
-                       for row in rows)
+        head = " ".join(c[0] for c in columns) + "\n" if headings else ""
+        return head + "".join(
+            sep.join(pair(f, t) for f, t in zip(fields, row, strict=True)) + "\n"
+            for row in rows)
     if not aligned:
         lines = [[heading for heading, _, _, _ in columns]] if headings else []
         return "".join(sep.join(line) + "\n" for line in lines + rows)
@@ -132,6 +237,41 @@ def info_columns(infos: Sequence[dict[str, Any]], headings: bool = True,
     return out + "".join(line(row, [c[2] for c in columns]) for row in rows)
 
 
+SPLITNAME_FIELDS = {"vg_name": ("VG", 4), "lv_name": ("LV", 4), "lv_layer": ("LVLayer", 7)}
+
+
+def split_lvm_name(name: str) -> tuple[str, str, str]:
+    """lvm2's dm_split_lvm_name: VG-LV-LAYER, each '-' inside a part doubled."""
+    parts: list[str] = []
+    part: list[str] = []
+    i = 0
+    while i < len(name):
+        if name[i] == "-" and len(parts) < 2:
+            if name[i + 1:i + 2] == "-":
+                part.append("-")
+                i += 2
+                continue
+            parts.append("".join(part))
+            part = []
+        else:
+            part.append(name[i])
+        i += 1
+    parts.append("".join(part))
+    vg, lv, layer = (parts + ["", ""])[:3]
+    return vg, lv, layer
+
+
+def splitname(name: str, subsystem: str = "LVM", fields: str | None = None) -> str:
+    """`dmsetup splitname`: a report of the parts (empty unless the subsystem is LVM)."""
+    chosen = (fields or "vg_name,lv_name,lv_layer").split(",")
+    values = dict(zip(SPLITNAME_FIELDS, split_lvm_name(name) if subsystem == "LVM"
+                      else ("", "", ""), strict=True))
+    widths = [max(SPLITNAME_FIELDS[f][1], len(values[f])) for f in chosen]
+    head = " ".join(SPLITNAME_FIELDS[f][0].ljust(w) for f, w in zip(chosen, widths, strict=True))
+    row = " ".join(values[f].ljust(w) for f, w in zip(chosen, widths, strict=True))
+    return f"{head}\n{row}\n"
+
+
 def ls(devices: Sequence[dict[str, Any]], names: str = "devno") -> str:
     """`ls -o devno|devname|blkdevname`: a device without a table has no block device to
     name, so it is shown by number whatever is asked."""
@@ -140,7 +280,7 @@ def ls(devices: Sequence[dict[str, Any]], names: str = "devno") -> str:
     if names != "devno":
         return "".join(
             f"{d['name']}\t({d['name'] if names == 'devname' else 'dm-' + str(d['minor'])})\n"
-            if d["live_table"] else f"{d['name']}\t({d['major']}:{d['minor']})\n"
+            if openable(d) else f"{d['name']}\t({d['major']}:{d['minor']})\n"
             for d in devices)
     return "".join(f"{d['name']}\t({d['major']}:{d['minor']})\n" for d in devices)
 
@@ -196,42 +336,118 @@ def version(result: dict[str, Any]) -> str:
             f"Driver version:    {result['driver']}\n")
 
 
-# ls --tree, drawn as dmsetup draws it (pstree's characters, not compact).
+# ls --tree, drawn as dmsetup draws it: pstree's characters, `-o` options as there.
 
-_UTF = {"branch": "\u251c\u2500", "last": "\u2514\u2500", "vert": "\u2502 ", "empty": "  "}
-_ASCII = {"branch": "|-", "last": "`-", "vert": "| ", "empty": "  "}
+_UTF = {"branch": "\u251c\u2500", "last": "\u2514\u2500", "vert": "\u2502 ", "empty": "  ",
+        "one": "\u2500\u2500\u2500", "first": "\u2500\u252c\u2500"}
+_ASCII = {"branch": "|-", "last": "`-", "vert": "| ", "empty": "  ", "one": "---",
+          "first": "-+-"}
+TREE_OPTIONS = {"ascii", "utf", "vt100", "compact", "inverted", "notrunc", "blkdevname",
+                "device", "nodevice", "active", "open", "rw", "uuid"}
 
 
-def tree(devices: Sequence[dict[str, Any]], utf8: bool = True) -> str:
-    """Top-level devices (held by no other) first, each with its children below it."""
+def tree(devices: Sequence[dict[str, Any]], utf8: bool = True,
+         options: frozenset[str] = frozenset()) -> str:
+    """Devices used by no other first, each with what it uses below it (`inverted`: the
+    devices that use nothing first, each with its users below), in the order dmsetup
+    meets them (by name, each device's children in the kernel's order)."""
     if not devices:
         return "No devices found\n"
-    sym = _UTF if utf8 else _ASCII
+    sym = _ASCII if "ascii" in options or not (utf8 or "utf" in options) else _UTF
     by_name = {d["name"]: d for d in devices}
-    held = {dep["name"] for d in devices for dep in d["deps"] if dep["name"] is not None}
-    out: list[str] = []
 
-    def node(label: str, children: list[dict[str, Any]], more: list[bool]) -> None:
-        prefix = ""
-        depth = len(more)
-        for level in range(depth):
-            prefix += " "
-            if level == depth - 1:
-                prefix += sym["branch"] if more[level] else sym["last"]
-            else:
-                prefix += sym["vert"] if more[level] else sym["empty"]
-        out.append(prefix + label + "\n")
-        for i, dep in enumerate(children):
-            last = i == len(children) - 1
-            child = by_name.get(dep["name"]) if dep["name"] is not None else None
-            if child is None:
-                label = dep["key"] if dep["major"] is None else f"{dep['major']}:{dep['minor']}"
-                node(f" ({label})", [], more + [not last])
-            else:
-                node(f"{child['name']} ({child['major']}:{child['minor']})", child["deps"],
-                     more + [not last])
+    # Nodes: ("dm", name) or ("dev", key); edges in the order dmsetup adds them.
+    order: list[tuple[str, str]] = []
+    children: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    parents: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    leaves: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def add(node: tuple[str, str]) -> None:
+        if node not in children:
+            order.append(node)
+            children[node] = []
+            parents[node] = []
 
     for d in devices:
-        if d["name"] not in held:
-            node(f"{d['name']} ({d['major']}:{d['minor']})", d["deps"], [])
+        me = ("dm", d["name"])
+        add(me)
+        for dep in d["deps"]:
+            child = ("dm", dep["name"]) if dep["name"] in by_name else ("dev", dep["key"])
+            if child[0] == "dev":
+                leaves[child] = dep
+            add(child)
+            children[me].append(child)
+            parents[child].append(me)
+    if "inverted" in options:
+        children, parents = parents, children
+    show_devices = "nodevice" not in options
+
+    def label(node: tuple[str, str]) -> str:
+        if node[0] == "dev":
+            dep = leaves[node]
+            number = dep["key"] if dep["major"] is None else f"{dep['major']}:{dep['minor']}"
+            blk = f"<{dep['key'].rsplit('/', 1)[-1]}> " if "blkdevname" in options else ""
+            return f" {blk}({number})"
+        d = by_name[node[1]]
+        text = str(d["name"])
+        if "blkdevname" in options and openable(d):
+            text += f" <dm-{d['minor']}>"
+        if show_devices:
+            text += f" ({d['major']}:{d['minor']})"
+        if "active" in options:
+            text += " [SUSPENDED]" if d["suspended"] else " [ACTIVE]"
+        if "open" in options:
+            text += f" [{d['open_count']}]"
+        if "rw" in options:
+            text += " [RO]" if d["read_only"] else " [RW]"
+        if "uuid" in options:
+            text += f" [{d['uuid']}]"
+        return text
+
+    def kids(node: tuple[str, str]) -> list[tuple[str, str]]:
+        return [c for c in children[node] if show_devices or c[0] == "dm"]
+
+    out: list[str] = []
+    if "compact" in options and "inverted" not in options:  # dmsetup draws inverted in full
+        def compact(node: tuple[str, str], indent: int, lead: str) -> None:
+            text = lead + label(node)
+            below = kids(node)
+            if not below:
+                out.append(text + "\n")
+                return
+            width = indent + len(text)
+            for i, child in enumerate(below):
+                if i == 0:
+                    joint = sym["one"] if len(below) == 1 else sym["first"]
+                    start = len(out)
+                    compact(child, width + len(joint), "")
+                    out[start] = text + joint + out[start]
+                else:
+                    joint = sym["last"] if i == len(below) - 1 else sym["branch"]
+                    start = len(out)
+                    compact(child, width + 1 + len(joint), "")
+                    out[start] = " " * (width + 1) + joint + out[start]
+        for node in order:
+            if node[0] == "dm" and not parents[node] or node[0] == "dev" and not parents[node] \
+                    and "inverted" in options:
+                compact(node, 0, "")
+        return "".join(out)
+
+    def draw(node: tuple[str, str], more: list[bool]) -> None:
+        prefix = ""
+        for level, going_on in enumerate(more):
+            prefix += " "
+            if level == len(more) - 1:
+                prefix += sym["branch"] if going_on else sym["last"]
+            else:
+                prefix += sym["vert"] if going_on else sym["empty"]
+        out.append(prefix + label(node) + "\n")
+        below = kids(node)
+        for i, child in enumerate(below):
+            draw(child, more + [i < len(below) - 1])
+
+    for node in order:
+        if not parents[node] and (node[0] == "dm" or "inverted" in options) \
+                and (show_devices or node[0] == "dm"):
+            draw(node, [])
     return "".join(out)

@@ -308,7 +308,6 @@ step bad_overlap create bad --table "0 8 zero
 step bad_start create bad --table "8 8 zero"
 step bad_zero_length create bad --table "0 0 zero"
 step bad_unknown_target create bad --table "0 8 nosuch"
-step bad_dust create bad --table "0 8 dust $D0 0 512"
 step bad_linear_args create bad --table "0 8 linear $D0"
 step bad_linear_offset create bad --table "0 8 linear $D0 x"
 step bad_linear_small create bad --table "0 20000 linear $D0 0"
@@ -392,3 +391,6 @@ step remove_all remove_all
 step ls_after_remove_all ls
 step info_after_remove_all info
 step targets targets
+# Last, as it differs on purpose (6.1 is built without dm-dust; minidisk has it) and a
+# device made on one side only would shift every later minor.
+step bad_dust create dst --table "0 8 dust $D0 0 512"
