@@ -56,10 +56,11 @@ def imports(source: Path) -> list[Edge]:
         if path.name != "__init__.py":
             package = package[:-1]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            targets: list[list[str]] = []
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name.split(".") for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
+            else:
                 base = (package[:len(package) - node.level + 1] if node.level else [])
                 base = base + (node.module.split(".") if node.module else [])
                 # `from minidisk import x` imports the unit x when x is one, else the root.
