@@ -18,7 +18,11 @@ A step that differs for a reason that cannot or should not be removed is listed 
 with the part that differs (out, err, rc) and why; the other parts must still match, and the
 listed part must still differ (an entry that no longer applies fails too).
 
-The host side runs while the guest boots (it needs no guest), so the module costs one boot.
+The host side runs while the guest boots (it needs no guest), so the module costs one boot
+(the guest's battery took 38 s of guest time on a quiet machine, 156 s under a load of 11).
+
+When this came in (2026-12-02), 208 of the 306 steps then in the battery differed; now all
+308 match but the KNOWN ones (14).
 """
 
 from __future__ import annotations
