@@ -35,29 +35,12 @@ from minidisk.link.governance import Governance
 from minidisk.namespace import DEFAULT_CACHE_LIMIT, Namespace, apply_all
 from minidisk.namespace.hostdev import open_host
 from minidisk.nbd.client import RemoteDevice
-from minidisk.nbd.exports import Access, ExportPolicy, Identity
+from minidisk.nbd.exports import Access, Administrators, ExportPolicy, Identity, authenticated
 from minidisk.nbd.negotiation import TLSMode
 from minidisk.nbd.server import NBDServer, new_event_loop
 from minidisk.nbd.tls import server_context
 
 log = logging.getLogger(__name__)
-
-
-class DaemonServer(NBDServer):
-    """The NBD server, with control opened to every authenticated peer when links are on."""
-
-    # With the link layer, any authenticated peer may send control commands (Control.admin
-    # then keeps everything but the link commands for administrators).
-    control_for_anyone = False
-
-    def control_permitted(self, identity: Identity) -> bool:
-        if super().control_permitted(identity):
-            return True
-        authenticated = identity.uid is not None or (identity.tls and bool(identity.subject))
-        return self.control_for_anyone and authenticated
-
-    def is_admin(self, identity: Identity) -> bool:
-        return super().control_permitted(identity)
 
 
 class Daemon:
@@ -73,10 +56,13 @@ class Daemon:
         # Export policies, all of which must allow a connection (later layers add theirs:
         # the link layer admits only identities with a live link).
         self.policies: list[ExportPolicy] = []
-        self.server = DaemonServer(self.namespace, read_only=config.read_only,
+        self.admins = Administrators(frozenset(config.admin_subjects))
+        # With the link layer, any authenticated peer may send control commands
+        # (Control.admin then keeps all but the link commands for administrators).
+        control_policy = self._admin_or_authenticated if config.directory else self.admins
+        self.server = NBDServer(self.namespace, read_only=config.read_only,
                                 tls_mode=config.tls_mode, tls_context=tls, control=self.control,
-                                policy=self._policy,
-                                admin_subjects=frozenset(config.admin_subjects),
+                                policy=self._policy, control_policy=control_policy,
                                 busy_poll=config.busy_poll_us / 1e6,
                                 max_connections=config.max_connections,
                                 handshake_timeout=config.handshake_timeout,
@@ -95,7 +81,7 @@ class Daemon:
         """--directory: the directory's disks served here may be opened only by their owners
         and by identities with a live link (minidisk.link.authority)."""
         self.links = LinkAuthority(Directory(path), self.config.link_dlm or self.config.dlm,
-                                   self.server, self._serves, self.server.is_admin,
+                                   self.server, self._serves, self.admins,
                                    lease=self.config.link_lease)
         self.policies.append(self.links.policy)
         # ... and wherever their bytes appear under another name (minidisk.link.governance).
@@ -103,10 +89,12 @@ class Daemon:
         self.namespace.host_checks.append(governance.check_host)
         self.dm.child_checks.append(governance.check_table_child)
         self.policies.append(governance.policy)
-        self.server.control_for_anyone = True
-        self.control.admin = self.server.is_admin
+        self.control.admin = self.admins
         for name, handler in self.links.control_handlers().items():
             self.control.add_for_anyone(name, handler)
+
+    def _admin_or_authenticated(self, identity: Identity) -> bool:
+        return self.admins(identity) or authenticated(identity)
 
     def _serves(self, key: str) -> bool:
         return key.lstrip("/") in self.namespace.export_names()

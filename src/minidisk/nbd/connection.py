@@ -123,7 +123,7 @@ class Connection(asyncio.BufferedProtocol):
                 f"no handshake within {srv.handshake_timeout:g} s")
         self.negotiation = Negotiation(
             srv.exports, identity, srv.policy, srv.tls_mode, srv.read_only,
-            control_allowed=srv.control is not None and srv.control_permitted(identity),
+            control_allowed=srv.offers_control(identity),
         )
         self.negotiation.shutting_down = srv.shutting_down
         srv.connections.add(self)
@@ -439,8 +439,7 @@ class Connection(asyncio.BufferedProtocol):
         neg.tls_started()
         subject = peer_subject(transport.get_extra_info("ssl_object"))
         neg.identity = dataclasses.replace(neg.identity, subject=subject, tls=True)
-        neg.control_allowed = (self.server.control is not None
-                               and self.server.control_permitted(neg.identity))
+        neg.control_allowed = self.server.offers_control(neg.identity)
         # The identity export policies see; logged so that it can be checked from outside.
         log.debug("TLS established; client certificate subject %s", subject)
         self._resume_options()

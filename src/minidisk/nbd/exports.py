@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -60,6 +61,35 @@ ExportPolicy = Callable[[Identity, str], Access]
 
 def allow_all(identity: Identity, name: str) -> Access:
     return Access.READ_WRITE
+
+
+# A control policy, shaped like an export policy: may this identity send control commands?
+# (Which commands is the control table's business; this decides whether the option is
+# offered at all.)
+ControlPolicy = Callable[[Identity], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Administrators:
+    """The default control policy: our own uid (or root) on a unix socket, or a TLS client
+    whose verified certificate subject is one of `subjects`. Plain TCP peers never: a
+    certificate proves who a client is, not that it may halt us."""
+
+    subjects: frozenset[str] = frozenset()
+
+    def __call__(self, identity: Identity) -> bool:
+        if identity.transport in ("unix", "stdio", "socket") and identity.uid is not None:
+            return identity.uid in (0, os.geteuid())
+        return identity.tls and identity.subject in self.subjects
+
+
+# The server's default: our uid or root on a unix socket; no TLS subject is an administrator.
+local_admins = Administrators()
+
+
+def authenticated(identity: Identity) -> bool:
+    """The transport proved who the peer is: SO_PEERCRED, or a verified TLS subject."""
+    return identity.uid is not None or (identity.tls and bool(identity.subject))
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -19,7 +18,15 @@ from minidisk import busypoll
 from minidisk.nbd import protocol as p
 from minidisk.nbd.budget import PayloadBudget
 from minidisk.nbd.connection import Connection
-from minidisk.nbd.exports import DictExports, ExportPolicy, ExportSource, Identity, allow_all
+from minidisk.nbd.exports import (
+    ControlPolicy,
+    DictExports,
+    ExportPolicy,
+    ExportSource,
+    Identity,
+    allow_all,
+    local_admins,
+)
 from minidisk.nbd.listen import Listeners, raise_fd_limit
 from minidisk.nbd.malloc_tuning import TRIM_THRESHOLD, give_back, keep_buffers_on_heap
 from minidisk.nbd.negotiation import ControlHandler, TLSMode
@@ -44,7 +51,7 @@ class NBDServer:
         tls_context: ssl.SSLContext | None = None,
         policy: ExportPolicy = allow_all,
         control: ControlHandler | None = None,
-        admin_subjects: frozenset[str] = frozenset(),
+        control_policy: ControlPolicy = local_admins,
         busy_poll: float = 0.0,
         max_connections: int = 1024,
         handshake_timeout: float = 10.0,
@@ -59,7 +66,7 @@ class NBDServer:
         self.tls_context = tls_context
         self.policy = policy
         self.control = control
-        self.admin_subjects = admin_subjects
+        self.control_policy = control_policy
         self.connections: set[Connection] = set()
         # Connections in every phase count; one more is closed before the greeting (as
         # nbdkit's limit filter and nbd-server's maxconnections refuse), not left waiting
@@ -103,13 +110,10 @@ class NBDServer:
         else:  # busy again: trim after this burst instead
             self.budget.peak = max(self.budget.peak, TRIM_THRESHOLD)
 
-    def control_permitted(self, identity: Identity) -> bool:
-        """Who may send control commands: our own uid (or root) on a unix socket, or a TLS
-        client whose verified certificate subject is one of `admin_subjects`. Plain TCP
-        peers never may: a certificate proves who a client is, not that it may halt us."""
-        if identity.transport in ("unix", "stdio", "socket") and identity.uid is not None:
-            return identity.uid in (0, os.geteuid())
-        return identity.tls and identity.subject in self.admin_subjects
+    def offers_control(self, identity: Identity) -> bool:
+        """Whether this connection is offered the control option (asked again once TLS
+        has proved a subject)."""
+        return self.control is not None and self.control_policy(identity)
 
     def connection_closed(self, identity: Identity) -> asyncio.Event | None:
         """The event set when the connection whose identity is `identity` (that very object,
