@@ -87,3 +87,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if item.get_closest_marker(unwanted) is None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Guest modules whole and first (guest_scheduling.py says why); other --dist modes are
+    xdist's own."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None
+    from tests.guest_scheduling import GuestUnits
+
+    return GuestUnits(config, log)

@@ -3,8 +3,9 @@
 These tests never skip: a machine that runs scripts/bootstrap.sh can boot the guest, so a
 missing kernel, qemu or virtme-ng is a failure that names the missing step. A boot takes
 seconds under TCG, so a test module boots once (a module-scoped fixture running one script
-that leaves many rows) and its tests read the rows. All VM tests share one xdist group, so they
-run one guest at a time on one worker while the other worker runs the rest of the suite.
+that leaves many rows) and its tests read the rows. tests/guest_scheduling.py hands all VM
+modules to one worker, first, so one guest runs at a time while the other worker runs the rest
+of the suite.
 """
 
 from __future__ import annotations

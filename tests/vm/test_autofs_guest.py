@@ -19,11 +19,11 @@ import xml.etree.ElementTree as ET
 import pytest
 from tests.vm.harness import ROOT, Boot
 
-pytestmark = [pytest.mark.vm, pytest.mark.autofs_guest, pytest.mark.xdist_group("vm-autofs"),
+pytestmark = [pytest.mark.vm, pytest.mark.autofs_guest,
               pytest.mark.timeout(1500)]
 
-# Its own xdist group: this guest runs beside the kernel-nbd ones (group "vm") instead of after
-# them, so the suite's wall time is the longer of the two, not their sum.
+# Its own unit of work (tests/guest_scheduling.py): this guest runs beside the kernel-nbd ones
+# instead of after them, so the suite's wall time is the longer of the two, not their sum.
 GUEST_TIMEOUT = 1400.0  # one boot running every autofs test, under TCG
 TIME_SCALE = 10  # the tests' own bounds, in a guest where Python runs ~20x slower
 

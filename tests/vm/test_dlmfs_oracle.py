@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from tests.vm.harness import GUEST_SCRIPTS, Boot, GuestRun, guest_script
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 BATTERY = GUEST_SCRIPTS / "dlmfs_battery.sh"
 GUEST_TIMEOUT = 600.0

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 from tests.vm.harness import GUEST_SCRIPTS, Boot, guest_script
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 MINIDISK = str(Path(sys.executable).parent / "minidisk")
 DISK_SIZE = "8M"  # as the guest's loop files

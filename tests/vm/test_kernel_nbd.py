@@ -12,7 +12,7 @@ import re
 import pytest
 from tests.vm.harness import Boot, Rows, guest_script
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 EXPORT_SIZE = 128 << 20
 QUEUE = ("logical_block_size", "physical_block_size", "minimum_io_size", "optimal_io_size",

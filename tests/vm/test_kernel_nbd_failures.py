@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from tests.vm.harness import Boot, Rows, guest_script
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm"), pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
