@@ -513,6 +513,14 @@ def main() -> int:
         for directory in (scratch, shm):
             subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
 
+    finish(report, output, loads, verdicts, f"{started}.json")
+    return 0
+
+
+def finish(report: dict, output: list[str], loads: list[float],
+           verdicts: list[tuple[str, str]], name: str) -> None:
+    """Print the tables with the targets and the load they were measured under, and keep the
+    whole report as bench/results/NAME (userpath.py ends the same way)."""
     report["uptime_end"] = uptime()
     report["load_1min_per_sample"] = loads
     report["targets"] = [{"target": text, "verdict": verdict} for text, verdict in verdicts]
@@ -525,10 +533,9 @@ def main() -> int:
     print("\n".join(output))
 
     RESULTS_DIR.mkdir(exist_ok=True)
-    result_file = RESULTS_DIR / f"{started}.json"
+    result_file = RESULTS_DIR / name
     result_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"\nresults: {result_file.relative_to(REPO)}")
-    return 0
 
 
 if __name__ == "__main__":

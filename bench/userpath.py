@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,13 +36,12 @@ from run import (  # noqa: E402  (bench/ is a directory of scripts, not a packag
     BANDWIDTH,
     DEVICE_SIZE,
     IOPS,
-    REPO,
-    RESULTS_DIR,
     Goal,
     Metric,
     MiB,
     Minidisk,
     Server,
+    finish,
     make_source_image,
     median_table,
     nbd_uri,
@@ -309,24 +307,10 @@ def main() -> int:
     lines, medians = median_table(samples, columns, ratios)
     verdicts = [v for goal in GOALS for v in goal.check(medians)]
     report["userpath"] = {"samples": samples, "medians": medians}
-    report["uptime_end"] = uptime()
-    report["load_1min_per_sample"] = loads
-    report["targets"] = [{"target": text, "verdict": verdict} for text, verdict in verdicts]
     output = ["", "## user path: fio libaio direct=1 on nbdfuse + loop"
               + (" ('nbd' columns: fio's nbd engine, no path)" if args.protocol else "")
-              + " (medians; CPU rows: lower is better)", "", *lines,
-              "", "## targets", "", *(f"- [{verdict}] {text}" for text, verdict in verdicts)]
-    if loads:
-        output += ["", f"1-min load during the samples: min {min(loads):.2f}, "
-                       f"median {statistics.median(loads):.2f}, max {max(loads):.2f} "
-                       f"on {os.cpu_count()} CPUs"]
-    output += [f"load at end: {report['uptime_end']}"]
-    print("\n".join(output))
-
-    RESULTS_DIR.mkdir(exist_ok=True)
-    result_file = RESULTS_DIR / f"userpath-{started}.json"
-    result_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nresults: {result_file.relative_to(REPO)}")
+              + " (medians; CPU rows: lower is better)", "", *lines]
+    finish(report, output, loads, verdicts, f"userpath-{started}.json")
     return 0
 
 
