@@ -22,6 +22,7 @@ from xdist.scheduler import LoadScopeScheduling
 
 GUESTS = "tests/vm/"
 OWN_UNITS = {"tests/vm/test_autofs_guest.py": "vm-autofs"}  # guests that need not wait
+GUEST_UNITS = {"vm", *OWN_UNITS.values()}
 
 
 class _GuestsFirst(OrderedDict[str, dict[str, bool]]):
@@ -30,7 +31,7 @@ class _GuestsFirst(OrderedDict[str, dict[str, bool]]):
     def popitem(self, last: bool = True) -> tuple[str, dict[str, bool]]:
         if not last:
             for scope in self:
-                if scope.startswith("vm"):
+                if scope in GUEST_UNITS:
                     return scope, self.pop(scope)
         return super().popitem(last)
 

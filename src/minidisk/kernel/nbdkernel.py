@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from minidisk.kernel import state
 from minidisk.kernel.commands import Helper, wait_until
-from minidisk.kernel.defaults import DEFAULT_TIMEOUT, KEEPER
+from minidisk.kernel.defaults import DEFAULT_TIMEOUT, KEEPER, MAX_CONNECTIONS
 from minidisk.kernel.errors import AttachError, DetachError
 from minidisk.kernel.mount import refuse_if_in_use
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32, attr_u64
@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # imported where used: `detach` needs neither the handshake n
 # nbd-netlink.h
 NBD_CMD_CONNECT = 1
 NBD_CMD_DISCONNECT = 2
+NBD_CMD_RECONFIGURE = 3
+NBD_CMD_LINK_DEAD = 4
 NBD_ATTR_INDEX = 1
 NBD_ATTR_SIZE_BYTES = 2
 NBD_ATTR_BLOCK_SIZE_BYTES = 3
@@ -46,6 +48,7 @@ NBD_ATTR_TIMEOUT = 4
 NBD_ATTR_SERVER_FLAGS = 5
 NBD_ATTR_CLIENT_FLAGS = 6
 NBD_ATTR_SOCKETS = 7
+NBD_ATTR_DEAD_CONN_TIMEOUT = 8
 NBD_ATTR_BACKEND_IDENTIFIER = 10
 NBD_SOCK_ITEM = 1
 NBD_SOCK_FD = 1
@@ -77,7 +80,6 @@ def available() -> str | None:
 
 def _connect_all(uri: NBDURI, connections: int) -> list[KernelSocket]:
     """`connections` negotiated sockets to the export; more than one only with multi-conn."""
-    from minidisk.kernel.defaults import MAX_CONNECTIONS
     from minidisk.kernel.handshake import connect
     if not 1 <= connections <= MAX_CONNECTIONS:
         raise AttachError(f"--connections {connections}: give 1 to {MAX_CONNECTIONS}")
@@ -139,7 +141,7 @@ def _attach_netlink(uri: NBDURI, read_only: bool, links: list[KernelSocket],
                 attr_u64(NBD_ATTR_SERVER_FLAGS, flags),
                 attr_u64(NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT),
                 *([attr_u64(NBD_ATTR_TIMEOUT, timeout)] if timeout else []),
-                *([attr_u64(persist.NBD_ATTR_DEAD_CONN_TIMEOUT, persist_wait)]
+                *([attr_u64(NBD_ATTR_DEAD_CONN_TIMEOUT, persist_wait)]
                   if persist_wait is not None else []),
                 attr(NBD_ATTR_BACKEND_IDENTIFIER, identifier.encode() + b"\0"),
                 attr_nested(NBD_ATTR_SOCKETS, sockets),
@@ -164,8 +166,8 @@ def _attach_netlink(uri: NBDURI, read_only: bool, links: list[KernelSocket],
             attachment.helpers.append(keeper)
     except BaseException:
         # The kernel has the device: take it down again rather than leave it unmanaged.
-        with contextlib.suppress(OSError), GenericNetlink() as nl:
-            nl.request(nl.family("nbd"), NBD_CMD_DISCONNECT, 1, [attr_u32(NBD_ATTR_INDEX, index)])
+        with contextlib.suppress(OSError):
+            _disconnect_netlink(index)
         raise
     state.save(attachment)
     return attachment
@@ -247,13 +249,26 @@ def _wait_for_node(attachment: state.Attachment) -> None:
         raise AttachError(f"{attachment.device} did not appear (is udev/devtmpfs running?)")
 
 
+def backend(index: int) -> str | None:
+    """The backend identifier netlink attach gave /dev/nbdINDEX, None when it has none."""
+    try:
+        return Path(f"/sys/block/nbd{index}/backend").read_text().strip()
+    except OSError:
+        return None
+
+
+def _disconnect_netlink(index: int) -> None:
+    with GenericNetlink() as nl:
+        nl.request(nl.family("nbd"), NBD_CMD_DISCONNECT, 1, [attr_u32(NBD_ATTR_INDEX, index)])
+
+
 def _connected(attachment: state.Attachment) -> bool:
-    sysfs = Path(f"/sys/block/{attachment.name}")
-    if not (sysfs / "pid").exists():
+    if not Path(f"/sys/block/{attachment.name}/pid").exists():
         return False
-    if attachment.method == "netlink" and (sysfs / "backend").exists():
+    if attachment.method == "netlink":
         # The index may have been reused after the server ended our connection.
-        return (sysfs / "backend").read_text().strip() == attachment.backing_file
+        found = backend(attachment.nbd_index)
+        return found is None or found == attachment.backing_file
     return True
 
 
@@ -269,9 +284,7 @@ def detach(attachment: state.Attachment) -> None:
         refuse_if_in_use(device)
         try:
             if attachment.method == "netlink":
-                with GenericNetlink() as nl:
-                    nl.request(nl.family("nbd"), NBD_CMD_DISCONNECT, 1,
-                               [attr_u32(NBD_ATTR_INDEX, attachment.nbd_index)])
+                _disconnect_netlink(attachment.nbd_index)
             else:
                 fd = os.open(device, os.O_RDWR)
                 try:

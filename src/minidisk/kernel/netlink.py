@@ -25,6 +25,7 @@ NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLMSG_ERROR = 0x2
 NLA_F_NESTED = 1 << 15
+REQUEST_TIMEOUT = 30.0  # seconds a request waits for the kernel's answer
 
 NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 GENLMSGHDR = struct.Struct("=BBH")  # command, version, reserved
@@ -67,7 +68,7 @@ class GenericNetlink:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
         self.sock.bind((0, 0))
-        self.sock.settimeout(30.0)
+        self.sock.settimeout(REQUEST_TIMEOUT)
         self.sequence = 0
 
     def close(self) -> None:
@@ -112,7 +113,7 @@ class GenericNetlink:
         except TimeoutError:
             return None
         finally:
-            self.sock.settimeout(30.0)
+            self.sock.settimeout(REQUEST_TIMEOUT)
         offset = 0
         while offset + NLMSGHDR.size <= len(data):
             length, kind, _, _, _ = NLMSGHDR.unpack_from(data, offset)

@@ -35,22 +35,22 @@ from minidisk.kernel.commands import Helper
 from minidisk.kernel.defaults import KEEPER
 from minidisk.kernel.errors import AttachError
 from minidisk.kernel.handshake import KernelSocket, connect
+from minidisk.kernel.nbdkernel import (
+    NBD_ATTR_BACKEND_IDENTIFIER,
+    NBD_ATTR_INDEX,
+    NBD_ATTR_SOCKETS,
+    NBD_CMD_LINK_DEAD,
+    NBD_CMD_RECONFIGURE,
+    NBD_SOCK_FD,
+    NBD_SOCK_ITEM,
+    backend,
+)
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32
 from minidisk.nbd.uri import NBDURI
 
 MULTICAST_GROUP = "nbd_mc_group"  # NBD_GENL_MCAST_GROUP_NAME
 POLL = 5.0  # seconds between checks that the device is still ours, when nothing happens
 FIRST_RETRY, LAST_RETRY = 0.1, 5.0  # back-off between reconnect attempts, seconds
-
-# nbd-netlink.h
-NBD_CMD_RECONFIGURE = 3
-NBD_CMD_LINK_DEAD = 4
-NBD_ATTR_INDEX = 1
-NBD_ATTR_SOCKETS = 7
-NBD_ATTR_DEAD_CONN_TIMEOUT = 8
-NBD_ATTR_BACKEND_IDENTIFIER = 10
-NBD_SOCK_ITEM = 1
-NBD_SOCK_FD = 1
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,7 @@ class Keeper:
 
     def ours(self) -> bool:
         """The device still exists with the backend identifier attach gave it."""
-        try:
-            backend = Path(f"/sys/block/nbd{self.index}/backend").read_text().strip()
-        except OSError:
-            return False
-        return backend == self.identifier
+        return backend(self.index) == self.identifier
 
     def run(self) -> None:
         self.say(f"keeping the connection to {self.uri}")
