@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                  "read, show status."),
     "quickstart-vmlink": ("vmlink_demo", "Serve alice's disk, grant it, and read a file by "
                                          "entering /vmlink/alice.0191."),
-    "replay-log": ("dmsetup", "Replay a log-writes log onto a device, up to an entry or a mark "
+    "replay-log": ("replaylog", "Replay a log-writes log onto a device, up to an entry or a mark "
                               "(xfstests style)."),
     "serve": ("serve", "Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - "
                        "for stdio)."),
