@@ -29,6 +29,7 @@ from minidisk.nbd import replies as r
 from minidisk.nbd.blocking import negotiate, open_socket
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
+from minidisk.nbd.transport import Transport
 
 TLS_ENV = "MINIDISK_TLS_CERTIFICATES"
 
@@ -50,7 +51,7 @@ def shown(text: str) -> str:
 
 def connect(url: str, timeout: float = 30.0) -> socket.socket:
     address = parse_url(url)
-    if address.kind not in ("unix", "tcp"):
+    if address.kind not in (Transport.UNIX, Transport.TCP):
         raise ControlError(errno.EINVAL, f"cannot reach a server at {url}")
     host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
     try:

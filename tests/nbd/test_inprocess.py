@@ -27,6 +27,7 @@ from minidisk.nbd import protocol as p
 from minidisk.nbd.exports import DictExports
 from minidisk.nbd.listen import ListenAddress
 from minidisk.nbd.server import NBDServer, new_event_loop
+from minidisk.nbd.transport import Transport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,7 +113,7 @@ class ThreadServer:
         def run() -> None:
             asyncio.set_event_loop(self.loop)
             self.loop.run_until_complete(self.server.listeners.listen(
-                ListenAddress("unix", self.socket)))
+                ListenAddress(Transport.UNIX, self.socket)))
             ready.set()
             self.loop.run_forever()
 

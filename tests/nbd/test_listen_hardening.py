@@ -29,6 +29,7 @@ from minidisk import control_client
 from minidisk.daemon.config import DaemonConfig
 from minidisk.nbd import protocol as p
 from minidisk.nbd.listen import ListenAddress, bind
+from minidisk.nbd.transport import Transport
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -65,17 +66,17 @@ def test_bind_does_not_follow_or_remove_a_symlink(short_tmp: Path) -> None:
     link = short_tmp / "link.sock"
     link.symlink_to(target)
     with pytest.raises(OSError, match="not a socket") as info:
-        bind(ListenAddress("unix", path=str(link)))
+        bind(ListenAddress(Transport.UNIX, path=str(link)))
     assert str(link) in str(info.value)
     assert link.is_symlink() and target.exists()
 
 
 def test_bind_refuses_a_live_socket(short_tmp: Path) -> None:
     path = short_tmp / "live.sock"
-    live = bind(ListenAddress("unix", path=str(path)))
+    live = bind(ListenAddress(Transport.UNIX, path=str(path)))
     try:
         with pytest.raises(OSError, match="in use") as info:
-            bind(ListenAddress("unix", path=str(path)))
+            bind(ListenAddress(Transport.UNIX, path=str(path)))
         assert str(path) in str(info.value)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.connect(str(path))  # still the first listener's
@@ -89,7 +90,7 @@ def test_bind_replaces_a_stale_socket(short_tmp: Path) -> None:
     crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     crashed.bind(str(path))
     crashed.close()  # the name stays, nobody listens: what a crash leaves behind
-    sock = bind(ListenAddress("unix", path=str(path)))
+    sock = bind(ListenAddress(Transport.UNIX, path=str(path)))
     try:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.connect(str(path))

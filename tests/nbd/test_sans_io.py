@@ -18,9 +18,10 @@ from minidisk.nbd import replies as r
 from minidisk.nbd.checks import check_request
 from minidisk.nbd.exports import Access, DictExports, Identity
 from minidisk.nbd.negotiation import Action, Negotiation, Session, TLSMode
+from minidisk.nbd.transport import Transport
 from minidisk.nbd.uri import NBDURI, BadURI
 
-PEER = Identity("unix", uid=1000)
+PEER = Identity(Transport.UNIX, uid=1000)
 
 
 def _server(tls_mode: TLSMode = TLSMode.OFF, read_only_for: str = "",

@@ -47,6 +47,7 @@ from minidisk.link.asuser import LocalUser
 from minidisk.link.names import DiskKey, parse_key
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
+from minidisk.nbd.transport import Transport
 from minidisk.privatedir import UntrustedDirectory, private_dir
 
 KEEPER_EXIT_GRACE = 10.0
@@ -165,11 +166,11 @@ def links() -> list[LinkState]:
 def nbd_uri(server: str, export: str, tls_certificates: str | None) -> str:
     """The NBD URI of `export` on the server whose control URL is `server`."""
     address = parse_url(server)
-    if address.kind == "unix":
+    if address.kind is Transport.UNIX:
         scheme = "nbds+unix" if tls_certificates else "nbd+unix"
         uri = f"{scheme}:///{export}?socket={address.path}"
         return uri + (f"&tls-certificates={tls_certificates}" if tls_certificates else "")
-    if address.kind == "tcp":
+    if address.kind is Transport.TCP:
         host = "127.0.0.1" if address.host in ("", "0.0.0.0") else address.host
         if tls_certificates:
             return f"nbds://{host}:{address.port}/{export}?tls-certificates={tls_certificates}"

@@ -14,13 +14,14 @@ import socket
 import time
 
 from minidisk.nbd.client_negotiation import ClientNegotiation, Event
+from minidisk.nbd.transport import Transport
 
 
-def open_socket(transport: str, path: str, host: str, port: int,
+def open_socket(transport: Transport, path: str, host: str, port: int,
                 timeout: float) -> socket.socket:
     """A blocking stream socket connected to a unix `path` or a TCP `host`:`port` (with
     TCP_NODELAY: options and requests are small); OSError as connect raises it."""
-    if transport == "unix":
+    if transport is Transport.UNIX:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)

@@ -39,6 +39,7 @@ from minidisk.nbd import client_negotiation as cn
 from minidisk.nbd import protocol as p
 from minidisk.nbd import replies as r
 from minidisk.nbd.tls import client_context
+from minidisk.nbd.transport import Transport
 from minidisk.nbd.uri import NBDURI
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class RemoteDevice(BlockDevice):
     @classmethod
     async def connect(cls, uri: str) -> RemoteDevice:
         parsed = NBDURI.parse(uri)
-        if parsed.transport == "vsock":
+        if parsed.transport is Transport.VSOCK:
             raise ValueError(f"{uri!r}: a remote export is reached over tcp or a unix socket")
         device = cls(parsed)
         await device._connect()

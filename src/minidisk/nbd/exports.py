@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from minidisk.device.api import BlockDevice
+from minidisk.nbd.transport import Transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,7 @@ class Identity:
     client presented one; `uid`/`gid`/`pid` come from SO_PEERCRED on unix sockets.
     """
 
-    transport: str  # "unix", "tcp", "stdio", "socket"
+    transport: Transport
     address: str = ""
     uid: int | None = None
     gid: int | None = None
@@ -69,6 +70,10 @@ def allow_all(identity: Identity, name: str) -> Access:
 ControlPolicy = Callable[[Identity], bool]
 
 
+# Where SO_PEERCRED proves a peer's uid (stdin/stdout may be a socketpair of our parent's).
+_LOCAL = (Transport.UNIX, Transport.STDIO)
+
+
 @dataclass(frozen=True, slots=True)
 class Administrators:
     """The default control policy: our own uid (or root) on a unix socket, or a TLS client
@@ -78,7 +83,7 @@ class Administrators:
     subjects: frozenset[str] = frozenset()
 
     def __call__(self, identity: Identity) -> bool:
-        if identity.transport in ("unix", "stdio", "socket") and identity.uid is not None:
+        if identity.transport in _LOCAL and identity.uid is not None:
             return identity.uid in (0, os.geteuid())
         return identity.tls and identity.subject in self.subjects
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from minidisk.nbd.exports import Identity
+from minidisk.nbd.transport import Transport
 from minidisk.unixsocket import remove_stale_socket
 
 if TYPE_CHECKING:
@@ -36,27 +37,27 @@ class URLError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
-    kind: str  # "unix", "tcp", "stdio", "inherited"
+    kind: Transport
     path: str = ""
     host: str = ""
     port: int = 0
 
     def __str__(self) -> str:
-        if self.kind == "unix":
+        if self.kind is Transport.UNIX:
             return f"unix://{self.path}"
-        if self.kind == "tcp":
+        if self.kind is Transport.TCP:
             return f"tcp://{self.host}:{self.port}/"
-        return self.kind
+        return str(self.kind)
 
 
 def parse_url(url: str) -> ListenAddress:
     if url == "-":
-        return ListenAddress("stdio")
+        return ListenAddress(Transport.STDIO)
     if url.startswith("unix://"):
         path = url[len("unix://"):]
         if not path:
             raise URLError(f"{url!r}: unix URL without a path")
-        return ListenAddress("unix", path=path)
+        return ListenAddress(Transport.UNIX, path=path)
     if url.startswith("tcp://"):
         rest = url[len("tcp://"):].rstrip("/")
         host, sep, port_text = rest.rpartition(":")
@@ -67,7 +68,7 @@ def parse_url(url: str) -> ListenAddress:
             raise URLError(f"{url!r}: port {port} out of range")
         if host == "0":
             host = "0.0.0.0"
-        return ListenAddress("tcp", host=host.strip("[]"), port=port)
+        return ListenAddress(Transport.TCP, host=host.strip("[]"), port=port)
     raise URLError(f"{url!r}: expected unix://PATH, tcp://IP:PORT/ or -")
 
 
@@ -91,7 +92,7 @@ def socket_activation() -> list[socket.socket]:
 
 def bind(address: ListenAddress, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """Create the listening socket (so errors such as 'address in use' surface early)."""
-    if address.kind == "unix":
+    if address.kind is Transport.UNIX:
         path = address.path
         remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -100,7 +101,7 @@ def bind(address: ListenAddress, backlog: int = socket.SOMAXCONN) -> socket.sock
         except OSError as e:
             sock.close()
             raise OSError(e.errno, f"cannot listen on unix://{path}: {e.strerror}") from None
-    elif address.kind == "tcp":
+    elif address.kind is Transport.TCP:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -145,32 +146,34 @@ def raise_fd_limit(wanted: int) -> int:
 
 def peer_identity(sock: socket.socket | None, kind: str) -> Identity:
     """Who is at the other end of an accepted connection, as far as the socket proves it:
-    SO_PEERCRED's pid, uid and gid on a unix socket, the address on TCP."""
+    SO_PEERCRED's pid, uid and gid on a unix socket, the address on TCP. `kind` is the
+    listener's `Transport` (a str: nbd/connection.py still declares it one)."""
+    transport = Transport(kind)
     if sock is None:
-        return Identity(kind)
+        return Identity(transport)
     if sock.family == socket.AF_UNIX:
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             pid, uid, gid = _PEERCRED.unpack(raw)
         except OSError:
-            return Identity(kind)
-        return Identity(kind, address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid)
+            return Identity(transport)
+        return Identity(transport, address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid)
     try:
         host, port = sock.getpeername()[:2]
     except OSError:
-        return Identity(kind)
-    return Identity(kind, address=f"{host}:{port}")
+        return Identity(transport)
+    return Identity(transport, address=f"{host}:{port}")
 
 
 class Listeners:
     """Every socket one server accepts connections on, and its one stdin/stdout connection.
 
-    `factory(kind)` makes the connection for an accepted socket of that transport kind
-    ("unix", "tcp", "socket" for an inherited one, "stdio"); the backlog is as long as the
+    `factory(transport)` makes the connection for a socket accepted over `transport` (an
+    inherited socket is UNIX or TCP, as its family says); the backlog is as long as the
     server's connection limit (asyncio's default of 100 refused bursts with EAGAIN).
     """
 
-    def __init__(self, factory: Callable[[str], Connection], backlog: int) -> None:
+    def __init__(self, factory: Callable[[Transport], Connection], backlog: int) -> None:
         self.factory = factory
         self.backlog = backlog
         self.servers: list[asyncio.base_events.Server] = []
@@ -181,32 +184,32 @@ class Listeners:
         """Listen on the sockets systemd passed us, or else on every URL."""
         inherited = socket_activation()
         for sock in inherited:
-            await self.listen_socket(sock, "socket")
+            await self.listen_socket(sock)
         if not inherited:
             for url in urls:
                 await self.listen(parse_url(url))
 
     async def listen(self, address: ListenAddress) -> None:
         loop = asyncio.get_running_loop()
-        if address.kind == "stdio":
+        if address.kind is Transport.STDIO:
             sock = socket.socket(fileno=os.dup(0))
-            _, conn = await loop.connect_accepted_socket(lambda: self.factory("stdio"), sock)
+            _, conn = await loop.connect_accepted_socket(
+                lambda: self.factory(Transport.STDIO), sock)
             self.stdio_closed = conn.closed
             return
         sock = bind(address, self.backlog)
-        await self.listen_socket(sock, address.kind)
-        if address.kind == "unix":
+        await self.listen_socket(sock)
+        if address.kind is Transport.UNIX:
             self.unix_paths.append(address.path)
 
-    async def listen_socket(self, sock: socket.socket, kind: str | None = None) -> None:
+    async def listen_socket(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        kind_ = kind or ("unix" if sock.family == socket.AF_UNIX else "tcp")
         if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(lambda: self.factory(kind_), sock=sock,
-                                                backlog=self.backlog)
+            srv = await loop.create_unix_server(lambda: self.factory(Transport.UNIX),
+                                                sock=sock, backlog=self.backlog)
         else:
-            srv = await loop.create_server(lambda: self.factory(kind_), sock=sock,
+            srv = await loop.create_server(lambda: self.factory(Transport.TCP), sock=sock,
                                            backlog=self.backlog)
         self.servers.append(srv)
 

@@ -19,16 +19,18 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 
+from minidisk.nbd.transport import Transport
+
 NBD_PORT = 10809
 
 # scheme → (transport, tls)
 _SCHEMES = {
-    "nbd": ("tcp", False),
-    "nbds": ("tcp", True),
-    "nbd+unix": ("unix", False),
-    "nbds+unix": ("unix", True),
-    "nbd+vsock": ("vsock", False),
-    "nbds+vsock": ("vsock", True),
+    "nbd": (Transport.TCP, False),
+    "nbds": (Transport.TCP, True),
+    "nbd+unix": (Transport.UNIX, False),
+    "nbds+unix": (Transport.UNIX, True),
+    "nbd+vsock": (Transport.VSOCK, False),
+    "nbds+vsock": (Transport.VSOCK, True),
 }
 _QUERY_KEYS = {"socket", "tls-certificates", "tls-psk-file", "tls-username", "tls-verify-peer",
                "timeout"}
@@ -41,7 +43,7 @@ class BadURI(ValueError):
 @dataclass(frozen=True, slots=True)
 class NBDURI:
     text: str  # the URI as it will be handed on (unix socket path made absolute)
-    transport: str  # "tcp", "unix" or "vsock"
+    transport: Transport  # UNIX, TCP or VSOCK
     tls: bool
     export: str
     host: str = ""  # tcp host or vsock cid
@@ -87,7 +89,7 @@ class NBDURI:
         certs = given.get("tls-certificates")
         timeout = _timeout(text, given.get("timeout"))
 
-        if transport == "unix":
+        if transport is Transport.UNIX:
             if host or port is not None:
                 raise BadURI(f"bad NBD URI {text!r}: {parts.scheme}:// takes no host or port; "
                              "write nbd+unix:///EXPORT?socket=PATH")
@@ -109,7 +111,7 @@ class NBDURI:
             raise BadURI(f"bad NBD URI {text!r}: ?socket= belongs to nbd+unix:// URIs")
         if not host:
             raise BadURI(f"bad NBD URI {text!r}: {parts.scheme}:// needs a host")
-        if transport == "vsock" and not host.isdigit():
+        if transport is Transport.VSOCK and not host.isdigit():
             raise BadURI(f"bad NBD URI {text!r}: a vsock host must be a numeric CID")
         return cls(text=text, transport=transport, tls=tls, export=export, host=host,
                    port=NBD_PORT if port is None else port, tls_certificates=certs,
