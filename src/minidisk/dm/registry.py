@@ -33,7 +33,7 @@ from minidisk.dm.devices import MAPPER_PREFIX, DeviceSource, Publisher
 from minidisk.dm.mapped import DM_MAJOR, DeviceInfo, MappedDevice
 from minidisk.dm.mapping import Mapping, TableLine, build_mapping
 from minidisk.dm.table import Segment, TableError, parse_table
-from minidisk.dm.target import Opener, Target
+from minidisk.dm.target import Opener, Target, TargetError
 from minidisk.dm.targets import TARGET_TYPES
 
 DRIVER_VERSION = (4, 47, 0)  # Linux 6.1's, whose targets' versions and texts we match
@@ -213,12 +213,23 @@ class Registry:
                                 dev.read_only)
         try:
             self._check_replacement(dev, mapping)
+            await self._prepare(mapping)
         except BaseException:
             await mapping.destroy()
             raise
         old = dev.load(mapping)
         if old is not None:
             await old.destroy()
+
+    @staticmethod
+    async def _prepare(mapping: Mapping) -> None:
+        """Let each target read its on-disk state (a constructor cannot await), refusing the
+        table as a constructor would."""
+        for seg, target in zip(mapping.segments, mapping.targets, strict=True):
+            try:
+                await target.prepare()
+            except TargetError as e:
+                raise seg.error(f"{seg.target}: {e}", e.errno) from None
 
     @staticmethod
     def _check_replacement(dev: MappedDevice, new: Mapping) -> None:
@@ -412,16 +423,23 @@ class Registry:
         if not args:
             raise OSError(errno.EINVAL, "empty message")
         if args[0].startswith("@"):
-            await self._core_message(dev, args)
-            return None
+            return await self._core_message(dev, args)
         if not dev.has_live:
             raise OSError(errno.EINVAL, f"device {name} has no live table")
         async with self._lock(dev):
             return await dev.live.target_at(sector).message(args)
 
-    async def _core_message(self, dev: MappedDevice, args: list[str]) -> None:
-        """A message to device-mapper itself, not a target (the kernel's message_for_md).
-        Only `@cancel_deferred_remove`: the device stays when its last user lets go."""
+    async def _core_message(self, dev: MappedDevice, args: list[str]) -> str | None:
+        """A message to device-mapper itself, not a target (the kernel's message_for_md):
+        `@cancel_deferred_remove` (the device stays when its last user lets go) and the
+        statistics messages (dm/stats.py)."""
+        if args[0].lower() in STATS_MESSAGES:
+            async with self._lock(dev):
+                if dev.removed:
+                    raise no_device(dev.name)
+                result = dev.stats.message(args, dev.live.sectors if dev.has_live else 0)
+                dev.stats.attach(dev)
+                return result
         if args[0].lower() != "@cancel_deferred_remove":
             raise OSError(errno.EINVAL, f"Unsupported message sent to DM core: {args[0]}")
         if len(args) != 1:
@@ -430,6 +448,7 @@ class Registry:
             if dev.removed:
                 raise no_device(dev.name)
             dev.deferred_remove = False
+        return None
 
     def target_versions(self) -> list[tuple[str, tuple[int, int, int]]]:
         return [(name, t.version) for name, t in self.types.items()]

@@ -177,6 +177,11 @@ class Target(BlockDevice, Routable):
         for ref in self.devices():
             await flush_device(ref.device)
 
+    async def prepare(self) -> None:
+        """After every segment is constructed, before the load is accepted: read what the
+        target keeps on its devices (a COW store's exceptions). A `TargetError` refuses the
+        table; the table is then destroyed, so `destroy` must cope with a failed prepare."""
+
     async def presuspend(self, noflush: bool) -> None:
         """Before a suspend waits for in-flight I/O: release anything the target holds back."""
 
