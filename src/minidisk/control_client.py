@@ -62,7 +62,7 @@ def connect(url: str, timeout: float = 30.0) -> socket.socket:
     return sock
 
 
-class Session:
+class ControlConnection:
     """One control connection for several commands, in order. `call()` uses one per command;
     a link keeper keeps one open for as long as its link must live (the server ends the link
     when this connection closes).
@@ -142,7 +142,7 @@ class Session:
         finally:
             self.sock.close()
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> ControlConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,5 +173,5 @@ def _result(url: str, data: bytes) -> dict[str, Any]:
 def call(url: str, command: str, args: dict[str, Any] | None = None,
          tls: ssl.SSLContext | None = None, timeout: float = 300.0) -> dict[str, Any]:
     """Run one control command on the server at `url` and return its result."""
-    with Session(url, tls, timeout) as session:
-        return session.call(command, args)
+    with ControlConnection(url, tls, timeout) as connection:
+        return connection.call(command, args)

@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.conftest import MINIDISK, scaled, stop_process
 
-from minidisk.control_client import ControlError, Session
+from minidisk.control_client import ControlConnection, ControlError
 from minidisk.link.directory import Directory
 from minidisk.nbd.tls import client_context
 
@@ -53,7 +53,7 @@ class Holder:
     def __init__(self, url: str, uid: int = 0, tls: Path | None = None) -> None:
         context = client_context(str(tls)) if tls is not None else None
         with as_uid(uid):
-            self.session = Session(url, context, timeout=scaled(30))
+            self.session = ControlConnection(url, context, timeout=scaled(30))
 
     def link(self, disk: str, mode: str, password: str | None = None) -> dict[str, Any]:
         args: dict[str, Any] = {"disk": disk, "mode": mode}

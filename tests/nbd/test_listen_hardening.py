@@ -226,7 +226,7 @@ def test_a_control_session_outlives_the_handshake_deadline(start_server: StartSe
     # Link keepers hold their control connection for the whole link: once a permitted
     # control command ran, the connection is no longer a pending handshake.
     srv = start_server("--handshake-timeout", "1", "--memory", "disk=1M")
-    with control_client.Session(srv.url) as session:
+    with control_client.ControlConnection(srv.url) as session:
         assert "disk" in str(session.call("exports"))
         time.sleep(1.5)
         assert "disk" in str(session.call("exports"))

@@ -17,7 +17,7 @@ from minidisk.nbd import protocol as p
 from minidisk.nbd import replies as r
 from minidisk.nbd.checks import check_request
 from minidisk.nbd.exports import Access, DictExports, Identity
-from minidisk.nbd.negotiation import Action, Negotiation, Session, TLSMode
+from minidisk.nbd.negotiation import Action, Negotiation, TLSMode, TransmissionTerms
 from minidisk.nbd.transport import Transport
 from minidisk.nbd.uri import NBDURI, BadURI
 
@@ -91,8 +91,8 @@ def test_go_with_structured_replies_and_base_allocation() -> None:
     assert wire.actions == [Action.TRANSMIT] and not wire.out  # nothing left unread
     assert client.state is cn.State.TRANSMISSION
     session = server.session
-    assert session == Session(structured=True, base_allocation=True, tflags=event.tflags,
-                              no_zeroes=True)
+    assert session == TransmissionTerms(structured=True, base_allocation=True,
+                                        tflags=event.tflags, no_zeroes=True)
 
 
 def test_plain_go_for_the_kernel() -> None:
@@ -339,14 +339,16 @@ ALL = (p.TFLAG_HAS_FLAGS | p.TFLAG_SEND_FLUSH | p.TFLAG_SEND_FUA | p.TFLAG_SEND_
 ])
 def test_check_request(tflags: int, cmd: int, flags: int, offset: int, length: int,
                        error: int, why: str) -> None:
-    session = Session(structured=True, base_allocation=False, tflags=tflags, no_zeroes=True)
+    session = TransmissionTerms(structured=True, base_allocation=False, tflags=tflags,
+                                no_zeroes=True)
     err, reason = check_request(session, DEVICE, cmd, flags, offset, length)
     assert err == error and why in reason
 
 
 def test_check_request_over_the_maximum() -> None:
     device = MemoryDevice(64 << 20, BlockSize(1, 4096, 1 << 20))
-    session = Session(structured=True, base_allocation=True, tflags=ALL, no_zeroes=True)
+    session = TransmissionTerms(structured=True, base_allocation=True, tflags=ALL,
+                                no_zeroes=True)
     assert check_request(session, device, p.CMD_READ, p.CMD_FLAG_DF, 0, 2 << 20)[0] == \
         p.NBD_EOVERFLOW
     assert check_request(session, device, p.CMD_READ, 0, 0, 2 << 20)[0] == p.NBD_EINVAL

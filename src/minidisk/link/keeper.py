@@ -29,7 +29,7 @@ import signal
 import sys
 from types import FrameType
 
-from minidisk.control_client import ControlError, Session
+from minidisk.control_client import ControlConnection, ControlError
 from minidisk.nbd.tls import client_context
 
 EXIT_REFUSED = 1
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         args["on_behalf_of"] = options.on_behalf_of
     tls = client_context(options.tls_certificates) if options.tls_certificates else None
     try:
-        session = Session(options.server, tls, timeout=60.0)
-        result = session.call("link", args)
+        connection = ControlConnection(options.server, tls, timeout=60.0)
+        result = connection.call("link", args)
     except (ControlError, OSError) as e:
         _report({"ok": False, "errno": getattr(e, "errno", 0) or 0, "error": str(e)})
         return EXIT_REFUSED
@@ -75,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     lease = float(result.get("lease") or 0)
     try:
         # The server never speaks first: a timeout is the time to renew, EOF its end.
-        session.sock.settimeout(lease / 3 if lease > 0 else None)
+        connection.sock.settimeout(lease / 3 if lease > 0 else None)
         while True:
             try:
-                if not session.sock.recv(4096):
+                if not connection.sock.recv(4096):
                     return EXIT_SERVER_GONE
             except TimeoutError:
                 try:
-                    session.call("renew")
+                    connection.call("renew")
                 except ControlError as e:
                     if e.errno == errno.ECONNRESET:
                         return EXIT_SERVER_GONE
@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            session.sock.settimeout(10.0)
-            session.call("unlink")
+            connection.sock.settimeout(10.0)
+            connection.call("unlink")
         except (ControlError, OSError):
             pass  # closing the connection ends the link anyway
-        session.close()
+        connection.close()
         return 0
     except OSError:
         return EXIT_SERVER_GONE

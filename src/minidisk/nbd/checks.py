@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from minidisk.device.api import MAX_REQUEST, BlockDevice
 from minidisk.nbd import protocol as p
-from minidisk.nbd.negotiation import Session
+from minidisk.nbd.negotiation import TransmissionTerms
 
 # Beyond this a READ is refused and a WRITE payload is drained and refused; a WRITE payload
 # larger than MAX_DRAIN cannot be drained at reasonable cost, so the connection is dropped
@@ -28,7 +28,8 @@ _RANGED = (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_CACHE, p.CMD_WRITE_ZEROES,
 
 
 def check_request(
-    session: Session, device: BlockDevice, cmd: int, flags: int, offset: int, length: int,
+    session: TransmissionTerms, device: BlockDevice, cmd: int, flags: int, offset: int,
+    length: int,
 ) -> tuple[int, str]:
     """Return (0, "") for a valid request, else (NBD error, reason)."""
     tflags = session.tflags

@@ -50,13 +50,19 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class Session:
-    """What transmission needs to know from the handshake."""
+class TransmissionTerms:
+    """What the handshake settled that transmission goes by: the reply format, the meta
+    context, the export's transmission flags."""
 
     structured: bool
     base_allocation: bool
     tflags: int
     no_zeroes: bool
+
+
+# The old name, for nbd/connection.py (another helper's file at the time) until it imports
+# the new one.
+Session = TransmissionTerms
 
 
 ControlHandler = Callable[[Identity, bytes], Awaitable[bytes]]
@@ -111,7 +117,7 @@ class Negotiation:
         self.meta_export: str | None = None  # export the selected contexts belong to
         self.meta_selected = False
         self.shutting_down = False
-        self.session: Session | None = None
+        self.session: TransmissionTerms | None = None
         self.options_left = MAX_OPTIONS
         self.listed = False  # LIST answers once per connection (as nbdkit)
 
@@ -249,7 +255,8 @@ class Negotiation:
     def _enter(self, export: OpenedExport, tflags: int) -> None:
         base_allocation = (self.structured and self.meta_selected
                            and self.meta_export == export.name)
-        self.session = Session(self.structured, base_allocation, tflags, self.no_zeroes)
+        self.session = TransmissionTerms(self.structured, base_allocation, tflags,
+                                         self.no_zeroes)
 
     def _structured_reply(self, opt: int, data: bytes) -> Outcome:
         if data:
