@@ -9,6 +9,7 @@ from minidisk.dm.targets.error import Error
 from minidisk.dm.targets.flakey import Flakey
 from minidisk.dm.targets.linear import Linear
 from minidisk.dm.targets.log_writes import LogWrites
+from minidisk.dm.targets.snapshot import Snapshot, SnapshotMerge, SnapshotOrigin
 from minidisk.dm.targets.striped import Striped
 from minidisk.dm.targets.zero import Zero
 
@@ -18,5 +19,8 @@ from minidisk.dm.targets.zero import Zero
 TARGET_TYPES: dict[str, type[Target]] = {
     t.name: t for t in (Dust, LogWrites, Flakey, Delay, Zero, Striped, Linear, Error)
 }
+# dm-snapshot (registering snapshot, snapshot-origin, snapshot-merge) listed as if loaded
+# before the others.
+TARGET_TYPES.update({t.name: t for t in (SnapshotMerge, SnapshotOrigin, Snapshot)})
 
 __all__ = ["TARGET_TYPES"]
