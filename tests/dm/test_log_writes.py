@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
 
+from minidisk.cli import replaylog
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry, writelog
@@ -36,6 +37,18 @@ def decode_log(raw: bytes) -> list[tuple[int, int, int, bytes]]:
 
 async def snapshot(dev: MemoryDevice) -> bytes:
     return await read(dev, 0, dev.size)
+
+
+async def logged(log: MemoryDevice) -> list[tuple[int, int]]:
+    """(sector, flags) of each entry in the log."""
+    return [(sector, flags) for sector, _, flags, _ in decode_log(await snapshot(log))]
+
+
+def replay_log(*argv: str) -> tuple[int, str]:
+    """`minidisk replay-log ARGV` in this process: its exit status and stdout."""
+    out = io.StringIO()
+    status = replaylog.main(list(argv), out=out)
+    return status, out.getvalue()
 
 
 def test_writes_are_logged_at_the_next_flush_and_marks_at_once() -> None:
@@ -87,23 +100,23 @@ def test_entries_are_in_completion_order() -> None:
         await write(dev, half * SECTOR, pattern(2, SECTOR))
         await slow
         await dev.flush()
-        entries = [(e.sector, e.flags) async for e in writelog.entries(ns.devices["/dev/log"])]
-        assert entries == [(half, 0), (0, 0), (0, writelog.FLUSH)]
+        assert await logged(ns.devices["/dev/log"]) == [(half, 0), (0, 0), (0, writelog.FLUSH)]
 
     run(go())
 
 
-def test_replay_reproduces_the_device_at_every_mark() -> None:
+def test_replay_reproduces_the_device_at_every_mark(tmp_path: Path) -> None:
     ns = memory_namespace(data=DATA, log=LOG)
     reg = registry_over(ns)
     data = ns.devices["/dev/data"]
+    snapshots: dict[str, bytes] = {}
+    log_path, target = tmp_path / "log", tmp_path / "replay"
 
     async def go() -> None:
         import random
 
         dev = await reg.create("lw", f"0 {DATA // SECTOR} log-writes /dev/data /dev/log")
         rng = random.Random(5)
-        snapshots: dict[str, bytes] = {}
         for m in range(6):
             for i in range(20):
                 sector = rng.randrange(DATA // SECTOR - 16)
@@ -120,22 +133,27 @@ def test_replay_reproduces_the_device_at_every_mark() -> None:
             await dev.flush()
             await reg.message("lw", 0, ["mark", f"m{m}"])
             snapshots[f"m{m}"] = await snapshot(data)
-        log = ns.devices["/dev/log"]
-        for mark, expected in snapshots.items():
-            replayed = MemoryDevice(DATA)
-            await writelog.replay(log, replayed, end_mark=mark)
-            assert await snapshot(replayed) == expected, mark
-        assert await writelog.find_mark(log, "m3") is not None
-        with pytest.raises(OSError):
-            await writelog.replay(log, MemoryDevice(DATA), end_mark="nope")
-        # --limit N replays exactly the first N entries: up to m0's entry is m0's state
-        m0 = await writelog.find_mark(log, "m0")
-        assert m0 is not None
-        replayed = MemoryDevice(DATA)
-        await writelog.replay(log, replayed, limit=m0 + 1)
-        assert await snapshot(replayed) == snapshots["m0"]
+        log_path.write_bytes(await snapshot(ns.devices["/dev/log"]))
 
     run(go())
+    for mark, expected in snapshots.items():
+        target.write_bytes(bytes(DATA))
+        assert replay_log("--log", str(log_path), "--replay", str(target), "--end-mark",
+                          mark) == (0, "")
+        assert target.read_bytes() == expected, mark
+    # a mark that is not in the log replays all of it, as xfstests' replay-log does
+    target.write_bytes(bytes(DATA))
+    assert replay_log("--log", str(log_path), "--replay", str(target), "--end-mark",
+                      "nope") == (0, "")
+    assert target.read_bytes() == snapshots["m5"]
+    # --limit N replays exactly N entries: up to m0's entry is m0's state
+    status, found = replay_log("--log", str(log_path), "--find", "--end-mark", "m0")
+    assert status == 0
+    m0 = int(found.split("@")[0])
+    target.write_bytes(bytes(DATA))
+    assert replay_log("--log", str(log_path), "--replay", str(target), "--limit",
+                      str(m0 + 1)) == (0, "")
+    assert target.read_bytes() == snapshots["m0"]
 
 
 def test_fua_is_not_a_barrier() -> None:
@@ -148,8 +166,8 @@ def test_fua_is_not_a_barrier() -> None:
         await write(dev, 0, pattern(1, SECTOR))
         await write(dev, 0, pattern(2, SECTOR), fua=True)
         await dev.flush()
-        entries = [(e.sector, e.flags) async for e in writelog.entries(ns.devices["/dev/log"])]
-        assert entries == [(0, writelog.FUA), (0, 0), (0, writelog.FLUSH)]
+        assert await logged(ns.devices["/dev/log"]) == [(0, writelog.FUA), (0, 0),
+                                                        (0, writelog.FLUSH)]
 
     run(go())
 
@@ -162,9 +180,9 @@ def test_removing_the_device_logs_pending_writes_and_an_end_mark() -> None:
         dev = await reg.create("lw", f"0 {DATA // SECTOR} log-writes /dev/data /dev/log")
         await write(dev, 0, pattern(1, SECTOR))  # never flushed
         await reg.remove("lw")
-        entries = [e async for e in writelog.entries(ns.devices["/dev/log"])]
-        assert [(e.sector, e.flags, e.mark) for e in entries] == \
-            [(0, 0, None), (0, writelog.MARK, writelog.END_MARK)]
+        entries = decode_log(await snapshot(ns.devices["/dev/log"]))
+        assert [(sector, flags, text) for sector, _, flags, text in entries] == \
+            [(0, 0, b""), (0, writelog.MARK, writelog.END_MARK.encode())]
 
     run(go())
 
@@ -210,7 +228,9 @@ def test_replay_log_command_on_host_files(
         assert target.read_bytes() == expected, mark
     found = subprocess.run([MINIDISK, "replay-log", "--log", str(log_path), "--find",
                             "--end-mark", "step 1"], check=True, capture_output=True, text=True)
-    assert found.stdout.strip() == "5"  # write, flush, mark, write, flush, *mark*
+    # write, flush, mark, write, flush, *mark*: entry 5, and the next one starts at block
+    # 21 (super; 1 + 7 for each write, 1 for each flush and mark)
+    assert found.stdout == "5@21\n"
     count = subprocess.run([MINIDISK, "replay-log", "--log", str(log_path), "--num-entries"],
                            check=True, capture_output=True, text=True)
     assert count.stdout.strip() == "9"
