@@ -1,60 +1,51 @@
-"""Fixtures shared by every test area (each area keeps its own in tests/<area>/conftest.py)."""
+"""Hooks and fixtures shared by every test area (each area keeps its own in
+tests/<area>/conftest.py; helpers that tests import live in tests/harness.py)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
+from tests import harness
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-MINIDISK = str(VENV_BIN / "minidisk")
-SYSTEM_PYTHON = "/usr/bin/python3"  # the only interpreter with libnbd's `nbd` module
-# Every bound a test waits for is multiplied by this: 1 here; a TCG guest, where Python runs
-# ~20x slower, sets MINIDISK_TEST_TIME_SCALE (tests/vm/test_autofs_guest.py).
-TIME_SCALE = float(os.environ.get("MINIDISK_TEST_TIME_SCALE", "1"))
+if TYPE_CHECKING:
+    from tests.guest_scheduling import GuestUnits
+    from xdist.remote import Producer
 
-
-def scaled(seconds: float) -> float:
-    """A wait bound of `seconds` on this machine, as long as it must be where tests run."""
-    return seconds * TIME_SCALE
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM a process a test started, wait up to `timeout` for it, then SIGKILL it."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+# Test files that still import these from here (tests.harness is their home).
+from tests.harness import MINIDISK as MINIDISK
+from tests.harness import SYSTEM_PYTHON as SYSTEM_PYTHON
+from tests.harness import need_root as need_root
+from tests.harness import scaled as scaled
+from tests.harness import stop_process as stop_process
 
 
 @pytest.fixture
-def minidisk_cmd() -> str:
-    return MINIDISK
+def short_tmp() -> Iterator[Path]:
+    """A directory for unix sockets (harness.short_dir), removed at teardown."""
+    directory = harness.short_dir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture
-def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short directory for unix sockets (sun_path is limited to 107 bytes)."""
-    import tempfile
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test shows the log tail of every process it (or its fixtures) left running."""
+    report = yield
+    if report.failed:
+        for process in harness.live():
+            report.sections.append((f"log of pid {process.pid} ({process.log})",
+                                    process.log_text()[-harness.LOG_TAIL:]))
+    return report
 
-    d = Path(tempfile.mkdtemp(prefix="md-", dir="/tmp"))
-    yield d  # type: ignore[misc]
-    shutil.rmtree(d, ignore_errors=True)
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    harness.stop_all()  # a server no fixture stopped must not outlive the run
 
 
 def kernel_has_autofs() -> bool:
@@ -76,12 +67,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     runs the `autofs` tests under Debian's kernel, and is itself deselected where they can run
     here.
     """
-    if TIME_SCALE != 1:  # pytest-timeout takes the closest marker: put the scaled one first
+    if harness.TIME_SCALE != 1:  # pytest-timeout takes the closest marker: put the scaled one first
         for item in items:
             marker = item.get_closest_marker("timeout")
             seconds = marker.args[0] if marker is not None and marker.args else None
             seconds = seconds if seconds is not None else config.getini("timeout")
-            item.add_marker(pytest.mark.timeout(scaled(float(seconds))), append=False)
+            item.add_marker(pytest.mark.timeout(harness.scaled(float(seconds))), append=False)
     unwanted = "autofs_guest" if kernel_has_autofs() else "autofs"
     dropped = [item for item in items if item.get_closest_marker(unwanted) is not None]
     if dropped:
@@ -90,7 +81,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> GuestUnits | None:
     """Guest modules whole and first (guest_scheduling.py says why); other --dist modes are
     xdist's own."""
     if config.getvalue("dist") not in ("load", "loadgroup"):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import pytest
+from xdist.remote import Producer
 from xdist.scheduler import LoadScopeScheduling
 
 GUESTS = "tests/vm/"
@@ -37,8 +39,8 @@ class _GuestsFirst(OrderedDict[str, dict[str, bool]]):
 
 
 class GuestUnits(LoadScopeScheduling):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
+        super().__init__(config, log)
         self.workqueue = _GuestsFirst()
 
     def _split_scope(self, nodeid: str) -> str:

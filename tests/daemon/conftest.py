@@ -1,25 +1,27 @@
-"""Servers for daemon tests: `minidisk serve -s` subprocesses on private unix sockets."""
+"""Servers for daemon tests: `minidisk serve -s` subprocesses (tests/harness.py) on private
+unix sockets, and the CLI as a user runs it."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.conftest import MINIDISK, stop_process
+from tests import harness
+from tests.harness import MINIDISK
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None,
                     timeout: float = 15.0) -> None:
-    """Until the server at `path` accepts connections: the socket file exists from bind(),
-    a moment before listen(), and a connect in between is refused (seen under load)."""
-    deadline = time.monotonic() + timeout
-    while not _accepts(path):
+    """Until the server at `path` accepts connections (harness.accepts), for a test that
+    starts its server by hand; tests.harness.serve and start wait by themselves."""
+    deadline = time.monotonic() + harness.scaled(timeout)
+    while not harness.accepts(path):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: "
                                f"{proc.stderr.read().decode() if proc.stderr else ''}")
@@ -28,40 +30,28 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None,
         time.sleep(0.02)
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return False
-    return True
-
-
 Server = Callable[..., str]
 
 
 @pytest.fixture
 def serve(short_tmp: Path) -> Iterator[Server]:
     """serve(*args) starts `minidisk serve -s ARGS unix://SOCK` and returns the socket path."""
-    procs: list[subprocess.Popen[bytes]] = []
-    counter = iter(range(1000))
+    servers: list[harness.Server] = []
 
     def start(*args: str) -> str:
-        sock = short_tmp / f"s{next(counter)}.sock"
-        proc = subprocess.Popen([MINIDISK, "serve", "-s", *args, f"unix://{sock}"],
-                                stderr=subprocess.PIPE)
-        procs.append(proc)
-        wait_for_socket(sock, proc)
-        return str(sock)
+        server = harness.serve(short_tmp, *args, name=f"s{len(servers)}")
+        servers.append(server)
+        return server.socket
 
     yield start
-    for proc in procs:
-        stop_process(proc)
+    for server in servers:
+        server.stop()
 
 
-def nbdinfo_json(uri: str) -> dict:  # type: ignore[type-arg]
+def nbdinfo_json(uri: str) -> dict[str, Any]:
     out = subprocess.run(["nbdinfo", "--json", uri], check=True, capture_output=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    info: dict[str, Any] = json.loads(out.stdout)
+    return info
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None,

@@ -1,28 +1,26 @@
-"""Fixtures for the dm tests: host files with FileDevice windows.
+"""Fixtures for the dm tests: host files with FileDevice windows, and servers.
 
 Tests are plain functions that run their coroutine with `dm_helpers.run(...)`; every device
-a fixture opens is closed at teardown. The helpers live in dm_helpers.py, importable
-because this directory is put on sys.path (pytest runs with --import-mode=importlib).
+a fixture opens is closed at teardown.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import stop_process
+from tests import harness
+from tests.dm.dm_helpers import Server, pattern
 
 from minidisk.device.file import FileDevice
 
+# tests/dm/test_{cli,control,log_writes,targets}.py import dm_helpers by its bare name (they
+# are other helpers' to change to tests.dm.dm_helpers); nothing else here needs it.
 sys.path.insert(0, str(Path(__file__).parent))
-
-from dm_helpers import MINIDISK, Server, pattern  # noqa: E402
 
 
 @pytest.fixture
@@ -54,25 +52,15 @@ def file_devices() -> Iterator[Callable[..., FileDevice]]:
 
 @pytest.fixture
 def serve(short_tmp: Path) -> Iterator[Callable[..., Server]]:
-    """Start servers with the given `minidisk serve` options; stopped at teardown."""
+    """Start servers with the given `minidisk serve` options (sN.sock, log sN.log); stopped
+    at teardown."""
     started: list[Server] = []
 
     def start(*options: str) -> Server:
-        sock = short_tmp / f"s{len(started)}.sock"
-        log = open(short_tmp / f"s{len(started)}.log", "wb")
-        proc = subprocess.Popen([MINIDISK, "serve", "-s", *options, f"unix://{sock}"],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        log.close()
-        server = Server(proc, sock, short_tmp / f"s{len(started)}.log")
-        started.append(server)
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"server did not start: {(short_tmp / f's{len(started) - 1}.log').read_text()}")
-            time.sleep(0.05)
-        return server
+        server = harness.serve(short_tmp, *options, name=f"s{len(started)}")
+        started.append(Server(server.proc, server.log, server.socket))
+        return started[-1]
 
     yield start
     for server in started:
-        stop_process(server.proc)
+        server.stop()

@@ -1,21 +1,24 @@
-"""Helpers for the dm tests (imported by name: conftest.py puts this directory on sys.path)."""
+"""Helpers for the dm tests: run a coroutine, seeded data, memory namespaces, and a
+`minidisk serve` with `minidisk dmsetup` against it."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import subprocess
-import sys
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from tests import harness
+from tests.harness import MINIDISK
 
 from minidisk.device.api import BlockDevice
 from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry
 
 SECTOR = 512
-MINIDISK = str(Path(sys.executable).parent / "minidisk")
 T = TypeVar("T")
 
 
@@ -48,17 +51,18 @@ def registry_over(ns: DeviceDict) -> Registry:
     return Registry(ns, ns)
 
 
-class Server:
-    """A `minidisk serve -s` process on a private unix socket."""
+@dataclass(eq=False)
+class Server(harness.Server):
+    """A `minidisk serve -s` process on a private unix socket; its log (`log`) is where dm's
+    reasons for refusals go."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
-        self.proc = proc
-        self.sock = sock
-        self.log = log  # its output: the log, where dm's reasons for refusals go
-        self.url = f"unix://{sock}"
+    @property
+    def sock(self) -> Path:
+        return Path(self.socket)
 
-    def uri(self, key: str) -> str:
-        return f"nbd+unix://{key}?socket={self.sock}"
+    def uri(self, key: str = "", scheme: str = "nbd+unix", query: str = "") -> str:
+        """The NBD URI of the device at `key` (`/dev/mapper/NAME`: its slash begins the path)."""
+        return super().uri(key.removeprefix("/"), scheme, query)
 
     def dmsetup(self, *args: str, check: bool = True, timeout: float = 60,
                 stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,7 @@ import asyncio
 import errno
 
 import pytest
-from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
 
 from minidisk.dm import Registry, TableError
 

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dm_helpers import MINIDISK, SECTOR, Server, pattern
-from test_placement import kernel_stripe_map
+from tests.dm.dm_helpers import SECTOR, Server, pattern
+from tests.dm.test_placement import kernel_stripe_map
+from tests.harness import MINIDISK
 
 from minidisk.control_client import call
 
 pytestmark = pytest.mark.slow
-
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def qemu_io(uri: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

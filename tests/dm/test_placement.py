@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dm_helpers import SECTOR, pattern, read, run, write
+from tests.dm.dm_helpers import SECTOR, pattern, read, run, write
 
 from minidisk.device.file import FileDevice
 from minidisk.dm import DeviceDict, Registry

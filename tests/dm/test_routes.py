@@ -10,7 +10,7 @@ import asyncio
 import errno
 
 import pytest
-from dm_helpers import SECTOR, pattern, read, run, write
+from tests.dm.dm_helpers import SECTOR, pattern, read, run, write
 
 from minidisk.device.memory import MemoryDevice
 from minidisk.device.revocable import RevocableDevice

@@ -13,7 +13,7 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 
-from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
 
 from minidisk.device.api import BlockDevice
 
