@@ -34,14 +34,16 @@ from minidisk.nbd.transport import Transport
 TLS_ENV = "MINIDISK_TLS_CERTIFICATES"
 
 
-class ControlError(Exception):
+class ControlError(OSError):
+    """A control command that failed, here (connecting, a broken reply) or at the server (the
+    errno it answered): an OSError(errno, strerror), so that a caller catching OSError
+    catches it too. Printed as its message alone: the CLI's one-line errors."""
+
     def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
-        self.message = message
+        super().__init__(err, message)
 
     def __str__(self) -> str:
-        return self.message
+        return self.strerror or ""
 
 
 def shown(text: str) -> str:

@@ -21,6 +21,7 @@ threaded process may inherit a lock some other thread held.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (getaddrinfo encodes host names with it, lazily)
+import errno
 import json
 import os
 import pwd
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
 
         become(user)
         return keeper.main(argv[3:])
-    from minidisk.control_client import ControlError, call
+    from minidisk.control_client import call
     from minidisk.nbd.tls import client_context
 
     server, key, *tls_dir = argv[3:]
@@ -81,8 +82,8 @@ def main(argv: list[str]) -> int:
         tls = client_context(tls_dir[0]) if tls_dir else None
         answer = {"ok": True, "result": call(server, "resolve", {"key": key}, tls=tls,
                                              timeout=60.0)}
-    except (ControlError, OSError) as e:
-        answer = {"ok": False, "errno": getattr(e, "errno", 0) or 0, "error": str(e)}
+    except OSError as e:  # a ControlError too
+        answer = {"ok": False, "errno": e.errno or errno.EIO, "error": str(e)}
     sys.stdout.write(json.dumps(answer) + "\n")
     return 0
 

@@ -40,6 +40,7 @@ for requests in progress, then unlink everything we linked, then unmount the sub
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -307,7 +308,7 @@ def program_map_entry(key: str, server: str, tls_certificates: str | None = None
     that symlink is gone and nothing under the mount is open."""
     parsed = parse_key(key)
     if parsed.partition is not None:
-        raise linker.LinkError("program maps serve whole disks only")
+        raise linker.LinkError(errno.EINVAL, "program maps serve whole disks only")
     user = requester or LocalUser(os.getuid(), os.getgid())
     found = linker.resolve(key, server, tls_certificates, user)  # as the user: its grant
     existing = linker.load(f"{parsed.name}.uid{user.uid}")

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         connection = ControlConnection(options.server, tls, timeout=60.0)
         result = connection.call("link", args)
-    except (ControlError, OSError) as e:
-        _report({"ok": False, "errno": getattr(e, "errno", 0) or 0, "error": str(e)})
+    except OSError as e:  # a ControlError too
+        _report({"ok": False, "errno": e.errno or errno.EIO, "error": str(e)})
         return EXIT_REFUSED
     except _Stop:
         return EXIT_REFUSED
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             connection.sock.settimeout(10.0)
             connection.call("unlink")
-        except (ControlError, OSError):
+        except OSError:
             pass  # closing the connection ends the link anyway
         connection.close()
         return 0

@@ -53,10 +53,15 @@ from minidisk.privatedir import UntrustedDirectory, private_dir
 KEEPER_EXIT_GRACE = 10.0
 
 
-class LinkError(Exception):
-    def __init__(self, message: str, err: int = 0) -> None:
-        super().__init__(message)
-        self.errno = err
+class LinkError(OSError):
+    """A step of link or unlink that failed, as OSError(errno, strerror) (so that a caller
+    catching OSError catches it too), printed as its message alone: the CLI's one line."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(err, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
 
 
 @dataclass
@@ -123,7 +128,7 @@ def _private_dir(create: bool = True) -> Iterator[int]:
         private_dir(directory)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except UntrustedDirectory as e:
-        raise LinkError(f"{e}: refusing to keep link state there", errno.EPERM) from None
+        raise LinkError(errno.EPERM, f"{e}: refusing to keep link state there") from None
     try:
         yield fd
     finally:
@@ -175,7 +180,7 @@ def nbd_uri(server: str, export: str, tls_certificates: str | None) -> str:
         if tls_certificates:
             return f"nbds://{host}:{address.port}/{export}?tls-certificates={tls_certificates}"
         return f"nbd://{host}:{address.port}/{export}"
-    raise LinkError(f"cannot reach disks at {server} (want unix:// or tcp://)")
+    raise LinkError(errno.EINVAL, f"cannot reach disks at {server} (want unix:// or tcp://)")
 
 
 def resolve(key: str, server: str, tls_certificates: str | None = None,
@@ -187,7 +192,7 @@ def resolve(key: str, server: str, tls_certificates: str | None = None,
     try:
         return control_client.call(server, "resolve", {"key": key}, tls=tls, timeout=60.0)
     except control_client.ControlError as e:
-        raise LinkError(str(e), e.errno) from None
+        raise LinkError(e.errno or errno.EIO, str(e)) from None
 
 
 def _resolve_as(user: LocalUser, key: str, server: str,
@@ -199,13 +204,21 @@ def _resolve_as(user: LocalUser, key: str, server: str,
     try:
         answer = json.loads(done.stdout)
     except ValueError:
-        raise LinkError(f"resolving {key} as {user} failed (exit {done.returncode}): "
+        raise LinkError(errno.EIO, f"resolving {key} as {user} failed "
+                        f"(exit {done.returncode}): "
                         f"{done.stderr.strip()[-300:]}") from None
     if not answer.get("ok"):
-        raise LinkError(str(answer.get("error")), int(answer.get("errno") or 0))
+        raise _refused(answer)
     result = answer["result"]
     assert isinstance(result, dict)
     return result
+
+
+def _refused(answer: dict[str, Any]) -> LinkError:
+    """The error a helper (the keeper, a resolve as another user) answered in JSON."""
+    err = answer.get("errno")
+    return LinkError(err if type(err) is int and err > 0 else errno.EIO,
+                     str(answer.get("error")))
 
 
 def link(key_text: str, server: str, *, mountpoint: str | None = None,
@@ -220,9 +233,10 @@ def link(key_text: str, server: str, *, mountpoint: str | None = None,
     try:
         key = parse_key(key_text)
     except ValueError as e:
-        raise LinkError(str(e)) from None
+        raise LinkError(errno.EINVAL, str(e)) from None
     if key.partition is not None and mountpoint is None:
-        raise LinkError(f"{key}: a partition can only be named with a mount point")
+        raise LinkError(errno.EINVAL, f"{key}: a partition can only be named with a mount "
+                        "point")
     found = resolved or resolve(key_text, server, tls_certificates, as_user)
     state = LinkState(disk=found["disk"], server=found["server"], export=found["export"],
                       mode=(mode or "R").upper(), partition=key.partition,
@@ -231,10 +245,10 @@ def link(key_text: str, server: str, *, mountpoint: str | None = None,
     existing = load(state.id)
     if existing is not None:
         alive = existing.keeper is not None and existing.keeper.alive()
-        raise LinkError(f"{key.name} is already linked here"
+        raise LinkError(errno.EEXIST, f"{key.name} is already linked here"
                         f"{f' for {as_user}' if as_user else ''}"
                         f"{'' if alive else ' (its link was lost)'}: "
-                        f"minidisk unlink {state.id} first", 17)
+                        f"minidisk unlink {state.id} first")
     _start_keeper(state, password, tls_certificates, on_behalf_of, as_user)
     try:
         if attach:
@@ -275,11 +289,11 @@ def _start_keeper(state: LinkState, password: str | None, tls_certificates: str 
         answer = json.loads(line)
     except ValueError:
         keeper.wait()
-        raise LinkError(f"the link keeper failed (exit {keeper.returncode}); see "
+        raise LinkError(errno.EIO, f"the link keeper failed (exit {keeper.returncode}); see "
                         f"{state_dir() / (state.id + '.keeper.log')}") from None
     if not answer.get("ok"):
         keeper.wait()
-        raise LinkError(str(answer.get("error")), int(answer.get("errno") or 0))
+        raise _refused(answer)
     state.keeper = Helper.of("link keeper", keeper.pid)
     keeper.returncode = 0  # it outlives us; init reaps it (as attach does with nbdfuse)
     state.access = str(answer["access"])
@@ -294,7 +308,7 @@ def _attach_and_mount(state: LinkState, key: DiskKey, mountpoint: str | None,
         attachment = attach_export(nbd_uri(state.server, state.export, tls_certificates),
                                    read_only=state.read_only, connect_as=connect_as)
     except (KernelError, UntrustedDirectory) as e:
-        raise LinkError(f"attach: {e}") from None
+        raise LinkError(errno.EIO, f"attach: {e}") from None
     state.device = attachment.device
     _save(state)
     if mountpoint is None:
@@ -312,7 +326,7 @@ def _attach_and_mount(state: LinkState, key: DiskKey, mountpoint: str | None,
         kernel_mount.mount(device, mountpoint, fstype=fstype, options=options,
                            read_only=state.read_only)
     except KernelError as e:
-        raise LinkError(f"mount: {e}") from None
+        raise LinkError(errno.EIO, f"mount: {e}") from None
     state.mountpoint = os.path.realpath(mountpoint)
     state.fstype = fstype or ""
     _save(state)
@@ -326,7 +340,7 @@ def _partition_window(device: str, number: int) -> tuple[int, int]:
         suffix = re.search(r"(\d+)$", part["node"])
         if suffix is not None and int(suffix.group(1)) == number:
             return int(part["start"]) * sector, int(part["size"]) * sector
-    raise LinkError(f"{device} has no partition {number}")
+    raise LinkError(errno.ENOENT, f"{device} has no partition {number}")
 
 
 def _detect_in_window(device: str, start: int, size: int) -> str | None:
@@ -357,13 +371,13 @@ def find(target: str) -> LinkState:
         if len(others) == 1:
             return load(others[0]) or find(others[0])
         if others:
-            raise LinkError(f"{target} is linked here for several users: name one of "
-                            f"{', '.join(others)}", errno.EEXIST)
+            raise LinkError(errno.EEXIST, f"{target} is linked here for several users: name "
+                            f"one of {', '.join(others)}")
     real = os.path.realpath(target)
     for state in links():
         if state.mountpoint and state.mountpoint == real:
             return state
-    raise LinkError(f"{target}: not linked here (no state in {state_dir()})", 2)
+    raise LinkError(errno.ENOENT, f"{target}: not linked here (no state in {state_dir()})")
 
 
 @contextlib.contextmanager
@@ -373,11 +387,11 @@ def _locked(link_id: str) -> Iterator[LinkState]:
         try:
             fd = _open_in(directory, f"{link_id}.json", os.O_RDWR)
         except FileNotFoundError:
-            raise LinkError(f"{link_id}: not linked here", 2) from None
+            raise LinkError(errno.ENOENT, f"{link_id}: not linked here") from None
     with os.fdopen(fd, "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         if os.fstat(f.fileno()).st_nlink == 0:
-            raise LinkError(f"{link_id} was unlinked meanwhile", 2)
+            raise LinkError(errno.ENOENT, f"{link_id} was unlinked meanwhile")
         yield LinkState.from_json(f.read())
 
 
@@ -391,7 +405,7 @@ def unlink(target: str) -> LinkState:
                 try:
                     kernel_mount.umount(state.mountpoint)
                 except KernelError as e:
-                    raise LinkError(f"umount {state.mountpoint}: {e}") from None
+                    raise LinkError(errno.EIO, f"umount {state.mountpoint}: {e}") from None
             state.mountpoint = ""
             _save(state)
         if state.device:
@@ -400,7 +414,7 @@ def unlink(target: str) -> LinkState:
             except NotAttachedError:
                 pass
             except KernelError as e:
-                raise LinkError(f"detach {state.device}: {e}") from None
+                raise LinkError(errno.EIO, f"detach {state.device}: {e}") from None
             state.device = ""
             _save(state)
         if state.keeper is not None:
@@ -473,7 +487,7 @@ def user_mount_point(user: LocalUser, name: str) -> str:
     try:
         private_dir(top, mode=0o711)
     except UntrustedDirectory as e:
-        raise LinkError(f"{e}: refusing to mount below it", errno.EPERM) from None
+        raise LinkError(errno.EPERM, f"{e}: refusing to mount below it") from None
     directory = top / str(user.uid)
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
@@ -481,14 +495,14 @@ def user_mount_point(user: LocalUser, name: str) -> str:
     try:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o067:  # (the ACL mask shows as g+x)
-            raise LinkError(f"{directory}: owned by uid {st.st_uid} with mode "
-                            f"{st.st_mode & 0o777:o}, not ours alone", errno.EPERM)
+            raise LinkError(errno.EPERM, f"{directory}: owned by uid {st.st_uid} with mode "
+                            f"{st.st_mode & 0o777:o}, not ours alone")
         try:
             os.setxattr(fd, "system.posix_acl_access", _search_only_for(user.uid))
         except OSError as e:
-            raise LinkError(f"{directory}: cannot let only {user} in (POSIX ACL: "
-                            f"{e.strerror}); use a MINIDISK_STATE_DIR that has ACLs",
-                            e.errno or 0) from None
+            raise LinkError(e.errno or errno.EIO, f"{directory}: cannot let only {user} in "
+                            f"(POSIX ACL: {e.strerror}); use a MINIDISK_STATE_DIR that has "
+                            "ACLs") from None
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o755, dir_fd=fd)
         os.close(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd))
@@ -505,4 +519,4 @@ def _stop_keeper(keeper: Helper) -> None:
     try:
         keeper.stop(KEEPER_EXIT_GRACE)
     except (TimeoutError, PermissionError) as e:
-        raise LinkError(f"the link keeper: {e}") from None
+        raise LinkError(e.errno or errno.EIO, f"the link keeper: {e}") from None
