@@ -11,6 +11,8 @@ from minidisk.dm.targets.linear import Linear
 from minidisk.dm.targets.log_writes import LogWrites
 from minidisk.dm.targets.snapshot import Snapshot, SnapshotMerge, SnapshotOrigin
 from minidisk.dm.targets.striped import Striped
+from minidisk.dm.targets.thin import Thin
+from minidisk.dm.targets.thin_pool import ThinPool
 from minidisk.dm.targets.zero import Zero
 
 # In the order 6.1 lists them (`dmsetup targets`: most recently registered first) once
@@ -22,5 +24,7 @@ TARGET_TYPES: dict[str, type[Target]] = {
 # dm-snapshot (registering snapshot, snapshot-origin, snapshot-merge) listed as if loaded
 # before the others.
 TARGET_TYPES.update({t.name: t for t in (SnapshotMerge, SnapshotOrigin, Snapshot)})
+# dm-thin-pool (thin-pool, then thin) as if loaded before those.
+TARGET_TYPES.update({t.name: t for t in (Thin, ThinPool)})
 
 __all__ = ["TARGET_TYPES"]

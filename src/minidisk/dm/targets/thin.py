@@ -1,0 +1,166 @@
+"""`thin <pool dev> <dev id> [<external origin dev>]`: one thin device of a pool (MD/dm-thin.c).
+
+The pool is found through its mapped device's table, as the kernel's thin_ctr finds it
+through the pool's mapped device. The thin's size is its table's length; the pool keeps
+none. Reads of unmapped blocks give zeroes, or the external origin's bytes where it has
+them; writes are provisioned by the pool (thin_pool.py). FLUSH and FUA commit the pool.
+Status: `<mapped sectors> <highest mapped sector>` (`-` when nothing is mapped), or Fail.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from minidisk.device.api import BlockSize, Caps
+from minidisk.dm.mapped import MappedDevice
+from minidisk.dm.table import SECTOR
+from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, parse_uint
+from minidisk.dm.targets.thin_pool import FAIL, Pool, ThinPool
+from minidisk.dm.thin.metadata import MAX_DEV_ID
+
+
+def _find_pool(device: object) -> Pool:
+    if isinstance(device, MappedDevice):
+        for mapping in (device.live if device.has_live else None, device.inactive):
+            if mapping is not None:
+                for target in mapping.targets:
+                    if isinstance(target, ThinPool):
+                        return target.pool
+    raise TargetError("Couldn't find pool object", errno.EINVAL)
+
+
+class Thin(Target):
+    name = "thin"
+    version = (1, 22, 0)
+
+    def __init__(self, ctx: TargetContext, args: list[str]) -> None:
+        super().__init__(ctx, args)
+        if len(args) not in (2, 3):
+            raise TargetError("Invalid argument count")
+        self.pool_ref = ctx.device(args[0], 0, 0)
+        self.dev_id = parse_uint(args[1], "Invalid device id", MAX_DEV_ID)
+        self.origin_ref: DeviceRef | None = None
+        if len(args) == 3:
+            self.origin_ref = ctx.device(args[2], 0, 0)
+            if self.origin_ref.device is self.pool_ref.device:
+                raise TargetError("Error opening origin device: it is the pool")
+        self.pool = _find_pool(self.pool_ref.device)
+        self.pool.open_thin(self.dev_id)
+        self.opened = True
+        self.bs = self.pool.block_bytes
+        data = self.pool.data
+        self.caps = Caps(read_only=ctx.read_only, flush=True, fua=True, zero=True,
+                         cache=True, rotational=data.caps.rotational)
+        self.block_size = BlockSize(SECTOR, 4096)
+        self._zeroes = bytes(self.bs)
+
+    def table_args(self) -> list[str]:
+        args = [self.pool_ref.key, str(self.dev_id)]
+        return args + [self.origin_ref.key] if self.origin_ref is not None else args
+
+    def status(self) -> str:
+        pool = self.pool
+        md = pool.md
+        if pool.mode == FAIL or md is None:
+            return "Fail"
+        d = md.devices.get(self.dev_id)
+        if d is None:
+            return "Fail"
+        high = pool.highest.get(self.dev_id)
+        sectors = pool.block_sectors
+        return (f"{d.mapped_blocks * sectors} "
+                f"{'-' if high is None else (high + 1) * sectors - 1}")
+
+    def devices(self) -> list[DeviceRef]:
+        refs = [self.pool_ref]
+        return refs + [self.origin_ref] if self.origin_ref is not None else refs
+
+    async def resume(self) -> None:
+        md = self.pool.metadata()
+        if self.dev_id not in md.devices:
+            raise OSError(errno.ENODATA, f"thin device {self.dev_id} does not exist")
+
+    async def destroy(self) -> None:
+        if self.opened:
+            self.opened = False
+            self.pool.close_thin(self.dev_id)
+
+    async def flush(self) -> None:
+        await self.pool.commit()
+
+    # I/O, one data block at a time
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """(virtual block, offset in it, position in request, bytes)."""
+        out = []
+        pos = 0
+        bs = self.bs
+        while pos < length:
+            vblock, within = divmod(offset + pos, bs)
+            n = min(bs - within, length - pos)
+            out.append((vblock, within, pos, n))
+            pos += n
+        return out
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        pool = self.pool
+        for vblock, within, pos, n in self._pieces(offset, len(buf)):
+            view = buf[pos:pos + n]
+            found = await pool.lookup(self.dev_id, vblock)
+            if found is not None:
+                await pool.data.pread(view, found[0] * self.bs + within)
+            else:
+                await self._read_unmapped(view, vblock * self.bs + within)
+
+    async def _read_unmapped(self, view: memoryview, at: int) -> None:
+        """Zeroes, or the external origin's bytes as far as it reaches."""
+        inside = 0
+        if self.origin_ref is not None:
+            inside = max(0, min(len(view), self.origin_ref.device.size - at))
+            if inside:
+                await self.origin_ref.device.pread(view[:inside], at)
+        view[inside:] = self._zeroes[:len(view) - inside]
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        if self.caps.read_only:
+            raise OSError(errno.EROFS, "thin device is read-only")
+        for vblock, within, pos, n in self._pieces(offset, len(buf)):
+            await self._write_block(buf[pos:pos + n], vblock, within)
+        if fua:
+            await self.pool.commit()
+
+    async def _write_block(self, view: memoryview, vblock: int, within: int) -> None:
+        pool, bs = self.pool, self.bs
+        while True:
+            found = await pool.lookup(self.dev_id, vblock)
+            if found is not None and not found[1]:
+                await pool.data.pwrite(view, found[0] * bs + within)
+                return
+            pool.check_writable()
+            old = found[0] if found is not None else None
+
+            async def fill(block: int, old: int | None = old) -> None:
+                await self._fill(block, old, vblock, view, within)
+
+            if await pool.provision(self.dev_id, vblock, fill):
+                return
+
+    async def _fill(self, block: int, old: int | None, vblock: int, view: memoryview,
+                    within: int) -> None:
+        """Write a new data block: the request's bytes over the block's old contents (a
+        shared block's, the external origin's, or zeroes)."""
+        pool, bs = self.pool, self.bs
+        at = block * bs
+        if len(view) == bs:
+            await pool.data.pwrite(view, at)
+            return
+        if old is None and self.origin_ref is None and not pool.zero_new_blocks:
+            await pool.data.pwrite(view, at + within)
+            return
+        whole = bytearray(bs)
+        if old is not None:
+            await pool.data.pread(memoryview(whole), old * bs)
+        elif self.origin_ref is not None:
+            await self._read_unmapped(memoryview(whole), vblock * bs)
+        whole[within:within + len(view)] = view
+        await pool.data.pwrite(memoryview(whole), at)
