@@ -62,11 +62,6 @@ def export_name(key: str) -> str:
     return key[1:]
 
 
-def key_from_export_name(name: str) -> str:
-    """An NBD export name, sent with or without leading slashes, as a canonical key."""
-    return canonical_key("/" + name.lstrip("/"))
-
-
 def under_directory(dir_key: str, key: str) -> str | None:
     """The part of `key` below the directory key `dir_key`, or None when `key` is not under it.
 
