@@ -39,8 +39,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     report = yield
     if report.failed:
         for process in harness.live():
-            report.sections.append((f"log of pid {process.pid} ({process.log})",
-                                    process.log_text()[-harness.LOG_TAIL:]))
+            if text := process.log_text()[-harness.LOG_TAIL:]:
+                report.sections.append((f"log of pid {process.pid} ({process.log})", text))
     return report
 
 

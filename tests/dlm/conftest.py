@@ -1,108 +1,94 @@
 """Fixtures for the lock manager: a `minidisk dlm serve` process on its own socket, and a
-dlmfs mount on its own directory, both always torn down."""
+dlmfs mount on its own directory, both started by tests/harness.py and always torn down."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests import harness
+from tests.harness import MINIDISK as MINIDISK  # for test files that still import it here
 
-VENV_BIN = Path(sys.executable).parent
-MINIDISK = str(VENV_BIN / "minidisk")
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "worker.py")
 
 
-@dataclass
-class Server:
-    url: str
-    path: str
-    process: subprocess.Popen[str]
+@dataclass(eq=False)
+class Server(harness.Server):
+    """A `minidisk dlm serve` process."""
+
+    @property
+    def path(self) -> str:
+        return self.socket
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.proc
 
 
 @dataclass
 class Mount:
     path: Path
     server: Server
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes] | subprocess.Popen[str]
 
 
 @pytest.fixture
-def tmp_short() -> Iterator[Path]:
-    """A short directory of our own (unix socket paths are limited to 107 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix="dlm-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def tmp_short(short_tmp: Path) -> Path:
+    """The `short_tmp` directory under the name tests/dlm/test_dlmfs.py (another helper's)
+    still asks for."""
+    return short_tmp
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+def _listening(process: harness.Process) -> bool:
+    # The line `dlm serve` prints once it listens: a probe connection would be a client of
+    # its own, counted against --max-clients until the server notices it has gone.
+    return any(line.startswith("listening on") for line in process.log_text().splitlines())
 
 
 @contextlib.contextmanager
-def serving(path: str, *options: str) -> Iterator[Server]:
-    """`minidisk dlm serve unix://PATH OPTIONS...` once it listens; stopped afterwards."""
-    process = subprocess.Popen([MINIDISK, "dlm", "serve", f"unix://{path}", *options],
-                               stdout=subprocess.PIPE, text=True)
+def serving(path: str, *options: str, env: Mapping[str, str] | None = None
+            ) -> Iterator[Server]:
+    """`minidisk dlm serve unix://PATH OPTIONS...` once it listens (its log PATH.log);
+    stopped afterwards."""
+    started = harness.start([MINIDISK, "dlm", "serve", f"unix://{path}", *options],
+                            Path(path).with_suffix(".log"), _listening, env=env)
+    server = Server(started.proc, started.log, path)
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on"), line
-        yield Server(f"unix://{path}", path, process)
+        yield server
     finally:
-        _stop(process)
+        server.stop(5)
 
 
 @pytest.fixture
-def dlm_server(tmp_short: Path) -> Iterator[Server]:
-    with serving(str(tmp_short / "dlm.sock")) as server:
+def dlm_server(short_tmp: Path) -> Iterator[Server]:
+    with serving(str(short_tmp / "dlm.sock")) as server:
         yield server
 
 
-def _mounted(path: Path) -> bool:
-    return os.path.ismount(path)
-
-
 @pytest.fixture
-def dlmfs(dlm_server: Server, tmp_short: Path) -> Iterator[Mount]:
-    mnt = tmp_short / "mnt"
+def dlmfs(dlm_server: Server, short_tmp: Path) -> Iterator[Mount]:
+    mnt = short_tmp / "mnt"
     mnt.mkdir()
-    process = subprocess.Popen([MINIDISK, "dlmfs", str(mnt), "--server", dlm_server.url,
-                                "--wait-limit", "2"], text=True)
+    mount = harness.start([MINIDISK, "dlmfs", str(mnt), "--server", dlm_server.url,
+                           "--wait-limit", "2"], short_tmp / "dlmfs.log",
+                          lambda process: os.path.ismount(mnt), timeout=15)
     try:
-        deadline = time.monotonic() + 15
-        while not _mounted(mnt):
-            assert process.poll() is None, "dlmfs exited before mounting"
-            assert time.monotonic() < deadline, "dlmfs did not mount"
-            time.sleep(0.05)
-        yield Mount(mnt, dlm_server, process)
+        yield Mount(mnt, dlm_server, mount.proc)
     finally:
-        if _mounted(mnt):
+        if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False,
                            stderr=subprocess.DEVNULL)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            _stop(process)
-        if _mounted(mnt):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            mount.proc.wait(5)  # unmounted, it exits by itself
+        if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
-        _stop(process)
+        mount.stop(5)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

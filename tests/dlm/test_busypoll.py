@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import anyio
 import pytest
+from tests.dlm.conftest import serving
+from tests.harness import MINIDISK
 
 from minidisk import busypoll
 from minidisk.dlm.client import connect
@@ -90,7 +93,7 @@ def test_asyncio_poller_spins_for_its_budget_then_sleeps() -> None:
         # Once the budget is spent nothing is queued: the loop sleeps again.
         await asyncio.sleep(0.01)
         assert not poller.running
-        assert not loop._ready  # type: ignore[attr-defined]
+        assert not loop._ready
 
     asyncio.run(main())
 
@@ -147,7 +150,8 @@ def test_trio_poller_spins_then_sleeps_and_other_tasks_run() -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the in-process service is asyncio's
 @pytest.mark.parametrize("budget_us", ["0", "100"])
-async def test_lock_cycles_with_busy_poll_on_and_off(tmp_path, monkeypatch,  # type: ignore[no-untyped-def]
+async def test_lock_cycles_with_busy_poll_on_and_off(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
                                                      budget_us: str) -> None:
     """The same lock, LVB and handoff behaviour whether either side polls; and a task on the
     client's loop keeps running while the client spins for replies."""
@@ -185,39 +189,26 @@ async def test_lock_cycles_with_busy_poll_on_and_off(tmp_path, monkeypatch,  # t
         await service.close()
 
 
-def test_dlm_serve_takes_the_budget_and_refuses_a_bad_one(tmp_short) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import signal
+def test_dlm_serve_takes_the_budget_and_refuses_a_bad_one(short_tmp: Path) -> None:
     import subprocess
-    import sys
-    from pathlib import Path
 
-    minidisk = str(Path(sys.executable).parent / "minidisk")
     env = {**os.environ, busypoll.ENV: "ten"}
-    bad = subprocess.run([minidisk, "dlm", "serve", f"unix://{tmp_short}/a.sock"],
+    bad = subprocess.run([MINIDISK, "dlm", "serve", f"unix://{short_tmp}/a.sock"],
                          capture_output=True, text=True, env=env, timeout=30)
     assert bad.returncode != 0
     assert f"{busypoll.ENV}='ten': expected microseconds" in bad.stderr
-    assert not (tmp_short / "a.sock").exists()
+    assert not (short_tmp / "a.sock").exists()
     # The flag wins over the environment, and 0 serves without polling.
-    proc = subprocess.Popen([minidisk, "dlm", "serve", "--busy-poll-us", "0",
-                             f"unix://{tmp_short}/b.sock"], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("listening on")
+    with serving(str(short_tmp / "b.sock"), "--busy-poll-us", "0", env=env) as server:
 
         async def cycle() -> None:
-            async with connect(f"unix://{tmp_short}/b.sock") as client:
+            async with connect(server.url) as client:
                 lock = client.lock("d", "r", Mode.EX)
                 assert await lock.acquire()
                 await lock.release(wait=True)
 
         anyio.run(cycle)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-    refused = subprocess.run([minidisk, "dlm", "serve", "--busy-poll-us", "20000",
-                              f"unix://{tmp_short}/c.sock"], capture_output=True, text=True,
+    refused = subprocess.run([MINIDISK, "dlm", "serve", "--busy-poll-us", "20000",
+                              f"unix://{short_tmp}/c.sock"], capture_output=True, text=True,
                              timeout=30)
     assert refused.returncode == 2 and "--busy-poll-us" in refused.stderr

@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import time
+from pathlib import Path
 
 import anyio
 import pytest
+from tests.dlm.conftest import Server
 
 from minidisk.dlm.client import connect
 from minidisk.dlm.engine import DlmError
@@ -28,7 +30,7 @@ async def waiting_on(url: str, name: str) -> list[str]:
     return []
 
 
-async def test_acquire_release_token_and_lvb(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_acquire_release_token_and_lvb(dlm_server: Server) -> None:
     async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
         first = a.lock("d", "r", Mode.EX)
         assert await first.acquire()
@@ -45,7 +47,7 @@ async def test_acquire_release_token_and_lvb(dlm_server) -> None:  # type: ignor
         assert err.value.errno == errno.EBADF
 
 
-async def test_timeout_returns_false_and_leaves_nothing_queued(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_timeout_returns_false_and_leaves_nothing_queued(dlm_server: Server) -> None:
     async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
         assert await a.lock("d", "r", Mode.EX).acquire()
         waiter = b.lock("d", "r", Mode.EX)
@@ -57,7 +59,7 @@ async def test_timeout_returns_false_and_leaves_nothing_queued(dlm_server) -> No
         assert await waiting_on(dlm_server.url, "r") == []
 
 
-async def test_cancel_and_cancel_scope_take_the_request_back(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_cancel_and_cancel_scope_take_the_request_back(dlm_server: Server) -> None:
     async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
         holder = a.lock("d", "r", Mode.PR)
         assert await holder.acquire()
@@ -82,7 +84,7 @@ async def test_cancel_and_cancel_scope_take_the_request_back(dlm_server) -> None
         assert holder.mode == Mode.PR
 
 
-async def test_basts_reach_the_holder(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_basts_reach_the_holder(dlm_server: Server) -> None:
     seen: list[Mode] = []
     async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
         holder = a.lock("d", "r", Mode.PR, on_blocking=lambda lock, mode: seen.append(mode))
@@ -92,7 +94,7 @@ async def test_basts_reach_the_holder(dlm_server) -> None:  # type: ignore[no-un
         assert seen == [Mode.EX] and holder.blocking == Mode.EX
 
 
-async def test_conversion_deadlock_through_the_service(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_conversion_deadlock_through_the_service(dlm_server: Server) -> None:
     async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
         la, lb = a.lock("d", "r", Mode.PR), b.lock("d", "r", Mode.PR)
         assert await la.acquire() and await lb.acquire()
@@ -109,31 +111,34 @@ async def test_conversion_deadlock_through_the_service(dlm_server) -> None:  # t
         assert await lb.convert(Mode.EX, timeout=2)
 
 
-async def test_dropped_connection_releases_and_grants_waiters_in_order(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_dropped_connection_releases_and_grants_waiters_in_order(dlm_server: Server) -> None:
     order: list[str] = []
     async with connect(dlm_server.url, name="b") as b, connect(dlm_server.url, name="c") as c:
         async with connect(dlm_server.url, name="a") as a:
             assert await a.lock("d", "r", Mode.EX).acquire()
             lb, lc = b.lock("d", "r", Mode.EX), c.lock("d", "r", Mode.EX)
 
-            async def take(lock, who: str) -> None:  # type: ignore[no-untyped-def]
+            locks = {"b": lb, "c": lc}
+
+            async def take(who: str) -> None:
+                lock = locks[who]
                 assert await lock.acquire(timeout=5)
                 order.append(who)
                 await anyio.sleep(0.05)
                 await lock.release()
 
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(take, lb, "b")
+                tasks.start_soon(take, "b")
                 while len(await waiting_on(dlm_server.url, "r")) < 1:
                     await anyio.sleep(0.01)
-                tasks.start_soon(take, lc, "c")
+                tasks.start_soon(take, "c")
                 while len(await waiting_on(dlm_server.url, "r")) < 2:
                     await anyio.sleep(0.01)
                 await a.aclose()                     # a's connection drops with its EX
         assert order == ["b", "c"]
 
 
-async def test_o2dlm_shaped_api(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_o2dlm_shaped_api(dlm_server: Server) -> None:
     async with connect(dlm_server.url) as a, connect(dlm_server.url) as b:
         ctx_a, ctx_b = await a.initialize("o2"), await b.initialize("o2")
         await ctx_a.lock("res", Mode.EX)
@@ -158,7 +163,7 @@ async def test_o2dlm_shaped_api(dlm_server) -> None:  # type: ignore[no-untyped-
         assert status["domains"] == []
 
 
-async def test_lvb_invalid_error_in_o2dlm_api(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_lvb_invalid_error_in_o2dlm_api(dlm_server: Server) -> None:
     async with connect(dlm_server.url) as a:
         ctx = await a.initialize("o2")
         await ctx.lock("res", Mode.EX)
@@ -172,8 +177,8 @@ async def test_lvb_invalid_error_in_o2dlm_api(dlm_server) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_embedded_service_api(tmp_short) -> None:  # type: ignore[no-untyped-def]
-    path = str(tmp_short / "embedded.sock")
+async def test_embedded_service_api(short_tmp: Path) -> None:
+    path = str(short_tmp / "embedded.sock")
     service = await start_dlm_service(f"unix://{path}")
     try:
         async with connect(path) as client:
@@ -189,7 +194,7 @@ async def test_embedded_service_api(tmp_short) -> None:  # type: ignore[no-untyp
     await service.close()
 
 
-async def test_release_then_close_at_once_keeps_the_value_block(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_release_then_close_at_once_keeps_the_value_block(dlm_server: Server) -> None:
     """release() does not wait for the service; closing right after it must still have the
     unlock (and its value block) handled, not the lock dropped as if its holder had died.
     The waiter asks at varying moments around the release, so that the service sometimes
@@ -198,7 +203,7 @@ async def test_release_then_close_at_once_keeps_the_value_block(dlm_server) -> N
     await _release_then_close(dlm_server.url, prompt_unlock=False)
 
 
-async def test_release_wait_and_sync_make_it_visible_to_others(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_release_wait_and_sync_make_it_visible_to_others(dlm_server: Server) -> None:
     async with connect(dlm_server.url, name="a") as a, connect(dlm_server.url, name="b") as b:
         for wait in (True, False):
             lock = a.lock("d", "r", Mode.EX)
@@ -213,7 +218,7 @@ async def test_release_wait_and_sync_make_it_visible_to_others(dlm_server) -> No
             await other.release(wait=True)
 
 
-async def test_many_clients_contending_on_one_lock_all_make_progress(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_many_clients_contending_on_one_lock_all_make_progress(dlm_server: Server) -> None:
     """Eight connections taking turns on one EX lock, as bench/dlm.py's 8-client row does:
     every acquire is granted within a bound (a lost wakeup or a stalled writer would time out
     here), no two holders overlap, and every client finishes its cycles."""
@@ -240,7 +245,7 @@ async def test_many_clients_contending_on_one_lock_all_make_progress(dlm_server)
     assert cycles == [100] * 8
 
 
-async def test_prompt_unlock_release_wait_makes_it_visible_at_once(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_prompt_unlock_release_wait_makes_it_visible_at_once(dlm_server: Server) -> None:
     """release(wait=True) on a prompt-unlock connection does not wait for the reply, yet
     another connection's trylock right after it succeeds (as dlmfs's close needs)."""
     async with connect(dlm_server.url, name="a", prompt_unlock=True) as a, \
@@ -257,7 +262,7 @@ async def test_prompt_unlock_release_wait_makes_it_visible_at_once(dlm_server) -
             await other.release(wait=True)
 
 
-async def test_prompt_unlock_then_close_at_once_keeps_the_value_block(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_prompt_unlock_then_close_at_once_keeps_the_value_block(dlm_server: Server) -> None:
     """A prompt-unlock release is quiet (no reply); closing right after it must still have it
     handled as an unlock (value block stored), not as the holder's death (invalidated) -- also
     when the service writes to the closing connection meanwhile (the bast for a waiter)."""
@@ -289,7 +294,7 @@ async def _release_then_close(url: str, prompt_unlock: bool) -> None:
             await waiter.release(wait=prompt_unlock)
 
 
-async def test_contenders_lists_holders_then_converting_then_waiting(dlm_server) -> None:  # type: ignore[no-untyped-def]
+async def test_contenders_lists_holders_then_converting_then_waiting(dlm_server: Server) -> None:
     """kazoo's `contenders()`: every owner with a lock on the resource, in queue order, an
     orphan (a PERSISTENT lock whose owner went away) named after its dead owner."""
     me = os.getpid()

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+from tests.dlm.conftest import Server
+from tests.dlm.test_protocol import Raw
 
 from minidisk.dlm import protocol
 from minidisk.dlm.client import connect
 from minidisk.dlm.engine import DlmError
 from minidisk.dlm.modes import Mode
-
-from .conftest import Server  # type: ignore[import-not-found]
-from .test_protocol import Raw  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,10 +239,10 @@ HOSTILE_REPLIES = {
 @pytest.mark.parametrize("reply", list(HOSTILE_REPLIES), ids=list(HOSTILE_REPLIES))
 @pytest.mark.anyio
 async def test_a_hostile_service_s_reply_ends_the_connection_not_the_client(
-        tmp_short: Path, reply: str, anyio_backend: str) -> None:
+        short_tmp: Path, reply: str, anyio_backend: str) -> None:
     """Whatever a service answers, the client neither allocates what a header announces nor
     lets a bad reply escape its reader: the call fails (ENOTCONN), nothing hangs."""
-    path = str(tmp_short / "hostile.sock")
+    path = str(short_tmp / "hostile.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)

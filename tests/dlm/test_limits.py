@@ -13,15 +13,15 @@ from pathlib import Path
 
 import anyio
 import pytest
+from tests.dlm.conftest import Server, serving
+from tests.dlm.test_protocol import Raw
+from tests.harness import MINIDISK
 
 from minidisk.dlm import protocol
 from minidisk.dlm.client import connect
 from minidisk.dlm.engine import DlmError
 from minidisk.dlm.limits import Limits
 from minidisk.dlm.modes import Mode
-
-from .conftest import MINIDISK, Server, serving  # type: ignore[import-not-found]
-from .test_protocol import Raw  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,9 +93,9 @@ def test_one_resource_whose_locks_fill_several_pages_arrives_whole(dlm_server: S
 
 
 @pytest.fixture
-def capped(tmp_short: Path) -> Iterator[Server]:
+def capped(short_tmp: Path) -> Iterator[Server]:
     """A service with small limits, set on the command line."""
-    with serving(str(tmp_short / "capped.sock"), "--max-clients", "4",
+    with serving(str(short_tmp / "capped.sock"), "--max-clients", "4",
                  "--max-prompt-clients", "2",
                  "--max-locks-per-client", "100", "--max-domains-per-client", "3",
                  "--max-locks", "150", "--max-resources", "120") as server:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from tests.dlm.conftest import WORKER, Server
+from tests.harness import MINIDISK
 
 from minidisk.dlm.client import connect
 from minidisk.dlm.modes import Mode, compatible
-
-from .conftest import MINIDISK, WORKER, Server  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -44,18 +44,18 @@ def test_checker_catches_an_overlap() -> None:
 
 
 def test_history_never_overlaps_incompatible_grants(dlm_server: Server,
-                                                   tmp_short: Path) -> None:
+                                                   short_tmp: Path) -> None:
     workers = [
         subprocess.Popen([sys.executable, WORKER, "history", dlm_server.url,
-                          str(tmp_short / f"h{i}.json"), str(i), "60"])
+                          str(short_tmp / f"h{i}.json"), str(i), "60"])
         for i in range(6)
     ]
     for worker in workers:
         assert worker.wait(60) == 0
     history: list[Interval] = []
     for i in range(6):
-        history += [tuple(entry) for entry in  # type: ignore[misc]
-                    json.loads((tmp_short / f"h{i}.json").read_text())]
+        history += [(str(name), str(mode), float(start), float(end)) for name, mode, start, end
+                    in json.loads((short_tmp / f"h{i}.json").read_text())]
     assert len(history) == 360
     # The workers really contended: some incompatible pairs ran back to back.
     assert sum(1 for x, y in itertools.combinations(history, 2)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.dlm.conftest import Server
 
 from minidisk.dlm import protocol
 from minidisk.dlm.messages import (
@@ -37,8 +38,6 @@ from minidisk.dlm.messages import (
 )
 from minidisk.dlm.modes import Mode
 from minidisk.dlm.state import Flag
-
-from .conftest import Server  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(30)
 
