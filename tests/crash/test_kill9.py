@@ -21,17 +21,14 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.conftest import MINIDISK, stop_process
+from tests import harness
 from tests.nbd.nbd_helpers import Closed, RawClient, Reply
 
 from minidisk.nbd import protocol as p
@@ -110,55 +107,31 @@ class Model:
 
 
 class ServerProcess:
-    """`minidisk serve -s` that the test kills and restarts on the same files."""
+    """`minidisk serve -s` that the test kills and restarts on the same files, one log for
+    all its runs (harness.serve)."""
 
     def __init__(self, directory: Path, args: list[str]) -> None:
         self.directory = directory
         self.args = args
         self.socket = str(directory / "s.sock")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server: harness.Server | None = None
 
     def start(self) -> None:
-        with open(self.directory / "server.log", "ab") as log:
-            self.proc = subprocess.Popen([MINIDISK, "serve", "-s", *self.args,
-                                          f"unix://{self.socket}"],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._connectable():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {self.log()[-3000:]}")
-            time.sleep(0.02)
+        self.server = harness.serve(self.directory, *self.args, append=True,
+                                    timeout=START_TIMEOUT)
 
-    def _connectable(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(self.socket)
-                return True
-            except OSError:
-                return False
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.server is not None
+        return self.server.proc
 
     def kill(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        assert self.server is not None
+        self.server.kill()
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-    def log(self) -> str:
-        return (self.directory / "server.log").read_text(errors="replace")
-
-
-@pytest.fixture
-def crash_dir() -> Iterator[Path]:
-    import shutil
-    import tempfile
-
-    directory = Path(tempfile.mkdtemp(prefix="mdc-", dir="/tmp"))  # short: a unix socket
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+        if self.server is not None:
+            self.server.stop()
 
 
 def workload(client: RawClient, rng: random.Random, model: Model) -> int:
@@ -241,10 +214,10 @@ def verify(server: ServerProcess, export: str, model: Model) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", BACKENDS, ids=[b.name for b in BACKENDS])
-def test_flushed_writes_survive_kill_9(backend: Backend, crash_dir: Path) -> None:
+def test_flushed_writes_survive_kill_9(backend: Backend, short_tmp: Path) -> None:
     seed = SEED + BACKENDS.index(backend)
     rng = random.Random(seed)
-    server = ServerProcess(crash_dir, backend.setup(crash_dir))
+    server = ServerProcess(short_tmp, backend.setup(short_tmp))
     model = Model()
     total_writes = 0
     try:
@@ -254,7 +227,6 @@ def test_flushed_writes_survive_kill_9(backend: Backend, crash_dir: Path) -> Non
             with RawClient(server.socket) as client:
                 client.handshake()
                 client.go(backend.export, structured=False)
-                assert server.proc is not None
                 timer = threading.Timer(delay, server.proc.send_signal, (signal.SIGKILL,))
                 timer.start()
                 try:

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.harness import SYSTEM_PYTHON
+
 from minidisk.nbd import protocol as p
 
-SYSTEM_PYTHON = "/usr/bin/python3"
 TIMEOUT = 10.0
 
 
@@ -55,7 +56,8 @@ class Reply:
     def chunk_error(self) -> int:
         for c in self.chunks:
             if c.chunk_type in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
-                return struct.unpack_from(">I", c.payload)[0]
+                error: int = struct.unpack_from(">I", c.payload)[0]
+                return error
         return 0
 
     @property
@@ -186,6 +188,8 @@ class RawClient:
         """Read one simple reply or one chunk into `replies`; the cookie if it was final."""
         (magic,) = struct.unpack(">I", self.recv_exact(4))
         if magic == 0x67446698:
+            error: int
+            cookie: int
             error, cookie = struct.unpack(">IQ", self.recv_exact(12))
             cmd, length = self.pending.pop(cookie)
             assert cookie not in replies, f"second reply for cookie {cookie}"
@@ -195,6 +199,8 @@ class RawClient:
             replies[cookie] = reply
             return cookie
         assert magic == 0x668E33EF, f"bad reply magic {magic:#x}"
+        flags: int
+        chunk_type: int
         flags, chunk_type, cookie, length = struct.unpack(">HHQI", self.recv_exact(16))
         assert cookie in self.pending, f"chunk for unknown cookie {cookie}"
         reply = replies.setdefault(cookie, Reply(cookie))
