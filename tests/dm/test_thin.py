@@ -1,0 +1,524 @@
+"""thin-pool and thin: messages, provisioning, sharing, space, failures.
+
+Every pool here keeps its metadata in a host file, and every test ends by running Debian's
+`thin_check` on it (`ThinSetup.check`): whatever a test does, the metadata we leave must be
+what the kernel's tools accept. The data device is a host file too, so that a test can
+look at the data blocks the metadata names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.dm.dm_helpers import SECTOR, pattern, read, registry_over, run, write
+
+from minidisk.device.file import FileDevice
+from minidisk.dm import DeviceDict, Registry
+from minidisk.dm.mapped import MappedDevice
+from minidisk.dm.table import TableError
+from minidisk.dm.targets import thin_pool
+
+MB = 1 << 20
+BLOCK = 128  # sectors: 64 KiB data blocks
+BB = BLOCK * SECTOR
+
+
+class ThinSetup:
+    """A metadata file and a data file under `tmp`, in a namespace as /dev/meta and
+    /dev/data."""
+
+    def __init__(self, tmp: Path, data_mb: int = 16, meta_mb: int = 4) -> None:
+        self.meta = tmp / "meta.img"
+        self.data = tmp / "data.img"
+        self.meta.write_bytes(b"")
+        self.data.write_bytes(b"")
+        with open(self.meta, "r+b") as f:
+            f.truncate(meta_mb * MB)
+        with open(self.data, "r+b") as f:
+            f.truncate(data_mb * MB)
+        self.data_sectors = data_mb * MB // SECTOR
+        self.devs: list[FileDevice] = []
+        self.ns = self.namespace()
+
+    def namespace(self) -> DeviceDict:
+        meta, data = FileDevice(str(self.meta)), FileDevice(str(self.data))
+        self.devs += [meta, data]
+        return DeviceDict({"/dev/meta": meta, "/dev/data": data})
+
+    def registry(self) -> Registry:
+        return registry_over(self.ns)
+
+    def pool_table(self, *features: str, low_water: int = 0,
+                   sectors: int | None = None) -> str:
+        feats = f" {len(features)} {' '.join(features)}" if features else ""
+        return (f"0 {sectors or self.data_sectors} thin-pool /dev/meta /dev/data {BLOCK} "
+                f"{low_water}{feats}")
+
+    def close(self) -> None:
+        for dev in self.devs:
+            if dev.fd >= 0:
+                os.close(dev.fd)
+                dev.fd = -1
+
+    def check(self) -> str:
+        """thin_check on the metadata file: must be clean."""
+        done = subprocess.run(["thin_check", str(self.meta)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    def dump(self, *options: str) -> str:
+        return subprocess.run(["thin_dump", *options, str(self.meta)], capture_output=True,
+                              text=True, check=True, timeout=60).stdout
+
+
+@pytest.fixture
+def thin(tmp_path: Path) -> Iterator[ThinSetup]:
+    setup = ThinSetup(tmp_path)
+    yield setup
+    setup.close()
+    setup.check()
+
+
+def pool_fields(reg: Registry, name: str = "pool") -> list[str]:
+    (_, _, kind, text), = reg.status(name)
+    assert kind == "thin-pool"
+    return text.split()
+
+
+def used_data(reg: Registry) -> int:
+    return int(pool_fields(reg)[2].split("/")[0])
+
+
+async def make_pool(thin: ThinSetup, reg: Registry, *features: str,
+                    thins: int = 1, low_water: int = 0) -> list[MappedDevice]:
+    await reg.create("pool", thin.pool_table(*features, low_water=low_water))
+    out = []
+    for i in range(1, thins + 1):
+        await reg.message("pool", 0, ["create_thin", str(i)])
+        out.append(await reg.create(f"thin{i}", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool {i}"))
+    return out
+
+
+async def teardown(reg: Registry) -> None:
+    order = ["pool", "meta"]  # thins first, then the pool, then what it is over
+    for name in sorted(reg.names(), key=lambda n: order.index(n) if n in order else -1):
+        await reg.remove(name)
+
+
+def test_fresh_pool_status_and_table(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        await reg.create("pool", thin.pool_table("skip_block_zeroing", "error_if_no_space",
+                                                 low_water=7))
+        fields = pool_fields(reg)
+        # transaction 0, data 0 of 256 blocks (16 MiB / 64 KiB), no held root, rw,
+        # 1024 metadata blocks (4 MiB) and their threshold min(1024, 1024 / 4).
+        assert fields[0] == "0"
+        used, total = map(int, fields[1].split("/"))
+        assert total == 1024 and 0 < used < 32
+        assert fields[2:] == ["0/256", "-", "rw", "discard_passdown", "error_if_no_space",
+                              "-", "256"]
+        (_, _, _, args), = reg.table("pool")
+        assert args[2:] == ["128", "7", "2", "skip_block_zeroing", "error_if_no_space"]
+        await teardown(reg)
+
+    run(go())
+    assert '<superblock uuid="" time="0" transaction="0"' in thin.dump()
+
+
+def test_transaction_id_is_compare_and_swap(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        await reg.create("pool", thin.pool_table())
+        with pytest.raises(OSError) as e:
+            await reg.message("pool", 0, ["set_transaction_id", "1", "2"])
+        assert e.value.errno == errno.EINVAL
+        assert pool_fields(reg)[0] == "0"
+        await reg.message("pool", 0, ["set_transaction_id", "0", "5"])
+        assert pool_fields(reg)[0] == "5"
+        with pytest.raises(OSError):
+            await reg.message("pool", 0, ["set_transaction_id", "0", "6"])
+        await reg.message("pool", 0, ["set_transaction_id", "5", "6"])
+        await teardown(reg)
+
+    run(go())
+    assert 'transaction="6"' in thin.dump()
+
+
+def test_duplicate_and_bad_ids_are_refused(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        await reg.create("pool", thin.pool_table())
+        await reg.message("pool", 0, ["create_thin", "1"])
+        for msg in (["create_thin", "1"], ["create_snap", "1", "1"]):
+            with pytest.raises(OSError) as e:
+                await reg.message("pool", 0, msg)
+            assert e.value.errno == errno.EEXIST
+        with pytest.raises(OSError) as e:
+            await reg.message("pool", 0, ["create_snap", "2", "9"])
+        assert e.value.errno == errno.ENODATA
+        for bad in (str(1 << 24), "-1", "x"):
+            with pytest.raises(OSError) as e:
+                await reg.message("pool", 0, ["create_thin", bad])
+            assert e.value.errno == errno.EINVAL
+        await reg.message("pool", 0, ["create_thin", str((1 << 24) - 1)])
+        with pytest.raises(TableError, match="Couldn't open thin internal device"):
+            await reg.create("t", f"0 {MB // SECTOR} thin /dev/mapper/pool 3")
+        assert "t" not in reg.names()
+        await teardown(reg)
+
+    run(go())
+    dump = thin.dump()
+    assert dump.count("<device ") == 2 and f'dev_id="{(1 << 24) - 1}"' in dump
+
+
+def test_delete_of_an_active_thin_is_refused_and_frees_its_blocks(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        for i in range(5):
+            await write(t1, i * BB, pattern(i, BB))
+        await t1.flush()
+        assert used_data(reg) == 5
+        with pytest.raises(OSError) as e:
+            await reg.message("pool", 0, ["delete", "1"])
+        assert e.value.errno == errno.EBUSY
+        await reg.remove("thin1")
+        await reg.message("pool", 0, ["delete", "1"])
+        assert used_data(reg) == 0
+        with pytest.raises(OSError) as e:
+            await reg.message("pool", 0, ["delete", "1"])
+        assert e.value.errno == errno.ENODATA
+        await teardown(reg)
+
+    run(go())
+    assert "<device " not in thin.dump()
+
+
+def test_snapshots_share_blocks_until_written(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        origin, = await make_pool(thin, reg)
+        for i in range(8):
+            await write(origin, i * BB, pattern(i, BB))
+        await reg.suspend("thin1")
+        await reg.message("pool", 0, ["create_snap", "2", "1"])
+        await reg.resume("thin1")
+        snap = await reg.create("snap", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 2")
+        assert used_data(reg) == 8
+        assert await read(snap, 0, 8 * BB) == await read(origin, 0, 8 * BB)
+        # A partial write to the snapshot copies the rest of the shared block.
+        await write(snap, 3 * BB + 512, b"s" * 512)
+        assert used_data(reg) == 9
+        old = pattern(3, BB)
+        assert await read(snap, 3 * BB, BB) == old[:512] + b"s" * 512 + old[1024:]
+        assert await read(origin, 3 * BB, BB) == pattern(3, BB)
+        # Written again: no new block. The origin writing a shared block breaks sharing too.
+        await write(snap, 3 * BB, b"t" * 512)
+        await write(origin, 5 * BB, b"o" * 512)
+        assert used_data(reg) == 10
+        assert await read(snap, 5 * BB, BB) == pattern(5, BB)
+        await origin.flush()
+        (_, _, _, status), = reg.status("snap")
+        assert status == f"{8 * BLOCK} {8 * BLOCK - 1}"
+        await teardown(reg)
+
+    run(go())
+    dump = thin.dump()
+    assert dump.count("<device ") == 2
+    # Six blocks still shared: the same data blocks appear under both devices.
+    assert 'creation_time="1"' in dump and 'snap_time="1"' in dump
+
+
+def test_pool_usage_grows_only_by_blocks_written(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, t2 = await make_pool(thin, reg, thins=2)
+        touched = {0, 1, 7, 100, 300}
+        for b in touched:
+            await write(t1, b * BB + 4096, pattern(b, 4096))  # partial: zero-filled
+            await write(t1, b * BB + 8192, pattern(b + 1, 4096))  # same block again
+        await write(t2, 2 * BB - 4096, pattern(9, 8192))  # across two blocks
+        assert used_data(reg) == len(touched) + 2
+        assert await read(t1, 7 * BB, 4096) == bytes(4096)
+        assert await read(t1, 7 * BB + 4096, 8192) == pattern(7, 4096) + pattern(8, 4096)
+        assert await read(t1, 2 * BB, BB) == bytes(BB)  # unprovisioned reads as zero
+        (_, _, _, status), = reg.status("thin1")
+        assert status == f"{len(touched) * BLOCK} {301 * BLOCK - 1}"
+        await teardown(reg)
+
+    run(go())
+
+
+def test_data_and_mappings_survive_reopen(tmp_path: Path) -> None:
+    thin = ThinSetup(tmp_path, data_mb=32)
+    reg = thin.registry()
+    blocks = list(range(0, 400, 3))
+
+    async def first() -> None:
+        t1, = await make_pool(thin, reg)
+        for b in blocks:
+            await write(t1, b * BB, pattern(b, 512))
+        await teardown(reg)
+
+    async def second() -> None:
+        reg2 = registry_over(thin.namespace())
+        await reg2.create("pool", thin.pool_table())
+        t = await reg2.create("t", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        for b in blocks:
+            assert await read(t, b * BB, 1024) == pattern(b, 512) + bytes(512)
+        assert used_data(reg2) == len(blocks)
+        await teardown(reg2)
+
+    run(first())
+    run(second())
+    thin.close()
+    thin.check()
+
+
+def test_flush_commits_and_nothing_else_does(thin: ThinSetup,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thin_pool, "COMMIT_PERIOD", 3600.0)
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        await write(t1, 0, pattern(1, BB))
+        assert "single_mapping" not in thin.dump()  # not committed yet
+        await t1.flush()
+        assert 'origin_block="0"' in thin.dump()
+        await write(t1, 5 * BB, pattern(1, BB), fua=True)
+        assert 'origin_block="5"' in thin.dump()
+        thin.check()
+        await teardown(reg)
+
+    run(go())
+
+
+def test_commit_within_a_second_without_flush(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        await write(t1, 3 * BB, pattern(1, BB))
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if 'origin_block="3"' in thin.dump():
+                break
+        else:
+            raise AssertionError("no commit within 5 s")
+        await teardown(reg)
+
+    run(go())
+
+
+def test_low_water_mark_raises_one_event_per_resume(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg, low_water=250)
+        pool = reg.get("pool")
+        before = pool.event_nr
+        for b in range(6):
+            await write(t1, b * BB, pattern(b, BB))
+        # Checked before each allocation, as alloc_data_block: 251 free before the 6th.
+        assert pool.event_nr == before
+        await write(t1, 6 * BB, pattern(6, BB))  # 250 free: at the mark
+        assert pool.event_nr == before + 1
+        await write(t1, 7 * BB, pattern(7, BB))
+        assert pool.event_nr == before + 1
+        await reg.suspend("pool")
+        await reg.resume("pool")
+        await write(t1, 8 * BB, pattern(8, BB))
+        assert pool.event_nr == before + 2
+        await teardown(reg)
+
+    run(go())
+
+
+def test_out_of_data_space_errors_at_once_with_error_if_no_space(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg, "error_if_no_space")
+        for b in range(256):
+            await write(t1, b * BB, pattern(b, 512))
+        with pytest.raises(OSError) as e:
+            await write(t1, 256 * BB, b"x" * 512)
+        assert e.value.errno == errno.ENOSPC
+        fields = pool_fields(reg)
+        assert fields[2] == "256/256" and fields[4] == "out_of_data_space"
+        # Provisioned blocks stay writable.
+        await write(t1, 10 * BB, b"y" * 512)
+        assert await read(t1, 10 * BB, 512) == b"y" * 512
+        await t1.flush()
+        await teardown(reg)
+
+    run(go())
+
+
+def test_out_of_data_space_queues_until_the_pool_grows(thin: ThinSetup) -> None:
+    reg = thin.registry()
+    thin.data_sectors = 8 * MB // SECTOR  # a 16 MiB file, a pool over half of it
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        for b in range(128):
+            await write(t1, b * BB, pattern(b, 512))
+        waiting = asyncio.ensure_future(write(t1, 200 * BB, b"q" * 512))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        assert pool_fields(reg)[4] == "out_of_data_space"
+        await reg.load("pool", thin.pool_table(sectors=16 * MB // SECTOR))
+        await reg.resume("pool")
+        await asyncio.wait_for(waiting, 10)
+        assert await read(t1, 200 * BB, 512) == b"q" * 512
+        fields = pool_fields(reg)
+        assert fields[2] == "129/256" and fields[4] == "rw"
+        await teardown(reg)
+
+    run(go())
+
+
+def test_queued_writes_fail_after_no_space_timeout(thin: ThinSetup,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thin_pool, "no_space_timeout", 0.3)
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        for b in range(256):
+            await write(t1, b * BB, pattern(b, 512))
+        with pytest.raises(OSError) as e:
+            await write(t1, 300 * BB, b"x" * 512)
+        assert e.value.errno == errno.ENOSPC
+        assert pool_fields(reg)[6] == "error_if_no_space"
+        await teardown(reg)
+
+    run(go())
+
+
+def test_held_metadata_snapshot(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        await write(t1, 0, pattern(1, BB))
+        await reg.message("pool", 0, ["reserve_metadata_snap"])
+        held = pool_fields(reg)[3]
+        assert held.isdigit()
+        with pytest.raises(OSError) as e:
+            await reg.message("pool", 0, ["reserve_metadata_snap"])
+        assert e.value.errno == errno.EBUSY
+        await write(t1, 9 * BB, pattern(2, BB))
+        await t1.flush()
+        thin.check()
+        snap_dump = thin.dump(f"--metadata-snap={held}")
+        assert 'origin_block="0"' in snap_dump and 'origin_block="9"' not in snap_dump
+        assert 'origin_block="9"' in thin.dump()
+        await reg.message("pool", 0, ["release_metadata_snap"])
+        assert pool_fields(reg)[3] == "-"
+        with pytest.raises(OSError):
+            await reg.message("pool", 0, ["release_metadata_snap"])
+        await teardown(reg)
+
+    run(go())
+
+
+def test_failed_commit_sets_needs_check_and_read_only(thin: ThinSetup) -> None:
+    """dmtest's needs_check test: the metadata device's table is swapped for one that
+    errors everywhere but the superblock; the commit fails, the pool goes read-only with
+    needs_check -- here Fail, as 6.1's abort also has to read the space maps through the
+    failing table -- and, loaded again over the good device, read-only with needs_check
+    until `thin_check --clear-needs-check-flag` repairs it."""
+    reg = thin.registry()
+    meta_sectors = 4 * MB // SECTOR
+
+    async def go() -> None:
+        await reg.create("meta", f"0 {meta_sectors} linear /dev/meta 0")
+        await reg.create("pool", f"0 {thin.data_sectors} thin-pool /dev/mapper/meta "
+                                 f"/dev/data {BLOCK} 0")
+        await reg.message("pool", 0, ["create_thin", "1"])
+        t1 = await reg.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        await write(t1, 0, pattern(1, BB))
+        await t1.flush()
+        await reg.load("meta", f"0 8 linear /dev/meta 0\n8 {meta_sectors - 8} error")
+        await reg.resume("meta")
+        await write(t1, 4 * BB, pattern(2, BB))
+        with pytest.raises(OSError):
+            await t1.flush()
+        assert reg.status("pool")[0][3] == "Fail"
+        assert reg.status("thin1")[0][3] == "Fail"
+        with pytest.raises(OSError):
+            await write(t1, 8 * BB, b"z" * 512)
+        with pytest.raises(OSError) as e:
+            await reg.message("pool", 0, ["create_thin", "2"])
+        assert e.value.errno == errno.EOPNOTSUPP
+        await teardown(reg)
+
+    run(go())
+    assert 'flags="1"' in thin.dump()
+
+    async def read_only() -> None:
+        reg2 = registry_over(thin.namespace())
+        await reg2.create("pool", thin.pool_table())
+        fields = pool_fields(reg2)
+        assert fields[4] == "ro" and fields[7] == "needs_check"
+        t1 = await reg2.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        assert await read(t1, 0, BB) == pattern(1, BB)  # committed data still reads
+        await write(t1, 0, b"w" * 512)  # a mapped, unshared block stays writable
+        with pytest.raises(OSError):
+            await write(t1, 8 * BB, b"z" * 512)  # needs a new block: refused
+        with pytest.raises(OSError) as e:
+            await reg2.message("pool", 0, ["create_thin", "2"])
+        assert e.value.errno == errno.EOPNOTSUPP
+        await teardown(reg2)
+
+    run(read_only())
+    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
+                   capture_output=True, timeout=60)
+    assert 'flags="0"' in thin.dump()
+
+    async def again() -> None:
+        reg2 = registry_over(thin.namespace())
+        await reg2.create("pool", thin.pool_table())
+        assert pool_fields(reg2)[4] == "rw" and pool_fields(reg2)[7] == "-"
+        await teardown(reg2)
+
+    run(again())
+
+
+def test_table_errors(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        for table, word in (
+            (f"0 {thin.data_sectors} thin-pool /dev/meta /dev/data 100 0", "Invalid block size"),
+            (f"0 {thin.data_sectors} thin-pool /dev/meta /dev/data 128 x", "low water"),
+            (f"0 {thin.data_sectors} thin-pool /dev/meta /dev/data 128 0 1 bogus",
+             "Unrecognised pool feature"),
+            (f"0 {thin.data_sectors} thin-pool /dev/meta /dev/data", "argument count"),
+        ):
+            with pytest.raises(TableError, match=word):
+                await reg.create("p", table)
+        await reg.create("pool", thin.pool_table())
+        with pytest.raises(TableError, match="find pool"):
+            await reg.create("t", "0 8 thin /dev/data 1")
+        with pytest.raises(TableError, match="immutable"):
+            await reg.load("pool", f"0 {thin.data_sectors} linear /dev/data 0")
+        await teardown(reg)
+
+    run(go())
