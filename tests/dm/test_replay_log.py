@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -448,3 +449,58 @@ def test_the_command_replays(work: Workload) -> None:
                            str(target), "--end-mark", "two"], capture_output=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
     assert target.read_bytes() == work.states["two"]
+
+
+# a block device: discards are BLKDISCARD
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    """A loop device over a 1 MiB file of random bytes (the host kernel has loop)."""
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(pattern(9, DATA))
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                          text=True, check=True, timeout=30)
+    device = Path(made.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", str(device)], check=True, timeout=30)
+
+
+def test_replay_onto_a_block_device_discards_with_blkdiscard(
+    tmp_path: Path, loop_device: Path,
+) -> None:
+    """A discard on a device that has discard is BLKDISCARD, not zeroes written: no note
+    about switching to zeroes, and the loop device (which punches the backing file) reads
+    zero there, as a regular file does after the zeroes."""
+    ss = SECTOR
+    data_path, log_path = tmp_path / "data", tmp_path / "log"
+    data_path.write_bytes(loop_device.read_bytes())
+    log_path.write_bytes(bytes(LOG))
+    devices = [FileDevice(str(data_path)), FileDevice(str(log_path))]
+    ns = DeviceDict({"/dev/data": devices[0], "/dev/log": devices[1]})
+    reg = Registry(ns, ns)
+
+    async def go() -> None:
+        dev = await reg.create("lw", f"0 {DATA // SECTOR} log-writes /dev/data /dev/log")
+        await write(dev, 0, pattern(1, 8 * ss))
+        await dev.trim(8 * ss, 16 * ss)  # 4 KiB-aligned, so that loop's discard takes it
+        await dev.flush()
+        await reg.message("lw", 0, ["mark", "done"])
+        await reg.remove("lw")
+        for device in devices:
+            await device.close()
+
+    run(go())
+    discards = int(Path(f"/sys/block/{loop_device.name}/queue/discard_max_bytes").read_text())
+    assert discards > 0, "the loop device has no discard: this test needs one that does"
+    result = replay_log("--log", log_path, "--replay", loop_device, "-v")
+    assert result == Result(0, lines(
+        "replaying 0@2: sector 0, size 4096, flags 0x0(NONE)",
+        "replaying 1@11: sector 8, size 8192, flags 0x4(DISCARD)",
+        "replaying 2@12: sector 0, size 0, flags 0x1(FLUSH)",
+        "replaying 3@13: sector 0, size 0, flags 0x8(MARK)",
+        "replaying 4@14: sector 0, size 0, flags 0x8(MARK)",
+    ), "")
+    assert loop_device.read_bytes()[:DATA] == data_path.read_bytes()
