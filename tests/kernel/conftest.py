@@ -11,19 +11,18 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from tests.conftest import stop_process
+from tests import harness
+from tests.harness import MINIDISK
 
 from minidisk import kernel
 from minidisk.kernel import mount, state
 from minidisk.kernel.commands import Helper, wait_until
 
 MakeExport = Callable[..., str]
-MINIDISK = str(Path(sys.executable).parent / "minidisk")
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +45,7 @@ def state_dir(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def make_export(short_tmp: Path) -> Iterator[MakeExport]:
     """`make_export(size="256M", read_only=False)` → the URI of a fresh memory export;
     `filters=("blocksize-policy",), params=("blocksize-minimum=4096",)` are nbdkit's."""
-    servers: list[subprocess.Popen[bytes]] = []
+    servers: list[harness.Process] = []
 
     def start(size: str = "256M", read_only: bool = False, filters: Sequence[str] = (),
               params: Sequence[str] = ()) -> str:
@@ -56,16 +55,13 @@ def make_export(short_tmp: Path) -> Iterator[MakeExport]:
         if read_only:
             argv.append("-r")
         argv += [f"--filter={f}" for f in filters]
-        server = subprocess.Popen([*argv, "memory", size, *params], stdin=subprocess.DEVNULL)
-        servers.append(server)
-        if not wait_until(lambda: pidfile.exists() or server.poll() is not None, 15.0) \
-                or server.poll() is not None:
-            raise RuntimeError(f"nbdkit did not start: {argv}")
+        servers.append(harness.start([*argv, "memory", size, *params],
+                                     sock.with_suffix(".log"), lambda _: pidfile.exists()))
         return f"nbd+unix:///?socket={sock}"
 
     yield start
     for server in servers:
-        stop_process(server)
+        server.stop()
 
 
 @pytest.fixture
@@ -129,8 +125,7 @@ def assert_nothing_left(state_dir: Path, attachment: state.Attachment) -> None:
         [str(p) for p in state_dir.rglob("*")])
 
 
-# Test modules are imported by pytest's importlib mode and cannot import this file, so the
-# helpers reach them as fixtures.
+# The helpers reach the test modules as fixtures (the test functions ask for what they use).
 @pytest.fixture
 def md() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli

@@ -7,13 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import stop_process
+from tests import harness
 
 from minidisk.kernel import mount, state
 
@@ -24,7 +22,6 @@ NothingLeft = Callable[[state.Attachment], None]
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.usefixtures("cleanup_attachments")]
 
-MINIDISK = str(Path(sys.executable).parent / "minidisk")
 MIB = 1 << 20
 SECTORS = 2 * 64 * MIB // 512  # two 64 MiB files, striped
 ONE_TABLE = f"0 {SECTORS} striped 2 128 /dev/a 0 /dev/b 0"
@@ -43,22 +40,13 @@ def dm_server(short_tmp: Path) -> Iterator[str]:
             f.truncate(64 * MIB)
     table = short_tmp / "s.table"
     table.write_text(ONE_TABLE + "\n")
-    sock = short_tmp / "dm.sock"
-    log = open(short_tmp / "dm.log", "wb")
-    proc = subprocess.Popen([MINIDISK, "serve", "-s", f"--file=/dev/a={short_tmp / 'a.img'}",
-                             f"--file=/dev/b={short_tmp / 'b.img'}", f"--table=s={table}",
-                             f"unix://{sock}"], stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=log)
-    log.close()
+    server = harness.serve(short_tmp, f"--file=/dev/a={short_tmp / 'a.img'}",
+                           f"--file=/dev/b={short_tmp / 'b.img'}", f"--table=s={table}",
+                           name="dm")
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (short_tmp / "dm.log").read_text()
-            time.sleep(0.05)
-        yield f"unix://{sock}"
+        yield server.url
     finally:
-        stop_process(proc, 30)
+        server.stop(30)
 
 
 def _files(directory: Path, prefix: str, count: int) -> dict[str, str]:
