@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
 
+from minidisk.dm import DeviceDict
 from minidisk.dm.table import format_table
+from minidisk.dm.target import TargetContext
+from minidisk.dm.targets.delay import Delay
+from minidisk.dm.targets.flakey import Flakey
 
 ROUND_TRIP = [
     "0 64 linear /dev/a 7",
@@ -240,46 +245,112 @@ def test_flakey_corrupts_the_nth_byte_of_reads_or_writes() -> None:
     run(go())
 
 
-@pytest.mark.slow
+class FakeClock:
+    """A dm Clock (minidisk.dm.clock) that moves only when the test sets `now`, and then
+    runs the timers that fell due, in order: timing is checked at exact moments, and
+    nothing sleeps."""
+
+    def __init__(self) -> None:
+        self.timers: list[FakeTimer] = []
+        self._now = 0.0
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self._now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    @now.setter
+    def now(self, when: float) -> None:
+        assert when >= self._now, "a monotonic clock never goes back"
+        self._now = when
+        for timer in sorted(self.timers, key=lambda t: t.when):
+            if timer.when <= when:
+                self.timers.remove(timer)
+                if not timer.cancelled:
+                    timer.callback()
+
+
+@dataclass
+class FakeTimer:
+    when: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _context(ns: DeviceDict) -> TargetContext:
+    """What the registry gives a target it builds, for building one here with a clock."""
+    return TargetContext(64, lambda key: (ns.lookup(key), lambda: None, ns.devno(key)),
+                         lambda: None)
+
+
+async def _spin() -> None:
+    """Let every task that can run, run (no time passes)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let the loop run (no time passes) until `condition` holds."""
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    assert condition()
+
+
 def test_flakey_goes_down_and_up_on_its_intervals() -> None:
-    reg = registry_over(memory_namespace(a=1 << 20))
+    clock = FakeClock()
+    flakey = Flakey(_context(memory_namespace(a=1 << 20)), ["/dev/a", "0", "2", "3"], clock)
 
-    async def go() -> None:
-        dev = await reg.create("f", "0 64 flakey /dev/a 0 1 1")
-        start = time.monotonic()
+    async def go() -> list[str]:
         seen = []
-        while time.monotonic() - start < 2.9:
+        for when in (0, 1.999, 2, 4.999, 5, 6.5, 7, 9.99, 10):
+            clock.now = when
             try:
-                await read(dev, 0, SECTOR)
+                await read(flakey, 0, SECTOR)
                 seen.append("up")
-            except OSError:
+            except OSError as e:
+                assert e.errno == errno.EIO
                 seen.append("down")
-            await asyncio.sleep(0.05)
-        # up for the first second, down for the second, up again in the third
-        changes = [s for i, s in enumerate(seen) if i == 0 or seen[i - 1] != s]
-        assert changes == ["up", "down", "up"]
+        return seen
 
-    run(go())
+    # up for 2 s from the table load, down for 3, up again: whole seconds, as the kernel
+    # counts jiffies against HZ
+    assert run(go()) == ["up", "up", "down", "down", "up", "up", "down", "down", "up"]
 
 
 def test_delay_holds_each_class_for_its_time_and_counts_it() -> None:
     ns = memory_namespace(a=1 << 20, b=1 << 20)
-    reg = registry_over(ns)
+    clock = FakeClock()
+    delay = Delay(_context(ns), ["/dev/a", "0", "200", "/dev/b", "0", "400"], clock)
 
     async def go() -> None:
-        dev = await reg.create("d", "0 64 delay /dev/a 0 200 /dev/b 0 400")
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        r = asyncio.ensure_future(read(dev, 0, SECTOR))
-        w = asyncio.ensure_future(write(dev, 0, b"D" * SECTOR))
-        await asyncio.sleep(0.05)
-        assert reg.status("d")[0][3] == "1 1 0"  # one read, one write held right now
+        r = asyncio.ensure_future(read(delay, 0, SECTOR))
+        w = asyncio.ensure_future(write(delay, 0, b"D" * SECTOR))
+        await _until(lambda: delay.status() == "1 1 0")  # one read, one write held now
+        assert sorted(t.when for t in clock.timers) == [0.2, 0.4]
+        clock.now = 0.199
+        await _spin()
+        assert not r.done() and not w.done()
+        clock.now = 0.2
         await r
-        t_read = loop.time() - t0
+        assert delay.status() == "0 1 0" and not w.done()
+        clock.now = 0.399
+        await _spin()
+        assert not w.done()
+        clock.now = 0.4
         await w
-        t_write = loop.time() - t0
-        assert 0.19 <= t_read < 0.39 and t_write >= 0.39
-        assert reg.status("d")[0][3] == "0 0 0"
+        assert delay.status() == "0 0 0" and not clock.timers
         # writes went to the write device
         assert await read(ns.devices["/dev/b"], 0, SECTOR) == b"D" * SECTOR
         assert await read(ns.devices["/dev/a"], 0, SECTOR) == bytes(SECTOR)
@@ -288,20 +359,43 @@ def test_delay_holds_each_class_for_its_time_and_counts_it() -> None:
 
 
 def test_delay_releases_held_io_on_suspend() -> None:
+    clock = FakeClock()  # it never moves: only a suspend releases what is held
+    delay = Delay(_context(memory_namespace(a=1 << 20)), ["/dev/a", "0", "5000"], clock)
+
+    async def go() -> None:
+        w = asyncio.ensure_future(write(delay, 0, b"S" * SECTOR))
+        await _until(lambda: delay.status() == "0 1 0")
+        assert [t.when for t in clock.timers] == [5.0]
+        await delay.presuspend(noflush=False)
+        await w
+        assert delay.status() == "0 0 0"
+        assert all(t.cancelled for t in clock.timers)
+        await delay.resume()
+        r = asyncio.ensure_future(read(delay, 0, SECTOR))  # delays again after resume
+        await _until(lambda: delay.status() == "1 0 0")
+        clock.now = 5.0
+        assert await r == b"S" * SECTOR
+
+    run(go())
+
+
+def test_suspending_a_delay_device_does_not_wait_out_its_delays() -> None:
+    """Through the registry, on the real clock: a suspend releases what a delay holds
+    before it waits for in-flight I/O (a day's delay, and the test is bounded by run's
+    timeout, so only the release can finish it)."""
     reg = registry_over(memory_namespace(a=1 << 20))
 
     async def go() -> None:
-        dev = await reg.create("d", "0 64 delay /dev/a 0 5000")
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        dev = await reg.create("d", f"0 64 delay /dev/a 0 {24 * 3600 * 1000}")
         w = asyncio.ensure_future(write(dev, 0, b"S" * SECTOR))
-        await asyncio.sleep(0.05)
+        await _until(lambda: reg.status("d")[0][3] == "0 1 0")
         await reg.suspend("d")
-        assert w.done() and loop.time() - t0 < 1
+        assert w.done() and w.exception() is None
         await reg.resume("d")
-        t1 = loop.time()
-        await read(dev, 0, SECTOR)  # delays again after resume
-        assert loop.time() - t1 >= 4.9
+        r = asyncio.ensure_future(read(dev, 0, SECTOR))
+        await _until(lambda: reg.status("d")[0][3] == "1 0 0")  # held again
+        await reg.suspend("d")
+        assert await r == b"S" * SECTOR
 
     run(go(), timeout=20)
 

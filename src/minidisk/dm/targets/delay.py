@@ -3,16 +3,19 @@
 Reads use the first triple; writes, trims and zeroes the second (or the first); flushes the
 third (or the write triple). A request waits its class's delay before it is sent on, as the
 kernel queues bios before submission. Status shows how many requests of each class are
-being held right now. Suspending releases everything held at once (`delay_presuspend`), so
-a suspend never waits out the delays; holding starts again on resume.
+being held right now. Delays are timers of the target's `Clock` (dm/clock.py). Suspending
+releases everything held at once (`delay_presuspend`), so a suspend never waits out the
+delays; holding starts again on resume.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, replace
 
 from minidisk.device.api import BlockDevice, Extent
+from minidisk.dm.clock import MONOTONIC, Clock
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import (
     DeviceRef,
@@ -52,8 +55,9 @@ class Delay(Target):
     name = "delay"
     version = (1, 3, 0)  # 6.1's
 
-    def __init__(self, ctx: TargetContext, args: list[str]) -> None:
+    def __init__(self, ctx: TargetContext, args: list[str], clock: Clock = MONOTONIC) -> None:
         super().__init__(ctx, args)
+        self.clock = clock
         if len(args) not in (3, 6, 9):
             raise TargetError(f"Requires exactly 3, 6 or 9 arguments, got {len(args)}")
         # Each class has its own counter even when it borrows another's triple (as the
@@ -95,9 +99,8 @@ class Delay(Target):
     async def _wait(self, cls: DelayClass) -> None:
         if not cls.delay_ms or not self._may_delay:
             return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        timer = loop.call_later(cls.delay_ms / 1000, _wake, fut)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        timer = self.clock.call_later(cls.delay_ms / 1000, functools.partial(_wake, fut))
         self._waiting.add(fut)
         cls.held += 1
         try:

@@ -1,7 +1,8 @@
 """`flakey <dev> <off> <up_s> <down_s> [<#features> <features>...]`, as Linux 6.1 has it
 (dm-flakey 1.5.0, DOC/dm-flakey.rst of that release).
 
-Up for `up_s` seconds, then down for `down_s`, counted from table load. While up, I/O
+Up for `up_s` seconds, then down for `down_s`, counted from table load (on the target's
+`Clock`, dm/clock.py). While up, I/O
 passes through. While down:
 
 - `drop_writes`: writes (and trims, zeroes, flushes) succeed without reaching the device;
@@ -24,9 +25,9 @@ prints the features back in 6.1's order and form (`... <#> [drop_writes|error_wr
 from __future__ import annotations
 
 import errno
-import time
 from dataclasses import replace
 
+from minidisk.dm.clock import MONOTONIC, Clock
 from minidisk.dm.target import TargetContext, TargetError, WindowTarget, parse_uint
 
 
@@ -38,7 +39,7 @@ class Flakey(WindowTarget):
     name = "flakey"
     version = (1, 5, 0)
 
-    def __init__(self, ctx: TargetContext, args: list[str]) -> None:
+    def __init__(self, ctx: TargetContext, args: list[str], clock: Clock = MONOTONIC) -> None:
         super().__init__(ctx, args)
         if len(args) < 4:
             raise TargetError("Invalid argument count: expected <dev> <offset> <up> <down> ...")
@@ -59,7 +60,8 @@ class Flakey(WindowTarget):
         # No extents: a server skips reading holes, and every read here must reach this
         # target (to fail or be corrupted).
         self.caps = replace(self.caps, extents=False)
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock.monotonic()
 
     def _parse_features(self, args: list[str]) -> None:
         if args:
@@ -121,7 +123,7 @@ class Flakey(WindowTarget):
                 str(len(features)), *features, ""]
 
     def is_down(self) -> bool:
-        elapsed = int(time.monotonic() - self.started)
+        elapsed = int(self.clock.monotonic() - self.started)
         return elapsed % (self.up + self.down) >= self.up
 
     def _write_allowed_down(self) -> bool:
