@@ -15,10 +15,11 @@ import re
 import subprocess
 from pathlib import Path
 
+from tests.dm.dm_helpers import SECTOR, pattern, read, run, write
+from tests.dm.test_thin import BB, BLOCK, MB, ThinSetup, teardown
+
 from minidisk.device.file import FileDevice
 from minidisk.dm.thin.metadata import PoolMetadata
-from tests.dm.dm_helpers import SECTOR, pattern, read, registry_over, run, write
-from tests.dm.test_thin import BB, BLOCK, MB, ThinSetup, teardown
 
 
 def dump(meta: Path) -> str:
