@@ -59,3 +59,5 @@ def test_printed_forms() -> None:
     assert str(parse_url("-")) == "stdio"
     assert NBDURI.parse("nbd+vsock://3/disk").transport is Transport.VSOCK
     assert f"{Transport.UNIX}" == "unix" and Transport("tcp") is Transport.TCP
+    # the daemon logs identities ("control halt by Identity(transport='unix', ...)")
+    assert repr(Identity(Transport.UNIX, uid=0)).startswith("Identity(transport='unix', ")

@@ -19,3 +19,8 @@ class Transport(enum.StrEnum):
     TCP = "tcp"  # IPv4 or IPv6
     VSOCK = "vsock"  # clients only: nbd+vsock:// URIs
     STDIO = "stdio"  # servers only: `-`, one connection on stdin/stdout (nbdkit -s)
+
+    def __repr__(self) -> str:
+        # As an Identity's field in the daemon's logs ("control halt by Identity(...)"):
+        # the same text as when transports were strings.
+        return repr(self.value)
