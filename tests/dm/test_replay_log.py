@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ import pytest
 from dm_helpers import MINIDISK, SECTOR, pattern, run, write
 
 from minidisk.cli import replaylog
-from minidisk.device.api import BlockSize
+from minidisk.device.api import BlockDevice, BlockSize
 from minidisk.device.file import FileDevice
 from minidisk.dm import DeviceDict, Registry, writelog
 
@@ -59,37 +59,52 @@ class Workload:
         return path
 
 
-def record(tmp: Path, block_size: BlockSize | None = None) -> Workload:
-    data_path, log_path = tmp / "data", tmp / "log"
-    data_path.write_bytes(pattern(7, DATA))  # not zeroes, so that a discard shows
+Mark = Callable[[str], Awaitable[object]]
+
+
+def log_writes(data_path: Path, log_path: Path,
+               steps: Callable[[BlockDevice, Mark], Awaitable[None]],
+               block_size: BlockSize | None = None) -> None:
+    """Run `steps(dev, mark)` on `log-writes /dev/data /dev/log` over two host files, then
+    remove the device (which logs the end mark)."""
     log_path.write_bytes(bytes(LOG))
-    initial = data_path.read_bytes()
-    states: dict[str, bytes] = {}
     devices = [FileDevice(str(data_path), block_size=block_size), FileDevice(str(log_path))]
     ns = DeviceDict({"/dev/data": devices[0], "/dev/log": devices[1]})
     reg = Registry(ns, ns)
-    ss = block_size.minimum if block_size else SECTOR
 
     async def go() -> None:
         dev = await reg.create("lw", f"0 {DATA // SECTOR} log-writes /dev/data /dev/log")
-        await write(dev, 0, pattern(1, 2 * ss))
-        await dev.flush()
-        await reg.message("lw", 0, ["mark", "one"])
-        states["one"] = data_path.read_bytes()
-        await write(dev, 8 * ss, pattern(2, ss), fua=True)
-        await dev.trim(16 * ss, 4 * ss)
-        await dev.flush()
-        await reg.message("lw", 0, ["mark", "two"])
-        states["two"] = data_path.read_bytes()
-        await write(dev, 100 * ss, pattern(3, 4 * ss))
-        await dev.flush()
-        await reg.message("lw", 0, ["mark", "three"])
-        states["three"] = data_path.read_bytes()
+        await steps(dev, lambda name: reg.message("lw", 0, ["mark", name]))
         await reg.remove("lw")
         for device in devices:
             await device.close()
 
     run(go())
+
+
+def record(tmp: Path, block_size: BlockSize | None = None) -> Workload:
+    data_path, log_path = tmp / "data", tmp / "log"
+    data_path.write_bytes(pattern(7, DATA))  # not zeroes, so that a discard shows
+    initial = data_path.read_bytes()
+    states: dict[str, bytes] = {}
+    ss = block_size.minimum if block_size else SECTOR
+
+    async def steps(dev: BlockDevice, mark: Mark) -> None:
+        await write(dev, 0, pattern(1, 2 * ss))
+        await dev.flush()
+        await mark("one")
+        states["one"] = data_path.read_bytes()
+        await write(dev, 8 * ss, pattern(2, ss), fua=True)
+        await dev.trim(16 * ss, 4 * ss)
+        await dev.flush()
+        await mark("two")
+        states["two"] = data_path.read_bytes()
+        await write(dev, 100 * ss, pattern(3, 4 * ss))
+        await dev.flush()
+        await mark("three")
+        states["three"] = data_path.read_bytes()
+
+    log_writes(data_path, log_path, steps, block_size)
     return Workload(log_path, initial, states, tmp)
 
 
@@ -477,22 +492,14 @@ def test_replay_onto_a_block_device_discards_with_blkdiscard(
     ss = SECTOR
     data_path, log_path = tmp_path / "data", tmp_path / "log"
     data_path.write_bytes(loop_device.read_bytes())
-    log_path.write_bytes(bytes(LOG))
-    devices = [FileDevice(str(data_path)), FileDevice(str(log_path))]
-    ns = DeviceDict({"/dev/data": devices[0], "/dev/log": devices[1]})
-    reg = Registry(ns, ns)
 
-    async def go() -> None:
-        dev = await reg.create("lw", f"0 {DATA // SECTOR} log-writes /dev/data /dev/log")
+    async def steps(dev: BlockDevice, mark: Mark) -> None:
         await write(dev, 0, pattern(1, 8 * ss))
         await dev.trim(8 * ss, 16 * ss)  # 4 KiB-aligned, so that loop's discard takes it
         await dev.flush()
-        await reg.message("lw", 0, ["mark", "done"])
-        await reg.remove("lw")
-        for device in devices:
-            await device.close()
+        await mark("done")
 
-    run(go())
+    log_writes(data_path, log_path, steps)
     discards = int(Path(f"/sys/block/{loop_device.name}/queue/discard_max_bytes").read_text())
     assert discards > 0, "the loop device has no discard: this test needs one that does"
     result = replay_log("--log", log_path, "--replay", loop_device, "-v")

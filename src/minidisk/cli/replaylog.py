@@ -13,6 +13,7 @@ keep the original's words and add the value or the reason it leaves out.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -365,6 +366,9 @@ def replay_log(ctx: click.Context, argv: list[str]) -> None:
 
     The options, output and exit statuses are xfstests' replay-log's; see --help.
     """
+    # `replay-log -vv ... | head` ends quietly on SIGPIPE, as the C program does, rather
+    # than with a BrokenPipeError traceback
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ctx.exit(main(argv, ctx.command_path))
 
 
