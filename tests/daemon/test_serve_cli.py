@@ -63,6 +63,19 @@ def test_bad_options_fail_with_one_line(short_tmp: Path, args: list[str], messag
     assert not (short_tmp / "x.sock").exists()
 
 
+def test_a_refused_table_names_its_file(short_tmp: Path) -> None:
+    """`--table NAME=FILE`: the one line says which file held the table it refused."""
+    table = short_tmp / "bad.table"
+    table.write_text("0 64 linear /nowhere 0\n")
+    done = run_cli("serve", "--memory", "a=1M", "--table", f"x={table}",
+                   f"unix://{short_tmp}/t.sock")
+    assert done.returncode == 1
+    assert done.stderr == (f"minidisk serve: {table}: line 1 ('0 64 linear /nowhere 0'): "
+                           "linear: Device lookup failed: /nowhere: key /nowhere is not "
+                           "registered\n")
+    assert not (short_tmp / "t.sock").exists()
+
+
 def test_bad_url_is_refused(short_tmp: Path) -> None:
     done = run_cli("serve", "--memory", "d=1M", "http://example/")
     assert done.returncode == 2

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from minidisk.daemon import etfs
@@ -115,7 +114,7 @@ class Daemon:
             for key, uri in c.remotes:
                 ns.register_device(key, await RemoteDevice.connect(uri))
             for name, path in c.tables:
-                await self.dm.create(name, Path(path).read_text())
+                await dm_control.create_from_table_file(self.dm, name, path)
         except BaseException:
             await self.close_devices()
             raise
