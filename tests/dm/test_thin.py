@@ -522,3 +522,38 @@ def test_table_errors(thin: ThinSetup) -> None:
         await teardown(reg)
 
     run(go())
+
+
+def test_discard_unmaps_whole_blocks_and_passes_down_unshared_ones(thin: ThinSetup) -> None:
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        for b in range(6):
+            await write(t1, b * BB, pattern(b, BB))
+        await reg.suspend("thin1")
+        await reg.message("pool", 0, ["create_snap", "2", "1"])
+        await reg.resume("thin1")
+        await write(t1, 4 * BB, b"n" * BB)  # block 4 of thin 1 no longer shared
+        assert used_data(reg) == 7
+        # Blocks 1..4 whole; half of block 0 and of block 5 stay.
+        await t1.trim(BB // 2, 5 * BB)
+        assert await read(t1, 0, BB) == pattern(0, BB)
+        assert await read(t1, BB, 4 * BB) == bytes(4 * BB)
+        assert await read(t1, 5 * BB, BB) == pattern(5, BB)
+        assert used_data(reg) == 6  # only block 4's own copy was freed
+        await t1.flush()
+        (_, _, _, status), = reg.status("thin1")
+        assert status == f"{2 * BLOCK} {6 * BLOCK - 1}"
+        snap = await reg.create("snap", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 2")
+        for b in range(6):
+            assert await read(snap, b * BB, BB) == pattern(b, BB)
+        await t1.trim(5 * BB, BB)
+        (_, _, _, status), = reg.status("thin1")
+        assert status == f"{BLOCK} {BLOCK - 1}"
+        await teardown(reg)
+
+    run(go())
+    with open(thin.data, "rb") as f:  # block 4's own copy (data block 6) was trimmed
+        f.seek(6 * BB)
+        assert f.read(BB) == bytes(BB)

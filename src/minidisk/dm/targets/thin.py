@@ -49,8 +49,9 @@ class Thin(Target):
         self.opened = True
         self.bs = self.pool.block_bytes
         data = self.pool.data
-        self.caps = Caps(read_only=ctx.read_only, flush=True, fua=True, zero=True,
-                         cache=True, rotational=data.caps.rotational)
+        self.caps = Caps(read_only=ctx.read_only, flush=True, fua=True,
+                         trim=self.pool.discard_enabled, zero=True, cache=True,
+                         rotational=data.caps.rotational)
         self.block_size = BlockSize(SECTOR, 4096)
         self._zeroes = bytes(self.bs)
 
@@ -126,6 +127,19 @@ class Thin(Target):
             raise OSError(errno.EROFS, "thin device is read-only")
         for vblock, within, pos, n in self._pieces(offset, len(buf)):
             await self._write_block(buf[pos:pos + n], vblock, within)
+        if fua:
+            await self.pool.commit()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Unmap the whole blocks inside the range; parts of blocks stay as they are (as
+        6.1, which discards block-aligned ranges only)."""
+        if self.caps.read_only:
+            raise OSError(errno.EROFS, "thin device is read-only")
+        if not self.pool.discard_enabled:
+            return
+        bs = self.bs
+        for vblock in range(-(-offset // bs), (offset + length) // bs):
+            await self.pool.discard(self.dev_id, vblock)
         if fua:
             await self.pool.commit()
 

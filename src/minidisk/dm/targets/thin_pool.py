@@ -81,6 +81,8 @@ class Pool:
         self.low_water_triggered = False
         self.error_if_no_space = False
         self.zero_new_blocks = True
+        self.discard_enabled = True
+        self.discard_passdown = True
         self.raise_event: Callable[[], None] = lambda: None
         self._ticker: asyncio.Task[None] | None = None
 
@@ -92,6 +94,8 @@ class Pool:
         self.low_water = target.low_water
         self.error_if_no_space = target.error_if_no_space
         self.zero_new_blocks = target.zero_new_blocks
+        self.discard_enabled = target.discard_enabled
+        self.discard_passdown = target.discard_passdown
         async with self.lock:
             if self.md is None:
                 md = PoolMetadata(self.metadata_dev, self.block_sectors)
@@ -305,6 +309,30 @@ class Pool:
             self.raise_event()
             raise OSError(errno.ENOSPC, "thin-pool is out of data space") from None
 
+    async def discard(self, dev_id: int, vblock: int) -> None:
+        """Unmap a whole block; pass the discard down to the data device when no other
+        thin still maps its data block (6.1's passdown checks sharing the same way)."""
+        key = (dev_id, vblock)
+        while key in self.cells:
+            await self.cells[key].wait()
+        self.check_writable()
+        async with self.lock:
+            md = self.metadata()
+            found = await md.find_block(dev_id, vblock)
+            if found is None:
+                return
+            try:
+                await md.remove_block(dev_id, vblock)
+            except OSError as e:
+                await self.metadata_failed(e)
+                raise _pool_error(f"thin-pool: unmapping failed: {e}") from None
+            if vblock == self.highest.get(dev_id):
+                self.highest[dev_id] = await md.highest_mapped(dev_id)
+            # Under the lock: the freed block is not handed out again before a commit,
+            # which needs the lock, so nothing can be written there before this trim.
+            if not md.data.get(found[0]) and self.discard_passdown and self.data.caps.trim:
+                await self.data.trim(found[0] * self.block_bytes, self.block_bytes)
+
     # Thin devices
 
     def open_thin(self, dev_id: int) -> None:
@@ -409,6 +437,9 @@ class ThinPool(Target):
         self.read_only = "read_only" in self.features
         self.zero_new_blocks = "skip_block_zeroing" not in self.features
         self.error_if_no_space = "error_if_no_space" in self.features
+        self.discard_enabled = "ignore_discard" not in self.features
+        self.discard_passdown = self.discard_enabled and (
+            "no_discard_passdown" not in self.features and self.data_ref.device.caps.trim)
         self.raise_event = ctx.raise_event
         data = self.data_ref.device
         key = id(self.meta_ref.device)
@@ -420,6 +451,8 @@ class ThinPool(Target):
         elif pool.data is not data:
             raise TargetError("metadata device already in use by a pool")
         pool.users += 1
+        if pool.md is None:  # not bound yet: thins loaded before the first resume see these
+            pool.discard_enabled = self.discard_enabled
         self.pool = pool
         self.caps = combine_caps([data.caps])
         self.block_size = BlockSize(max(SECTOR, data.block_size.minimum),
@@ -453,9 +486,8 @@ class ThinPool(Target):
         if md is None:
             return "Error"
         held = str(md.sb.held_root) if md.sb.held_root else "-"
-        discard = ("ignore_discard" if "ignore_discard" in self.features else
-                   "no_discard_passdown" if "no_discard_passdown" in self.features
-                   or not pool.data.caps.trim else "discard_passdown")
+        discard = ("ignore_discard" if not pool.discard_enabled else
+                   "discard_passdown" if pool.discard_passdown else "no_discard_passdown")
         space = "error_if_no_space" if pool.error_if_no_space else "queue_if_no_space"
         meta_total = md.meta.nr_blocks
         return (f"{md.sb.trans_id} {md.meta.nr_allocated}/{meta_total} "
