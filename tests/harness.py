@@ -10,6 +10,7 @@ stopped when the session ends.
 
 from __future__ import annotations
 
+import json
 import os
 import socket as _socket
 import subprocess
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -43,6 +44,22 @@ def need_root() -> None:
 
     if os.geteuid() != 0:
         pytest.skip("needs root")
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, check: bool = False,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`minidisk ARGS` as a user runs it, its output captured as text."""
+    return subprocess.run([MINIDISK, *args], capture_output=True, text=True,
+                          timeout=scaled(timeout), env={**os.environ, **(env or {})},
+                          check=check)
+
+
+def nbdinfo_json(uri: str) -> dict[str, Any]:
+    """What libnbd's nbdinfo says about `uri` (--json)."""
+    out = subprocess.run(["nbdinfo", "--json", uri], check=True, capture_output=True,
+                         timeout=scaled(60))
+    info: dict[str, Any] = json.loads(out.stdout)
+    return info
 
 
 def short_dir(prefix: str = "md-") -> Path:

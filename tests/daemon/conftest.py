@@ -3,17 +3,17 @@ unix sockets, and the CLI as a user runs it."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tests import harness
-from tests.harness import MINIDISK
+
+# For test files that still import these from here (tests.harness is their home).
+from tests.harness import nbdinfo_json as nbdinfo_json
+from tests.harness import run_cli as run_cli
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None,
@@ -46,15 +46,3 @@ def serve(short_tmp: Path) -> Iterator[Server]:
     yield start
     for server in servers:
         server.stop()
-
-
-def nbdinfo_json(uri: str) -> dict[str, Any]:
-    out = subprocess.run(["nbdinfo", "--json", uri], check=True, capture_output=True)
-    info: dict[str, Any] = json.loads(out.stdout)
-    return info
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MINIDISK, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, check=check)

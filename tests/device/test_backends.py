@@ -18,10 +18,6 @@ from minidisk.device.null import NullDevice, ZeroDevice
 HOLE = EXTENT_HOLE | EXTENT_ZERO
 
 
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
 def test_memory_reads_back_writes_and_reports_holes() -> None:
     dev = MemoryDevice(1 << 20)
 
@@ -39,7 +35,7 @@ def test_memory_reads_back_writes_and_reports_holes() -> None:
         assert await dev.extents(0, 1 << 20) == [Extent(0, 1 << 20, HOLE)]
         assert dev.allocated == 0
 
-    run(body())
+    asyncio.run(body())
 
 
 def test_memory_partial_trim_keeps_the_rest() -> None:
@@ -54,7 +50,7 @@ def test_memory_partial_trim_keeps_the_rest() -> None:
         assert buf[100:PAGE + 100] == bytes(PAGE)
         assert buf[PAGE + 100:] == b"\xff" * (PAGE - 100)
 
-    run(body())
+    asyncio.run(body())
 
 
 def test_terabyte_memory_disk_uses_only_what_is_written() -> None:
@@ -91,7 +87,7 @@ def test_file_window_maps_to_host_offsets(tmp_path: Path) -> None:
         await dev.pwrite(memoryview(b"abc"), 10, fua=True)
         await dev.close()
 
-    run(body())
+    asyncio.run(body())
     assert host.read_bytes()[4096 + 10:4096 + 13] == b"abc"
 
 
@@ -126,7 +122,7 @@ def test_file_extents_trim_and_zero(tmp_path: Path) -> None:
         assert buf == bytes(4096) + b"\2" * 4096
         await dev.close()
 
-    run(body())
+    asyncio.run(body())
     assert os.stat(host).st_blocks * 512 < 1 << 20
 
 
@@ -140,4 +136,4 @@ def test_null_and_zero_devices() -> None:
         await null.pread(memoryview(buf), 0)
         assert buf == bytes(10)
 
-    run(body())
+    asyncio.run(body())

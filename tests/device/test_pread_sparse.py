@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
-from tests.conftest import MINIDISK
-from tests.daemon.conftest import wait_for_socket
+from tests import harness
 
 from minidisk.device.api import EXTENT_ZERO, BlockDevice
 from minidisk.device.file import FileDevice
@@ -104,7 +102,8 @@ def test_dm_layers_match_extents(table: str) -> None:
     sectors = SIZE // 512
 
     async def body() -> None:
-        children = {key: RevocableDevice(MemoryDevice(SIZE)) for key in ("/a", "/b", "/c", "/d")}
+        children: dict[str, BlockDevice] = {
+            key: RevocableDevice(MemoryDevice(SIZE)) for key in ("/a", "/b", "/c", "/d")}
         for i, child in enumerate(children.values()):
             await _scatter(child, i)
         registry = Registry(source=DeviceDict(children))
@@ -120,14 +119,10 @@ def test_dm_layers_match_extents(table: str) -> None:
 def test_remote_device_learns_holes_from_one_structured_read(short_tmp: Path) -> None:
     """A remote export's holes arrive as OFFSET_HOLE chunks of the READ itself (from a
     minidisk upstream, which sends them; nbdkit's memory plugin sends one data chunk)."""
-    sock = short_tmp / "up.sock"
-    upstream = subprocess.Popen([MINIDISK, "serve", "-s", "--memory", f"d={SIZE}",
-                                 f"unix://{sock}"])
+    upstream = harness.serve(short_tmp, "--memory", f"d={SIZE}", name="up")
     try:
-        wait_for_socket(sock, upstream)
-
         async def body() -> None:
-            dev = await RemoteDevice.connect(f"nbd+unix:///d?socket={sock}")
+            dev = await RemoteDevice.connect(upstream.uri("d"))
             try:
                 await _scatter(dev, 3)
                 for offset, length in _ranges(SIZE, 3):
@@ -137,5 +132,4 @@ def test_remote_device_learns_holes_from_one_structured_read(short_tmp: Path) ->
 
         asyncio.run(body())
     finally:
-        upstream.kill()
-        upstream.wait()
+        upstream.stop()

@@ -5,20 +5,23 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import SYSTEM_PYTHON
-from tests.daemon.conftest import nbdinfo_json, wait_for_socket
+from tests import harness
+from tests.harness import SYSTEM_PYTHON, nbdinfo_json
 
 from minidisk.device.adapter import from_object
 
+ServeScript = Callable[[str], str]
+
 
 @pytest.fixture
-def serve_script(short_tmp: Path) -> Iterator[object]:
-    procs: list[subprocess.Popen[bytes]] = []
+def serve_script(short_tmp: Path) -> Iterator[ServeScript]:
+    """serve_script(source): run `source` (defining a class Disk) with serve_object(Disk())
+    on a unix socket; the URI of its export `disk`."""
+    procs: list[harness.Process] = []
 
     def start(source: str) -> str:
         sock = short_tmp / f"u{len(procs)}.sock"
@@ -27,15 +30,13 @@ def serve_script(short_tmp: Path) -> Iterator[object]:
             from minidisk import serve_object
             serve_object(Disk(), "unix://{sock}", name="disk")
         """))
-        proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
-        procs.append(proc)
-        wait_for_socket(sock, proc)
+        procs.append(harness.start([sys.executable, str(script)], sock.with_suffix(".log"),
+                                   harness.accepting(sock)))
         return f"nbd+unix:///disk?socket={sock}"
 
     yield start
     for proc in procs:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
 
 
 def test_capabilities_follow_the_class() -> None:
@@ -56,7 +57,7 @@ def test_capabilities_follow_the_class() -> None:
     assert not full.fast_zero  # no zero method: zeroing is emulated, so never "fast"
 
 
-def test_sync_class_advertises_only_what_it_has(serve_script) -> None:  # type: ignore[no-untyped-def]
+def test_sync_class_advertises_only_what_it_has(serve_script: ServeScript) -> None:
     uri = serve_script("""
         class Disk:
             size = 1 << 20
@@ -75,7 +76,7 @@ def test_sync_class_advertises_only_what_it_has(serve_script) -> None:  # type: 
                     "-c", "read -P 0 512 1k", uri], check=True, capture_output=True)
 
 
-def test_async_class_and_errno_mapping(serve_script) -> None:  # type: ignore[no-untyped-def]
+def test_async_class_and_errno_mapping(serve_script: ServeScript) -> None:
     uri = serve_script("""
         import asyncio, errno
         class Disk:
@@ -117,10 +118,9 @@ def test_async_class_and_errno_mapping(serve_script) -> None:  # type: ignore[no
 
 def test_ramdisk_example(short_tmp: Path) -> None:
     sock = short_tmp / "ram.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "minidisk.examples.ramdisk",
-                             f"unix://{sock}"], stderr=subprocess.PIPE)
+    proc = harness.start([sys.executable, "-m", "minidisk.examples.ramdisk", f"unix://{sock}"],
+                         short_tmp / "ram.log", harness.accepting(sock))
     try:
-        wait_for_socket(sock, proc)
         uri = f"nbd+unix:///ramdisk?socket={sock}"
         info = nbdinfo_json(uri)["exports"][0]
         assert info["export-size"] == 128 << 20
@@ -129,9 +129,6 @@ def test_ramdisk_example(short_tmp: Path) -> None:
                         "read -P 0x5a 1M 64k", "-c", "discard 1M 64k", "-c",
                         "read -P 0 1M 64k", uri], check=True, capture_output=True)
     finally:
-        proc.terminate()
-        proc.wait(10)
-    deadline = time.monotonic() + 5
-    while sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not sock.exists()
+        status = proc.stop()
+    assert status == 0, proc.log_text()  # SIGTERM is a clean shutdown
+    assert not sock.exists()  # removed before it exited
