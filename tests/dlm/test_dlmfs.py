@@ -25,7 +25,7 @@ import pytest
 
 from minidisk.dlm.client import connect
 
-from .conftest import MINIDISK, WORKER, Mount, Server  # type: ignore[import-not-found]
+from .conftest import MINIDISK, WORKER, Mount, Server
 
 pytestmark = [pytest.mark.timeout(60)]
 

@@ -9,7 +9,8 @@ rmdir /dlm/D            leave D; ENOTEMPTY while lock files exist
 open(D/L, O_CREAT)      create resource L; name < 32 bytes, no leading "$" (EINVAL); EACCES in
                         the root; without O_CREAT, ENOENT unless created through this mount
 open O_RDONLY           PR lock; open O_WRONLY or O_RDWR: EX lock. Blocks until granted (with
-                        --wait-limit at most that long, then ETIMEDOUT)
+                        --wait-limit at most that long, then ETIMEDOUT); EINTR if a signal
+                        came meanwhile (once granted, as dlmfs)
 + O_NONBLOCK            trylock: ETXTBSY when not grantable at once (never queued)
 read                    the 64-byte value block; 0 bytes when it is invalid (a PW/EX holder died)
                         or at offset >= 64
@@ -42,8 +43,11 @@ Deliberate divergences from OCFS2's dlmfs (tests/vm/test_dlmfs_oracle.py lists t
 * A never-written value block reads as 64 zero bytes (valid), as fs/dlm gives it.
 * A 0-byte write at position 64 or past succeeds: FUSE never sends it to the daemon (dlmfs
   gives ENOSPC).
-* A signal does not interrupt a blocked open (FUSE's INTERRUPT does not reach pyfuse3); dlmfs's
-  own wait is uninterruptible too, but it returns EINTR once granted.
+* A signal during a blocked open: as on dlmfs, the wait goes on until the node has the lock,
+  then the open fails with EINTR (the lock stays cached, no holder) if the thread has a caught
+  or fatal signal pending and unblocked (read from /proc/TID/status: FUSE's INTERRUPT does not
+  reach pyfuse3; `signals`). dlmfs's ERESTARTSYS is restarted for a handler with SA_RESTART
+  (glibc's signal()), ending granted; a FUSE daemon can only answer EINTR, so it fails here.
 * --exclusive (ours): local opens exclude each other too; FUSE's RELEASE is asynchronous, so a
   trylock right after a close may still find the lock held.
 * If the lock manager connection is lost, every lock of the mount is gone: reads and writes on

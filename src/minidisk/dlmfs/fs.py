@@ -24,6 +24,7 @@ from minidisk.dlm.engine import DlmError
 from minidisk.dlm.lock import Lock
 from minidisk.dlm.modes import Mode, compatible
 from minidisk.dlm.state import LVB_LEN, Flag
+from minidisk.dlmfs.signals import Requester
 
 log = logging.getLogger("minidisk.dlmfs")
 
@@ -342,37 +343,49 @@ class DlmFs(pyfuse3.Operations):
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
         level = Mode.PR if flags & os.O_ACCMODE == os.O_RDONLY else Mode.EX
-        await self._hold(node, level, trylock=bool(flags & os.O_NONBLOCK))
+        await self._hold(node, level, trylock=bool(flags & os.O_NONBLOCK), tid=ctx.pid)
         fh = next(self._fhs)
         self.handles[fh] = Handle(fh, node, level, append=bool(flags & os.O_APPEND))
         node.res.handles.add(fh)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True, keep_cache=False)
 
-    async def _hold(self, node: Node, level: Mode, trylock: bool) -> None:
+    async def _hold(self, node: Node, level: Mode, trylock: bool, tid: int = 0) -> None:
         """Count one more local holder of `level`, asking the lock manager only when the
         cached level is lower (userdlm.c's user_dlm_cluster_lock). Every wait, local or at
-        the lock manager, ends by the wait limit when there is one."""
+        the lock manager, ends by the wait limit when there is one.
+
+        As in dlmfs, the wait itself is not interrupted; but an open that had to wait fails
+        with EINTR, no holder counted, when its thread `tid` has a signal to take once the
+        lock is the node's (`signals`). The lock stays cached, as dlmfs leaves it."""
         res = node.res
         deadline = math.inf if self.wait_limit is None else trio.current_time() + self.wait_limit
+        requester: Requester | None = None
         while True:
             if self.client.closed:
                 raise FUSEError(errno.ENOTCONN)
             if node.unlinked:
                 raise FUSEError(errno.ENOENT)
-            if self.exclusive and res.conflicts_locally(level):
-                if trylock:
-                    raise FUSEError(errno.ETXTBSY)
-                await self._wait(res, deadline)
-                continue
-            # A conversion in flight, or the lock is giving way to another node below what
-            # we want: wait for it, trylock or not (as dlmfs does).
-            if res.busy or (res.blocked is not None and level > highest_compatible(res.blocked)):
-                await self._wait(res, deadline)
-                continue
+            # Waiting locally: for a local holder (--exclusive only), for a conversion in
+            # flight, or while the lock gives way to another node below what we want (then
+            # trylock or not, as dlmfs does).
+            local_wait = self.exclusive and res.conflicts_locally(level)
+            if local_wait and trylock:
+                raise FUSEError(errno.ETXTBSY)
+            local_wait = local_wait or res.busy or (
+                res.blocked is not None and level > highest_compatible(res.blocked))
             current = res.level
-            if current is not None and current >= level:
+            if not local_wait and current is not None and current >= level:
+                if requester is not None and requester.takes_signal():
+                    raise FUSEError(errno.EINTR)
                 res.holders[level] += 1
                 return
+            if requester is None:
+                # Seen before the first wait, so that the check once granted cannot take a
+                # later thread given the same id for this one.
+                requester = Requester.of(tid)
+            if local_wait:
+                await self._wait(res, deadline)
+                continue
             timeout = None if deadline == math.inf else max(0.0, deadline - trio.current_time())
             await self._raise_level(node, level, trylock, timeout)
 
