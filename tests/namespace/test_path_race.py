@@ -15,15 +15,13 @@ import ctypes
 import errno
 import os
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import MINIDISK, stop_process
-from tests.daemon.conftest import wait_for_socket
+from tests import harness
 from tests.nbd.nbd_helpers import run_libnbd
 
 from minidisk.namespace import DrivespecError, Namespace, apply, parse
@@ -156,18 +154,15 @@ result = [opened, refused, escaped]
 @pytest.mark.timeout(120)
 def test_race_through_a_real_nbd_client(tree: Path, short_tmp: Path) -> None:
     """The same race with libnbd connecting to a running server, once per open."""
-    sock = short_tmp / "race.sock"
-    proc = subprocess.Popen([MINIDISK, "serve", "-s", "-d",
-                             f"key=/t,hostpath={tree},type=dir_subdirs", f"unix://{sock}"],
-                            stderr=subprocess.PIPE)
+    server = harness.serve(short_tmp, "-d", f"key=/t,hostpath={tree},type=dir_subdirs",
+                           name="race")
     try:
-        wait_for_socket(sock, proc)
         with Flipper(tree / "sub", tree / "sub_alt"):
             opened, refused, escaped = run_libnbd(
-                _NBD_RACE, timeout=60, seconds=RACE_SECONDS, name="t/sub/f", sock=str(sock),
-                secret=SECRET.decode())
+                _NBD_RACE, timeout=60, seconds=RACE_SECONDS, name="t/sub/f",
+                sock=server.socket, secret=SECRET.decode())
     finally:
-        stop_process(proc)
+        server.stop()
     assert escaped == 0, f"{escaped} of {opened} NBD connections read the file outside the tree"
     assert opened > 0 and refused > 0
 
