@@ -557,3 +557,41 @@ def test_discard_unmaps_whole_blocks_and_passes_down_unshared_ones(thin: ThinSet
     with open(thin.data, "rb") as f:  # block 4's own copy (data block 6) was trimmed
         f.seek(6 * BB)
         assert f.read(BB) == bytes(BB)
+
+
+def test_read_only_pool(thin: ThinSetup) -> None:
+    """read_only: refused on unformatted metadata; later the pool serves mapped blocks,
+    refuses new ones and messages, and never writes the metadata."""
+    reg = thin.registry()
+
+    async def go() -> None:
+        with pytest.raises(OSError) as e:
+            await reg.create("pool", thin.pool_table("read_only"))
+        assert e.value.errno == errno.EPERM
+        assert not any(thin.meta.read_bytes()[:4096])
+        t1, = await make_pool(thin, reg)
+        await write(t1, 0, pattern(1, BB))
+        await teardown(reg)
+        before = thin.meta.read_bytes()
+        await reg.create("pool", thin.pool_table("read_only"))
+        t1 = await reg.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        fields = pool_fields(reg)
+        assert fields[4] == "ro" and fields[7] == "-"
+        (_, _, _, args), = reg.table("pool")
+        assert args[4:] == ["1", "read_only"]
+        assert await read(t1, 0, BB) == pattern(1, BB)
+        with pytest.raises(OSError):
+            await write(t1, BB, b"x" * 512)
+        with pytest.raises(OSError) as e:
+            await reg.message("pool", 0, ["create_thin", "2"])
+        assert e.value.errno == errno.EOPNOTSUPP
+        await t1.flush()
+        await teardown(reg)
+        assert thin.meta.read_bytes() == before
+        # Reloaded without read_only, the pool is writable again.
+        await reg.create("pool", thin.pool_table())
+        t1 = await reg.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        await write(t1, BB, b"x" * 512)
+        await teardown(reg)
+
+    run(go())

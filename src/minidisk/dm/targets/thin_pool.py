@@ -99,7 +99,8 @@ class Pool:
         async with self.lock:
             if self.md is None:
                 md = PoolMetadata(self.metadata_dev, self.block_sectors)
-                await md.open()
+                # read_only "cannot be specified on initial thin-pool creation" (the doc).
+                await md.open(may_format=not target.read_only)
                 self.md = md
                 for dev_id in md.devices:
                     self.highest[dev_id] = await md.highest_mapped(dev_id)

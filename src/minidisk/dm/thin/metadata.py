@@ -121,12 +121,15 @@ class PoolMetadata:
 
     # Opening
 
-    async def open(self) -> None:
+    async def open(self, may_format: bool = True) -> None:
         """Load the metadata, or format it if block 0 is all zeroes (as the kernel does)."""
         if self.device.size < 2 * BLOCK_SIZE:
             raise OSError(errno.EINVAL, "metadata device too small")
         raw = await self.store.read_block(0)
         if not any(raw):
+            if not may_format:
+                raise OSError(errno.EPERM, "metadata is not formatted and the pool is "
+                                           "read-only")
             await self._format()
         else:
             await self._load(raw)
