@@ -45,7 +45,12 @@ MAX_CHUNK_SECTORS = (2**31 - 1) >> 9  # INT_MAX >> SECTOR_SHIFT
 
 
 class StoreError(ValueError):
-    """The store's arguments or metadata are refused; the text is the kernel's reason."""
+    """The store's arguments or metadata are refused; the text is the kernel's reason, and
+    `errno` what the load fails with."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 def check_chunk_size(chunk: int, *devices: BlockDevice) -> None:
@@ -198,7 +203,7 @@ class PersistentStore(ExceptionStore):
         new_store = magic == 0
         if not new_store:
             if magic != SNAP_MAGIC:
-                raise StoreError("Invalid or corrupt snapshot")
+                raise StoreError("Invalid or corrupt snapshot", errno.ENXIO)
             self.valid, self.version = bool(valid), version
             if chunk_size != self.chunk_size:
                 log.warning("chunk size %d in device metadata overrides table chunk size "

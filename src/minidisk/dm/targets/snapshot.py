@@ -322,7 +322,8 @@ class Snapshot(Target):
             valid, exceptions = await self.store.read_metadata()
         except (OSError, StoreError) as e:
             log.warning("snapshot: %s", e)
-            raise TargetError("Failed to read snapshot metadata") from None
+            raise TargetError("Failed to read snapshot metadata",
+                              e.errno or errno.EIO) from None
         if not valid:
             self.valid = False
             log.warning("Snapshot is marked invalid.")

@@ -1,0 +1,37 @@
+# dm on-disk formats against 6.1's kernel (tests/vm/test_dm_formats.py): runs every
+# dm_formats_*.sh fragment beside this script, each as
+#     bash FRAGMENT INPUT OUTPUT
+# with INPUT=$1/NAME (what the host prepared for it, read-only) and OUTPUT=$RESULTS/NAME
+# (where it leaves its results), NAME being the fragment's name without dm_formats_.
+# A fragment's exit status and output land in OUTPUT/status and OUTPUT/log.
+# Exported for the fragments: DMSETUP (the real dmsetup, run from tmpfs with
+# --noudevsync: no udev here) and dmdev NAME (the /dev/dm-N node of a mapped device,
+# which devtmpfs makes without udev).
+inputs=$1
+here=$(dirname "$0")
+for m in dm-mod loop; do
+  modprobe "$m" || echo "modprobe $m failed"
+done
+# dmsetup and its libraries copied to tmpfs: every run from the 9p root reads them again,
+# slowly under TCG.
+bin=/tmp/dmbin
+mkdir -p $bin
+cp /sbin/dmsetup $bin/
+for lib in $(ldd /sbin/dmsetup | awk '$2 == "=>" { print $3 } $1 ~ /^\/lib/ { print $1 }'); do
+  cp "$lib" $bin/
+done
+export DMSETUP="$bin/ld-linux-x86-64.so.2 --library-path $bin $bin/dmsetup --noudevsync"
+dmdev() { echo "/dev/dm-$($DMSETUP info -c --noheadings -o minor "$1")"; }
+export -f dmdev
+for fragment in "$here"/dm_formats_*.sh; do
+  name=$(basename "$fragment" .sh)
+  name=${name#dm_formats_}
+  out=$RESULTS/$name
+  mkdir -p "$out"
+  start=$(date +%s.%N)
+  bash "$fragment" "$inputs/$name" "$out" > "$out/log" 2>&1
+  echo $? > "$out/status"
+  end=$(date +%s.%N)
+  awk "BEGIN { print $end - $start }" > "$out/seconds"
+done
+dmesg > "$RESULTS/dmesg"

@@ -1,0 +1,212 @@
+"""dm's on-disk formats with 6.1's kernel as the judge, in one guest (python=False: the
+shell, the real dmsetup and losetup only).
+
+guest/dm_formats.sh runs every guest/dm_formats_NAME.sh fragment it finds; each reads what
+the host prepared for it (a read-only directory, `INPUT/NAME`) and leaves its results in
+`$RESULTS/NAME`. A fragment's host half is the module tests/vm/dm_formats_NAME.py, whose
+`prepare(directory)` lays out the input before the boot and returns what the host's tests
+compare with. Adding a format is two files and its tests below; the boot stays one.
+
+Snapshot (dm_formats_snapshot.py): every scenario runs on minidisk and on dm-snapshot from
+the same files; the rows of every operation, the files they end with (byte for byte), and
+each side's files opened by the other must agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import pytest
+from tests.vm import dm_formats_snapshot as snap
+from tests.vm.harness import GUEST_SCRIPTS, Boot, GuestRun, guest_script
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
+
+FRAGMENT = "dm_formats_"
+
+
+@dataclass
+class Formats:
+    run: GuestRun
+    inputs: Path
+    prepared: dict[str, object]  # fragment name -> what its prepare() returned
+
+    def out(self, fragment: str) -> Path:
+        return self.run.results / fragment
+
+
+def fragments() -> list[str]:
+    return sorted(p.stem.removeprefix(FRAGMENT) for p in GUEST_SCRIPTS.glob(f"{FRAGMENT}*.sh"))
+
+
+@pytest.fixture(scope="module")
+def formats(boot: Boot, tmp_path_factory: pytest.TempPathFactory) -> Formats:
+    inputs = tmp_path_factory.mktemp("dm-formats-input")
+    prepared: dict[str, object] = {}
+    logging.disable(logging.ERROR)  # the snapshots' invalidations are expected here
+    try:
+        for name in fragments():
+            module = importlib.import_module(f"tests.vm.{FRAGMENT}{name}")
+            prepare: Callable[[Path], object] = module.prepare
+            prepared[name] = prepare(inputs / name)
+    finally:
+        logging.disable(logging.NOTSET)
+    run = boot("dm-formats", guest_script("dm_formats.sh", str(inputs)),
+               vng_args=[f"--rodir={inputs}"])
+    for name in fragments():
+        status = run.results / name / "status"
+        assert status.exists(), f"fragment {name} did not run\n{run.explain()}"
+    return Formats(run, inputs, prepared)
+
+
+def test_every_fragment_finished(formats: Formats) -> None:
+    for name in fragments():
+        out = formats.out(name)
+        assert (out / "status").read_text().strip() == "0", (
+            f"{name}: {(out / 'log').read_text()}\n{formats.run.explain()}")
+
+
+def test_guest_time_is_small(formats: Formats) -> None:
+    """Each fragment's guest time, for the record (never a bound: the machine is shared)."""
+    for name in fragments():
+        seconds = float((formats.out(name) / "seconds").read_text())
+        print(f"dm_formats_{name}: {seconds:.1f} s in the guest")
+
+
+# Snapshot
+
+SCENARIOS = [s.name for s in snap.SCENARIOS]
+
+
+def _scenario(name: str) -> snap.Scenario:
+    return next(s for s in snap.SCENARIOS if s.name == name)
+
+
+def _show(rows: snap.Rows, key: str) -> str:
+    value = rows.get(key)
+    if value is None:
+        return "<missing>"
+    if not key.endswith((".rc", ".status", ".table")):
+        return f"<{len(value)} bytes>"
+    return value.decode(errors="replace").strip()
+
+
+def _differences(ours: snap.Rows, kernels: snap.Rows, what: str) -> list[str]:
+    out = []
+    for key in sorted(set(ours) | set(kernels)):
+        mine, theirs = ours.get(key), kernels.get(key)
+        if mine == theirs:
+            continue
+        detail = ""
+        if mine is not None and theirs is not None and not key.endswith(
+                (".rc", ".status", ".table")):
+            blocks = [i // snap.K for i in range(0, max(len(mine), len(theirs)), snap.K)
+                      if mine[i:i + snap.K] != theirs[i:i + snap.K]]
+            detail = f" (4 KiB blocks differing: {blocks[:10]})"
+        out.append(f"{what} {key}: minidisk {_show(ours, key)!r}, "
+                   f"kernel {_show(kernels, key)!r}{detail}")
+    return out
+
+
+def _host(formats: Formats, scenario: str) -> snap.Rows:
+    rows = cast(dict[str, snap.Rows], formats.prepared["snapshot"])
+    return rows[scenario]
+
+
+def _ops(rows: snap.Rows) -> snap.Rows:
+    return {k: v for k, v in rows.items() if not k.startswith("host.")}
+
+
+def _opened(rows: snap.Rows) -> snap.Rows:
+    return {k: v for k, v in rows.items() if k.startswith("host.")}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_snapshot_run_agrees(formats: Formats, scenario: str) -> None:
+    """Every operation's rows: statuses and tables of every device, exit statuses, every
+    device's contents."""
+    kernel = _ops(snap.guest_rows(formats.out("snapshot") / scenario))
+    ours = _ops(_host(formats, scenario))
+    assert not _differences(ours, kernel, scenario), "\n".join(
+        _differences(ours, kernel, scenario))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_snapshot_files_are_the_kernels_byte_for_byte(formats: Formats,
+                                                      scenario: str) -> None:
+    ours = formats.inputs / "snapshot" / scenario / "host"
+    kernel = formats.out("snapshot") / scenario / "kernel"
+    names = sorted(p.name for p in ours.iterdir())
+    assert names == sorted(p.name for p in kernel.iterdir())
+    wrong = []
+    for name in names:
+        mine, theirs = (ours / name).read_bytes(), (kernel / name).read_bytes()
+        if mine != theirs:
+            blocks = [i // 512 for i in range(0, max(len(mine), len(theirs)), 512)
+                      if mine[i:i + 512] != theirs[i:i + 512]]
+            wrong.append(f"{name}: sectors {blocks[:20]} differ")
+    assert not wrong, f"{scenario}: " + "; ".join(wrong)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_kernel_reads_our_store(formats: Formats, scenario: str) -> None:
+    kernel = _opened(snap.guest_rows(formats.out("snapshot") / scenario))
+    ours = _opened(_host(formats, scenario))
+    assert ours["host.rc"] == b"0\n"
+    assert not _differences(ours, kernel, scenario), "\n".join(
+        _differences(ours, kernel, scenario))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_we_read_the_kernels_store(formats: Formats, scenario: str) -> None:
+    kernel = formats.out("snapshot") / scenario / "kernel"
+    ours = asyncio.run(snap.open_files(_scenario(scenario), kernel, "host"))
+    theirs = _opened(snap.guest_rows(formats.out("snapshot") / scenario))
+    assert not _differences(ours, theirs, scenario), "\n".join(
+        _differences(ours, theirs, scenario))
+
+
+def test_merge_wrote_the_snapshot_back(formats: Formats) -> None:
+    """Not a comparison: the kernel's merged origin is what s0 read before, and s1 still
+    reads what it read (the merge copied out to it first)."""
+    rows = snap.guest_rows(formats.out("snapshot") / "merge")
+    ops = _scenario("merge").ops
+    before, merge = ops.index("dump") + 1, ops.index("merge s0") + 1
+    after = merge + 1
+    assert rows[f"{after:03d}.m"] == rows[f"{before:03d}.s0"]
+    assert rows[f"{after:03d}.s1"] == rows[f"{before:03d}.s1"]
+    assert b"merge.m: 0 512 snapshot-merge 16/512 16\n" in rows[f"{merge:03d}.status"]
+
+
+def test_snapshot_refusals(formats: Formats) -> None:
+    out = formats.out("snapshot") / "refuse"
+    reasons = snap.kernel_refusals((formats.run.results / "dmesg").read_text())
+    wrong = []
+    logging.disable(logging.ERROR)
+    try:
+        for n, table in enumerate(snap.REFUSALS, 1):
+            rc = int((out / f"{n}.rc").read_text())
+            table_out = (out / f"{n}.out").read_text().split()[5:] if rc == 0 else []
+            kernel = (rc, reasons[n - 1], " ".join(table_out))
+            ours = asyncio.run(snap.refusal(table))
+            if ours != kernel:
+                wrong.append(f"{table}: minidisk {ours}, kernel {kernel}")
+    finally:
+        logging.disable(logging.NOTSET)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_snapshot_target_versions(formats: Formats) -> None:
+    from minidisk.dm.targets import TARGET_TYPES
+    kernel = sorted(line.split() for line in
+                    (formats.out("snapshot") / "targets").read_text().splitlines()
+                    if line.startswith("snapshot"))
+    ours = sorted([name, "v{}.{}.{}".format(*TARGET_TYPES[name].version)]
+                  for name in ("snapshot", "snapshot-origin", "snapshot-merge"))
+    assert ours == kernel
