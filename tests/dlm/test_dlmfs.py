@@ -451,7 +451,32 @@ def test_unlink_busy_while_held(dlmfs: Mount) -> None:
     os.unlink(lk)
     assert os.listdir(dom) == []
     expect_errno(errno.ENOENT, os.open, lk, os.O_RDONLY)
-    assert all(not d["resources"] for d in status(dlmfs)["domains"])  # dropped
+    assert held_modes(dlmfs, "dom", "lk") == []  # unlocked (the resource waits for its purge)
+
+
+def _resources(mount: Mount, domain: str) -> list[str]:
+    return [res["name"] for dom in status(mount)["domains"] if dom["name"] == domain
+            for res in dom["resources"]]
+
+
+def test_an_unlinked_resource_keeps_its_value_block_until_its_purge(
+        dlm_server: Server, tmp_short: Path) -> None:
+    """As o2dlm keeps an unused resource until its purge: a lock file made again at once finds
+    its value block; unmounting purges what is left (none stays in the lock manager). B stays
+    in the domain, so that the domain itself, and its resources with it, is not collected."""
+    with mounted(dlm_server, tmp_short / "b") as b:
+        (b.path / "dom").mkdir()
+        with mounted(dlm_server, tmp_short / "a") as a:
+            lk = a.path / "dom" / "lk"
+            lk.parent.mkdir()
+            with opened(lk, os.O_CREAT | os.O_RDWR) as fd:
+                os.write(fd, b"kept")
+            os.unlink(lk)
+            with opened(lk, os.O_CREAT | os.O_RDONLY) as fd:
+                assert os.read(fd, 64).rstrip(b"\0") == b"kept"  # (was: nothing)
+            os.unlink(lk)
+            assert _resources(a, "dom") == ["lk"]  # unlocked, not yet purged
+        assert _resources(b, "dom") == []  # purged when A unmounted
 
 
 def test_chmod_chown_truncate_are_local(dlmfs: Mount) -> None:

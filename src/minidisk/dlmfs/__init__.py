@@ -22,7 +22,9 @@ fsync, fdatasync        EINVAL
 poll                    POLLIN|POLLRDNORM when another node waits for the lock
 close                   the open file description's hold ends at its last close (FUSE RELEASE);
                         the lock stays cached on this node until another node asks for it
-unlink D/L              forget the resource; EBUSY while this mount holds it open
+unlink D/L              forget the resource, 8 s later (o2dlm's purge of an unused resource:
+                        made again before that, it keeps its value block); EBUSY while this
+                        mount holds it open
 chmod, chown, truncate  local only; the size stays 64
 mknod                   S_IFREG creates a lock file (it is how an O_CREAT open creates one);
                         other types EPERM, as symlink, link and rename
@@ -38,8 +40,6 @@ for EX, to PR for PR). Mounted with allow_other and default_permissions: the mod
 Deliberate divergences from OCFS2's dlmfs (tests/vm/test_dlmfs_oracle.py lists them):
 
 * statfs gives FUSE's f_type (the kernel fills it in), so libo2dlm refuses the mount.
-* unlink forgets the resource and its value block at once (o2dlm keeps an unused resource until
-  its purge, seconds later).
 * A never-written value block reads as 64 zero bytes (valid), as fs/dlm gives it.
 * A 0-byte write at position 64 or past succeeds: FUSE never sends it to the daemon (dlmfs
   gives ENOSPC).

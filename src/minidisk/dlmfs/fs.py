@@ -31,6 +31,9 @@ log = logging.getLogger("minidisk.dlmfs")
 DOMAIN_NAME_LIMIT = 64  # GROUP_NAME_MAX: a domain name must be shorter
 LOCK_NAME_LIMIT = 32    # DLM_LOCKID_NAME_MAX in dlmfs: a lock name must be shorter
 NAME_MAX = 255          # what the VFS allows at all (ENAMETOOLONG past it, before any rule)
+# o2dlm's DLM_PURGE_INTERVAL_MS: an unused resource (value block included) is kept this long
+# after its lock file is unlinked, so that one made again at once finds its value block.
+PURGE_DELAY = 8.0
 ROOT = pyfuse3.ROOT_INODE
 
 
@@ -142,6 +145,7 @@ class DlmFs(pyfuse3.Operations):
             ROOT: Node(ROOT, "", ROOT, stat.S_IFDIR | 0o755, os.getuid(), os.getgid())
         }
         self.handles: dict[int, Handle] = {}
+        self._purges: dict[tuple[str, str], trio.CancelScope] = {}  # unlinked, not yet dropped
         self._inos = itertools.count(ROOT + 1)
         self._fhs = itertools.count(1)
 
@@ -317,6 +321,9 @@ class DlmFs(pyfuse3.Operations):
             raise FUSEError(errno.EEXIST)
         node = self._add(parent, os.fsdecode(name), stat.S_IFREG | (mode & ~ctx.umask & 0o7777),
                          ctx)
+        purge = self._purges.pop((parent.name, node.name), None)
+        if purge is not None:
+            purge.cancel()  # made again before its purge: the resource, value block, stays
         return self._looked_up(node)
 
     async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
@@ -557,10 +564,32 @@ class DlmFs(pyfuse3.Operations):
         parent = self.nodes[parent_inode]
         self._remove(parent, node)
         await self._unlock(node)
+        # Forgotten later, as o2dlm purges an unused resource, unless made again meanwhile.
+        key = (parent.name, node.name)
+        self._purges[key] = scope = trio.CancelScope()
+        self.nursery.start_soon(self._purge_later, key, scope)
+
+    async def _purge_later(self, key: tuple[str, str], scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(PURGE_DELAY)
+            if self._purges.get(key) is scope:
+                del self._purges[key]
+                await self._purge(key)
+
+    async def _purge(self, key: tuple[str, str]) -> None:
         try:
-            await self.client.drop(parent.name, node.name)
+            await self.client.drop(*key)
         except DlmError as err:
-            # Still locked elsewhere (EBUSY) or never locked (ENOENT): the resource stays for
-            # them, and this mount forgets it, as dlmfs forgets its inode.
+            # Locked again (EBUSY, by another node or after a new open here) or gone already
+            # (ENOENT): the resource stays for its lockers, as o2dlm purges only unused ones.
             if err.errno not in (errno.EBUSY, errno.ENOENT, errno.ENOTCONN):
-                raise _fuse_error(err) from None
+                log.warning("purging %s/%s: %s", *key, err)
+
+    async def purge_unlinked(self) -> None:
+        """Forget at once every resource unlinked and not yet purged (before unmounting, so
+        that none is left in the lock manager)."""
+        while self._purges:
+            key, scope = self._purges.popitem()
+            scope.cancel()
+            if not self.client.closed:
+                await self._purge(key)

@@ -49,6 +49,7 @@ async def _serve(mountpoint: str, url: str | None, wait_limit: float | None, exc
             try:
                 nursery.start_soon(_terminate_on_signal)
                 await pyfuse3.main()  # returns once unmounted, or terminate()d by a signal
+                await fs.purge_unlinked()
                 nursery.cancel_scope.cancel()
             finally:
                 pyfuse3.close(unmount=True)

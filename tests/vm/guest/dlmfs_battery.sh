@@ -193,6 +193,29 @@ rm "$A/dom/w"
 obs v.recreate tryc "$A/dom/w"
 obs v.after_recreate lvb "$A/dom/w"
 
+# -- a signal during a blocked open ----------------------------------------------------------
+# dlmfs waits for the lock uninterruptibly; once the node has it, a pending signal fails the
+# open (EINTR: perl's sysopen does not retry, and its handler runs after) and the node keeps
+# the lock cached, with no holder. The opener closes A's descriptors: it must not hold A's lock.
+create "$B/dom/i"
+exec 7> "$A/dom/i"
+( exec 5>&- 6>&- 7>&- && exec perl -MFcntl -e '$| = 1; $SIG{USR1} = sub { print "signal " };
+  print "ready "; print sysopen(F, $ARGV[0], O_RDWR) ? "opened" : "$!"' "$B/dom/i" > "$T/i" ) &
+opener=$!
+# Until it printed "ready" and sits in openat (syscall 257 on x86-64), at most 20 s.
+for _ in $(seq 200); do
+  [ -s "$T/i" ] && read -r nr _ < "/proc/$opener/syscall" && [ "$nr" = 257 ] && break
+  sleep 0.1
+done
+kill -USR1 "$opener"
+sleep 0.5                                      # long enough for a wrongly ended wait to show
+obs i.signal_during_wait cat "$T/i"            # still waiting: the handler has not run
+exec 7>&-
+wait "$opener"
+obs i.after_grant cat "$T/i"
+obs i.cached_other_node tryw "$A/dom/i"        # B's node kept the lock
+obs i.cached_same_node tryw "$B/dom/i"         # with no holder
+
 # -- permissions: the mode bits apply --------------------------------------------------------
 create "$A/dom/p"
 obs u.nobody_ls as_nobody ls "$A/dom"
