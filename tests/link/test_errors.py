@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,8 +53,9 @@ def test_link_error_is_an_oserror(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_refusals_keep_the_errno_a_helper_answered() -> None:
     """The keeper and a resolve run as another user answer in JSON; a missing or forged
     errno is EIO, never 0 (an OSError with errno 0 would say "Success")."""
-    for answer, err in [({"errno": errno.EACCES, "error": "no"}, errno.EACCES),
-                        ({"error": "no"}, errno.EIO), ({"errno": "13", "error": "no"}, errno.EIO),
-                        ({"errno": 0, "error": "no"}, errno.EIO)]:
+    answers: list[tuple[dict[str, Any], int]] = [
+        ({"errno": errno.EACCES, "error": "no"}, errno.EACCES), ({"error": "no"}, errno.EIO),
+        ({"errno": "13", "error": "no"}, errno.EIO), ({"errno": 0, "error": "no"}, errno.EIO)]
+    for answer, err in answers:
         refused = linker._refused(answer)
         assert (refused.errno, str(refused)) == (err, "no")
