@@ -169,11 +169,13 @@ def stop_all() -> None:
 
 def start(argv: Sequence[str], log: Path, ready: Callable[[Process], bool], *,
           env: Mapping[str, str] | None = None, append: bool = False,
-          timeout: float = START_TIMEOUT) -> Process:
+          new_session: bool = False, timeout: float = START_TIMEOUT) -> Process:
     """Run `argv` with stdin from /dev/null and stdout and stderr in `log` (appended to with
-    `append`, for a process restarted on the same files); return it once `ready(process)`.
-    If it exits first, or `scaled(timeout)` passes, it is stopped and DidNotStart raised."""
-    return _started(Process(_popen(argv, log, env, append), log), argv, ready, timeout)
+    `append`, for a process restarted on the same files; in a session of its own with
+    `new_session`); return it once `ready(process)`. If it exits first, or `scaled(timeout)`
+    passes, it is stopped and DidNotStart raised."""
+    proc = _popen(argv, log, env, append, new_session)
+    return _started(Process(proc, log), argv, ready, timeout)
 
 
 def accepting(path: str | Path) -> Callable[[Process], bool]:
@@ -189,15 +191,16 @@ def serve(directory: Path, *args: str, name: str = "s", verbose: bool = False,
     sock = str(directory / f"{name}.sock")
     log = directory / f"{name}.log"
     argv = [MINIDISK, *(["-vv"] if verbose else []), "serve", "-s", *args, f"unix://{sock}"]
-    server = Server(_popen(argv, log, env, append), log, sock)
+    server = Server(_popen(argv, log, env, append, False), log, sock)
     return _started(server, argv, accepting(sock), timeout)
 
 
-def _popen(argv: Sequence[str], log: Path, env: Mapping[str, str] | None,
-           append: bool) -> subprocess.Popen[bytes]:
+def _popen(argv: Sequence[str], log: Path, env: Mapping[str, str] | None, append: bool,
+           new_session: bool) -> subprocess.Popen[bytes]:
     with open(log, "ab" if append else "wb") as out:
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                env=None if env is None else dict(env))
+                                env=None if env is None else dict(env),
+                                start_new_session=new_session)
 
 
 P = TypeVar("P", bound=Process)

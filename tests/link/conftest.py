@@ -8,20 +8,15 @@ import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import scaled, stop_process
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from link_helpers import (  # noqa: E402
+from tests import harness
+from tests.harness import MINIDISK, scaled
+from tests.link.link_helpers import (
     LEASE,
     MATRIX_DISKS,
-    MINIDISK,
     NOBODY,
     OWNER_UID,
     Site,
@@ -33,16 +28,20 @@ from link_helpers import (  # noqa: E402
     subject,
 )
 
-from minidisk import control_client  # noqa: E402
-from minidisk.control_client import ControlError  # noqa: E402
-from minidisk.kernel import mount as kernel_mount  # noqa: E402
-from minidisk.kernel.attach import detach  # noqa: E402
-from minidisk.kernel.state import attachments  # noqa: E402
-from minidisk.link import linker  # noqa: E402
-from minidisk.link.directory import Directory  # noqa: E402
-from minidisk.link.modes import parse_link_mode  # noqa: E402
-from minidisk.link.names import parse_key  # noqa: E402
-from minidisk.nbd.tls import client_context  # noqa: E402
+from minidisk import control_client
+from minidisk.control_client import ControlError
+from minidisk.kernel import mount as kernel_mount
+from minidisk.kernel.attach import detach
+from minidisk.kernel.state import attachments
+from minidisk.link import linker
+from minidisk.link.directory import Directory
+from minidisk.link.modes import parse_link_mode
+from minidisk.link.names import parse_key
+from minidisk.nbd.tls import client_context
+
+# tests/link/test_*.py import link_helpers by its bare name (theirs to change to
+# tests.link.link_helpers); nothing here needs it.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture
@@ -132,21 +131,17 @@ def tls_site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
                           [f"subject:{subject(cn)}" for cn in ("bob", "carol")], ready):
                 yield site
                 return
-        except ServerDidNotStart as e:
+        except harness.DidNotStart as e:  # the caller may try again in the same root
             if "in use" not in str(e) or attempt == 2:
                 subprocess.run(["rm", "-rf", str(root)], check=False)
                 raise
             (root / "directory.sqlite").unlink()
 
 
-class ServerDidNotStart(RuntimeError):
-    pass
-
-
 def _new_root() -> Path:
     if os.geteuid() != 0:
         pytest.skip("needs root (mounts, and connections as other uids)")
-    root = Path(tempfile.mkdtemp(prefix="md-link-", dir="/tmp"))
+    root = harness.short_dir("md-link-")
     root.chmod(0o755)  # other uids must reach the socket
     return root
 
@@ -161,7 +156,7 @@ def _running(site: Site, monkeypatch: pytest.MonkeyPatch, settings: str, owner: 
              matrix_linkers: list[str], ready: Callable[[], bool]) -> Iterator[None]:
     """Write the directory and the server's configuration, start the server, wait until
     `ready()`; afterwards unlink, unmount and detach whatever the test left, stop the server
-    and remove the site (also when the server did not start: ServerDidNotStart)."""
+    and remove the site (not when the server did not start: harness.DidNotStart)."""
     root, url = site.root, site.url
     memory = ", ".join(f'"/alice/{d}=1M"' for d in MATRIX_DISKS)
     (root / "server.toml").write_text(
@@ -180,18 +175,10 @@ def _running(site: Site, monkeypatch: pytest.MonkeyPatch, settings: str, owner: 
         for principal in matrix_linkers:
             d.grant(principal, parse_key(f"alice.{matrix_disk}"), parse_link_mode("MW"))
     d.close()
-    server = subprocess.Popen([MINIDISK, "serve", "-s", "--config", str(root / "server.toml")],
-                              stderr=open(root / "server.log", "wb"),
-                              env={**os.environ, **site.env})
-    started = False
+    server = harness.start([MINIDISK, "serve", "-s", "--config", str(root / "server.toml")],
+                           root / "server.log", lambda _: ready(),
+                           env={**os.environ, **site.env})
     try:
-        deadline = time.monotonic() + scaled(20)
-        while not ready():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise ServerDidNotStart(
-                    f"server did not start: {(root / 'server.log').read_text()}")
-            time.sleep(0.02)
-        started = True
         yield
     finally:
         for h in site.holders:
@@ -205,6 +192,5 @@ def _running(site: Site, monkeypatch: pytest.MonkeyPatch, settings: str, owner: 
                 for where in kernel_mount.mounts_of(att.device):
                     kernel_mount.umount(where, lazy=True)
                 detach(att.device)
-        stop_process(server, 15)
-        if started:  # else the caller may try again in the same root
-            subprocess.run(["rm", "-rf", str(root)], check=False)
+        server.stop()
+        subprocess.run(["rm", "-rf", str(root)], check=False)

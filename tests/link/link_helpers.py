@@ -1,6 +1,5 @@
-"""Helpers for the link tests (imported by name: conftest.py puts this directory on
-sys.path). A linking site for tests: a daemon with a directory, a hosted lock manager, an owner
-(alice, uid 1000) with disks, and helpers to act as other identities.
+"""Helpers for the link tests. A linking site for tests: a daemon with a directory, a hosted
+lock manager, an owner (alice, uid 1000) with disks, and helpers to act as other identities.
 
 Identities on one machine: the test process is root; `as_uid(65534)` switches the effective
 uid around a connect(), and SO_PEERCRED records the effective uid at connect time, so one
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MINIDISK, scaled, stop_process
+from tests import harness
+from tests.harness import MINIDISK, scaled
 
 from minidisk.control_client import ControlConnection, ControlError
 from minidisk.link.directory import Directory
@@ -272,21 +272,16 @@ def running_automounter(site: Site, timeout: int = 2, **env: str
     root = site.root / "vmlink"
     # The expiry is scaled too: where every step is slower, a mount must outlive the steps
     # a test takes before it looks at it.
-    proc = subprocess.Popen([MINIDISK, "-v", "automount", str(root), "--timeout",
-                             str(round(scaled(timeout)))],
-                            env={**os.environ, **site.env, **env}, start_new_session=True,
-                            stderr=open(site.root / "automount.log", "wb"))
+    automounter = harness.start([MINIDISK, "-v", "automount", str(root), "--timeout",
+                                 str(round(scaled(timeout)))], site.root / "automount.log",
+                                lambda _: autofs_mounted(root),
+                                env={**os.environ, **site.env, **env}, new_session=True)
     try:
-        deadline = time.monotonic() + scaled(20)
-        while not autofs_mounted(root):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (site.root / "automount.log").read_text()
-            time.sleep(0.05)
-        yield proc, root
+        yield automounter.proc, root
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            stop_process(proc, 30)
+        if automounter.alive():
+            os.kill(automounter.pid, signal.SIGCONT)  # a test may have stopped it
+        automounter.stop(30)
         if autofs_mounted(root):
             subprocess.run(["umount", "-l", str(root)], check=False)
 
