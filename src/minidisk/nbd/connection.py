@@ -1,14 +1,15 @@
 """One NBD connection: an asyncio `BufferedProtocol` over the sans-I/O protocol modules.
 
-The handshake's decisions are negotiation.py's, the request checks checks.py's and the
-reply bytes protocol.py's; here bytes are moved and bounds kept (research/python-stack.md
-§2): all request headers of a wakeup parsed from one receive buffer, WRITE payloads received
-straight into their own buffer, one coroutine per request stepped inline until it waits
-(inline.py), replies appended whole to one output list written once per loop iteration
-(out of order, never interleaved), and back-pressure instead of errors: reading pauses
-under write back-pressure, at MAX_INFLIGHT requests, or while the next payload does not fit
-the connection's or the server's budget (budget.py). Requests are checked before their
-buffers are allocated; a refused WRITE's payload is read into a shared buffer and dropped.
+The handshake's decisions are negotiation.py's, the request checks checks.py's, the reply
+bytes protocol.py's and their way out reply_writer.py's; here requests are read and
+dispatched and bounds kept (research/python-stack.md §2): all request headers of a wakeup
+parsed from one receive buffer, WRITE payloads received straight into their own buffer
+(large ones reused from the connection's pool, buffers.py), one coroutine per request
+stepped inline until it waits (inline.py), and back-pressure instead of errors: reading
+pauses under write back-pressure, at MAX_INFLIGHT requests, or while the next payload does
+not fit the connection's or the server's budget (budget.py). Requests are checked before
+their buffers are allocated; a refused WRITE's payload is read into a shared buffer and
+dropped.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from minidisk import busypoll
-from minidisk.device.api import BlockDevice
+from minidisk.device.api import MAX_REQUEST, BlockDevice
 from minidisk.nbd import protocol as p
 from minidisk.nbd.budget import fits, payload_charge
-from minidisk.nbd.checks import MAX_DRAIN, check_request
+from minidisk.nbd.buffers import BufferPool, loop_limit
+from minidisk.nbd.checks import MAX_DRAIN, MAX_PAYLOAD, check_request
 from minidisk.nbd.exports import Identity, OpenedExport
 from minidisk.nbd.inline import run_inline
 from minidisk.nbd.listen import drop_dead_peers, peer_identity
 from minidisk.nbd.negotiation import Action, Negotiation, Outcome, Session
+from minidisk.nbd.reply_writer import ReplyWriter, tune_send_buffer
 from minidisk.nbd.tls import peer_subject
 
 if TYPE_CHECKING:
@@ -57,6 +60,9 @@ class Connection(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         if server.busy_poll > 0 and server.poller is None:  # on the serving loop, once
             server.poller = busypoll.AsyncioPoller(self.loop, server.busy_poll)
+        self.pool = BufferPool(loop_limit(self.loop))
+        self.replies = ReplyWriter(self.loop, self.pool, self._give, self._watch_progress)
+        self.replies.poller = server.poller
         self.transport: asyncio.Transport | None = None
         self.negotiation: Negotiation | None = None
         self.handshake = p.HandshakeReader()
@@ -72,17 +78,13 @@ class Connection(asyncio.BufferedProtocol):
         self.payload_view: memoryview | None = None
         self.payload_pos = 0
         self.payload_request: tuple[int, int, int, int] = (0, 0, 0, 0)
-        self.out: list[bytes | bytearray | memoryview] = []
-        self.out_bytes = 0
-        self.flush_scheduled = False
         # Payload budget bytes (see minidisk.nbd.budget) this connection holds: in flight,
-        # of which `unsent` are replies queued in `out` and `held` replies in a transport
-        # buffer that is over its high-water mark (given back when it drains).
-        self.charged = self.unsent = self.held = 0
+        # and replies not yet taken by the transport (the reply writer's unsent and held).
+        self.charged = 0
         self.budget_blocked = False  # the next request waits for budget
         self.inflight = 0
-        self.write_paused = False
         self.reading_paused = False
+        self.writable = False  # the export takes writes (the READ/WRITE fast check)
         self.parse_deferred = False  # requests left in rx until the client reads replies
         self.options_deferred = False  # the same for options
         self.busy = False  # STARTTLS or a control command in progress
@@ -107,6 +109,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.replies.transport = self.transport
         srv = self.server
         if not srv.admit_connection():
             transport.close()  # before the greeting: the client sees a clean EOF
@@ -128,7 +131,7 @@ class Connection(asyncio.BufferedProtocol):
         self.negotiation.shutting_down = srv.shutting_down
         srv.connections.add(self)
         log.debug("connection from %s", identity)
-        self._send(p.greeting())
+        self.replies.send(p.greeting())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -140,10 +143,10 @@ class Connection(asyncio.BufferedProtocol):
             self.payload = self.payload_view = None
             self._give(size)
         self.server.budget.leave(self)
-        self.out.clear()
-        if self.unsent or self.held:  # in-flight requests give theirs back when they end
-            unsent, self.unsent, self.held = self.unsent + self.held, 0, 0
+        unsent = self.replies.discard()  # in-flight requests give theirs back when they end
+        if unsent:
             self._give(unsent)
+        self.pool.clear()
         self.server.connections.discard(self)
         if self.export is not None:
             self.export.close()
@@ -153,7 +156,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _close(self) -> None:
         if self.transport is not None:
-            self._flush()
+            self.replies.flush()
             self.transport.close()
 
     def _handshake_done(self) -> None:
@@ -166,44 +169,15 @@ class Connection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # -- output --
-
-    def _send(self, *parts: bytes | bytearray | memoryview) -> None:
-        if self.transport is None:
-            return
-        self.out.extend(parts)
-        for part in parts:
-            self.out_bytes += len(part)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self.flush_scheduled = False
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            out, self.out = self.out, []
-            self.out_bytes = 0
-            self.transport.writelines(out)  # calls pause_writing if it goes over high water
-            if self.server.poller is not None:  # the client's next request comes soon
-                self.server.poller.poke()
-        if self.unsent:
-            unsent, self.unsent = self.unsent, 0
-            if self.write_paused and self.transport is not None:
-                self.held += unsent  # still in memory, in the transport's buffer
-                self._watch_progress()
-            else:
-                self._give(unsent)
+    # -- write back-pressure (the replies themselves: reply_writer.py) --
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.replies.pause()
         self._update_reading()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         self.progress = self.loop.time()
-        if self.held:
-            held, self.held = self.held, 0
-            self._give(held)
+        self.replies.resume()
         if self.parse_deferred:  # parse what is left before reading more
             self.loop.call_soon(self._continue_parsing)
         if self.options_deferred:
@@ -266,7 +240,7 @@ class Connection(asyncio.BufferedProtocol):
     def _check_progress(self) -> None:
         self.stall_check = None
         transport = self.transport
-        if transport is None or not (self.payload_view is not None or self.held):
+        if transport is None or not (self.payload_view is not None or self.replies.held):
             return
         backlog = transport.get_write_buffer_size()
         if backlog < self.backlog:  # the client reads, if slowly
@@ -281,7 +255,7 @@ class Connection(asyncio.BufferedProtocol):
         self.stall_check = self.loop.call_later(timeout - idle, self._check_progress)
 
     def _update_reading(self) -> None:
-        want_pause = (self.write_paused or self.inflight >= MAX_INFLIGHT or self.busy
+        want_pause = (self.replies.paused or self.inflight >= MAX_INFLIGHT or self.busy
                       or self.disconnecting or self.parse_deferred or self.budget_blocked)
         if self.transport is None or want_pause == self.reading_paused:
             return
@@ -318,14 +292,20 @@ class Connection(asyncio.BufferedProtocol):
             self.payload = self.payload_view = None
             flags, cmd, cookie, offset = self.payload_request
             assert payload is not None
-            self._execute_now(flags, cmd, cookie, offset, len(payload), payload)
+            due = self.replies.begin_pass()
+            self._execute_now(flags, cmd, cookie, offset, len(payload), payload, len(payload))
+            self.replies.end_pass(due)
             return
         self.rx_end += nbytes
         try:
             if self.session is None:
                 self._handshake_input()
             else:
-                self._transmission_input()
+                due = self.replies.begin_pass()
+                try:
+                    self._transmission_input()
+                finally:
+                    self.replies.end_pass(due)
                 if self.server.poller is not None:  # a device working off the loop (a pool
                     self.server.poller.poke()        # thread) answers soon: stay awake
         except p.ProtocolError as e:
@@ -358,15 +338,15 @@ class Connection(asyncio.BufferedProtocol):
                 outcome = neg.option(event.option, event.data)
             if self._carry_out(outcome):
                 return
-            if self.out_bytes >= HANDSHAKE_QUEUED_OUT:
-                self._flush()
-            if self.write_paused:
+            if self.replies.out_bytes >= HANDSHAKE_QUEUED_OUT:
+                self.replies.flush()
+            if self.replies.paused:
                 self.options_deferred = True
                 return
 
     def _carry_out(self, outcome: Outcome) -> bool:
         """Write the replies and act; True when no further option may be processed now."""
-        self._send(*outcome.replies)
+        self.replies.send(*outcome.replies)
         neg = self.negotiation
         assert neg is not None
         if outcome.action is Action.CLOSE:
@@ -392,6 +372,10 @@ class Connection(asyncio.BufferedProtocol):
             self.export = outcome.export
             self.device = outcome.export.device
             self.session = neg.session
+            self.writable = not neg.session.tflags & p.TFLAG_READ_ONLY
+            srv = self.server
+            tune_send_buffer(self.transport.get_extra_info("socket") if self.transport else None,
+                             srv.budget.limit, srv.max_connections)
             rest = self.handshake.take_rest()  # at most one small handshake read
             self.rx = bytearray(max(RX_BUFFER, len(rest)))
             self.rx_view = memoryview(self.rx)
@@ -424,7 +408,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _start_tls(self) -> None:
         ctx = self.server.tls_context
         assert ctx is not None and self.transport is not None and self.negotiation is not None
-        self._flush()
+        self.replies.flush()
         try:
             transport = await self.loop.start_tls(self.transport, self, ctx, server_side=True)
         except (OSError, ssl.SSLError, ConnectionError) as e:
@@ -433,7 +417,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         if transport is None:
             return
-        self.transport = transport
+        self.transport = self.replies.transport = transport
         self.reading_paused = False
         neg = self.negotiation
         neg.tls_started()
@@ -448,7 +432,7 @@ class Connection(asyncio.BufferedProtocol):
         neg = self.negotiation
         assert neg is not None and self.server.control is not None
         result = await self.server.control(neg.identity, request)
-        self._send(p.option_reply(p.OPT_MINIDISK_CONTROL, p.REP_MINIDISK_RESULT, result))
+        self.replies.send(p.option_reply(p.OPT_MINIDISK_CONTROL, p.REP_MINIDISK_RESULT, result))
         self._resume_options()
 
     # -- transmission --
@@ -456,10 +440,11 @@ class Connection(asyncio.BufferedProtocol):
     def _transmission_input(self) -> None:
         rx, pos, end = self.rx, self.rx_start, self.rx_end
         unpack = p.REQUEST.unpack_from
+        replies = self.replies
         while end - pos >= p.REQUEST.size and not self.disconnecting:
-            if self.out_bytes >= MAX_QUEUED_OUT:
-                self._flush()  # the transport calls pause_writing if it backs up
-            if self.write_paused or self.inflight >= MAX_INFLIGHT:
+            if replies.out_bytes >= MAX_QUEUED_OUT:
+                replies.flush()  # the transport calls pause_writing if it backs up
+            if replies.paused or self.inflight >= MAX_INFLIGHT:
                 # The client is not reading, or is far ahead: the rest waits in rx (each
                 # request in flight costs a coroutine, and rx holds 9000 headers).
                 self.parse_deferred = True
@@ -476,8 +461,11 @@ class Connection(asyncio.BufferedProtocol):
                 self._maybe_finish()
                 break
             # Checked before anything is allocated for it.
-            err, reason = self._check(cmd, flags, offset, length)
-            charge = payload_charge(cmd, length)
+            if self._plain_io(cmd, flags, offset, length):
+                err, reason, charge = 0, "", length
+            else:
+                err, reason = self._check(cmd, flags, offset, length)
+                charge = payload_charge(cmd, length)
             if not err and charge and not self._take(charge):
                 break  # the header stays in rx until the budget has room
             pos += p.REQUEST.size
@@ -494,7 +482,7 @@ class Connection(asyncio.BufferedProtocol):
                         break
                 continue
             if cmd != p.CMD_WRITE:
-                self._execute_now(flags, cmd, cookie, offset, length, None)
+                self._execute_now(flags, cmd, cookie, offset, length, None, charge)
                 continue
             have = min(end - pos, length)
             if have == length:
@@ -503,10 +491,10 @@ class Connection(asyncio.BufferedProtocol):
                 # instead of 2.7 µs, timeit on this VM under load).
                 payload = rx[pos:pos + length]
                 pos += length
-                self._execute_now(flags, cmd, cookie, offset, length, payload)
+                self._execute_now(flags, cmd, cookie, offset, length, payload, charge)
                 continue
             # The rest arrives straight into the payload buffer (get_buffer).
-            payload = bytearray(length)
+            payload = self.pool.take(length)
             view = memoryview(payload)
             # View to view: one copy (a bytearray's slice assignment would copy a memoryview
             # into a temporary first).
@@ -521,6 +509,21 @@ class Connection(asyncio.BufferedProtocol):
             pos = end = 0
         self.rx_start, self.rx_end = pos, end
 
+    def _plain_io(self, cmd: int, flags: int, offset: int, length: int) -> bool:
+        """Whether this is a READ or WRITE without flags that check_request would accept:
+        the common request, checked here in a few operations (check_request was a tenth
+        of the server's CPU on 4 KiB writes). Anything else goes to check_request, which
+        decides, so this may only say yes where it would."""
+        if flags or self.shutting_down or not (
+                cmd == p.CMD_READ or (cmd == p.CMD_WRITE and self.writable)):
+            return False
+        device = self.device
+        assert device is not None
+        bs = device.block_size
+        return (offset + length <= device.size
+                and not (offset | length) & (bs.minimum - 1)
+                and length <= (bs.maximum if bs.maximum < MAX_REQUEST else MAX_PAYLOAD))
+
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
         session, device = self.session, self.device
         assert session is not None and device is not None
@@ -529,37 +532,37 @@ class Connection(asyncio.BufferedProtocol):
         return check_request(session, device, cmd, flags, offset, length)
 
     def _execute_now(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
-                     payload: bytearray | None) -> None:
-        """Run a checked request: inline until it first waits, then as a task."""
+                     payload: bytearray | None, charge: int) -> None:
+        """Run a checked request (holding `charge` budget bytes): inline until it first
+        waits, then as a task."""
         device = self.device
         assert device is not None
         self.inflight += 1
         if self.inflight >= MAX_INFLIGHT:
             self._update_reading()
         run_inline(self.loop, self._execute(device, flags, cmd, cookie, offset, length,
-                                            payload), self.tasks)
+                                            payload, charge), self.tasks)
 
     async def _execute(self, device: BlockDevice, flags: int, cmd: int, cookie: int,
-                       offset: int, length: int, payload: bytearray | None) -> None:
-        fua = bool(flags & p.CMD_FLAG_FUA)
-        charge = payload_charge(cmd, length)  # what _transmission_input took
+                       offset: int, length: int, payload: bytearray | None,
+                       charge: int) -> None:
+        replies = self.replies
         try:
             if cmd == p.CMD_READ:
-                await self._read(device, flags, cookie, offset, length)
-                if self.transport is not None:  # the reply buffer now waits in `out`
-                    self.unsent += charge
-                    charge = 0
+                charge = await self._read(device, flags, cookie, offset, length, charge)
                 return
             if cmd == p.CMD_BLOCK_STATUS:
                 size = await self._block_status(device, flags, cookie, offset, length)
                 if self.transport is not None:  # the reply is smaller than the reserve
-                    self.unsent += size
+                    replies.unsent += size
                     charge -= size
                 return
+            fua = bool(flags & p.CMD_FLAG_FUA)
             if cmd == p.CMD_WRITE:
                 assert payload is not None
                 if length:
                     await device.pwrite(memoryview(payload), offset, fua)
+                self.pool.give(payload)  # reused once the device holds no view of it
             elif cmd == p.CMD_FLUSH:
                 await device.flush()
             elif cmd == p.CMD_TRIM:
@@ -572,7 +575,8 @@ class Connection(asyncio.BufferedProtocol):
             elif cmd == p.CMD_CACHE:
                 if length:
                     await device.cache(offset, length)
-            self._ok(cookie)
+            # Only READ and BLOCK_STATUS need structured replies; the rest may stay simple.
+            replies.ok(cookie)
         except OSError as e:
             self._fail(cookie, cmd, p.nbd_error(e.errno), e.strerror or str(e))
         except Exception as e:
@@ -583,25 +587,24 @@ class Connection(asyncio.BufferedProtocol):
                 self._give(charge)
             self.inflight -= 1
             if self.inflight == MAX_INFLIGHT - 1 or self.inflight == 0:
-                if self.parse_deferred and not self.write_paused:
+                if self.parse_deferred and not replies.paused:
                     self.loop.call_soon(self._continue_parsing)
                 self._update_reading()
                 self._maybe_finish()
 
-    def _ok(self, cookie: int) -> None:
-        # Only READ and BLOCK_STATUS need structured replies; the rest may stay simple.
-        self._send(p.simple_reply(cookie))
-
     def _fail(self, cookie: int, cmd: int, error: int, message: str) -> None:
         session = self.session
         assert session is not None
-        self._send(p.error_reply(cookie, cmd, session.structured, error, message))
+        self.replies.fail(cookie, cmd, session.structured, error, message)
 
     async def _read(self, device: BlockDevice, flags: int, cookie: int, offset: int,
-                    length: int) -> None:
+                    length: int, charge: int) -> int:
+        """Read and send the reply; return the budget bytes still to give back (0 once
+        the reply writer holds them)."""
         session = self.session
         assert session is not None
-        view = memoryview(bytearray(length))
+        buf = self.replies.read_buffer(length)
+        view = memoryview(buf)
         holes: list[tuple[int, int]] = []
         if not length:
             pass
@@ -609,7 +612,8 @@ class Connection(asyncio.BufferedProtocol):
             await device.pread(view, offset)
         else:  # holes are not read at all: they go out as OFFSET_HOLE chunks
             holes = await device.pread_sparse(view, offset)
-        self._send(*p.read_reply(cookie, offset, view, holes, session.structured))
+        self.replies.data(cookie, offset, buf, view, holes, session.structured, charge)
+        return 0
 
     async def _block_status(self, device: BlockDevice, flags: int, cookie: int, offset: int,
                             length: int) -> int:
@@ -618,7 +622,7 @@ class Connection(asyncio.BufferedProtocol):
         reply = p.block_status_reply(cookie, offset, length,
                                      [(e.offset, e.length, e.flags) for e in extents],
                                      bool(flags & p.CMD_FLAG_REQ_ONE))
-        self._send(reply)
+        self.replies.send(reply)
         return len(reply) - p.CHUNK.size
 
     # -- shutdown --
