@@ -14,9 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.harness import ROOT
+
 import minidisk
 
-ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "src" / "minidisk"
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from tests.harness import ROOT
 from tests.vm.harness import (
-    ROOT,
     Boot,
     GuestRun,
     Kernel,

@@ -20,18 +20,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.harness import MINIDISK, ROOT, VENV_BIN
 
-ROOT = Path(__file__).resolve().parents[2]
 KERNEL_CACHE = ROOT / ".cache" / "kernel"
 GUEST_SCRIPTS = Path(__file__).resolve().parent / "guest"
-VENV_BIN = Path(sys.executable).parent
 KVM_PROBE_SECONDS = 8.0  # a working KVM prints the kernel banner in well under a second
 BANNER = b"Linux version "
 
@@ -130,7 +128,7 @@ def run_in_guest(script: str, results: Path, *, kernel: Kernel, kvm: bool,
     (results / "script.sh").write_text(script)
     # The wrapper records what virtme cannot pass back without udev: status and output.
     (results / "run.sh").write_text(
-        f"export RESULTS={results} MINIDISK={VENV_BIN / 'minidisk'} "
+        f"export RESULTS={results} MINIDISK={MINIDISK} "
         f"PYTHON={VENV_BIN / 'python'} PATH={VENV_BIN}:$PATH\n"
         f"cd {results}\n"
         f"bash {results / 'script.sh'} > {results / 'output'} 2>&1\n"

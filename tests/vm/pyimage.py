@@ -26,11 +26,12 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.harness import ROOT as CHECKOUT
+
 # The interpreter's prefix (pyenv's, here) and the virtualenv this test run uses.
 PREFIX = Path(sys.base_prefix)
 VENV = Path(sys.prefix)
 SKIPPED = ("site-packages", "test")  # below the stdlib directory: unused by the venv, ~800 MB
-CHECKOUT = Path(__file__).resolve().parents[2]
 NOT_IN_CHECKOUT = (".git", ".cache", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache")
 LABELS = ("md-py-prefix", "md-py-checkout", "md-py-venv")  # ext4 labels: at most 16 bytes
 

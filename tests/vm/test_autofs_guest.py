@@ -17,7 +17,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
-from tests.vm.harness import ROOT, Boot
+from tests.harness import ROOT
+from tests.vm.harness import Boot
 
 pytestmark = [pytest.mark.vm, pytest.mark.autofs_guest,
               pytest.mark.timeout(1500)]
