@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
 .venv/bin/ruff check src tests bench
-.venv/bin/mypy src
+.venv/bin/mypy src tests  # strict (pyproject.toml), tests included
 exec .venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@"
