@@ -110,7 +110,9 @@ def test_striped_route_places_by_the_formula_and_counts_a_revoked_stripe() -> No
             assert e.value.errno == errno.ESHUTDOWN, op
         # Counted against stripe b, as when the stripe was called whole.
         assert reg.status("s")[0][3].endswith(" 1 AD")
-        assert reg.info("s").event_nr >= 1
+        # One event per failed request: the kernel schedules one per error below its
+        # threshold (coalescing those still pending, which this table has no reason to).
+        assert reg.info("s").event_nr == 3
 
     run(go())
 
