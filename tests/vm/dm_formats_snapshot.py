@@ -63,7 +63,11 @@ SCENARIOS = (
     Scenario("multi", (Snap("P", 8, 256 << 10, 16), Snap("N", 8, 128 << 10),
                        Snap("P", 1, 128 << 10), Snap("P", 0, 256 << 10)), (
         "status",
-        w("o", 0, 2 * K, K, 0),  # two chunks: copy-outs everywhere
+        # The origin was resumed before its snapshots were loaded: it splits writes at no
+        # boundary, so a 4 KiB write copies out one 512-byte chunk of s2 (as 6.1 does).
+        w("o", 0, 2 * K, K, 0),
+        "cycle",  # suspend and resume the origin (as LVM does): now it splits at 512
+        w("o", 2 * K, 2 * K, K, 4096),  # copy-outs of every chunk to every snapshot
         w("o", 3 * K, 1024, 512, 8192),  # part of a chunk, 512 bytes a write
         w("s0", 10 * K, K, K, 16384),  # a whole chunk of s0: written, not copied
         w("s0", 13 * K + 512, 1536, 512, 20480),  # part of one: the origin's copied first
@@ -72,7 +76,7 @@ SCENARIOS = (
         w("s3", 20 * K, 2048, 512, 28672),  # part of a 16 KiB chunk
         w("o", 10 * K, K, K, 32768),  # s0 and s1 have chunk 10: only s2, s3 copy
         w("o", 63 * K, K, K, 36864),  # the last chunk
-        "status", "dump",
+        "status",
         "reload",  # s0's table says 16 sectors: its store's 8 win
         "status", "table",
         w("o", 6 * K, 4 * K, K, 40960),
@@ -253,6 +257,9 @@ class Side:
                 rows[f"{at}.table"] = self.listing(status=False)
             elif op == "dump":
                 await self.dump(rows, at)
+            elif op == "cycle":
+                await self.reg.suspend(self.name("o"))
+                await self.reg.resume(self.name("o"))
             elif op == "reload":
                 await self.remove(*self.live)
                 rows[f"{at}.rc"] = f"{await self.create(reload=True)}\n".encode()

@@ -12,6 +12,7 @@
 #                          write, O_DIRECT: one request at a time, in order
 #   status | table         dmsetup status | table of every device
 #   dump                   every device read whole (DEV.NNN, or DEV.NNN.rc 1 if it fails)
+#   cycle                  suspend and resume the origin (its split boundary is computed)
 #   reload                 remove them all, create them again (sN with its reload chunk)
 #   merge sN               remove the origin and sN, create S.m: snapshot-merge of sN's COW
 #                          over the origin, and wait until it is done
@@ -97,6 +98,7 @@ run_ops() {  # S OUTDIR
       status) dm status > "$at.status" ;;
       table) dm table > "$at.table" ;;
       dump) dump "$1" "$at" ;;
+      cycle) dm suspend "$1.o"; dm resume "$1.o" ;;
       reload) remove "$1" "${live[@]}"; create "$1" "" 1; echo $? > "$at.rc" ;;
       merge) merge "$1" "$a" "$at"; dm status > "$at.status" ;;
     esac

@@ -21,7 +21,13 @@ go on). A copy or metadata error invalidates it too.
 
 A snapshot becomes active when its table is resumed; origin writes in flight are drained
 first and new ones held meanwhile (the kernel suspends the origin's mapped device internally
-for that, so 6.1 loads and resumes a snapshot beside a live origin without complaint). A
+for that, so 6.1 loads and resumes a snapshot beside a live origin without complaint). But
+an origin write copies out only the chunk its first sector is in, to each snapshot: the
+origin target splits writes at the smallest chunk size of the origin's snapshots, and
+computes that when it is resumed. So the origin must be suspended and resumed once its
+snapshots are loaded (as LVM does), or a write that spans chunks of a snapshot with smaller
+chunks than the origin knows reaches the origin with only its first chunk copied; 6.1 does
+exactly that, and so does this. A
 snapshot table loaded while another table with the same COW device is active takes its
 exceptions over at resume (reload), and the old one becomes invalid; `snapshot-merge`
 loaded over the origin takes them from the snapshot the same way and copies them back to
@@ -40,6 +46,7 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
+from functools import partial
 
 from minidisk.device.api import BlockDevice
 from minidisk.dm.cowstore import ExceptionStore, StoreError, create_store
@@ -54,6 +61,20 @@ from minidisk.dm.target import (
 )
 
 log = logging.getLogger(__name__)
+
+
+SECTOR = 512
+NO_SPLIT = 2**31  # rounddown_pow_of_two(UINT_MAX): the split boundary with no snapshots
+
+
+def split(offset: int, length: int, boundary: int) -> Iterator[tuple[int, int, int]]:
+    """(offset, position in request, bytes) of each piece of a request cut at multiples of
+    `boundary` bytes (dm_accept_partial_bio at a target's split boundary)."""
+    pos = 0
+    while pos < length:
+        n = min(boundary - (offset + pos) % boundary, length - pos)
+        yield offset + pos, pos, n
+        pos += n
 
 
 def _eio(why: str) -> OSError:
@@ -113,30 +134,32 @@ class Origin:
                    if s.store.chunk_size < snap.store.chunk_size), len(self.snapshots))
         self.snapshots.insert(at, snap)
 
-    async def write(self, offset: int, length: int, action: Callable[[], Awaitable[None]],
-                    skip_merging: bool = True) -> None:
-        """Copy [offset, offset+length) out to the snapshots, then run `action`."""
+    def split_boundary(self) -> int:
+        """The smallest chunk size of the snapshots, in bytes (2^31 sectors if none)."""
+        return SECTOR * min((s.store.chunk_size for s in self.snapshots
+                             if s.store.chunk_size), default=NO_SPLIT)
+
+    async def write(self, offset: int, action: Callable[[], Awaitable[None]]) -> None:
+        """Copy the chunk at `offset` out to the snapshots, then run `action` (a write that
+        its caller has split at a split boundary)."""
         while not self._open.is_set():
             await self._open.wait()
         self.writes += 1
         self._idle.clear()
         try:
-            await self.copy_out(offset, length)
+            await self.copy_out(offset)
             await action()
         finally:
             self.writes -= 1
             if not self.writes:
                 self._idle.set()
 
-    async def copy_out(self, offset: int, length: int) -> None:
+    async def copy_out(self, offset: int) -> None:
         for snap in list(self.snapshots):
             # A merging snapshot has in effect been deleted: it gets no new exceptions.
             if snap.merge or not snap.active or not snap.valid or offset >= snap.size:
                 continue
-            end = min(offset + length, snap.size)
-            cb = snap.store.chunk_bytes
-            for chunk in range(offset // cb, (end - 1) // cb + 1):
-                await snap.exception_for_origin(chunk)
+            await snap.exception_for_origin(offset // snap.store.chunk_bytes)
 
     async def quiesce(self, action: Callable[[], Awaitable[None] | None]) -> None:
         """Hold new origin writes, wait for those in flight, run `action`, reopen."""
@@ -174,6 +197,12 @@ def release_origin(origin: Origin) -> None:
         del _ORIGINS[id(origin.device)]
 
 
+async def _then(first: Callable[[], Awaitable[None]],
+                second: Callable[[], Awaitable[None]]) -> None:
+    await first()
+    await second()
+
+
 def _open(ctx: TargetContext, key: str, length: int | None, lookup_error: str) -> DeviceRef:
     try:
         return ctx.device(key, 0, length)
@@ -197,9 +226,13 @@ class SnapshotOrigin(Target):
                             fast_zero=False)
         self.block_size = self.child.block_size
         self.origin: Origin | None = None
+        self.boundary = NO_SPLIT * SECTOR  # set at resume, as origin_resume's split_boundary
 
     async def prepare(self) -> None:
         self.origin = hold_origin(self.child)
+
+    async def resume(self) -> None:
+        self.boundary = self._origin().split_boundary()
 
     async def destroy(self) -> None:
         if self.origin is not None:
@@ -220,18 +253,22 @@ class SnapshotOrigin(Target):
         await self.child.pread(buf, offset)
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        await self._origin().write(offset, len(buf),
-                                   lambda: self.child.pwrite(buf, offset, fua))
+        origin, child = self._origin(), self.child
+        for at, pos, n in split(offset, len(buf), self.boundary):
+            piece = buf[pos:pos + n]
+            await origin.write(at, partial(child.pwrite, piece, at, fua))
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         # A discard is a write to the origin: the snapshots keep the old data.
-        await self._origin().write(offset, length,
-                                   lambda: self.child.trim(offset, length, fua))
+        origin, child = self._origin(), self.child
+        for at, _, n in split(offset, length, self.boundary):
+            await origin.write(at, partial(child.trim, at, n, fua))
 
     async def zero(self, offset: int, length: int, may_trim: bool = False,
                    fast: bool = False, fua: bool = False) -> None:
-        await self._origin().write(
-            offset, length, lambda: self.child.zero(offset, length, may_trim, fast, fua))
+        origin, child = self._origin(), self.child
+        for at, _, n in split(offset, length, self.boundary):
+            await origin.write(at, partial(child.zero, at, n, may_trim, fast, fua))
 
     async def flush(self) -> None:
         await flush_device(self.child)
@@ -511,6 +548,8 @@ class Snapshot(Target):
     # I/O
 
     async def pread(self, buf: memoryview, offset: int) -> None:
+        if not self.valid:  # (a table that handed its exceptions over has no chunk size)
+            raise _eio("snapshot is invalid")
         cb = self.store.chunk_bytes
         for chunk, inside, pos, n in self.pieces(offset, len(buf)):
             piece = buf[pos:pos + n]
@@ -527,6 +566,8 @@ class Snapshot(Target):
                 self.reads.leave(chunk)
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        if not self.valid or self.overflowed:
+            raise _eio("snapshot is invalid or overflowed")
         cb = self.store.chunk_bytes
         for chunk, inside, pos, n in self.pieces(offset, len(buf)):
             piece = buf[pos:pos + n]
@@ -581,6 +622,7 @@ class SnapshotMerge(Snapshot):
     def __init__(self, ctx: TargetContext, args: list[str]) -> None:
         super().__init__(ctx, args)
         self.merging: tuple[int, int] = (0, 0)  # first chunk, count
+        self.boundary = 0  # max_io_len: the origin's split boundary, set at resume
         self._merged = asyncio.Event()  # set (and replaced) after every merge step
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -605,23 +647,24 @@ class SnapshotMerge(Snapshot):
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         cb = self.store.chunk_bytes
-        for chunk, inside, pos, n in self.pieces(offset, len(buf)):
+        # Split at the origin's split boundary (no larger than this store's chunk).
+        for at, pos, n in split(offset, len(buf), self.boundary):
             piece = buf[pos:pos + n]
+            chunk = at // cb
             while self.valid and self._in_merge(chunk):
                 await self._merged.wait()  # queued until the step that merges it is done
             new = self.complete.get(chunk) if self.valid else None
             if new is not None:
                 self.writes.enter(chunk)
                 try:
-                    await self.cow.pwrite(piece, new * cb + inside, fua)
+                    await self.cow.pwrite(piece, new * cb + at % cb, fua)
                 finally:
                     self.writes.leave(chunk)
                 continue
-            await self._write_origin(piece, chunk * cb + inside, fua)
+            await self._write_origin(piece, at, fua)
 
     async def _write_origin(self, piece: memoryview, at: int, fua: bool) -> None:
-        await self._origin().write(at, len(piece),
-                                   lambda: self.origin_dev.pwrite(piece, at, fua))
+        await self._origin().write(at, lambda: self.origin_dev.pwrite(piece, at, fua))
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Once merging, discards no longer effect change (as the kernel's)."""
@@ -631,6 +674,7 @@ class SnapshotMerge(Snapshot):
         await flush_device(self.cow)
 
     def _start_merge(self) -> None:
+        self.boundary = self._origin().split_boundary()
         if self._task is None or self._task.done():
             self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._merge())
@@ -685,9 +729,13 @@ class SnapshotMerge(Snapshot):
             for chunk in range(old, old + count):
                 self.complete.pop(chunk, None)
 
+        async def copy_out() -> None:  # the kernel's origin_write_extent
+            for piece in range(at, at + count * cb, self.boundary):
+                await origin.copy_out(piece)
+
         try:
             # Other snapshots of the origin get their copies of these chunks first.
-            await origin.write(at, count * cb, copy_back)
+            await origin.write(at, lambda: _then(copy_out, copy_back))
         except OSError as e:
             log.error("snapshot-merge: merging chunks %d+%d failed, shutting down merge: %s",
                       old, count, e)
