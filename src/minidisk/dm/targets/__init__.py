@@ -7,6 +7,7 @@ from minidisk.dm.targets.delay import Delay
 from minidisk.dm.targets.dust import Dust
 from minidisk.dm.targets.error import Error
 from minidisk.dm.targets.flakey import Flakey
+from minidisk.dm.targets.integrity import Integrity
 from minidisk.dm.targets.linear import Linear
 from minidisk.dm.targets.log_writes import LogWrites
 from minidisk.dm.targets.snapshot import Snapshot, SnapshotMerge, SnapshotOrigin
@@ -26,5 +27,7 @@ TARGET_TYPES: dict[str, type[Target]] = {
 TARGET_TYPES.update({t.name: t for t in (SnapshotMerge, SnapshotOrigin, Snapshot)})
 # dm-thin-pool (thin-pool, then thin) as if loaded before those.
 TARGET_TYPES.update({t.name: t for t in (Thin, ThinPool)})
+# dm-integrity, as if loaded before those.
+TARGET_TYPES[Integrity.name] = Integrity
 
 __all__ = ["TARGET_TYPES"]

@@ -1,0 +1,611 @@
+"""`integrity`: dm-integrity with an internal hash, in the kernel's on-disk format
+(MD/dm-integrity.c as in 6.1; the format is `integrity_format.py`).
+
+    integrity <dev> <reserved_sectors> <tag_size|-> <D|B|R|J> <#opt> [opt...]
+      journal_sectors:N interleave_sectors:N buffer_sectors:N journal_watermark:PCT
+      commit_time:MS internal_hash:ALG[:HEXKEY] block_size:BYTES sectors_per_bit:N
+      bitmap_flush_interval:MS recalculate allow_discards fix_padding fix_hmac
+      legacy_recalculate
+
+Every block written gets its tag (the internal hash of its logical sector and data) in the
+tag area of its interleave area; every block read is checked against its tag, and a read
+with any bad block fails whole with EILSEQ (what the kernel's BLK_STS_PROTECTION gives a
+reader; NBD has no such code and sends EIO) and counts one mismatch, as 6.1 counts one per
+failed bio. A rewrite gives the block a new tag.
+
+First use, as the kernel documents it: a superblock area of zeroes is formatted when the
+table is loaded (with any length: the table's length must not exceed what the format
+provides, so load it with one sector, read `provided_data_sectors` from the superblock,
+and load it again with that length). A superblock neither valid nor zero is refused.
+
+Modes: D writes data and tags with no journal (a crash may leave them apart: that block
+then fails). B keeps a bitmap of regions being written in the journal area (superblock
+flag DIRTY_BITMAP while active); after a crash their tags are recomputed from the data
+when the table is resumed, and a clean suspend or removal writes the empty journal back
+and clears the flag. R reads without checking and refuses writes. J (the journal) is
+refused: its replay is not written yet, and a journal target that acknowledged writes it
+cannot make atomic would be a lie.
+
+`recalculate` recomputes every tag from recalc_sector on when the table is resumed
+(synchronously here, where the kernel runs a worker that leaves unchecked what it has not
+reached yet), and leaves RECALCULATING set with recalc_sector at the end, as the kernel
+does. Tags from an upper target (no internal_hash) and meta_device are not supported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from dataclasses import replace
+
+from minidisk.device.api import BlockSize, Caps
+from minidisk.dm.integrity_format import (
+    BITMAP_BLOCK_BYTES,
+    DISCARD_FILLER,
+    FLAG_DIRTY_BITMAP,
+    FLAG_FIXED_HMAC,
+    FLAG_FIXED_PADDING,
+    FLAG_HAVE_JOURNAL_MAC,
+    FLAG_RECALCULATING,
+    MAGIC,
+    MAX_LOG2_INTERLEAVE,
+    MAX_SECTORS_PER_BLOCK,
+    MAX_TAG_SIZE,
+    MAX_VERSION,
+    MIN_LOG2_INTERLEAVE,
+    SB_BYTES,
+    SB_SECTORS,
+    FormatError,
+    Geometry,
+    InternalHash,
+    Superblock,
+    bitmap_log2_sectors_per_bit,
+    empty_journal,
+    internal_hash,
+    journal_is_empty,
+    new_superblock,
+    tag_of,
+)
+from minidisk.dm.table import SECTOR
+from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, flush_device
+
+log = logging.getLogger(__name__)
+
+HZ = 250  # Debian's kernels: bitmap_flush_interval is kept in jiffies
+DEFAULT_BUFFER_SECTORS = 128
+DEFAULT_JOURNAL_WATERMARK = 50
+DEFAULT_COMMIT_MS = 10000
+DEFAULT_BITMAP_FLUSH_MS = 10000
+MAX_FEATURE_ARGS = 17  # 6.1's dm_arg {0, 17}
+RECALC_SECTORS = 32768  # the kernel's recalculation step
+
+
+def _uint(word: str, prefix: str) -> int | None:
+    """sscanf(word, "PREFIX%u%c") == 1: the number after `prefix`, else None."""
+    if not word.startswith(prefix):
+        return None
+    rest = word[len(prefix):]
+    if not rest.isdigit() or int(rest) > 2**32 - 1:
+        return None
+    return int(rest)
+
+
+def _alg_and_key(word: str, error: str) -> tuple[str, str | None, bytes | None]:
+    _, _, spec = word.partition(":")
+    alg, sep, key_text = spec.partition(":")
+    if not sep:
+        return alg, None, None
+    if len(key_text) % 2:
+        raise TargetError(error)
+    try:
+        return alg, key_text, bytes.fromhex(key_text)
+    except ValueError:
+        raise TargetError(error) from None
+
+
+def _msecs_to_jiffies_to_msecs(ms: int) -> int:
+    return -(-ms * HZ // 1000) * 1000 // HZ
+
+
+class Integrity(Target):
+    name = "integrity"
+    version = (1, 10, 0)
+    singleton = True
+
+    def __init__(self, ctx: TargetContext, args: list[str]) -> None:
+        super().__init__(ctx, args)
+        if len(args) <= 4:
+            raise TargetError("Invalid argument count")
+        if not args[1].isdigit():
+            raise TargetError("Invalid starting offset")
+        self.start = int(args[1])
+        self.tag_size = 0
+        if args[2] != "-":
+            if not args[2].isdigit() or not int(args[2]) or int(args[2]) > 2**32 - 1:
+                raise TargetError("Invalid tag size")
+            self.tag_size = int(args[2])
+        if args[3] not in ("J", "B", "D", "R"):
+            raise TargetError("Invalid mode (expecting J, B, D, R)")
+        self.mode = args[3]
+        self._parse_options(args[4:])
+        self.ref: DeviceRef = ctx.device(args[0], 0, 0)
+        self.child = self.ref.device
+        self.read_only = ctx.read_only or self.mode == "R"
+        self._check_algorithms()
+        self.mismatches = 0
+        self.sb = Superblock()
+        self.sb_area = bytes(SB_BYTES)
+        self.geo = Geometry(self.sb, self.start, self.ref.sectors)
+        self.provided = 0
+        self.active = False
+        self._writes = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._bitmap_lock = asyncio.Lock()
+        self.bitmap = bytearray()
+        self.just_formatted = False
+        self.caps = Caps(read_only=self.read_only, flush=True, fua=True,
+                         trim=self.discard and not self.read_only, zero=not self.read_only,
+                         cache=True, multi_conn=self.child.caps.multi_conn,
+                         rotational=self.child.caps.rotational)
+        block = self.sectors_per_block * SECTOR
+        self.block_size = BlockSize(block, max(block, 4096))
+
+    # The table.
+
+    def _parse_options(self, words: list[str]) -> None:
+        if not words[0].isdigit() or int(words[0]) > MAX_FEATURE_ARGS \
+                or int(words[0]) > len(words) - 1:
+            raise TargetError("Invalid number of feature args")
+        opts = words[1:1 + int(words[0])]
+        self.journal_sectors: int | None = None
+        self.interleave_sectors = 32768
+        self.buffer_sectors = DEFAULT_BUFFER_SECTORS
+        self.journal_watermark = DEFAULT_JOURNAL_WATERMARK
+        self.commit_ms = DEFAULT_COMMIT_MS
+        self.sectors_per_block = 1
+        self.sectors_per_bit: int | None = None
+        self.bitmap_flush_ms = DEFAULT_BITMAP_FLUSH_MS
+        self.hash_alg: str | None = None
+        self.hash_key_text: str | None = None
+        self.hash_key: bytes | None = None
+        self.journal_crypt: str | None = None
+        self.journal_mac: str | None = None
+        self.recalculate = self.discard = self.fix_padding = self.fix_hmac = False
+        self.legacy_recalculate = self.reset_recalculate = False
+        for word in opts:
+            if (v := _uint(word, "journal_sectors:")) is not None:
+                self.journal_sectors = v or 1
+            elif (v := _uint(word, "interleave_sectors:")) is not None:
+                self.interleave_sectors = v
+            elif (v := _uint(word, "buffer_sectors:")) is not None:
+                self.buffer_sectors = v
+            elif (v := _uint(word, "journal_watermark:")) is not None and v <= 100:
+                self.journal_watermark = v
+            elif (v := _uint(word, "commit_time:")) is not None:
+                self.commit_ms = v
+            elif word.startswith("meta_device:"):
+                raise TargetError("meta_device is not supported by minidisk's integrity")
+            elif (v := _uint(word, "block_size:")) is not None:
+                if v < SECTOR or v > MAX_SECTORS_PER_BLOCK * SECTOR or v & (v - 1):
+                    raise TargetError("Invalid block_size argument")
+                self.sectors_per_block = v // SECTOR
+            elif word.startswith("sectors_per_bit:") and word[16:].isdigit():
+                self.sectors_per_bit = int(word[16:])
+            elif (v := _uint(word, "bitmap_flush_interval:")) is not None:
+                if v >= (2**32 - 1) * 1000 // HZ:
+                    raise TargetError("Invalid bitmap_flush_interval argument")
+                self.bitmap_flush_ms = _msecs_to_jiffies_to_msecs(v)
+            elif word.startswith("internal_hash:"):
+                self.hash_alg, self.hash_key_text, self.hash_key = _alg_and_key(
+                    word, "Invalid internal_hash argument")
+            elif word.startswith("journal_crypt:"):
+                self.journal_crypt = _alg_and_key(word, "Invalid journal_crypt argument")[0]
+            elif word.startswith("journal_mac:"):
+                self.journal_mac = _alg_and_key(word, "Invalid journal_mac argument")[0]
+            elif word == "recalculate":
+                self.recalculate = True
+            elif word == "reset_recalculate":
+                self.recalculate = self.reset_recalculate = True
+            elif word == "allow_discards":
+                self.discard = True
+            elif word == "fix_padding":
+                self.fix_padding = True
+            elif word == "fix_hmac":
+                self.fix_hmac = True
+            elif word == "legacy_recalculate":
+                self.legacy_recalculate = True
+            else:
+                raise TargetError("Invalid argument")
+
+    def _check_algorithms(self) -> None:
+        self.hash: InternalHash | None = None
+        if self.hash_alg is not None:
+            try:
+                self.hash = internal_hash(self.hash_alg, self.hash_key)
+            except FormatError as e:
+                raise TargetError(str(e)) from None
+        if self.journal_mac is not None or self.journal_crypt is not None:
+            raise TargetError("journal_mac and journal_crypt are not supported by "
+                              "minidisk's integrity")
+        if not self.tag_size:
+            if self.hash is None:
+                raise TargetError("Unknown tag size")
+            self.tag_size = self.hash.digest_size
+        if self.tag_size > MAX_TAG_SIZE:
+            raise TargetError("Too big tag size")
+        if self.mode == "B" and self.hash is None:
+            raise TargetError("Bitmap mode can be only used with internal hash")
+        if self.discard and self.hash is None:
+            raise TargetError("Discard can be only used with internal hash")
+        if self.hash is None and self.mode != "R":
+            raise TargetError("integrity without internal_hash takes its tags from an upper "
+                              "target, which minidisk does not have")
+        if self.mode == "J":
+            raise TargetError("journal mode (J) is not supported by minidisk's integrity; "
+                              "use D or B")
+
+    def table_args(self) -> list[str]:
+        flags = self.sb.flags
+        out = [self.ref.key, str(self.start), str(self.tag_size), self.mode]
+        opts: list[str] = []
+        if self.sectors_per_block != 1:
+            opts.append(f"block_size:{self.sectors_per_block * SECTOR}")
+        if flags & FLAG_RECALCULATING:
+            opts.append("recalculate")
+        if self.reset_recalculate:
+            opts.append("reset_recalculate")
+        if self.discard:
+            opts.append("allow_discards")
+        opts.append(f"journal_sectors:{self.geo.initial_sectors - SB_SECTORS}")
+        opts.append(f"interleave_sectors:{self.geo.interleave}")
+        opts.append(f"buffer_sectors:{1 << self.log2_buffer_sectors}")
+        if self.mode == "J":
+            entries = self.geo.journal_entries
+            threshold = (entries * (100 - self.journal_watermark) + 50) // 100
+            percent = ((entries - threshold) * 100 + entries // 2) // entries
+            opts.append(f"journal_watermark:{percent}")
+            opts.append(f"commit_time:{self.commit_ms}")
+        if self.mode == "B":
+            opts.append(f"sectors_per_bit:{1 << self.log2_sectors_per_bit}")
+            opts.append(f"bitmap_flush_interval:{self.bitmap_flush_ms}")
+        if flags & FLAG_FIXED_PADDING:
+            opts.append("fix_padding")
+        if flags & FLAG_FIXED_HMAC:
+            opts.append("fix_hmac")
+        if self.legacy_recalculate:
+            opts.append("legacy_recalculate")
+        if self.hash_alg is not None:
+            key = f":{self.hash_key_text}" if self.hash_key_text is not None else ""
+            opts.append(f"internal_hash:{self.hash_alg}{key}")
+        return [*out, str(len(opts)), *opts]
+
+    def status(self) -> str:
+        recalc = (str(self.sb.recalc_sector) if self.sb.flags & FLAG_RECALCULATING else "-")
+        return f"{self.mismatches} {self.provided} {recalc}"
+
+    def devices(self) -> list[DeviceRef]:
+        return [self.ref]
+
+    # Loading: read (or format) the superblock, as the kernel's constructor does.
+
+    async def prepare(self) -> None:
+        area = bytearray(SB_BYTES)
+        try:
+            await self.child.pread(memoryview(area), self.start * SECTOR)
+        except (OSError, ValueError):
+            raise TargetError("Error reading superblock") from None
+        sb = Superblock.unpack(bytes(area))
+        format_now = False
+        if sb.magic != MAGIC:
+            if self.mode != "R" and any(area):
+                raise TargetError("The device is not initialized")
+            sb = self._format()
+            format_now = self.mode != "R"
+        self._check_superblock(sb)
+        geo = Geometry(sb, self.start, self.ref.sectors)
+        provided = geo.provided_data_sectors()
+        if not provided:
+            raise TargetError("The device is too small")
+        self.log2_buffer_sectors = geo.buffer_sectors_log2(self.buffer_sectors)
+        self.log2_sectors_per_bit = bitmap_log2_sectors_per_bit(geo, self.sectors_per_bit)
+        if format_now:
+            sb = replace(sb, log2_blocks_per_bitmap_bit=self.log2_sectors_per_bit
+                         - sb.log2_sectors_per_block)
+        if self.length > provided:
+            raise TargetError("Not enough provided sectors for requested mapping size")
+        if self.recalculate and not sb.flags & FLAG_RECALCULATING:
+            sb = replace(sb, flags=sb.flags | FLAG_RECALCULATING, recalc_sector=0)
+        if (sb.flags & FLAG_RECALCULATING and sb.recalc_sector < provided
+                and self._recalculate_disabled(sb)):
+            raise TargetError(
+                'Recalculating with HMAC is disabled for security reasons - if you really '
+                'need it, use the argument "legacy_recalculate"', errno.EOPNOTSUPP)
+        self.sb, self.geo, self.provided = sb, geo, provided
+        self.sb_area = sb.into(bytes(area))
+        if format_now:
+            # init_journal, then the superblock (FUA): a crash between leaves zeroes, which
+            # formats again.
+            journal = empty_journal(geo, 0, geo.initial_sectors - SB_SECTORS)
+            await self._write((self.start + SB_SECTORS) * SECTOR, journal)
+            await self._write_sb(fua=True)
+            self.just_formatted = True
+        self.bitmap = bytearray(self._bitmap_blocks() * BITMAP_BLOCK_BYTES)
+
+    def _format(self) -> Superblock:
+        try:
+            sb = new_superblock(
+                self.ref.sectors, self.start, self.tag_size,
+                self.sectors_per_block.bit_length() - 1, self.journal_sectors,
+                self.interleave_sectors, self.fix_padding,
+                os.urandom(16) if self.fix_hmac and self.hash is not None else None,
+                self.journal_mac is not None)
+        except FormatError:
+            raise TargetError("Could not initialize superblock") from None
+        return sb.with_version(self.mode)
+
+    def _check_superblock(self, sb: Superblock) -> None:
+        if not sb.version or sb.version > MAX_VERSION:
+            raise TargetError("Unknown version")
+        if sb.tag_size != self.tag_size:
+            raise TargetError("Tag size doesn't match the information in superblock")
+        if sb.log2_sectors_per_block != self.sectors_per_block.bit_length() - 1:
+            raise TargetError("Block size doesn't match the information in superblock")
+        if not sb.journal_sections:
+            raise TargetError("Corrupted superblock, journal_sections is 0")
+        if not MIN_LOG2_INTERLEAVE <= sb.log2_interleave_sectors <= MAX_LOG2_INTERLEAVE:
+            raise TargetError("Invalid interleave_sectors in the superblock")
+        if bool(sb.flags & FLAG_HAVE_JOURNAL_MAC) != (self.journal_mac is not None):
+            raise TargetError("Journal mac mismatch")
+
+    def _recalculate_disabled(self, sb: Superblock) -> bool:
+        if self.legacy_recalculate:
+            return False
+        keyed = self.hash_key is not None
+        return keyed if not sb.flags & FLAG_FIXED_HMAC else False
+
+    def _bitmap_blocks(self) -> int:
+        blocks = self.provided >> self.sb.log2_sectors_per_block
+        per_bit = self.log2_sectors_per_bit - self.sb.log2_sectors_per_block
+        bits = (blocks + (1 << per_bit) - 1) >> per_bit
+        return -(-bits // (BITMAP_BLOCK_BYTES * 8))
+
+    # Activation and clean shutdown.
+
+    async def resume(self) -> None:
+        if self.active:
+            return
+        if self.mode != "R":
+            await self._replay_check()
+            if self.provided != self.sb.provided_data_sectors:
+                self.sb = replace(self.sb, provided_data_sectors=self.provided)
+                await self._write_sb(fua=True)
+            if self.sb.flags & FLAG_DIRTY_BITMAP:
+                await self._recover_bitmap()
+            if self.reset_recalculate:
+                self.sb = replace(self.sb, flags=self.sb.flags | FLAG_RECALCULATING,
+                                  recalc_sector=0)
+            if self.sb.flags & FLAG_RECALCULATING:
+                await self._recalculate()
+            if self.mode == "B":
+                log2_bpb = self.log2_sectors_per_bit - self.sb.log2_sectors_per_block
+                self.sb = replace(self.sb, flags=self.sb.flags | FLAG_DIRTY_BITMAP,
+                                  log2_blocks_per_bitmap_bit=log2_bpb)
+                await self._write_sb(fua=True)
+                self.bitmap[:] = bytes(len(self.bitmap))
+                await self._write_bitmap()
+        self.active = True
+
+    async def _replay_check(self) -> None:
+        """The kernel replays a journal on resume; a D or B device's journal is always
+        empty, and one a journal-mode user left with entries is refused here rather than
+        read without them."""
+        if self.just_formatted or self.sb.flags & FLAG_DIRTY_BITMAP:
+            return
+        journal = await self._read((self.start + SB_SECTORS) * SECTOR,
+                                   (self.geo.initial_sectors - SB_SECTORS) * SECTOR)
+        if not journal_is_empty(self.geo, journal):
+            raise OSError(errno.EIO, "the journal has entries to replay, which minidisk's "
+                                     "integrity cannot do")
+
+    async def presuspend(self, noflush: bool) -> None:
+        await self._shutdown()
+
+    async def destroy(self) -> None:
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """dm_integrity_postsuspend: let writes finish, make data and tags durable; in
+        bitmap mode write the empty journal back over the bitmap and clear the flag."""
+        if not self.active:
+            return
+        self.active = False
+        await self._idle.wait()
+        await flush_device(self.child)
+        if self.mode == "B":
+            sectors = len(self.bitmap) // SECTOR
+            await self._write((self.start + SB_SECTORS) * SECTOR,
+                              empty_journal(self.geo, 0, sectors))
+            self.sb = replace(self.sb, flags=self.sb.flags & ~FLAG_DIRTY_BITMAP)
+            await self._write_sb(fua=True)
+
+    async def _recover_bitmap(self) -> None:
+        """After a crash in bitmap mode: the regions marked dirty get their tags from the
+        data again (all of them if the bitmap's granularity changed)."""
+        raw = await self._read((self.start + SB_SECTORS) * SECTOR, len(self.bitmap))
+        log2_bpb = self.log2_sectors_per_bit - self.sb.log2_sectors_per_block
+        per_bit = 1 << self.log2_sectors_per_bit
+        if self.sb.log2_blocks_per_bitmap_bit != log2_bpb:
+            await self._rehash(0, self.provided)
+        else:
+            for bit in range(-(-self.provided // per_bit)):
+                if raw[bit >> 3] >> (bit & 7) & 1:
+                    first = bit * per_bit
+                    await self._rehash(first, min(per_bit, self.provided - first))
+        if self.mode != "B":
+            journal = empty_journal(self.geo, 0, self.geo.initial_sectors - SB_SECTORS)
+            await self._write((self.start + SB_SECTORS) * SECTOR, journal)
+        self.sb = replace(self.sb, flags=self.sb.flags & ~FLAG_DIRTY_BITMAP)
+        await self._write_sb(fua=True)
+
+    async def _recalculate(self) -> None:
+        pos = self.sb.recalc_sector
+        while pos < self.provided:
+            n = min(RECALC_SECTORS, self.provided - pos,
+                    self.geo.interleave - pos % self.geo.interleave)
+            await self._rehash(pos, n)
+            pos += n
+        self.sb = replace(self.sb, recalc_sector=self.provided)
+        await flush_device(self.child)
+        await self._write_sb(fua=True)
+
+    async def _rehash(self, first: int, sectors: int) -> None:
+        for lsec, dsec, n in self._pieces(first, sectors):
+            data = await self._read(dsec * SECTOR, n * SECTOR)
+            await self._write(self.geo.tag_byte(lsec), self._tags(lsec, data))
+
+    # I/O.
+
+    def _pieces(self, first: int, sectors: int) -> list[tuple[int, int, int]]:
+        """(logical sector, device sector, sectors) runs that stay inside an area."""
+        out = []
+        il = self.geo.interleave
+        while sectors:
+            n = min(sectors, il - first % il)
+            out.append((first, self.geo.data_sector(first), n))
+            first += n
+            sectors -= n
+        return out
+
+    def _tags(self, lsec: int, data: bytes | memoryview) -> bytes:
+        assert self.hash is not None
+        salt = self.sb.salt if self.sb.flags & FLAG_FIXED_HMAC else None
+        block = self.sectors_per_block * SECTOR
+        spb = self.sectors_per_block
+        return b"".join(tag_of(self.hash, self.tag_size, lsec + i * spb,
+                               bytes(data[i * block:(i + 1) * block]), salt)
+                        for i in range(len(data) // block))
+
+    def _check_request(self, offset: int, length: int) -> tuple[int, int]:
+        block = self.sectors_per_block * SECTOR
+        if offset % block or length % block:
+            # dm_integrity_check_limits: "Bio not aligned on N sectors" (DM_MAPIO_KILL).
+            raise OSError(errno.EIO, f"request not aligned on {block} bytes")
+        return offset // SECTOR, length // SECTOR
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        first, sectors = self._check_request(offset, len(buf))
+        bad = False
+        pos = 0
+        for lsec, dsec, n in self._pieces(first, sectors):
+            piece = buf[pos:pos + n * SECTOR]
+            await self.child.pread(piece, dsec * SECTOR)
+            pos += n * SECTOR
+            if self.mode == "R" or self._unchecked(lsec, n):
+                continue
+            stored = await self._read(self.geo.tag_byte(lsec), self._tags_bytes(n))
+            if stored != self._tags(lsec, piece) and not self._filler_ok(lsec, piece, stored):
+                bad = True
+        if bad:
+            self.mismatches += 1
+            log.error("integrity: checksum failed in sectors %#x+%#x", first, sectors)
+            raise OSError(errno.EILSEQ, "integrity checksum mismatch")
+
+    def _tags_bytes(self, sectors: int) -> int:
+        return (sectors >> self.sb.log2_sectors_per_block) * self.tag_size
+
+    def _unchecked(self, lsec: int, sectors: int) -> bool:
+        """Sectors the recalculation has not reached yet are not checked."""
+        return bool(self.sb.flags & FLAG_RECALCULATING) and \
+            lsec + sectors > self.sb.recalc_sector
+
+    def _filler_ok(self, lsec: int, data: memoryview, stored: bytes) -> bool:
+        """With allow_discards, a tag that is all 0xf6 (a discarded block's) passes."""
+        if not self.discard:
+            return False
+        mine = self._tags(lsec, data)
+        t = self.tag_size
+        filler = bytes([DISCARD_FILLER]) * t
+        return all(stored[i:i + t] in (mine[i:i + t], filler) for i in range(0, len(stored), t))
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        if self.read_only:
+            raise OSError(errno.EIO, "integrity in recovery mode refuses writes")
+        first, sectors = self._check_request(offset, len(buf))
+        self._writes += 1
+        self._idle.clear()
+        try:
+            if self.mode == "B":
+                await self._mark_dirty(first, sectors)
+            pos = 0
+            for lsec, dsec, n in self._pieces(first, sectors):
+                piece = buf[pos:pos + n * SECTOR]
+                await self.child.pwrite(piece, dsec * SECTOR)
+                await self._write(self.geo.tag_byte(lsec), self._tags(lsec, piece))
+                pos += n * SECTOR
+            if fua:
+                await flush_device(self.child)
+        finally:
+            self._writes -= 1
+            if not self._writes:
+                self._idle.set()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        first, sectors = self._check_request(offset, length)
+        self._writes += 1
+        self._idle.clear()
+        try:
+            if self.mode == "B":
+                await self._mark_dirty(first, sectors)
+            for lsec, dsec, n in self._pieces(first, sectors):
+                filler = bytes([DISCARD_FILLER]) * self._tags_bytes(n)
+                await self._write(self.geo.tag_byte(lsec), filler)
+                if self.child.caps.trim:
+                    await self.child.trim(dsec * SECTOR, n * SECTOR)
+            if fua:
+                await flush_device(self.child)
+        finally:
+            self._writes -= 1
+            if not self._writes:
+                self._idle.set()
+
+    async def flush(self) -> None:
+        await flush_device(self.child)
+        if self.mode == "B" and self.active and not self._writes and any(self.bitmap):
+            # What the kernel's bitmap_flush_work does on its timer: once data and tags
+            # are on the disk, no region is dirty.
+            async with self._bitmap_lock:
+                self.bitmap[:] = bytes(len(self.bitmap))
+                await self._write_bitmap()
+
+    async def _mark_dirty(self, first: int, sectors: int) -> None:
+        """Before a write reaches the disk, its regions' bits are on the disk (FUA)."""
+        lo = first >> self.log2_sectors_per_bit
+        hi = (first + sectors - 1) >> self.log2_sectors_per_bit
+        if all(self.bitmap[b >> 3] >> (b & 7) & 1 for b in range(lo, hi + 1)):
+            return
+        async with self._bitmap_lock:
+            for b in range(lo, hi + 1):
+                self.bitmap[b >> 3] |= 1 << (b & 7)
+            await self._write_bitmap()
+
+    async def _write_bitmap(self) -> None:
+        await self._write((self.start + SB_SECTORS) * SECTOR, bytes(self.bitmap))
+        await flush_device(self.child)
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        await self.child.pread(memoryview(buf), offset)
+        return bytes(buf)
+
+    async def _write(self, offset: int, data: bytes) -> None:
+        await self.child.pwrite(memoryview(bytearray(data)), offset)
+
+    async def _write_sb(self, fua: bool) -> None:
+        self.sb = self.sb.with_version(self.mode)
+        self.sb_area = self.sb.into(self.sb_area)
+        await self._write(self.start * SECTOR, self.sb_area)
+        if fua:
+            await flush_device(self.child)
