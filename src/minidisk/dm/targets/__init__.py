@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from minidisk.dm.target import Target
+from minidisk.dm.targets.crypt import Crypt
 from minidisk.dm.targets.delay import Delay
 from minidisk.dm.targets.dust import Dust
 from minidisk.dm.targets.error import Error
@@ -27,6 +28,8 @@ TARGET_TYPES: dict[str, type[Target]] = {
 TARGET_TYPES.update({t.name: t for t in (SnapshotMerge, SnapshotOrigin, Snapshot)})
 # dm-thin-pool (thin-pool, then thin) as if loaded before those.
 TARGET_TYPES.update({t.name: t for t in (Thin, ThinPool)})
+# dm-crypt as if loaded before those.
+TARGET_TYPES.update({Crypt.name: Crypt})
 # dm-integrity, as if loaded before those.
 TARGET_TYPES[Integrity.name] = Integrity
 
