@@ -52,9 +52,20 @@ class Scenario:
     snaps: tuple[Snap, ...]
     ops: tuple[str, ...]
 
+    def places(self) -> list[tuple[int, int]]:
+        """(start, sectors) in disk.img of the origin, then of each COW device."""
+        out = [(0, ORIGIN_SIZE // SECTOR)]
+        for snap in self.snaps:
+            out.append((out[-1][0] + out[-1][1], snap.cow_size // SECTOR))
+        return out
+
     def spec(self) -> str:
-        return "".join(f"s{i} {s.store} {s.chunk} {s.reload_chunk or s.chunk}\n"
-                       for i, s in enumerate(self.snaps))
+        places = self.places()
+        lines = [f"origin - - - 0 {places[0][1]}"]
+        lines += [f"s{i} {s.store} {s.chunk} {s.reload_chunk or s.chunk} {start} {length}"
+                  for i, (s, (start, length)) in enumerate(zip(self.snaps, places[1:],
+                                                               strict=True))]
+        return "".join(line + "\n" for line in lines)
 
 
 SCENARIOS = (
@@ -97,7 +108,7 @@ SCENARIOS = (
         w("o", 21 * K, 9 * K, K, 12288),
         "status",
         w("o", 30 * K, K, K, 16384),
-        "status", "dump", "reload", "status")),
+        "status", "reload", "status")),  # (host.* reads them: the store's end state)
     # snapshot-merge of s0 while s1 stays: merged chunks are copied out to s1 first.
     Scenario("merge", (Snap("P", 8, 256 << 10), Snap("P", 8, 256 << 10)), (
         w("o", 0, 4 * K, K, 0),  # four consecutive exceptions: one merge step
@@ -109,7 +120,7 @@ SCENARIOS = (
         "merge s0",
         "dump",
         w("m", 40 * K, K, K, 40960),
-        "status", "dump")),
+        "status")),
 )
 
 REFUSALS = (  # tables 6.1 refuses, and two it takes (the fragment's INPUT/refusals)
@@ -122,12 +133,10 @@ REFUSALS = (  # tables 6.1 refuses, and two it takes (the fragment's INPUT/refus
     "snapshot ORIGIN COW P 8 1 bogus",
     "snapshot ORIGIN COW P 8 1 discard_passdown_origin",
     "snapshot ORIGIN COW P 8 3 discard_zeroes_cow",
-    "snapshot ORIGIN BAD P 8",
     "snapshot-origin ORIGIN COW",
     "snapshot ORIGIN COW p 8 2 discard_zeroes_cow discard_passdown_origin",
     "snapshot ORIGIN COW No 16",
 )
-BAD_HEADER = b"junkjunkjunkjunk"
 
 
 def data() -> bytes:
@@ -150,37 +159,46 @@ def normalize(listing: bytes) -> bytes:
 
 
 class Side:
-    """A scenario on minidisk: the origin and COW files under a Registry, named as the
-    fragment names them (S.o, S.s0..., S.m)."""
+    """A scenario on minidisk, named as the fragment names it: linear devices S.lo and
+    S.lcN over the pieces of disk.img, the origin S.o, snapshots S.sN, the merge S.m."""
 
     def __init__(self, scenario: Scenario, directory: Path, read_only: bool = False) -> None:
         self.s = scenario
-        self.files: list[FileDevice] = [FileDevice(str(directory / "origin.img"),
-                                                   read_only=read_only)]
-        self.files += [FileDevice(str(directory / f"cow{i}.img"), read_only=read_only)
-                       for i in range(len(scenario.snaps))]
-        keys = ["/dev/origin", *(f"/dev/cow{i}" for i in range(len(scenario.snaps)))]
-        devices: dict[str, BlockDevice] = dict(zip(keys, self.files, strict=True))
+        self.disk = FileDevice(str(directory / "disk.img"), read_only=read_only)
+        devices: dict[str, BlockDevice] = {"/dev/disk": self.disk}
         self.ns = DeviceDict(devices)
         self.reg = Registry(self.ns, self.ns)
-        self.sectors = self.files[0].size // SECTOR
+        self.places = scenario.places()
+        self.sectors = self.places[0][1]
         self.read_only = read_only
         self.live: list[str] = []
+        self.pieces: list[str] = []
 
     def name(self, dev: str) -> str:
         return f"{self.s.name}.{dev}"
 
+    def key(self, dev: str) -> str:
+        return f"/dev/mapper/{self.name(dev)}"
+
+    async def cut(self) -> None:
+        for i, (start, length) in enumerate(self.places):
+            piece = "lo" if i == 0 else f"lc{i - 1}"
+            await self.reg.create(self.name(piece), f"0 {length} linear /dev/disk {start}",
+                                  read_only=self.read_only)
+            self.pieces.append(piece)
+
     async def create(self, reload: bool = False) -> int:
         try:
             await self.reg.create(self.name("o"),
-                                  f"0 {self.sectors} snapshot-origin /dev/origin",
+                                  f"0 {self.sectors} snapshot-origin {self.key('lo')}",
                                   read_only=self.read_only)
             self.live = ["o"]
             for i, snap in enumerate(self.s.snaps):
                 chunk = snap.reload_chunk if reload and snap.reload_chunk else snap.chunk
                 await self.reg.create(
-                    self.name(f"s{i}"), f"0 {self.sectors} snapshot /dev/origin /dev/cow{i} "
-                                        f"{snap.store} {chunk}", read_only=self.read_only)
+                    self.name(f"s{i}"), f"0 {self.sectors} snapshot {self.key('lo')} "
+                                        f"{self.key(f'lc{i}')} {snap.store} {chunk}",
+                    read_only=self.read_only)
                 self.live.append(f"s{i}")
         except (OSError, ValueError):
             return 1
@@ -193,8 +211,9 @@ class Side:
 
     async def close(self) -> None:
         await self.remove(*self.live)
-        for dev in self.files:
-            await dev.close()
+        for piece in self.pieces:
+            await self.reg.remove(self.name(piece))
+        await self.disk.close()
 
     def listing(self, status: bool) -> bytes:
         lines = []
@@ -207,8 +226,8 @@ class Side:
                           self.reg.table(name)]
         return normalize("".join(line + "\n" for line in lines).encode())
 
-    async def dump(self, rows: Rows, prefix: str) -> None:
-        for d in self.live:
+    async def dump(self, rows: Rows, prefix: str, devs: list[str]) -> None:
+        for d in devs:
             dev = self.reg.get(self.name(d))
             out = bytearray()
             try:
@@ -235,14 +254,16 @@ class Side:
         await self.remove("o", snap)
         i = int(snap[1:])
         spec = self.s.snaps[i]
-        await self.reg.create(self.name("m"), f"0 {self.sectors} snapshot-merge /dev/origin "
-                                              f"/dev/cow{i} {spec.store} {spec.chunk}")
+        await self.reg.create(self.name("m"), f"0 {self.sectors} snapshot-merge "
+                                              f"{self.key('lo')} {self.key(f'lc{i}')} "
+                                              f"{spec.store} {spec.chunk}")
         self.live.insert(0, "m")
         target = self.reg.get(self.name("m")).live.targets[0]
         assert isinstance(target, SnapshotMerge)
         await target.wait_merged()
 
     async def run(self, rows: Rows, source: bytes) -> None:
+        await self.cut()
         rows["create.rc"] = f"{await self.create()}\n".encode()
         for n, line in enumerate(self.s.ops, 1):
             at = f"{n:03d}"
@@ -256,8 +277,8 @@ class Side:
             elif op == "table":
                 rows[f"{at}.table"] = self.listing(status=False)
             elif op == "dump":
-                await self.dump(rows, at)
-            elif op == "cycle":
+                await self.dump(rows, at, self.live)
+            elif op == "cycle":  # (the fragment's suspend and resume)
                 await self.reg.suspend(self.name("o"))
                 await self.reg.resume(self.name("o"))
             elif op == "reload":
@@ -271,14 +292,16 @@ class Side:
 
 
 async def open_files(scenario: Scenario, directory: Path, prefix: str) -> Rows:
-    """`prefix.*` rows of a scenario's files opened read-only, as the fragment's host.*."""
+    """`prefix.*` rows of a scenario's disk.img opened read-only, as the fragment's host.*:
+    statuses, tables, every snapshot's contents."""
     side = Side(scenario, directory, read_only=True)
     rows: Rows = {}
     try:
+        await side.cut()
         rows[f"{prefix}.rc"] = f"{await side.create()}\n".encode()
         rows[f"{prefix}.status"] = side.listing(status=True)
         rows[f"{prefix}.table"] = side.listing(status=False)
-        await side.dump(rows, prefix)
+        await side.dump(rows, prefix, [f"s{i}" for i in range(len(scenario.snaps))])
     finally:
         await side.close()
     return rows
@@ -311,9 +334,8 @@ def prepare(directory: Path) -> dict[str, Rows]:
         (sdir / "init").mkdir(parents=True)
         (sdir / "spec").write_text(scenario.spec())
         (sdir / "ops").write_text("".join(op + "\n" for op in scenario.ops))
-        (sdir / "init" / "origin.img").write_bytes(initial_origin())
-        for i, snap in enumerate(scenario.snaps):
-            (sdir / "init" / f"cow{i}.img").write_bytes(bytes(snap.cow_size))
+        (sdir / "init" / "disk.img").write_bytes(
+            initial_origin() + bytes(sum(snap.cow_size for snap in scenario.snaps)))
         results[scenario.name] = asyncio.run(run_scenario(scenario, sdir))
     return results
 
@@ -342,15 +364,11 @@ def kernel_refusals(dmesg: str) -> list[str]:
 async def refusal(table: str) -> tuple[int, str, str]:
     """(rc, reason as 6.1 logs it, `dmsetup table` line's store arguments) of one of
     REFUSALS on minidisk."""
-    bad = MemoryDevice(256 << 10)
-    await bad.pwrite(memoryview(bytearray(BAD_HEADER)), 0)
     devices: dict[str, BlockDevice] = {
-        "/dev/origin": MemoryDevice(256 << 10), "/dev/cow": MemoryDevice(256 << 10),
-        "/dev/bad": bad}
+        "/dev/origin": MemoryDevice(256 << 10), "/dev/cow": MemoryDevice(256 << 10)}
     ns = DeviceDict(devices)
     reg = Registry(ns, ns)
-    text = (table.replace("ORIGIN", "/dev/origin").replace("COW", "/dev/cow")
-            .replace("BAD", "/dev/bad"))
+    text = table.replace("ORIGIN", "/dev/origin").replace("COW", "/dev/cow")
     try:
         await reg.create("refuse", f"0 512 {text}")
     except TableError as e:

@@ -1,50 +1,69 @@
 # dm-snapshot's formats, kernel side (tests/vm/test_dm_formats.py; run by dm_formats.sh as
 # `bash dm_formats_snapshot.sh INPUT OUTPUT`). INPUT has data.bin, refusals and one
 # directory per scenario S with
-#   spec        one line per snapshot: "sN <P|PO|N> <chunk> [<chunk on reload>]"
 #   ops         one operation a line (below)
-#   init/       origin.img and cowN.img: what the scenario starts from
-#   host/       the same files after minidisk ran the scenario
-# The kernel runs the scenario on copies of init/ (an origin S.o with snapshot-origin and
-# snapshots S.sN over loop devices); OUTPUT/S gets NNN.* for every operation, kernel/ (its
-# files afterwards) and host.* (minidisk's files, read-only, opened by the kernel).
+#   spec        "origin - - - 0 SECTORS", then one line per snapshot:
+#               "sN <P|PO|N> <chunk> <chunk on reload> START SECTORS" (its COW's place)
+#   init/disk.img  the origin and the COW devices, one after the other: what the scenario
+#               starts from (one loop device, cut by linear devices S.lo and S.lcN)
+#   host/disk.img  the same after minidisk ran the scenario
+# The kernel runs the scenario on a copy of init/ (an origin S.o with snapshot-origin and
+# snapshots S.sN); OUTPUT/S gets NNN.* for every operation, kernel/disk.img (afterwards)
+# and host.* (minidisk's disk.img, read-only, opened by the kernel: snapshots read whole).
 #   w DEV OFF LEN BS DOFF  dd data.bin[DOFF, +LEN) to DEV (o, sN or m) at OFF, BS bytes a
 #                          write, O_DIRECT: one request at a time, in order
 #   status | table         dmsetup status | table of every device
-#   dump                   every device read whole (DEV.NNN, or DEV.NNN.rc 1 if it fails)
+#   dump                   every device read whole (NNN.DEV, or NNN.DEV.rc 1 if that fails)
 #   cycle                  suspend and resume the origin (its split boundary is computed)
 #   reload                 remove them all, create them again (sN with its reload chunk)
 #   merge sN               remove the origin and sN, create S.m: snapshot-merge of sN's COW
 #                          over the origin, and wait until it is done
-# Processes are few on purpose (one concise create for all devices, minors chosen so that
-# /dev/dm-N is known): each costs ~0.3 s under TCG on a busy host.
-# Then OUTPUT/refuse/N.{rc,out} for the tables in INPUT/refusals (ORIGIN, COW and BAD, a
-# store with a bad magic, stand for loop devices), with "dm_formats refusal N" written to
-# the kernel log before each (the runner keeps the log), and OUTPUT/targets.
+# Processes are few on purpose (one loop device, one concise create for all devices, minors
+# chosen so that /dev/dm-N is known, no subshells): each costs ~0.3 s under TCG on a busy
+# host.
+# Then OUTPUT/refuse/N.{rc,out} for the tables in INPUT/refusals (ORIGIN and COW stand for
+# loop devices), with "dm_formats refusal N" written to the kernel log before each (the
+# runner keeps the log), and OUTPUT/targets. Not among them: a COW device with a bad magic.
+# 6.1.0-57 refuses it ("Failed to read snapshot metadata", -ENXIO) but in one boot of two
+# then hit "list_del corruption" (a BUG in the kernel) and its device-mapper stopped
+# working; tests/dm/test_snapshot.py checks ours.
 set -u
 in=$1 out=$2
 modprobe dm-snapshot || echo "modprobe dm-snapshot failed"
 dm() { $DMSETUP "$@"; }
 
-# Minors: the origin 0, snapshot N at N+1, the merge 9.
-minor_of() { case $1 in o) echo 0 ;; m) echo 9 ;; s*) echo $((${1#s} + 1)) ;; esac; }
+# Minors: the origin 0, snapshot N at N+1, the merge 9, the image's pieces 10 and up.
+minor() {  # DEV: sets m
+  case $1 in o) m=0 ;; m) m=9 ;; lo) m=10 ;; lc*) m=$((${1#lc} + 11)) ;; s*) m=$((${1#s} + 1)) ;; esac
+}
+while read -r major name; do [ "$name" = device-mapper ] && dmmaj=$major; done < /proc/devices
 
-spec_of() {  # S: sets names, stores, chunks, reloads from S/spec
-  names=() stores=() chunks=() reloads=()
-  local n kind chunk reload
-  while read -r n kind chunk reload; do
-    names+=("$n") stores+=("$kind") chunks+=("$chunk") reloads+=("${reload:-$chunk}")
+spec_of() {  # S: the origin's and the snapshots' places in disk.img, and their stores
+  names=() stores=() chunks=() reloads=() starts=() lengths=()
+  local n kind chunk reload start length
+  while read -r n kind chunk reload start length; do
+    if [ "$n" = origin ]; then sectors=$length; continue; fi
+    names+=("$n") stores+=("$kind") chunks+=("$chunk") reloads+=("$reload")
+    starts+=("$start") lengths+=("$length")
   done < "$in/$1/spec"
+}
+
+pieces() {  # S FLAGS: linear devices S.lo and S.lcN over the loop device's pieces of disk.img
+  local i spec="$1.lo,,10,$2,0 $sectors linear $loop 0"
+  for i in "${!names[@]}"; do
+    spec+=";$1.lc$i,,$((i + 11)),$2,0 ${lengths[$i]} linear $loop ${starts[$i]}"
+  done
+  dm create --concise "$spec"
 }
 
 create() {  # S FLAGS RELOAD(0|1): the origin and every snapshot
   local s=$1 flags=$2 i spec chunk
-  spec="$s.o,,0,$flags,0 $sectors snapshot-origin ${loops[0]}"
+  spec="$s.o,,0,$flags,0 $sectors snapshot-origin $dmmaj:10"
   for i in "${!names[@]}"; do
     chunk=${chunks[$i]}
     [ "$3" = 1 ] && chunk=${reloads[$i]}
-    spec+=";$s.${names[$i]},,$(minor_of "${names[$i]}"),$flags,0 $sectors snapshot"
-    spec+=" ${loops[0]} ${loops[$((i + 1))]} ${stores[$i]} $chunk"
+    spec+=";$s.${names[$i]},,$((i + 1)),$flags,0 $sectors snapshot $dmmaj:10"
+    spec+=" $dmmaj:$((i + 11)) ${stores[$i]} $chunk"
   done
   dm create --concise "$spec"
   live=(o "${names[@]}")
@@ -57,22 +76,24 @@ remove() {  # S DEV...
   dm remove "${args[@]}"
 }
 
-dump() {  # S PREFIX: every live device
-  local d
-  for d in "${live[@]}"; do
-    if ! dd if="/dev/dm-$(minor_of "$d")" of="$2.$d" bs=64k iflag=direct status=none \
-        2> /dev/null; then
-      : > "$2.$d"; echo 1 > "$2.$d.rc"
+dump() {  # PREFIX DEV...: each read whole (PREFIX.DEV), or PREFIX.DEV.rc 1 if that fails
+  local d prefix=$1
+  shift
+  for d in "$@"; do
+    minor "$d"
+    if ! dd if="/dev/dm-$m" of="$prefix.$d" bs=64k iflag=direct status=none 2> /dev/null
+    then
+      : > "$prefix.$d"; echo 1 > "$prefix.$d.rc"
     fi
   done
 }
 
-merge() {  # S sN PREFIX
+merge() {  # S sN
   local s=$1 n=$2 i status keep=()
   remove "$s" o "$n"
-  for i in "${!names[@]}"; do [ "${names[$i]}" = "$n" ] && break; done
-  dm create --concise "$s.m,,9,,0 $sectors snapshot-merge ${loops[0]} \
-${loops[$((i + 1))]} ${stores[$i]} ${chunks[$i]}"
+  i=${n#s}
+  dm create --concise "$s.m,,9,,0 $sectors snapshot-merge $dmmaj:10 $dmmaj:$((i + 11)) \
+${stores[$i]} ${chunks[$i]}"
   for i in "${live[@]}"; do [ "$i" = o ] || [ "$i" = "$n" ] || keep+=("$i"); done
   live=(m "${keep[@]}")
   for ((i = 0; i < 100; i++)); do  # done when only the metadata is allocated
@@ -89,64 +110,59 @@ run_ops() {  # S OUTDIR
   local n=0 at op a b c d e
   while read -r op a b c d e; do
     n=$((n + 1))
-    at=$2/$(printf %03d $n)
+    printf -v at '%s/%03d' "$2" $n
     case $op in
-      w) dd if="$in/data.bin" of="/dev/dm-$(minor_of "$a")" bs="$d" skip=$((e / d)) \
-           seek=$((b / d)) count=$((c / d)) oflag=direct conv=notrunc status=none \
-           2> /dev/null
+      w) minor "$a"
+         dd if="$in/data.bin" of="/dev/dm-$m" bs="$d" skip=$((e / d)) seek=$((b / d)) \
+           count=$((c / d)) oflag=direct conv=notrunc status=none 2> /dev/null
          echo $? > "$at.rc" ;;
       status) dm status > "$at.status" ;;
       table) dm table > "$at.table" ;;
-      dump) dump "$1" "$at" ;;
+      dump) dump "$at" "${live[@]}" ;;
       cycle) dm suspend "$1.o"; dm resume "$1.o" ;;
       reload) remove "$1" "${live[@]}"; create "$1" "" 1; echo $? > "$at.rc" ;;
-      merge) merge "$1" "$a" "$at"; dm status > "$at.status" ;;
+      merge) merge "$1" "$a"; dm status > "$at.status" ;;
     esac
   done < "$in/$1/ops"
 }
 
-attach() {  # DIR [-r]: loops[] for origin.img, cow0.img...
-  local i
-  loops=("$(losetup -f --show ${2:-} "$1/origin.img")")
-  for i in "${!names[@]}"; do loops+=("$(losetup -f --show ${2:-} "$1/cow$i.img")"); done
-  sectors=$(blockdev --getsz "${loops[0]}")
-}
-
 for dir in "$in"/*/; do
-  s=$(basename "$dir")
+  s=${dir%/}; s=${s##*/}
   o=$out/$s
-  mkdir -p "$o" "/tmp/$s"
+  mkdir -p "$o/kernel"
   spec_of "$s"
-  cp "$dir"/init/*.img "/tmp/$s/"
-  attach "/tmp/$s"
+  cp "$dir/init/disk.img" /tmp/disk.img
+  loop=$(losetup -f --show /tmp/disk.img)
+  pieces "$s" ""
   # The origin is live, not suspended, when the snapshots are loaded and resumed.
   create "$s" "" 0
   echo $? > "$o/create.rc"
   run_ops "$s" "$o"
-  remove "$s" "${live[@]}"
-  losetup -d "${loops[@]}"
-  mv "/tmp/$s" "$o/kernel"
+  lcs=()
+  for i in "${!names[@]}"; do lcs+=("lc$i"); done
+  remove "$s" "${live[@]}" lo "${lcs[@]}"
+  losetup -d "$loop"
+  mv /tmp/disk.img "$o/kernel/disk.img"
   # minidisk's files, opened by the kernel (read-only: INPUT is).
-  attach "$dir/host" -r
+  loop=$(losetup -f --show -r "$dir/host/disk.img")
+  pieces "$s" ro
   create "$s" ro 0
   echo $? > "$o/host.rc"
   dm status > "$o/host.status"
   dm table > "$o/host.table"
-  dump "$s" "$o/host"
-  remove "$s" "${live[@]}"
-  losetup -d "${loops[@]}"
+  dump "$o/host" "${names[@]}"
+  remove "$s" "${live[@]}" lo "${lcs[@]}"
+  losetup -d "$loop"
 done
 
 mkdir -p "$out/refuse"
-truncate -s 256K /tmp/r.origin /tmp/r.cow /tmp/r.bad
-printf 'junkjunkjunkjunk' | dd of=/tmp/r.bad conv=notrunc status=none
+truncate -s 256K /tmp/r.origin /tmp/r.cow
 lo=$(losetup -f --show /tmp/r.origin)
 lc=$(losetup -f --show /tmp/r.cow)
-lb=$(losetup -f --show /tmp/r.bad)
 n=0
 while read -r line; do
   n=$((n + 1))
-  table=${line//ORIGIN/$lo}; table=${table//COW/$lc}; table=${table//BAD/$lb}
+  table=${line//ORIGIN/$lo}; table=${table//COW/$lc}
   echo "dm_formats refusal $n" > /dev/kmsg
   dm create refuse --table "0 512 $table" 2> /dev/null
   rc=$?
@@ -157,5 +173,5 @@ while read -r line; do
   fi
 done < "$in/refusals"
 echo "dm_formats refusal end" > /dev/kmsg
-losetup -d "$lo" "$lc" "$lb"
+losetup -d "$lo" "$lc"
 dm targets > "$out/targets"
