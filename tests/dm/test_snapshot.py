@@ -23,6 +23,7 @@ from minidisk.device.api import BlockDevice
 from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry
 from minidisk.dm.cowstore import EXCEPTION, HEADER, SNAP_MAGIC
+from minidisk.dm.table import TableError
 from minidisk.dm.targets.snapshot import Snapshot, SnapshotMerge
 
 K = 4096
@@ -402,4 +403,15 @@ def test_table_rules() -> None:
             await reg.load("u", f"0 {SECTORS} snapshot /dev/base /dev/cow0 P 8")
         with pytest.raises(ValueError, match="does not support snapshot-merge"):
             await reg.create("m", f"0 {SECTORS} snapshot-merge /dev/base /dev/cow0 N 8")
+    run(main())
+
+
+def test_a_store_with_a_bad_magic_is_refused_with_enxio() -> None:
+    async def main() -> None:
+        reg, ns = setup(64 << 10)
+        await write(ns.devices["/dev/cow0"], 0, b"junkjunkjunkjunk")
+        with pytest.raises(TableError, match="Failed to read snapshot metadata") as e:
+            await reg.create("s", f"0 {SECTORS} snapshot /dev/base /dev/cow0 P 8")
+        assert e.value.errno == errno.ENXIO
+        assert not reg.devices and not ns.holds  # nothing left behind
     run(main())
