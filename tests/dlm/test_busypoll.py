@@ -53,22 +53,6 @@ def test_budget_from_env_refuses(raw: str) -> None:
         busypoll.budget_from_env({busypoll.ENV: raw})
 
 
-async def _loop_passes(seconds: float) -> int:
-    """How many times the loop ran a callback of ours during `seconds` of sleeping."""
-    loop = asyncio.get_running_loop()
-    passes = 0
-    stop = time.perf_counter() + seconds
-
-    def count() -> None:
-        nonlocal passes
-        passes += 1
-
-    while time.perf_counter() < stop:
-        loop.call_soon(count)
-        await asyncio.sleep(0.001)
-    return passes
-
-
 def test_asyncio_poller_spins_for_its_budget_then_sleeps() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
