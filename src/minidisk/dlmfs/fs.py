@@ -407,6 +407,7 @@ class DlmFs(pyfuse3.Operations):
                            timeout: float | None) -> None:
         res = node.res
         res.busy = True
+        deadlocked = False
         try:
             lock = res.lock
             if trylock:
@@ -425,18 +426,19 @@ class DlmFs(pyfuse3.Operations):
                 granted = await lock.convert(level, blocking=not trylock, timeout=timeout,
                                              flags=flags)
         except DlmError as err:
-            if err.errno == errno.EDEADLK:
-                # The other converter's request makes ours give way (a notification), after
-                # which the caller asks again.
-                res.busy = False
-                res.changed()
-                with trio.move_on_after(math.inf if timeout is None else timeout):
-                    await res.wait()
-                return
-            raise _fuse_error(err) from None
+            if err.errno != errno.EDEADLK:
+                raise _fuse_error(err) from None
+            deadlocked = True
         finally:
             res.busy = False
             res.changed()
+        if deadlocked:
+            # The other converter's request makes ours give way (a notification), after which
+            # the caller asks again. Waited for here, not busy: `busy` may be another task's
+            # by the time this wait ends (clearing it then let a second lock be requested).
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await res.wait()
+            return
         if not granted:
             raise FUSEError(errno.ETXTBSY if trylock else errno.ETIMEDOUT)
         if node.unlinked:  # unlinked while we waited for the grant
