@@ -226,7 +226,9 @@ class Integrity(Target):
             try:
                 self.hash = internal_hash(self.hash_alg, self.hash_key)
             except FormatError as e:
-                raise TargetError(str(e)) from None
+                # crypto_alloc_shash of an unknown name fails with ENOENT
+                err = errno.ENOENT if str(e) == "Invalid internal hash" else errno.EINVAL
+                raise TargetError(str(e), err) from None
         if self.journal_mac is not None or self.journal_crypt is not None:
             raise TargetError("journal_mac and journal_crypt are not supported by "
                               "minidisk's integrity")
@@ -325,6 +327,8 @@ class Integrity(Target):
                 'need it, use the argument "legacy_recalculate"', errno.EOPNOTSUPP)
         self.sb, self.geo, self.provided = sb, geo, provided
         self.sb_area = sb.into(bytes(area))
+        if format_now and self.read_only:
+            raise TargetError("Error initializing journal")  # its writes fail
         if format_now:
             # init_journal, then the superblock (FUA): a crash between leaves zeroes, which
             # formats again.
@@ -377,7 +381,7 @@ class Integrity(Target):
     async def resume(self) -> None:
         if self.active:
             return
-        if self.mode != "R":
+        if not self.read_only:  # a read-only table writes nothing (R mode is read-only)
             await self._replay_check()
             if self.provided != self.sb.provided_data_sectors:
                 self.sb = replace(self.sb, provided_data_sectors=self.provided)
@@ -423,6 +427,8 @@ class Integrity(Target):
             return
         self.active = False
         await self._idle.wait()
+        if self.read_only:
+            return
         await flush_device(self.child)
         if self.mode == "B":
             sectors = len(self.bitmap) // SECTOR
