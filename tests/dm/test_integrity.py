@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import crc32c
 import pytest
+from tests.dm.dm_helpers import pattern, read, run, write
 
 from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry
@@ -23,7 +24,6 @@ from minidisk.dm.integrity_format import (
     xxh64,
 )
 from minidisk.dm.table import TableError
-from tests.dm.dm_helpers import pattern, read, run, write
 
 SECTOR = 512
 K = 4096
