@@ -32,6 +32,11 @@ def listener(directory: Path, delay: float = 0.0, term: str = "default") -> list
     return [sys.executable, "-c", LISTENER, str(directory / "l.sock"), str(delay), term]
 
 
+def started_in(directory: Path) -> list[harness.Process]:
+    """The live processes logging into `directory` (a test's own)."""
+    return [p for p in harness.live() if p.log.parent == directory]
+
+
 def test_ready_means_accepting_not_bound(short_tmp: Path) -> None:
     sock = short_tmp / "l.sock"
     process = harness.start(listener(short_tmp, delay=0.3), short_tmp / "l.log",
@@ -51,14 +56,14 @@ def test_a_process_that_exits_is_reported_with_its_log(short_tmp: Path) -> None:
                                   "sys.exit(3)"]
     with pytest.raises(harness.DidNotStart, match=r"exited with 3\nno such disk"):
         harness.start(argv, short_tmp / "x.log", lambda _: False)
-    assert harness.live() == []
+    assert not started_in(short_tmp)
 
 
 def test_one_never_ready_is_stopped_at_its_bound(short_tmp: Path) -> None:
     with pytest.raises(harness.DidNotStart, match="not ready in 0.2 s") as info:
         harness.start(listener(short_tmp), short_tmp / "l.log", lambda _: False, timeout=0.2)
     assert "starting" in str(info.value)
-    assert harness.live() == []
+    assert not started_in(short_tmp)
 
 
 def test_stop_kills_what_ignores_sigterm_and_reaps_it(short_tmp: Path) -> None:
@@ -85,5 +90,5 @@ def test_stop_all_ends_what_no_fixture_stopped(short_tmp: Path) -> None:
     sock = short_tmp / "l.sock"
     process = harness.start(listener(short_tmp), short_tmp / "l.log", harness.accepting(sock))
     harness.stop_all()
-    assert not process.alive() and harness.live() == []
+    assert not process.alive() and not started_in(short_tmp)
     assert subprocess.run(["kill", "-0", str(process.pid)], capture_output=True).returncode == 1
