@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 from minidisk.device.api import MAX_REQUEST, BlockSize, Caps
 from minidisk.dm.table import SECTOR
-from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, parse_uint
+from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError
 
 BLOCK = 16  # AES's block, and every IV's size here
 CHUNK = 1 << 20  # bytes of a request converted per call: bounds the integers and buffers
@@ -296,7 +296,9 @@ class Crypt(Target):
                 or int(args[2]) & ((1 << self.shift) - 1):
             raise TargetError("Invalid iv_offset sector")
         self.iv_offset = int(args[2])
-        self.start = parse_uint(args[4], "Invalid device sector")
+        if not args[4].isdigit() or int(args[4]) >= 2**64:
+            raise TargetError("Invalid device sector")
+        self.start = int(args[4])
         self.ref: DeviceRef = ctx.device(args[3], self.start)
         self.child = self.ref.device
         self.base = self.start * SECTOR
