@@ -36,6 +36,7 @@ class Formats:
     run: GuestRun
     inputs: Path
     prepared: dict[str, object]  # fragment name -> what its prepare() returned
+    fragments: list[str]  # those the guest ran (found before the boot)
 
     def out(self, fragment: str) -> Path:
         return self.run.results / fragment
@@ -49,9 +50,10 @@ def fragments() -> list[str]:
 def formats(boot: Boot, tmp_path_factory: pytest.TempPathFactory) -> Formats:
     inputs = tmp_path_factory.mktemp("dm-formats-input")
     prepared: dict[str, object] = {}
+    names = fragments()
     logging.disable(logging.ERROR)  # the snapshots' invalidations are expected here
     try:
-        for name in fragments():
+        for name in names:
             module = importlib.import_module(f"tests.vm.{FRAGMENT}{name}")
             prepare: Callable[[Path], object] = module.prepare
             prepared[name] = prepare(inputs / name)
@@ -59,14 +61,14 @@ def formats(boot: Boot, tmp_path_factory: pytest.TempPathFactory) -> Formats:
         logging.disable(logging.NOTSET)
     run = boot("dm-formats", guest_script("dm_formats.sh", str(inputs)),
                vng_args=[f"--rodir={inputs}"])
-    for name in fragments():
+    for name in names:
         status = run.results / name / "status"
         assert status.exists(), f"fragment {name} did not run\n{run.explain()}"
-    return Formats(run, inputs, prepared)
+    return Formats(run, inputs, prepared, names)
 
 
 def test_every_fragment_finished(formats: Formats) -> None:
-    for name in fragments():
+    for name in formats.fragments:
         out = formats.out(name)
         assert (out / "status").read_text().strip() == "0", (
             f"{name}: {(out / 'log').read_text()}\n{formats.run.explain()}")
@@ -74,7 +76,7 @@ def test_every_fragment_finished(formats: Formats) -> None:
 
 def test_guest_time_is_small(formats: Formats) -> None:
     """Each fragment's guest time, for the record (never a bound: the machine is shared)."""
-    for name in fragments():
+    for name in formats.fragments:
         seconds = float((formats.out(name) / "seconds").read_text())
         print(f"dm_formats_{name}: {seconds:.1f} s in the guest")
 
