@@ -8,6 +8,7 @@ The server is nbdkit's memory plugin for now. To test against minidisk's own ser
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +24,9 @@ from minidisk.kernel import mount, state
 from minidisk.kernel.commands import Helper, wait_until
 
 MakeExport = Callable[..., str]
+Cli = Callable[..., subprocess.CompletedProcess[str]]  # the `md` fixture
+StateOf = Callable[[str], state.Attachment]
+NothingLeft = Callable[[state.Attachment], None]
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +102,25 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         raise AssertionError(f"minidisk {' '.join(args)} failed ({done.returncode}): "
                              f"{done.stderr}")
     return done
+
+
+def read_digests(directory: Path, names: list[str]) -> dict[str, str]:
+    """name -> sha256 of the files `names` in `directory`."""
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in names}
+
+
+def reattached_digests(md: Cli, uri: str, mountpoint: Path, names: list[str],
+                       state_of: StateOf, nothing_left: NothingLeft) -> dict[str, str]:
+    """Attach `uri` afresh, mount it read-only and read back the digests of `names` (bytes
+    that were only in some cache are gone by now); detached afterwards, nothing left."""
+    device = md("attach", uri).stdout.strip()
+    attachment = state_of(device)
+    mount.mount(device, mountpoint, read_only=True)
+    digests = read_digests(mountpoint, names)
+    mount.umount(mountpoint)
+    md("detach", device)
+    nothing_left(attachment)
+    return digests
 
 
 def load_state(state_dir: Path, device: str) -> state.Attachment:

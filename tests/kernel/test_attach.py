@@ -9,12 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.kernel.conftest import Cli, NothingLeft, StateOf, reattached_digests
 
-from minidisk.kernel import mount, state
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-StateOf = Callable[[str], state.Attachment]
-NothingLeft = Callable[[state.Attachment], None]
+from minidisk.kernel import mount
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180),
               pytest.mark.usefixtures("cleanup_attachments")]
@@ -34,10 +31,6 @@ def write_files(directory: Path, total_mib: int) -> dict[str, str]:
         written += size
         n += 1
     return digests
-
-
-def read_digests(directory: Path, names: list[str]) -> dict[str, str]:
-    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in names}
 
 
 @pytest.mark.slow
@@ -62,14 +55,9 @@ def test_ext4_lifecycle(md: Cli, nbd_uri: str, mountpoint: Path, state_of: State
     md("detach", device)
     nothing_left(attachment)
 
-    # The data is on the server, not in some cache: attach again and read it back.
-    device = md("attach", nbd_uri).stdout.strip()
-    again = state_of(device)
-    mount.mount(device, mountpoint, read_only=True)
-    assert read_digests(mountpoint, list(digests)) == digests
-    mount.umount(mountpoint)
-    md("detach", device)
-    nothing_left(again)
+    # The data is on the server, not in some cache.
+    assert reattached_digests(md, nbd_uri, mountpoint, list(digests), state_of,
+                              nothing_left) == digests
 
 
 def test_read_only_refuses_writes(md: Cli, nbd_uri: str, state_of: StateOf,

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests import harness
+from tests.kernel.conftest import (
+    Cli,
+    NothingLeft,
+    StateOf,
+    read_digests,
+    reattached_digests,
+)
 
-from minidisk.kernel import mount, state
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-StateOf = Callable[[str], state.Attachment]
-NothingLeft = Callable[[state.Attachment], None]
+from minidisk.kernel import mount
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.usefixtures("cleanup_attachments")]
@@ -58,10 +60,6 @@ def _files(directory: Path, prefix: str, count: int) -> dict[str, str]:
     return digests
 
 
-def _digests(directory: Path, names: list[str]) -> dict[str, str]:
-    return {n: hashlib.sha256((directory / n).read_bytes()).hexdigest() for n in names}
-
-
 def test_ext4_on_a_striped_device_survives_a_reload(
         md: Cli, dm_server: str, mountpoint: Path, state_of: StateOf,
         nothing_left: NothingLeft) -> None:
@@ -86,7 +84,7 @@ def test_ext4_on_a_striped_device_survives_a_reload(
     assert dmsetup("table", "s").count("striped") == 2
     digests |= _files(mountpoint, "after", 8)
     os.sync()
-    assert _digests(mountpoint, list(digests)) == digests
+    assert read_digests(mountpoint, list(digests)) == digests
     mount.umount(mountpoint)
     result = mount.fsck(device, force=True)
     assert result.returncode == 0, result.output
@@ -96,11 +94,6 @@ def test_ext4_on_a_striped_device_survives_a_reload(
     md("detach", device)
     nothing_left(attachment)
 
-    # The bytes are in the host files behind the table, not in a cache: attach again.
-    device = md("attach", uri).stdout.strip()
-    again = state_of(device)
-    mount.mount(device, mountpoint, read_only=True)
-    assert _digests(mountpoint, list(digests)) == digests
-    mount.umount(mountpoint)
-    md("detach", device)
-    nothing_left(again)
+    # The bytes are in the host files behind the table, not in a cache.
+    assert reattached_digests(md, uri, mountpoint, list(digests), state_of,
+                              nothing_left) == digests

@@ -7,10 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.kernel.conftest import Cli
 
 from minidisk.kernel import mount
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120),
               pytest.mark.usefixtures("cleanup_attachments")]
