@@ -32,9 +32,12 @@ in=$1 out=$2
 modprobe dm-snapshot || echo "modprobe dm-snapshot failed"
 dm() { $DMSETUP "$@"; }
 
-# Minors: the origin 0, snapshot N at N+1, the merge 9, the image's pieces 10 and up.
+# Minors from 200 (other fragments' devices take the lowest free ones): the origin 200,
+# snapshot N 201+N, the merge 209, the image's pieces 210 and up.
 minor() {  # DEV: sets m
-  case $1 in o) m=0 ;; m) m=9 ;; lo) m=10 ;; lc*) m=$((${1#lc} + 11)) ;; s*) m=$((${1#s} + 1)) ;; esac
+  case $1 in
+    o) m=200 ;; m) m=209 ;; lo) m=210 ;; lc*) m=$((${1#lc} + 211)) ;; s*) m=$((${1#s} + 201)) ;;
+  esac
 }
 while read -r major name; do [ "$name" = device-mapper ] && dmmaj=$major; done < /proc/devices
 
@@ -49,21 +52,21 @@ spec_of() {  # S: the origin's and the snapshots' places in disk.img, and their 
 }
 
 pieces() {  # S FLAGS: linear devices S.lo and S.lcN over the loop device's pieces of disk.img
-  local i spec="$1.lo,,10,$2,0 $sectors linear $loop 0"
+  local i spec="$1.lo,,210,$2,0 $sectors linear $loop 0"
   for i in "${!names[@]}"; do
-    spec+=";$1.lc$i,,$((i + 11)),$2,0 ${lengths[$i]} linear $loop ${starts[$i]}"
+    spec+=";$1.lc$i,,$((i + 211)),$2,0 ${lengths[$i]} linear $loop ${starts[$i]}"
   done
   dm create --concise "$spec"
 }
 
 create() {  # S FLAGS RELOAD(0|1): the origin and every snapshot
   local s=$1 flags=$2 i spec chunk
-  spec="$s.o,,0,$flags,0 $sectors snapshot-origin $dmmaj:10"
+  spec="$s.o,,200,$flags,0 $sectors snapshot-origin $dmmaj:210"
   for i in "${!names[@]}"; do
     chunk=${chunks[$i]}
     [ "$3" = 1 ] && chunk=${reloads[$i]}
-    spec+=";$s.${names[$i]},,$((i + 1)),$flags,0 $sectors snapshot $dmmaj:10"
-    spec+=" $dmmaj:$((i + 11)) ${stores[$i]} $chunk"
+    spec+=";$s.${names[$i]},,$((i + 201)),$flags,0 $sectors snapshot $dmmaj:210"
+    spec+=" $dmmaj:$((i + 211)) ${stores[$i]} $chunk"
   done
   dm create --concise "$spec"
   live=(o "${names[@]}")
@@ -92,7 +95,7 @@ merge() {  # S sN
   local s=$1 n=$2 i status keep=()
   remove "$s" o "$n"
   i=${n#s}
-  dm create --concise "$s.m,,9,,0 $sectors snapshot-merge $dmmaj:10 $dmmaj:$((i + 11)) \
+  dm create --concise "$s.m,,209,,0 $sectors snapshot-merge $dmmaj:210 $dmmaj:$((i + 211)) \
 ${stores[$i]} ${chunks[$i]}"
   for i in "${live[@]}"; do [ "$i" = o ] || [ "$i" = "$n" ] || keep+=("$i"); done
   live=(m "${keep[@]}")
@@ -175,3 +178,4 @@ done < "$in/refusals"
 echo "dm_formats refusal end" > /dev/kmsg
 losetup -d "$lo" "$lc"
 dm targets > "$out/targets"
+exit 0  # ran to the end: the rows say the rest
