@@ -491,7 +491,10 @@ class ThinPool(Target):
                    "discard_passdown" if pool.discard_passdown else "no_discard_passdown")
         space = "error_if_no_space" if pool.error_if_no_space else "queue_if_no_space"
         meta_total = md.meta.nr_blocks
-        return (f"{md.sb.trans_id} {md.meta.nr_allocated}/{meta_total} "
+        # 6.1 keeps min(4096, a tenth) of the metadata blocks in reserve and counts them
+        # as used (dm_pool_get_free_metadata_block_count's metadata_reserve).
+        meta_used = min(meta_total, md.meta.nr_allocated + min(4096, meta_total // 10))
+        return (f"{md.sb.trans_id} {meta_used}/{meta_total} "
                 f"{md.data.nr_allocated}/{md.data.nr_blocks} {held} {pool.mode} {discard} "
                 f"{space} {'needs_check' if md.needs_check else '-'} "
                 f"{min(1024, metadata_blocks(pool.metadata_dev) // 4)} ")
