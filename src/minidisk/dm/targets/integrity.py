@@ -140,7 +140,8 @@ class Integrity(Target):
         self.geo = Geometry(self.sb, self.start, self.ref.sectors)
         self.provided = 0
         self.active = False
-        self._writes = 0
+        self._writes = 0  # in flight
+        self._started = 0  # ever begun
         self._idle = asyncio.Event()
         self._idle.set()
         self._bitmap_lock = asyncio.Lock()
@@ -541,6 +542,7 @@ class Integrity(Target):
             raise OSError(errno.EIO, "integrity in recovery mode refuses writes")
         first, sectors = self._check_request(offset, len(buf))
         self._writes += 1
+        self._started += 1
         self._idle.clear()
         try:
             if self.mode == "B":
@@ -561,6 +563,7 @@ class Integrity(Target):
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         first, sectors = self._check_request(offset, length)
         self._writes += 1
+        self._started += 1
         self._idle.clear()
         try:
             if self.mode == "B":
@@ -578,11 +581,16 @@ class Integrity(Target):
                 self._idle.set()
 
     async def flush(self) -> None:
+        started, busy = self._started, self._writes
         await flush_device(self.child)
-        if self.mode == "B" and self.active and not self._writes and any(self.bitmap):
+        if self.mode == "B" and self.active and any(self.bitmap):
             # What the kernel's bitmap_flush_work does on its timer: once data and tags
-            # are on the disk, no region is dirty.
+            # are on the disk, no region is dirty. Only if no write was in flight or began
+            # since the flush started (a write counts itself before it looks at its bits,
+            # and they are cleared with no wait after this test).
             async with self._bitmap_lock:
+                if busy or self._writes or self._started != started:
+                    return
                 self.bitmap[:] = bytes(len(self.bitmap))
                 await self._write_bitmap()
 
