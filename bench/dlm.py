@@ -2,12 +2,16 @@
 """Speed of the lock manager (issue 5, "Speed"): lock+unlock rate, handoff latency between two
 processes and contended throughput with 1, 2, 4 and 8 clients, through the Python API (on
 asyncio and on trio) and through dlmfs, next to flock(2) on a local file and PostgreSQL
-advisory locks.
+advisory locks. dlmfs three ways in the same run: its cached path (a mount is a node; the
+handoff goes between two mounts), `--exclusive` (processes of one mount exclude each other)
+and the per-process dlmfs of before the cache (its own lock manager, from OLD_DLMFS).
 
     .venv/bin/python bench/dlm.py                  # 3 s per sample, median of 3
     .venv/bin/python bench/dlm.py --quick          # 1 s per sample
     .venv/bin/python bench/dlm.py --only api-asyncio,dlmfs --rows 1
     .venv/bin/python bench/dlm.py --snapshot HEAD~3  # the lock manager from a commit
+    .venv/bin/python bench/dlm.py --only api-asyncio,dlmfs,dlmfs-exclusive,dlmfs-old \
+        --rows 1,handoff                           # dlmfs's cache against the lock manager
 
 Every sample runs in fresh worker processes (this script run as `_worker`), which wait for a
 common start time on CLOCK_MONOTONIC, loop until a common stop time and report what they did.
@@ -39,7 +43,11 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-COLUMNS = ["api-asyncio", "api-trio", "dlmfs", "flock", "postgres"]
+COLUMNS = ["api-asyncio", "api-trio", "dlmfs", "dlmfs-exclusive", "dlmfs-old", "flock",
+           "postgres"]
+# dlmfs as it was before a mount became a node (409e59c): one lock manager lock per open file
+# description, taken at open and released at close.
+OLD_DLMFS = "409e59c^"
 CLIENTS = [1, 2, 4, 8]
 HOLD_S = 0.002      # handoff: how long a holder keeps the lock (the other one queues meanwhile)
 REQUEUE_S = 0.0005  # handoff: pause after a release before asking again (flock is not fair)
@@ -60,7 +68,11 @@ def _ready() -> tuple[float, float]:
     delay = start - time.monotonic()
     if delay > 0:
         time.sleep(delay)
+    _cpu_at_start[0] = time.process_time()
     return start, stop
+
+
+_cpu_at_start = [0.0]  # the worker's CPU time when its loop began
 
 
 class _Pg:
@@ -94,7 +106,7 @@ class _Pg:
 def _locker(kind: str, target: str) -> tuple[Callable[[], None], Callable[[], None],
                                              Callable[[], None]]:
     """(lock, unlock, close) for the blocking kinds."""
-    if kind == "dlmfs":
+    if kind.startswith("dlmfs"):
         fds: list[int] = []
 
         def lock() -> None:
@@ -180,7 +192,8 @@ def worker_main(argv: list[str]) -> None:
         result = anyio.run(_worker_api, test, target, backend=kind.removeprefix("api-"))
     else:
         result = _worker_sync(kind, test, target)
-    print(json.dumps(result), flush=True)
+    print(json.dumps({"result": result, "cpu": time.process_time() - _cpu_at_start[0]}),
+          flush=True)
 
 
 # -- running samples -------------------------------------------------------------------------
@@ -190,14 +203,24 @@ class Bench:
         self.env = env
         self.seconds = seconds
         self.targets: dict[str, str] = {}
+        # The two handoff workers' targets where they differ (dlmfs: one mount each, since
+        # two processes of one mount share its cached lock).
+        self.handoff_targets: dict[str, tuple[str, str]] = {}
         self.per_worker: list[dict[str, Any]] = []  # each rate sample's cycles per worker
         self.cpu_us_per_cycle: dict[tuple[str, int], list[float]] = {}
+        # The CPU of the column's own processes (workers in their loop, lock manager, mounts):
+        # unlike the machine's, not inflated by whatever else runs.
+        self.own_cpu_us_per_cycle: dict[tuple[str, int], list[float]] = {}
+        self.services: dict[str, tuple[str, ...]] = {}  # column -> SERVICES names
+        self.worker_cpu_s = 0.0
 
-    def _run_workers(self, kind: str, test: str, count: int) -> list[Any]:
-        procs = [subprocess.Popen([PYTHON, __file__, "_worker", kind, test, self.targets[kind]],
+    def _run_workers(self, kind: str, test: str, count: int,
+                     targets: tuple[str, ...] | None = None) -> list[Any]:
+        procs = [subprocess.Popen([PYTHON, __file__, "_worker", kind, test,
+                                   targets[i] if targets else self.targets[kind]],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=self.env)
-                 for _ in range(count)]
+                 for i in range(count)]
         try:
             for proc in procs:  # every worker set up before anyone starts
                 assert proc.stdout is not None
@@ -211,11 +234,14 @@ class Bench:
                 proc.stdin.write(f"{start!r} {stop!r}\n")
                 proc.stdin.flush()
             results = []
+            self.worker_cpu_s = 0.0
             for proc in procs:
                 out, _ = proc.communicate(timeout=self.seconds + 60)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{kind} {test} worker failed ({proc.returncode})")
-                results.append(json.loads(out.strip().splitlines()[-1]))
+                report = json.loads(out.strip().splitlines()[-1])
+                results.append(report["result"])
+                self.worker_cpu_s += report["cpu"]
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -227,17 +253,24 @@ class Bench:
 
     def rate(self, kind: str, clients: int) -> float:
         busy = cpu_busy_s()
+        services = [SERVICES[name] for name in self.services.get(kind, ())]
+        own = sum(map(process_cpu_s, services))
         counts = self._run_workers(kind, "rate", clients)
         busy = cpu_busy_s() - busy  # includes start-up and tear-down of the workers
+        own = sum(map(process_cpu_s, services)) - own + self.worker_cpu_s
         if sum(counts):
             self.cpu_us_per_cycle.setdefault((kind, clients), []).append(
                 busy / sum(counts) * 1e6)
+            self.own_cpu_us_per_cycle.setdefault((kind, clients), []).append(
+                own / sum(counts) * 1e6)
         self.per_worker.append({"kind": kind, "clients": clients, "counts": counts})
-        return sum(counts) / self.seconds
+        return float(sum(counts)) / self.seconds
 
     def handoff_us(self, kind: str) -> float | None:
         spans = [(g, r, who) for who, result in
-                 enumerate(self._run_workers(kind, "handoff", 2)) for g, r in result]
+                 enumerate(self._run_workers(kind, "handoff", 2,
+                                             self.handoff_targets.get(kind)))
+                 for g, r in result]
         spans.sort()
         gaps = [(b[0] - a[1]) * 1e6 for a, b in itertools.pairwise(spans)
                 if a[2] != b[2]]
@@ -273,11 +306,22 @@ def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+SERVICES: dict[str, int] = {}  # lock managers and mounts by name: their pids
+
+
 @contextmanager
-def dlm_server(tmp: Path, env: dict[str, str]) -> Iterator[str]:
-    path = tmp / "dlm.sock"
+def dlm_server(tmp: Path, env: dict[str, str], name: str = "dlm") -> Iterator[str]:
+    path = tmp / f"{name}.sock"
     proc = subprocess.Popen([PYTHON, "-m", "minidisk", "dlm", "serve", f"unix://{path}"],
                             stdout=subprocess.PIPE, text=True, env=env)
+    SERVICES[name] = proc.pid
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -289,20 +333,25 @@ def dlm_server(tmp: Path, env: dict[str, str]) -> Iterator[str]:
 
 
 @contextmanager
-def dlmfs_mount(tmp: Path, url: str, env: dict[str, str]) -> Iterator[Path]:
-    mnt = tmp / "mnt"
+def dlmfs_mount(tmp: Path, url: str, env: dict[str, str], name: str = "mnt",
+                domain: str = "bench", *options: str) -> Iterator[Path]:
+    """A dlmfs mount on TMP/NAME and its lock file DOMAIN/lk. Columns sharing a lock manager
+    use domains of their own: a lock cached by one column's mount would otherwise be handed
+    to and fro with another's."""
+    mnt = tmp / name
     mnt.mkdir()
-    proc = subprocess.Popen([PYTHON, "-m", "minidisk", "dlmfs", str(mnt), "--server", url],
-                            env=env)
+    proc = subprocess.Popen([PYTHON, "-m", "minidisk", "dlmfs", str(mnt), "--server", url,
+                             *options], env=env)
+    SERVICES[name] = proc.pid
     try:
         deadline = time.monotonic() + 20
         while not os.path.ismount(mnt):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("dlmfs did not mount")
             time.sleep(0.05)
-        (mnt / "bench").mkdir()
-        os.close(os.open(mnt / "bench" / "lk", os.O_CREAT | os.O_RDONLY, 0o644))
-        yield mnt / "bench" / "lk"
+        (mnt / domain).mkdir()
+        os.close(os.open(mnt / domain / "lk", os.O_CREAT | os.O_RDONLY, 0o644))
+        yield mnt / domain / "lk"
     finally:
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
@@ -364,11 +413,12 @@ def postgres_server(tmp: Path) -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def snapshot_env(tmp: Path, rev: str | None) -> tuple[dict[str, str], str]:
+def snapshot_env(tmp: Path, rev: str | None, name: str = "snapshot"
+                 ) -> tuple[dict[str, str], str]:
     env = dict(os.environ)
     if rev is None:
         return env, "working tree"
-    dest = tmp / "snapshot"
+    dest = tmp / name
     dest.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], check=True,
                              capture_output=True).stdout
@@ -430,11 +480,30 @@ def main() -> int:
         code = f"{code}, busy poll {polling} µs"
         print(f"code: {code}; {seconds:g} s per sample, median of {args.repeat}", flush=True)
         bench = Bench(env, seconds)
-        if any(c.startswith("api-") or c == "dlmfs" for c in columns):
+        if any(c.startswith("api-") or c in ("dlmfs", "dlmfs-exclusive") for c in columns):
             url = stack.enter_context(dlm_server(tmp, env))
             bench.targets["api-asyncio"] = bench.targets["api-trio"] = url
+            bench.services.update({"api-asyncio": ("dlm",), "api-trio": ("dlm",),
+                                   "dlmfs": ("dlm", "mnt", "mnt-b"),
+                                   "dlmfs-exclusive": ("dlm", "mnt-x")})
             if "dlmfs" in columns:
-                bench.targets["dlmfs"] = str(stack.enter_context(dlmfs_mount(tmp, url, env)))
+                bench.targets["dlmfs"] = str(stack.enter_context(
+                    dlmfs_mount(tmp, url, env, "mnt", "bench-fs")))
+                other = str(stack.enter_context(dlmfs_mount(tmp, url, env, "mnt-b", "bench-fs")))
+                bench.handoff_targets["dlmfs"] = (bench.targets["dlmfs"], other)
+            if "dlmfs-exclusive" in columns:
+                bench.targets["dlmfs-exclusive"] = str(stack.enter_context(
+                    dlmfs_mount(tmp, url, env, "mnt-x", "bench-x", "--exclusive")))
+        if "dlmfs-old" in columns:
+            # Its own lock manager too: the protocol has changed since.
+            old_env, old_code = snapshot_env(tmp, OLD_DLMFS, "old-dlmfs")
+            if args.busy_poll_us is not None:
+                old_env["MINIDISK_DLM_BUSY_POLL_US"] = args.busy_poll_us
+            old_url = stack.enter_context(dlm_server(tmp, old_env, "old-dlm"))
+            bench.targets["dlmfs-old"] = str(stack.enter_context(
+                dlmfs_mount(tmp, old_url, old_env, "mnt-old")))
+            bench.services["dlmfs-old"] = ("old-dlm", "mnt-old")
+            notes.append(f"dlmfs-old: dlmfs and its lock manager from {old_code}")
         if "flock" in columns:
             bench.targets["flock"] = str(tmp / "flock.lk")
         if "postgres" in columns:
@@ -485,6 +554,11 @@ def main() -> int:
         print("| machine CPU µs per lock+unlock, 1 client | " + " | ".join(
             fmt(statistics.median(v), 1) if (v := bench.cpu_us_per_cycle.get((c, 1))) else "-"
             for c in columns) + " |")
+        print("| CPU µs per lock+unlock of the column's processes (client, lock manager, "
+              "mounts), 1 client | " + " | ".join(
+                  fmt(statistics.median(v), 1)
+                  if (v := bench.own_cpu_us_per_cycle.get((c, 1))) else "-"
+                  for c in columns) + " |")
     if "handoff" in rows:
         print("| handoff latency µs (median) | " + " | ".join(
             fmt(median(c, "handoff"), 1) for c in columns) + " |")
@@ -515,6 +589,9 @@ def main() -> int:
                                "samples": samples, "per_worker": bench.per_worker,
                                "cpu_us_per_cycle": {f"{k} {n}": v for (k, n), v in
                                                     bench.cpu_us_per_cycle.items()},
+                               "own_cpu_us_per_cycle": {
+                                   f"{k} {n}": v
+                                   for (k, n), v in bench.own_cpu_us_per_cycle.items()},
                                "notes": notes, "loads": loads,
                                "uptime": [started_uptime, ended_uptime]}, indent=1))
     print(f"- samples: {out.relative_to(REPO)}")
