@@ -23,7 +23,7 @@ from minidisk.device.api import (
 )
 
 PAGE = 32 * 1024
-_ZERO_PAGE = bytes(PAGE)
+_ZERO_PAGE = memoryview(bytes(PAGE))  # a view: slicing it copies nothing
 
 
 class MemoryDevice(BlockDevice):
@@ -54,7 +54,16 @@ class MemoryDevice(BlockDevice):
         if self._pages.pop(n, None) is not None:
             del self._index[bisect.bisect_left(self._index, n)]
 
+    # Each operation first tries a request inside one page (every small request): one copy
+    # and no loop.
+
     async def pread(self, buf: memoryview, offset: int) -> None:
+        n, start = divmod(offset, PAGE)
+        stop = start + len(buf)
+        if stop <= PAGE:
+            page = self._pages.get(n)
+            buf[:] = _ZERO_PAGE[:stop - start] if page is None else memoryview(page)[start:stop]
+            return
         pages = self._pages
         pos, end = 0, len(buf)
         while pos < end:
@@ -71,6 +80,14 @@ class MemoryDevice(BlockDevice):
 
     async def pread_sparse(self, buf: memoryview, offset: int) -> list[tuple[int, int]]:
         """One pass: copy allocated pages, report missing ones as holes (merged)."""
+        n, start = divmod(offset, PAGE)
+        stop = start + len(buf)
+        if stop <= PAGE:
+            page = self._pages.get(n)
+            if page is None:
+                return [(offset, stop - start)] if stop > start else []
+            buf[:] = memoryview(page)[start:stop]
+            return []
         pages = self._pages
         holes: list[tuple[int, int]] = []
         pos, end = 0, len(buf)
@@ -91,6 +108,12 @@ class MemoryDevice(BlockDevice):
         return holes
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        n, start = divmod(offset, PAGE)
+        stop = start + len(buf)
+        if stop <= PAGE:
+            if stop > start:  # a write of nothing allocates no page
+                memoryview(self._page(n))[start:stop] = buf
+            return
         pos, end = 0, len(buf)
         while pos < end:
             n, start = divmod(offset + pos, PAGE)
@@ -128,7 +151,7 @@ class MemoryDevice(BlockDevice):
                 self._drop(n)
                 continue
             page = self._pages[n]
-            page[start:stop] = _ZERO_PAGE[:stop - start]
+            memoryview(page)[start:stop] = _ZERO_PAGE[:stop - start]
             if page.count(0) == PAGE:
                 self._drop(n)
 

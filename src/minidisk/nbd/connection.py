@@ -1,26 +1,23 @@
 """One NBD connection: an asyncio `BufferedProtocol` over the sans-I/O protocol modules.
 
-The handshake's decisions are negotiation.py's, the request checks checks.py's, the reply
-bytes protocol.py's and their way out reply_writer.py's; here requests are read and
-dispatched and bounds kept (research/python-stack.md §2): all request headers of a wakeup
-parsed from one receive buffer, WRITE payloads received straight into their own buffer
-(large ones reused from the connection's pool, buffers.py), one coroutine per request
-stepped inline until it waits (inline.py), and back-pressure instead of errors: reading
-pauses under write back-pressure, at MAX_INFLIGHT requests, or while the next payload does
-not fit the connection's or the server's budget (budget.py). Requests are checked before
-their buffers are allocated; a refused WRITE's payload is read into a shared buffer and
-dropped.
+The handshake is handshake_driver.py's (its decisions negotiation.py's), the request checks
+checks.py's, the reply bytes protocol.py's and their way out reply_writer.py's; here
+requests are read and dispatched and bounds kept (research/python-stack.md §2): all
+request headers of a wakeup parsed from one receive buffer, WRITE payloads received
+straight into their own buffer (large ones reused from the connection's pool, buffers.py),
+one coroutine per request stepped inline until it waits (inline.py), and back-pressure
+instead of errors: reading pauses under write back-pressure, at MAX_INFLIGHT requests, or
+while the next payload does not fit the connection's or the server's budget (budget.py).
+Requests are checked before their buffers are allocated; a refused WRITE's payload is
+read into a shared buffer and dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
-import ssl
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from minidisk import busypoll
 from minidisk.device.api import MAX_REQUEST, BlockDevice
@@ -29,11 +26,12 @@ from minidisk.nbd.budget import fits, payload_charge
 from minidisk.nbd.buffers import BufferPool, loop_limit
 from minidisk.nbd.checks import MAX_DRAIN, MAX_PAYLOAD, check_request
 from minidisk.nbd.exports import Identity, OpenedExport
+from minidisk.nbd.handshake_driver import HandshakeDriver
 from minidisk.nbd.inline import run_inline
 from minidisk.nbd.listen import drop_dead_peers, peer_identity
-from minidisk.nbd.negotiation import Action, Negotiation, Outcome, Session
+from minidisk.nbd.negotiation import Negotiation, TransmissionTerms
 from minidisk.nbd.reply_writer import ReplyWriter, tune_send_buffer
-from minidisk.nbd.tls import peer_subject
+from minidisk.nbd.transport import Transport
 
 if TYPE_CHECKING:
     from minidisk.nbd.server import NBDServer
@@ -50,11 +48,24 @@ MAX_INFLIGHT = 128
 # not reading, stops. Without it one 256 KiB receive buffer of 32 MiB READ headers made
 # the server queue gigabytes of replies for a client that never reads them.
 MAX_QUEUED_OUT = 16 * 1024 * 1024
-HANDSHAKE_QUEUED_OUT = 64 * 1024  # the same for option replies
+
+
+def plain_io(device: BlockDevice, writable: bool, cmd: int, flags: int, offset: int,
+             length: int) -> bool:
+    """Whether this is a READ or WRITE without flags that check_request accepts: the
+    common request, checked here in a few operations (check_request was a tenth of the
+    server's CPU on 4 KiB writes). Anything else goes to check_request, which decides, so
+    this may say yes only where it would (tests/nbd/test_plain_io.py)."""
+    if flags or not (cmd == p.CMD_READ or (cmd == p.CMD_WRITE and writable)):
+        return False
+    bs = device.block_size
+    return (offset + length <= device.size
+            and not (offset | length) & (bs.minimum - 1)
+            and length <= (bs.maximum if bs.maximum < MAX_REQUEST else MAX_PAYLOAD))
 
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: NBDServer, transport_kind: str) -> None:
+    def __init__(self, server: NBDServer, transport_kind: Transport) -> None:
         self.server = server
         self.kind = transport_kind
         self.loop = asyncio.get_running_loop()
@@ -64,9 +75,8 @@ class Connection(asyncio.BufferedProtocol):
         self.replies = ReplyWriter(self.loop, self.pool, self._give, self._watch_progress)
         self.replies.poller = server.poller
         self.transport: asyncio.Transport | None = None
-        self.negotiation: Negotiation | None = None
-        self.handshake = p.HandshakeReader()
-        self.session: Session | None = None
+        self.handshake: HandshakeDriver | None = None  # from connection_made on
+        self.session: TransmissionTerms | None = None
         self.export: OpenedExport | None = None
         self.device: BlockDevice | None = None
         self.rx = bytearray(HANDSHAKE_RX)
@@ -86,8 +96,6 @@ class Connection(asyncio.BufferedProtocol):
         self.reading_paused = False
         self.writable = False  # the export takes writes (the READ/WRITE fast check)
         self.parse_deferred = False  # requests left in rx until the client reads replies
-        self.options_deferred = False  # the same for options
-        self.busy = False  # STARTTLS or a control command in progress
         self.disconnecting = False
         self.shutting_down = False
         self.closed = asyncio.Event()
@@ -103,7 +111,7 @@ class Connection(asyncio.BufferedProtocol):
     @property
     def identity(self) -> Identity | None:
         """The peer as proven so far (updated when TLS starts)."""
-        return self.negotiation.identity if self.negotiation is not None else None
+        return self.handshake.identity if self.handshake is not None else None
 
     # -- connection lifecycle --
 
@@ -122,20 +130,21 @@ class Connection(asyncio.BufferedProtocol):
                 drop_dead_peers(sock, srv.peer_timeout)
         if srv.handshake_timeout:
             self.handshake_deadline = self.loop.call_later(
-                srv.handshake_timeout, self._abort,
+                srv.handshake_timeout, self.abort,
                 f"no handshake within {srv.handshake_timeout:g} s")
-        self.negotiation = Negotiation(
+        negotiation = Negotiation(
             srv.exports, identity, srv.policy, srv.tls_mode, srv.read_only,
             control_allowed=srv.offers_control(identity),
         )
-        self.negotiation.shutting_down = srv.shutting_down
+        negotiation.shutting_down = srv.shutting_down
+        self.handshake = HandshakeDriver(self, negotiation)
         srv.connections.add(self)
         log.debug("connection from %s", identity)
         self.replies.send(p.greeting())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._handshake_done()
+        self.handshake_done()
         if self.stall_check is not None:
             self.stall_check.cancel()
         if self.payload is not None:  # a WRITE whose payload never came in full
@@ -154,17 +163,19 @@ class Connection(asyncio.BufferedProtocol):
         if exc is not None:
             log.debug("connection lost: %s", exc)
 
-    def _close(self) -> None:
+    def hang_up(self) -> None:
+        """Close after the replies queued so far."""
         if self.transport is not None:
             self.replies.flush()
             self.transport.close()
 
-    def _handshake_done(self) -> None:
+    def handshake_done(self) -> None:
+        """No handshake deadline any more: transmission or a control command began."""
         if self.handshake_deadline is not None:
             self.handshake_deadline.cancel()
             self.handshake_deadline = None
 
-    def _abort(self, reason: str) -> None:
+    def abort(self, reason: str) -> None:
         log.warning("dropping connection: %s", reason)
         if self.transport is not None:
             self.transport.abort()
@@ -173,17 +184,16 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.replies.pause()
-        self._update_reading()
+        self.update_reading()
 
     def resume_writing(self) -> None:
         self.progress = self.loop.time()
         self.replies.resume()
         if self.parse_deferred:  # parse what is left before reading more
             self.loop.call_soon(self._continue_parsing)
-        if self.options_deferred:
-            self.options_deferred = False
-            self.loop.call_soon(self._resume_options)
-        self._update_reading()
+        if self.handshake is not None:
+            self.handshake.writable()
+        self.update_reading()
 
     def budget_freed(self) -> None:
         if self.budget_blocked:
@@ -201,13 +211,13 @@ class Connection(asyncio.BufferedProtocol):
         except p.ProtocolError as e:
             log.warning("dropping connection: %s", e)
             self.disconnecting = True
-            self._close()
+            self.hang_up()
             return
         if not self.budget_blocked:
             # Not waiting for the server's budget (any more): a place kept in its queue
             # would hold up everyone behind it, e.g. while our client does not read.
             self.server.budget.leave(self)
-        self._update_reading()
+        self.update_reading()
 
     # -- payload budget --
 
@@ -218,7 +228,7 @@ class Connection(asyncio.BufferedProtocol):
             self.charged += size
             return True
         self.budget_blocked = True  # resumed by _give (ours) or budget_freed (the server's)
-        self._update_reading()
+        self.update_reading()
         return False
 
     def _give(self, size: int) -> None:
@@ -249,13 +259,14 @@ class Connection(asyncio.BufferedProtocol):
         timeout = self.server.peer_timeout
         idle = self.loop.time() - self.progress
         if idle >= timeout:
-            self._abort(f"no progress for {timeout} s while holding {self.charged} bytes "
+            self.abort(f"no progress for {timeout} s while holding {self.charged} bytes "
                         "of the payload budget")
             return
         self.stall_check = self.loop.call_later(timeout - idle, self._check_progress)
 
-    def _update_reading(self) -> None:
-        want_pause = (self.replies.paused or self.inflight >= MAX_INFLIGHT or self.busy
+    def update_reading(self) -> None:
+        busy = self.handshake is not None and self.handshake.busy
+        want_pause = (self.replies.paused or self.inflight >= MAX_INFLIGHT or busy
                       or self.disconnecting or self.parse_deferred or self.budget_blocked)
         if self.transport is None or want_pause == self.reading_paused:
             return
@@ -313,127 +324,42 @@ class Connection(asyncio.BufferedProtocol):
             # the valid requests that came before the bad bytes (abort would discard them).
             log.warning("dropping connection: %s", e)
             self.disconnecting = True
-            self._close()
+            self.hang_up()
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
-    # -- handshake --
+    # -- from the handshake to transmission (the handshake itself: handshake_driver.py) --
 
     def _handshake_input(self) -> None:
         data = self.rx_view[self.rx_start:self.rx_end]
         self.rx_start = self.rx_end = 0
-        self.handshake.append(data)
-        self._next_options()
+        assert self.handshake is not None
+        self.handshake.feed(data)
 
-    def _next_options(self) -> None:
-        """Act on the options received, one at a time: after GO the rest is transmission,
-        after STARTTLS it is TLS. Stops while the client is not reading the replies."""
-        neg = self.negotiation
-        assert neg is not None
-        while (event := self.handshake.next_event()) is not None:
-            if isinstance(event, p.ClientFlags):
-                outcome = neg.client_flags(event.flags)
-            else:
-                outcome = neg.option(event.option, event.data)
-            if self._carry_out(outcome):
-                return
-            if self.replies.out_bytes >= HANDSHAKE_QUEUED_OUT:
-                self.replies.flush()
-            if self.replies.paused:
-                self.options_deferred = True
-                return
-
-    def _carry_out(self, outcome: Outcome) -> bool:
-        """Write the replies and act; True when no further option may be processed now."""
-        self.replies.send(*outcome.replies)
-        neg = self.negotiation
-        assert neg is not None
-        if outcome.action is Action.CLOSE:
-            self._close()
-            return True
-        if outcome.action is Action.STARTTLS:
-            if self.handshake.buffered:
-                # Plaintext sent behind STARTTLS must never be taken as if it had come over
-                # TLS (STARTTLS command injection); the client may not pipeline here.
-                self._abort("data pipelined after STARTTLS")
-                return True
-            self._pause_for(self._start_tls())
-            return True
-        if outcome.action is Action.CONTROL:
-            # A permitted control peer (link keepers hold this connection for the whole
-            # link) is the control layer's to bound from here on.
-            self._handshake_done()
-            self._pause_for(self._control(outcome.control))
-            return True
-        if outcome.action is Action.TRANSMIT:
-            assert outcome.export is not None and neg.session is not None
-            self._handshake_done()
-            self.export = outcome.export
-            self.device = outcome.export.device
-            self.session = neg.session
-            self.writable = not neg.session.tflags & p.TFLAG_READ_ONLY
-            srv = self.server
-            tune_send_buffer(self.transport.get_extra_info("socket") if self.transport else None,
-                             srv.budget.limit, srv.max_connections)
-            rest = self.handshake.take_rest()  # at most one small handshake read
-            self.rx = bytearray(max(RX_BUFFER, len(rest)))
-            self.rx_view = memoryview(self.rx)
-            self.rx[:len(rest)] = rest
-            self.rx_start, self.rx_end = 0, len(rest)
-            log.debug("transmission on %r, flags %#x", self.export.name, self.session.tflags)
-            if rest:
-                self._transmission_input()
-            return True
-        return False
-
-    def _pause_for(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a handshake step that must finish before the next option is read."""
-        self.busy = True
-        self._update_reading()
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def _resume_options(self) -> None:
-        self.busy = False
-        self._update_reading()
-        if self.transport is None:
-            return
-        try:  # options the client pipelined behind the one we just finished
-            self._next_options()
-        except p.ProtocolError as e:
-            self._abort(str(e))
-
-    async def _start_tls(self) -> None:
-        ctx = self.server.tls_context
-        assert ctx is not None and self.transport is not None and self.negotiation is not None
-        self.replies.flush()
-        try:
-            transport = await self.loop.start_tls(self.transport, self, ctx, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError) as e:
-            log.info("TLS handshake failed: %s", e)
-            self._abort("TLS handshake failed")
-            return
-        if transport is None:
-            return
-        self.transport = self.replies.transport = transport
+    def tls_transport(self, transport: asyncio.BaseTransport) -> None:
+        """STARTTLS replaced the transport (reading is on again on the new one)."""
+        self.transport = self.replies.transport = transport  # type: ignore[assignment]
         self.reading_paused = False
-        neg = self.negotiation
-        neg.tls_started()
-        subject = peer_subject(transport.get_extra_info("ssl_object"))
-        neg.identity = dataclasses.replace(neg.identity, subject=subject, tls=True)
-        neg.control_allowed = self.server.offers_control(neg.identity)
-        # The identity export policies see; logged so that it can be checked from outside.
-        log.debug("TLS established; client certificate subject %s", subject)
-        self._resume_options()
 
-    async def _control(self, request: bytes) -> None:
-        neg = self.negotiation
-        assert neg is not None and self.server.control is not None
-        result = await self.server.control(neg.identity, request)
-        self.replies.send(p.option_reply(p.OPT_MINIDISK_CONTROL, p.REP_MINIDISK_RESULT, result))
-        self._resume_options()
+    def begin_transmission(self, export: OpenedExport, session: TransmissionTerms,
+                           rest: bytes) -> None:
+        """GO or EXPORT_NAME succeeded; `rest` is what the client sent after it."""
+        self.handshake_done()
+        self.export = export
+        self.device = export.device
+        self.session = session
+        self.writable = not session.tflags & p.TFLAG_READ_ONLY
+        srv = self.server
+        tune_send_buffer(self.transport.get_extra_info("socket") if self.transport else None,
+                         srv.budget.limit, srv.max_connections)
+        self.rx = bytearray(max(RX_BUFFER, len(rest)))  # rest: at most one handshake read
+        self.rx_view = memoryview(self.rx)
+        self.rx[:len(rest)] = rest
+        self.rx_start, self.rx_end = 0, len(rest)
+        log.debug("transmission on %r, flags %#x", export.name, session.tflags)
+        if rest:
+            self._transmission_input()
 
     # -- transmission --
 
@@ -441,6 +367,8 @@ class Connection(asyncio.BufferedProtocol):
         rx, pos, end = self.rx, self.rx_start, self.rx_end
         unpack = p.REQUEST.unpack_from
         replies = self.replies
+        device = self.device
+        assert device is not None
         while end - pos >= p.REQUEST.size and not self.disconnecting:
             if replies.out_bytes >= MAX_QUEUED_OUT:
                 replies.flush()  # the transport calls pause_writing if it backs up
@@ -448,7 +376,7 @@ class Connection(asyncio.BufferedProtocol):
                 # The client is not reading, or is far ahead: the rest waits in rx (each
                 # request in flight costs a coroutine, and rx holds 9000 headers).
                 self.parse_deferred = True
-                self._update_reading()
+                self.update_reading()
                 break
             magic, flags, cmd, cookie, offset, length = unpack(rx, pos)
             if magic != p.REQUEST_MAGIC:
@@ -457,11 +385,12 @@ class Connection(asyncio.BufferedProtocol):
                 pos += p.REQUEST.size
                 log.debug("client sent DISC")
                 self.disconnecting = True
-                self._update_reading()
+                self.update_reading()
                 self._maybe_finish()
                 break
             # Checked before anything is allocated for it.
-            if self._plain_io(cmd, flags, offset, length):
+            if not self.shutting_down and plain_io(device, self.writable, cmd, flags, offset,
+                                                   length):
                 err, reason, charge = 0, "", length
             else:
                 err, reason = self._check(cmd, flags, offset, length)
@@ -509,21 +438,6 @@ class Connection(asyncio.BufferedProtocol):
             pos = end = 0
         self.rx_start, self.rx_end = pos, end
 
-    def _plain_io(self, cmd: int, flags: int, offset: int, length: int) -> bool:
-        """Whether this is a READ or WRITE without flags that check_request would accept:
-        the common request, checked here in a few operations (check_request was a tenth
-        of the server's CPU on 4 KiB writes). Anything else goes to check_request, which
-        decides, so this may only say yes where it would."""
-        if flags or self.shutting_down or not (
-                cmd == p.CMD_READ or (cmd == p.CMD_WRITE and self.writable)):
-            return False
-        device = self.device
-        assert device is not None
-        bs = device.block_size
-        return (offset + length <= device.size
-                and not (offset | length) & (bs.minimum - 1)
-                and length <= (bs.maximum if bs.maximum < MAX_REQUEST else MAX_PAYLOAD))
-
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
         session, device = self.session, self.device
         assert session is not None and device is not None
@@ -539,7 +453,7 @@ class Connection(asyncio.BufferedProtocol):
         assert device is not None
         self.inflight += 1
         if self.inflight >= MAX_INFLIGHT:
-            self._update_reading()
+            self.update_reading()
         run_inline(self.loop, self._execute(device, flags, cmd, cookie, offset, length,
                                             payload, charge), self.tasks)
 
@@ -589,8 +503,13 @@ class Connection(asyncio.BufferedProtocol):
             if self.inflight == MAX_INFLIGHT - 1 or self.inflight == 0:
                 if self.parse_deferred and not replies.paused:
                     self.loop.call_soon(self._continue_parsing)
-                self._update_reading()
-                self._maybe_finish()
+                # Fewer requests in flight can only resume reading, and only a paused
+                # connection has anything to resume (an inline request ends here every
+                # time: this runs once per request at any depth).
+                if self.reading_paused:
+                    self.update_reading()
+                if self.disconnecting or self.shutting_down:
+                    self._maybe_finish()
 
     def _fail(self, cookie: int, cmd: int, error: int, message: str) -> None:
         session = self.session
@@ -630,14 +549,14 @@ class Connection(asyncio.BufferedProtocol):
     def begin_shutdown(self) -> None:
         """Finish in-flight requests; answer new ones with ESHUTDOWN; then hang up."""
         self.shutting_down = True
-        if self.negotiation is not None:
-            self.negotiation.shutting_down = True
+        if self.handshake is not None:
+            self.handshake.negotiation.shutting_down = True
         if self.session is None:
-            if not self.busy:
-                self._close()
+            if not (self.handshake is not None and self.handshake.busy):
+                self.hang_up()
             return
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
         if (self.disconnecting or self.shutting_down) and self.inflight == 0:
-            self._close()
+            self.hang_up()
