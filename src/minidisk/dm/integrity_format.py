@@ -402,3 +402,148 @@ def journal_is_empty(geo: Geometry, journal: bytes) -> bool:
                 if hi != UNUSED_SECTOR_HI:
                     return False
     return True
+
+
+# The journal (mode J): sections written whole with one commit id sequence, replayed on
+# the next load from the oldest consistent section on.
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    sector: int  # logical sector of the block
+    data: bytes  # the whole block, its sectors' last 8 bytes restored
+    tag: bytes
+
+
+def section_image(geo: Geometry, section: int, seq: int, entries: list[JournalEntry]) -> bytes:
+    """A journal section holding `entries` (at most section_entries) in order, each sector
+    ending with commit id `seq`: what the kernel's integrity_commit writes."""
+    out = bytearray(geo.section_sectors * SECTOR)
+    size, spb = geo.journal_entry_size, geo.sectors_per_block
+    unused = struct.pack("<I", UNUSED_SECTOR_HI)
+    for n in range(geo.section_entries):
+        at = (n % JOURNAL_BLOCK_SECTORS) * SECTOR + (n // JOURNAL_BLOCK_SECTORS) * size
+        if n >= len(entries):
+            out[at + 4:at + 8] = unused
+            continue
+        e = entries[n]
+        last = b"".join(e.data[s * SECTOR + JOURNAL_SECTOR_DATA:(s + 1) * SECTOR]
+                        for s in range(spb))
+        out[at:at + 8 + 8 * spb + len(e.tag)] = struct.pack("<Q", e.sector) + last + e.tag
+        for s in range(spb):
+            d = (JOURNAL_BLOCK_SECTORS + (n << geo.sb.log2_sectors_per_block) + s) * SECTOR
+            out[d:d + JOURNAL_SECTOR_DATA] = e.data[s * SECTOR:s * SECTOR + JOURNAL_SECTOR_DATA]
+    for j in range(geo.section_sectors):
+        out[j * SECTOR + JOURNAL_SECTOR_DATA:(j + 1) * SECTOR] = commit_id(section, j, seq)
+    return bytes(out)
+
+
+def section_entries(geo: Geometry, raw: bytes) -> list[JournalEntry]:
+    """The used entries of one section's bytes, in order (do_journal_write's view)."""
+    out = []
+    size, spb, tag = geo.journal_entry_size, geo.sectors_per_block, geo.sb.tag_size
+    for n in range(geo.section_entries):
+        at = (n % JOURNAL_BLOCK_SECTORS) * SECTOR + (n // JOURNAL_BLOCK_SECTORS) * size
+        (lo, hi) = struct.unpack_from("<II", raw, at)
+        if hi == UNUSED_SECTOR_HI:
+            continue
+        block = bytearray()
+        for s in range(spb):
+            d = (JOURNAL_BLOCK_SECTORS + (n << geo.sb.log2_sectors_per_block) + s) * SECTOR
+            block += raw[d:d + JOURNAL_SECTOR_DATA]
+            block += raw[at + 8 + 8 * s:at + 16 + 8 * s]
+        t = at + 8 + 8 * spb
+        out.append(JournalEntry(lo | hi << 32, bytes(block), raw[t:t + tag]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    """What replay_journal decides from a journal's bytes."""
+
+    replay: tuple[int, ...]  # sections to write back, oldest first
+    continue_section: int  # where the next commit goes
+    commit_seq: int  # with which commit id sequence
+    clear: tuple[tuple[int, int, int], ...]  # init_journal (first, count, seq) to write
+    corrupt: bool = False  # a commit id of none of the four: the kernel fails the device
+
+
+def _seq_of(section: int, sector: int, cid: int) -> int | None:
+    for k, base in enumerate(COMMIT_IDS):
+        if base ^ ((section << 32) ^ sector) == cid:
+            return k
+    return None
+
+
+def plan_replay(geo: Geometry, journal: bytes, mode: str) -> ReplayPlan:
+    """replay_journal, as 6.1 has it: the sections written in this pass of the ring carry
+    the last commit sequence used, the ones after them the one before; replay from the
+    oldest on while every sector of a section carries the sequence expected there, and
+    continue there if the whole ring was consistent (and, outside J mode, empty), else
+    clear the journal."""
+    n_sections = geo.sb.journal_sections
+    sectors = geo.section_sectors
+
+    def cid(i: int, j: int) -> int:
+        (value,) = struct.unpack_from("<Q", journal, (i * sectors + j) * SECTOR
+                                      + JOURNAL_SECTOR_DATA)
+        return int(value)
+
+    def nxt(seq: int) -> int:
+        return (seq + 1) % N_COMMIT_IDS
+
+    def prev(seq: int) -> int:
+        return (seq + N_COMMIT_IDS - 1) % N_COMMIT_IDS
+
+    def cleared(write_start: int, last_used: int, corrupt: bool = False) -> ReplayPlan:
+        erase = prev(prev(last_used))
+        ranges = [(write_start, 1, erase)]
+        if n_sections >= 2:
+            ranges.append(((write_start + 1) % n_sections, n_sections - 2, erase))
+            ranges.append(((write_start + n_sections - 1) % n_sections, 1, erase))
+        return ReplayPlan((), 0, nxt(erase), tuple(r for r in ranges if r[1]), corrupt)
+
+    used = [False] * N_COMMIT_IDS
+    last_section = [0] * N_COMMIT_IDS
+    empty = True
+    for i in range(n_sections):
+        for j in range(sectors):
+            k = _seq_of(i, j, cid(i, j))
+            if k is None:
+                return cleared(0, 0, corrupt=True)
+            used[k] = True
+            last_section[k] = i
+        if empty and section_entries(geo, journal[i * sectors * SECTOR:
+                                                  (i + 1) * sectors * SECTOR]):
+            empty = False
+    if not used[N_COMMIT_IDS - 1]:
+        unused = N_COMMIT_IDS - 1
+        while unused and not used[unused - 1]:
+            unused -= 1
+    else:
+        free = [k for k in range(N_COMMIT_IDS) if not used[k]]
+        if not free:
+            return cleared(0, 0, corrupt=True)
+        unused = free[0]
+    last_used = prev(unused)
+    want = prev(last_used)
+    if not used[want] and used[prev(want)]:
+        empty = True
+    write_start = last_section[last_used] + 1
+    if write_start >= n_sections:
+        want = nxt(want)
+        write_start -= n_sections
+    i, consistent = write_start, 0
+    while consistent < n_sections:
+        if any(cid(i, j) != int.from_bytes(commit_id(i, j, want), "little")
+               for j in range(sectors)):
+            break
+        consistent += 1
+        i += 1
+        if i >= n_sections:
+            want = nxt(want)
+            i -= n_sections
+    replay = () if empty else tuple((write_start + k) % n_sections for k in range(consistent))
+    if consistent == n_sections and (mode == "J" or empty):
+        return ReplayPlan(replay, write_start, want, ())
+    plan = cleared(write_start, last_used)
+    return replace(plan, replay=replay)

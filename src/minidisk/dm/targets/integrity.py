@@ -19,12 +19,16 @@ provides, so load it with one sector, read `provided_data_sectors` from the supe
 and load it again with that length). A superblock neither valid nor zero is refused.
 
 Modes: D writes data and tags with no journal (a crash may leave them apart: that block
-then fails). B keeps a bitmap of regions being written in the journal area (superblock
+then fails). J writes each request's blocks, a journal section's worth at a time, into the
+next section of the journal ring first (data sectors, then entries, each followed by a
+flush; every sector ends with the section's commit id) and only then to their places, so
+after a crash each block is old or new: the load replays the consistent sections as 6.1's
+replay_journal does, and the kernel replays ours. Here every request is committed before
+it completes (the kernel gathers writes in memory until a flush, FUA, commit_time or the
+watermark). B keeps a bitmap of regions being written in the journal area (superblock
 flag DIRTY_BITMAP while active); after a crash their tags are recomputed from the data
 when the table is resumed, and a clean suspend or removal writes the empty journal back
-and clears the flag. R reads without checking and refuses writes. J (the journal) is
-refused: its replay is not written yet, and a journal target that acknowledged writes it
-cannot make atomic would be a lie.
+and clears the flag. R reads without checking and refuses writes.
 
 `recalculate` recomputes every tag from recalc_sector on when the table is resumed
 (synchronously here, where the kernel runs a worker that leaves unchecked what it has not
@@ -49,6 +53,7 @@ from minidisk.dm.integrity_format import (
     FLAG_FIXED_PADDING,
     FLAG_HAVE_JOURNAL_MAC,
     FLAG_RECALCULATING,
+    JOURNAL_BLOCK_SECTORS,
     MAGIC,
     MAX_LOG2_INTERLEAVE,
     MAX_SECTORS_PER_BLOCK,
@@ -60,12 +65,15 @@ from minidisk.dm.integrity_format import (
     FormatError,
     Geometry,
     InternalHash,
+    JournalEntry,
     Superblock,
     bitmap_log2_sectors_per_bit,
     empty_journal,
     internal_hash,
-    journal_is_empty,
     new_superblock,
+    plan_replay,
+    section_entries,
+    section_image,
     tag_of,
 )
 from minidisk.dm.table import SECTOR
@@ -147,6 +155,11 @@ class Integrity(Target):
         self._bitmap_lock = asyncio.Lock()
         self.bitmap = bytearray()
         self.just_formatted = False
+        self.failed = False  # dm_integrity_io_error: every later request fails
+        self.commit_seq = 0
+        self.free_section = 0
+        self.wrote_to_journal = False
+        self._journal_lock = asyncio.Lock()
         self.caps = Caps(read_only=self.read_only, flush=True, fua=True,
                          trim=self.discard and not self.read_only, zero=not self.read_only,
                          cache=True, multi_conn=self.child.caps.multi_conn,
@@ -246,9 +259,6 @@ class Integrity(Target):
         if self.hash is None and self.mode != "R":
             raise TargetError("integrity without internal_hash takes its tags from an upper "
                               "target, which minidisk does not have")
-        if self.mode == "J":
-            raise TargetError("journal mode (J) is not supported by minidisk's integrity; "
-                              "use D or B")
 
     def table_args(self) -> list[str]:
         flags = self.sb.flags
@@ -338,6 +348,11 @@ class Integrity(Target):
             await self._write_sb(fua=True)
             self.just_formatted = True
         self.bitmap = bytearray(self._bitmap_blocks() * BITMAP_BLOCK_BYTES)
+        if self.length % self.sectors_per_block:
+            # dm-table's check of the logical block size the target sets, which comes
+            # after the constructor: the device is formatted, the table refused.
+            raise TargetError(f"table line 0 (start sect 0 len {self.length}) not aligned "
+                              f"to h/w logical block size {self.sectors_per_block * SECTOR}")
 
     def _format(self) -> Superblock:
         try:
@@ -383,7 +398,7 @@ class Integrity(Target):
         if self.active:
             return
         if not self.read_only:  # a read-only table writes nothing (R mode is read-only)
-            await self._replay_check()
+            await self._replay()
             if self.provided != self.sb.provided_data_sectors:
                 self.sb = replace(self.sb, provided_data_sectors=self.provided)
                 await self._write_sb(fua=True)
@@ -403,17 +418,47 @@ class Integrity(Target):
                 await self._write_bitmap()
         self.active = True
 
-    async def _replay_check(self) -> None:
-        """The kernel replays a journal on resume; a D or B device's journal is always
-        empty, and one a journal-mode user left with entries is refused here rather than
-        read without them."""
-        if self.just_formatted or self.sb.flags & FLAG_DIRTY_BITMAP:
+    async def _replay(self) -> None:
+        """replay_journal: write back what the journal's consistent sections hold, then
+        continue after them or clear it (a bitmap-mode device's journal area holds its
+        bitmap instead while the flag says so)."""
+        if self.sb.flags & FLAG_DIRTY_BITMAP:
             return
-        journal = await self._read((self.start + SB_SECTORS) * SECTOR,
-                                   (self.geo.initial_sectors - SB_SECTORS) * SECTOR)
-        if not journal_is_empty(self.geo, journal):
-            raise OSError(errno.EIO, "the journal has entries to replay, which minidisk's "
-                                     "integrity cannot do")
+        geo, ss = self.geo, self.geo.section_sectors
+        journal = await self._read(self._journal_at(0), self.sb.journal_sections * ss * SECTOR)
+        plan = plan_replay(geo, journal, self.mode)
+        if plan.corrupt:
+            log.error("integrity: journal commit id of no known sequence")
+            self.failed = True
+        for section in plan.replay:
+            raw = journal[section * ss * SECTOR:(section + 1) * ss * SECTOR]
+            for entry in section_entries(geo, raw):
+                if entry.sector >= self.provided:
+                    continue
+                if entry.tag != self._tags(entry.sector, entry.data):
+                    log.error("integrity: tag mismatch when replaying journal")
+                    self.failed = True
+                await self._write(geo.data_sector(entry.sector) * SECTOR, entry.data)
+                await self._write(geo.tag_byte(entry.sector), entry.tag)
+        if plan.replay:
+            await flush_device(self.child)
+        for first, count, seq in plan.clear:
+            await self._init_journal(first, count, seq)
+        self.commit_seq, self.free_section = plan.commit_seq, plan.continue_section
+        self.wrote_to_journal = False
+
+    def _journal_at(self, section: int) -> int:
+        return (self.start + SB_SECTORS + section * self.geo.section_sectors) * SECTOR
+
+    async def _init_journal(self, first: int, count: int, seq: int) -> None:
+        """init_journal: `count` sections from `first` (round the ring) empty, with `seq`."""
+        ss = self.geo.section_sectors
+        for k in range(count):
+            section = (first + k) % self.sb.journal_sections
+            await self._write(self._journal_at(section),
+                              empty_journal(self.geo, section * ss, ss, seq))
+        if count:
+            await flush_device(self.child)
 
     async def presuspend(self, noflush: bool) -> None:
         await self._shutdown()
@@ -431,6 +476,11 @@ class Integrity(Target):
         if self.read_only:
             return
         await flush_device(self.child)
+        if self.mode == "J" and self.wrote_to_journal:
+            # As the kernel leaves it: empty, the ring's position kept in the sequences.
+            n = self.sb.journal_sections
+            await self._init_journal(self.free_section, n - self.free_section, self.commit_seq)
+            await self._init_journal(0, self.free_section, (self.commit_seq + 1) % 4)
         if self.mode == "B":
             sectors = len(self.bitmap) // SECTOR
             await self._write((self.start + SB_SECTORS) * SECTOR,
@@ -496,6 +546,8 @@ class Integrity(Target):
                         for i in range(len(data) // block))
 
     def _check_request(self, offset: int, length: int) -> tuple[int, int]:
+        if self.failed:
+            raise OSError(errno.EIO, "integrity: the device failed (see the log)")
         block = self.sectors_per_block * SECTOR
         if offset % block or length % block:
             # dm_integrity_check_limits: "Bio not aligned on N sectors" (DM_MAPIO_KILL).
@@ -545,6 +597,9 @@ class Integrity(Target):
         self._started += 1
         self._idle.clear()
         try:
+            if self.mode == "J":
+                await self._journal_write(first, buf)
+                return
             if self.mode == "B":
                 await self._mark_dirty(first, sectors)
             pos = 0
@@ -559,6 +614,44 @@ class Integrity(Target):
             self._writes -= 1
             if not self._writes:
                 self._idle.set()
+
+    async def _journal_write(self, first: int, buf: memoryview) -> None:
+        """J mode: each section's worth of blocks goes to the next journal section, whole
+        (its data sectors, a flush, its entry sectors, a flush: a section cut short by a
+        crash has sectors of two sequences and is not replayed), then to its place."""
+        block = self.sectors_per_block * SECTOR
+        per_section = self.geo.section_entries * block
+        async with self._journal_lock:
+            for pos in range(0, len(buf), per_section):
+                chunk = buf[pos:pos + per_section]
+                lsec = first + pos // SECTOR
+                tags = self._tags(lsec, chunk)
+                t = self.tag_size
+                entries = [JournalEntry(lsec + i * self.sectors_per_block,
+                                        bytes(chunk[i * block:(i + 1) * block]),
+                                        tags[i * t:(i + 1) * t])
+                           for i in range(len(chunk) // block)]
+                section = self.free_section
+                image = section_image(self.geo, section, self.commit_seq, entries)
+                at = self._journal_at(section)
+                meta = JOURNAL_BLOCK_SECTORS * SECTOR
+                await self._write(at + meta, image[meta:])
+                await flush_device(self.child)
+                await self._write(at, image[:meta])
+                await flush_device(self.child)
+                self.wrote_to_journal = True
+                for lo, dsec, n in self._pieces(lsec, len(chunk) // SECTOR):
+                    piece = chunk[(lo - lsec) * SECTOR:(lo - lsec + n) * SECTOR]
+                    await self.child.pwrite(piece, dsec * SECTOR)
+                    i = (lo - lsec) // self.sectors_per_block
+                    await self._write(self.geo.tag_byte(lo),
+                                      tags[i * t:(i + n // self.sectors_per_block) * t])
+                # Before the ring comes back to this section, its blocks are on the disk.
+                await flush_device(self.child)
+                self.free_section += 1
+                if self.free_section == self.sb.journal_sections:
+                    self.free_section = 0
+                    self.commit_seq = (self.commit_seq + 1) % 4
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         first, sectors = self._check_request(offset, length)
