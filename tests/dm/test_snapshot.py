@@ -415,3 +415,26 @@ def test_a_store_with_a_bad_magic_is_refused_with_enxio() -> None:
         assert e.value.errno == errno.ENXIO
         assert not reg.devices and not ns.holds  # nothing left behind
     run(main())
+
+
+def test_discard_zeroes_cow() -> None:
+    """A discard of a whole chunk the snapshot has zeroes it there; of a chunk it has not,
+    it does nothing (the snapshot still reads the origin's); passdown discards the origin."""
+    async def main() -> None:
+        reg, ns = setup(256 << 10)
+        before = await fill_origin(ns)
+        await reg.create("base", f"0 {SECTORS} snapshot-origin /dev/base")
+        table = f"0 {SECTORS} snapshot /dev/base /dev/cow0 P 8 1 discard_zeroes_cow"
+        await reg.create("snap0", table)
+        snap = reg.get("snap0")
+        assert snap.caps.trim
+        await write(snap, 2 * K, pattern(2, K))
+        await snap.trim(0, 4 * K)
+        assert await read(snap, 2 * K, K) == bytes(K)
+        assert await read(snap, 0, 2 * K) == before[:2 * K]
+        assert reg.table("snap0")[0][3][2:] == ["P", "8", "1", "discard_zeroes_cow"]
+        plain = f"0 {SECTORS} snapshot /dev/base /dev/cow0 P 8"
+        await reg.remove("snap0")
+        await reg.create("snap0", plain)
+        assert not reg.get("snap0").caps.trim
+    run(main())

@@ -593,7 +593,7 @@ class Snapshot(Target):
             new = self.complete.get(chunk)
             if new is not None and n == cb:
                 await self.cow.zero(new * cb, cb, fua=fua)
-            elif new is not None:
+            elif new is not None and self.cow.caps.trim:  # remapped to the COW device
                 await self.cow.trim(new * cb + inside, n, fua)
         if "discard_passdown_origin" in self.features and self.origin_dev.caps.trim:
             await self.origin_dev.trim(offset, length, fua)
