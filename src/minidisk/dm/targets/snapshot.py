@@ -446,48 +446,52 @@ class Snapshot(Target):
         await self.store.drop()
         self.raise_event()
 
+    async def _allocate(self, chunk: int) -> tuple[int | None, bool]:
+        """Wait out an exception in flight for `chunk`, then (its COW chunk, False) if it
+        has one, (None, False) if the snapshot is invalid, else (a COW chunk prepared for
+        it, or None if the store is full; True)."""
+        while True:
+            new = self.complete.get(chunk)
+            if new is not None or not self.valid:
+                return new, False
+            waiting = self.pending.get(chunk)
+            if waiting is None:
+                return self.store.prepare(), True
+            await asyncio.shield(waiting)
+
     async def exception_for_origin(self, chunk: int) -> None:
         """Before an origin write: make sure `chunk` has been copied out (never raises; a
         snapshot that cannot take the copy is invalidated and the write goes on)."""
-        while chunk not in self.complete and self.valid:
-            waiting = self.pending.get(chunk)
-            if waiting is not None:
-                await asyncio.shield(waiting)
-                continue
-            new = self.store.prepare()
-            if new is None:
-                await self.invalidate(errno.ENOMEM)
-                return
-            await self._make_exception(chunk, new, None)
+        new, fresh = await self._allocate(chunk)
+        if not fresh:
+            return
+        if new is None:
+            await self.invalidate(errno.ENOMEM)
+            return
+        await self._make_exception(chunk, new, None)
 
     async def _exception_for_write(self, chunk: int, whole: memoryview | None,
                                    fua: bool) -> int | None:
         """The COW chunk a write to the snapshot goes to; None if `whole` (the write, which
         covers the chunk) was written as the exception's data."""
-        while True:
-            new = self.complete.get(chunk)
-            if new is not None:
-                return new
-            if not self.valid or self.overflowed:
-                raise _eio("snapshot is invalid or overflowed")
-            waiting = self.pending.get(chunk)
-            if waiting is not None:
-                await asyncio.shield(waiting)
-                continue
-            new = self.store.prepare()
+        new, fresh = await self._allocate(chunk)
+        if not fresh:
             if new is None:
-                if self.store.overflow:
-                    if self.valid and not self.overflowed:
-                        self.overflowed = True
-                        log.error("Snapshot overflowed: Unable to allocate exception.")
-                else:
-                    await self.invalidate(errno.ENOMEM)
-                raise _eio("COW store is full")
-            await self._make_exception(chunk, new, whole, fua)
-            if whole is not None:
-                if chunk not in self.complete:
-                    raise _eio("snapshot exception failed")
-                return None
+                raise _eio("snapshot is invalid")
+            return new
+        if new is None:
+            if self.store.overflow:
+                if self.valid and not self.overflowed:
+                    self.overflowed = True
+                    log.error("Snapshot overflowed: Unable to allocate exception.")
+            else:
+                await self.invalidate(errno.ENOMEM)
+            raise _eio("COW store is full")
+        await self._make_exception(chunk, new, whole, fua)
+        made = self.complete.get(chunk)
+        if made is None:
+            raise _eio("snapshot exception failed")
+        return None if whole is not None else made
 
     async def _make_exception(self, chunk: int, new: int, whole: memoryview | None,
                               fua: bool = False) -> None:
