@@ -230,16 +230,22 @@ def test_table_as_61_prints_it(given: str, printed: str) -> None:
     (f"aes:3-cbc-plain {KEY64} 0 /dev/a 0", "Bad cipher key count specification"),
 ])
 def test_bad_tables_refused_with_61s_messages(args: str, reason: str) -> None:
+    refused = _refusal(args)
+    assert refused.reason == f"crypt: {reason}"
+    assert refused.errno == errno.EINVAL
+
+
+def _refusal(args: str) -> TableError:
+    """The error creating a crypt device with `args` fails with; nothing is left created."""
     reg, _ = _registry()
 
-    async def go() -> None:
+    async def go() -> TableError:
         with pytest.raises(TableError) as refused:
             await reg.create("c", f"0 2048 crypt {args}")
-        assert refused.value.reason == f"crypt: {reason}"
-        assert refused.value.errno == errno.EINVAL
         assert reg.names() == []
+        return refused.value
 
-    run(go())
+    return run(go())
 
 
 @pytest.mark.parametrize("args,named", [
@@ -252,15 +258,8 @@ def test_bad_tables_refused_with_61s_messages(args: str, reason: str) -> None:
     (f"capi:xts(aes) {KEY64} 0 /dev/a 0", "capi:xts(aes)"),
 ])
 def test_what_only_the_kernel_does_is_refused_by_name(args: str, named: str) -> None:
-    reg, _ = _registry()
-
-    async def go() -> None:
-        with pytest.raises(TableError) as refused:
-            await reg.create("c", f"0 2048 crypt {args}")
-        assert named in refused.value.reason
-        assert "minidisk" in refused.value.reason
-
-    run(go())
+    reason = _refusal(args).reason
+    assert named in reason and "minidisk" in reason
 
 
 def test_key_messages_only_while_suspended_and_resume_needs_a_key() -> None:
