@@ -26,14 +26,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from .conftest import Mount, Server
-from .test_dlmfs import mounted
+from . import test_dlmfs
+from .conftest import Mount
+
+nodes = test_dlmfs.nodes  # two mounts (nodes A and B), each with domain "dom"
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -178,14 +179,6 @@ def check(history: History) -> Verdict:
         elif newest is not None and newest > write.done:
             verdict.bad_reads.append((read, "overwritten before the read"))
     return verdict
-
-
-@pytest.fixture
-def nodes(dlm_server: Server, tmp_short: Path) -> Iterator[tuple[Mount, Mount]]:
-    with mounted(dlm_server, tmp_short / "a") as a, mounted(dlm_server, tmp_short / "b") as b:
-        (a.path / "dom").mkdir()
-        (b.path / "dom").mkdir()
-        yield a, b
 
 
 def run_history(nodes: tuple[Mount, Mount], logs: Path) -> History:

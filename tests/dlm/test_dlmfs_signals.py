@@ -12,16 +12,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from minidisk.dlmfs.signals import deliverable
 
-from .conftest import Mount, Server
-from .test_dlmfs import mounted, status, trylock
+from . import test_dlmfs
+from .conftest import Mount
+from .test_dlmfs import status, trylock
+
+nodes = test_dlmfs.nodes  # two mounts (nodes A and B), each with domain "dom"
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -50,14 +52,6 @@ def target(fd):
 print(ended, sum(target(fd) == path for fd in os.listdir("/proc/self/fd")), flush=True)
 sys.stdin.read()  # keep whatever it holds until told to go
 """
-
-
-@pytest.fixture
-def nodes(dlm_server: Server, tmp_short: Path) -> Iterator[tuple[Mount, Mount]]:
-    with mounted(dlm_server, tmp_short / "a") as a, mounted(dlm_server, tmp_short / "b") as b:
-        (a.path / "dom").mkdir()
-        (b.path / "dom").mkdir()
-        yield a, b
 
 
 def _waiting(mount: Mount, name: str) -> bool:
