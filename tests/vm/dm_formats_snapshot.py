@@ -91,7 +91,10 @@ SCENARIOS = (
         "reload",  # s0's table says 16 sectors: its store's 8 win
         "status", "table",
         w("o", 6 * K, 4 * K, K, 40960),
-        "status", "dump")),
+        "status", "dump",
+        # LVM's merge of s0 into the origin, while s1-s3 stay: they get their copies of the
+        # chunks it changes first.
+        "lvmmerge s0", w("o", 30 * K, K, K, 45056), "status", "dump")),
     # Full stores: a PO snapshot written to overflows (its writes fail, reads go on); a P
     # one is invalidated; origin writes invalidate whatever cannot take their copy, PO or
     # not, overflowed or not.
@@ -103,6 +106,7 @@ SCENARIOS = (
         w("s1", 0, 10 * K, K, 4096),
         w("s1", 10 * K, K, K, 0),
         "status", "dump",
+        "handover s0", "status",  # the new table keeps the old one's Overflow
         w("o", 20 * K, K, K, 8192),
         "status",
         w("o", 21 * K, 9 * K, K, 12288),
@@ -262,6 +266,32 @@ class Side:
         assert isinstance(target, SnapshotMerge)
         await target.wait_merged()
 
+    def snapshot_table(self, snap: str, target: str = "snapshot",
+                       reload: bool = False) -> str:
+        i = int(snap[1:])
+        spec = self.s.snaps[i]
+        chunk = spec.reload_chunk if reload and spec.reload_chunk else spec.chunk
+        return (f"0 {self.sectors} {target} {self.key('lo')} {self.key(f'lc{i}')} "
+                f"{spec.store} {chunk}")
+
+    async def handover(self, snap: str) -> int:
+        try:
+            await self.reg.suspend(self.name(snap))
+            await self.reg.load(self.name(snap), self.snapshot_table(snap, reload=True))
+            await self.reg.resume(self.name(snap))
+        except (OSError, ValueError):
+            return 1
+        return 0
+
+    async def lvm_merge(self, snap: str) -> None:
+        await self.reg.suspend(self.name(snap))
+        await self.reg.suspend(self.name("o"))
+        await self.reg.load(self.name("o"), self.snapshot_table(snap, "snapshot-merge"))
+        await self.reg.resume(self.name("o"))
+        target = self.reg.get(self.name("o")).live.targets[0]
+        assert isinstance(target, SnapshotMerge)
+        await target.wait_merged()
+
     async def run(self, rows: Rows, source: bytes) -> None:
         await self.cut()
         rows["create.rc"] = f"{await self.create()}\n".encode()
@@ -287,6 +317,12 @@ class Side:
             elif op == "merge":
                 await self.merge(args[0])
                 rows[f"{at}.status"] = self.listing(status=True)
+            elif op == "handover":
+                rows[f"{at}.rc"] = f"{await self.handover(args[0])}\n".encode()
+            elif op == "lvmmerge":
+                await self.lvm_merge(args[0])
+                rows[f"{at}.status"] = self.listing(status=True)
+                await self.remove(args[0])
             else:
                 raise ValueError(f"unknown operation {line!r}")
 

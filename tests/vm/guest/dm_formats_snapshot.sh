@@ -18,6 +18,9 @@
 #   reload                 remove them all, create them again (sN with its reload chunk)
 #   merge sN               remove the origin and sN, create S.m: snapshot-merge of sN's COW
 #                          over the origin, and wait until it is done
+#   handover sN            suspend sN, load its table again (reload chunk), resume
+#   lvmmerge sN            as LVM merges: suspend sN and the origin, load snapshot-merge of
+#                          sN's COW into the origin, resume it, wait; status; remove sN
 # Processes are few on purpose (one loop device, one concise create for all devices, minors
 # chosen so that /dev/dm-N is known, no subshells): each costs ~0.3 s under TCG on a busy
 # host.
@@ -99,14 +102,30 @@ merge() {  # S sN
 ${stores[$i]} ${chunks[$i]}"
   for i in "${live[@]}"; do [ "$i" = o ] || [ "$i" = "$n" ] || keep+=("$i"); done
   live=(m "${keep[@]}")
-  for ((i = 0; i < 100; i++)); do  # done when only the metadata is allocated
-    status=$(dm status "$s.m")
+  merged "$s.m"
+}
+
+merged() {  # DEV: wait until its merge is done (only the metadata allocated) or failed
+  local i status
+  for ((i = 0; i < 100; i++)); do
+    status=$(dm status "$1")
     status=${status#* * * }
     case $status in
       Invalid|"Merge failed") break ;;
       */*) [ "${status%%/*}" = "${status##* }" ] && break ;;
     esac
   done
+}
+
+lvmmerge() {  # S sN: LVM's merge: the snapshot suspended, the origin's table swapped for
+  # snapshot-merge (which takes the snapshot's exceptions over), then the snapshot removed
+  local s=$1 n=$2 i=${2#s} d keep=()
+  dm suspend "$s.$n"
+  dm suspend "$s.o"
+  dm load "$s.o" --table "0 $sectors snapshot-merge $dmmaj:210 $dmmaj:$((i + 211)) \
+${stores[$i]} ${chunks[$i]}"
+  dm resume "$s.o"
+  merged "$s.o"
 }
 
 run_ops() {  # S OUTDIR
@@ -125,6 +144,20 @@ run_ops() {  # S OUTDIR
       cycle) dm suspend "$1.o"; dm resume "$1.o" ;;
       reload) remove "$1" "${live[@]}"; create "$1" "" 1; echo $? > "$at.rc" ;;
       merge) merge "$1" "$a"; dm status > "$at.status" ;;
+      handover)  # a reload of sN with its reload chunk: the new table takes over
+        i=${a#s}
+        dm suspend "$1.$a" &&
+        dm load "$1.$a" --table "0 $sectors snapshot $dmmaj:210 $dmmaj:$((i + 211)) \
+${stores[$i]} ${reloads[$i]}" &&
+        dm resume "$1.$a"
+        echo $? > "$at.rc" ;;
+      lvmmerge)
+        lvmmerge "$1" "$a"
+        dm status > "$at.status"
+        remove "$1" "$a"
+        keep=()
+        for i in "${live[@]}"; do [ "$i" = "$a" ] || keep+=("$i"); done
+        live=("${keep[@]}") ;;
     esac
   done < "$in/$1/ops"
 }
