@@ -7,12 +7,13 @@ DOC/snapshot.rst); the COW store's formats are in `cowstore.py`.
     snapshot-merge <origin> <cow> <P|PO> <chunk_sectors> [<#feat> ...]
 
 Every snapshot registers with its origin device (an `Origin`, the kernel's `struct origin`,
-one per device whoever opened it). A write through `snapshot-origin` (or a write that
-`snapshot-merge` sends to the origin) first copies each chunk it touches into every active,
-valid, non-merging snapshot of that device that has no exception for it yet, and only then
-goes to the origin. A snapshot reads a chunk from its COW device where it has an exception
-and from the origin elsewhere; a write to it allocates an exception first (copying the
-origin's chunk unless the write covers the whole chunk).
+one per device whoever opened it). A write through `snapshot-origin` (or one that
+`snapshot-merge` sends to the origin) is cut at the origin's split boundary, and each piece
+first copies the chunk it starts in into every active, valid, non-merging snapshot of that
+device that has no exception for it yet, and only then goes to the origin. A snapshot reads
+a chunk from its COW device where it has an exception and from the origin elsewhere; a
+write to it allocates an exception first (copying the origin's chunk unless the write
+covers the whole chunk).
 
 A COW store that fills on an origin write invalidates the snapshot (header valid 0, an
 event, all its I/O fails: `Invalid`), P or PO alike; one that fills on a write to the
@@ -21,20 +22,21 @@ go on). A copy or metadata error invalidates it too.
 
 A snapshot becomes active when its table is resumed; origin writes in flight are drained
 first and new ones held meanwhile (the kernel suspends the origin's mapped device internally
-for that, so 6.1 loads and resumes a snapshot beside a live origin without complaint). But
-an origin write copies out only the chunk its first sector is in, to each snapshot: the
-origin target splits writes at the smallest chunk size of the origin's snapshots, and
-computes that when it is resumed. So the origin must be suspended and resumed once its
-snapshots are loaded (as LVM does), or a write that spans chunks of a snapshot with smaller
-chunks than the origin knows reaches the origin with only its first chunk copied; 6.1 does
-exactly that, and so does this. A
-snapshot table loaded while another table with the same COW device is active takes its
-exceptions over at resume (reload), and the old one becomes invalid; `snapshot-merge`
-loaded over the origin takes them from the snapshot the same way and copies them back to
-the origin, newest run of consecutive chunks first, each step committed to the store before
-the next, while I/O goes on: writes to chunks being merged wait for the step. The kernel
-refuses the handover while the old snapshot's device is not suspended; here it is done at
-once (a resume cannot fail without losing the table here).
+for that, so 6.1 loads and resumes a snapshot beside a live origin without complaint). The
+split boundary is the smallest chunk size of the origin's snapshots, computed when the
+origin is resumed: so the origin must be suspended and resumed once its snapshots are
+loaded (as LVM does), or a write spanning chunks of a snapshot with smaller chunks than the
+origin knows of reaches the origin with only its first chunk copied out. 6.1 does exactly
+that (seen in the guest), and so does this.
+
+A snapshot table loaded while another table with the same COW device is active takes its
+exceptions over at resume (a reload), and the old one becomes invalid; `snapshot-merge`
+loaded into the origin's device takes them from the snapshot the same way (or, with no
+snapshot table of that COW, reads them) and copies them back to the origin, newest run of
+consecutive chunks first, each step committed to the store before the next, while I/O
+goes on: writes to chunks being merged wait for the step. The kernel refuses the handover
+while the old snapshot's device is not suspended; here it is done at once (a resume cannot
+fail here without losing the table).
 
 Status: `<allocated>/<total> <metadata>` sectors, or `Invalid`, `Merge failed`, `Overflow`.
 """
