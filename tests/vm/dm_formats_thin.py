@@ -107,7 +107,42 @@ def prepare(directory: Path) -> Prepared:
     (directory / "thin_sectors").write_text(f"{THIN_SECTORS}\n")
     asyncio.run(_make_ours(meta, data))
     thin_check(meta)
-    return asyncio.run(open_pool(meta, data, [1, 2]))
+    prepared = asyncio.run(open_pool(meta, data, [1, 2]))
+    # What the kernel must read and show for our pool: the fragment checks it itself, so
+    # that the boot's every-fragment-finished test already fails on a difference.
+    for i, digest in prepared.sums.items():
+        (directory / f"expected.{i}.sha").write_text(f"{digest}\n")
+    for key, text in prepared.statuses.items():
+        (directory / f"expected.{key}.status").write_text(f"{text}\n")
+    return prepared
+
+
+def after_boot(out: Path, prepared: Prepared, scratch: Path) -> list[str]:
+    """Every difference the host finds after the boot: the kernel's reading of our pool,
+    then both files the kernel left (ours written into, its own) checked by thin_check and
+    read by minidisk against what the kernel read from them."""
+    wrong = []
+    sums, statuses = kernel_rows(out, "ours")
+    if sums != prepared.sums:
+        wrong.append(f"the kernel read other bytes from our pool: {sums} vs {prepared.sums}")
+    wrong += status_differences(prepared.statuses, statuses)
+    for prefix, rows, ids in (("ours", "ours_after", [1, 2]), ("kernel", "kernel", [1, 7])):
+        meta, data = scratch / f"{prefix}_meta.img", scratch / f"{prefix}_data.img"
+        meta.write_bytes((out / meta.name).read_bytes())
+        data.write_bytes((out / data.name).read_bytes())
+        try:
+            thin_check(meta)
+        except AssertionError as e:
+            wrong.append(str(e))
+            continue
+        kernel_sums, kernel_statuses = kernel_rows(out, rows)
+        ours = asyncio.run(open_pool(meta, data, ids))
+        if ours.sums != kernel_sums:
+            wrong.append(f"{prefix}: we read {ours.sums}, the kernel {kernel_sums}")
+        wrong += [f"{prefix}: {d}" for d in status_differences(ours.statuses, kernel_statuses)]
+    if kernel_rows(out, "ours_after")[0].get(1) != prepared.sums.get(1):
+        wrong.append("the kernel's write to thin 2 changed thin 1")
+    return wrong
 
 
 def thin_check(meta: Path) -> None:

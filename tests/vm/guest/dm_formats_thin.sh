@@ -2,7 +2,8 @@
 # tests/vm/dm_formats_thin.py): bash dm_formats_thin.sh INPUT OUTPUT
 #  1. minidisk's pool (INPUT/ours_*.img, copied: INPUT is read-only) loaded by 6.1's
 #     dm-thin-pool over loop devices: sha256 and status of thins 1 and 2, and the pool's
-#     status -> ours.ID.sha, ours.ID.status, ours.pool.status;
+#     status -> ours.ID.sha, ours.ID.status, ours.pool.status, each checked here against
+#     what minidisk read and showed (INPUT/expected.*): a difference fails the fragment;
 #  2. the kernel writes into it (a new block on thin 2, one that thin 1 shares) ->
 #     ours_after.ID.sha, and the files as the kernel left them -> ours_*.img;
 #  3. the kernel's own pool (create_thin, writes, create_snap, more writes,
@@ -59,6 +60,15 @@ up opool $work/ours_meta.img $work/ours_data.img
 thin opool 1
 thin opool 2
 record ours opool 1 2
+for f in "$IN"/expected.*; do  # what minidisk read and showed for its own pool
+  key=${f#$IN/expected.}
+  if [ "${key%.status}" != "$key" ]; then
+    got=$(cut -d' ' -f4- "$OUT/ours.$key")
+  else
+    got=$(cat "$OUT/ours.$key")
+  fi
+  [ "$got" = "$(cat "$f")" ] || { echo "ours.$key: kernel '$got', minidisk '$(cat "$f")'"; exit 1; }
+done
 wr "$(dmdev opool.2)" $((2 * 65536)) 4096 8192
 wr "$(dmdev opool.2)" $((50 * 65536)) 65536 65536
 sync
