@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from minidisk.dm.commands import DmCommand
 from minidisk.dm.mapped import DM_MAJOR, MappedDevice
 from minidisk.dm.registry import DRIVER_VERSION, Registry
 from minidisk.dm.table import TableError, format_line
@@ -202,6 +203,36 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
     async def status(args: dict[str, Any]) -> dict[str, Any]:
         return segments(args, registry.status, lambda r: f"{r[0]} {r[1]} {r[2]} {r[3]}")
 
+    async def measure(args: dict[str, Any]) -> dict[str, Any]:
+        """dmsetup measure: each segment's IMA measurement text (the kernel's
+        STATUSTYPE_IMA), from its table and status lines."""
+        versions = dict(registry.target_versions())
+        devices = []
+        for n in names(args):
+            table_rows = registry.table(n)
+            status_rows = registry.status(n)
+            devices.append({"name": n, "lines": [
+                f"{t[0]} {t[1]} {t[2]} {_measurement(t, s, versions)}"
+                for t, s in zip(table_rows, status_rows, strict=True)]})
+        return {"devices": devices}
+
+    async def geometry(args: dict[str, Any]) -> dict[str, Any]:
+        """dmsetup setgeometry: CYLINDERS HEADS SECTORS START as the kernel reads them
+        (four unsigned numbers; at most 65535 cylinders, 255 heads and sectors; START
+        inside the geometry). Kept on the device, as the kernel keeps it for HDIO_GETGEO."""
+        name = one(args)
+        words = args.get("geometry")
+        if not isinstance(words, list) or len(words) != 4 \
+                or not all(isinstance(w, str) and w.isdigit() for w in words):
+            raise OSError(errno.EINVAL, "Unable to interpret geometry settings.")
+        cylinders, heads, sectors, start = map(int, words)
+        if cylinders > 65535 or heads > 255 or sectors > 255:
+            raise OSError(errno.EINVAL, "Geometry exceeds range limits.")
+        if start > cylinders * heads * sectors:
+            raise OSError(errno.EINVAL, "Start sector is beyond the geometry limits.")
+        registry.get(name).geometry = (cylinders, heads, sectors, start)
+        return device_info(registry, name)
+
     async def wait(args: dict[str, Any]) -> dict[str, Any]:
         name = one(args)
         await registry.wait(name, _opt_int(args, "event_nr"))
@@ -230,15 +261,38 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
     async def version(args: dict[str, Any]) -> dict[str, Any]:
         return {"library": LIBRARY_VERSION, "driver": ".".join(map(str, DRIVER_VERSION))}
 
-    handlers: dict[str, Handler] = {
-        "dm.create": create, "dm.load": load, "dm.reload": load, "dm.suspend": suspend,
-        "dm.resume": resume, "dm.clear": clear, "dm.remove": remove,
-        "dm.remove_all": remove_all, "dm.rename": rename, "dm.info": info, "dm.ls": ls,
-        "dm.deps": deps, "dm.table": table, "dm.status": status, "dm.wait": wait,
-        "dm.message": message, "dm.targets": targets, "dm.readahead": readahead,
-        "dm.version": version,
+    handlers: dict[DmCommand, Handler] = {
+        DmCommand.CREATE: create, DmCommand.LOAD: load, DmCommand.RELOAD: load,
+        DmCommand.SUSPEND: suspend, DmCommand.RESUME: resume, DmCommand.CLEAR: clear,
+        DmCommand.REMOVE: remove, DmCommand.REMOVE_ALL: remove_all,
+        DmCommand.RENAME: rename, DmCommand.INFO: info, DmCommand.LS: ls,
+        DmCommand.DEPS: deps, DmCommand.TABLE: table, DmCommand.STATUS: status,
+        DmCommand.MEASURE: measure, DmCommand.WAIT: wait, DmCommand.MESSAGE: message,
+        DmCommand.TARGETS: targets, DmCommand.READAHEAD: readahead,
+        DmCommand.GEOMETRY: geometry, DmCommand.VERSION: version,
     }
-    return {name: _table_errors(name, h) for name, h in handlers.items()}
+    return {str(name): _table_errors(name, h) for name, h in handlers.items()}
+
+
+def _measurement(table_row: Row, status_row: Row, versions: dict[str, tuple[int, int, int]]
+                 ) -> str:
+    """A segment's IMA text as 6.1 measures it: linear and striped say what they map (a
+    striped stripe's status letter from its status line); the other targets we have
+    measure nothing there."""
+    kind, words = table_row[2], list(table_row[3])
+    head = f"target_name={kind},target_version={'.'.join(map(str, versions[kind]))}"
+    if kind == "linear":
+        return f"{head},device_name={words[0]},start={words[1]};"
+    if kind == "striped":
+        stripes = int(words[0])
+        health = str(status_row[3]).split()[-1]
+        parts = [head, f"stripes={stripes}", f"chunk_size={words[1]}"]
+        for n in range(stripes):
+            parts += [f"stripe_{n}_device_name={words[2 + 2 * n]}",
+                      f"stripe_{n}_physical_start={words[3 + 2 * n]}",
+                      f"stripe_{n}_status={health[n]}"]
+        return ",".join(parts) + ";"
+    return ""
 
 
 async def create_from_table_file(registry: Registry, name: str, path: str | Path

@@ -26,6 +26,7 @@ from minidisk.device.api import Extent
 from minidisk.device.revocable import Revocable, shutdown_error
 from minidisk.dm.mapping import Mapping
 from minidisk.dm.route import RoutedIO
+from minidisk.dm.stats import DeviceStats
 
 EMPTY = Mapping()
 DM_MAJOR = 253  # what Linux usually gives device-mapper; dmsetup shows it
@@ -70,6 +71,11 @@ class MappedDevice(RoutedIO, Revocable):
         # What `info` shows as Read Ahead: the kernel's default for a new block device, in
         # sectors, until `--readahead` sets it (we read ahead nothing ourselves).
         self.read_ahead = 256
+        # dm-stats regions (@stats_* messages); counting wraps the I/O methods only while
+        # a region exists (stats.py), so the I/O path below is as it is without them.
+        self.stats = DeviceStats()
+        # What setgeometry set (cylinders, heads, sectors, start), as the kernel keeps it.
+        self.geometry: tuple[int, int, int, int] | None = None
         self._apply(EMPTY)
         # `_blocked` (suspended or revoked) is tested on every request; `_resumed` releases
         # the requests queued behind it.

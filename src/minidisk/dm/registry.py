@@ -32,6 +32,7 @@ from minidisk.device.api import BlockDevice
 from minidisk.dm.devices import MAPPER_PREFIX, DeviceSource, Publisher
 from minidisk.dm.mapped import DM_MAJOR, DeviceInfo, MappedDevice
 from minidisk.dm.mapping import Mapping, TableLine, build_mapping
+from minidisk.dm.stats import MESSAGES as STATS_MESSAGES
 from minidisk.dm.table import Segment, TableError, parse_table
 from minidisk.dm.target import Opener, Target, TargetError
 from minidisk.dm.targets import TARGET_TYPES

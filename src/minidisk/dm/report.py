@@ -13,11 +13,12 @@ non-dm device, the namespace key is printed instead.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-DM_MAJOR = 253  # as minidisk.dm.mapped.DM_MAJOR (this module imports nothing of ours)
+from minidisk.dm import fields
+
+DM_MAJOR = 253  # as minidisk.dm.mapped.DM_MAJOR (this module imports no dm layer)
 READ_AHEAD = 256  # the kernel's default, in sectors; we do no read-ahead of our own
 
 
@@ -54,6 +55,26 @@ def info_long(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+# libdm's whitelist of name and UUID characters; others are mangled as \\xNN ("auto").
+_WHITELIST = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#+-.:=@_")
+
+
+def mangle(text: str) -> str:
+    """libdm's mangled form of a name or UUID: each character off the whitelist as
+    \\xNN (a \\xNN already there stays)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and len(text) > i + 3 and text[i + 1] == "x" \
+                and all(c in "0123456789abcdefABCDEF" for c in text[i + 2:i + 4]):
+            out.append(text[i:i + 4])
+            i += 4
+            continue
+        c = text[i]
+        out.append(c if c in _WHITELIST else "".join(f"\\x{b:02x}" for b in c.encode()))
+        i += 1
+    return "".join(out)
+
+
 def _attr(i: dict[str, Any]) -> str:
     return (("L" if i["live_table"] else "-") + ("I" if i["inactive_table"] else "-")
             + ("s" if i["suspended"] else "-") + ("r" if i["read_only"] else "w"))
@@ -65,8 +86,6 @@ def _tables_loaded(i: dict[str, Any]) -> str:
         "Inactive" if inactive else "None"
 
 
-# `dmsetup info -c -o FIELD,...`: the device fields of dmsetup's report (id, heading, minimum
-# width, numeric, value). Numbers are right-aligned, text left-aligned, as libdm's report does.
 def _blk(dep: dict[str, Any]) -> str:
     """A dependency's block device name: dm-N, or a key's last part (as loop0 is)."""
     return f"dm-{dep['minor']}" if dep["name"] is not None else dep["key"].rsplit("/", 1)[-1]
@@ -89,152 +108,115 @@ def _lvm_part(i: dict[str, Any], n: int) -> str:
 # Fields whose value needs the device's block device (no table: none to open).
 NEEDS_BLOCK_DEVICE = {"blkdevname", "read_ahead"}
 
-# (heading, minimum width, numeric, value); `i` is a device as dm.ls gives it, with
-# "users" (the devices whose live tables use it) added by the caller.
-REPORT_FIELDS: dict[str, tuple[str, int, bool, Any]] = {
-    "name": ("Name", 16, False, lambda i: i["name"]),
-    "mangled_name": ("MangledName", 16, False, lambda i: i["name"]),
-    "unmangled_name": ("UnmangledName", 16, False, lambda i: i["name"]),
-    "uuid": ("UUID", 32, False, lambda i: i["uuid"]),
-    "mangled_uuid": ("MangledUUID", 32, False, lambda i: i["uuid"]),
-    "unmangled_uuid": ("UnmangledUUID", 32, False, lambda i: i["uuid"]),
-    "read_ahead": ("RAhead", 6, True,
-                   lambda i: i.get("read_ahead", READ_AHEAD) if openable(i) else 0),
-    "blkdevname": ("BlkDevName", 16, False, lambda i: f"dm-{i['minor']}"),
-    "attr": ("Stat", 4, False, _attr),
-    "tables_loaded": ("Tables", 6, False, _tables_loaded),
-    "suspended": ("Suspended", 9, False,
-                  lambda i: "Suspended" if i["suspended"] else "Active"),
-    "readonly": ("Read-only", 9, False,
-                 lambda i: "Read-only" if i["read_only"] else "Writeable"),
-    "devno": ("DevNo", 7, False, lambda i: f"{i['major']}:{i['minor']}"),
-    "major": ("Maj", 3, True, lambda i: i["major"]),
-    "minor": ("Min", 3, True, lambda i: i["minor"]),
-    "open": ("Open", 4, True, lambda i: i["open_count"]),
-    "segments": ("Targ", 4, True, lambda i: i["target_count"]),
-    "events": ("Event", 6, True, lambda i: i["event_nr"]),
-    "device_count": ("#Devs", 5, True, lambda i: len(i["deps"])),
-    "devs_used": ("DevNamesUsed", 16, False,
-                  lambda i: ",".join(sorted(d["name"] for d in i["deps"] if d["name"]))),
-    "devnos_used": ("DevNosUsed", 16, False,
-                    lambda i: ",".join(_devno(d) for d in i["deps"])),
-    "blkdevs_used": ("BlkDevNamesUsed", 16, False,
-                     lambda i: ",".join(_blk(d) for d in i["deps"])),
-    "device_ref_count": ("#Refs", 5, True, lambda i: len(i.get("users", []))),
-    "names_using_dev": ("RefNames", 8, False,
-                        lambda i: ",".join(sorted(u["name"] for u in i.get("users", [])))),
-    "devnos_using_dev": ("RefDevNos", 9, False,
-                         lambda i: ",".join(f"{u['major']}:{u['minor']}"
-                                            for u in i.get("users", []))),
-    "subsystem": ("Subsys", 6, False, lambda i: _subsystem(i)),
-    "vg_name": ("VG", 4, False, lambda i: _lvm_part(i, 0)),
-    "lv_name": ("LV", 4, False, lambda i: _lvm_part(i, 1)),
-    "lv_layer": ("LVLayer", 7, False, lambda i: _lvm_part(i, 2)),
+# `dmsetup info -c -o FIELD,...`: the value of each device field (headings, widths and
+# kinds are libdm's, in dm/fields.py); `i` is a device as dm.ls gives it, with "users" (the
+# devices whose live tables use it) added by the caller. Numbers are right-aligned, text
+# left-aligned, as libdm's report does.
+DEVICE_VALUES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "name": lambda i: i["name"],
+    "mangled_name": lambda i: mangle(i["name"]),
+    "unmangled_name": lambda i: i["name"],
+    "uuid": lambda i: i["uuid"],
+    "mangled_uuid": lambda i: mangle(i["uuid"]),
+    "unmangled_uuid": lambda i: i["uuid"],
+    "read_ahead": lambda i: i.get("read_ahead", READ_AHEAD) if openable(i) else 0,
+    "blkdevname": lambda i: f"dm-{i['minor']}",
+    "attr": _attr,
+    "tables_loaded": _tables_loaded,
+    "suspended": lambda i: "Suspended" if i["suspended"] else "Active",
+    "readonly": lambda i: "Read-only" if i["read_only"] else "Writeable",
+    "devno": lambda i: f"{i['major']}:{i['minor']}",
+    "major": lambda i: i["major"],
+    "minor": lambda i: i["minor"],
+    "open": lambda i: i["open_count"],
+    "segments": lambda i: i["target_count"],
+    "events": lambda i: i["event_nr"],
+    "device_count": lambda i: len(i["deps"]),
+    "devs_used": lambda i: ",".join(sorted(d["name"] for d in i["deps"] if d["name"])),
+    "devnos_used": lambda i: ",".join(_devno(d) for d in i["deps"]),
+    "blkdevs_used": lambda i: ",".join(_blk(d) for d in i["deps"]),
+    "device_ref_count": lambda i: len(i.get("users", [])),
+    "names_using_dev": lambda i: ",".join(sorted(u["name"] for u in i.get("users", []))),
+    "devnos_using_dev": lambda i: ",".join(f"{u['major']}:{u['minor']}"
+                                           for u in i.get("users", [])),
+    "subsystem": _subsystem,
+    "vg_name": lambda i: _lvm_part(i, 0),
+    "lv_name": lambda i: _lvm_part(i, 1),
+    "lv_layer": lambda i: _lvm_part(i, 2),
 }
-FIELD_GROUPS = {
-    "name_all": "name,mangled_name,unmangled_name,uuid,mangled_uuid,unmangled_uuid,read_ahead",
-    "info_all": "blkdevname,attr,tables_loaded,suspended,readonly,devno,major,minor,open,"
-                "segments,events",
-    "deps_all": "device_count,devs_used,devnos_used,blkdevs_used,device_ref_count,"
-                "names_using_dev,devnos_using_dev",
-    "splitname_all": "subsystem,vg_name,lv_name,lv_layer",
-}
+DEVICE_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    f: (fields.BY_ID[f].kind, value) for f, value in DEVICE_VALUES.items()}
 DEFAULT_REPORT = "name,major,minor,attr,open,segments,events,uuid"
 
 
-def report_fields(option: str | None) -> list[str]:
+def report_fields(option: str | None, default: str = DEFAULT_REPORT,
+                  known: Collection[str] = DEVICE_VALUES) -> list[str]:
     """The field ids `-o` asks for: a list, or `+list` to add to the default. ValueError
     names an unknown field as libdm does."""
     if not option:
-        return DEFAULT_REPORT.split(",")
-    wanted = (DEFAULT_REPORT + "," + option[1:]) if option.startswith("+") else option
-    fields = [g for f in wanted.split(",") if f.strip()
-              for g in FIELD_GROUPS.get(f.strip(), f.strip()).split(",")]
-    for field in fields:
-        if field not in REPORT_FIELDS:
+        return default.split(",")
+    wanted = (default + "," + option[1:]) if option.startswith("+") else option
+    chosen = [g for f in wanted.split(",") if f.strip()
+              for g in fields.GROUPS.get(f.strip(), [f.strip()])]
+    for field in chosen:
+        if field not in known:
             raise ValueError(f"Unrecognised field: {field}")
-    return fields
+    return chosen
 
 
-def sort_rows(infos: list[dict[str, Any]], keys: str | None) -> list[dict[str, Any]]:
+def sort_rows(rows: list[Any], keys: str | None,
+              values: Mapping[str, Callable[[Any], Any]] = DEVICE_VALUES) -> list[Any]:
     """-O FIELD[,-FIELD...]: sort by each field in turn ('-' descending); without -O the
-    devices stay in the order asked for (all of them: by name)."""
-    rows = list(infos)
+    rows stay in the order asked for (all devices: by name)."""
+    rows = list(rows)
     for key in reversed(keys.split(",") if keys else []):
         field = key.lstrip("-+")
-        if field not in REPORT_FIELDS:
+        if field not in values:
             raise ValueError(f"Unrecognised field: {field}")
-        value = REPORT_FIELDS[field][3]
-        rows.sort(key=value, reverse=key.startswith("-"))
+        rows.sort(key=values[field], reverse=key.startswith("-"))
     return rows
 
 
-_SELECT = re.compile(r"\s*(\w+)\s*(=~|!~|>=|<=|!=|=|>|<)\s*(.*?)\s*")
-
-
-def select_rows(infos: list[dict[str, Any]], selection: str | None) -> list[dict[str, Any]]:
-    """-S FIELD OP VALUE (=, !=, <, <=, >, >=; =~ and !~ a regular expression). ValueError
-    for a selection we cannot read."""
-    if not selection:
-        return infos
-    m = _SELECT.fullmatch(selection)
-    if m is None or m[1] not in REPORT_FIELDS:
-        raise ValueError(selection)
-    field, op, wanted = m[1], m[2], m[3].strip("\"'")
-    heading, _, numeric, value = REPORT_FIELDS[field]
-
-    def keep(i: dict[str, Any]) -> bool:
-        got = value(i)
-        if op in ("=~", "!~"):
-            return bool(re.search(wanted, str(got))) == (op == "=~")
-        a: Any = int(got) if numeric else str(got)
-        b: Any = int(wanted) if numeric else wanted
-        return bool({"=": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b,
-                     ">=": a >= b}[op])
-
-    return [i for i in infos if keep(i)]
-
-
 def report_help() -> str:
-    width = max(len(f) for f in REPORT_FIELDS)
-    return "Mapped Device Information Fields\n" + "".join(
-        f"  {field:<{width}} - {heading}\n"
-        for field, (heading, _, _, _) in REPORT_FIELDS.items())
+    return fields.help_text()
 
 
-def info_columns(infos: Sequence[dict[str, Any]], headings: bool = True,
-                 fields: Sequence[str] | None = None, separator: str | None = None,
-                 prefixes: bool = False, quoted: bool = True) -> str:
-    """`dmsetup info -c` as libdm's report prints it: aligned columns with headings by
-    default; `--noheadings` alone is dmsetup's old unaligned form with ':' between fields;
-    `--separator` is unaligned; `--nameprefixes` prints DM_FIELD='value' pairs."""
-    fields = list(fields or DEFAULT_REPORT.split(","))
-    columns = [REPORT_FIELDS[f] for f in fields]
-    rows = [[str(value(i)) for _, _, _, value in columns] for i in infos]
+def info_columns(rows: Sequence[Any], headings: bool = True,
+                 wanted: Sequence[str] | None = None, separator: str | None = None,
+                 prefixes: bool = False, quoted: bool = True,
+                 values: Mapping[str, Callable[[Any], Any]] = DEVICE_VALUES,
+                 show: Callable[[str, Any], str] = lambda field, value: str(value)) -> str:
+    """A report as libdm prints it (`dmsetup info -c`, `dmsetup stats`): aligned columns
+    with headings by default; `--noheadings` alone is dmsetup's old unaligned form with ':'
+    between fields; `--separator` is unaligned; `--nameprefixes` prints DM_FIELD='value'
+    pairs. `show` turns a value into its text (sizes have units)."""
+    ids = list(wanted or DEFAULT_REPORT.split(","))
+    columns = [fields.BY_ID[f] for f in ids]
+    cells = [[show(f, values[f](row)) for f in ids] for row in rows]
     aligned = separator is None and headings and not prefixes
     # As dmsetup: --noheadings alone means ':' between fields; --separator wins.
     sep = separator if separator is not None else (" " if headings else ":")
     if prefixes:
         def pair(field: str, text: str) -> str:
             return f"DM_{field.upper()}=" + (f"'{text}'" if quoted else text)
-        head = " ".join(c[0] for c in columns) + "\n" if headings else ""
+        head = " ".join(c.heading for c in columns) + "\n" if headings else ""
         return head + "".join(
-            sep.join(pair(f, t) for f, t in zip(fields, row, strict=True)) + "\n"
-            for row in rows)
+            sep.join(pair(f, t) for f, t in zip(ids, row, strict=True)) + "\n"
+            for row in cells)
     if not aligned:
-        lines = [[heading for heading, _, _, _ in columns]] if headings else []
-        return "".join(sep.join(line) + "\n" for line in lines + rows)
-    widths = [max([width, len(heading)] + [len(row[n]) for row in rows])
-              for n, (heading, width, _, _) in enumerate(columns)]
+        lines = [[c.heading for c in columns]] if headings else []
+        return "".join(sep.join(line) + "\n" for line in lines + cells)
+    widths = [max([c.width, len(c.heading)] + [len(row[n]) for row in cells])
+              for n, c in enumerate(columns)]
 
-    def line(cells: list[str], numeric: list[bool]) -> str:
+    def line(texts: list[str], right: list[bool]) -> str:
         # libdm pads every column, the last one too (trailing blanks included)
-        padded = [cell.rjust(w) if num else cell.ljust(w)
-                  for cell, w, num in zip(cells, widths, numeric, strict=True)]
+        padded = [text.rjust(w) if r else text.ljust(w)
+                  for text, w, r in zip(texts, widths, right, strict=True)]
         return sep.join(padded) + "\n"
 
-    out = line([c[0] for c in columns], [False] * len(columns))
-    return out + "".join(line(row, [c[2] for c in columns]) for row in rows)
+    out = line([c.heading for c in columns], [False] * len(columns))
+    return out + "".join(line(row, [c.kind != "string" for c in columns]) for row in cells)
 
 
 SPLITNAME_FIELDS = {"vg_name": ("VG", 4), "lv_name": ("LV", 4), "lv_layer": ("LVLayer", 7)}

@@ -7,6 +7,8 @@
 #   DISK0, DISK1  two 8 MiB devices (16384 sectors) tables may map (paths or keys)
 #   DMMAJ    device-mapper's major number on that side (for -j)
 #   NODES    a command run after each step (the guest has no udev: `dmsetup mknodes`)
+#   IO       a command given a mapped device's name: four 4 KiB reads at 0, two 4 KiB
+#            writes at 64 KiB, each one request (the kernel: dd with direct I/O)
 # Each step leaves OUTDIR/NNN-NAME.out, .err and .rc (stdout, stderr, exit status) and its
 # name in OUTDIR/steps. Steps never stop the battery; their order is their state.
 OUT=$1
@@ -46,6 +48,12 @@ nodes() {
   case $1 in
     create|rename|remove|remove_all|resume) $NODES > /dev/null 2>&1 ;;
   esac
+}
+
+# io NAME: four 4 KiB reads from the start of mapped device NAME, then two writes at 64 KiB,
+# each one request of its own (direct I/O), for the stats counters ($IO does it).
+io() {
+  $IO "$1" > /dev/null 2>&1
 }
 
 D0=$DISK0 D1=$DISK1
@@ -275,6 +283,85 @@ step message_logwrites_mark_noarg message lw 0 mark
 step status_logwrites_marked status lw
 step message_core_cancel message z 0 @cancel_deferred_remove
 step message_core_unknown message z 0 @nosuch
+
+# --- stats: regions counted in device-mapper (@stats_* messages), libdm's reports of them
+step stats_list_none stats list
+step stats_create_none stats create
+step stats_create_missing stats create nosuch
+step stats_create_both stats create --areas 2 --areasize 1k lin
+step stats_create_lin stats create lin
+step stats_create_areas stats create --areas 4 z
+step stats_create_range stats create --start 1024 --length 512 --areasize 128 two
+step stats_create_units stats create --start 1k --length 64k --areasize 16k str
+step stats_create_precise stats create --precise --programid myprog --userdata mine str
+step stats_create_bounds stats create --bounds 10ms,20ms,1s z
+step stats_create_bad_bounds stats create --bounds 20,10 z
+step stats_create_bad_start stats create --start x lin
+step stats_list stats list
+step stats_list_v stats list -v
+step stats_list_lin stats list lin
+step stats_list_programs stats list --allprograms
+step stats_list_program stats list --programid myprog
+step stats_print stats print --regionid 0 lin
+step stats_print_noregion stats print lin
+step stats_print_all stats print --allregions z
+step stats_print_missing stats print --regionid 7 lin
+io lin
+step stats_report_counts stats report -o name,region_id,area_id,area_start,area_len,read_count,read_sector_count,write_count,write_sector_count,in_progress_count lin
+step stats_report_noheadings stats report --noheadings -o region_id,read_count,write_count lin
+step stats_report_bad_field stats report -o nosuch lin
+step stats_report_areas stats report -o name,region_id,area_id,area_start,area_len,area_count,read_count z
+step stats_report_meta stats report -o region_id,region_start,region_len,program_id,user_data,precise,hist_bins,hist_bounds str
+step stats_report_select stats report -o name,region_id -S 'region_id>0' z
+step message_stats_list message lin 0 @stats_list
+step message_stats_list_prog message str 0 @stats_list myprog
+step message_stats_print_counts message lin 0 @stats_print 0
+step message_stats_print_range message z 0 @stats_print 0 1 2
+step message_stats_print_bad message lin 0 @stats_print x
+step message_stats_create message z 0 @stats_create - /3 2 precise_timestamps histogram:1,5 prog aux
+step message_stats_create_bad message z 0 @stats_create 0+0 1
+step message_stats_create_step message z 0 @stats_create 0+100 0
+step message_stats_set_aux message z 0 @stats_set_aux 2 hello
+step message_stats_list_aux message z 0 @stats_list
+step message_stats_set_aux_missing message z 0 @stats_set_aux 9 hello
+step message_stats_delete_missing message z 0 @stats_delete 9
+step message_stats_delete message z 0 @stats_delete 2
+step message_stats_clear message lin 0 @stats_clear 0
+step stats_print_cleared stats print --regionid 0 lin
+step message_stats_print_clear message lin 0 @stats_print_clear 0
+step stats_clear stats clear --regionid 0 lin
+step stats_clear_all stats clear --allregions --alldevices
+step stats_delete_noregion stats delete lin
+step stats_delete stats delete --regionid 0 lin
+step stats_delete_missing stats delete --regionid 0 lin
+step stats_delete_all stats delete --allregions z
+step stats_delete_alldevices stats delete --alldevices --allregions --allprograms
+step stats_list_after stats list
+step stats_unknown stats frobnicate
+step stats_no_command stats
+step stats_help stats help
+
+# --- measure, mangle, setgeometry, ls --exec, selections
+step measure measure lin
+step measure_all measure
+step measure_missing measure nosuch
+step mangle mangle lin
+step mangle_all mangle
+step setgeometry setgeometry lin 10 4 32 0
+step setgeometry_bad setgeometry lin x 4 32 0
+step setgeometry_short setgeometry lin 10 4
+step ls_exec ls --exec echo
+step ls_exec_target ls --target linear --exec echo
+step select_and info -c -o name -S 'name=~^t && open=0'
+step select_or info -c -o name -S 'name=lin || name=z'
+step select_not info -c -o name -S '!(name=~^t)'
+step select_parens info -c -o name,open -S '(name=lin || name=two) && open>0'
+step select_words info -c -o name -S 'name=z or name=two and segments=2'
+step select_list info -c -o name -S 'name=[lin,z]'
+step select_bad_paren info -c -o name -S '(name=lin'
+step select_bad_op info -c -o name -S 'name<>lin'
+step select_ls ls -S 'name=lin'
+step select_help info -c -S help
 
 # --- flakey as 6.1 has it: features drop_writes, error_writes, corrupt_bio_byte
 step flakey_drop create fd --table "0 512 flakey $D1 8192 60 0 1 drop_writes"

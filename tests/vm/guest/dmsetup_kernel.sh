@@ -33,9 +33,16 @@ dmmaj=$(awk '$2 == "device-mapper" { print $1 }' /proc/devices)
   done
   echo "KERNEL=$(uname -r)"
 } > $out/env
+# The battery's I/O, as single requests: O_DIRECT, one bio per dd block.
+cat > /tmp/io <<'EOF2'
+#!/bin/sh
+dd if="/dev/mapper/$1" of=/dev/null bs=4096 count=4 iflag=direct
+dd if=/dev/zero of="/dev/mapper/$1" bs=4096 seek=16 count=2 oflag=direct
+EOF2
+chmod +x /tmp/io
 start=$(date +%s.%N)
 DMSETUP="${dmsetup[*]} --noudevsync" DISK0=/dev/loop0 DISK1=/dev/loop1 DMMAJ=$dmmaj \
-  NODES="${dmsetup[*]} mknodes" bash "$here/dmsetup_battery.sh" $out
+  NODES="${dmsetup[*]} mknodes" IO=/tmp/io bash "$here/dmsetup_battery.sh" $out
 end=$(date +%s.%N)
 awk "BEGIN { print $end - $start }" > $out/seconds
 dmesg > $out/dmesg
