@@ -438,3 +438,16 @@ def test_discard_zeroes_cow() -> None:
         await reg.create("snap0", plain)
         assert not reg.get("snap0").caps.trim
     run(main())
+
+
+def test_a_handover_source_removed_first_cancels_the_handover() -> None:
+    async def main() -> None:
+        reg, ns = setup(256 << 10)
+        await fill_origin(ns)
+        await snapshots(reg, "P 8")
+        await reg.create("next")
+        await reg.load("next", f"0 {SECTORS} snapshot /dev/base /dev/cow0 P 8")
+        await reg.remove("snap0")
+        await reg.resume("next")
+        assert status(reg, "next") == "Invalid"
+    run(main())

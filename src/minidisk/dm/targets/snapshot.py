@@ -412,6 +412,11 @@ class Snapshot(Target):
         if origin is not None:
             if self in origin.snapshots:
                 origin.snapshots.remove(self)
+            for dest in origin.snapshots:
+                if dest.handover_from is self:  # its exceptions are gone with this table
+                    log.error("Cancelling snapshot handover.")
+                    dest.handover_from = None
+                    dest.valid = False
             release_origin(origin)
         for waiting in list(self.pending.values()):
             await asyncio.shield(waiting)
