@@ -74,7 +74,7 @@ from minidisk.dm.integrity_format import (
     plan_replay,
     section_entries,
     section_image,
-    tag_of,
+    tags_of,
 )
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, flush_device
@@ -539,11 +539,7 @@ class Integrity(Target):
     def _tags(self, lsec: int, data: bytes | memoryview) -> bytes:
         assert self.hash is not None
         salt = self.sb.salt if self.sb.flags & FLAG_FIXED_HMAC else None
-        block = self.sectors_per_block * SECTOR
-        spb = self.sectors_per_block
-        return b"".join(tag_of(self.hash, self.tag_size, lsec + i * spb,
-                               bytes(data[i * block:(i + 1) * block]), salt)
-                        for i in range(len(data) // block))
+        return tags_of(self.hash, self.tag_size, lsec, self.sectors_per_block, data, salt)
 
     def _check_request(self, offset: int, length: int) -> tuple[int, int]:
         if self.failed:
