@@ -253,18 +253,25 @@ def _check_iv(spec: CipherSpec) -> CipherSpec:
 
 
 def key_size(word: str) -> int:
-    """get_key_size: half the hex digits, or refuse a keyring reference by name."""
+    """get_key_size: half the hex digits, or a keyring reference's `:LEN:`."""
     if word.startswith(":"):
-        match = re.fullmatch(r":(\d+):([^:]*):(.*)", word)
-        if match is None:
+        match = re.match(r":(\d+):", word)
+        if match is None or int(match[1]) >= 2**32:
             raise TargetError("Cannot parse key size")
-        raise TargetError(f"key {word!r} is a kernel keyring reference ({match[2]}): "
-                          "minidisk takes the key as hex only")
+        return int(match[1])
     return len(word) // 2
 
 
 def decode_key(word: str, chain: str) -> bytes:
-    """crypt_set_key: hex2bin of `len // 2` bytes, then the cipher's setkey."""
+    """crypt_set_key: hex2bin of `len // 2` bytes, then the cipher's setkey; a keyring
+    reference is refused by name, with the errno 6.1 fails it with when the key is not
+    in its keyring (ENOKEY for logon and user keys; there is no keyring here)."""
+    if word.startswith(":"):
+        kind, colon, description = word.split(":", 2)[2].partition(":")
+        found = kind in ("logon", "user") and colon and description
+        raise TargetError(f"key {word!r} is a kernel keyring reference ({kind}): "
+                          "minidisk takes the key as hex only",
+                          errno.ENOKEY if found else errno.EINVAL)
     size = key_size(word)
     digits = word[:2 * size]
     if not _HEX.fullmatch(digits) or size not in _KEY_SIZES[chain]:
@@ -394,7 +401,7 @@ class Crypt(Target):
                         raise TargetError("key size differs")
                     key = decode_key(args[2], self.spec.chain)
                 except TargetError as e:
-                    raise OSError(errno.EINVAL, str(e)) from None
+                    raise OSError(e.errno, str(e)) from None
                 self._set_key(key)
                 self.key_valid = True
                 return None
