@@ -473,3 +473,22 @@ def test_journal_mode_blocks_are_old_or_new_after_a_crash_at_any_write(cut: int)
                 assert block in (old[b * K:(b + 1) * K], new[b * K:(b + 1) * K]), (
                     f"crash at write {limit}/{total}: block {b} is torn")
     run(go())
+
+
+def test_recalculate_after_a_table_change_of_hash() -> None:
+    """Tags made with crc32c fail under xxhash64 (truncated to the same 4 bytes) until a
+    reload with reset_recalculate computes them again from the data; `recalculate` alone
+    does not restart a recalculation the superblock says is done."""
+    async def go() -> None:
+        disk = Disk()
+        await disk.first_use("4 D 2 internal_hash:crc32c recalculate")
+        await disk.open("4 D 2 internal_hash:crc32c recalculate")
+        await write(disk.reg.get("i"), 0, pattern(12, 8 * K))
+        await disk.reg.remove("i")
+        await disk.open("4 D 2 internal_hash:xxhash64 recalculate")
+        assert await disk.failing_blocks(0, 8) == list(range(8))
+        await disk.reg.remove("i")
+        await disk.open("4 D 2 internal_hash:xxhash64 reset_recalculate")
+        assert await disk.failing_blocks(0, 8) == []
+        assert await read(disk.reg.get("i"), 0, 8 * K) == pattern(12, 8 * K)
+    run(go())
