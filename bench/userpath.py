@@ -47,12 +47,12 @@ from run import (  # noqa: E402  (bench/ is a directory of scripts, not a packag
     nbd_uri,
     nbdcopy,
     parse_fio_json,
+    process_cpu_s,
     running,
     snapshot,
     uptime,
 )
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # CPU cost rows: lower is better, never judged against a target.
 SERVER_CPU_REQ = Metric("server_us_per_req", "server CPU µs/req", False)
 FUSE_CPU_REQ = Metric("fuse_us_per_req", "nbdfuse CPU µs/req", False)
@@ -65,14 +65,6 @@ MACHINE_BUSY = Metric("machine_busy", "machine busy %", False)
 class Settings:
     runtime_s: int
     repeat: int
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of every thread of pid, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        # The command name may hold spaces and parentheses: split after the last ')'.
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def machine_ticks() -> tuple[int, int]:
