@@ -492,3 +492,28 @@ def test_recalculate_after_a_table_change_of_hash() -> None:
         assert await disk.failing_blocks(0, 8) == []
         assert await read(disk.reg.get("i"), 0, 8 * K) == pattern(12, 8 * K)
     run(go())
+
+
+def test_a_bitmap_reload_does_not_take_the_old_tables_dirty_flag_for_a_crash() -> None:
+    """The new table read the superblock while the old one had DIRTY_BITMAP set; by its
+    resume the old one has shut down cleanly, so nothing is recomputed: a tag corrupted
+    meanwhile still fails."""
+    args = "- B 2 internal_hash:crc32c sectors_per_bit:64"
+
+    async def go() -> None:
+        disk = Disk()
+        provided = await disk.first_use(args)
+        await disk.open(args)
+        dev = disk.reg.get("i")
+        # Region 32 (sector 2048): its bit's byte in the empty journal the old table
+        # writes back is 0xff (an unused entry's sector_hi).
+        await write(dev, 2048 * SECTOR, pattern(13, 4 * K))
+        await dev.flush()
+        await disk.reg.load("i", f"0 {provided} integrity /dev/d 0 {args}")
+        geo = await disk.geometry()
+        await disk.flip(geo.tag_byte(2048))
+        await disk.reg.suspend("i")
+        await disk.reg.resume("i")
+        assert await disk.failing_blocks(2048 * SECTOR // K, 4) == [2048 * SECTOR // K]
+        assert (await disk.sb()).flags & FLAG_DIRTY_BITMAP
+    run(go())

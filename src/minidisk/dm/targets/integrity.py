@@ -398,6 +398,7 @@ class Integrity(Target):
         if self.active:
             return
         if not self.read_only:  # a read-only table writes nothing (R mode is read-only)
+            await self._reread_superblock()
             await self._replay()
             if self.provided != self.sb.provided_data_sectors:
                 self.sb = replace(self.sb, provided_data_sectors=self.provided)
@@ -417,6 +418,18 @@ class Integrity(Target):
                 self.bitmap[:] = bytes(len(self.bitmap))
                 await self._write_bitmap()
         self.active = True
+
+    async def _reread_superblock(self) -> None:
+        """A table loaded beside a live one (a reload) read the superblock while that one
+        still had it: its clean shutdown (bitmap flag cleared, a recalculation advanced)
+        is what counts at resume. The layout fields cannot have changed."""
+        area = await self._read(self.start * SECTOR, SB_BYTES)
+        sb = Superblock.unpack(area)
+        if sb.magic != MAGIC:
+            return
+        if self.recalculate and not sb.flags & FLAG_RECALCULATING:
+            sb = replace(sb, flags=sb.flags | FLAG_RECALCULATING, recalc_sector=0)
+        self.sb, self.sb_area = sb, sb.into(area)
 
     async def _replay(self) -> None:
         """replay_journal: write back what the journal's consistent sections hold, then
