@@ -596,3 +596,45 @@ def test_read_only_pool(thin: ThinSetup) -> None:
         await teardown(reg)
 
     run(go())
+
+
+def test_metadata_low_water_then_out_of_metadata_space_until_it_grows(
+        thin: ThinSetup) -> None:
+    """A 512 KiB metadata device (128 blocks: threshold 32, reserve 12): thins are made
+    until the free blocks reach the threshold (one event), then the reserve (read-only,
+    messages refused, no needs_check); a reload over a bigger device makes it rw again."""
+    reg = thin.registry()
+
+    async def go() -> None:
+        await reg.create("meta", "0 1024 linear /dev/meta 0")
+        await reg.create("pool", f"0 {thin.data_sectors} thin-pool /dev/mapper/meta "
+                                 f"/dev/data {BLOCK} 0")
+        pool = reg.get("pool")
+        assert pool_fields(reg)[8] == "32"
+        events = [pool.event_nr]
+        made = 0
+        with pytest.raises(OSError) as e:
+            for made in range(1, 200):
+                await reg.message("pool", 0, ["create_thin", str(made)])
+                events.append(pool.event_nr)
+        assert e.value.errno == errno.EOPNOTSUPP
+        fields = pool_fields(reg)
+        used, total = map(int, fields[1].split("/"))
+        assert (used, total) == (128, 128)  # only the reserve is free, counted as used
+        assert fields[4] == "ro" and fields[7] == "-"
+        # One event at the threshold (some thins later the mode changes: the second).
+        assert events[0] + 1 in events and pool.event_nr == events[0] + 2
+        thin.check()
+        await reg.suspend("pool")
+        await reg.load("meta", f"0 {4 * MB // SECTOR} linear /dev/meta 0")
+        await reg.resume("meta")
+        await reg.load("pool", f"0 {thin.data_sectors} thin-pool /dev/mapper/meta "
+                               f"/dev/data {BLOCK} 0")
+        await reg.resume("pool")
+        fields = pool_fields(reg)
+        assert fields[4] == "rw" and fields[1].endswith("/1024")
+        await reg.message("pool", 0, ["create_thin", str(made)])
+        await teardown(reg)
+
+    run(go())
+    assert thin.dump().count("<device ") >= 60

@@ -12,7 +12,10 @@ provisioning is half done, so committed metadata never maps a block that was not
 Commits happen on every FLUSH/FUA a thin gets, after every message, and once a second.
 When the data device is full, writes that need a block wait for a resume that grows it,
 or fail with ENOSPC after `no_space_timeout` (or at once with error_if_no_space). A
-failed metadata write sets needs_check and leaves the pool read-only.
+failed metadata write sets needs_check and leaves the pool read-only. After each commit
+the free metadata blocks are checked as 6.1 does: one event at the threshold, and
+out-of-metadata-space (shown as ro: no new blocks, no messages) when only the reserve is
+left, until a reload over a bigger metadata device.
 
 Differences from 6.1: the metadata is read at the first resume, not at load (our
 constructors do no I/O), so a thin loaded before its pool first resumes is checked then;
@@ -50,6 +53,8 @@ COMMIT_PERIOD = 1.0
 no_space_timeout = 60.0
 
 RW, OUT_OF_DATA_SPACE, READ_ONLY, FAIL = "rw", "out_of_data_space", "ro", "Fail"
+OUT_OF_METADATA_SPACE = "out_of_metadata_space"  # status shows it as ro
+_NO_METADATA_CHANGES = (OUT_OF_METADATA_SPACE, READ_ONLY, FAIL)
 _FEATURES = ("skip_block_zeroing", "ignore_discard", "no_discard_passdown", "read_only",
              "error_if_no_space")
 
@@ -79,6 +84,7 @@ class Pool:
         self.space = asyncio.Event()  # set when writes waiting for space may retry
         self.low_water = 0
         self.low_water_triggered = False
+        self.metadata_low = False  # below the metadata threshold: its event was raised
         self.error_if_no_space = False
         self.zero_new_blocks = True
         self.discard_enabled = True
@@ -119,10 +125,12 @@ class Pool:
                 md.changed = True
             if target.read_only and self.mode != FAIL:
                 self.mode = READ_ONLY
-            elif self.mode in (READ_ONLY, OUT_OF_DATA_SPACE) and not md.needs_check:
+            elif self.mode in (READ_ONLY, OUT_OF_DATA_SPACE, OUT_OF_METADATA_SPACE) \
+                    and not md.needs_check:
                 self.mode = RW
             if self.mode == RW:
                 await md.commit()
+                self._check_metadata_space(md)
         self.low_water_triggered = False
         self.space.set()
         self.space = asyncio.Event()
@@ -174,13 +182,32 @@ class Pool:
             self.set_mode(FAIL)
 
     def check_writable(self) -> None:
-        if self.mode in (READ_ONLY, FAIL):
-            raise _pool_error(f"thin-pool is {'read-only' if self.mode == READ_ONLY else 'failed'}")
+        """New blocks need a metadata change, which these modes refuse."""
+        if self.mode in _NO_METADATA_CHANGES:
+            raise _pool_error(f"thin-pool is {'failed' if self.mode == FAIL else 'read-only'}")
+
+    def _check_metadata_space(self, md: PoolMetadata) -> None:
+        """After a commit, as 6.1's: one event when the free metadata blocks fall to the
+        threshold; out-of-metadata-space mode (read-only until a reload grows the device)
+        when only the reserve is left."""
+        free = md.meta.nr_free
+        if free <= metadata_threshold(md.meta.nr_blocks):
+            if not self.metadata_low:
+                log.warning("thin-pool: reached low water mark for metadata device: "
+                            "sending event.")
+                self.metadata_low = True
+                self.raise_event()
+        else:
+            self.metadata_low = False
+        if free <= metadata_reserve(md.meta.nr_blocks) and self.mode in (RW,
+                                                                          OUT_OF_DATA_SPACE):
+            log.error("thin-pool: No free metadata blocks")
+            self.set_mode(OUT_OF_METADATA_SPACE)
 
     # Commit
 
     async def commit(self) -> None:
-        if self.md is None or self.mode in (READ_ONLY, FAIL):
+        if self.md is None or self.mode in _NO_METADATA_CHANGES:
             return
         async with self.gate:
             self.committers += 1
@@ -200,6 +227,7 @@ class Pool:
                     except OSError as e:
                         await self.metadata_failed(e)
                         raise _pool_error(f"thin-pool: commit failed: {e}") from None
+                    self._check_metadata_space(md)
         finally:
             async with self.gate:
                 self.committers -= 1
@@ -349,7 +377,7 @@ class Pool:
     # Messages
 
     async def message(self, args: list[str]) -> None:
-        if self.mode in (READ_ONLY, FAIL):
+        if self.mode in _NO_METADATA_CHANGES:
             raise OSError(errno.EOPNOTSUPP, "unable to service pool target messages in "
                                             "READ_ONLY or FAIL mode")
         verb = args[0].lower()
@@ -394,6 +422,16 @@ class Pool:
             await md.reserve_metadata_snap()
         else:
             await md.release_metadata_snap()
+
+
+def metadata_reserve(nr_blocks: int) -> int:
+    """__set_metadata_reserve: blocks kept back for the metadata's own bookkeeping."""
+    return min(4096, nr_blocks // 10)
+
+
+def metadata_threshold(nr_blocks: int) -> int:
+    """calc_metadata_threshold: 4 MiB, or a quarter of a smaller device."""
+    return min(1024, nr_blocks // 4)
 
 
 def _uint(word: str, error: str) -> int:
@@ -487,17 +525,18 @@ class ThinPool(Target):
         if md is None:
             return "Error"
         held = str(md.sb.held_root) if md.sb.held_root else "-"
+        mode = READ_ONLY if pool.mode == OUT_OF_METADATA_SPACE else pool.mode
         discard = ("ignore_discard" if not pool.discard_enabled else
                    "discard_passdown" if pool.discard_passdown else "no_discard_passdown")
         space = "error_if_no_space" if pool.error_if_no_space else "queue_if_no_space"
         meta_total = md.meta.nr_blocks
         # 6.1 keeps min(4096, a tenth) of the metadata blocks in reserve and counts them
         # as used (dm_pool_get_free_metadata_block_count's metadata_reserve).
-        meta_used = min(meta_total, md.meta.nr_allocated + min(4096, meta_total // 10))
+        meta_used = min(meta_total, md.meta.nr_allocated + metadata_reserve(meta_total))
         return (f"{md.sb.trans_id} {meta_used}/{meta_total} "
-                f"{md.data.nr_allocated}/{md.data.nr_blocks} {held} {pool.mode} {discard} "
+                f"{md.data.nr_allocated}/{md.data.nr_blocks} {held} {mode} {discard} "
                 f"{space} {'needs_check' if md.needs_check else '-'} "
-                f"{min(1024, metadata_blocks(pool.metadata_dev) // 4)} ")
+                f"{metadata_threshold(metadata_blocks(pool.metadata_dev))} ")
 
     def devices(self) -> list[DeviceRef]:
         return [self.meta_ref, self.data_ref]
