@@ -227,3 +227,33 @@ def test_halt_fails_requests_queued_on_a_suspended_device(serve: Callable[..., S
         if reader.poll() is None:
             reader.kill()
             reader.wait()
+
+
+def test_stats_count_what_an_nbd_client_does(serve: Callable[..., Server]) -> None:
+    """dmsetup stats end to end: a region, I/O over NBD, libdm's report of the counters
+    (which, as libdm's, clears them), and the region's removal."""
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "lin", "--table", "0 2048 linear /dev/a 0")
+    assert server.dmsetup("stats", "create", "--areas", "2", "lin").stdout == \
+        "lin: Created new region with 2 area(s) as region ID 0\n"
+    subprocess.run([SYSTEM_PYTHON, "-c",
+                    "import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); "
+                    "[h.pread(4096, n * 4096) for n in range(3)]; "
+                    "h.pwrite(bytes(8192), 600 * 1024); h.shutdown()",
+                    server.uri("/dev/mapper/lin")], check=True, timeout=60)
+    fields = "region_id,area_id,area_start,read_count,read_sector_count,write_count," \
+             "write_sector_count,reads_merged_count"
+    assert server.dmsetup("stats", "report", "--noheadings", "-o", fields, "lin").stdout == \
+        "0:0:0:3:24:0:0:2\n0:1:512.00k:0:0:1:16:0\n" \
+        "0:0:0b:3:24:1:16:2\n"  # then the region: its area start as libdm's (start+2^49*step)
+    assert server.dmsetup("stats", "report", "--noheadings", "-o", "read_count",
+                          "lin").stdout == "0\n0\n0\n"  # the report cleared them
+    assert server.dmsetup("stats", "list", "-S", "region_id=0", "-o", "name,area_count",
+                          "lin").stdout == "Name             #Areas\nlin                   2\n"
+    server.dmsetup("stats", "delete", "--regionid", "0", "lin")
+    assert server.dmsetup("message", "lin", "0", "@stats_list").stdout == ""
+    assert server.dmsetup("measure", "lin").stdout == \
+        "0 2048 linear target_name=linear,target_version=1.4.0,device_name=240:0,start=0;\n"
+    refused = server.dmsetup("setgeometry", "lin", "70000", "1", "1", "0", check=False)
+    assert refused.returncode == 1 and "setgeometry ioctl on lin  failed: Invalid argument" \
+        in refused.stderr

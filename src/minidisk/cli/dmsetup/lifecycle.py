@@ -15,6 +15,7 @@ import click
 from minidisk.cli.common import require_server
 from minidisk.cli.dmsetup.base import (
     MAX_NAME,
+    F,
     Invocation,
     dmsetup,
     failed,
@@ -47,6 +48,20 @@ def _check_name(name: str) -> None:
         refuse(f'Name "{name}" too long.')
     if "/" in name:
         refuse(f'Name "{name}" invalid. It contains "/".')
+
+
+def node_options(func: F) -> F:
+    """dmsetup's options for the /dev/mapper node (its owner, group and mode, when udev does
+    not make it): accepted and ignored, as the udev flags are, since /dev/mapper/NAME is a
+    namespace key here, not a node."""
+    for decls, text in ((("-U", "--uid"), "Owner of the node (no node here)."),
+                        (("-G", "--gid"), "Group of the node (no node here)."),
+                        (("-M", "--mode"), "Mode of the node (no node here).")):
+        func = click.option(*decls, metavar="ID", expose_value=False, help=text)(func)
+    for flag in ("--addnodeonresume", "--addnodeoncreate"):
+        func = click.option(flag, is_flag=True, expose_value=False,
+                            help="When to make the node (no node here).")(func)
+    return func
 
 
 def _set_readahead(inv: Invocation, name: str, value: str | None) -> None:
@@ -104,6 +119,7 @@ def _create_concise(inv: Invocation, spec: str) -> None:
 @click.option("-j", "--major", type=click.IntRange(min=0), help="With -m: the device number.")
 @click.option("-m", "--minor", type=click.IntRange(min=0), help="The minor number to use.")
 @click.option("--readahead", metavar="[+]SECTORS|auto|none", help="Read-ahead to show.")
+@node_options
 @pass_invocation
 def create(inv: Invocation, name: str | None, table_file: str | None, concise: bool,
            table: str | None, notable: bool, uuid: str, readonly: bool, major: int | None,
@@ -201,6 +217,7 @@ def suspend(inv: Invocation, names: tuple[str, ...], noflush: bool, nolockfs: bo
 @dmsetup.command()
 @click.argument("names", nargs=-1)
 @click.option("--readahead", metavar="[+]SECTORS|auto|none", help="Read-ahead to show.")
+@node_options
 @select_options
 @pass_invocation
 def resume(inv: Invocation, names: tuple[str, ...], readahead: str | None) -> None:

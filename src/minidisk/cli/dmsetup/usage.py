@@ -1,6 +1,11 @@
-"""dmsetup's usage texts (lvm2 2.03.16's tools/dmsetup.c, as Debian 12's dmsetup prints them):
-every command and option they list is one of ours (udev's cookies and node options are
-accepted and do nothing, there being no udev here)."""
+"""dmsetup's usage texts (lvm2 2.03.16's tools/dmsetup.c, as Debian 12's dmsetup prints them).
+
+What they list is ours, with these exceptions: dmsetup takes every option before or after
+any command, and we take each with the commands it applies to (the udev flags anywhere);
+udevcreatecookie, udevreleasecookie, udevflags and udevcomplete, --udevcookie, --checks,
+--manglename and --noopencount are not here (no udev, no name mangling other than auto);
+stats has no groups, --filemap, --interval/--count or --units. Node options (-U, -G, -M,
+--addnode*) are accepted and do nothing: /dev/mapper/NAME is a namespace key, not a node."""
 
 USAGE = (
     'Usage:\n'
