@@ -341,6 +341,8 @@ def test_table_round_trips_with_the_kernels_argument_order() -> None:
     ("- D 1 frobnicate", "Invalid argument"),
     ("600 D 1 internal_hash:crc32c", "Too big tag size"),
     ("- D 2 internal_hash:crc32c allow_discards:", "Invalid argument"),
+    ("- D 1 internal_hash:hmac(sha256)", "Error setting internal hash key"),
+    ("- D 1 internal_hash:crc32c:00", "Error setting internal hash key"),
 ])
 def test_bad_tables_are_refused_with_the_kernels_reasons(args: str, reason: str) -> None:
     async def go() -> None:
@@ -349,6 +351,15 @@ def test_bad_tables_are_refused_with_the_kernels_reasons(args: str, reason: str)
             await disk.open(args, length=1)
         assert e.value.reason == f"integrity: {reason}"
         assert await disk.bytes(0, K) == bytes(K)  # nothing formatted
+    run(go())
+
+
+def test_a_superblock_beyond_the_device_is_refused() -> None:
+    async def go() -> None:
+        disk = Disk()
+        with pytest.raises(TableError, match="Error reading superblock"):
+            await disk.reg.create("i", f"0 1 integrity /dev/d {SIZE // SECTOR - 4} "
+                                       "- D 1 internal_hash:crc32c")
     run(go())
 
 
@@ -516,4 +527,38 @@ def test_a_bitmap_reload_does_not_take_the_old_tables_dirty_flag_for_a_crash() -
         await disk.reg.resume("i")
         assert await disk.failing_blocks(2048 * SECTOR // K, 4) == [2048 * SECTOR // K]
         assert (await disk.sb()).flags & FLAG_DIRTY_BITMAP
+    run(go())
+
+
+def test_hmac_with_fix_hmac_salts_the_tags() -> None:
+    args = "- D 2 internal_hash:hmac(sha256):00112233 fix_hmac"
+
+    async def go() -> None:
+        disk = Disk()
+        await disk.first_use(args)
+        sb = await disk.sb()
+        assert sb.version == 5 and sb.tag_size == 32 and sb.salt != bytes(16)
+        await disk.open(args)
+        dev = disk.reg.get("i")
+        await write(dev, 0, pattern(14, K))
+        assert await read(dev, 0, K) == pattern(14, K)
+        assert disk.reg.table("i")[0][3][-2:] == ["fix_hmac",
+                                                  "internal_hash:hmac(sha256):00112233"]
+        await disk.reg.remove("i")
+        # Another key: the table loads, and the blocks fail.
+        await disk.open("- D 2 internal_hash:hmac(sha256):00112234 fix_hmac")
+        assert await disk.failing_blocks(0, 1) == [0]
+    run(go())
+
+
+def test_recalculating_a_keyed_hash_needs_fix_hmac_or_legacy_recalculate() -> None:
+    async def go() -> None:
+        disk = Disk()
+        args = "- D 1 internal_hash:hmac(sha256):0011"
+        await disk.first_use(args)
+        with pytest.raises(TableError, match="Recalculating with HMAC is disabled") as e:
+            await disk.open("- D 2 internal_hash:hmac(sha256):0011 recalculate")
+        assert e.value.errno == errno.EOPNOTSUPP
+        await disk.open("- D 3 internal_hash:hmac(sha256):0011 recalculate legacy_recalculate")
+        assert await disk.failing_blocks(0, 1) == []
     run(go())

@@ -306,6 +306,8 @@ class Integrity(Target):
 
     async def prepare(self) -> None:
         area = bytearray(SB_BYTES)
+        if self.start + SB_SECTORS > self.ref.sectors:  # the kernel's read fails: EIO
+            raise TargetError("Error reading superblock")
         try:
             await self.child.pread(memoryview(area), self.start * SECTOR)
         except (OSError, ValueError):
