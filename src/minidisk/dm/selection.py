@@ -111,24 +111,23 @@ def parse(text: str, fields: Fields) -> Node | None:
 
 
 def _or(s: str, fields: Fields) -> tuple[Node, str]:
-    items = []
-    while True:
-        node, s = _and(s, fields)
-        items.append(node)
-        flag, after = _logical(s, {"or"})
-        if flag is None:
-            return (items[0] if len(items) == 1 else ("or", items)), s
-        s = after
+    return _joined(s, fields, _and, "or")
 
 
 def _and(s: str, fields: Fields) -> tuple[Node, str]:
+    return _joined(s, fields, _ex, "and")
+
+
+def _joined(s: str, fields: Fields, part: Callable[[str, Fields], tuple[Node, str]],
+            flag: str) -> tuple[Node, str]:
+    """PART (OP PART)...: one node, or the `flag` node of them all."""
     items = []
     while True:
-        node, s = _ex(s, fields)
+        node, s = part(s, fields)
         items.append(node)
-        flag, after = _logical(s, {"and"})
-        if flag is None:
-            return (items[0] if len(items) == 1 else ("and", items)), s
+        found, after = _logical(s, {flag})
+        if found is None:
+            return (items[0] if len(items) == 1 else (flag, items)), s
         s = after
 
 
