@@ -383,10 +383,10 @@ class Integrity(Target):
             raise TargetError("Journal mac mismatch")
 
     def _recalculate_disabled(self, sb: Superblock) -> bool:
-        if self.legacy_recalculate:
-            return False
-        keyed = self.hash_key is not None
-        return keyed if not sb.flags & FLAG_FIXED_HMAC else False
+        """dm_integrity_disable_recalculate: a keyed hash is not recomputed from data an
+        attacker may have written (with fix_hmac, unless a keyed journal_mac also
+        protects the journal, which is not supported here)."""
+        return not self.legacy_recalculate and self.hash_key is not None
 
     def _bitmap_blocks(self) -> int:
         blocks = self.provided >> self.sb.log2_sectors_per_block
