@@ -24,9 +24,9 @@ from minidisk.dm import DeviceDict, Registry
 SECTOR = 512
 BLOCK = 128  # sectors per data block (64 KiB)
 BB = BLOCK * SECTOR
-META_SIZE = 4 << 20
-DATA_SIZE = 16 << 20
-THIN_SECTORS = 16384  # 8 MiB thins
+META_SIZE = 2 << 20
+DATA_SIZE = 4 << 20  # small: every byte crosses 9p and TCG
+THIN_SECTORS = 4096  # 2 MiB thins
 PATTERN_SIZE = 256 << 10
 
 
@@ -80,13 +80,13 @@ async def _make_ours(meta: Path, data: Path) -> None:
     await reg.message("pool", 0, ["create_thin", "1"])
     t1 = await reg.create("t1", f"0 {THIN_SECTORS} thin /dev/mapper/pool 1")
     await t1.pwrite(memoryview(bytearray(pat[:4 * BB])), 0)  # blocks 0-3
-    await t1.pwrite(memoryview(bytearray(pat[:4096])), 20 * BB + 8192)  # zero-filled
+    await t1.pwrite(memoryview(bytearray(pat[:4096])), 12 * BB + 8192)  # zero-filled
     await reg.suspend("t1")
     await reg.message("pool", 0, ["create_snap", "2", "1"])
     await reg.resume("t1")
     t2 = await reg.create("t2", f"0 {THIN_SECTORS} thin /dev/mapper/pool 2")
     await t2.pwrite(memoryview(bytearray(pat[BB:BB + 4096])), BB + 4096)  # breaks sharing
-    await t1.pwrite(memoryview(bytearray(pat[-BB:])), 100 * BB)
+    await t1.pwrite(memoryview(bytearray(pat[-BB:])), 30 * BB)
     await reg.message("pool", 0, ["set_transaction_id", "0", "1"])
     await reg.remove("t2")
     await reg.remove("t1")

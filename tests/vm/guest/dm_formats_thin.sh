@@ -70,28 +70,28 @@ for f in "$IN"/expected.*; do  # what minidisk read and showed for its own pool
   [ "$got" = "$(cat "$f")" ] || { echo "ours.$key: kernel '$got', minidisk '$(cat "$f")'"; exit 1; }
 done
 wr "$(dmdev opool.2)" $((2 * 65536)) 4096 8192
-wr "$(dmdev opool.2)" $((50 * 65536)) 65536 65536
+wr "$(dmdev opool.2)" $((25 * 65536)) 65536 65536
 sync
 record ours_after opool 1 2
 down opool 1 2
 cp $work/ours_meta.img $work/ours_data.img "$OUT/"
 
 # 3: the kernel's
-truncate -s 4M $work/kernel_meta.img
-truncate -s 16M $work/kernel_data.img
+truncate -s 2M $work/kernel_meta.img
+truncate -s 4M $work/kernel_data.img
 up kpool $work/kernel_meta.img $work/kernel_data.img
 $D message kpool 0 "create_thin 1" || exit 1
 thin kpool 1
 wr "$(dmdev kpool.1)" 0 $((3 * 65536)) 0
-wr "$(dmdev kpool.1)" $((30 * 65536 + 4096)) 8192 4096
+wr "$(dmdev kpool.1)" $((20 * 65536 + 4096)) 8192 4096
 $D suspend kpool.1 && $D message kpool 0 "create_snap 7 1" && $D resume kpool.1 || exit 1
 thin kpool 7
 wr "$(dmdev kpool.7)" 65536 4096 12288
 wr "$(dmdev kpool.1)" $((2 * 65536)) 4096 16384
-wr "$(dmdev kpool.7)" $((90 * 65536)) 65536 131072
+wr "$(dmdev kpool.7)" $((28 * 65536)) 65536 131072
 $D message kpool 0 "set_transaction_id 0 3" || exit 1
 $D message kpool 0 "reserve_metadata_snap" || exit 1
-wr "$(dmdev kpool.1)" $((91 * 65536)) 4096 0
+wr "$(dmdev kpool.1)" $((29 * 65536)) 4096 0
 sync
 record kernel kpool 1 7
 down kpool 1 7
