@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import logging
 import struct
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import crc32c
 import pytest
-from tests.dm.dm_helpers import pattern, read, run, write
+from tests.dm.dm_helpers import Server, pattern, read, run, write
 
 from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry
@@ -562,3 +564,37 @@ def test_recalculating_a_keyed_hash_needs_fix_hmac_or_legacy_recalculate() -> No
         await disk.open("- D 3 internal_hash:hmac(sha256):0011 recalculate legacy_recalculate")
         assert await disk.failing_blocks(0, 1) == []
     run(go())
+
+
+@pytest.mark.slow
+def test_a_corrupted_block_is_eio_over_nbd(tmp_path: Path,
+                                           serve: Callable[..., Server]) -> None:
+    """The documented first use with `minidisk dmsetup`, writes and reads with qemu-io over
+    NBD, one byte flipped in the host file: that block's read is EIO on the wire, its
+    neighbours read, the status counts one mismatch."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    server = serve(f"--file=/dev/disk={image}")
+    server.dmsetup("create", "i", "--table", "0 1 integrity /dev/disk 0 - D 1 "
+                   "internal_hash:crc32c")
+    server.dmsetup("remove", "i")
+    sb = Superblock.unpack(image.read_bytes()[:K])
+    provided = sb.provided_data_sectors
+    server.dmsetup("create", "i", "--table", f"0 {provided} integrity /dev/disk 0 {CRC}")
+    uri = server.uri("/dev/mapper/i")
+    qemu = ["qemu-io", "-f", "raw"]
+    subprocess.run([*qemu, "-c", "write -P 0x5a 0 64k", uri], check=True, capture_output=True,
+                   timeout=60)
+    at = Geometry(sb, 0, SIZE // SECTOR).data_sector(40) * SECTOR + 7  # in 4 KiB block 5
+    with image.open("r+b") as f:
+        f.seek(at)
+        f.write(b"\xa5")
+    bad = subprocess.run([*qemu, "-c", "read 20480 4096", uri], capture_output=True,
+                         text=True, timeout=60)
+    assert "read failed: Input/output error" in bad.stdout + bad.stderr
+    good = subprocess.run([*qemu, "-c", "read -P 0x5a 16384 4096", "-c",
+                           "read -P 0x5a 24576 4096", uri], capture_output=True, text=True,
+                          timeout=60)
+    assert good.stdout.count("read 4096/4096") == 2, good.stdout + good.stderr
+    status = server.dmsetup("status", "i").stdout.split()
+    assert status[3:] == ["1", str(provided), "-"]
