@@ -354,15 +354,18 @@ def dm_unavailable_reason(minidisk: Minidisk) -> str | None:
 
 def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk: Minidisk,
            loads: list[float]) -> Samples:
-    """Issue 4: raw memory vs linear over memory vs 4-way striped over memory, one server."""
+    """Issue 4: raw memory vs linear over memory vs 4-way striped over memory, one server;
+    issue 14: crypt (aes-xts-plain64, a fixed bench key) over memory, against linear."""
     sectors = DEVICE_SIZE // SECTOR
     stripe_sectors = sectors // STRIPES
     tables = {
         "lin": f"0 {sectors} linear /dev/linbase 0\n",
         "str": f"0 {sectors} striped {STRIPES} {STRIPE_CHUNK_SECTORS} "
                + " ".join(f"/dev/stripe{i} 0" for i in range(STRIPES)) + "\n",
+        "cry": f"0 {sectors} crypt aes-xts-plain64 {bytes(range(64)).hex()} 0 /dev/cryptbase 0\n",
     }
-    serve_args = ["--memory", f"/dev/raw={DEVICE_SIZE}", "--memory", f"/dev/linbase={DEVICE_SIZE}"]
+    serve_args = ["--memory", f"/dev/raw={DEVICE_SIZE}", "--memory", f"/dev/linbase={DEVICE_SIZE}",
+                  "--memory", f"/dev/cryptbase={DEVICE_SIZE}"]
     serve_args += [arg for i in range(STRIPES)
                    for arg in ("--memory", f"/dev/stripe{i}={stripe_sectors * SECTOR}")]
     for name, text in tables.items():
@@ -378,7 +381,8 @@ def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk:
         pid = server.process.pid
         targets = [Target("raw", socket, "dev/raw", pid),
                    Target("linear", socket, "dev/mapper/lin", pid),
-                   Target("striped", socket, "dev/mapper/str", pid)]
+                   Target("striped", socket, "dev/mapper/str", pid),
+                   Target("crypt", socket, "dev/mapper/cry", pid)]
         prefill(targets, settings)
         return measure(list(workloads), targets, settings, loads)
 
@@ -438,7 +442,9 @@ CORE_GOALS = [
 # Device-mapper goals are about throughput, so they are judged on the IOPS and MiB/s rows.
 DM_ROWS = tuple(row_name(job, m) for job in FIO_JOBS for m in job.metrics if m.higher_is_better)
 DM_GOALS = [Goal("linear ≥ 0.9× raw", DM_ROWS, "linear", "raw", 0.9, False),
-            Goal("4-way striped ≥ 0.85× raw", DM_ROWS, "striped", "raw", 0.85, False)]
+            Goal("4-way striped ≥ 0.85× raw", DM_ROWS, "striped", "raw", 0.85, False),
+            Goal("issue 14: crypt aes-xts ≥ 0.5× linear", DM_ROWS, "crypt", "linear", 0.5,
+                 False)]
 
 
 def make_source_image(path: Path) -> None:
@@ -541,9 +547,10 @@ def main() -> int:
                     output += ["", f"dm not available: {e}"]
                     report["dm"] = {"unavailable": str(e)}
                 else:
-                    columns = ["raw", "linear", "striped"]
+                    columns = ["raw", "linear", "striped", "crypt"]
                     lines, medians = median_table(samples, columns,
-                                                  [("linear", "raw"), ("striped", "raw")])
+                                                  [("linear", "raw"), ("striped", "raw"),
+                                                   ("crypt", "linear")])
                     output += ["", "## device-mapper over memory devices (medians, one server)",
                                "", *lines]
                     report["dm"] = {"samples": samples, "medians": medians,
