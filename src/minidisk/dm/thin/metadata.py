@@ -117,6 +117,10 @@ class PoolMetadata:
         self.sb = Superblock()
         self.committed = self.sb  # what block 0 holds
         self.devices: dict[int, ThinDevice] = {}
+        # Each thin's mapping-tree root, as the top-level tree has it: a cache that spares
+        # every lookup the walk of that tree. Mapping changes keep it; other changes of the
+        # top-level tree drop the entry.
+        self._roots: dict[int, int] = {}
         self.changed = False
 
     # Opening
@@ -286,6 +290,7 @@ class PoolMetadata:
         self.sb.data_mapping_root, _ = await btree.insert(
             self.store, self.sb.data_mapping_root, dev_id, root, self.subtrees)
         self._new_device(dev_id, self.sb.time)
+        self._roots.pop(dev_id, None)
         self._touch()
 
     async def create_snap(self, dev_id: int, origin_id: int) -> None:
@@ -300,6 +305,7 @@ class PoolMetadata:
             self.store, self.sb.data_mapping_root, dev_id, root, self.subtrees)
         self.sb.time += 1
         snap = self._new_device(dev_id, self.sb.time)
+        self._roots.pop(dev_id, None)
         snap.mapped_blocks = origin.mapped_blocks
         origin.snapshotted_time = snap.snapshotted_time = self.sb.time
         origin.changed = True
@@ -312,6 +318,7 @@ class PoolMetadata:
         if d.open_count:
             raise OSError(errno.EBUSY, f"device {dev_id} is open")
         del self.devices[dev_id]
+        self._roots.pop(dev_id, None)
         self.sb.device_details_root, _ = await btree.remove(
             self.store, self.sb.device_details_root, dev_id, self.plain[24])
         self.sb.data_mapping_root, _ = await btree.remove(
@@ -352,10 +359,20 @@ class PoolMetadata:
     # Mappings
 
     async def device_root(self, dev_id: int) -> int:
+        root = self._roots.get(dev_id)
+        if root is not None:
+            return root
         root = await btree.lookup(self.store, self.sb.data_mapping_root, dev_id)
         if root is None:
             raise OSError(errno.ENODATA, f"device {dev_id} has no mapping tree")
+        self._roots[dev_id] = root
         return root
+
+    async def _store_root(self, dev_id: int, old: int, root: int) -> None:
+        if root != old:  # a node shadowed in this transaction changes in place
+            self.sb.data_mapping_root, _ = await btree.insert(
+                self.store, self.sb.data_mapping_root, dev_id, root, self.moves)
+            self._roots[dev_id] = root
 
     async def find_block(self, dev_id: int, vblock: int) -> tuple[int, bool] | None:
         """(data block, shared) for a mapped virtual block; shared means a snapshot may
@@ -369,10 +386,10 @@ class PoolMetadata:
     async def insert_block(self, dev_id: int, vblock: int, data_block: int) -> None:
         """Map `vblock` to `data_block`, whose one reference the mapping takes over."""
         d = self.devices[dev_id]
-        root, new = await btree.insert(self.store, await self.device_root(dev_id), vblock,
+        old = await self.device_root(dev_id)
+        root, new = await btree.insert(self.store, old, vblock,
                                        pack_mapping(data_block, self.sb.time), self.data_refs)
-        self.sb.data_mapping_root, _ = await btree.insert(
-            self.store, self.sb.data_mapping_root, dev_id, root, self.moves)
+        await self._store_root(dev_id, old, root)
         if new:
             d.mapped_blocks += 1
             d.changed = True
@@ -380,11 +397,10 @@ class PoolMetadata:
 
     async def remove_block(self, dev_id: int, vblock: int) -> bool:
         d = self.devices[dev_id]
-        root, found = await btree.remove(self.store, await self.device_root(dev_id), vblock,
-                                         self.data_refs)
+        old = await self.device_root(dev_id)
+        root, found = await btree.remove(self.store, old, vblock, self.data_refs)
         if found:
-            self.sb.data_mapping_root, _ = await btree.insert(
-                self.store, self.sb.data_mapping_root, dev_id, root, self.moves)
+            await self._store_root(dev_id, old, root)
             d.mapped_blocks -= 1
             d.changed = True
             self._touch()
