@@ -13,13 +13,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 from tests import harness
 
-# Test files that still import these from here (tests.harness is their home).
-from tests.harness import MINIDISK as MINIDISK
-from tests.harness import SYSTEM_PYTHON as SYSTEM_PYTHON
-from tests.harness import need_root as need_root
-from tests.harness import scaled as scaled
-from tests.harness import stop_process as stop_process
-
 if TYPE_CHECKING:
     from tests.guest_scheduling import GuestUnits
     from xdist.remote import Producer
