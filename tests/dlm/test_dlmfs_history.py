@@ -15,7 +15,9 @@ for every process of the machine). `check` then proves from the log alone:
 A hold is counted from the open's return to the close's call: the lock is surely the
 process's then (FUSE's RELEASE after close only makes a hold longer, never overlaps shorter).
 The checker is itself checked on forged histories: one hold moved over another node's, and
-one read given an overwritten value; each must be found. No timing is asserted.
+one read given an overwritten value; each must be found. On `--exclusive` mounts the same run
+must show no EX hold beside another on its own node either (the default mounts' run shows
+hundreds). No timing is asserted.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from pathlib import Path
 import pytest
 
 from . import test_dlmfs
-from .conftest import Mount
+from .conftest import Mount, Server
+from .test_dlmfs import mounted
 
 nodes = test_dlmfs.nodes  # two mounts (nodes A and B), each with domain "dom"
 
@@ -211,6 +214,22 @@ def test_two_nodes_exclude_each_other_and_share_within(nodes: tuple[Mount, Mount
     # The forged variants are judged on this very history.
     forged_overlap(history)
     forged_stale_read(history)
+
+
+def test_exclusive_mounts_exclude_within_a_node_too(dlm_server: Server, tmp_short: Path,
+                                                     tmp_path: Path) -> None:
+    """`--exclusive` (our extension): the same history, and no EX hold beside any other hold
+    on its own node either."""
+    with mounted(dlm_server, tmp_short / "a", "--exclusive") as a, \
+            mounted(dlm_server, tmp_short / "b", "--exclusive") as b:
+        for mount in (a, b):
+            (mount.path / "dom").mkdir()
+        history = run_history((a, b), tmp_path)
+    verdict = check(history)
+    assert len(history.holds) > 50, "too few holds to say anything"
+    assert verdict.node_conflicts == []
+    assert verdict.bad_reads == []
+    assert verdict.same_node_overlaps == 0
 
 
 def forged_overlap(history: History) -> None:
