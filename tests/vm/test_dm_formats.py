@@ -15,8 +15,12 @@ each side's files opened by the other must agree.
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import logging
+import os
+import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +28,11 @@ from typing import cast
 
 import pytest
 from tests.vm import dm_formats_crypt as crypt
+from tests.vm import dm_formats_integrity as integ
 from tests.vm import dm_formats_snapshot as snap
 from tests.vm.harness import GUEST_SCRIPTS, Boot, GuestRun, guest_script
+
+from minidisk.dm.integrity_format import Geometry, plan_replay
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
@@ -214,6 +221,185 @@ def test_snapshot_target_versions(formats: Formats) -> None:
     ours = sorted([name, "v{}.{}.{}".format(*TARGET_TYPES[name].version)]
                   for name in ("snapshot", "snapshot-origin", "snapshot-merge"))
     assert ours == kernel
+
+
+# Integrity (dm_formats_integrity.py)
+
+INTEGRITY = [c.name for c in integ.CONFIGS]
+
+
+def _integrity(formats: Formats, config: str) -> dict[str, object]:
+    prepared = cast(dict[str, dict[str, object]], formats.prepared["integrity"])
+    return prepared[config]
+
+
+def _iconfig(name: str) -> integ.Config:
+    return next(c for c in integ.CONFIGS if c.name == name)
+
+
+def _iout(formats: Formats, name: str) -> Path:
+    return formats.out("integrity") / name
+
+
+def _listing(formats: Formats, what: str) -> dict[str, str]:
+    """`dmsetup status` or `table` of every device: name -> its line without the name."""
+    lines = _iout(formats, what).read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def _after_device(line: str) -> str:
+    """A table line's integrity arguments after the device."""
+    return " ".join(line.split()[4:])
+
+
+def test_integrity_guest_created_every_device(formats: Formats) -> None:
+    assert _iout(formats, "create.rc").read_text() == "0\n"
+
+
+@pytest.mark.parametrize("config", INTEGRITY)
+def test_integrity_first_use_as_documented(formats: Formats, config: str) -> None:
+    """The kernel's first-use procedure: the one-sector load did what ours did (with 4 KiB
+    blocks refused after formatting), and provided_data_sectors from its superblock is
+    the one minidisk's first use found on a file of the same size."""
+    ours = _integrity(formats, config)
+    assert int(_iout(formats, f"{config}.k.create1.rc").read_text()) == ours["create1.rc"]
+    dump = integ.parse_dump(_iout(formats, f"{config}.k.dump").read_text())
+    assert int(dump["provided_data_sectors"]) == ours["provided"]
+
+
+@pytest.mark.parametrize("config", INTEGRITY)
+def test_integrity_dump_agrees_with_our_superblock(formats: Formats, config: str) -> None:
+    """`integritysetup dump` of minidisk's file reads the fields minidisk wrote, and prints
+    the same as for the file the kernel formatted."""
+    ours = integ.superblock(formats.inputs / "integrity" / "o" / f"{config}.img")
+    dump = integ.parse_dump(_iout(formats, f"{config}.o.dump").read_text())
+    assert dump == integ.dump_of(ours)
+    assert dump == integ.parse_dump(_iout(formats, f"{config}.k.dump").read_text())
+
+
+@pytest.mark.parametrize("config", INTEGRITY)
+def test_integrity_files_are_the_kernels_byte_for_byte(formats: Formats,
+                                                       config: str) -> None:
+    """Same table, same writes, then unloaded: superblock, journal, tags and data are the
+    kernel's. In journal mode the journal is empty on both sides, but where the ring stands
+    (its sections' commit sequences) depends on how the writes were grouped into commits
+    (here each request is one; the kernel gathers them): it is compared by what replay
+    makes of it."""
+    ours = (formats.inputs / "integrity" / "o" / f"{config}.img").read_bytes()
+    kernel = _iout(formats, f"k/{config}.img").read_bytes()
+    sb = integ.superblock(formats.inputs / "integrity" / "o" / f"{config}.img")
+    geo = Geometry(sb, 0, len(ours) // 512)
+    journal = range(8, geo.initial_sectors) if _iconfig(config).mode == "J" else range(0)
+    wrong = [i // 512 for i in range(0, max(len(ours), len(kernel)), 512)
+             if i // 512 not in journal and ours[i:i + 512] != kernel[i:i + 512]]
+    assert not wrong, f"{config}: sectors {wrong[:20]} differ ({len(wrong)} in all)"
+    for image in (ours, kernel):
+        plan = plan_replay(geo, image[8 * 512:geo.initial_sectors * 512], "J")
+        assert not plan.replay and not plan.clear and not plan.corrupt
+
+
+@pytest.mark.parametrize("config", INTEGRITY)
+def test_integrity_kernel_reads_our_device(formats: Formats, config: str) -> None:
+    """dm-integrity, with the same table and through `integritysetup open`, reads what
+    minidisk wrote, and reports it as minidisk does."""
+    ours = _integrity(formats, config)
+    assert _iout(formats, f"{config}.o.regions").read_bytes() == integ.data()
+    assert _iout(formats, f"{config}.io.rc").read_text() == "0\n"
+    assert _iout(formats, f"{config}.io.head").read_bytes() == integ.data()[:integ.HALF]
+    provided = ours["provided"]
+    assert _listing(formats, "dmstatus")[f"{config}.o"] == \
+        f"0 {provided} integrity {ours['status']}"
+    table = _listing(formats, "dmtable")[f"{config}.o"]
+    assert table.split()[:3] == ["0", str(provided), "integrity"]
+    assert _after_device(table) == " ".join(str(ours["table"]).split()[1:])
+
+
+@pytest.mark.parametrize("config", INTEGRITY)
+def test_integrity_we_read_the_kernels_device(formats: Formats, config: str) -> None:
+    status, regions, table = asyncio.run(
+        integ.read_file(_iconfig(config), _iout(formats, f"k/{config}.img")))
+    assert regions == integ.data()
+    kernel = _listing(formats, "dmstatus")[f"{config}.k2"].split(maxsplit=3)[3]
+    assert status == kernel
+    assert " ".join(table.split()[1:]) == _after_device(
+        _listing(formats, "dmtable")[f"{config}.k2"])
+
+
+def _kernel_failed_blocks(formats: Formats, config: str) -> list[int]:
+    """Blocks the kernel's dd read as zeroes (conv=noerror,sync) where data was written."""
+    got = _iout(formats, f"{config}.f.read").read_bytes()
+    want = integ.data()[:integ.HALF]
+    return [b for b in range(integ.HALF // integ.K)
+            if got[b * integ.K:(b + 1) * integ.K] != want[b * integ.K:(b + 1) * integ.K]]
+
+
+@pytest.mark.parametrize("config", INTEGRITY)
+def test_integrity_flipped_byte_fails_the_same_block(formats: Formats, config: str) -> None:
+    """One byte flipped in a data sector: exactly its 4 KiB block fails, on the kernel
+    with EILSEQ, on minidisk with EILSEQ, and both count one mismatch."""
+    failed, errnos, status = cast(tuple[list[int], list[int], str],
+                                  _integrity(formats, config)["flipped"])
+    expected = [integ.FLIP_SECTOR * integ.SECTOR // integ.K]
+    assert _kernel_failed_blocks(formats, config) == expected
+    assert failed == expected and errnos == [errno.EILSEQ]
+    errors = _iout(formats, f"{config}.f.errors").read_text()
+    assert errors.count(os.strerror(errno.EILSEQ)) == 1, errors
+    kernel_status = _listing(formats, "dmstatus")[f"{config}.f"].split(maxsplit=3)[3]
+    assert kernel_status == status
+    assert status.split()[0] == "1"
+
+
+def test_integrity_kernel_replays_our_journal(formats: Formats) -> None:
+    """A journal section minidisk committed but had not written back when it was killed:
+    6.1 replays it (and so do we)."""
+    name = integ.JOURNALED
+    want = integ.crash_data() + integ.data()[len(integ.crash_data()):integ.HALF]
+    assert _iout(formats, f"{name}.c.head").read_bytes() == want
+    assert cast(bytes, _integrity(formats, name)["replayed"])[:integ.HALF] == want
+    assert _listing(formats, "dmstatus")[f"{name}.c"].split()[3] == "0"  # no mismatch
+
+
+@pytest.mark.parametrize("config", INTEGRITY)
+def test_integrity_kernels_device_flipped_fails_the_same_block(
+        formats: Formats, config: str, tmp_path: Path) -> None:
+    image = tmp_path / "kernel.img"
+    shutil.copy(_iout(formats, f"k/{config}.img"), image)
+    integ.flip(image)
+    failed, errnos, status = asyncio.run(integ.flipped_blocks(_iconfig(config), image))
+    assert failed == _kernel_failed_blocks(formats, config)
+    assert errnos == [errno.EILSEQ] and status.split()[0] == "1"
+
+
+def _integrity_refusal_reasons(dmesg: str) -> list[str]:
+    """The reason 6.1 logged for each of integ.REFUSALS ("" if none), between the
+    fragment's own markers."""
+    reasons = []
+    for part in dmesg.split(integ.REFUSAL_MARK)[1:len(integ.REFUSALS) + 1]:
+        found = re.findall(r"device-mapper: table: \d+:\d+: (.*)", part)
+        reasons.append(found[-1].strip() if found else "")
+    return reasons
+
+
+def test_integrity_refusals(formats: Formats) -> None:
+    """Bad tables and devices are refused with 6.1's reasons and errnos."""
+    out = formats.out("integrity") / "refuse"
+    reasons = _integrity_refusal_reasons((formats.run.results / "dmesg").read_text())
+    wrong = []
+    for n, line in enumerate(integ.REFUSALS, 1):
+        rc = int((out / f"{n}.rc").read_text())
+        kernel = (rc, reasons[n - 1])
+        ours = asyncio.run(integ.refusal(line))[:2]
+        if ours != kernel:
+            wrong.append(f"{line}: minidisk {ours}, kernel {kernel}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_integrity_target_version(formats: Formats) -> None:
+    from minidisk.dm.targets import TARGET_TYPES
+    kernel = [line.split() for line in
+              (formats.out("integrity") / "targets").read_text().splitlines()
+              if line.startswith("integrity")]
+    assert kernel == [["integrity", "v{}.{}.{}".format(*TARGET_TYPES["integrity"].version)]]
 
 
 # Crypt (dm_formats_crypt.py)
