@@ -191,6 +191,7 @@ def _table(reg: Registry, name: str) -> str:
     (f"aes-cbc-essiv:sha256 {KEY64[:64]} 0 /dev/a 0 1 sector_size:512",
      f"aes-cbc-essiv:sha256 {KEY64[:64]} 0 240:0 0"),
     (f"aes {KEY64[:32]} 0 /dev/a 0", f"aes {KEY64[:32]} 0 240:0 0"),
+    (f"aes-cbc-essiv:md5 {KEY64[:32]} 0 /dev/a 0", f"aes-cbc-essiv:md5 {KEY64[:32]} 0 240:0 0"),
     (f"capi:cbc(aes)-essiv:sha256 {KEY64[:64]} 0 /dev/a 0",
      f"capi:cbc(aes)-essiv:sha256 {KEY64[:64]} 0 240:0 0"),
 ])
@@ -226,6 +227,8 @@ def test_table_as_61_prints_it(given: str, printed: str) -> None:
     (f"aes-xts-foo {KEY64} 0 /dev/a 0", "Invalid IV mode"),
     (f"aes-xts {KEY64} 0 /dev/a 0", "IV mechanism required"),
     (f"aes-cbc-essiv {KEY64} 0 /dev/a 0", "Digest algorithm missing for ESSIV mode"),
+    (f"aes-cbc-essiv:sha1 {KEY64[:64]} 0 /dev/a 0", "Error decoding and setting key"),
+    (f"aes- {KEY64} 0 /dev/a 0", "IV mechanism required"),
     (f"aes(x)-cbc-plain {KEY64} 0 /dev/a 0", "Bad cipher specification"),
     (f"aes:3-cbc-plain {KEY64} 0 /dev/a 0", "Bad cipher key count specification"),
 ])
@@ -253,6 +256,7 @@ def _refusal(args: str) -> TableError:
     ("aes-xts-plain64 :64:user:k 0 /dev/a 0", ":64:user:k"),
     (f"aes:2-cbc-plain {KEY64} 0 /dev/a 0", "key count 2"),
     (f"aes-cbc-lmk {KEY64} 0 /dev/a 0", "lmk"),
+    (f"aes-cbc-essiv:shake_128 {KEY64[:64]} 0 /dev/a 0", "shake_128"),
     (f"serpent-xts-plain64 {KEY64} 0 /dev/a 0", "xts(serpent)"),
     (f"aes-xts-plain64 {KEY64} 0 /dev/a 0 1 integrity:28:aead", "integrity:28:aead"),
     (f"capi:xts(aes) {KEY64} 0 /dev/a 0", "capi:xts(aes)"),

@@ -56,6 +56,11 @@ MAX_FEATURE_ARGS = 8  # 6.1's dm_arg for the optional parameter count
 _KERNEL_ONLY_IVS = {"benbi", "eboiv", "elephant", "lmk", "tcw", "random"}
 _IV_MODES = {"plain", "plain64", "plain64be", "essiv", "null"}
 _CHAINS = {"xts", "cbc", "ecb"}
+# ESSIV's hash by the kernel's name: hashlib's name. The salt keys AES, so only digests of
+# 16, 24 or 32 bytes load (others fail as the kernel's setkey fails them).
+_ESSIV_HASHES = {"md5": "md5", "sha1": "sha1", "sha224": "sha224", "sha256": "sha256",
+                 "sha384": "sha384", "sha512": "sha512", "sha3-224": "sha3_224",
+                 "sha3-256": "sha3_256", "sha3-384": "sha3_384", "sha3-512": "sha3_512"}
 _HEX = re.compile(r"[0-9a-fA-F]*")
 
 
@@ -211,7 +216,7 @@ def parse_cipher(text: str) -> CipherSpec:
         return _check_iv(CipherSpec(text, chain, iv_mode, iv_opts))
     if "(" in text:
         raise TargetError("Bad cipher specification")
-    head, _, tail = text.partition("-")
+    head, dash, tail = text.partition("-")
     cipher, colon, keycount = head.partition(":")
     if colon:
         if not keycount.isdigit() or int(keycount) & (int(keycount) - 1) \
@@ -220,7 +225,7 @@ def parse_cipher(text: str) -> CipherSpec:
         if int(keycount) != 1:
             raise TargetError(f"key count {keycount} (multi-key mode) is not supported by "
                               "minidisk")
-    parts = tail.split("-", 1) if tail else []
+    parts = tail.split("-", 1) if dash else []  # "aes-" has an empty chain mode
     chain_word: str | None = parts[0] if parts else None
     iv_part = parts[1] if len(parts) > 1 else None
     mode, _, opts = iv_part.partition(":") if iv_part is not None else ("", "", "")
@@ -243,7 +248,7 @@ def _check_iv(spec: CipherSpec) -> CipherSpec:
         # No IV: 6.1 warns "Selected cipher does not support IVs" and drops the IV mode
         return replace(spec, iv_mode=None, iv_opts=None)
     if spec.iv_mode == "essiv":
-        if spec.iv_opts is None or spec.iv_opts not in hashlib.algorithms_guaranteed:
+        if spec.iv_opts not in _ESSIV_HASHES:
             raise TargetError(f"ESSIV hash {spec.iv_opts!r} is not supported by minidisk")
     elif spec.iv_mode in _KERNEL_ONLY_IVS:
         raise TargetError(f"IV mode {spec.iv_mode} is not supported by minidisk")
@@ -354,7 +359,7 @@ class Crypt(Target):
         self.essiv: CipherContext | None = None
         if self.spec.iv_mode == "essiv":
             assert self.spec.iv_opts is not None
-            salt = hashlib.new(self.spec.iv_opts, key).digest()
+            salt = hashlib.new(_ESSIV_HASHES[self.spec.iv_opts], key).digest()
             if len(salt) not in (16, 24, 32):  # the salt keys AES: the kernel's setkey fails
                 raise TargetError("Error decoding and setting key")
             self.essiv = _ecb(salt)
