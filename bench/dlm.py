@@ -39,6 +39,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import process_cpu_s  # noqa: E402  (bench/ is a directory of scripts, not a package)
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -304,13 +307,6 @@ def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 SERVICES: dict[str, int] = {}  # lock managers and mounts by name: their pids
