@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import MINIDISK
+from tests.harness import MINIDISK
 
 
 def test_a_symlinked_file_key_is_refused(short_tmp: Path) -> None:

@@ -7,8 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import need_root
-from tests.daemon.conftest import Server, nbdinfo_json, run_cli, wait_for_socket
+from tests import harness
+from tests.daemon.conftest import Server
+from tests.harness import nbdinfo_json, need_root, run_cli
 
 
 def _qemu_io(uri: str, *commands: str) -> None:
@@ -21,9 +22,9 @@ def _qemu_io(uri: str, *commands: str) -> None:
 
 def test_remote_export_is_a_device(serve: Server, short_tmp: Path) -> None:
     upstream = short_tmp / "nbdkit.sock"
-    nbdkit = subprocess.Popen(["nbdkit", "-f", "-U", str(upstream), "memory", "16M"])
+    nbdkit = harness.start(["nbdkit", "-f", "-U", str(upstream), "memory", "16M"],
+                           short_tmp / "nbdkit.log", harness.accepting(upstream))
     try:
-        wait_for_socket(upstream, nbdkit)
         up_uri = f"nbd+unix:///?socket={upstream}"
         _qemu_io(up_uri, "write -P 0x11 0 64k")
         sock = serve("--nbd", f"remote={up_uri}")
@@ -39,7 +40,6 @@ def test_remote_export_is_a_device(serve: Server, short_tmp: Path) -> None:
         assert "hole" in mapping and "data" in mapping
     finally:
         nbdkit.kill()  # SIGTERM would wait for our server's connection to close
-        nbdkit.wait(10)
 
 
 def test_remote_export_refused_names_the_problem(short_tmp: Path) -> None:

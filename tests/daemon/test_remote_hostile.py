@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import MINIDISK, stop_process
-from tests.daemon.conftest import wait_for_socket
+from tests import harness
+from tests.harness import MINIDISK
 from tests.nbd.hostile_server import HostileServer, Replier, Request, good, simple
 
 from minidisk.nbd import protocol as p
@@ -33,27 +33,23 @@ def _stall(r: Request) -> bytes | None:
     return None
 
 
-Outer = tuple[Path, list[subprocess.Popen[bytes]]]
+Outer = tuple[Path, list[harness.Server]]
 
 
 @pytest.fixture
 def outer(short_tmp: Path) -> Iterator[Outer]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield short_tmp, procs
-    for proc in procs:
-        stop_process(proc)
+    servers: list[harness.Server] = []
+    yield short_tmp, servers
+    for server in servers:
+        server.stop()
 
 
-def _serve(short_tmp: Path, procs: list[subprocess.Popen[bytes]], remote: HostileServer
+def _serve(short_tmp: Path, servers: list[harness.Server], remote: HostileServer
            ) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = short_tmp / "outer.sock"
-    log = (short_tmp / "outer.log").open("wb")
-    proc = subprocess.Popen([MINIDISK, "serve", "-s", "--nbd",
-                             f"/remote={remote.uri}&timeout=2", f"unix://{sock}"], stderr=log)
-    log.close()
-    procs.append(proc)
-    wait_for_socket(sock, proc)
-    return proc, sock
+    """The outer server, exporting `remote` as /remote; its log is short_tmp/outer.log."""
+    server = harness.serve(short_tmp, "--nbd", f"/remote={remote.uri}&timeout=2", name="outer")
+    servers.append(server)
+    return server.proc, Path(server.socket)
 
 
 def _qemu_read(sock: Path) -> subprocess.Popen[str]:

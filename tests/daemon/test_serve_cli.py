@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.daemon.conftest import Server, nbdinfo_json, run_cli
+from tests import harness
+from tests.daemon.conftest import Server
+from tests.harness import nbdinfo_json, run_cli
 
 
 def _pid_alive(pid: int) -> bool:
@@ -339,12 +341,9 @@ def test_halt_with_a_dead_remote_still_syncs_the_rest_and_stops(serve: Server,
     device (here a write-back blk cache registered after the remote), stops the server, and
     says what was not flushed (exit status 1)."""
     remote_sock = short_tmp / "remote.sock"
-    remote = subprocess.Popen(["nbdkit", "-f", "-U", str(remote_sock), "memory", "16M"])
+    remote = harness.start(["nbdkit", "-f", "-U", str(remote_sock), "memory", "16M"],
+                           short_tmp / "remote.log", harness.accepting(remote_sock))
     try:
-        deadline = time.monotonic() + 20
-        while not remote_sock.exists():
-            assert remote.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         sock = serve("--nbd", f"/remote=nbd+unix:///?socket={remote_sock}")
         pid = _server_pid(sock)
         host = short_tmp / "late.img"
@@ -357,7 +356,6 @@ def test_halt_with_a_dead_remote_still_syncs_the_rest_and_stops(serve: Server,
                        check=True, capture_output=True)
     finally:
         remote.kill()
-        remote.wait()
     halted = run_cli("halt", f"unix://{sock}")
     assert halted.returncode == 1
     assert "server stopped, but not flushed: /remote:" in halted.stderr, halted.stderr
