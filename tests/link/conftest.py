@@ -7,7 +7,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,10 +37,6 @@ from minidisk.link.directory import Directory
 from minidisk.link.modes import parse_link_mode
 from minidisk.link.names import parse_key
 from minidisk.nbd.tls import client_context
-
-# tests/link/test_*.py import link_helpers by its bare name (theirs to change to
-# tests.link.link_helpers); nothing here needs it.
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from link_helpers import NOBODY, OWNER_UID, Holder, Site, as_uid
+from tests.link.link_helpers import NOBODY, OWNER_UID, Holder, Site, as_uid
 from tests.nbd.nbd_helpers import Closed, RawClient
 
 from minidisk.control_client import ControlError

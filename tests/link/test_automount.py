@@ -10,16 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from link_helpers import (
-    MINIDISK,
-    NOBODY,
-    Site,
-    as_user,
-    autofs_mounted,
-    mount_options,
-    run_ls,
-)
-from tests.conftest import scaled
+from tests.harness import MINIDISK, scaled
+from tests.link.link_helpers import NOBODY, Site, as_user, autofs_mounted, mount_options, run_ls
 
 from minidisk.control_client import ControlError
 from minidisk.kernel import mount as kernel_mount

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from link_helpers import MINIDISK, Site
+from tests.harness import MINIDISK
+from tests.link.link_helpers import Site
 
 from minidisk.link import linker
 

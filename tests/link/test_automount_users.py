@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from link_helpers import Site, as_user, mount_options, running_automounter
+from tests.link.link_helpers import Site, as_user, mount_options, running_automounter
 
 from minidisk.kernel.state import attachments
 from minidisk.link import linker

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.conftest import MINIDISK
+from tests.harness import MINIDISK
 
 from minidisk.link.directory import Directory, DirectoryError
 from minidisk.link.modes import LINK_MODES, PasswordClass, parse_link_mode

@@ -12,8 +12,8 @@ import os
 import subprocess
 
 import pytest
-from link_helpers import Site
-from tests.conftest import MINIDISK
+from tests.harness import MINIDISK
+from tests.link.link_helpers import Site
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from link_helpers import NOBODY, OWNER_UID, Site, as_uid
+from tests.link.link_helpers import NOBODY, OWNER_UID, Site, as_uid
 from tests.nbd.nbd_helpers import RawClient
 
 from minidisk.control_client import ControlError

@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-from link_helpers import LEASE, NOBODY, Site
-from tests.conftest import stop_process
+from tests.harness import stop_process
+from tests.link.link_helpers import LEASE, NOBODY, Site
 from tests.nbd.nbd_helpers import Closed, RawClient
 
 from minidisk.control_client import ControlError

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from link_helpers import MATRIX_DISKS, NOBODY, Site, second_link_outcome
+from tests.link.link_helpers import MATRIX_DISKS, NOBODY, Site, second_link_outcome
 
 from minidisk.control_client import ControlError
 from minidisk.dlm.modes import compatible

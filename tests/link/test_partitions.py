@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from link_helpers import Site, mount_options, run_ls
-from tests.conftest import scaled
+from tests.harness import scaled
+from tests.link.link_helpers import Site, mount_options, run_ls
 
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.state import attachments
