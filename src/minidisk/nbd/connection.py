@@ -23,7 +23,7 @@ from minidisk import busypoll
 from minidisk.device.api import MAX_REQUEST, BlockDevice
 from minidisk.nbd import protocol as p
 from minidisk.nbd.budget import fits, payload_charge
-from minidisk.nbd.buffers import BufferPool, loop_limit
+from minidisk.nbd.buffers import MIN_POOLED, BufferPool, loop_limit
 from minidisk.nbd.checks import MAX_DRAIN, MAX_PAYLOAD, check_request
 from minidisk.nbd.exports import Identity, OpenedExport
 from minidisk.nbd.handshake_driver import HandshakeDriver
@@ -462,8 +462,20 @@ class Connection(asyncio.BufferedProtocol):
                        charge: int) -> None:
         replies = self.replies
         try:
-            if cmd == p.CMD_READ:
-                charge = await self._read(device, flags, cookie, offset, length, charge)
+            if cmd == p.CMD_READ:  # here, not in a coroutine of its own: the hot path
+                session = self.session
+                assert session is not None
+                buf = replies.read_buffer(length)
+                view = memoryview(buf)
+                holes: list[tuple[int, int]] = []
+                if not length:
+                    pass
+                elif not session.structured or flags & p.CMD_FLAG_DF or not device.caps.extents:
+                    await device.pread(view, offset)
+                else:  # holes are not read at all: they go out as OFFSET_HOLE chunks
+                    holes = await device.pread_sparse(view, offset)
+                replies.data(cookie, offset, buf, view, holes, session.structured, charge)
+                charge = 0  # the reply writer holds it now (or gave it back)
                 return
             if cmd == p.CMD_BLOCK_STATUS:
                 size = await self._block_status(device, flags, cookie, offset, length)
@@ -476,7 +488,8 @@ class Connection(asyncio.BufferedProtocol):
                 assert payload is not None
                 if length:
                     await device.pwrite(memoryview(payload), offset, fua)
-                self.pool.give(payload)  # reused once the device holds no view of it
+                if length >= MIN_POOLED:
+                    self.pool.give(payload)  # reused once the device holds no view of it
             elif cmd == p.CMD_FLUSH:
                 await device.flush()
             elif cmd == p.CMD_TRIM:
@@ -515,24 +528,6 @@ class Connection(asyncio.BufferedProtocol):
         session = self.session
         assert session is not None
         self.replies.fail(cookie, cmd, session.structured, error, message)
-
-    async def _read(self, device: BlockDevice, flags: int, cookie: int, offset: int,
-                    length: int, charge: int) -> int:
-        """Read and send the reply; return the budget bytes still to give back (0 once
-        the reply writer holds them)."""
-        session = self.session
-        assert session is not None
-        buf = self.replies.read_buffer(length)
-        view = memoryview(buf)
-        holes: list[tuple[int, int]] = []
-        if not length:
-            pass
-        elif not session.structured or flags & p.CMD_FLAG_DF or not device.caps.extents:
-            await device.pread(view, offset)
-        else:  # holes are not read at all: they go out as OFFSET_HOLE chunks
-            holes = await device.pread_sparse(view, offset)
-        self.replies.data(cookie, offset, buf, view, holes, session.structured, charge)
-        return 0
 
     async def _block_status(self, device: BlockDevice, flags: int, cookie: int, offset: int,
                             length: int) -> int:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import Callable
 
 from minidisk import busypoll
 from minidisk.nbd import protocol as p
-from minidisk.nbd.buffers import BufferPool
+from minidisk.nbd.buffers import MIN_POOLED, BufferPool
 
 Part = bytes | bytearray | memoryview
 
@@ -34,6 +35,9 @@ Part = bytes | bytearray | memoryview
 UNIX_SNDBUF = 1024 * 1024
 
 _SIMPLE_OK = p.SIMPLE_REPLY_MAGIC
+# The head of a READ reply that is one OFFSET_DATA chunk (the common case): p.CHUNK and
+# p.OFFSET packed at once, for one pack and one part less per READ than read_reply's.
+_DATA_CHUNK_HEAD = struct.Struct(">IHHQIQ")
 
 
 class ReplyWriter:
@@ -125,7 +129,7 @@ class ReplyWriter:
     def read_buffer(self, length: int) -> bytearray:
         """A buffer for a READ reply of `length` bytes, its content unspecified: the
         device fills it (or reports holes, which are not sent)."""
-        return self.pool.take(length)
+        return self.pool.take(length) if length >= MIN_POOLED else bytearray(length)
 
     def data(self, cookie: int, offset: int, buf: bytearray, view: memoryview,
              holes: list[tuple[int, int]], structured: bool, charge: int) -> None:
@@ -135,9 +139,20 @@ class ReplyWriter:
         if self.transport is None:
             self._give(charge)
             return
-        self.send(*p.read_reply(cookie, offset, view, holes, structured))
+        length = len(view)
+        if structured and length and not holes:
+            self.out += (_DATA_CHUNK_HEAD.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                               p.REPLY_TYPE_OFFSET_DATA, cookie,
+                                               p.OFFSET.size + length, offset), view)
+            self.out_bytes += _DATA_CHUNK_HEAD.size + length
+            if not self.scheduled:
+                self.scheduled = True
+                self.loop.call_soon(self.flush)
+        else:
+            self.send(*p.read_reply(cookie, offset, view, holes, structured))
         self.unsent += charge
-        self.pool.give(buf)
+        if length >= MIN_POOLED:
+            self.pool.give(buf)
 
 
 def tune_send_buffer(sock: socket.socket | None, budget: int, connections: int) -> None:
