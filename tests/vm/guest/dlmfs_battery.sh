@@ -195,26 +195,40 @@ obs v.after_recreate lvb "$A/dom/w"
 
 # -- a signal during a blocked open ----------------------------------------------------------
 # dlmfs waits for the lock uninterruptibly; once the node has it, a pending signal fails the
-# open (EINTR: perl's sysopen does not retry, and its handler runs after) and the node keeps
-# the lock cached, with no holder. The opener closes A's descriptors: it must not hold A's lock.
-create "$B/dom/i"
-exec 7> "$A/dom/i"
-( exec 5>&- 6>&- 7>&- && exec perl -MFcntl -e '$| = 1; $SIG{USR1} = sub { print "signal " };
-  print "ready "; print sysopen(F, $ARGV[0], O_RDWR) ? "opened" : "$!"' "$B/dom/i" > "$T/i" ) &
-opener=$!
-# Until it printed "ready" and sits in openat (syscall 257 on x86-64), at most 20 s.
-for _ in $(seq 200); do
-  [ -s "$T/i" ] && read -r nr _ < "/proc/$opener/syscall" && [ "$nr" = 257 ] && break
-  sleep 0.1
-done
-kill -USR1 "$opener"
-sleep 0.5                                      # long enough for a wrongly ended wait to show
+# open (ERESTARTSYS: EINTR, as perl's sysopen does not retry) and the node keeps the lock
+# cached, with no holder; a handler with SA_RESTART has the open restarted instead.
+# sigopen NAME HANDLER: A holds NAME's EX; a perl on B opens it O_RDWR (and waits) with
+# HANDLER (perl code installing a USR1 handler that prints "signal "), then gets SIGUSR1 while
+# it waits; $T/NAME is what it prints. It closes A's descriptors: it must not hold A's lock.
+# granting: A closes, and the opener ends.
+sigopen() {
+  local nr
+  create "$B/dom/$1"
+  exec 7> "$A/dom/$1"
+  ( exec 5>&- 6>&- 7>&- && exec perl -MFcntl -e '$| = 1; eval $ARGV[1]; die $@ if $@;
+    print "ready "; print sysopen(F, $ARGV[0], O_RDWR) ? "opened" : "$!"' "$B/dom/$1" "$2" \
+    > "$T/$1" ) &
+  opener=$!
+  # Until it printed "ready" and sits in openat (syscall 257 on x86-64), at most 20 s.
+  for _ in $(seq 200); do
+    [ -s "$T/$1" ] && read -r nr _ < "/proc/$opener/syscall" && [ "$nr" = 257 ] && break
+    sleep 0.1
+  done
+  kill -USR1 "$opener"
+  sleep 0.5                                    # long enough for a wrongly ended wait to show
+}
+granting() { exec 7>&-; wait "$opener"; }
+sigopen i '$SIG{USR1} = sub { print "signal " }'
 obs i.signal_during_wait cat "$T/i"            # still waiting: the handler has not run
-exec 7>&-
-wait "$opener"
+granting
 obs i.after_grant cat "$T/i"
 obs i.cached_other_node tryw "$A/dom/i"        # B's node kept the lock
 obs i.cached_same_node tryw "$B/dom/i"         # with no holder
+sigopen r 'require POSIX; POSIX::sigaction(POSIX::SIGUSR1(),
+  POSIX::SigAction->new(sub { print "signal " }, POSIX::SigSet->new, POSIX::SA_RESTART()))'
+obs r.signal_during_wait cat "$T/r"
+granting
+obs r.after_grant cat "$T/r"                   # dlmfs restarts the open: SA_RESTART
 
 # -- permissions: the mode bits apply --------------------------------------------------------
 create "$A/dom/p"
