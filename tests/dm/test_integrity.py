@@ -3,6 +3,7 @@ verdicts on the same format are in tests/vm/test_dm_formats.py."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import struct
@@ -26,6 +27,7 @@ from minidisk.dm.integrity_format import (
     xxh64,
 )
 from minidisk.dm.table import TableError
+from minidisk.dm.targets.integrity import Integrity
 
 SECTOR = 512
 K = 4096
@@ -444,16 +446,23 @@ def test_journal_mode_keeps_data_across_clean_reloads() -> None:
     run(go())
 
 
-@pytest.mark.parametrize("cut", [0, 1536, 1 << 30])
-def test_journal_mode_blocks_are_old_or_new_after_a_crash_at_any_write(cut: int) -> None:
+@pytest.mark.parametrize("cut,together", [(0, False), (1536, False), (1 << 30, False),
+                                         (1536, True)])
+def test_journal_mode_blocks_are_old_or_new_after_a_crash_at_any_write(
+        cut: int, together: bool) -> None:
     """Killed at every write of a run of journal-mode writes (the write cut after `cut`
-    bytes, as a killed process leaves it): loaded again, every block reads, and reads as
-    it was before the run or as it was written, never torn. D mode fails this."""
+    bytes, as a killed process leaves it; `together`: all requests in flight at once, so
+    they are committed as one group): loaded again, every block reads, and reads as it was
+    before the run or as it was written, never torn. D mode fails this."""
     new = pattern(11, 64 * K)
 
     async def writes(disk: Disk) -> None:
         dev = disk.reg.get("i")
-        for n in range(0, 64 * K, 12 * K):  # requests of 3 blocks across sections
+        offsets = range(0, 64 * K, 12 * K)  # requests of 3 blocks across sections
+        if together:
+            await asyncio.gather(*(write(dev, n, new[n:n + 12 * K]) for n in offsets))
+            return
+        for n in offsets:
             await write(dev, n, new[n:n + 12 * K])
 
     async def go() -> None:
@@ -466,7 +475,7 @@ def test_journal_mode_blocks_are_old_or_new_after_a_crash_at_any_write(cut: int)
         await probe.open(JOURNAL)
         await writes(probe)
         total = probe.dev.writes
-        assert total > 20
+        assert total > 10
         old = pattern(10, 64 * K)
         for limit in range(1, total + 1):
             dev = CrashingMemory(SIZE, 1 << 30, 0)
@@ -598,3 +607,28 @@ def test_a_corrupted_block_is_eio_over_nbd(tmp_path: Path,
     assert good.stdout.count("read 4096/4096") == 2, good.stdout + good.stderr
     status = server.dmsetup("status", "i").stdout.split()
     assert status[3:] == ["1", str(provided), "-"]
+
+
+def test_journal_mode_commits_requests_in_flight_together_in_their_order() -> None:
+    args = "- J 2 internal_hash:crc32c journal_sectors:600"  # 3 sections
+
+    async def go() -> None:
+        disk = Disk()
+        await disk.first_use(args)
+        await disk.open(args)
+        dev = disk.reg.get("i")
+        target = disk.reg.get("i").live.targets[0]
+        assert isinstance(target, Integrity)
+        before = (target.commit_seq, target.free_section)
+        blocks = [pattern(20 + b, K) for b in range(16)]
+        last = pattern(99, K)
+        await asyncio.gather(*(write(dev, b * K, blocks[b]) for b in range(16)),
+                             write(dev, 3 * K, last))  # queued after block 3's first write
+        # 17 requests of 8 entries: one group of 136 entries, one 168-entry section.
+        assert (target.commit_seq, target.free_section) == (before[0], before[1] + 1)
+        blocks[3] = last
+        assert await read(dev, 0, 16 * K) == b"".join(blocks)
+        await disk.reg.remove("i")
+        await disk.open(args)
+        assert await read(disk.reg.get("i"), 0, 16 * K) == b"".join(blocks)
+    run(go())

@@ -159,7 +159,8 @@ class Integrity(Target):
         self.commit_seq = 0
         self.free_section = 0
         self.wrote_to_journal = False
-        self._journal_lock = asyncio.Lock()
+        self._journal_queue: list[tuple[list[JournalEntry], asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
         self.caps = Caps(read_only=self.read_only, flush=True, fua=True,
                          trim=self.discard and not self.read_only, zero=not self.read_only,
                          cache=True, multi_conn=self.child.caps.multi_conn,
@@ -627,42 +628,77 @@ class Integrity(Target):
                 self._idle.set()
 
     async def _journal_write(self, first: int, buf: memoryview) -> None:
-        """J mode: each section's worth of blocks goes to the next journal section, whole
-        (its data sectors, a flush, its entry sectors, a flush: a section cut short by a
-        crash has sectors of two sequences and is not replayed), then to its place."""
+        """J mode: the request's blocks join the queue of the journal's committer and the
+        request completes once they are in their places."""
         block = self.sectors_per_block * SECTOR
-        per_section = self.geo.section_entries * block
-        async with self._journal_lock:
-            for pos in range(0, len(buf), per_section):
-                chunk = buf[pos:pos + per_section]
-                lsec = first + pos // SECTOR
-                tags = self._tags(lsec, chunk)
-                t = self.tag_size
-                entries = [JournalEntry(lsec + i * self.sectors_per_block,
-                                        bytes(chunk[i * block:(i + 1) * block]),
-                                        tags[i * t:(i + 1) * t])
-                           for i in range(len(chunk) // block)]
-                section = self.free_section
-                image = section_image(self.geo, section, self.commit_seq, entries)
-                at = self._journal_at(section)
-                meta = JOURNAL_BLOCK_SECTORS * SECTOR
-                await self._write(at + meta, image[meta:])
-                await flush_device(self.child)
-                await self._write(at, image[:meta])
-                await flush_device(self.child)
-                self.wrote_to_journal = True
-                for lo, dsec, n in self._pieces(lsec, len(chunk) // SECTOR):
-                    piece = chunk[(lo - lsec) * SECTOR:(lo - lsec + n) * SECTOR]
-                    await self.child.pwrite(piece, dsec * SECTOR)
-                    i = (lo - lsec) // self.sectors_per_block
-                    await self._write(self.geo.tag_byte(lo),
-                                      tags[i * t:(i + n // self.sectors_per_block) * t])
-                # Before the ring comes back to this section, its blocks are on the disk.
-                await flush_device(self.child)
-                self.free_section += 1
-                if self.free_section == self.sb.journal_sections:
-                    self.free_section = 0
-                    self.commit_seq = (self.commit_seq + 1) % 4
+        tags, t = self._tags(first, buf), self.tag_size
+        entries = [JournalEntry(first + i * self.sectors_per_block,
+                                bytes(buf[i * block:(i + 1) * block]), tags[i * t:(i + 1) * t])
+                   for i in range(len(buf) // block)]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._journal_queue.append((entries, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit())
+        await done
+
+    async def _commit(self) -> None:
+        """Group commit: whatever requests are queued (at most a ring's worth) go to the
+        next journal sections, each section whole (its data sectors, a flush, its entry
+        sectors, a flush: a section cut short by a crash has sectors of two sequences and
+        is not replayed), then every block to its place and a flush (before the ring
+        comes back to those sections), and then the requests complete."""
+        capacity = self.geo.journal_entries
+        while self._journal_queue:
+            batch: list[tuple[list[JournalEntry], asyncio.Future[None]]] = []
+            count = 0
+            while self._journal_queue and (not batch or count + len(
+                    self._journal_queue[0][0]) <= capacity):
+                batch.append(self._journal_queue.pop(0))
+                count += len(batch[-1][0])
+            try:
+                await self._commit_batch([e for entries, _ in batch for e in entries])
+            except BaseException as e:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(e if isinstance(e, OSError)
+                                           else OSError(errno.EIO, str(e)))
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+    async def _commit_batch(self, entries: list[JournalEntry]) -> None:
+        per = self.geo.section_entries
+        meta = JOURNAL_BLOCK_SECTORS * SECTOR
+        for pos in range(0, len(entries), per):
+            section = self.free_section
+            image = section_image(self.geo, section, self.commit_seq, entries[pos:pos + per])
+            at = self._journal_at(section)
+            await self._write(at + meta, image[meta:])
+            await flush_device(self.child)
+            await self._write(at, image[:meta])
+            await flush_device(self.child)
+            self.wrote_to_journal = True
+            self.free_section += 1
+            if self.free_section == self.sb.journal_sections:
+                self.free_section = 0
+                self.commit_seq = (self.commit_seq + 1) % 4
+        # Back to their places, runs of consecutive blocks of one area a write each.
+        il, spb = self.geo.interleave, self.sectors_per_block
+        run: list[JournalEntry] = []
+        for e in [*entries, None]:
+            if run and (e is None or e.sector != run[-1].sector + spb
+                        or e.sector % il == 0):
+                first = run[0].sector
+                await self._write(self.geo.data_sector(first) * SECTOR,
+                                  b"".join(r.data for r in run))
+                await self._write(self.geo.tag_byte(first), b"".join(r.tag for r in run))
+                run = []
+            if e is not None:
+                run.append(e)
+        await flush_device(self.child)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         first, sectors = self._check_request(offset, length)
