@@ -4,19 +4,12 @@ on unix sockets in short /tmp directories, always stopped at teardown."""
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from tests import harness
-from tests.harness import MINIDISK as MINIDISK  # for test files that still import it here
-from tests.harness import Server as Server
-from tests.harness import short_dir as short_dir
-
-# tests/nbd/*.py that import nbd_helpers by its bare name (they are another helper's to change
-# to tests.nbd.nbd_helpers); nothing else here needs it.
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.harness import Server, short_dir
 
 
 def launch(directory: Path, args: list[str], name: str = "nbd") -> Server:

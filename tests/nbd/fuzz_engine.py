@@ -1,9 +1,8 @@
 """A structure-aware NBD protocol fuzzer: mutated sessions against a running `minidisk serve`,
 a witness connection doing verified I/O meanwhile, findings with the seed that replays them.
 
-Used by tests/nbd/test_fuzz.py (bounded, in CI) and, run as a script, by scripts/fuzz-nbd (as
-long as asked; `--help`). Both import it by name: the test because tests/nbd/conftest.py puts
-this directory on sys.path, the script because Python puts a script's own directory there.
+Used by tests/nbd/test_fuzz.py (bounded, in CI) and, run as `python -m tests.nbd.fuzz_engine`
+from the checkout, by scripts/fuzz-nbd (as long as asked; `--help`).
 
 How a session is judged. Every message starts as a valid one built with
 minidisk.nbd.protocol's structs; fields (option codes, lengths, names, info requests, commands,
@@ -55,7 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nbd_helpers
+from tests.harness import SYSTEM_PYTHON
+from tests.nbd import nbd_helpers
 
 from minidisk.nbd import protocol as p
 
@@ -1021,7 +1021,7 @@ class Witness:
              "size": t.size, "guard": t.guard} for t in targets]}
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         self.proc = subprocess.Popen(
-            [nbd_helpers.SYSTEM_PYTHON, "-c", textwrap.dedent(_WITNESS), json.dumps(params)],
+            [SYSTEM_PYTHON, "-c", textwrap.dedent(_WITNESS), json.dumps(params)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
     def failed(self) -> bool:
@@ -1174,7 +1174,7 @@ def server_args(workdir: Path) -> tuple[list[str], list[Target]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conftest import launch, short_dir  # the NBD tests' server launcher
+    from tests import harness
 
     parser = argparse.ArgumentParser(
         prog="scripts/fuzz-nbd",
@@ -1189,10 +1189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--session", type=int, default=None,
                         help="replay one session by its seed (printed with each finding)")
     args = parser.parse_args(argv)
-    directory = short_dir()
+    directory = harness.short_dir()
     try:
         serve_args, targets = server_args(directory)
-        server = launch(directory, serve_args, "fuzz")
+        server = harness.serve(directory, *serve_args, name="fuzz", verbose=True)
         try:
             return _long_run(args, server.socket, server.proc.pid, targets, server.log_text)
         finally:

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from nbd_helpers import RawClient, read_data
-from tests.nbd.conftest import Server, StartServer
+from tests.harness import Server
+from tests.nbd.conftest import StartServer
+from tests.nbd.nbd_helpers import RawClient, read_data
 
 from minidisk.nbd import protocol as p
 

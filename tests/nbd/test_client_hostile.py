@@ -155,10 +155,12 @@ async def _attacked(server: HostileServer, request: str, attacked_first_succeeds
     try:
         flush = asyncio.ensure_future(dev.flush())
         await asyncio.sleep(0)  # the FLUSH is sent first
+        attacked: BaseException | None  # the attacked request's exception; None: it succeeded
         if request == "read":
             attacked = await _settled(dev.pread(memoryview(bytearray(LENGTH)), OFFSET))
         else:
-            attacked = await _settled(dev.extents(OFFSET, LENGTH))
+            extents = await _settled(dev.extents(OFFSET, LENGTH))
+            attacked = extents if isinstance(extents, BaseException) else None
         pending = await _settled(flush)
         assert isinstance(pending, BaseException), pending
         assert isinstance(attacked, BaseException) or attacked_first_succeeds, attacked
@@ -373,7 +375,7 @@ def test_control_client_refuses_bad_replies(hostile: Hostile, attack: str) -> No
 
 def test_control_cli_says_one_line(hostile: Hostile) -> None:
     server = hostile(option=_control(b"\xff garbage"))
-    from tests.daemon.conftest import run_cli
+    from tests.harness import run_cli
     done = run_cli("halt", f"unix://{server.path}")
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert ControlError.__name__ not in done.stderr and "Traceback" not in done.stderr

@@ -12,10 +12,10 @@ import random
 import struct
 from pathlib import Path
 
-import fuzz_engine
 import pytest
-from nbd_helpers import RawClient
+from tests.nbd import fuzz_engine
 from tests.nbd.conftest import StartServer
+from tests.nbd.nbd_helpers import RawClient
 
 from minidisk.nbd import protocol as p
 from minidisk.nbd.malloc_tuning import TRIM_THRESHOLD

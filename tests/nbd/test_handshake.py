@@ -9,8 +9,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from nbd_helpers import Closed, RawClient, info_of, run_libnbd
-from tests.nbd.conftest import Server
+from tests.harness import Server
+from tests.nbd.nbd_helpers import Closed, RawClient, info_of, run_libnbd
 
 from minidisk.nbd import protocol as p
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from nbd_helpers import RawClient, read_data
-from tests.nbd.conftest import short_dir
+from tests.harness import short_dir
+from tests.nbd.nbd_helpers import RawClient, read_data
 
 from minidisk.device.api import BlockSize, Caps
 from minidisk.device.memory import MemoryDevice

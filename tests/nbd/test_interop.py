@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.nbd.conftest import MINIDISK, StartServer
+from tests.harness import MINIDISK
+from tests.nbd.conftest import StartServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,7 +107,7 @@ def test_socket_activation(tmp_path: Path) -> None:
 
 def test_stdio_url(tmp_path: Path) -> None:
     """`minidisk serve -` is one connection on stdin/stdout (libnbd connect_command)."""
-    from nbd_helpers import run_libnbd
+    from tests.nbd.nbd_helpers import run_libnbd
 
     result = run_libnbd("""
         h = handle(opt_mode=False)
@@ -198,7 +199,7 @@ def test_halt(start_server: StartServer) -> None:
 def test_sigterm_with_clients_connected(start_server: StartServer) -> None:
     """SIGTERM stops the server promptly with clients in the handshake and in transmission;
     the socket file is removed and every client sees the connection close."""
-    from nbd_helpers import RawClient
+    from tests.nbd.nbd_helpers import RawClient
 
     srv = start_server("--memory", "disk=1M")
     negotiating = RawClient(srv.socket)

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nbd_helpers import Closed, RawClient, run_libnbd
-from tests.conftest import stop_process
+from tests.harness import MINIDISK, stop_process
 from tests.nbd.conftest import StartServer
+from tests.nbd.nbd_helpers import Closed, RawClient, run_libnbd
 from tests.nbd.test_tls import client_context, make_certificates, starttls
 
 from minidisk import control_client
@@ -41,17 +41,17 @@ MINIDISK_TIMEOUT = 15.0
 # -- item 6: only a socket nobody listens on is stale ---------------------------------------
 
 
-def _serve_once(minidisk_cmd: str, url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([minidisk_cmd, "serve", "-s", "--memory", "disk=1M", url],
+def _serve_once(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MINIDISK, "serve", "-s", "--memory", "disk=1M", url],
                           capture_output=True, text=True, timeout=MINIDISK_TIMEOUT,
                           stdin=subprocess.DEVNULL)
 
 
-def test_serve_refuses_to_replace_a_regular_file(minidisk_cmd: str, short_tmp: Path) -> None:
+def test_serve_refuses_to_replace_a_regular_file(short_tmp: Path) -> None:
     victim = short_tmp / "precious"
     victim.write_bytes(b"keep me")
-    proc = _serve_once(minidisk_cmd, f"unix://{victim}")
-    assert proc.returncode != 0
+    proc = _serve_once(f"unix://{victim}")
+    assert proc.returncode == 1
     assert str(victim) in proc.stderr and "not a socket" in proc.stderr, proc.stderr
     assert victim.read_bytes() == b"keep me"
 

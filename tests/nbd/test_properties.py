@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nbd_helpers import RawClient, block_status, read_data
-from tests.nbd.conftest import Server, launch, short_dir
+from tests.harness import Server, short_dir
+from tests.nbd.conftest import launch
+from tests.nbd.nbd_helpers import RawClient, block_status, read_data
 
 from minidisk.nbd import protocol as p
 

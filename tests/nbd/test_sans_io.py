@@ -387,7 +387,7 @@ def test_structured_read_round_trip(runs: list[bool], offset: int) -> None:
     """Runs of 512 bytes, each data or hole: what the server encodes, the client decodes."""
     length = 512 * len(runs)
     data = bytearray()
-    holes = []
+    holes: list[tuple[int, int]] = []  # (offset, length), adjacent holes merged
     for i, hole in enumerate(runs):
         data += bytes(512) if hole else bytes([i + 1]) * 512
         if hole:

@@ -22,8 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from nbd_helpers import Closed, RawClient
-from tests.nbd.conftest import MINIDISK, Server, StartServer, short_dir
+from tests.harness import MINIDISK, Server, short_dir
+from tests.nbd.conftest import StartServer
+from tests.nbd.nbd_helpers import Closed, RawClient
 
 from minidisk import control_client
 from minidisk.nbd import protocol as p
@@ -186,8 +187,8 @@ def test_h10_double_starttls_and_state_reset(start_server: StartServer, pki: Pat
         c.structured = False
         _, tflags = c.go("disk", structured=False)
         assert not tflags & p.TFLAG_SEND_DF
-        reply = c.request(p.CMD_READ, 0, 512)
-        assert reply.simple and reply.errno == 0
+        read = c.request(p.CMD_READ, 0, 512)
+        assert read.simple and read.errno == 0
         assert c.request(p.CMD_BLOCK_STATUS, 0, 512).errno == p.NBD_EINVAL
 
 

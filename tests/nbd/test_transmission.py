@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from nbd_helpers import RawClient, block_status, read_data, run_libnbd
-from tests.nbd.conftest import Server, StartServer
+from tests.harness import Server
+from tests.nbd.conftest import StartServer
+from tests.nbd.nbd_helpers import RawClient, block_status, read_data, run_libnbd
 
 from minidisk.nbd import protocol as p
 
