@@ -296,12 +296,9 @@ step stats_create_units stats create --start 1k --length 64k --areasize 16k str
 step stats_create_precise stats create --precise --programid myprog --userdata mine str
 step stats_create_bounds stats create --bounds 10ms,20ms,1s z
 step stats_create_bad_bounds stats create --bounds 20,10 z
-step stats_create_bad_start stats create --start x lin
 step stats_list stats list
 step stats_list_v stats list -v
-step stats_list_lin stats list lin
 step stats_list_programs stats list --allprograms
-step stats_list_program stats list --programid myprog
 step stats_print stats print --regionid 0 lin
 step stats_print_noregion stats print lin
 step stats_print_all stats print --allregions z
@@ -309,58 +306,42 @@ step stats_print_missing stats print --regionid 7 lin
 io lin
 step stats_report_counts stats report -o name,region_id,area_id,area_start,area_len,read_count,read_sector_count,write_count,write_sector_count,in_progress_count lin
 step stats_report_noheadings stats report --noheadings -o region_id,read_count,write_count lin
-step stats_report_bad_field stats report -o nosuch lin
 step stats_report_areas stats report -o name,region_id,area_id,area_start,area_len,area_count,read_count z
 step stats_report_meta stats report -o region_id,region_start,region_len,program_id,user_data,precise,hist_bins,hist_bounds str
 step stats_report_select stats report -o name,region_id -S 'region_id>0' z
 step message_stats_list message lin 0 @stats_list
-step message_stats_list_prog message str 0 @stats_list myprog
 step message_stats_print_counts message lin 0 @stats_print 0
 step message_stats_print_range message z 0 @stats_print 0 1 2
-step message_stats_print_bad message lin 0 @stats_print x
 step message_stats_create message z 0 @stats_create - /3 2 precise_timestamps histogram:1,5 prog aux
 step message_stats_create_bad message z 0 @stats_create 0+0 1
-step message_stats_create_step message z 0 @stats_create 0+100 0
 step message_stats_set_aux message z 0 @stats_set_aux 2 hello
 step message_stats_list_aux message z 0 @stats_list
-step message_stats_set_aux_missing message z 0 @stats_set_aux 9 hello
 step message_stats_delete_missing message z 0 @stats_delete 9
 step message_stats_delete message z 0 @stats_delete 2
 step message_stats_clear message lin 0 @stats_clear 0
-step stats_print_cleared stats print --regionid 0 lin
 step message_stats_print_clear message lin 0 @stats_print_clear 0
 step stats_clear stats clear --regionid 0 lin
-step stats_clear_all stats clear --allregions --alldevices
 step stats_delete_noregion stats delete lin
 step stats_delete stats delete --regionid 0 lin
 step stats_delete_missing stats delete --regionid 0 lin
 step stats_delete_all stats delete --allregions z
 step stats_delete_alldevices stats delete --alldevices --allregions --allprograms
-step stats_list_after stats list
 step stats_unknown stats frobnicate
-step stats_no_command stats
-step stats_help stats help
 
 # --- measure, mangle, setgeometry, ls --exec, selections
 step measure measure lin
 step measure_all measure
-step measure_missing measure nosuch
 step mangle mangle lin
-step mangle_all mangle
 step setgeometry setgeometry lin 10 4 32 0
 step setgeometry_bad setgeometry lin x 4 32 0
-step setgeometry_short setgeometry lin 10 4
 step ls_exec ls --exec echo
-step ls_exec_target ls --target linear --exec echo
 step select_and info -c -o name -S 'name=~^t && open=0'
 step select_or info -c -o name -S 'name=lin || name=z'
 step select_not info -c -o name -S '!(name=~^t)'
 step select_parens info -c -o name,open -S '(name=lin || name=two) && open>0'
-step select_words info -c -o name -S 'name=z or name=two and segments=2'
 step select_list info -c -o name -S 'name=[lin,z]'
 step select_bad_paren info -c -o name -S '(name=lin'
 step select_bad_op info -c -o name -S 'name<>lin'
-step select_ls ls -S 'name=lin'
 step select_help info -c -S help
 
 # --- flakey as 6.1 has it: features drop_writes, error_writes, corrupt_bio_byte
