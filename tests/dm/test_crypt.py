@@ -116,6 +116,11 @@ def _reference(cipher: str, key: bytes, data: bytes, iv_sectors: list[int],
     for n, pos in zip(iv_sectors, range(0, len(data), unit), strict=True):
         if cipher.endswith("plain"):
             iv = (n & 0xFFFFFFFF).to_bytes(16, "little")
+        elif cipher.endswith("benbi"):
+            iv = bytes(8) + ((n << 5) + 1).to_bytes(8, "big")
+        elif cipher.endswith("eboiv"):
+            iv = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(
+                (n * unit).to_bytes(16, "little"))
         else:
             iv = (n % 2**64).to_bytes(16, "little")
         if "essiv" in cipher:
@@ -135,6 +140,8 @@ CROSS = [
     ("aes-xts-plain64", 64, 16, "1 sector_size:4096"),
     ("aes-cbc-essiv:sha256", 24, 8, "1 sector_size:1024"),
     ("capi:xts(aes)-plain64", 64, 0, ""), ("capi:cbc(aes)-essiv:sha256", 32, 0, ""),
+    ("aes-cbc-benbi", 32, 5, ""), ("aes-cbc-eboiv", 16, 3, ""),
+    ("aes-cbc-eboiv", 32, 16, "1 sector_size:4096"),
 ]
 
 
@@ -256,6 +263,7 @@ def _refusal(args: str) -> TableError:
     ("aes-xts-plain64 :64:user:k 0 /dev/a 0", ":64:user:k"),
     (f"aes:2-cbc-plain {KEY64} 0 /dev/a 0", "key count 2"),
     (f"aes-cbc-lmk {KEY64} 0 /dev/a 0", "lmk"),
+    (f"aes-xts-eboiv {KEY64} 0 /dev/a 0", "eboiv with xts"),
     (f"aes-cbc-essiv:shake_128 {KEY64[:64]} 0 /dev/a 0", "shake_128"),
     (f"serpent-xts-plain64 {KEY64} 0 /dev/a 0", "xts(serpent)"),
     (f"aes-xts-plain64 {KEY64} 0 /dev/a 0 1 integrity:28:aead", "integrity:28:aead"),

@@ -62,6 +62,10 @@ CASES = (
     Case("xts-essiv", "aes-xts-essiv:sha256", 64, 0),
     Case("cbc-essiv-1k", "aes-cbc-essiv:sha256", 32, 8, "1 sector_size:1024"),
     Case("cbc-essiv-md5", "aes-cbc-essiv:md5", 16, 0),
+    Case("cbc-benbi", "aes-cbc-benbi", 32, 5),
+    Case("cbc-eboiv", "aes-cbc-eboiv", 32, 3),
+    Case("cbc-eboiv-4k", "aes-cbc-eboiv", 16, 16, "1 sector_size:4096"),
+    Case("old-default-cbc-plain", "aes", 16, 2**32 - 4),  # the original format: cbc-plain
 )
 SIZE = len(CASES) * SPAN * SECTOR
 # The key messages, as the fragment sends them to the first segment of `ours`: (what, args)

@@ -3,13 +3,13 @@ Linux 6.1 has it (dm-crypt 1.24.0, DOC/dm-crypt.rst and MD/dm-crypt.c of that re
 
 Ciphers, in dm-crypt's two spellings (`cipher[:keycount]-chainmode-ivmode[:ivopts]` and
 `capi:chainmode(cipher)-ivmode[:ivopts]`): AES in XTS, CBC or ECB with the IV generators
-plain, plain64, plain64be, essiv:HASH and null, e.g. aes-xts-plain64,
+plain, plain64, plain64be, essiv:HASH, benbi, eboiv (CBC) and null, e.g. aes-xts-plain64,
 aes-cbc-essiv:sha256, aes-cbc-plain, capi:xts(aes)-plain64. The table's key is hex (its
 length gives the key size: 32, 48 or 64 bytes for XTS, 16, 24 or 32 for CBC and ECB; an
 odd last digit is ignored, as the kernel's hex2bin of `len // 2` bytes ignores it). What
 6.1 accepts but minidisk does not do is refused with a message that names it: keyring
 keys (`:LEN:logon:DESC`, `:LEN:user:DESC`, which need the kernel's keyring), a keycount
-above 1, other ciphers and IV generators (lmk, tcw, benbi, eboiv, elephant, random) and
+above 1, other ciphers and IV generators (lmk, tcw, elephant, random, eboiv over XTS) and
 `integrity:` (authenticated crypt, which needs dm-integrity's tags below).
 
 Each encryption unit (`sector_size`, 512 bytes unless the option says 4096 or another power
@@ -24,8 +24,8 @@ encrypted IVs (one ECB call under the second key for all units) multiplied by al
 block position, over all units at once as one Python integer of 128-bit lanes (`_tweaks`).
 CBC decryption is one ECB call and one XOR with the ciphertext shifted a block (the IVs in
 front of each unit); CBC encryption is chained, so it is one call per unit. ESSIV is one ECB
-call over the IVs under the key's hash. The ECB contexts live as long as the key: ECB keeps
-no state between calls.
+call over the IVs under the key's hash, EBOIV one under the key itself. The ECB contexts
+live as long as the key: ECB keeps no state between calls.
 
 Messages `key set <hexkey>` and `key wipe`, only while suspended (refused while live, as 6.1
 refuses them); after a wipe a resume fails with EAGAIN until a key is set. Status (INFO) is
@@ -53,8 +53,8 @@ BLOCK = 16  # AES's block, and every IV's size here
 CHUNK = 1 << 20  # bytes of a request converted per call: bounds the integers and buffers
 MAX_FEATURE_ARGS = 8  # 6.1's dm_arg for the optional parameter count
 # IV generators that 6.1 has and minidisk does not: refused with a message naming them.
-_KERNEL_ONLY_IVS = {"benbi", "eboiv", "elephant", "lmk", "tcw", "random"}
-_IV_MODES = {"plain", "plain64", "plain64be", "essiv", "null"}
+_KERNEL_ONLY_IVS = {"elephant", "lmk", "tcw", "random"}
+_IV_MODES = {"plain", "plain64", "plain64be", "essiv", "null", "benbi", "eboiv"}
 _CHAINS = {"xts", "cbc", "ecb"}
 # ESSIV's hash by the kernel's name: hashlib's name. The salt keys AES, so only digests of
 # 16, 24 or 32 bytes load (others fail as the kernel's setkey fails them).
@@ -250,6 +250,9 @@ def _check_iv(spec: CipherSpec) -> CipherSpec:
     if spec.iv_mode == "essiv":
         if spec.iv_opts not in _ESSIV_HASHES:
             raise TargetError(f"ESSIV hash {spec.iv_opts!r} is not supported by minidisk")
+    elif spec.iv_mode == "eboiv" and spec.chain != "cbc":
+        # 6.1 takes xts-eboiv too, encrypting the IV with XTS itself
+        raise TargetError(f"IV mode eboiv with {spec.chain} is not supported by minidisk")
     elif spec.iv_mode in _KERNEL_ONLY_IVS:
         raise TargetError(f"IV mode {spec.iv_mode} is not supported by minidisk")
     elif spec.iv_mode not in _IV_MODES:
@@ -356,13 +359,16 @@ class Crypt(Target):
     def _set_key(self, key: bytes) -> None:
         self.key = key
         self.chain: _Chain = _CHAIN_TYPES[self.spec.chain](key)
-        self.essiv: CipherContext | None = None
+        # What encrypts the IVs: ESSIV's salt-keyed AES, or EBOIV's the volume key's (its
+        # CBC of one block under a zero IV is ECB)
+        self.iv_cipher: CipherContext | None = _ecb(key) if self.spec.iv_mode == "eboiv" \
+            else None
         if self.spec.iv_mode == "essiv":
             assert self.spec.iv_opts is not None
             salt = hashlib.new(_ESSIV_HASHES[self.spec.iv_opts], key).digest()
             if len(salt) not in (16, 24, 32):  # the salt keys AES: the kernel's setkey fails
                 raise TargetError("Error decoding and setting key")
-            self.essiv = _ecb(salt)
+            self.iv_cipher = _ecb(salt)
 
     # The table
 
@@ -432,13 +438,20 @@ class Crypt(Target):
         numbers = range(first, first + step * units, step)
         mode = self.spec.iv_mode
         mask = (1 << 64) - 1  # plain64 wraps as the kernel's u64 does
+        if mode == "null":
+            return bytes(BLOCK * units)
         if mode == "plain":
             mask = 0xFFFFFFFF
-        elif mode == "null":
-            return bytes(BLOCK * units)
-        ivs = _iv_struct(units, mode == "plain64be").pack(*(n & mask for n in numbers))
-        if self.essiv is not None:
-            return self.essiv.update(ivs)
+        elif mode == "benbi":  # 16-byte blocks counted from 1: sector << 5, plus one
+            numbers = range((first << 5) + 1, (first << 5) + 1 + (step << 5) * units,
+                            step << 5)
+        elif mode == "eboiv":  # the unit's byte offset, as the kernel multiplies it
+            numbers = range(first * self.sector_size,
+                            (first + step * units) * self.sector_size, step * self.sector_size)
+        ivs = _iv_struct(units, mode in ("plain64be", "benbi")).pack(
+            *(n & mask for n in numbers))
+        if self.iv_cipher is not None:
+            return self.iv_cipher.update(ivs)
         return ivs
 
     def _check(self, offset: int, length: int) -> None:
