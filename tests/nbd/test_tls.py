@@ -122,7 +122,7 @@ def starttls(c: RawClient, ctx: ssl.SSLContext) -> None:
     [reply] = c.option(p.OPT_STARTTLS)
     assert reply.reply_type == p.REP_ACK and reply.data == b""
     c.sock = ctx.wrap_socket(c.sock)
-    assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+    assert c.sock.version() == "TLSv1.3", c.sock.version()
 
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -137,7 +137,7 @@ def test_h10_starttls_refused_without_tls(start_server: StartServer) -> None:
     with RawClient(srv.socket) as c:
         c.handshake()
         [reply] = c.option(p.OPT_STARTTLS)
-        assert reply.reply_type in (p.REP_ERR_UNSUP, p.REP_ERR_POLICY)
+        assert reply.reply_type == p.REP_ERR_UNSUP, reply.reply_type  # no TLS configured
         assert c.go("disk")[0] == MiB
 
 
