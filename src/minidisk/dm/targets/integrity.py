@@ -19,10 +19,10 @@ provides, so load it with one sector, read `provided_data_sectors` from the supe
 and load it again with that length). A superblock neither valid nor zero is refused.
 
 Modes: D writes data and tags with no journal (a crash may leave them apart: that block
-then fails). J writes each request's blocks, a journal section's worth at a time, into the
-next section of the journal ring first (data sectors, then entries, each followed by a
-flush; every sector ends with the section's commit id) and only then to their places, so
-after a crash each block is old or new: the load replays the consistent sections as 6.1's
+then fails). J writes the blocks of the requests in flight, together, into the next
+sections of the journal ring first (data sectors, then entries, each followed by a flush;
+every sector ends with the section's commit id) and only then to their places, so after a
+crash each block is old or new: the load replays the consistent sections as 6.1's
 replay_journal does, and the kernel replays ours. Here every request is committed before
 it completes (the kernel gathers writes in memory until a flush, FUA, commit_time or the
 watermark). B keeps a bitmap of regions being written in the journal area (superblock
