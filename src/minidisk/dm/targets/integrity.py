@@ -42,6 +42,8 @@ import asyncio
 import errno
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from minidisk.device.api import BlockSize, Caps
@@ -601,14 +603,25 @@ class Integrity(Target):
         filler = bytes([DISCARD_FILLER]) * t
         return all(stored[i:i + t] in (mine[i:i + t], filler) for i in range(0, len(stored), t))
 
-    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        if self.read_only:
-            raise OSError(errno.EIO, "integrity in recovery mode refuses writes")
-        first, sectors = self._check_request(offset, len(buf))
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """A write or discard, counted for suspend (which waits for none to be left) and
+        for the bitmap's clearing (which must see it or have begun before it)."""
         self._writes += 1
         self._started += 1
         self._idle.clear()
         try:
+            yield
+        finally:
+            self._writes -= 1
+            if not self._writes:
+                self._idle.set()
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        if self.read_only:
+            raise OSError(errno.EIO, "integrity in recovery mode refuses writes")
+        first, sectors = self._check_request(offset, len(buf))
+        with self._in_flight():
             if self.mode == "J":
                 await self._journal_write(first, buf)
                 return
@@ -622,10 +635,6 @@ class Integrity(Target):
                 pos += n * SECTOR
             if fua:
                 await flush_device(self.child)
-        finally:
-            self._writes -= 1
-            if not self._writes:
-                self._idle.set()
 
     async def _journal_write(self, first: int, buf: memoryview) -> None:
         """J mode: the request's blocks join the queue of the journal's committer and the
@@ -702,10 +711,7 @@ class Integrity(Target):
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         first, sectors = self._check_request(offset, length)
-        self._writes += 1
-        self._started += 1
-        self._idle.clear()
-        try:
+        with self._in_flight():
             if self.mode == "B":
                 await self._mark_dirty(first, sectors)
             for lsec, dsec, n in self._pieces(first, sectors):
@@ -715,10 +721,6 @@ class Integrity(Target):
                     await self.child.trim(dsec * SECTOR, n * SECTOR)
             if fua:
                 await flush_device(self.child)
-        finally:
-            self._writes -= 1
-            if not self._writes:
-                self._idle.set()
 
     async def flush(self) -> None:
         started, busy = self._started, self._writes
