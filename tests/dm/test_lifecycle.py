@@ -324,7 +324,7 @@ def test_cancel_deferred_remove_keeps_the_device() -> None:
         await asyncio.sleep(SETTLE_S)
         assert reg.names() == ["low"]
         for words, reason in ((["@cancel_deferred_remove", "now"], "Invalid arguments"),
-                              (["@stats_list"], "Unsupported message sent to DM core")):
+                              (["@nosuch"], "Unsupported message sent to DM core")):
             with pytest.raises(OSError, match=reason) as e:
                 await reg.message("low", 0, words)
             assert e.value.errno == errno.EINVAL
