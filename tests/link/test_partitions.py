@@ -50,7 +50,7 @@ def test_link_a_partition(site: Site) -> None:
     assert e.value.errno == 30  # EROFS
     # Partition 1 of the same disk cannot be linked beside it (one link per disk here).
     again = site.cli("link", "alice.0191.1", str(site.root / "mnt1"))
-    assert again.returncode != 0 and "already linked" in again.stderr
+    assert again.returncode == 1 and "already linked" in again.stderr, again.stderr
     assert (mnt / "p2.txt").read_text() == P2  # and the refusal undid nothing of ours
     done = site.cli("unlink", str(mnt))
     assert done.returncode == 0, done.stderr
@@ -62,10 +62,11 @@ def test_link_a_partition(site: Site) -> None:
 def test_a_partition_that_does_not_exist(site: Site) -> None:
     site.cli("directory", "grant", "root", "alice.0191", "--mode", "R", check=True)
     done = site.cli("link", "alice.0191.3", str(site.root / "mnt"))
-    assert done.returncode != 0 and "no partition 3" in done.stderr
+    assert done.returncode == 1 and "no partition 3" in done.stderr, done.stderr
     assert not attachments() and not linker.links()
     no_mountpoint = site.cli("link", "alice.0191.2")
-    assert no_mountpoint.returncode != 0 and "mount point" in no_mountpoint.stderr
+    assert no_mountpoint.returncode == 1 and "mount point" in no_mountpoint.stderr, \
+        no_mountpoint.stderr
 
 
 @pytest.mark.autofs
@@ -79,7 +80,7 @@ def test_automount_a_partition(site: Site, automounter: tuple[object, Path]) -> 
     alias = run_ls(root / "ALICE.191.2")  # normalised, through a symlink
     assert alias.returncode == 0 and "p2.txt" in alias.stdout
     assert os.readlink(root / "ALICE.191.2") == "alice.0191.2"
-    assert run_ls(root / "alice.0191.7").returncode != 0  # no such partition: ENOENT
+    assert run_ls(root / "alice.0191.7").returncode == 2  # no such partition: ls says ENOENT
     [state] = linker.links()
     assert state.disk == "alice.0191" and state.partition == 2
     deadline = time.monotonic() + scaled(30)  # idle: expired, unmounted, detached, unlinked
