@@ -34,7 +34,7 @@ def _bob_reads(site: Site, export: str) -> bool:
 def _refused(done: subprocess.CompletedProcess[str], *words: str) -> None:
     """Failed, with one line that says why (dmsetup frames it as libdm does: the ioctl that
     failed, the reason, "Command failed.")."""
-    assert done.returncode != 0, done.stdout
+    assert done.returncode == 1, done.stdout
     why = [line for line in done.stderr.splitlines() if all(w in line for w in words)]
     assert len(why) == 1, done.stderr
 
