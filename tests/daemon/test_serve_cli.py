@@ -46,20 +46,21 @@ def test_detach_reports_address_in_use(short_tmp: Path) -> None:
         done = run_cli("serve", "--memory", "disk=8M", f"tcp://127.0.0.1:{port}/")
     finally:
         busy.close()
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "Address already in use" in done.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-d", "key=/a,hostpath=/tmp/x,size=1m,size=2m"], "size"),
-    (["-d", "key=/a,bogus=1"], "bogus"),
-    (["--memory", "disk"], "KEY=SIZE"),
-    (["--memory", "disk=12Q"], "12Q"),
-    (["--tls=require"], "--tls-certificates"),
+@pytest.mark.parametrize("args, status, message", [  # 2: click's usage errors
+    (["-d", "key=/a,hostpath=/tmp/x,size=1m,size=2m"], 1, "size"),
+    (["-d", "key=/a,bogus=1"], 1, "bogus"),
+    (["--memory", "disk"], 2, "KEY=SIZE"),
+    (["--memory", "disk=12Q"], 2, "12Q"),
+    (["--tls=require"], 2, "--tls-certificates"),
 ])
-def test_bad_options_fail_with_one_line(short_tmp: Path, args: list[str], message: str) -> None:
+def test_bad_options_fail_with_one_line(short_tmp: Path, args: list[str], status: int,
+                                        message: str) -> None:
     done = run_cli("serve", *args, f"unix://{short_tmp}/x.sock")
-    assert done.returncode != 0
+    assert done.returncode == status, done.stderr
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (short_tmp / "x.sock").exists()
@@ -205,7 +206,7 @@ def test_control_refused_for_other_uids(serve: Server) -> None:
             "control_client.call(sys.argv[1], 'halt')")
     done = subprocess.run([os.environ.get("PYTHON", _venv_python()), "-c", code,
                            f"unix://{sock}"], capture_output=True, text=True)
-    assert done.returncode != 0 and "refused control commands" in done.stderr
+    assert done.returncode == 1 and "refused control commands" in done.stderr
     assert Path(sock).exists()
 
 

@@ -270,10 +270,10 @@ def test_nbdinfo_tls_without_client_certificate(start_server: StartServer, pki: 
 def test_require_refuses_plaintext_clients(start_server: StartServer, pki: Path) -> None:
     srv = tls_server(start_server, pki, "require")
     proc = run("nbdinfo", "--json", srv.uri("disk"))
-    assert proc.returncode != 0  # libnbd reports ERR_TLS_REQD as ENOTSUP, as for nbdkit
+    assert proc.returncode == 1  # libnbd reports ERR_TLS_REQD as ENOTSUP, as for nbdkit
     assert json.loads(proc.stdout.replace(",\n}", "}"))["TLS"] is False
     proc = run("qemu-img", "info", "-f", "raw", srv.uri("disk"))
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert srv.alive()
 
 
@@ -360,7 +360,7 @@ def test_cli_control_uses_tls_from_the_environment(pki: Path) -> None:
         plain = subprocess.run([MINIDISK, "etfs", "ls", "--server", url], capture_output=True,
                                text=True, env={k: v for k, v in os.environ.items()
                                                if k != "MINIDISK_TLS_CERTIFICATES"})
-        assert plain.returncode != 0
+        assert plain.returncode == 1, plain.stderr
         env = {**os.environ, "MINIDISK_TLS_CERTIFICATES": str(pki)}
         listing = subprocess.run([MINIDISK, "etfs", "ls", "--server", url],
                                  capture_output=True, text=True, env=env)
