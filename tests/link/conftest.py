@@ -24,8 +24,8 @@ from tests.link.link_helpers import (
     make_partitioned,
     make_pki,
     running_automounter,
-    subject,
 )
+from tests.pki import subject
 
 from minidisk import control_client
 from minidisk.control_client import ControlError

@@ -24,6 +24,7 @@ from typing import Any
 
 from tests import harness
 from tests.harness import MINIDISK, scaled
+from tests.pki import Authority
 
 from minidisk.control_client import ControlConnection, ControlError
 from minidisk.link.directory import Directory
@@ -162,78 +163,21 @@ def make_partitioned(image: Path) -> None:
             subprocess.run(["rm", "-rf", str(content)], check=True)
 
 
-ORGANIZATION = "minidisk tests"
-
-
-def subject(cn: str) -> str:
-    """The subject the server proves for `cn`'s certificate (most specific first)."""
-    return f"CN={cn},O={ORGANIZATION}"
-
-
 def make_pki(directory: Path, clients: list[str],
              bare: dict[str, str] | None = None) -> dict[str, Path]:
-    """A CA; `directory/server` (ca-cert.pem, server-cert.pem, server-key.pem) and, for each
-    client CN, `directory/CN` (ca-cert.pem, client-cert.pem, client-key.pem), with the
-    extensions GnuTLS (libnbd, nbdinfo, nbdfuse) insists on. `bare` maps more directory
-    names to a CN that is the certificate's whole subject (no O): any text a CA might sign."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    def name(cn: str, organization: bool = True) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)] *
-                         organization + [x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.datetime.now(datetime.UTC)
-    day = datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("minidisk link test CA"))
-          .issuer_name(name("minidisk link test CA")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - day).not_valid_after(now + 30 * day)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
-
-    def leaf(where: Path, cn: str, prefix: str, organization: bool = True) -> None:
-        where.mkdir(parents=True, mode=0o700)
-        (where / "ca-cert.pem").write_bytes(ca_pem)
-        key = ec.generate_private_key(ec.SECP256R1())
-        usage = (ExtendedKeyUsageOID.SERVER_AUTH if prefix == "server"
-                 else ExtendedKeyUsageOID.CLIENT_AUTH)
-        builder = (x509.CertificateBuilder().subject_name(name(cn, organization))
-                   .issuer_name(ca.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - day).not_valid_after(now + 30 * day)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-                   .add_extension(x509.KeyUsage(True, False, True, False, False, False, False,
-                                                False, False), True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), False))
-        if prefix == "server":
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"),
-                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        (where / f"{prefix}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (where / f"{prefix}-key.pem").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        (where / f"{prefix}-key.pem").chmod(0o600)
-
+    """A CA (tests/pki.py); `directory/server` (ca-cert.pem, server-cert.pem, server-key.pem)
+    and, for each client CN, `directory/CN` (ca-cert.pem, client-cert.pem, client-key.pem).
+    `bare` maps more directory names to a CN that is the certificate's whole subject (no O):
+    any text a CA might sign."""
+    authority = Authority("minidisk link test CA")
     dirs = {"server": directory / "server"}
-    leaf(dirs["server"], "localhost", "server")
+    authority.issue(dirs["server"], "localhost", "server")
     for cn in clients:
         dirs[cn] = directory / cn
-        leaf(dirs[cn], cn, "client")
+        authority.issue(dirs[cn], cn, "client")
     for where, cn in (bare or {}).items():
         dirs[where] = directory / where
-        leaf(dirs[where], cn, "client", organization=False)
+        authority.issue(dirs[where], cn, "client", organization=False)
     return dirs
 
 

@@ -19,8 +19,8 @@ from tests.link.link_helpers import (
     run_ls,
     running_automounter,
     second_link_outcome,
-    subject,
 )
+from tests.pki import subject
 
 from minidisk import control_client
 from minidisk.control_client import ControlError

@@ -5,7 +5,6 @@ certificate's subject reaching the server's identity (seen in the server's debug
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -18,13 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.harness import MINIDISK, Server, short_dir
 from tests.nbd.conftest import StartServer
 from tests.nbd.nbd_helpers import Closed, RawClient
+from tests.pki import Authority
 
 from minidisk import control_client
 from minidisk.nbd import protocol as p
@@ -35,55 +31,13 @@ MiB = 1 << 20
 CLIENT_CN = "nbd-test-client"
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "minidisk tests"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-
-
 def make_certificates(directory: Path, client: bool = True) -> None:
-    """ca-cert.pem, server-cert.pem, server-key.pem (+ client-cert.pem, client-key.pem)
-    with the extensions GnuTLS (libnbd, qemu) insists on."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("minidisk test CA"))
-          .issuer_name(_name("minidisk test CA")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    (directory / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-
-    def leaf(cn: str, usage: x509.ObjectIdentifier, prefix: str) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(days=1))
-                   .not_valid_after(now + datetime.timedelta(days=30))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-                   .add_extension(x509.KeyUsage(True, False, True, False, False, False, False,
-                                                False, False), True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), False))
-        if prefix == "server":
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost")]), False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        (directory / f"{prefix}-cert.pem").write_bytes(
-            cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(directory / f"{prefix}-key.pem", key)
-
-    leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, "server")
+    """ca-cert.pem, server-cert.pem, server-key.pem (+ client-cert.pem, client-key.pem for
+    CLIENT_CN) in `directory`."""
+    authority = Authority()
+    authority.issue(directory, "localhost", "server")
     if client:
-        leaf(CLIENT_CN, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
+        authority.issue(directory, CLIENT_CN, "client")
 
 
 @pytest.fixture(scope="module")
