@@ -32,6 +32,7 @@ TIME_SCALE = float(os.environ.get("MINIDISK_TEST_TIME_SCALE", "1"))
 START_TIMEOUT = 20.0  # seconds until a started process is ready (scaled)
 STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL
 LOG_TAIL = 4000  # characters of a log shown with a failure
+PROBE_CLOSE = 2.0  # seconds a readiness probe waits for the server to hang up on it
 
 
 def scaled(seconds: float) -> float:
@@ -86,12 +87,21 @@ def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str],
 def accepts(path: str | Path) -> bool:
     """Whether a server accepts connections on the unix socket `path`. The socket file exists
     from bind(), a moment before listen(): a connect in between is refused (seen under load),
-    so only a connect says the server is ready."""
+    so only a connect says the server is ready. Then it waits (up to PROBE_CLOSE) until the
+    server has hung up on the probe's EOF: a test that counts the server's descriptors or
+    clients right after the start must not count the probe."""
     with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_CLOSE)
         try:
             probe.connect(str(path))
         except OSError:
             return False
+        try:
+            probe.shutdown(_socket.SHUT_WR)
+            while probe.recv(4096):  # an NBD server's greeting, then its close
+                pass
+        except OSError:  # reset, or still open after PROBE_CLOSE: it accepted all the same
+            pass
     return True
 
 
