@@ -51,6 +51,12 @@ def _listening(process: harness.Process) -> bool:
     return any(line.startswith("listening on") for line in process.log_text().splitlines())
 
 
+def dlm_cli(server: Server, *args: str) -> str:
+    """`minidisk dlm ARGS --server URL`'s output; it must succeed."""
+    return subprocess.run([MINIDISK, "dlm", *args, "--server", server.url], check=True,
+                          capture_output=True, text=True, timeout=harness.scaled(60)).stdout
+
+
 @contextlib.contextmanager
 def serving(path: str, *options: str, env: Mapping[str, str] | None = None
             ) -> Iterator[Server]:

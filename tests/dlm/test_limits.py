@@ -7,15 +7,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from tests.dlm.conftest import Server, serving
+from tests.dlm.conftest import Server, dlm_cli, serving
 from tests.dlm.test_protocol import Raw
-from tests.harness import MINIDISK
 
 from minidisk.dlm import protocol
 from minidisk.dlm.client import connect
@@ -24,11 +22,6 @@ from minidisk.dlm.limits import Limits
 from minidisk.dlm.modes import Mode
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def cli(server: Server, *args: str) -> str:
-    return subprocess.run([MINIDISK, "dlm", *args, "--server", server.url], check=True,
-                          capture_output=True, text=True, timeout=60).stdout
 
 
 def hold(server: Server, resources: list[tuple[str, str]]) -> Raw:
@@ -57,12 +50,12 @@ def test_a_status_larger_than_a_frame_arrives_whole_in_the_api_and_the_cli(
             (domain,) = status["domains"]
             assert [res["name"] for res in domain["resources"]] == names
             assert all(len(res["granted"]) == 1 for res in domain["resources"])
-            text = await anyio.to_thread.run_sync(cli, dlm_server, "status")
+            text = await anyio.to_thread.run_sync(dlm_cli, dlm_server, "status")
             listed = [line.split()[1] for line in text.splitlines()
                       if line.startswith("  resource ")]
             assert listed == names
             assert text.count("    granted    PR") == len(names)
-            raw = json.loads(await anyio.to_thread.run_sync(cli, dlm_server, "status",
+            raw = json.loads(await anyio.to_thread.run_sync(dlm_cli, dlm_server, "status",
                                                             "--json"))
             assert raw["domains"] == status["domains"]
 

@@ -8,13 +8,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anyio
 import pytest
-from tests.dlm.conftest import WORKER, Server
-from tests.harness import MINIDISK
+from tests.dlm.conftest import WORKER, Server, dlm_cli
 
 from minidisk.dlm.client import connect
 from minidisk.dlm.modes import Mode, compatible
@@ -103,31 +101,23 @@ async def wait_until_queued(url: str, count: int) -> None:
 def test_kill_9_ex_holder_hands_over_with_lvb_invalid(dlm_server: Server) -> None:
     holder, holder_token = start_holder(dlm_server, "EX")
 
-    async def main() -> float:
+    async def main() -> None:
         async with connect(dlm_server.url, name="waiter") as client:
             lock = client.lock("k", "held", Mode.PR)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(lock.acquire)
                 await wait_until_queued(dlm_server.url, 1)
                 holder.send_signal(signal.SIGKILL)
-                killed = time.monotonic()
-                while not lock.held:
+                while not lock.held:  # granted once the server sees the connection drop
                     await anyio.sleep(0.001)
-                granted = time.monotonic()
             assert not lock.lvb_valid
             assert lock.token is not None and lock.token > holder_token
-            return granted - killed
 
     try:
-        assert anyio.run(main) < 1.0
+        anyio.run(main)
     finally:
         holder.kill()
         holder.wait()
-
-
-def cli(server: Server, *args: str) -> str:
-    return subprocess.run([MINIDISK, "dlm", *args, "--server", server.url], check=True,
-                          capture_output=True, text=True, timeout=30).stdout
 
 
 def test_persistent_lock_orphaned_then_purged_from_the_cli(dlm_server: Server) -> None:
@@ -143,16 +133,16 @@ def test_persistent_lock_orphaned_then_purged_from_the_cli(dlm_server: Server) -
                 holder.wait()
                 await anyio.sleep(0.3)
                 assert not lock.held                      # the orphan still holds EX
-                status = json.loads(await anyio.to_thread.run_sync(cli, dlm_server,
+                status = json.loads(await anyio.to_thread.run_sync(dlm_cli, dlm_server,
                                                                      "status", "--json"))
                 (res,) = status["domains"][0]["resources"]
                 (orphan,) = res["granted"]
                 assert orphan["owner"] is None and orphan["orphan_of"].startswith("holder[")
                 assert orphan["grmode"] == "EX" and orphan["persistent"]
-                text = await anyio.to_thread.run_sync(cli, dlm_server, "status")
+                text = await anyio.to_thread.run_sync(dlm_cli, dlm_server, "status")
                 assert "ORPHAN of holder[" in text and "waiting    EX" in text
                 out = await anyio.to_thread.run_sync(
-                    cli, dlm_server, "purge", "--pid", str(holder.pid))
+                    dlm_cli, dlm_server, "purge", "--pid", str(holder.pid))
                 assert out.strip() == "purged 1 orphan lock"
                 with anyio.fail_after(2):
                     while not lock.held:
