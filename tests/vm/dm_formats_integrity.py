@@ -1,7 +1,7 @@
 """dm-integrity's part of the format oracle (test_dm_formats.py, guest/dm_formats_integrity.sh).
 
 For each configuration (mode, hash, tag and block size, interleave, padding) both sides
-start from a zeroed 4 MiB file and follow the kernel's first-use procedure: load the table
+start from a zeroed 2 MiB file and follow the kernel's first-use procedure: load the table
 with one sector (it formats), unload, read provided_data_sectors from the superblock, load
 it with that length; then write the same data at the start and at the end (4 KiB O_DIRECT
 writes) and unload. minidisk does it here (`prepare`, before the boot) and leaves its file
@@ -18,6 +18,7 @@ import errno
 import logging
 import random
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from minidisk.dm.table import TableError
 
 SECTOR = 512
 K = 4096
-IMAGE_SIZE = 4 << 20
+IMAGE_SIZE = 2 << 20
 HALF = 128 << 10  # each of the two written regions
 FLIP_SECTOR = 17  # the logical sector whose data gets a flipped byte (in 4 KiB block 2)
 FLIP_BYTE = 100
@@ -230,6 +231,13 @@ async def flipped_blocks(config: Config, path: Path) -> tuple[list[int], list[in
         await side.close()
 
 
+def libraries(program: str) -> list[str]:
+    """What `ldd` says `program` loads (paths only): the guest copies them to its tmpfs."""
+    out = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    return [words[2] for words in (line.split() for line in out.splitlines())
+            if len(words) > 2 and words[1] == "=>"]
+
+
 def prepare(directory: Path) -> dict[str, dict[str, object]]:
     """The fragment's input: data.bin, configs (NAME TAG MODE N OPTS... per line), opens,
     refusals, o/NAME.img (minidisk's files; o/NAME.crash.img for journal mode) and
@@ -239,6 +247,7 @@ def prepare(directory: Path) -> dict[str, dict[str, object]]:
     source = data()
     (directory / "data.bin").write_bytes(source)
     (directory / "refusals").write_text("".join(t + "\n" for t in REFUSALS))
+    (directory / "libs").write_text(" ".join(libraries("/sbin/integritysetup")) + "\n")
     lines, opens = [], []
     results: dict[str, dict[str, object]] = {}
     for config in CONFIGS:

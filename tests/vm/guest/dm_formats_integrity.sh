@@ -8,6 +8,7 @@
 #               committing a journal section and before writing its blocks back
 #   f/NAME.img  o/NAME.img with one data byte flipped
 #   data.bin    what both sides wrote: its first half at the start, its second at the end
+#   libs        the libraries integritysetup loads (the host's ldd: its root is the guest's)
 #   refusals    "LENGTH ARGS" tables 6.1 must refuse (DEV: a formatted device, BAD: data.bin,
 #               neither formatted nor zero)
 # OUTPUT gets, per configuration NAME:
@@ -31,7 +32,7 @@ dm() { $DMSETUP "$@"; }
 # integritysetup and its libraries on tmpfs, as dmsetup (each run from 9p is slow).
 bin=/tmp/isbin
 mkdir -p $bin /tmp/k $out/k
-cp /sbin/integritysetup $(ldd /sbin/integritysetup | awk '$2 == "=>" { print $3 }') $bin/
+cp /sbin/integritysetup $(< $in/libs) $bin/
 export DM_DISABLE_UDEV=1
 isetup() { /tmp/dmbin/ld-linux-x86-64.so.2 --library-path $bin $bin/integritysetup "$@"; }
 provided_of() {  # DUMPFILE: its provided_data_sectors, into $provided
@@ -47,7 +48,7 @@ while read -r name tag mode n opts; do
   : > /tmp/k/$name.img
 done < $in/configs
 while read -r name opts; do opens+=("$opts"); done < $in/opens
-truncate -s 4M /tmp/k/*.img
+truncate -r $in/o/${names[0]}.img /tmp/k/*.img  # zeroes, as large as minidisk's
 cp -r $in/o $in/f /tmp/
 spec=""
 for i in "${!names[@]}"; do
