@@ -16,6 +16,7 @@ from minidisk.daemon.daemon import run_daemon
 from minidisk.daemon.lifecycle import detach
 from minidisk.namespace import RUMP_ETFS_SIZE_ENDOFF, SizeError, parse_size
 from minidisk.nbd.listen import parse_url
+from minidisk.nbd.transport import Transport
 
 
 @click.command()
@@ -100,7 +101,7 @@ def halt(server: str | None, url: str | None, timeout: float) -> None:
     except control_client.ControlError as e:
         fail(str(e))
     address = parse_url(target)
-    local = address.kind == "unix" or address.host in ("127.0.0.1", "::1", "0.0.0.0")
+    local = address.kind is Transport.UNIX or address.host in ("127.0.0.1", "::1", "0.0.0.0")
     pid = int(result.get("pid", 0))
     errors = [str(e) for e in result.get("errors", [])]
     deadline = time.monotonic() + timeout

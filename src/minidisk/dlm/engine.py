@@ -46,7 +46,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from minidisk.dlm import listing
-from minidisk.dlm.listing import Cursor as Cursor  # (re-exported: protocol, service)
+from minidisk.dlm.listing import Cursor
 from minidisk.dlm.modes import COMPATIBLE, LvbAction, Mode, compatible, lvb_action
 from minidisk.dlm.state import (
     LVB_LEN,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from minidisk.dlm.engine import Cursor
+from minidisk.dlm.listing import Cursor
 from minidisk.dlm.modes import Mode
 from minidisk.dlm.state import Flag
 

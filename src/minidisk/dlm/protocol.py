@@ -102,7 +102,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from minidisk.dlm.engine import Cursor
+from minidisk.dlm.listing import Cursor
 from minidisk.dlm.messages import (
     BastEvent,
     CancelEvent,

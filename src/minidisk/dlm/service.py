@@ -37,8 +37,9 @@ from typing import Any, cast
 
 from minidisk import busypoll
 from minidisk.dlm import protocol
-from minidisk.dlm.engine import Cursor, DlmError, Engine
+from minidisk.dlm.engine import DlmError, Engine
 from minidisk.dlm.limits import Limits
+from minidisk.dlm.listing import Cursor
 from minidisk.dlm.messages import (
     CancelRequest,
     ConvertRequest,

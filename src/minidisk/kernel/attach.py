@@ -15,6 +15,7 @@ from minidisk.kernel import state
 from minidisk.kernel.defaults import DEFAULT_TIMEOUT
 from minidisk.kernel.errors import AttachError, NotAttachedError
 from minidisk.kernel.uri import parse_nbd_uri
+from minidisk.nbd.transport import Transport
 from minidisk.nbd.uri import NBDURI
 
 METHODS = ("auto", "netlink", "ioctl", "nbdfuse")
@@ -31,7 +32,7 @@ def choose_method(uri: NBDURI, method: str = "auto") -> str:
     if method != "auto":
         return method
     # The kernel client speaks plain NBD only; TLS URIs go through libnbd in nbdfuse.
-    if not uri.tls and uri.transport != "vsock":
+    if not uri.tls and uri.transport is not Transport.VSOCK:
         kernel = nbdkernel.available()
         if kernel:
             return kernel

@@ -17,6 +17,7 @@ from minidisk.nbd import client_negotiation as cn
 from minidisk.nbd.blocking import negotiate, open_socket
 from minidisk.nbd.protocol import TFLAG_CAN_MULTI_CONN, TFLAG_READ_ONLY
 from minidisk.nbd.replies import ReplyError
+from minidisk.nbd.transport import Transport
 from minidisk.nbd.uri import NBDURI
 
 
@@ -45,7 +46,7 @@ def connect(uri: NBDURI, timeout: float = 30.0) -> KernelSocket:
         raise AttachError(f"{uri}: kernel nbd cannot use TLS; attach with --method nbdfuse")
     if uri.timeout is not None:
         timeout = uri.timeout
-    if uri.transport not in ("unix", "tcp"):
+    if uri.transport not in (Transport.UNIX, Transport.TCP):
         raise AttachError(f"{uri}: kernel nbd attach supports tcp and unix sockets only")
     try:
         sock = open_socket(uri.transport, uri.socket, uri.host, uri.port, timeout)

@@ -144,11 +144,9 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
-def peer_identity(sock: socket.socket | None, kind: str) -> Identity:
+def peer_identity(sock: socket.socket | None, transport: Transport) -> Identity:
     """Who is at the other end of an accepted connection, as far as the socket proves it:
-    SO_PEERCRED's pid, uid and gid on a unix socket, the address on TCP. `kind` is the
-    listener's `Transport` (a str: nbd/connection.py still declares it one)."""
-    transport = Transport(kind)
+    SO_PEERCRED's pid, uid and gid on a unix socket, the address on TCP."""
     if sock is None:
         return Identity(transport)
     if sock.family == socket.AF_UNIX:

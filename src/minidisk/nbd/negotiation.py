@@ -60,10 +60,6 @@ class TransmissionTerms:
     no_zeroes: bool
 
 
-# The old name, for nbd/connection.py (another helper's file at the time) until it imports
-# the new one.
-Session = TransmissionTerms
-
 
 ControlHandler = Callable[[Identity, bytes], Awaitable[bytes]]
 
