@@ -9,11 +9,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
 
 from minidisk.cli import replaylog
+from minidisk.device.api import BlockDevice
 from minidisk.device.file import FileDevice
-from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry, writelog
 
 DATA = 1 << 20
@@ -35,11 +35,11 @@ def decode_log(raw: bytes) -> list[tuple[int, int, int, bytes]]:
     return out
 
 
-async def snapshot(dev: MemoryDevice) -> bytes:
+async def snapshot(dev: BlockDevice) -> bytes:
     return await read(dev, 0, dev.size)
 
 
-async def logged(log: MemoryDevice) -> list[tuple[int, int]]:
+async def logged(log: BlockDevice) -> list[tuple[int, int]]:
     """(sector, flags) of each entry in the log."""
     return [(sector, flags) for sector, _, flags, _ in decode_log(await snapshot(log))]
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dm_helpers import MINIDISK, SECTOR, pattern, run, write
+from tests.dm.dm_helpers import SECTOR, pattern, run, write
+from tests.harness import MINIDISK
 
 from minidisk.cli import replaylog
 from minidisk.device.api import BlockDevice, BlockSize

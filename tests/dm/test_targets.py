@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
 
 from minidisk.dm import DeviceDict
 from minidisk.dm.table import format_table
