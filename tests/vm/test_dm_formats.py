@@ -30,6 +30,7 @@ import pytest
 from tests.vm import dm_formats_crypt as crypt
 from tests.vm import dm_formats_integrity as integ
 from tests.vm import dm_formats_snapshot as snap
+from tests.vm import dm_formats_thin as thin
 from tests.vm.harness import GUEST_SCRIPTS, Boot, GuestRun, guest_script
 
 from minidisk.dm.integrity_format import Geometry, plan_replay
@@ -485,3 +486,12 @@ def test_crypt_target_version(formats: Formats) -> None:
               (formats.out("crypt") / "targets").read_text().splitlines()
               if line.startswith("crypt")]
     assert kernel == [["crypt", "v{}.{}.{}".format(*TARGET_TYPES["crypt"].version)]]
+
+
+# Thin (dm_formats_thin.py): the kernel loads our pool, writes into it, makes its own.
+
+def test_thin_kernel_and_minidisk_read_each_others_pools(formats: Formats,
+                                                         tmp_path: Path) -> None:
+    prepared = cast(thin.Prepared, formats.prepared["thin"])
+    wrong = thin.after_boot(formats.out("thin"), prepared, tmp_path)
+    assert not wrong, "\n".join(wrong)
