@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from tests import harness
-from tests.harness import MINIDISK as MINIDISK  # for test files that still import it here
+from tests.harness import MINIDISK
 
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "worker.py")
@@ -36,13 +36,6 @@ class Mount:
     path: Path
     server: Server
     process: subprocess.Popen[bytes] | subprocess.Popen[str]
-
-
-@pytest.fixture
-def tmp_short(short_tmp: Path) -> Path:
-    """The `short_tmp` directory under the name tests/dlm/test_dlmfs.py (another helper's)
-    still asks for."""
-    return short_tmp
 
 
 def _listening(process: harness.Process) -> bool:

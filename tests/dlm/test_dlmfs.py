@@ -22,10 +22,10 @@ from typing import Any
 
 import anyio
 import pytest
+from tests.dlm.conftest import WORKER, Mount, Server
+from tests.harness import MINIDISK
 
 from minidisk.dlm.client import connect
-
-from .conftest import MINIDISK, WORKER, Mount, Server
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -137,18 +137,18 @@ def mounted(server: Server, mnt: Path, *options: str) -> Iterator[Mount]:
 
 
 @pytest.fixture
-def nodes(dlm_server: Server, tmp_short: Path) -> Iterator[tuple[Mount, Mount]]:
+def nodes(dlm_server: Server, short_tmp: Path) -> Iterator[tuple[Mount, Mount]]:
     """Two default mounts (nodes A and B) over one lock manager, each with domain "dom"."""
-    tmp_short.chmod(0o755)  # other users reach the mounts (the permission tests)
-    with mounted(dlm_server, tmp_short / "a") as a, mounted(dlm_server, tmp_short / "b") as b:
+    short_tmp.chmod(0o755)  # other users reach the mounts (the permission tests)
+    with mounted(dlm_server, short_tmp / "a") as a, mounted(dlm_server, short_tmp / "b") as b:
         (a.path / "dom").mkdir()
         (b.path / "dom").mkdir()
         yield a, b
 
 
 @pytest.fixture
-def exclusive(dlm_server: Server, tmp_short: Path) -> Iterator[Mount]:
-    with mounted(dlm_server, tmp_short / "x", "--exclusive") as mount:
+def exclusive(dlm_server: Server, short_tmp: Path) -> Iterator[Mount]:
+    with mounted(dlm_server, short_tmp / "x", "--exclusive") as mount:
         yield mount
 
 
@@ -242,13 +242,13 @@ def test_a_cached_lock_is_given_way_on_demand(nodes: tuple[Mount, Mount]) -> Non
 
 
 def test_a_lock_lives_as_long_as_its_open_file_description(
-        nodes: tuple[Mount, Mount], tmp_short: Path, other: Other) -> None:
+        nodes: tuple[Mount, Mount], short_tmp: Path, other: Other) -> None:
     """Held through a symlink to the mount, by a child that outlives its opener, and while
     the description is in flight in a unix socket: the other node's blocking open waits
     until the description's last reference goes. (Failed before: dlmfs compared
     /proc/PID/fd paths at close and dropped these locks under their holders.)"""
     a, b = nodes
-    link = tmp_short / "alink"
+    link = short_tmp / "alink"
     link.symlink_to(a.path)
     for name in ("sym", "child", "parked"):
         os.close(os.open(b.path / "dom" / name, os.O_CREAT | os.O_RDONLY))
@@ -324,9 +324,9 @@ def test_a_waiting_create_stalls_nothing_else_in_the_domain(nodes: tuple[Mount, 
     os.close(got[0])
 
 
-def test_the_wait_limit_is_an_option(dlmfs: Mount, dlm_server: Server, tmp_short: Path) -> None:
+def test_the_wait_limit_is_an_option(dlmfs: Mount, dlm_server: Server, short_tmp: Path) -> None:
     """--wait-limit 2: a blocking open gives up with ETIMEDOUT, having queued nothing."""
-    with mounted(dlm_server, tmp_short / "b") as b:
+    with mounted(dlm_server, short_tmp / "b") as b:
         (dlmfs.path / "dom").mkdir()
         (b.path / "dom").mkdir()
         with opened(b.path / "dom" / "lk", os.O_CREAT | os.O_RDWR):
@@ -460,13 +460,13 @@ def _resources(mount: Mount, domain: str) -> list[str]:
 
 
 def test_an_unlinked_resource_keeps_its_value_block_until_its_purge(
-        dlm_server: Server, tmp_short: Path) -> None:
+        dlm_server: Server, short_tmp: Path) -> None:
     """As o2dlm keeps an unused resource until its purge: a lock file made again at once finds
     its value block; unmounting purges what is left (none stays in the lock manager). B stays
     in the domain, so that the domain itself, and its resources with it, is not collected."""
-    with mounted(dlm_server, tmp_short / "b") as b:
+    with mounted(dlm_server, short_tmp / "b") as b:
         (b.path / "dom").mkdir()
-        with mounted(dlm_server, tmp_short / "a") as a:
+        with mounted(dlm_server, short_tmp / "a") as a:
             lk = a.path / "dom" / "lk"
             lk.parent.mkdir()
             with opened(lk, os.O_CREAT | os.O_RDWR) as fd:
@@ -552,8 +552,8 @@ echo done
 """
 
 
-def test_from_a_plain_shell(dlm_server: Server, tmp_short: Path) -> None:
-    with mounted(dlm_server, tmp_short / "x", "--exclusive", "--wait-limit", "2") as mount:
+def test_from_a_plain_shell(dlm_server: Server, short_tmp: Path) -> None:
+    with mounted(dlm_server, short_tmp / "x", "--exclusive", "--wait-limit", "2") as mount:
         out = subprocess.run(["bash", "-c", SHELL], env={**os.environ, "MNT": str(mount.path)},
                              capture_output=True, text=True, timeout=40)
     assert out.returncode == 0, out.stderr

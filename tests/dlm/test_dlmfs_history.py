@@ -216,12 +216,12 @@ def test_two_nodes_exclude_each_other_and_share_within(nodes: tuple[Mount, Mount
     forged_stale_read(history)
 
 
-def test_exclusive_mounts_exclude_within_a_node_too(dlm_server: Server, tmp_short: Path,
+def test_exclusive_mounts_exclude_within_a_node_too(dlm_server: Server, short_tmp: Path,
                                                      tmp_path: Path) -> None:
     """`--exclusive` (our extension): the same history, and no EX hold beside any other hold
     on its own node either."""
-    with mounted(dlm_server, tmp_short / "a", "--exclusive") as a, \
-            mounted(dlm_server, tmp_short / "b", "--exclusive") as b:
+    with mounted(dlm_server, short_tmp / "a", "--exclusive") as a, \
+            mounted(dlm_server, short_tmp / "b", "--exclusive") as b:
         for mount in (a, b):
             (mount.path / "dom").mkdir()
         history = run_history((a, b), tmp_path)

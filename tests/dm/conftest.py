@@ -7,7 +7,6 @@ a fixture opens is closed at teardown.
 from __future__ import annotations
 
 import os
-import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,10 +16,6 @@ from tests import harness
 from tests.dm.dm_helpers import Server, pattern
 
 from minidisk.device.file import FileDevice
-
-# tests/dm/test_{cli,control,log_writes,targets}.py import dm_helpers by its bare name (they
-# are other helpers' to change to tests.dm.dm_helpers); nothing else here needs it.
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 from click.testing import CliRunner
-from dm_helpers import MINIDISK, Server
+from tests.dm.dm_helpers import Server
+from tests.harness import MINIDISK
 
 from minidisk.cli.dmsetup import dmsetup
 

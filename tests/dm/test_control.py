@@ -7,7 +7,7 @@ import errno
 from typing import Any
 
 import pytest
-from dm_helpers import memory_namespace, registry_over, run
+from tests.dm.dm_helpers import memory_namespace, registry_over, run
 
 from minidisk.dm import Registry
 from minidisk.dm.control import control_handlers
