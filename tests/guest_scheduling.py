@@ -8,7 +8,8 @@ a test's nodeid to carry its group, and pytest no longer keeps the new name), so
 controller decides by path, which it knows without collecting anything:
 
 - every module under tests/vm/ belongs to one unit, "vm" (one guest at a time on one worker),
-  except the autofs guest, its own unit, which may run beside it on the other worker;
+  except the autofs guest and the dm-formats guests, units of their own, which run beside it
+  on the other worker (the suite's wall time is then the longest chain, not the sum);
 - every other test is a unit of its own, as with `--dist load`;
 - guest units are handed out first: started last, the longest units would be the suite's
   tail, with the other worker idle.
@@ -23,7 +24,8 @@ from xdist.remote import Producer
 from xdist.scheduler import LoadScopeScheduling
 
 GUESTS = "tests/vm/"
-OWN_UNITS = {"tests/vm/test_autofs_guest.py": "vm-autofs"}  # guests that need not wait
+OWN_UNITS = {"tests/vm/test_autofs_guest.py": "vm-autofs",  # guests that need not wait
+             "tests/vm/test_dm_formats.py": "vm-dm-formats"}
 GUEST_UNITS = {"vm", *OWN_UNITS.values()}
 
 

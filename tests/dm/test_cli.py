@@ -258,3 +258,18 @@ def test_stats_count_what_an_nbd_client_does(serve: Callable[..., Server]) -> No
     refused = server.dmsetup("setgeometry", "lin", "70000", "1", "1", "0", check=False)
     assert refused.returncode == 1 and "setgeometry ioctl on lin  failed: Invalid argument" \
         in refused.stderr
+
+
+def test_table_hides_crypt_keys_unless_showkeys(serve: Callable[..., Server]) -> None:
+    """dmsetup prints a crypt key as zeroes of its length; --showkeys prints it."""
+    key = "0123456789abcdef" * 4
+    server = serve("--memory=/dev/a=1M")
+    server.dmsetup("create", "secret", "--table",
+                   f"0 8 crypt aes-xts-plain64 {key} 0 /dev/a 0\n")
+    server.dmsetup("create", "plain", "--table", "0 8 linear /dev/a 8")
+    assert server.dmsetup("table", "secret").stdout == \
+        f"0 8 crypt aes-xts-plain64 {'0' * 64} 0 240:0 0\n"
+    assert server.dmsetup("table", "--showkeys", "secret").stdout == \
+        f"0 8 crypt aes-xts-plain64 {key} 0 240:0 0\n"
+    assert server.dmsetup("table").stdout == \
+        f"plain: 0 8 linear 240:0 8\nsecret: 0 8 crypt aes-xts-plain64 {'0' * 64} 0 240:0 0\n"

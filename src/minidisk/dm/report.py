@@ -309,6 +309,17 @@ def lines(devices: Sequence[dict[str, Any]], multiple: bool) -> str:
     return "".join(out)
 
 
+def hide_key(line: str) -> str:
+    """A `table` line as dmsetup prints it without --showkeys: a crypt segment's hex key
+    becomes zeroes of its length (a keyring reference, `:LEN:TYPE:DESC`, names no secret and
+    stays)."""
+    fields = line.split(" ", 5)
+    if len(fields) < 5 or fields[2] != "crypt" or fields[4].startswith(":"):
+        return line
+    fields[4] = "0" * len(fields[4])
+    return " ".join(fields)
+
+
 def targets(entries: Sequence[dict[str, Any]]) -> str:
     return "".join(f"{t['name']:<16} v{'.'.join(map(str, t['version']))}\n" for t in entries)
 

@@ -1,5 +1,5 @@
-# dm on-disk formats against 6.1's kernel (tests/vm/test_dm_formats.py): runs every
-# dm_formats_*.sh fragment beside this script, each as
+# dm on-disk formats against 6.1's kernel (tests/vm/test_dm_formats.py): runs the
+# dm_formats_NAME.sh fragment beside this script named by $2 (every one without it) as
 #     bash FRAGMENT INPUT OUTPUT
 # with INPUT=$1/NAME (what the host prepared for it, read-only) and OUTPUT=$RESULTS/NAME
 # (where it leaves its results), NAME being the fragment's name without dm_formats_.
@@ -8,6 +8,7 @@
 # --noudevsync: no udev here) and dmdev NAME (the /dev/dm-N node of a mapped device,
 # which devtmpfs makes without udev).
 inputs=$1
+only=${2:-*}
 here=$(dirname "$0")
 for m in dm-mod loop; do
   modprobe "$m" || echo "modprobe $m failed"
@@ -23,7 +24,7 @@ done
 export DMSETUP="$bin/ld-linux-x86-64.so.2 --library-path $bin $bin/dmsetup --noudevsync"
 dmdev() { echo "/dev/dm-$($DMSETUP info -c --noheadings -o minor "$1")"; }
 export -f dmdev
-for fragment in "$here"/dm_formats_*.sh; do
+for fragment in "$here"/dm_formats_$only.sh; do
   name=$(basename "$fragment" .sh)
   name=${name#dm_formats_}
   out=$RESULTS/$name

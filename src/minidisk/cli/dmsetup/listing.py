@@ -267,9 +267,9 @@ def deps(inv: Invocation, names: tuple[str, ...], output: str | None) -> None:
 
 
 def _segment_lines(inv: Invocation, op: str, names: tuple[str, ...], inactive: bool,
-                   target_type: str | None, verbose: int = 0) -> None:
+                   target_type: str | None, verbose: int = 0, showkeys: bool = True) -> None:
     """table and status: one line per segment, `name: ` first when several are listed;
-    with -v the device's info first, as dmsetup."""
+    with -v the device's info first, as dmsetup; crypt keys zeroed unless `showkeys`."""
     if (verbose or inv.verbose) and len(names) == 1:
         for d in inv.call(DmCommand.INFO, {"name": names[0]}, "info", names[0])["devices"]:
             click.echo(report.info_long(d), nl=False)
@@ -278,6 +278,9 @@ def _segment_lines(inv: Invocation, op: str, names: tuple[str, ...], inactive: b
     if not devices and target_type is None:
         click.echo("No devices found")
         return
+    if not showkeys:
+        devices = [{**d, "lines": [report.hide_key(line) for line in d["lines"]]}
+                   for d in devices]
     click.echo(report.lines(devices, multiple), nl=False)
 
 
@@ -285,7 +288,7 @@ def _segment_lines(inv: Invocation, op: str, names: tuple[str, ...], inactive: b
 @click.argument("names", nargs=-1)
 @click.option("--inactive", is_flag=True, help="Show the inactive table.")
 @click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
-@click.option("--showkeys", is_flag=True, help="Accepted for dmsetup compatibility.")
+@click.option("--showkeys", is_flag=True, help="Print crypt keys (zeroes otherwise).")
 @click.option("-v", "--verbose", count=True, help="The device's info first.")
 @click.option("--concise", is_flag=True, help="In the form create --concise takes.")
 @select_options
@@ -301,7 +304,7 @@ def table(inv: Invocation, names: tuple[str, ...], inactive: bool, target_type: 
             ",".join([i["name"], i["uuid"], str(i["minor"]), "ro" if i["read_only"] else "rw",
                       *lines.get(i["name"], [])]) for i in infos))
         return
-    _segment_lines(inv, "table", names, inactive, target_type, verbose)
+    _segment_lines(inv, "table", names, inactive, target_type, verbose, showkeys)
 
 
 @dmsetup.command()
