@@ -7,7 +7,8 @@ here=$(dirname "$0")
 # Every target module minidisk also has, loaded up front and in this order, so that
 # `dmsetup targets` lists the same set at every step (the kernel lists what is loaded,
 # most recently registered first).
-for m in dm-mod dm-zero dm-delay dm-flakey dm-log-writes loop; do
+for m in dm-mod dm-integrity dm-crypt dm-thin-pool dm-snapshot dm-zero dm-delay dm-flakey \
+    dm-log-writes loop; do
   modprobe "$m" || echo "modprobe $m failed"
 done
 for i in 0 1; do

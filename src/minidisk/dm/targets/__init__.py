@@ -17,20 +17,14 @@ from minidisk.dm.targets.thin import Thin
 from minidisk.dm.targets.thin_pool import ThinPool
 from minidisk.dm.targets.zero import Zero
 
-# In the order 6.1 lists them (`dmsetup targets`: most recently registered first) once
-# dm-zero, dm-delay, dm-flakey and dm-log-writes are loaded in that order; dust, which 6.1
-# is built without, as if loaded last.
+# In the order 6.1 lists them (`dmsetup targets`: most recently registered first, dm-mod's
+# own striped, linear and error last) once dm-integrity, dm-crypt, dm-thin-pool (thin, then
+# thin-pool), dm-snapshot (snapshot, snapshot-origin, snapshot-merge), dm-zero, dm-delay,
+# dm-flakey and dm-log-writes are loaded in that order (tests/vm/guest/dmsetup_kernel.sh
+# loads them so); dust, which 6.1 is built without, as if loaded last.
 TARGET_TYPES: dict[str, type[Target]] = {
-    t.name: t for t in (Dust, LogWrites, Flakey, Delay, Zero, Striped, Linear, Error)
+    t.name: t for t in (Dust, LogWrites, Flakey, Delay, Zero, SnapshotMerge, SnapshotOrigin,
+                        Snapshot, ThinPool, Thin, Crypt, Integrity, Striped, Linear, Error)
 }
-# dm-snapshot (registering snapshot, snapshot-origin, snapshot-merge) listed as if loaded
-# before the others.
-TARGET_TYPES.update({t.name: t for t in (SnapshotMerge, SnapshotOrigin, Snapshot)})
-# dm-thin-pool (thin-pool, then thin) as if loaded before those.
-TARGET_TYPES.update({t.name: t for t in (Thin, ThinPool)})
-# dm-crypt as if loaded before those.
-TARGET_TYPES.update({Crypt.name: Crypt})
-# dm-integrity, as if loaded before those.
-TARGET_TYPES[Integrity.name] = Integrity
 
 __all__ = ["TARGET_TYPES"]
