@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -40,6 +40,17 @@ async def read(dev: BlockDevice, offset: int, length: int) -> bytes:
 
 async def write(dev: BlockDevice, offset: int, data: bytes, fua: bool = False) -> None:
     await dev.pwrite(memoryview(bytearray(data)), offset, fua)
+
+
+async def until(condition: Callable[[], bool], passes: int = 10_000) -> None:
+    """Let the loop run until `condition()` holds -- state the code shows (a device's queued
+    count, say), not a sleep that hopes the other task got that far. Bounded in loop passes,
+    not time: a loaded machine makes it no more likely to fail."""
+    for _ in range(passes):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"not reached in {passes} loop passes: {condition}")
 
 
 def memory_namespace(**sizes: int) -> DeviceDict:

@@ -6,7 +6,16 @@ import asyncio
 import errno
 
 import pytest
-from tests.dm.dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import (
+    SECTOR,
+    memory_namespace,
+    pattern,
+    read,
+    registry_over,
+    run,
+    until,
+    write,
+)
 
 from minidisk.dm import Registry, TableError
 
@@ -176,7 +185,7 @@ def test_suspend_queues_io_and_resume_releases_it_onto_the_new_table() -> None:
         assert reg.info("d").suspended
         pending = asyncio.ensure_future(write(dev, 0, b"Q" * SECTOR))
         reader = asyncio.ensure_future(read(dev, 0, SECTOR))
-        await asyncio.sleep(0.05)
+        await until(lambda: reg.info("d").queued == 2)
         assert not pending.done() and not reader.done()  # waiting, not failed
         await reg.load("d", "0 64 linear /dev/b 0")
         await reg.resume("d")

@@ -10,7 +10,7 @@ import asyncio
 import errno
 
 import pytest
-from tests.dm.dm_helpers import SECTOR, pattern, read, run, write
+from tests.dm.dm_helpers import SECTOR, pattern, read, run, until, write
 
 from minidisk.device.memory import MemoryDevice
 from minidisk.device.revocable import RevocableDevice
@@ -231,7 +231,7 @@ def test_requests_queued_behind_a_suspend_fail_when_revoked() -> None:
         dev = await reg.create("m", "0 64 linear /dev/a 0")
         await reg.suspend("m")
         queued = asyncio.ensure_future(write(dev, 0, b"q" * 512))
-        await asyncio.sleep(0.01)
+        await until(lambda: reg.info("m").queued == 1)
         assert not queued.done()  # suspended: queued, not failed
         await ns.remove("/dev/mapper/m", force=True)
         with pytest.raises(OSError) as e:

@@ -13,7 +13,16 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 
-from tests.dm.dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import (
+    SECTOR,
+    memory_namespace,
+    pattern,
+    read,
+    registry_over,
+    run,
+    until,
+    write,
+)
 
 from minidisk.device.api import BlockDevice
 
@@ -92,7 +101,8 @@ def test_no_acknowledged_write_is_lost_across_reloads_under_load() -> None:
             await reg.suspend("d", noflush=cycles % 2 == 1)
             # While suspended, new I/O waits instead of failing.
             probe = asyncio.ensure_future(read(dev, 0, SECTOR))
-            await asyncio.sleep(0.01)
+            # the probe and each writer still running (its next request) queue up
+            await until(lambda: dev.info().queued == 1 + sum(not w.done() for w in writers))
             assert not probe.done()
             await reg.load("d", TABLES[cycles % len(TABLES)])
             await reg.resume("d")

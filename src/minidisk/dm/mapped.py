@@ -49,6 +49,7 @@ class DeviceInfo:
     sectors: int
     deferred_remove: bool = False
     read_ahead: int = 256
+    queued: int = 0  # requests waiting for a resume (what a test reads instead of sleeping)
 
 
 class MappedDevice(RoutedIO, Revocable):
@@ -85,6 +86,7 @@ class MappedDevice(RoutedIO, Revocable):
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._inflight = 0
+        self._queued = 0  # requests in _wait_resumed
         self._idle: asyncio.Event | None = None
         self._event_changed = asyncio.Event()
 
@@ -197,7 +199,7 @@ class MappedDevice(RoutedIO, Revocable):
             inactive_table=self.inactive is not None, open_count=self.open_count,
             event_nr=self.event_nr, target_count=len(self.live) if self.has_live else 0,
             sectors=self.live.sectors, deferred_remove=self.deferred_remove,
-            read_ahead=self.read_ahead)
+            read_ahead=self.read_ahead, queued=self._queued)
 
     # I/O
 
@@ -205,7 +207,11 @@ class MappedDevice(RoutedIO, Revocable):
         while self._blocked:
             if self.revoked:
                 raise shutdown_error()
-            await self._resumed.wait()
+            self._queued += 1
+            try:
+                await self._resumed.wait()
+            finally:
+                self._queued -= 1
         if self.removed:
             raise OSError(errno.ENXIO, f"{self.name} was removed")
 
