@@ -87,6 +87,17 @@ def start_holder(server: Server, mode: str, *extra: str) -> tuple[subprocess.Pop
     return holder, int(line[1])
 
 
+async def wait_until_orphaned(url: str) -> None:
+    """Until the lock manager has seen its holder die: a granted lock has become an orphan."""
+    async with connect(url, name="observer") as client:
+        while True:
+            status = await client.status()
+            if any(lock.get("orphan_of") for dom in status["domains"]
+                   for res in dom["resources"] for lock in res["granted"]):
+                return
+            await anyio.sleep(0.01)
+
+
 async def wait_until_queued(url: str, count: int) -> None:
     async with connect(url, name="observer") as client:
         while True:
@@ -131,7 +142,7 @@ def test_persistent_lock_orphaned_then_purged_from_the_cli(dlm_server: Server) -
                 await wait_until_queued(dlm_server.url, 1)
                 holder.kill()
                 holder.wait()
-                await anyio.sleep(0.3)
+                await wait_until_orphaned(dlm_server.url)
                 assert not lock.held                      # the orphan still holds EX
                 status = json.loads(await anyio.to_thread.run_sync(dlm_cli, dlm_server,
                                                                      "status", "--json"))
