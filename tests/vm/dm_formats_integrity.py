@@ -14,13 +14,14 @@ minidisk opens the kernel's file (`read_file`), flipped the same way (`flipped_b
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import random
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.vm.dm_refusals import try_table
 
 from minidisk.device.api import BlockDevice
 from minidisk.device.file import FileDevice
@@ -318,10 +319,4 @@ async def refusal(line: str) -> tuple[int, str, str]:
     await reg.remove("fmt")
     length, _, args = line.partition(" ")
     text = args.replace("DEV", "/dev/dev").replace("BAD", "/dev/bad")
-    try:
-        await reg.create("refuse", f"0 {length} {text}")
-    except TableError as e:
-        return 1, f"{e.reason} (-{errno.errorcode[e.errno]})", ""
-    out = " ".join(reg.table("refuse")[0][3][1:])
-    await reg.remove("refuse")
-    return 0, "", out
+    return await try_table(reg, f"0 {length} {text}", 1)

@@ -13,18 +13,18 @@ BS bytes at a time, in order, so both sides allocate the same chunks in the same
 from __future__ import annotations
 
 import asyncio
-import errno
 import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.vm.dm_refusals import try_table
+
 from minidisk.device.api import BlockDevice
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry
-from minidisk.dm.table import TableError
 from minidisk.dm.targets.snapshot import SnapshotMerge
 
 SECTOR = 512
@@ -405,10 +405,4 @@ async def refusal(table: str) -> tuple[int, str, str]:
     ns = DeviceDict(devices)
     reg = Registry(ns, ns)
     text = table.replace("ORIGIN", "/dev/origin").replace("COW", "/dev/cow")
-    try:
-        await reg.create("refuse", f"0 512 {text}")
-    except TableError as e:
-        return 1, f"{e.reason} (-{errno.errorcode[e.errno]})", ""
-    out = " ".join(reg.table("refuse")[0][3][2:])
-    await reg.remove("refuse")
-    return 0, "", out
+    return await try_table(reg, f"0 512 {text}", 2)

@@ -13,15 +13,8 @@ here=$(dirname "$0")
 for m in dm-mod loop; do
   modprobe "$m" || echo "modprobe $m failed"
 done
-# dmsetup and its libraries copied to tmpfs: every run from the 9p root reads them again,
-# slowly under TCG.
-bin=/tmp/dmbin
-mkdir -p $bin
-cp /sbin/dmsetup $bin/
-for lib in $(ldd /sbin/dmsetup | awk '$2 == "=>" { print $3 } $1 ~ /^\/lib/ { print $1 }'); do
-  cp "$lib" $bin/
-done
-export DMSETUP="$bin/ld-linux-x86-64.so.2 --library-path $bin $bin/dmsetup --noudevsync"
+source "$here/dmbin.sh"
+export DMSETUP="$DMBIN --noudevsync"
 dmdev() { echo "/dev/dm-$($DMSETUP info -c --noheadings -o minor "$1")"; }
 export -f dmdev
 for fragment in "$here"/dm_formats_$only.sh; do

@@ -15,15 +15,8 @@ for i in 0 1; do
   truncate -s 8M "/tmp/disk$i"
   losetup "/dev/loop$i" "/tmp/disk$i" || echo "losetup loop$i failed"
 done
-# dmsetup, its libraries and the loader copied to the guest's tmpfs: run from the 9p root,
-# each of the ~300 runs spent most of its time reading them over 9p under TCG.
-bin=/tmp/dmbin
-mkdir -p $bin
-cp /sbin/dmsetup $bin/
-for lib in $(ldd /sbin/dmsetup | awk '$2 == "=>" { print $3 } $1 ~ /^\/lib/ { print $1 }'); do
-  cp "$lib" $bin/
-done
-dmsetup=($bin/ld-linux-x86-64.so.2 --library-path $bin $bin/dmsetup)
+source "$here/dmbin.sh"
+read -r -a dmsetup <<< "$DMBIN"
 out=/tmp/kernel  # on tmpfs too; one tar to $RESULTS at the end
 mkdir -p $out
 dmmaj=$(awk '$2 == "device-mapper" { print $1 }' /proc/devices)

@@ -11,7 +11,8 @@ from minidisk.dm.targets.flakey import Flakey
 from minidisk.dm.targets.integrity import Integrity
 from minidisk.dm.targets.linear import Linear
 from minidisk.dm.targets.log_writes import LogWrites
-from minidisk.dm.targets.snapshot import Snapshot, SnapshotMerge, SnapshotOrigin
+from minidisk.dm.targets.snapshot import Snapshot, SnapshotMerge
+from minidisk.dm.targets.snapshot_origin import SnapshotOrigin
 from minidisk.dm.targets.striped import Striped
 from minidisk.dm.targets.thin import Thin
 from minidisk.dm.targets.thin_pool import ThinPool

@@ -48,11 +48,17 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
-from functools import partial
 
-from minidisk.device.api import BlockDevice
 from minidisk.dm.cowstore import ExceptionStore, StoreError, create_store
-from minidisk.dm.route import unwrap
+from minidisk.dm.snapshot_origins import (
+    ChunkCounts,
+    Origin,
+    hold_origin,
+    identity,
+    open_device,
+    release_origin,
+    split,
+)
 from minidisk.dm.target import (
     DeviceRef,
     Target,
@@ -65,218 +71,14 @@ from minidisk.dm.target import (
 log = logging.getLogger(__name__)
 
 
-SECTOR = 512
-NO_SPLIT = 2**31  # rounddown_pow_of_two(UINT_MAX): the split boundary with no snapshots
-
-
-def split(offset: int, length: int, boundary: int) -> Iterator[tuple[int, int, int]]:
-    """(offset, position in request, bytes) of each piece of a request cut at multiples of
-    `boundary` bytes (dm_accept_partial_bio at a target's split boundary)."""
-    pos = 0
-    while pos < length:
-        n = min(boundary - (offset + pos) % boundary, length - pos)
-        yield offset + pos, pos, n
-        pos += n
-
-
 def _eio(why: str) -> OSError:
     return OSError(errno.EIO, why)
-
-
-def identity(device: BlockDevice) -> BlockDevice:
-    """The device itself, under a namespace wrapper: what the kernel's bdev compare is."""
-    return unwrap(device)[1]
-
-
-class ChunkCounts:
-    """Requests in flight per chunk, and a wait for a chunk to have none (the kernel's
-    tracked chunks)."""
-
-    def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-        self._changed = asyncio.Event()
-
-    def enter(self, chunk: int) -> None:
-        self.counts[chunk] = self.counts.get(chunk, 0) + 1
-
-    def leave(self, chunk: int) -> None:
-        left = self.counts[chunk] - 1
-        if left:
-            self.counts[chunk] = left
-        else:
-            del self.counts[chunk]
-            self._changed.set()
-            self._changed = asyncio.Event()
-
-    async def drained(self, first: int, count: int = 1) -> None:
-        while any(c in self.counts for c in range(first, first + count)):
-            await self._changed.wait()
-
-
-class Origin:
-    """One origin device: its snapshots (largest chunk size first, as the kernel keeps
-    them) and a gate for its writes, which a snapshot's activation closes while it waits
-    for those in flight."""
-
-    def __init__(self, device: BlockDevice) -> None:
-        self.device = device
-        self.snapshots: list[Snapshot] = []
-        self.users = 0  # snapshot-origin targets and snapshots holding this record
-        self.writes = 0
-        self._quiesced = 0
-        self._open = asyncio.Event()
-        self._open.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def insert(self, snap: Snapshot) -> None:
-        if snap in self.snapshots:
-            self.snapshots.remove(snap)
-        at = next((i for i, s in enumerate(self.snapshots)
-                   if s.store.chunk_size < snap.store.chunk_size), len(self.snapshots))
-        self.snapshots.insert(at, snap)
-
-    def split_boundary(self) -> int:
-        """The smallest chunk size of the snapshots, in bytes (2^31 sectors if none)."""
-        return SECTOR * min((s.store.chunk_size for s in self.snapshots
-                             if s.store.chunk_size), default=NO_SPLIT)
-
-    async def write(self, offset: int, action: Callable[[], Awaitable[None]]) -> None:
-        """Copy the chunk at `offset` out to the snapshots, then run `action` (a write that
-        its caller has split at a split boundary)."""
-        while not self._open.is_set():
-            await self._open.wait()
-        self.writes += 1
-        self._idle.clear()
-        try:
-            await self.copy_out(offset)
-            await action()
-        finally:
-            self.writes -= 1
-            if not self.writes:
-                self._idle.set()
-
-    async def copy_out(self, offset: int) -> None:
-        for snap in list(self.snapshots):
-            # A merging snapshot has in effect been deleted: it gets no new exceptions.
-            if snap.merge or not snap.active or not snap.valid or offset >= snap.size:
-                continue
-            await snap.exception_for_origin(offset // snap.store.chunk_bytes)
-
-    async def quiesce(self, action: Callable[[], Awaitable[None] | None]) -> None:
-        """Hold new origin writes, wait for those in flight, run `action`, reopen."""
-        self._quiesced += 1
-        self._open.clear()
-        try:
-            while self.writes:
-                await self._idle.wait()
-            result = action()
-            if result is not None:
-                await result
-        finally:
-            self._quiesced -= 1
-            if not self._quiesced:
-                self._open.set()
-
-
-# Every origin device with a snapshot or a snapshot-origin target on it (the kernel's
-# _origins hash): keyed by the device, whichever mapped device's table opened it.
-_ORIGINS: dict[int, Origin] = {}
-
-
-def hold_origin(device: BlockDevice) -> Origin:
-    dev = identity(device)
-    origin = _ORIGINS.get(id(dev))
-    if origin is None:
-        origin = _ORIGINS[id(dev)] = Origin(dev)
-    origin.users += 1
-    return origin
-
-
-def release_origin(origin: Origin) -> None:
-    origin.users -= 1
-    if not origin.users and _ORIGINS.get(id(origin.device)) is origin:
-        del _ORIGINS[id(origin.device)]
 
 
 async def _then(first: Callable[[], Awaitable[None]],
                 second: Callable[[], Awaitable[None]]) -> None:
     await first()
     await second()
-
-
-def _open(ctx: TargetContext, key: str, length: int | None, lookup_error: str) -> DeviceRef:
-    try:
-        return ctx.device(key, 0, length)
-    except TargetError as e:
-        if e.errno == errno.ENODEV:
-            raise TargetError(lookup_error, errno.ENODEV) from None
-        raise
-
-
-class SnapshotOrigin(Target):
-    name = "snapshot-origin"
-    version = (1, 9, 0)
-
-    def __init__(self, ctx: TargetContext, args: list[str]) -> None:
-        super().__init__(ctx, args)
-        if len(args) != 1:
-            raise TargetError("origin: incorrect number of arguments")
-        self.ref = _open(ctx, args[0], None, "Cannot get target device")
-        self.child = self.ref.device
-        self.caps = replace(combine_caps([self.child.caps]), extents=False,
-                            fast_zero=False)
-        self.block_size = self.child.block_size
-        self.origin: Origin | None = None
-        self.boundary = NO_SPLIT * SECTOR  # set at resume, as origin_resume's split_boundary
-
-    async def prepare(self) -> None:
-        self.origin = hold_origin(self.child)
-
-    async def resume(self) -> None:
-        self.boundary = self._origin().split_boundary()
-
-    async def destroy(self) -> None:
-        if self.origin is not None:
-            release_origin(self.origin)
-            self.origin = None
-
-    def table_args(self) -> list[str]:
-        return [self.ref.key]
-
-    def devices(self) -> list[DeviceRef]:
-        return [self.ref]
-
-    def _origin(self) -> Origin:
-        assert self.origin is not None, "a live table has been prepared"
-        return self.origin
-
-    async def pread(self, buf: memoryview, offset: int) -> None:
-        await self.child.pread(buf, offset)
-
-    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        origin, child = self._origin(), self.child
-        for at, pos, n in split(offset, len(buf), self.boundary):
-            piece = buf[pos:pos + n]
-            await origin.write(at, partial(child.pwrite, piece, at, fua))
-
-    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        # A discard is a write to the origin: the snapshots keep the old data.
-        origin, child = self._origin(), self.child
-        for at, _, n in split(offset, length, self.boundary):
-            await origin.write(at, partial(child.trim, at, n, fua))
-
-    async def zero(self, offset: int, length: int, may_trim: bool = False,
-                   fast: bool = False, fua: bool = False) -> None:
-        origin, child = self._origin(), self.child
-        for at, _, n in split(offset, length, self.boundary):
-            await origin.write(at, partial(child.zero, at, n, may_trim, fast, fua))
-
-    async def flush(self) -> None:
-        await flush_device(self.child)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.child.cache(offset, length)
 
 
 FEATURES = ("discard_zeroes_cow", "discard_passdown_origin")
@@ -293,8 +95,8 @@ class Snapshot(Target):
             raise TargetError("requires 4 or more arguments")
         self.features = self._parse_features(args[4:])
         self.raise_event = ctx.raise_event
-        self.origin_ref = _open(ctx, args[0], None, "Cannot get origin device")
-        self.cow_ref = _open(ctx, args[1], 0, "Cannot get COW device")
+        self.origin_ref = open_device(ctx, args[0], None, "Cannot get origin device")
+        self.cow_ref = open_device(ctx, args[1], 0, "Cannot get COW device")
         self.origin_dev = self.origin_ref.device
         self.cow = self.cow_ref.device
         if identity(self.origin_dev) is identity(self.cow):
