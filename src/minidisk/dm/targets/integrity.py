@@ -58,7 +58,6 @@ from minidisk.dm.integrity_format import (
     JOURNAL_BLOCK_SECTORS,
     MAGIC,
     MAX_LOG2_INTERLEAVE,
-    MAX_SECTORS_PER_BLOCK,
     MAX_TAG_SIZE,
     MAX_VERSION,
     MIN_LOG2_INTERLEAVE,
@@ -78,45 +77,13 @@ from minidisk.dm.integrity_format import (
     section_image,
     tags_of,
 )
+from minidisk.dm.integrity_options import parse_options
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, flush_device
 
 log = logging.getLogger(__name__)
 
-HZ = 250  # Debian's kernels: bitmap_flush_interval is kept in jiffies
-DEFAULT_BUFFER_SECTORS = 128
-DEFAULT_JOURNAL_WATERMARK = 50
-DEFAULT_COMMIT_MS = 10000
-DEFAULT_BITMAP_FLUSH_MS = 10000
-MAX_FEATURE_ARGS = 17  # 6.1's dm_arg {0, 17}
 RECALC_SECTORS = 32768  # the kernel's recalculation step
-
-
-def _uint(word: str, prefix: str) -> int | None:
-    """sscanf(word, "PREFIX%u%c") == 1: the number after `prefix`, else None."""
-    if not word.startswith(prefix):
-        return None
-    rest = word[len(prefix):]
-    if not rest.isdigit() or int(rest) > 2**32 - 1:
-        return None
-    return int(rest)
-
-
-def _alg_and_key(word: str, error: str) -> tuple[str, str | None, bytes | None]:
-    _, _, spec = word.partition(":")
-    alg, sep, key_text = spec.partition(":")
-    if not sep:
-        return alg, None, None
-    if len(key_text) % 2:
-        raise TargetError(error)
-    try:
-        return alg, key_text, bytes.fromhex(key_text)
-    except ValueError:
-        raise TargetError(error) from None
-
-
-def _msecs_to_jiffies_to_msecs(ms: int) -> int:
-    return -(-ms * HZ // 1000) * 1000 // HZ
 
 
 class Integrity(Target):
@@ -139,7 +106,7 @@ class Integrity(Target):
         if args[3] not in ("J", "B", "D", "R"):
             raise TargetError("Invalid mode (expecting J, B, D, R)")
         self.mode = args[3]
-        self._parse_options(args[4:])
+        self.opts = parse_options(args[4:])
         self.ref: DeviceRef = ctx.device(args[0], 0, 0)
         self.child = self.ref.device
         self.read_only = ctx.read_only or self.mode == "R"
@@ -164,89 +131,24 @@ class Integrity(Target):
         self._journal_queue: list[tuple[list[JournalEntry], asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
         self.caps = Caps(read_only=self.read_only, flush=True, fua=True,
-                         trim=self.discard and not self.read_only, zero=not self.read_only,
+                         trim=self.opts.discard and not self.read_only, zero=not self.read_only,
                          cache=True, multi_conn=self.child.caps.multi_conn,
                          rotational=self.child.caps.rotational)
-        block = self.sectors_per_block * SECTOR
+        block = self.opts.sectors_per_block * SECTOR
         self.block_size = BlockSize(block, max(block, 4096))
 
     # The table.
 
-    def _parse_options(self, words: list[str]) -> None:
-        if not words[0].isdigit() or int(words[0]) > MAX_FEATURE_ARGS \
-                or int(words[0]) > len(words) - 1:
-            raise TargetError("Invalid number of feature args")
-        opts = words[1:1 + int(words[0])]
-        self.journal_sectors: int | None = None
-        self.interleave_sectors = 32768
-        self.buffer_sectors = DEFAULT_BUFFER_SECTORS
-        self.journal_watermark = DEFAULT_JOURNAL_WATERMARK
-        self.commit_ms = DEFAULT_COMMIT_MS
-        self.sectors_per_block = 1
-        self.sectors_per_bit: int | None = None
-        self.bitmap_flush_ms = DEFAULT_BITMAP_FLUSH_MS
-        self.hash_alg: str | None = None
-        self.hash_key_text: str | None = None
-        self.hash_key: bytes | None = None
-        self.journal_crypt: str | None = None
-        self.journal_mac: str | None = None
-        self.recalculate = self.discard = self.fix_padding = self.fix_hmac = False
-        self.legacy_recalculate = self.reset_recalculate = False
-        for word in opts:
-            if (v := _uint(word, "journal_sectors:")) is not None:
-                self.journal_sectors = v or 1
-            elif (v := _uint(word, "interleave_sectors:")) is not None:
-                self.interleave_sectors = v
-            elif (v := _uint(word, "buffer_sectors:")) is not None:
-                self.buffer_sectors = v
-            elif (v := _uint(word, "journal_watermark:")) is not None and v <= 100:
-                self.journal_watermark = v
-            elif (v := _uint(word, "commit_time:")) is not None:
-                self.commit_ms = v
-            elif word.startswith("meta_device:"):
-                raise TargetError("meta_device is not supported by minidisk's integrity")
-            elif (v := _uint(word, "block_size:")) is not None:
-                if v < SECTOR or v > MAX_SECTORS_PER_BLOCK * SECTOR or v & (v - 1):
-                    raise TargetError("Invalid block_size argument")
-                self.sectors_per_block = v // SECTOR
-            elif word.startswith("sectors_per_bit:") and word[16:].isdigit():
-                self.sectors_per_bit = int(word[16:])
-            elif (v := _uint(word, "bitmap_flush_interval:")) is not None:
-                if v >= (2**32 - 1) * 1000 // HZ:
-                    raise TargetError("Invalid bitmap_flush_interval argument")
-                self.bitmap_flush_ms = _msecs_to_jiffies_to_msecs(v)
-            elif word.startswith("internal_hash:"):
-                self.hash_alg, self.hash_key_text, self.hash_key = _alg_and_key(
-                    word, "Invalid internal_hash argument")
-            elif word.startswith("journal_crypt:"):
-                self.journal_crypt = _alg_and_key(word, "Invalid journal_crypt argument")[0]
-            elif word.startswith("journal_mac:"):
-                self.journal_mac = _alg_and_key(word, "Invalid journal_mac argument")[0]
-            elif word == "recalculate":
-                self.recalculate = True
-            elif word == "reset_recalculate":
-                self.recalculate = self.reset_recalculate = True
-            elif word == "allow_discards":
-                self.discard = True
-            elif word == "fix_padding":
-                self.fix_padding = True
-            elif word == "fix_hmac":
-                self.fix_hmac = True
-            elif word == "legacy_recalculate":
-                self.legacy_recalculate = True
-            else:
-                raise TargetError("Invalid argument")
-
     def _check_algorithms(self) -> None:
         self.hash: InternalHash | None = None
-        if self.hash_alg is not None:
+        if self.opts.hash_alg is not None:
             try:
-                self.hash = internal_hash(self.hash_alg, self.hash_key)
+                self.hash = internal_hash(self.opts.hash_alg, self.opts.hash_key)
             except FormatError as e:
                 # crypto_alloc_shash of an unknown name fails with ENOENT
                 err = errno.ENOENT if str(e) == "Invalid internal hash" else errno.EINVAL
                 raise TargetError(str(e), err) from None
-        if self.journal_mac is not None or self.journal_crypt is not None:
+        if self.opts.journal_mac is not None or self.opts.journal_crypt is not None:
             raise TargetError("journal_mac and journal_crypt are not supported by "
                               "minidisk's integrity")
         if not self.tag_size:
@@ -257,7 +159,7 @@ class Integrity(Target):
             raise TargetError("Too big tag size")
         if self.mode == "B" and self.hash is None:
             raise TargetError("Bitmap mode can be only used with internal hash")
-        if self.discard and self.hash is None:
+        if self.opts.discard and self.hash is None:
             raise TargetError("Discard can be only used with internal hash")
         if self.hash is None and self.mode != "R":
             raise TargetError("integrity without internal_hash takes its tags from an upper "
@@ -267,35 +169,35 @@ class Integrity(Target):
         flags = self.sb.flags
         out = [self.ref.key, str(self.start), str(self.tag_size), self.mode]
         opts: list[str] = []
-        if self.sectors_per_block != 1:
-            opts.append(f"block_size:{self.sectors_per_block * SECTOR}")
+        if self.opts.sectors_per_block != 1:
+            opts.append(f"block_size:{self.opts.sectors_per_block * SECTOR}")
         if flags & FLAG_RECALCULATING:
             opts.append("recalculate")
-        if self.reset_recalculate:
+        if self.opts.reset_recalculate:
             opts.append("reset_recalculate")
-        if self.discard:
+        if self.opts.discard:
             opts.append("allow_discards")
         opts.append(f"journal_sectors:{self.geo.initial_sectors - SB_SECTORS}")
         opts.append(f"interleave_sectors:{self.geo.interleave}")
         opts.append(f"buffer_sectors:{1 << self.log2_buffer_sectors}")
         if self.mode == "J":
             entries = self.geo.journal_entries
-            threshold = (entries * (100 - self.journal_watermark) + 50) // 100
+            threshold = (entries * (100 - self.opts.journal_watermark) + 50) // 100
             percent = ((entries - threshold) * 100 + entries // 2) // entries
             opts.append(f"journal_watermark:{percent}")
-            opts.append(f"commit_time:{self.commit_ms}")
+            opts.append(f"commit_time:{self.opts.commit_ms}")
         if self.mode == "B":
             opts.append(f"sectors_per_bit:{1 << self.log2_sectors_per_bit}")
-            opts.append(f"bitmap_flush_interval:{self.bitmap_flush_ms}")
+            opts.append(f"bitmap_flush_interval:{self.opts.bitmap_flush_ms}")
         if flags & FLAG_FIXED_PADDING:
             opts.append("fix_padding")
         if flags & FLAG_FIXED_HMAC:
             opts.append("fix_hmac")
-        if self.legacy_recalculate:
+        if self.opts.legacy_recalculate:
             opts.append("legacy_recalculate")
-        if self.hash_alg is not None:
-            key = f":{self.hash_key_text}" if self.hash_key_text is not None else ""
-            opts.append(f"internal_hash:{self.hash_alg}{key}")
+        if self.opts.hash_alg is not None:
+            key = f":{self.opts.hash_key_text}" if self.opts.hash_key_text is not None else ""
+            opts.append(f"internal_hash:{self.opts.hash_alg}{key}")
         return [*out, str(len(opts)), *opts]
 
     def status(self) -> str:
@@ -327,14 +229,14 @@ class Integrity(Target):
         provided = geo.provided_data_sectors()
         if not provided:
             raise TargetError("The device is too small")
-        self.log2_buffer_sectors = geo.buffer_sectors_log2(self.buffer_sectors)
-        self.log2_sectors_per_bit = bitmap_log2_sectors_per_bit(geo, self.sectors_per_bit)
+        self.log2_buffer_sectors = geo.buffer_sectors_log2(self.opts.buffer_sectors)
+        self.log2_sectors_per_bit = bitmap_log2_sectors_per_bit(geo, self.opts.sectors_per_bit)
         if format_now:
             sb = replace(sb, log2_blocks_per_bitmap_bit=self.log2_sectors_per_bit
                          - sb.log2_sectors_per_block)
         if self.length > provided:
             raise TargetError("Not enough provided sectors for requested mapping size")
-        if self.recalculate and not sb.flags & FLAG_RECALCULATING:
+        if self.opts.recalculate and not sb.flags & FLAG_RECALCULATING:
             sb = replace(sb, flags=sb.flags | FLAG_RECALCULATING, recalc_sector=0)
         if (sb.flags & FLAG_RECALCULATING and sb.recalc_sector < provided
                 and self._recalculate_disabled(sb)):
@@ -353,20 +255,20 @@ class Integrity(Target):
             await self._write_sb(fua=True)
             self.just_formatted = True
         self.bitmap = bytearray(self._bitmap_blocks() * BITMAP_BLOCK_BYTES)
-        if self.length % self.sectors_per_block:
+        if self.length % self.opts.sectors_per_block:
             # dm-table's check of the logical block size the target sets, which comes
             # after the constructor: the device is formatted, the table refused.
             raise TargetError(f"table line 0 (start sect 0 len {self.length}) not aligned "
-                              f"to h/w logical block size {self.sectors_per_block * SECTOR}")
+                              f"to h/w logical block size {self.opts.sectors_per_block * SECTOR}")
 
     def _format(self) -> Superblock:
         try:
             sb = new_superblock(
                 self.ref.sectors, self.start, self.tag_size,
-                self.sectors_per_block.bit_length() - 1, self.journal_sectors,
-                self.interleave_sectors, self.fix_padding,
-                os.urandom(16) if self.fix_hmac and self.hash is not None else None,
-                self.journal_mac is not None)
+                self.opts.sectors_per_block.bit_length() - 1, self.opts.journal_sectors,
+                self.opts.interleave_sectors, self.opts.fix_padding,
+                os.urandom(16) if self.opts.fix_hmac and self.hash is not None else None,
+                self.opts.journal_mac is not None)
         except FormatError:
             raise TargetError("Could not initialize superblock") from None
         return sb.with_version(self.mode)
@@ -376,20 +278,20 @@ class Integrity(Target):
             raise TargetError("Unknown version")
         if sb.tag_size != self.tag_size:
             raise TargetError("Tag size doesn't match the information in superblock")
-        if sb.log2_sectors_per_block != self.sectors_per_block.bit_length() - 1:
+        if sb.log2_sectors_per_block != self.opts.sectors_per_block.bit_length() - 1:
             raise TargetError("Block size doesn't match the information in superblock")
         if not sb.journal_sections:
             raise TargetError("Corrupted superblock, journal_sections is 0")
         if not MIN_LOG2_INTERLEAVE <= sb.log2_interleave_sectors <= MAX_LOG2_INTERLEAVE:
             raise TargetError("Invalid interleave_sectors in the superblock")
-        if bool(sb.flags & FLAG_HAVE_JOURNAL_MAC) != (self.journal_mac is not None):
+        if bool(sb.flags & FLAG_HAVE_JOURNAL_MAC) != (self.opts.journal_mac is not None):
             raise TargetError("Journal mac mismatch")
 
     def _recalculate_disabled(self, sb: Superblock) -> bool:
         """dm_integrity_disable_recalculate: a keyed hash is not recomputed from data an
         attacker may have written (with fix_hmac, unless a keyed journal_mac also
         protects the journal, which is not supported here)."""
-        return not self.legacy_recalculate and self.hash_key is not None
+        return not self.opts.legacy_recalculate and self.opts.hash_key is not None
 
     def _bitmap_blocks(self) -> int:
         blocks = self.provided >> self.sb.log2_sectors_per_block
@@ -410,7 +312,7 @@ class Integrity(Target):
                 await self._write_sb(fua=True)
             if self.sb.flags & FLAG_DIRTY_BITMAP:
                 await self._recover_bitmap()
-            if self.reset_recalculate:
+            if self.opts.reset_recalculate:
                 self.sb = replace(self.sb, flags=self.sb.flags | FLAG_RECALCULATING,
                                   recalc_sector=0)
             if self.sb.flags & FLAG_RECALCULATING:
@@ -432,7 +334,7 @@ class Integrity(Target):
         sb = Superblock.unpack(area)
         if sb.magic != MAGIC:
             return
-        if self.recalculate and not sb.flags & FLAG_RECALCULATING:
+        if self.opts.recalculate and not sb.flags & FLAG_RECALCULATING:
             sb = replace(sb, flags=sb.flags | FLAG_RECALCULATING, recalc_sector=0)
         self.sb, self.sb_area = sb, sb.into(area)
 
@@ -557,12 +459,12 @@ class Integrity(Target):
     def _tags(self, lsec: int, data: bytes | memoryview) -> bytes:
         assert self.hash is not None
         salt = self.sb.salt if self.sb.flags & FLAG_FIXED_HMAC else None
-        return tags_of(self.hash, self.tag_size, lsec, self.sectors_per_block, data, salt)
+        return tags_of(self.hash, self.tag_size, lsec, self.opts.sectors_per_block, data, salt)
 
     def _check_request(self, offset: int, length: int) -> tuple[int, int]:
         if self.failed:
             raise OSError(errno.EIO, "integrity: the device failed (see the log)")
-        block = self.sectors_per_block * SECTOR
+        block = self.opts.sectors_per_block * SECTOR
         if offset % block or length % block:
             # dm_integrity_check_limits: "Bio not aligned on N sectors" (DM_MAPIO_KILL).
             raise OSError(errno.EIO, f"request not aligned on {block} bytes")
@@ -596,7 +498,7 @@ class Integrity(Target):
 
     def _filler_ok(self, lsec: int, data: memoryview, stored: bytes) -> bool:
         """With allow_discards, a tag that is all 0xf6 (a discarded block's) passes."""
-        if not self.discard:
+        if not self.opts.discard:
             return False
         mine = self._tags(lsec, data)
         t = self.tag_size
@@ -639,9 +541,9 @@ class Integrity(Target):
     async def _journal_write(self, first: int, buf: memoryview) -> None:
         """J mode: the request's blocks join the queue of the journal's committer and the
         request completes once they are in their places."""
-        block = self.sectors_per_block * SECTOR
+        block = self.opts.sectors_per_block * SECTOR
         tags, t = self._tags(first, buf), self.tag_size
-        entries = [JournalEntry(first + i * self.sectors_per_block,
+        entries = [JournalEntry(first + i * self.opts.sectors_per_block,
                                 bytes(buf[i * block:(i + 1) * block]), tags[i * t:(i + 1) * t])
                    for i in range(len(buf) // block)]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -695,7 +597,7 @@ class Integrity(Target):
                 self.free_section = 0
                 self.commit_seq = (self.commit_seq + 1) % 4
         # Back to their places, runs of consecutive blocks of one area a write each.
-        il, spb = self.geo.interleave, self.sectors_per_block
+        il, spb = self.geo.interleave, self.opts.sectors_per_block
         run: list[JournalEntry] = []
         for e in [*entries, None]:
             if run and (e is None or e.sector != run[-1].sector + spb
