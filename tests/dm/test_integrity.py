@@ -619,13 +619,14 @@ def test_journal_mode_commits_requests_in_flight_together_in_their_order() -> No
         dev = disk.reg.get("i")
         target = disk.reg.get("i").live.targets[0]
         assert isinstance(target, Integrity)
-        before = (target.commit_seq, target.free_section)
+        before = (target.journal.commit_seq, target.journal.free_section)
         blocks = [pattern(20 + b, K) for b in range(16)]
         last = pattern(99, K)
         await asyncio.gather(*(write(dev, b * K, blocks[b]) for b in range(16)),
                              write(dev, 3 * K, last))  # queued after block 3's first write
         # 17 requests of 8 entries: one group of 136 entries, one 168-entry section.
-        assert (target.commit_seq, target.free_section) == (before[0], before[1] + 1)
+        journal = target.journal
+        assert (journal.commit_seq, journal.free_section) == (before[0], before[1] + 1)
         blocks[3] = last
         assert await read(dev, 0, 16 * K) == b"".join(blocks)
         await disk.reg.remove("i")

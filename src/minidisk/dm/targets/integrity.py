@@ -55,7 +55,6 @@ from minidisk.dm.integrity_format import (
     FLAG_FIXED_PADDING,
     FLAG_HAVE_JOURNAL_MAC,
     FLAG_RECALCULATING,
-    JOURNAL_BLOCK_SECTORS,
     MAGIC,
     MAX_LOG2_INTERLEAVE,
     MAX_TAG_SIZE,
@@ -66,17 +65,14 @@ from minidisk.dm.integrity_format import (
     FormatError,
     Geometry,
     InternalHash,
-    JournalEntry,
     Superblock,
     bitmap_log2_sectors_per_bit,
     empty_journal,
     internal_hash,
     new_superblock,
-    plan_replay,
-    section_entries,
-    section_image,
     tags_of,
 )
+from minidisk.dm.integrity_journal import Journal
 from minidisk.dm.integrity_options import parse_options
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, flush_device
@@ -125,11 +121,7 @@ class Integrity(Target):
         self.bitmap = bytearray()
         self.just_formatted = False
         self.failed = False  # dm_integrity_io_error: every later request fails
-        self.commit_seq = 0
-        self.free_section = 0
-        self.wrote_to_journal = False
-        self._journal_queue: list[tuple[list[JournalEntry], asyncio.Future[None]]] = []
-        self._committer: asyncio.Task[None] | None = None
+        self.journal = Journal(self)  # J mode's ring (a bitmap's area in B mode)
         self.caps = Caps(read_only=self.read_only, flush=True, fua=True,
                          trim=self.opts.discard and not self.read_only, zero=not self.read_only,
                          cache=True, multi_conn=self.child.caps.multi_conn,
@@ -306,7 +298,7 @@ class Integrity(Target):
             return
         if not self.read_only:  # a read-only table writes nothing (R mode is read-only)
             await self._reread_superblock()
-            await self._replay()
+            await self.journal.replay()
             if self.provided != self.sb.provided_data_sectors:
                 self.sb = replace(self.sb, provided_data_sectors=self.provided)
                 await self._write_sb(fua=True)
@@ -338,48 +330,6 @@ class Integrity(Target):
             sb = replace(sb, flags=sb.flags | FLAG_RECALCULATING, recalc_sector=0)
         self.sb, self.sb_area = sb, sb.into(area)
 
-    async def _replay(self) -> None:
-        """replay_journal: write back what the journal's consistent sections hold, then
-        continue after them or clear it (a bitmap-mode device's journal area holds its
-        bitmap instead while the flag says so)."""
-        if self.sb.flags & FLAG_DIRTY_BITMAP:
-            return
-        geo, ss = self.geo, self.geo.section_sectors
-        journal = await self._read(self._journal_at(0), self.sb.journal_sections * ss * SECTOR)
-        plan = plan_replay(geo, journal, self.mode)
-        if plan.corrupt:
-            log.error("integrity: journal commit id of no known sequence")
-            self.failed = True
-        for section in plan.replay:
-            raw = journal[section * ss * SECTOR:(section + 1) * ss * SECTOR]
-            for entry in section_entries(geo, raw):
-                if entry.sector >= self.provided:
-                    continue
-                if entry.tag != self._tags(entry.sector, entry.data):
-                    log.error("integrity: tag mismatch when replaying journal")
-                    self.failed = True
-                await self._write(geo.data_sector(entry.sector) * SECTOR, entry.data)
-                await self._write(geo.tag_byte(entry.sector), entry.tag)
-        if plan.replay:
-            await flush_device(self.child)
-        for first, count, seq in plan.clear:
-            await self._init_journal(first, count, seq)
-        self.commit_seq, self.free_section = plan.commit_seq, plan.continue_section
-        self.wrote_to_journal = False
-
-    def _journal_at(self, section: int) -> int:
-        return (self.start + SB_SECTORS + section * self.geo.section_sectors) * SECTOR
-
-    async def _init_journal(self, first: int, count: int, seq: int) -> None:
-        """init_journal: `count` sections from `first` (round the ring) empty, with `seq`."""
-        ss = self.geo.section_sectors
-        for k in range(count):
-            section = (first + k) % self.sb.journal_sections
-            await self._write(self._journal_at(section),
-                              empty_journal(self.geo, section * ss, ss, seq))
-        if count:
-            await flush_device(self.child)
-
     async def presuspend(self, noflush: bool) -> None:
         await self._shutdown()
 
@@ -396,11 +346,8 @@ class Integrity(Target):
         if self.read_only:
             return
         await flush_device(self.child)
-        if self.mode == "J" and self.wrote_to_journal:
-            # As the kernel leaves it: empty, the ring's position kept in the sequences.
-            n = self.sb.journal_sections
-            await self._init_journal(self.free_section, n - self.free_section, self.commit_seq)
-            await self._init_journal(0, self.free_section, (self.commit_seq + 1) % 4)
+        if self.mode == "J" and self.journal.wrote:
+            await self.journal.empty()
         if self.mode == "B":
             sectors = len(self.bitmap) // SECTOR
             await self._write((self.start + SB_SECTORS) * SECTOR,
@@ -525,7 +472,7 @@ class Integrity(Target):
         first, sectors = self._check_request(offset, len(buf))
         with self._in_flight():
             if self.mode == "J":
-                await self._journal_write(first, buf)
+                await self.journal.write(first, buf)
                 return
             if self.mode == "B":
                 await self._mark_dirty(first, sectors)
@@ -537,79 +484,6 @@ class Integrity(Target):
                 pos += n * SECTOR
             if fua:
                 await flush_device(self.child)
-
-    async def _journal_write(self, first: int, buf: memoryview) -> None:
-        """J mode: the request's blocks join the queue of the journal's committer and the
-        request completes once they are in their places."""
-        block = self.opts.sectors_per_block * SECTOR
-        tags, t = self._tags(first, buf), self.tag_size
-        entries = [JournalEntry(first + i * self.opts.sectors_per_block,
-                                bytes(buf[i * block:(i + 1) * block]), tags[i * t:(i + 1) * t])
-                   for i in range(len(buf) // block)]
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._journal_queue.append((entries, done))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit())
-        await done
-
-    async def _commit(self) -> None:
-        """Group commit: whatever requests are queued (at most a ring's worth) go to the
-        next journal sections, each section whole (its data sectors, a flush, its entry
-        sectors, a flush: a section cut short by a crash has sectors of two sequences and
-        is not replayed), then every block to its place and a flush (before the ring
-        comes back to those sections), and then the requests complete."""
-        capacity = self.geo.journal_entries
-        while self._journal_queue:
-            batch: list[tuple[list[JournalEntry], asyncio.Future[None]]] = []
-            count = 0
-            while self._journal_queue and (not batch or count + len(
-                    self._journal_queue[0][0]) <= capacity):
-                batch.append(self._journal_queue.pop(0))
-                count += len(batch[-1][0])
-            try:
-                await self._commit_batch([e for entries, _ in batch for e in entries])
-            except BaseException as e:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(e if isinstance(e, OSError)
-                                           else OSError(errno.EIO, str(e)))
-                if not isinstance(e, Exception):
-                    raise
-                continue
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
-
-    async def _commit_batch(self, entries: list[JournalEntry]) -> None:
-        per = self.geo.section_entries
-        meta = JOURNAL_BLOCK_SECTORS * SECTOR
-        for pos in range(0, len(entries), per):
-            section = self.free_section
-            image = section_image(self.geo, section, self.commit_seq, entries[pos:pos + per])
-            at = self._journal_at(section)
-            await self._write(at + meta, image[meta:])
-            await flush_device(self.child)
-            await self._write(at, image[:meta])
-            await flush_device(self.child)
-            self.wrote_to_journal = True
-            self.free_section += 1
-            if self.free_section == self.sb.journal_sections:
-                self.free_section = 0
-                self.commit_seq = (self.commit_seq + 1) % 4
-        # Back to their places, runs of consecutive blocks of one area a write each.
-        il, spb = self.geo.interleave, self.opts.sectors_per_block
-        run: list[JournalEntry] = []
-        for e in [*entries, None]:
-            if run and (e is None or e.sector != run[-1].sector + spb
-                        or e.sector % il == 0):
-                first = run[0].sector
-                await self._write(self.geo.data_sector(first) * SECTOR,
-                                  b"".join(r.data for r in run))
-                await self._write(self.geo.tag_byte(first), b"".join(r.tag for r in run))
-                run = []
-            if e is not None:
-                run.append(e)
-        await flush_device(self.child)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         first, sectors = self._check_request(offset, length)
