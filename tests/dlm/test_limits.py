@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,5 +215,30 @@ def test_prompt_unlock_is_granted_to_a_few_connections_only(capped: Server) -> N
             assert p2.prompt_unlock
         async with connect(capped.url, name="p4", prompt_unlock=True) as p4:
             assert p4.prompt_unlock  # the others are gone
+
+    anyio.run(main)
+
+
+def test_a_refused_client_can_still_send_then_reads_why_and_the_end(capped: Server) -> None:
+    """Past the connection limit the service sends the refusal and ends the stream, but
+    keeps reading for a while: a client that writes its hello only after the refusal has
+    arrived must not get EPIPE (which made connect() report "connection lost" instead of
+    EUSERS when the service had already closed)."""
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(4):
+                await stack.enter_async_context(connect(capped.url, name=f"c{i}"))
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(capped.socket)
+                frame = b""
+                while len(frame) < protocol.ERROR_HEAD.size:
+                    frame += sock.recv(4096)
+                length, kind, call_id, err = protocol.ERROR_HEAD.unpack_from(frame)
+                assert (kind, call_id, err) == (protocol.ERROR, 0, errno.EUSERS)
+                while len(frame) < 4 + length:
+                    frame += sock.recv(4096)
+                sock.sendall(b"\0" * 64)  # a late hello: not an EPIPE
+                assert sock.recv(4096) == b""  # then the end of the stream
 
     anyio.run(main)

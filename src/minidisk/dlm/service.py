@@ -64,6 +64,9 @@ MAX_WRITE_BUFFER = 8 << 20
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _DRAIN_SIZE = 1 << 16
+# How long a refused connection stays half-open (its refusal sent, then end of stream) for the
+# client to read why before it is closed.
+REFUSED_LINGER_S = 1.0
 # FIONREAD's answer, for `_Connection.drain` (one loop thread: one buffer for all; asking
 # costs a third of the failed read it replaces).
 _QUEUED_BYTES = bytearray(4)
@@ -85,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self.prompt_unlock = False  # what it has sent is handled before others' later requests
         self.closing = False  # hung up: nothing it sent is handled any more
         self._fd = -1
+        self._linger: asyncio.TimerHandle | None = None
 
     def __str__(self) -> str:
         who = self.name or "client"
@@ -106,12 +110,18 @@ class _Connection(asyncio.Protocol):
                 0, errno.EUSERS, f"the lock manager serves {len(service.connections)} "
                                  "clients, the most it allows"))
             self.closing = True
-            self._transport.close()
+            # Closed now, with the client's hello unread, the client's write of it could fail
+            # (EPIPE) before it reads why: end the stream instead, and close when the client
+            # hangs up or after REFUSED_LINGER_S, whichever comes first.
+            self._transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(
+                REFUSED_LINGER_S, self._transport.close)
             return
         service.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self._service.received(self, data)
+        if not self.closing:
+            self._service.received(self, data)
 
     def drain(self) -> None:
         """Read and handle, now, what this connection has sent that is still in its socket's
@@ -139,6 +149,8 @@ class _Connection(asyncio.Protocol):
                 self.flush()  # its replies leave (or it is cut off) before it may send more
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         self._transport = None
         self.closing = True
         self._service.connection_gone(self)
