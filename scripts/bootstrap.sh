@@ -10,9 +10,10 @@ APT_PACKAGES=(
   libnbd-bin python3-libnbd                            # nbdinfo nbdcopy nbdfuse; nbd module (Debian python only)
   nbdkit qemu-utils fio                                # oracles, interop clients and benchmarks
   e2fsprogs util-linux mount kmod                      # mkfs.ext4, fsck, losetup, mount
-  openssl etcd-server thin-provisioning-tools cryptsetup-bin fdisk
-  qemu-system-x86 busybox-static cpio                  # the VM harness (tests/vm)
+  etcd-server thin-provisioning-tools cryptsetup-bin fdisk  # thin_check, integritysetup, sfdisk
+  qemu-system-x86 busybox-static                       # the VM harness (tests/vm)
   nbd-client                                           # compared with ours in the guest
+  systemd                                              # systemd-analyze verify of the shipped units
 )
 
 missing=()
