@@ -33,7 +33,7 @@ def test_good_sizes(text: str, expected: int) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "", " 1", "1 ", "-1", "+1", "1K", "1M", "1kb", "k", "x", "2x", "x2", "2xx2", "2**2",
+    "", " 1", "1 ", "-1", "+1", "1kb", "k", "x", "2x", "x2", "2xx2", "2**2",
     "1.5m", "1e3", "１", "8388608t", str(MAX_SIZE + 1), "9" * 5000, "host",
 ])
 def test_bad_sizes(text: str) -> None:

@@ -22,9 +22,11 @@ from pathlib import Path
 import click
 
 from minidisk import control_client
+from minidisk.cli.common import fail
 from minidisk.cli.demo import halt_server, step, wait_for_ctrl_c
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.attach import attach, detach
+from minidisk.namespace.sizes import SizeError, parse_size
 
 
 @contextlib.contextmanager
@@ -92,6 +94,10 @@ def _status(url: str, device: str, mountpoint: Path) -> None:
 @click.option("--size", default="128M", show_default=True, help="Size of the memory disk.")
 def quickstart(once: bool, size: str) -> None:
     """Serve a memory disk, attach it, mkfs.ext4, mount, write and read, show status."""
+    try:  # before anything is started: the server's own refusal would come with a traceback
+        parse_size(size)
+    except SizeError as e:
+        fail(f"--size {e}", code=2)
     if os.geteuid() != 0:
         raise click.ClickException("quickstart attaches and mounts devices: run it as root")
     workdir = Path(tempfile.mkdtemp(prefix="minidisk-quickstart-"))

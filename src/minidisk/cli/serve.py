@@ -81,9 +81,27 @@ def serve(foreground: bool, config_file: str | None, **options: Any) -> None:
         config = DaemonConfig.load(options, config_file)
     except ValueError as e:
         fail(str(e), code=2)
+    _check_paths(config)
     if foreground or config.must_stay_in_foreground():
         sys.exit(run_daemon(config, None))
     sys.exit(detach(lambda readiness: run_daemon(config, readiness), config.log_file))
+
+
+def _check_paths(config: DaemonConfig) -> None:
+    """The paths the server will open, checked before it detaches: one line naming the path
+    and what to do, instead of a detached server's traceback or a new empty database."""
+    for name, path in config.tables:
+        if not os.access(path, os.R_OK):
+            fail(f"--table {name}={path}: no readable table file there", code=2)
+    for key, path, _, _ in config.files:
+        if not os.path.exists(path):
+            fail(f"--file {key}={path}: no such file (create it first, e.g. truncate -s 1G "
+                 f"{path})", code=2)
+    if config.log_file and not os.path.isdir(os.path.dirname(os.path.abspath(config.log_file))):
+        fail(f"--log-file {config.log_file}: its directory does not exist", code=2)
+    if config.directory and not os.path.isfile(config.directory):
+        fail(f"--directory {config.directory}: no link directory there (create it with "
+             "`minidisk directory --directory FILE define ...`)", code=2)
 
 
 @click.command()

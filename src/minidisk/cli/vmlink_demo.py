@@ -41,6 +41,7 @@ def _server(workdir: Path, env: dict[str, str]) -> Iterator[str]:
     (workdir / "server.toml").write_text(
         f'url = "{url}"\nfile = ["/alice/0191={image}"]\n'
         f'dlm = "unix://{workdir / "dlm.sock"}"\ndirectory = "{workdir / "directory.sqlite"}"\n')
+    Directory(workdir / "directory.sqlite").close()  # serve --directory wants an existing one
     subprocess.run([sys.executable, "-m", "minidisk", "serve", "--config",
                     str(workdir / "server.toml"), "--log-file", str(workdir / "server.log")],
                    env=env, check=True)

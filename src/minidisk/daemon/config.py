@@ -34,17 +34,14 @@ given on the command line wins over the file.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from minidisk.namespace import parse_size
+from minidisk.namespace import SizeError, parse_size
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.negotiation import TLSMode
 
-_HUMAN_SIZE = re.compile(r"^(\d+)([kmgtp]?)(i?b?)$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
@@ -60,12 +57,13 @@ _BOUNDED = {"busy_poll_us": (0, 10_000, "microseconds"),
             "peer_timeout": (0, 86_400, "seconds (0: off)")}
 
 
-def parse_human_size(text: str) -> int:
-    """128M, 1G, 4096, 1GiB: binary units, either case (for --memory and --file windows)."""
-    m = _HUMAN_SIZE.match(text.strip())
-    if not m:
-        raise ValueError(f"bad size {text!r} (expected e.g. 128M or 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+def parse_human_size(text: str, option: str = "size") -> int:
+    """A size in the one grammar every option takes (minidisk.namespace.sizes: b is 512,
+    1G and 1GiB are 2**30, 1GB is 10**9), the error naming the option."""
+    try:
+        return parse_size(text)
+    except SizeError as e:
+        raise ValueError(f"{option}: {e}") from None
 
 
 def normalize_key(key: str) -> str:
@@ -128,13 +126,14 @@ class DaemonConfig:
         for option in ("memory", "null"):
             for spec in m[option]:
                 key, size = _split_pair(option, spec, "KEY=SIZE")
-                getattr(config, option).append((normalize_key(key), parse_human_size(size)))
+                getattr(config, option).append((normalize_key(key),
+                                                 parse_human_size(size, f"--{option} {spec}")))
         for spec in m["file"]:
             key, rest = _split_pair("file", spec, "KEY=PATH[:OFFSET:LENGTH]")
             parts = rest.rsplit(":", 2)
             if len(parts) == 3 and parts[1] and parts[2]:
-                config.files.append((normalize_key(key), parts[0], parse_human_size(parts[1]),
-                                     parse_human_size(parts[2])))
+                config.files.append((normalize_key(key), parts[0], parse_human_size(parts[1], f"--file {spec}"),
+                                     parse_human_size(parts[2], f"--file {spec}")))
             else:
                 config.files.append((normalize_key(key), rest, 0, None))
         for spec in m["nbd"]:
@@ -144,7 +143,7 @@ class DaemonConfig:
             name, path = _split_pair("table", spec, "NAME=FILE")
             config.tables.append((name, os.path.abspath(path)))
         if m.get("ram"):
-            config.ram = parse_size(str(m["ram"]))
+            config.ram = parse_human_size(str(m["ram"]), "-r")
         config.read_only = bool(m.get("read_only", False))
         config.tls_mode = TLSMode(m.get("tls", "off"))
         config.tls_certificates = m.get("tls_certificates")
@@ -157,7 +156,8 @@ class DaemonConfig:
                 raise ValueError(f"{name} = {value!r}: expected {low} to {high} {unit}")
             setattr(config, name, value)
         if m.get("payload_budget"):
-            config.payload_budget = parse_human_size(str(m["payload_budget"]))
+            config.payload_budget = parse_human_size(str(m["payload_budget"]),
+                                                     "--payload-budget")
             if config.payload_budget < 1 << 20:
                 raise ValueError(f"payload_budget = {m['payload_budget']!r}: expected at "
                                  "least 1M")
