@@ -42,7 +42,6 @@ from minidisk.namespace import SizeError, parse_size
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.negotiation import TLSMode
 
-
 _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
 _SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
@@ -132,8 +131,10 @@ class DaemonConfig:
             key, rest = _split_pair("file", spec, "KEY=PATH[:OFFSET:LENGTH]")
             parts = rest.rsplit(":", 2)
             if len(parts) == 3 and parts[1] and parts[2]:
-                config.files.append((normalize_key(key), parts[0], parse_human_size(parts[1], f"--file {spec}"),
-                                     parse_human_size(parts[2], f"--file {spec}")))
+                where = f"--file {spec}"
+                config.files.append((normalize_key(key), parts[0],
+                                     parse_human_size(parts[1], where),
+                                     parse_human_size(parts[2], where)))
             else:
                 config.files.append((normalize_key(key), rest, 0, None))
         for spec in m["nbd"]:
