@@ -20,6 +20,10 @@ CASES = [
      f"{MISSING}/db.sqlite"),
     (["serve", "-s", "--memory", "d=12q", "unix://a.sock"], "12q"),
     (["quickstart", "--size", "12q", "--once"], "12q"),
+    (["serve", "-s", "--memory", "d=1M", "--tls", "require", "--tls-certificates", ".",
+      "unix://a.sock"], "ca-cert.pem"),
+    # Passed before too (xfstests' own message, kept for the drop-in), kept as a guard.
+    (["replay-log", "--log", f"{MISSING}/log.img"], f"{MISSING}/log.img"),
 ]
 
 

@@ -99,6 +99,11 @@ def _check_paths(config: DaemonConfig) -> None:
                  f"{path})", code=2)
     if config.log_file and not os.path.isdir(os.path.dirname(os.path.abspath(config.log_file))):
         fail(f"--log-file {config.log_file}: its directory does not exist", code=2)
+    if config.tls_certificates:
+        for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+            if not os.path.isfile(os.path.join(config.tls_certificates, name)):
+                fail(f"--tls-certificates {config.tls_certificates}: {name} is missing",
+                     code=2)
     if config.directory and not os.path.isfile(config.directory):
         fail(f"--directory {config.directory}: no link directory there (create it with "
              "`minidisk directory --directory FILE define ...`)", code=2)
