@@ -22,6 +22,8 @@ CASES = [
     (["quickstart", "--size", "12q", "--once"], "12q"),
     (["serve", "-s", "--memory", "d=1M", "--tls", "require", "--tls-certificates", ".",
       "unix://a.sock"], "ca-cert.pem"),
+    (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "-m", "minidisk",
+      "attach", "nbd+unix:///d?socket=/tmp/none.sock"], "needs root"),
     # Passed before too (xfstests' own message, kept for the drop-in), kept as a guard.
     (["replay-log", "--log", f"{MISSING}/log.img"], f"{MISSING}/log.img"),
 ]
@@ -29,7 +31,12 @@ CASES = [
 
 @pytest.mark.parametrize(("args", "named"), CASES, ids=[" ".join(c[0][:3]) for c in CASES])
 def test_one_line_naming_the_value(tmp_path: Path, args: list[str], named: str) -> None:
-    run = subprocess.run([sys.executable, "-m", "minidisk", *args], cwd=tmp_path,
+    if args[0] == "setpriv":  # run as nobody: the interpreter after setpriv's own options
+        command = [*args[:4], sys.executable, *args[4:]]
+    else:
+        command = [sys.executable, "-m", "minidisk", *args]
+    tmp_path.chmod(0o755)
+    run = subprocess.run(command, cwd=tmp_path,
                          capture_output=True, text=True, timeout=30)
     assert run.returncode != 0
     lines = run.stderr.splitlines()

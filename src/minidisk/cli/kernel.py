@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from minidisk import kernel
@@ -44,6 +46,8 @@ def attach(uri: str | None, read_only: bool, method: str, connections: int | Non
         raise click.UsageError("missing argument URI (or --list)")
     if persist_wait is not None and not persist:
         raise click.UsageError("--persist-wait goes with --persist")
+    if os.geteuid() != 0:  # nbd, loop devices and their state directory are root's
+        raise click.ClickException(f"attaching {uri} needs root: run it with sudo")
     try:
         attachment = kernel.attach(uri, read_only=read_only, method=method,
                                    connections=connections, timeout=timeout,
