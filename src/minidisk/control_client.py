@@ -101,6 +101,9 @@ class ControlConnection:
         if reply == p.REP_ERR_UNSUP:
             raise ControlError(errno.EPERM, f"{self.url} refused control commands "
                                "(not a minidisk server, or not permitted for this client)")
+        if reply == p.REP_ERR_TLS_REQD:
+            raise ControlError(errno.EPERM, f"{self.url} needs TLS: set {TLS_ENV}=DIR "
+                               "(ca-cert.pem, client-cert.pem, client-key.pem)")
         if reply != p.REP_MINIDISK_RESULT:
             raise ControlError(errno.EPROTO, f"{self.url}: control command refused with "
                                f"reply {reply:#x}: {data[:200].decode(errors='replace')!r}")

@@ -3,8 +3,10 @@ no traceback (issue 18 item 4). Each case runs the real command as a subprocess.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,29 @@ def test_one_line_naming_the_value(tmp_path: Path, args: list[str], named: str) 
     assert len(lines) == 1, run.stderr
     assert named in lines[0] and "Traceback" not in run.stderr
     assert not Path(MISSING).exists()  # nothing was created on the way
+
+
+def test_halt_of_a_tls_server_says_how(short_tmp: Path) -> None:
+    from tests.pki import Authority
+
+    Authority().issue(short_tmp / "pki", "localhost", "server")
+    sock = short_tmp / "t.sock"
+    server = subprocess.Popen([sys.executable, "-m", "minidisk", "serve", "-s", "--memory",
+                               "d=1M", "--tls", "require", "--tls-certificates",
+                               str(short_tmp / "pki"), f"unix://{sock}"])
+    try:
+        for _ in range(300):  # up to 15 s for the server to listen
+            if sock.exists() or server.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert sock.exists(), "the TLS server did not start"
+        env = {k: v for k, v in os.environ.items() if k != "MINIDISK_TLS_CERTIFICATES"}
+        run = subprocess.run([sys.executable, "-m", "minidisk", "halt", f"unix://{sock}"],
+                             capture_output=True, text=True, timeout=30, env=env)
+        assert run.returncode == 1
+        assert run.stderr.splitlines() == [
+            f"minidisk: unix://{sock} needs TLS: set MINIDISK_TLS_CERTIFICATES=DIR "
+            "(ca-cert.pem, client-cert.pem, client-key.pem)"]
+    finally:
+        server.terminate()
+        server.wait(10)
