@@ -15,6 +15,8 @@ from typing import ClassVar
 
 from minidisk.device.api import BlockDevice, Caps, Extent
 from minidisk.dm.route import Hop, Routable, forwards_only, unwrap
+from minidisk.dm.status import NoStatus, Status, StatusType
+from minidisk.dm.status_table import NoArgs
 from minidisk.dm.table import SECTOR
 
 
@@ -158,13 +160,27 @@ class Target(BlockDevice, Routable):
         self.length = ctx.length
         self.size = ctx.length * SECTOR
 
+    def status_table(self) -> Status:
+        """STATUSTYPE_TABLE as data (dm/status_table.py): the arguments that construct
+        this target again."""
+        return NoArgs()
+
+    def status_info(self) -> Status:
+        """STATUSTYPE_INFO as data (dm/status.py): what `dmsetup status` shows."""
+        return NoStatus()
+
+    def status_data(self, kind: StatusType) -> Status:
+        return self.status_info() if kind is StatusType.INFO else self.status_table()
+
+    # The texts, made from the data only (a target overrides the data, never these).
+
     def table_args(self) -> list[str]:
-        """STATUSTYPE_TABLE: arguments that construct this target again."""
-        return []
+        """STATUSTYPE_TABLE text: `status_table`'s words."""
+        return self.status_table().words()
 
     def status(self) -> str:
-        """STATUSTYPE_INFO text (`dmsetup status`)."""
-        return ""
+        """STATUSTYPE_INFO text (`dmsetup status`): `status_info`'s."""
+        return self.status_info().text()
 
     def devices(self) -> list[DeviceRef]:
         """Children, for `deps`, `ls --tree` and flushes."""

@@ -46,6 +46,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from minidisk.device.api import MAX_REQUEST, BlockSize, Caps
+from minidisk.dm.status_table import CryptTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError
 
@@ -372,7 +373,7 @@ class Crypt(Target):
 
     # The table
 
-    def table_args(self) -> list[str]:
+    def status_table(self) -> CryptTable:
         options: list[str] = []
         if self.allow_discards:
             options.append("allow_discards")
@@ -382,9 +383,8 @@ class Crypt(Target):
             options.append(f"sector_size:{self.sector_size}")
         if self.iv_large_sectors:
             options.append("iv_large_sectors")
-        out = [self.spec.text, self.key.hex(), str(self.iv_offset), self.ref.key,
-               str(self.start)]
-        return out + ([str(len(options)), *options] if options else [])
+        return CryptTable(self.spec.text, self.key.hex(), self.iv_offset, self.ref.key,
+                          self.start, tuple(options))
 
     def devices(self) -> list[DeviceRef]:
         return [self.ref]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 
 from minidisk.device.api import BlockDevice, Extent
 from minidisk.dm.clock import MONOTONIC, Clock
+from minidisk.dm.status import DelayStatus
+from minidisk.dm.status_table import DelayClassTable, DelayTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import (
     DeviceRef,
@@ -42,8 +44,8 @@ class DelayClass:
     def base(self) -> int:
         return self.start * SECTOR
 
-    def table_args(self) -> list[str]:
-        return [self.ref.key, str(self.start), str(self.delay_ms)]
+    def status_table(self) -> DelayClassTable:
+        return DelayClassTable(self.ref.key, self.start, self.delay_ms)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -84,14 +86,12 @@ class Delay(Target):
         delay_ms = parse_uint(args[2], "Invalid delay", 2**32 - 1)
         return DelayClass(ctx.device(args[0], start), start, delay_ms)
 
-    def table_args(self) -> list[str]:
-        out: list[str] = []
-        for c in (self.read, self.write, self.flush_class)[:self.nargs // 3]:
-            out += c.table_args()
-        return out
+    def status_table(self) -> DelayTable:
+        given = [c.status_table() for c in (self.read, self.write, self.flush_class)]
+        return DelayTable(given[0], *given[1:self.nargs // 3])
 
-    def status(self) -> str:
-        return f"{self.read.held} {self.write.held} {self.flush_class.held}"
+    def status_info(self) -> DelayStatus:
+        return DelayStatus(self.read.held, self.write.held, self.flush_class.held)
 
     def devices(self) -> list[DeviceRef]:
         return [c.ref for c in self.classes]

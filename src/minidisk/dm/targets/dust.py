@@ -17,6 +17,8 @@ import errno
 from collections.abc import Iterator
 from dataclasses import replace
 
+from minidisk.dm.status import DustStatus
+from minidisk.dm.status_table import DustTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import TargetContext, TargetError, WindowTarget, parse_uint
 
@@ -46,12 +48,11 @@ class Dust(WindowTarget):
         self.fail_reads = False
         self.quiet = False
 
-    def table_args(self) -> list[str]:
-        return [self.ref.key, str(self.start), str(self.block_bytes)]
+    def status_table(self) -> DustTable:
+        return DustTable(self.ref.key, self.start, self.block_bytes)
 
-    def status(self) -> str:
-        mode = "fail_read_on_bad_block" if self.fail_reads else "bypass"
-        return f"{self.ref.key} {mode} {'quiet' if self.quiet else 'verbose'}"
+    def status_info(self) -> DustStatus:
+        return DustStatus(self.ref.key, self.fail_reads, self.quiet)
 
     def _blocks(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(block, position in request, bytes) for each device block the request touches."""

@@ -28,6 +28,7 @@ import errno
 from dataclasses import replace
 
 from minidisk.dm.clock import MONOTONIC, Clock
+from minidisk.dm.status_table import CorruptBioByte, FlakeyTable
 from minidisk.dm.target import TargetContext, TargetError, WindowTarget, parse_uint
 
 
@@ -105,22 +106,14 @@ class Flakey(WindowTarget):
         if not (self.drop_writes or self.error_writes or self.corrupt_byte):
             self.error_reads = self.error_writes_all = True
 
-    def _features(self) -> list[str]:
-        out: list[str] = []
-        if self.drop_writes:
-            out.append("drop_writes")
-        elif self.error_writes:
-            out.append("error_writes")
-        if self.corrupt_byte:
-            out += ["corrupt_bio_byte", str(self.corrupt_byte), "w" if self.corrupt_write else "r",
-                    str(self.corrupt_value), str(self.corrupt_flags)]
-        return out
-
-    def table_args(self) -> list[str]:
-        features = self._features()
-        # 6.1 counts corrupt_bio_byte as 5 words and ends the line with a space
-        return [self.ref.key, str(self.start), str(self.up), str(self.down),
-                str(len(features)), *features, ""]
+    def status_table(self) -> FlakeyTable:
+        # 6.1 counts corrupt_bio_byte as 5 words and ends the line with a space (the
+        # datum's words do both)
+        corrupt = CorruptBioByte(self.corrupt_byte, "w" if self.corrupt_write else "r",
+                                 self.corrupt_value, self.corrupt_flags) \
+            if self.corrupt_byte else None
+        return FlakeyTable(self.ref.key, self.start, self.up, self.down, self.drop_writes,
+                           self.error_writes, corrupt)
 
     def is_down(self) -> bool:
         elapsed = int(self.clock.monotonic() - self.started)

@@ -74,6 +74,8 @@ from minidisk.dm.integrity_format import (
 )
 from minidisk.dm.integrity_journal import Journal
 from minidisk.dm.integrity_options import parse_options
+from minidisk.dm.status import IntegrityStatus
+from minidisk.dm.status_table import IntegrityTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, flush_device
 
@@ -157,9 +159,8 @@ class Integrity(Target):
             raise TargetError("integrity without internal_hash takes its tags from an upper "
                               "target, which minidisk does not have")
 
-    def table_args(self) -> list[str]:
+    def status_table(self) -> IntegrityTable:
         flags = self.sb.flags
-        out = [self.ref.key, str(self.start), str(self.tag_size), self.mode]
         opts: list[str] = []
         if self.opts.sectors_per_block != 1:
             opts.append(f"block_size:{self.opts.sectors_per_block * SECTOR}")
@@ -190,11 +191,11 @@ class Integrity(Target):
         if self.opts.hash_alg is not None:
             key = f":{self.opts.hash_key_text}" if self.opts.hash_key_text is not None else ""
             opts.append(f"internal_hash:{self.opts.hash_alg}{key}")
-        return [*out, str(len(opts)), *opts]
+        return IntegrityTable(self.ref.key, self.start, self.tag_size, self.mode, tuple(opts))
 
-    def status(self) -> str:
-        recalc = (str(self.sb.recalc_sector) if self.sb.flags & FLAG_RECALCULATING else "-")
-        return f"{self.mismatches} {self.provided} {recalc}"
+    def status_info(self) -> IntegrityStatus:
+        recalc = self.sb.recalc_sector if self.sb.flags & FLAG_RECALCULATING else None
+        return IntegrityStatus(self.mismatches, self.provided, recalc)
 
     def devices(self) -> list[DeviceRef]:
         return [self.ref]

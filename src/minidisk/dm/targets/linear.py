@@ -6,6 +6,7 @@ forwarding in `WindowTarget`).
 
 from __future__ import annotations
 
+from minidisk.dm.status_table import LinearTable
 from minidisk.dm.target import TargetContext, TargetError, WindowTarget
 
 
@@ -19,5 +20,5 @@ class Linear(WindowTarget):
             raise TargetError("Invalid argument count: expected <dev> <offset>")
         self.open_window(ctx, args[0], args[1])
 
-    def table_args(self) -> list[str]:
-        return [self.ref.key, str(self.start)]
+    def status_table(self) -> LinearTable:
+        return LinearTable(self.ref.key, self.start)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from minidisk.device.api import Extent
 from minidisk.dm import writelog
+from minidisk.dm.status import LogWritesStatus
+from minidisk.dm.status_table import LogWritesTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, combine_caps
 from minidisk.dm.writelog import DISCARD, FLUSH, FUA, MARK
@@ -70,11 +72,11 @@ class LogWrites(Target):
         self.queue: deque[Pending] = deque()
         self._lock = asyncio.Lock()
 
-    def table_args(self) -> list[str]:
-        return [self.ref.key, self.log_ref.key]
+    def status_table(self) -> LogWritesTable:
+        return LogWritesTable(self.ref.key, self.log_ref.key)
 
-    def status(self) -> str:
-        return f"{self.logged} {self.next_sector - 1}"
+    def status_info(self) -> LogWritesStatus:
+        return LogWritesStatus(self.logged, self.next_sector - 1)
 
     def devices(self) -> list[DeviceRef]:
         return [self.ref, self.log_ref]

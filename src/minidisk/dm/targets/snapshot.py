@@ -59,6 +59,8 @@ from minidisk.dm.snapshot_origins import (
     release_origin,
     split,
 )
+from minidisk.dm.status import SnapshotStatus
+from minidisk.dm.status_table import SnapshotTable
 from minidisk.dm.target import (
     DeviceRef,
     Target,
@@ -223,21 +225,20 @@ class Snapshot(Target):
         for waiting in list(self.pending.values()):
             await asyncio.shield(waiting)
 
-    def table_args(self) -> list[str]:
-        args = [self.origin_ref.key, self.cow_ref.key, *self.store.table_args()]
-        if self.features:
-            args += [str(len(self.features)), *self.features]
-        return args
+    def status_table(self) -> SnapshotTable:
+        persistent = self.store.table_args()[0]  # P, PO or N
+        return SnapshotTable(self.origin_ref.key, self.cow_ref.key, persistent,
+                             self.store.chunk_size, tuple(self.features))
 
-    def status(self) -> str:
+    def status_info(self) -> SnapshotStatus:
         if not self.valid:
-            return "Invalid"
+            return SnapshotStatus("Invalid")
         if self.merge_failed:
-            return "Merge failed"
+            return SnapshotStatus("Merge failed")
         if self.overflowed:
-            return "Overflow"
+            return SnapshotStatus("Overflow")
         total, allocated, metadata = self.store.usage()
-        return f"{allocated}/{total} {metadata}"
+        return SnapshotStatus(None, allocated, total, metadata)
 
     def devices(self) -> list[DeviceRef]:
         return [self.origin_ref, self.cow_ref]

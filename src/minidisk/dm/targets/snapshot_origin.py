@@ -16,6 +16,7 @@ from minidisk.dm.snapshot_origins import (
     release_origin,
     split,
 )
+from minidisk.dm.status_table import SnapshotOriginTable
 from minidisk.dm.target import (
     DeviceRef,
     Target,
@@ -53,8 +54,8 @@ class SnapshotOrigin(Target):
             release_origin(self.origin)
             self.origin = None
 
-    def table_args(self) -> list[str]:
-        return [self.ref.key]
+    def status_table(self) -> SnapshotOriginTable:
+        return SnapshotOriginTable(self.ref.key)
 
     def devices(self) -> list[DeviceRef]:
         return [self.ref]

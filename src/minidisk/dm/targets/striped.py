@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 from minidisk.device.api import BlockDevice, Extent, add_holes, pread_sparse_at
 from minidisk.dm.route import Hop, unwrap
+from minidisk.dm.status import StripedStatus
+from minidisk.dm.status_table import Stripe, StripedTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import (
     DeviceRef,
@@ -80,15 +82,13 @@ class Striped(Target):
         self.routable = self.caps.extents
         self.block_size = self.children[0].block_size
 
-    def table_args(self) -> list[str]:
-        out = [str(self.stripes), str(self.chunk_sectors)]
-        for ref, start in zip(self.refs, self.starts, strict=True):
-            out += [ref.key, str(start)]
-        return out
+    def status_table(self) -> StripedTable:
+        return StripedTable(self.stripes, self.chunk_sectors, tuple(
+            Stripe(ref.key, start) for ref, start in zip(self.refs, self.starts, strict=True)))
 
-    def status(self) -> str:
-        health = "".join("D" if n else "A" for n in self.error_counts)
-        return f"{self.stripes} {' '.join(r.key for r in self.refs)} 1 {health}"
+    def status_info(self) -> StripedStatus:
+        return StripedStatus(self.stripes, tuple(r.key for r in self.refs),
+                             "".join("D" if n else "A" for n in self.error_counts))
 
     def devices(self) -> list[DeviceRef]:
         return list(self.refs)

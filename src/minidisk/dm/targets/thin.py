@@ -13,6 +13,8 @@ import errno
 
 from minidisk.device.api import BlockSize, Caps
 from minidisk.dm.mapped import MappedDevice
+from minidisk.dm.status import ThinStatus
+from minidisk.dm.status_table import ThinTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, parse_uint
 from minidisk.dm.targets.thin_pool import FAIL, Pool, ThinPool
@@ -55,22 +57,22 @@ class Thin(Target):
         self.block_size = BlockSize(SECTOR, 4096)
         self._zeroes = bytes(self.bs)
 
-    def table_args(self) -> list[str]:
-        args = [self.pool_ref.key, str(self.dev_id)]
-        return args + [self.origin_ref.key] if self.origin_ref is not None else args
+    def status_table(self) -> ThinTable:
+        return ThinTable(self.pool_ref.key, self.dev_id,
+                         self.origin_ref.key if self.origin_ref is not None else None)
 
-    def status(self) -> str:
+    def status_info(self) -> ThinStatus:
         pool = self.pool
         md = pool.md
         if pool.mode == FAIL or md is None:
-            return "Fail"
+            return ThinStatus("Fail")
         d = md.devices.get(self.dev_id)
         if d is None:
-            return "Fail"
+            return ThinStatus("Fail")
         high = pool.highest.get(self.dev_id)
         sectors = pool.block_sectors
-        return (f"{d.mapped_blocks * sectors} "
-                f"{'-' if high is None else (high + 1) * sectors - 1}")
+        return ThinStatus(None, d.mapped_blocks * sectors,
+                          None if high is None else (high + 1) * sectors - 1)
 
     def devices(self) -> list[DeviceRef]:
         refs = [self.pool_ref]

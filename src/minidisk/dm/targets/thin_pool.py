@@ -30,6 +30,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from minidisk.device.api import BlockDevice, BlockSize
+from minidisk.dm.status import ThinPoolStatus
+from minidisk.dm.status_table import ThinPoolTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import (
     DeviceRef,
@@ -511,20 +513,19 @@ class ThinPool(Target):
             out.append(word.lower())
         return out
 
-    def table_args(self) -> list[str]:
+    def status_table(self) -> ThinPoolTable:
         # emit_flags: the count and the features in the kernel's order.
-        feats = [f for f in _FEATURES if f in self.features]
-        return [self.meta_ref.key, self.data_ref.key, str(self.block_sectors),
-                str(self.low_water), str(len(feats)), *feats]
+        feats = tuple(f for f in _FEATURES if f in self.features)
+        return ThinPoolTable(self.meta_ref.key, self.data_ref.key, self.block_sectors,
+                             self.low_water, feats)
 
-    def status(self) -> str:
+    def status_info(self) -> ThinPoolStatus:
         pool = self.pool
         if pool.mode == FAIL:
-            return "Fail"
+            return ThinPoolStatus("Fail")
         md = pool.md
         if md is None:
-            return "Error"
-        held = str(md.sb.held_root) if md.sb.held_root else "-"
+            return ThinPoolStatus("Error")
         mode = READ_ONLY if pool.mode == OUT_OF_METADATA_SPACE else pool.mode
         discard = ("ignore_discard" if not pool.discard_enabled else
                    "discard_passdown" if pool.discard_passdown else "no_discard_passdown")
@@ -533,10 +534,10 @@ class ThinPool(Target):
         # 6.1 keeps min(4096, a tenth) of the metadata blocks in reserve and counts them
         # as used (dm_pool_get_free_metadata_block_count's metadata_reserve).
         meta_used = min(meta_total, md.meta.nr_allocated + metadata_reserve(meta_total))
-        return (f"{md.sb.trans_id} {meta_used}/{meta_total} "
-                f"{md.data.nr_allocated}/{md.data.nr_blocks} {held} {mode} {discard} "
-                f"{space} {'needs_check' if md.needs_check else '-'} "
-                f"{metadata_threshold(metadata_blocks(pool.metadata_dev))} ")
+        return ThinPoolStatus(
+            None, md.sb.trans_id, meta_used, meta_total, md.data.nr_allocated,
+            md.data.nr_blocks, md.sb.held_root or None, mode, discard, space, md.needs_check,
+            metadata_threshold(metadata_blocks(pool.metadata_dev)))
 
     def devices(self) -> list[DeviceRef]:
         return [self.meta_ref, self.data_ref]
