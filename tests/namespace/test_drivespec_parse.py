@@ -81,7 +81,7 @@ def test_good(text: str, expected: Drivespec) -> None:
     # Sizes.
     ("key=/d,hostpath=f,size=0", "size", "0", "greater than zero"),
     ("key=/d,hostpath=f,size=0x512", "size", "0x512", "greater than zero"),
-    ("key=/d,hostpath=f,size=1M", "size", "1M", "illegal number"),
+    ("key=/d,hostpath=f,size=1Q", "size", "1Q", "illegal number"),  # 1M is a size now
     ("key=/d,hostpath=f,size=-1", "size", "-1", "illegal number"),
     ("key=/d,hostpath=f,size=1.5k", "size", "1.5k", "illegal number"),
     ("key=/d,hostpath=f,size=hosts", "size", "hosts", "illegal number"),
