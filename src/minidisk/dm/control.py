@@ -22,6 +22,8 @@ from typing import Any
 from minidisk.dm.commands import DmCommand
 from minidisk.dm.mapped import DM_MAJOR, MappedDevice
 from minidisk.dm.registry import DRIVER_VERSION, Registry
+from minidisk.dm.status import StatusType
+from minidisk.dm.status_table import without_keys
 from minidisk.dm.table import TableError, format_line
 
 log = logging.getLogger(__name__)
@@ -197,10 +199,30 @@ def control_handlers(registry: Registry) -> dict[str, Handler]:
                 devices.append({"name": n, "lines": [text(r) for r in rows]})
         return {"devices": devices}
 
+    def segment_data(args: dict[str, Any], kind: StatusType) -> dict[str, Any]:
+        """table and status with `data`: each device's segments with their status as data
+        (dm/status.py's one JSON shape), `target` as above. A table's keys are zeroes, as
+        dmsetup shows them, unless `showkeys`: they leave the server only when asked for."""
+        inactive, showkeys = _bool(args, "inactive"), _bool(args, "showkeys")
+        target = _opt_str(args, "target")
+        devices = []
+        for n in names(args):
+            found = [s for s in registry.status_data(n, kind, inactive)
+                     if target is None or s.target_type == target]
+            if kind is StatusType.TABLE and not showkeys:
+                found = [s._replace(data=without_keys(s.data)) for s in found]
+            if found or target is None:
+                devices.append({"name": n, "targets": [s.as_json() for s in found]})
+        return {"status_type": str(kind), "devices": devices}
+
     async def table(args: dict[str, Any]) -> dict[str, Any]:
+        if _bool(args, "data"):
+            return segment_data(args, StatusType.TABLE)
         return segments(args, registry.table, lambda r: format_line(*r))
 
     async def status(args: dict[str, Any]) -> dict[str, Any]:
+        if _bool(args, "data"):
+            return segment_data(args, StatusType.INFO)
         return segments(args, registry.status, lambda r: f"{r[0]} {r[1]} {r[2]} {r[3]}")
 
     async def measure(args: dict[str, Any]) -> dict[str, Any]:

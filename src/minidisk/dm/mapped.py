@@ -27,6 +27,7 @@ from minidisk.device.revocable import Revocable, shutdown_error
 from minidisk.dm.mapping import Mapping
 from minidisk.dm.route import RoutedIO
 from minidisk.dm.stats import DeviceStats
+from minidisk.dm.status import SegmentStatus, StatusType
 
 EMPTY = Mapping()
 DM_MAJOR = 253  # what Linux usually gives device-mapper; dmsetup shows it
@@ -200,6 +201,13 @@ class MappedDevice(RoutedIO, Revocable):
             event_nr=self.event_nr, target_count=len(self.live) if self.has_live else 0,
             sectors=self.live.sectors, deferred_remove=self.deferred_remove,
             read_ahead=self.read_ahead, queued=self._queued)
+
+    def status_data(self, kind: StatusType = StatusType.INFO, inactive: bool = False
+                    ) -> list[SegmentStatus]:
+        """The live (or inactive) table's segments with their INFO or TABLE status as data:
+        what `dmsetup status` and `dmsetup table` print, for programs. No table: none."""
+        mapping = self.inactive if inactive else self.live if self.has_live else None
+        return mapping.status_data(kind) if mapping is not None else []
 
     # I/O
 

@@ -16,6 +16,7 @@ import errno
 from collections.abc import Callable, Iterator, Sequence
 
 from minidisk.device.api import MAX_REQUEST, BlockSize, Caps, Extent, add_holes, pread_sparse_at
+from minidisk.dm.status import SegmentStatus, StatusType
 from minidisk.dm.table import SECTOR, Segment, TableError
 from minidisk.dm.target import (
     DeviceRef,
@@ -62,6 +63,11 @@ class Mapping:
 
     def status_lines(self) -> list[tuple[int, int, str, str]]:
         return [(s.start, s.length, t.name, t.status())
+                for s, t in zip(self.segments, self.targets, strict=True)]
+
+    def status_data(self, kind: StatusType) -> list[SegmentStatus]:
+        """Each segment's INFO or TABLE status as data (what the lines above print)."""
+        return [SegmentStatus(s.start, s.length, t.name, t.status_data(kind))
                 for s, t in zip(self.segments, self.targets, strict=True)]
 
     def devices(self) -> list[DeviceRef]:

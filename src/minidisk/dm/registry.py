@@ -33,6 +33,7 @@ from minidisk.dm.devices import MAPPER_PREFIX, DeviceSource, Publisher
 from minidisk.dm.mapped import DM_MAJOR, DeviceInfo, MappedDevice
 from minidisk.dm.mapping import Mapping, TableLine, build_mapping
 from minidisk.dm.stats import MESSAGES as STATS_MESSAGES
+from minidisk.dm.status import SegmentStatus, StatusType
 from minidisk.dm.table import Segment, TableError, parse_table
 from minidisk.dm.target import Opener, Target, TargetError
 from minidisk.dm.targets import TARGET_TYPES
@@ -413,6 +414,11 @@ class Registry:
     def status(self, name: str, inactive: bool = False) -> list[tuple[int, int, str, str]]:
         mapping = self._slot(name, inactive)
         return mapping.status_lines() if mapping is not None else []
+
+    def status_data(self, name: str, kind: StatusType, inactive: bool = False
+                    ) -> list[SegmentStatus]:
+        """`status` and `table` as data (MappedDevice.status_data)."""
+        return self.get(name).status_data(kind, inactive)
 
     async def wait(self, name: str, event_nr: int | None = None) -> int:
         """dmsetup wait: return once the event counter exceeds `event_nr` (default: now)."""

@@ -13,6 +13,7 @@ non-dm device, the namespace key is printed instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -310,14 +311,59 @@ def lines(devices: Sequence[dict[str, Any]], multiple: bool) -> str:
 
 
 def hide_key(line: str) -> str:
-    """A `table` line as dmsetup prints it without --showkeys: a crypt segment's hex key
-    becomes zeroes of its length (a keyring reference, `:LEN:TYPE:DESC`, names no secret and
-    stays)."""
-    fields = line.split(" ", 5)
-    if len(fields) < 5 or fields[2] != "crypt" or fields[4].startswith(":"):
+    """A `table` line as dmsetup 1.02.185 prints it without --showkeys (its _status): a
+    crypt segment's key, the word after the cipher, becomes zeroes of its length unless it
+    is a keyring reference (`:LEN:TYPE:DESC` names no secret); in an integrity segment, the
+    key after `internal_hash:ALG:`, `journal_crypt:ALG:` and `journal_mac:ALG:` does."""
+    fields = line.split(" ", 3)
+    if len(fields) < 4 or fields[2] not in ("crypt", "integrity"):
         return line
-    fields[4] = "0" * len(fields[4])
-    return " ".join(fields)
+    params = fields[3]
+    if fields[2] == "crypt":
+        cipher, space, rest = params.partition(" ")
+        if space and not rest.startswith(":"):
+            key, space, tail = rest.partition(" ")
+            params = f"{cipher} {'0' * len(key)}{space}{tail}"
+    else:
+        for name in ("internal_hash:", "journal_crypt:", "journal_mac:"):
+            params = _hide_key_after(params, name)
+    return " ".join([*fields[:3], params])
+
+
+def _hide_key_after(params: str, name: str) -> str:
+    """dmsetup's hide_key: after the first `name`, the text past the next ':' (if that comes
+    before a space) up to the next space becomes zeroes."""
+    at = params.find(name)
+    if at < 0:
+        return params
+    i = at + len(name)
+    while i < len(params) and params[i] not in " :":
+        i += 1
+    if i >= len(params) or params[i] != ":":
+        return params
+    end = params.find(" ", i + 1)
+    end = len(params) if end < 0 else end
+    return params[:i + 1] + "0" * (end - i - 1) + params[end:]
+
+
+def _concise_quoted(text: str) -> str:
+    """dmsetup's _print_string_quoted: ',', ';' and '\\' each after a backslash."""
+    return re.sub(r"([,;\\])", r"\\\1", text)
+
+
+def concise(devices: Sequence[tuple[dict[str, Any], Sequence[str]]]) -> str:
+    """`table --concise`: each device (its info and table lines) as `create --concise` reads
+    it, `NAME,UUID,MINOR,ro|rw[,START LENGTH TYPE PARAMS]...`, devices separated by ';', all
+    on one line; name, UUID and each segment's parameters quoted as dmsetup quotes them."""
+    out = []
+    for info, table_lines in devices:
+        entry = [_concise_quoted(info["name"]), _concise_quoted(info["uuid"]),
+                 str(info["minor"]), "ro" if info["read_only"] else "rw"]
+        for line in table_lines:
+            start, length, kind, params = (line.split(" ", 3) + [""])[:4]
+            entry.append(f"{start} {length} {kind} {_concise_quoted(params)}")
+        out.append(",".join(entry))
+    return ";".join(out) + "\n" if out else ""
 
 
 def targets(entries: Sequence[dict[str, Any]]) -> str:

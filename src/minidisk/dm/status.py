@@ -9,15 +9,15 @@ data here and nowhere else (`Target.status`, `Target.table_args`), so that text 
 cannot disagree. Where the kernel prints one word instead of the fields (a snapshot's
 `Invalid`, a pool's `Fail`), `state` holds that word and the fields are None.
 
-`segment_json` is the one JSON shape of a segment's data, `dmsetup status --json` and
-`table --json` alike (README, "dmsetup status --json").
+`SegmentStatus.as_json` is the one JSON shape of a segment's data, `dmsetup status --json`
+and `table --json` alike (README, "dmsetup status --json").
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class StatusType(StrEnum):
@@ -42,10 +42,18 @@ class Status:
         return asdict(self)
 
 
-def segment_json(start: int, length: int, target_type: str, data: Status) -> dict[str, Any]:
-    """One segment of `status --json` / `table --json`: where it lies, its type, its data."""
-    return {"start": start, "length": length, "target_type": target_type,
-            "status": data.as_json()}
+class SegmentStatus(NamedTuple):
+    """One segment's status: where it lies (sectors), its target type and its data."""
+
+    start: int
+    length: int
+    target_type: str
+    data: Status
+
+    def as_json(self) -> dict[str, Any]:
+        """The segment in `status --json` and `table --json` (the one JSON shape)."""
+        return {"start": self.start, "length": self.length, "target_type": self.target_type,
+                "status": self.data.as_json()}
 
 
 def _dash(value: int | None) -> str:

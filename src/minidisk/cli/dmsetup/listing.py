@@ -4,6 +4,7 @@ target-version, version, help, splitname, measure, mangle, and the udev ones (no
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -267,9 +268,15 @@ def deps(inv: Invocation, names: tuple[str, ...], output: str | None) -> None:
 
 
 def _segment_lines(inv: Invocation, op: str, names: tuple[str, ...], inactive: bool,
-                   target_type: str | None, verbose: int = 0, showkeys: bool = True) -> None:
+                   target_type: str | None, verbose: int = 0, showkeys: bool = True,
+                   as_json: bool = False) -> None:
     """table and status: one line per segment, `name: ` first when several are listed;
-    with -v the device's info first, as dmsetup; crypt keys zeroed unless `showkeys`."""
+    with -v the device's info first, as dmsetup; crypt and integrity keys zeroed unless
+    `showkeys`. With `as_json`, the segments' data instead (dm/status.py's shape; the
+    server zeroes the keys)."""
+    if as_json:
+        _segment_json(inv, op, names, inactive, target_type, showkeys)
+        return
     if (verbose or inv.verbose) and len(names) == 1:
         for d in inv.call(DmCommand.INFO, {"name": names[0]}, "info", names[0])["devices"]:
             click.echo(report.info_long(d), nl=False)
@@ -284,6 +291,18 @@ def _segment_lines(inv: Invocation, op: str, names: tuple[str, ...], inactive: b
     click.echo(report.lines(devices, multiple), nl=False)
 
 
+def _segment_json(inv: Invocation, op: str, names: tuple[str, ...], inactive: bool,
+                  target_type: str | None, showkeys: bool) -> None:
+    """--json: one JSON document, {"status_type": "info"|"table", "devices": [{"name",
+    "targets": [{"start", "length", "target_type", "status": {...}}]}]}, every device
+    asked for (none: an empty list)."""
+    devices, _ = inv.gather(DmCommand(f"dm.{op}"), op, names,
+                            {"inactive": inactive, "target": target_type, "data": True,
+                             "showkeys": showkeys})
+    kind = "table" if op == "table" else "info"
+    click.echo(json.dumps({"status_type": kind, "devices": devices}, indent=2))
+
+
 @dmsetup.command()
 @click.argument("names", nargs=-1)
 @click.option("--inactive", is_flag=True, help="Show the inactive table.")
@@ -291,20 +310,35 @@ def _segment_lines(inv: Invocation, op: str, names: tuple[str, ...], inactive: b
 @click.option("--showkeys", is_flag=True, help="Print crypt keys (zeroes otherwise).")
 @click.option("-v", "--verbose", count=True, help="The device's info first.")
 @click.option("--concise", is_flag=True, help="In the form create --concise takes.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Each segment's table arguments as data, in JSON (not dmsetup's).")
 @select_options
 @pass_invocation
 def table(inv: Invocation, names: tuple[str, ...], inactive: bool, target_type: str | None,
-          showkeys: bool, verbose: int, concise: bool) -> None:
+          showkeys: bool, verbose: int, concise: bool, as_json: bool) -> None:
     """NAME's table, in a form `load` accepts."""
+    if concise and as_json:
+        refuse("--concise and --json exclude each other.")
     if concise:
-        infos, _ = inv.gather(DmCommand.INFO, "info", names)
-        tables, _ = inv.gather(DmCommand.TABLE, "table", names, {"inactive": inactive})
-        lines = {d["name"]: d["lines"] for d in tables}
-        click.echo(";".join(
-            ",".join([i["name"], i["uuid"], str(i["minor"]), "ro" if i["read_only"] else "rw",
-                      *lines.get(i["name"], [])]) for i in infos))
+        _concise(inv, names, inactive, target_type, showkeys)
         return
-    _segment_lines(inv, "table", names, inactive, target_type, verbose, showkeys)
+    _segment_lines(inv, "table", names, inactive, target_type, verbose, showkeys, as_json)
+
+
+def _concise(inv: Invocation, names: tuple[str, ...], inactive: bool,
+             target_type: str | None, showkeys: bool) -> None:
+    """table --concise as dmsetup 1.02.185 prints it: keys hidden unless --showkeys, as
+    in `table`; with --target only those segments, and a device without one left out."""
+    infos, _ = inv.gather(DmCommand.INFO, "info", names)
+    if not infos:
+        click.echo("No devices found")
+        return
+    tables, _ = inv.gather(DmCommand.TABLE, "table", names,
+                           {"inactive": inactive, "target": target_type})
+    lines = {d["name"]: d["lines"] if showkeys else [report.hide_key(x) for x in d["lines"]]
+             for d in tables}
+    click.echo(report.concise([(i, lines[i["name"]]) for i in infos if i["name"] in lines]),
+               nl=False)
 
 
 @dmsetup.command()
@@ -313,12 +347,14 @@ def table(inv: Invocation, names: tuple[str, ...], inactive: bool, target_type: 
 @click.option("--target", "target_type", metavar="TYPE", help="Only segments of type TYPE.")
 @click.option("--noflush", is_flag=True, help="Accepted for dmsetup compatibility.")
 @click.option("-v", "--verbose", count=True, help="The device's info first.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Each segment's status as data, in JSON (not dmsetup's).")
 @select_options
 @pass_invocation
 def status(inv: Invocation, names: tuple[str, ...], inactive: bool, target_type: str | None,
-           noflush: bool, verbose: int) -> None:
+           noflush: bool, verbose: int, as_json: bool) -> None:
     """Each target's status line."""
-    _segment_lines(inv, "status", names, inactive, target_type, verbose)
+    _segment_lines(inv, "status", names, inactive, target_type, verbose, as_json=as_json)
 
 
 @dmsetup.command()
