@@ -255,9 +255,9 @@ class Minidisk:
                         self.serve_options)
 
 
-def snapshot(revision: str, scratch: Path) -> Path:
+def snapshot(revision: str, scratch: Path, name: str = "snapshot") -> Path:
     """src/ of `revision`, extracted under scratch; other engineers edit the shared tree."""
-    target = scratch / "snapshot"
+    target = scratch / name
     target.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "src"],
                              check=True, capture_output=True).stdout
@@ -312,7 +312,8 @@ def prefill(targets: list[Target], settings: Settings) -> None:
 
 
 def run_core(workloads: list[Workload], settings: Settings, scratch: Path, shm: Path,
-             server_names: list[str], minidisk: Minidisk, loads: list[float]) -> Samples:
+             server_names: list[str], minidisk: Minidisk, loads: list[float],
+             baseline: Minidisk | None = None) -> Samples:
     qemu_image = shm / "qemu-nbd.img"
     with open(qemu_image, "wb") as f:
         f.truncate(DEVICE_SIZE)
@@ -322,6 +323,12 @@ def run_core(workloads: list[Workload], settings: Settings, scratch: Path, shm: 
                                                       f"unix://{scratch / 'minidisk.sock'}"),
                             scratch / "minidisk.sock", scratch / "minidisk.log",
                             minidisk.env()), "disk"),
+        # --baseline: an older commit of minidisk as one more column of the same run.
+        "baseline": (Server("baseline", (baseline or minidisk).argv(
+                                "serve", "-s", "--memory", f"disk={DEVICE_SIZE}",
+                                f"unix://{scratch / 'baseline.sock'}"),
+                            scratch / "baseline.sock", scratch / "baseline.log",
+                            (baseline or minidisk).env()), "disk"),
         "nbdkit": (Server("nbdkit", ["nbdkit", "-f", "-U", str(scratch / "nbdkit.sock"),
                                      "memory", str(DEVICE_SIZE)],
                           scratch / "nbdkit.sock", scratch / "nbdkit.log"), ""),
@@ -478,11 +485,17 @@ def main() -> int:
     parser.add_argument("--snapshot", metavar="REV",
                         help="run minidisk from `git archive REV src` instead of the working "
                              "tree, which other engineers may be editing")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run minidisk from `git archive REV src` as the column "
+                             "'baseline' of the same run (a same-run A/B of two commits)")
     args = parser.parse_args()
 
     settings_runtime = args.runtime or (3 if args.quick else 10)
     only: list[str] = args.only or []
     server_names = [s for s in args.servers.split(",") if s]
+    if args.baseline:
+        server_names.insert(server_names.index("minidisk") + 1 if "minidisk" in server_names
+                            else 0, "baseline")
 
     # --only words are section names ("core", "dm") or parts of workload names.
     sections = {"core", "dm"} & set(only) or ({"core"} if only else {"core", "dm"})
@@ -523,9 +536,15 @@ def main() -> int:
                 capture_output=True, text=True).stdout.strip()
         if core_workloads:
             print("## servers", flush=True)
+            baseline = (Minidisk(snapshot(args.baseline, scratch, "baseline"), None,
+                                 minidisk.serve_options) if args.baseline else None)
+            if args.baseline:
+                report["baseline"] = subprocess.run(
+                    ["git", "-C", str(REPO), "rev-parse", args.baseline],
+                    capture_output=True, text=True).stdout.strip()
             samples = run_core(core_workloads, settings, scratch, shm, server_names,
-                               minidisk, loads)
-            ratios = [("minidisk", other) for other in ("nbdkit", "qemu-nbd")
+                               minidisk, loads, baseline)
+            ratios = [("minidisk", other) for other in ("baseline", "nbdkit", "qemu-nbd")
                       if "minidisk" in server_names and other in server_names]
             lines, medians = median_table(samples, server_names, ratios)
             output += ["", "## minidisk vs nbdkit vs qemu-nbd "
