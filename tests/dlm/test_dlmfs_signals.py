@@ -76,11 +76,11 @@ def _until(predicate: Callable[[], bool], what: str) -> None:
 
 
 def _signal_during_wait(nodes: tuple[Mount, Mount], mask: str, patience: float
-                        ) -> tuple[str, bool]:
+                        ) -> tuple[str, str | None]:
     """Node A holds EX; a process opens through node B (it waits), gets SIGUSR1 while it
-    waits, then A closes. Returns the opener's report and whether a blocking EX open through
+    waits, then A closes. Returns the opener's report and, when a blocking EX open through
     A afterwards is still waiting after `patience` seconds (B's node gives the lock back only
-    with no holder)."""
+    with no holder), the lock manager's status of the lock at that moment (None otherwise)."""
     a, b = nodes
     for mount in nodes:
         os.close(os.open(mount.path / "dom" / "lk", os.O_CREAT | os.O_RDONLY))
@@ -101,7 +101,13 @@ def _signal_during_wait(nodes: tuple[Mount, Mount], mask: str, patience: float
         report = opener.stdout.readline().strip()
         again.start()
         again.join(patience)
-        return report, again.is_alive()
+        if not again.is_alive():
+            return report, None
+        # What the lock manager holds and queues then: it tells a holder left on B from a
+        # blocking notification lost on the way (CI saw this wait once, not reproduced).
+        doms: list[dict[str, Any]] = status(a)["domains"]
+        return report, repr([res for dom in doms for res in dom["resources"]
+                             if res["name"] == "lk"])
     finally:
         opener.kill()
         opener.wait()
@@ -117,7 +123,7 @@ def test_a_signal_fails_the_open_once_granted_and_leaves_no_holder(
     # EINTR, so no descriptor (without it: "interrupted 1", the descriptor leaked into a
     # process that never got to see it, and the lock held for as long as that process lives).
     assert report == "interrupted 0"
-    assert not waiting  # no holder left on B: it gave the lock back to A
+    assert waiting is None  # no holder left on B: it gave the lock back to A
 
 
 def test_the_lock_stays_cached_on_the_interrupted_node(nodes: tuple[Mount, Mount]) -> None:
@@ -146,7 +152,7 @@ def test_the_lock_stays_cached_on_the_interrupted_node(nodes: tuple[Mount, Mount
 def test_a_blocked_signal_does_not_fail_the_open(nodes: tuple[Mount, Mount]) -> None:
     report, waiting = _signal_during_wait(nodes, "blocked", 1.0)
     assert report == "opened 1"  # blocked: not taken on return, so the open stands
-    assert waiting  # and its holder keeps A waiting (until the opener goes)
+    assert waiting is not None  # and its holder keeps A waiting (until the opener goes)
 
 
 def test_which_pending_signals_count() -> None:
