@@ -17,12 +17,14 @@ over the image's empty one, so modprobe works after the mounts as before.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ VENV = Path(sys.prefix)
 SKIPPED = ("site-packages", "test")  # below the stdlib directory: unused by the venv, ~800 MB
 NOT_IN_CHECKOUT = (".git", ".cache", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache")
 LABELS = ("md-py-prefix", "md-py-checkout", "md-py-venv")  # ext4 labels: at most 16 bytes
+# Images of another key are removed only once this old: another run (an xdist worker, a second
+# checkout sharing .cache) may be about to boot with its own.
+STALE_AFTER_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ def _image(source: Path, image: Path, label: str, skipped: tuple[Path, ...] = ()
             (staging / p.relative_to(source)).mkdir(parents=True, exist_ok=True)
         tree = staging
     else:
-        tree = source
+        tree = source.resolve()  # a checkout's .venv may be a link to another's (worktrees)
     used = int(subprocess.run(["du", "-sb", str(tree)], capture_output=True, text=True,
                               check=True).stdout.split()[0])
     size_mib = used * 2 // (1 << 20) + 64  # room for ext4's metadata and small files' blocks
@@ -95,13 +100,18 @@ def python_images(cache: Path, checkout_image: Path) -> PythonImages:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     key = _fingerprint(PREFIX, VENV, VENV / "lib" / stdlib.name / "site-packages")
     prefix_image, venv_image = cache / f"prefix-{key}.img", cache / f"venv-{key}.img"
-    for old in cache.glob("*-*.img"):
-        if old not in (prefix_image, venv_image):
-            old.unlink()
-    if not prefix_image.exists():
-        _image(PREFIX, prefix_image, LABELS[0], tuple(stdlib / name for name in SKIPPED))
-    if not venv_image.exists():
-        _image(VENV, venv_image, LABELS[2])
+    # One builder at a time: two workers building the same image would share its staging
+    # tree and partial file (both guest units start at once on a fresh clone).
+    with open(cache / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for old in cache.glob("*-*.img"):
+            if (old not in (prefix_image, venv_image)
+                    and time.time() - old.stat().st_mtime > STALE_AFTER_S):
+                old.unlink(missing_ok=True)
+        if not prefix_image.exists():
+            _image(PREFIX, prefix_image, LABELS[0], tuple(stdlib / name for name in SKIPPED))
+        if not venv_image.exists():
+            _image(VENV, venv_image, LABELS[2])
     _image(CHECKOUT, checkout_image, LABELS[1],
            tuple(CHECKOUT / name for name in NOT_IN_CHECKOUT))
     # Without udev there are no /dev/disk/by-* links; mount finds a label by probing itself.
