@@ -69,7 +69,7 @@ def serve(url: str | None, busy_poll_us: int | None, max_clients: int,
 def _with_client(url: str | None, work: Any) -> Any:
     import anyio
 
-    from minidisk.dlm.client import connect
+    from minidisk.dlm.client import NoLockManagerError, connect
 
     async def main() -> Any:
         async with connect(url, name="minidisk-cli") as client:
@@ -77,6 +77,8 @@ def _with_client(url: str | None, work: Any) -> Any:
 
     try:
         return anyio.run(main)
+    except NoLockManagerError as err:
+        raise click.ClickException(str(err)) from None
     except OSError as err:
         raise click.ClickException(f"lock manager: {err}") from None
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 
 import click
@@ -26,8 +27,13 @@ from minidisk.link.names import (
 )
 
 
-def _open(ctx: click.Context) -> Directory:
+def _open(ctx: click.Context, create: bool = False) -> Directory:
+    """The directory file; only `define` (the first command of a new directory) makes one, so
+    a mistyped --directory fails instead of answering from a new, empty database."""
     path = ctx.obj["directory"] if isinstance(ctx.obj, dict) else default_path()
+    if not create and not os.path.exists(path):
+        fail(f"directory {path}: no such file (the first `minidisk directory define` makes "
+             "it)", code=2)
     try:
         return Directory(path)
     except OSError as e:
@@ -78,7 +84,7 @@ def directory(ctx: click.Context, path: str | None) -> None:
 def define(ctx: click.Context, name: str, identity: str | None, server_url: str | None,
            key: str | None) -> None:
     """Define OWNER (with --identity) or OWNER.DISK (with --server and --key)."""
-    d = _open(ctx)
+    d = _open(ctx, create=True)
     try:
         if "." not in name:
             if not identity:

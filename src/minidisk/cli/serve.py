@@ -36,6 +36,9 @@ from minidisk.nbd.transport import Transport
 @click.option("-r", "ram", metavar="TOTAL_RAM", help="Memory for block caches (e.g. 64m).")
 @click.option("--config", "config_file", metavar="FILE", help="A TOML file of these options.")
 @click.option("--read-only", is_flag=True, default=None, help="Serve every export read-only.")
+@click.option("--read-write", is_flag=True, default=None,
+              help="A --file this user may not write is an error (by default it is served "
+                   "read-only, with a warning, as nbdkit's file plugin does).")
 @click.option("--tls", type=click.Choice(["off", "on", "require"]), default=None,
               help="TLS policy (default off).")
 @click.option("--tls-certificates", metavar="DIR",
@@ -97,6 +100,12 @@ def _check_paths(config: DaemonConfig) -> None:
         if not os.path.exists(path):
             fail(f"--file {key}={path}: no such file (create it first, e.g. truncate -s 1G "
                  f"{path})", code=2)
+        if not config.read_only and not os.access(path, os.W_OK):
+            if config.read_write:
+                fail(f"--file {key}={path}: not writable by this user: --read-write refuses "
+                     "to serve it read-only", code=2)
+            click.echo(f"minidisk: warning: --file {key}={path}: not writable by this user: "
+                       "serving it read-only", err=True)
     if config.log_file and not os.path.isdir(os.path.dirname(os.path.abspath(config.log_file))):
         fail(f"--log-file {config.log_file}: its directory does not exist", code=2)
     if config.tls_certificates:

@@ -11,6 +11,8 @@ The TOML file can say everything the flags say, under the flags' long names::
     table = ["striped=/etc/minidisk/striped.table"]  # --table NAME=FILE
     ram = "64m"                                   # -r TOTAL_RAM for block caches
     read_only = false
+    read_write = false                            # --read-write: refuse a --file opened
+                                                  #   read-only instead of serving it so
     tls = "require"                               # off | on | require
     tls_certificates = "/etc/minidisk/pki"
     tls_verify_peer = true
@@ -43,7 +45,7 @@ from minidisk.nbd.listen import parse_url
 from minidisk.nbd.negotiation import TLSMode
 
 _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
-_SCALARS = {"ram": str, "read_only": bool, "tls": str, "tls_certificates": str,
+_SCALARS = {"ram": str, "read_only": bool, "read_write": bool, "tls": str, "tls_certificates": str,
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
             "directory": str, "link_dlm": str, "link_lease": int, "busy_poll_us": int,
             "max_connections": int, "handshake_timeout": int, "peer_timeout": int,
@@ -90,6 +92,7 @@ class DaemonConfig:
     tables: list[tuple[str, str]] = field(default_factory=list)
     ram: int | None = None
     read_only: bool = False
+    read_write: bool = False  # a --file that opens only read-only is an error, not a warning
     tls_mode: TLSMode = TLSMode.OFF
     tls_certificates: str | None = None
     tls_verify_peer: bool = False
@@ -146,6 +149,9 @@ class DaemonConfig:
         if m.get("ram"):
             config.ram = parse_human_size(str(m["ram"]), "-r")
         config.read_only = bool(m.get("read_only", False))
+        config.read_write = bool(m.get("read_write", False))
+        if config.read_only and config.read_write:
+            raise ValueError("--read-only and --read-write: give one")
         config.tls_mode = TLSMode(m.get("tls", "off"))
         config.tls_certificates = m.get("tls_certificates")
         config.tls_verify_peer = bool(m.get("tls_verify_peer", False))

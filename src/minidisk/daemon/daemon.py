@@ -10,6 +10,7 @@ devices, close every device, remove the unix socket.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -108,8 +109,14 @@ class Daemon:
                 ns.register_device(key, NullDevice(size))
             for key, path, offset, length in c.files:
                 # By descriptor, refusing a symlink, as drivespec host paths are (hostpath.py).
-                ns.register_device(key, FileDevice(path, offset, length, c.read_only,
-                                                   fd=open_host(path)))
+                device = FileDevice(path, offset, length, c.read_only, fd=open_host(path))
+                if device.caps.read_only and not c.read_only:
+                    if c.read_write:
+                        await device.close()
+                        raise OSError(errno.EACCES, f"--file {key}={path}: opened read-only; "
+                                                    "--read-write refuses to serve it so")
+                    log.info("--file %s=%s: not writable: serving it read-only", key, path)
+                ns.register_device(key, device)
             await apply_all(c.drives, ns)
             for key, uri in c.remotes:
                 ns.register_device(key, await RemoteDevice.connect(uri))

@@ -72,6 +72,18 @@ _CLOSE_FLUSH_S = 5.0  # longest a close waits to hand buffered requests to the k
 _U32 = 0xFFFFFFFF
 
 
+class NoLockManagerError(ConnectionError):
+    """Nothing listens at the lock manager's socket: it was never started, or it stopped."""
+
+    def __init__(self, path: str, err: OSError) -> None:
+        super().__init__(err.errno, f"no lock manager at unix://{path} ({err.strerror}): "
+                                    "start `minidisk dlm serve`")
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class DlmClient:
     """One connection to the lock manager: one lock owner. Make it with `connect()`."""
 
@@ -427,7 +439,11 @@ async def connect(url: str | None = None, *, name: str | None = None,
     reply (see `Lock.release`). It costs the service a read of this socket whenever another
     client writes, so it is for a few busy connections (a dlmfs mount), not for every one;
     `client.prompt_unlock` says whether the service agreed."""
-    sock = await connect_unix(protocol.socket_path(url))
+    path = protocol.socket_path(url)
+    try:
+        sock = await connect_unix(path)
+    except (FileNotFoundError, ConnectionRefusedError) as err:
+        raise NoLockManagerError(path, err) from None
     client = DlmClient(sock)
     try:
         async with anyio.create_task_group() as tasks:

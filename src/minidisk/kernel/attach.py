@@ -29,6 +29,15 @@ def choose_method(uri: NBDURI, method: str = "auto") -> str:
 
     if method not in METHODS:
         raise AttachError(f"unknown attach method {method!r}; use one of {', '.join(METHODS)}")
+    if method in ("netlink", "ioctl"):
+        kernel = nbdkernel.available()
+        if kernel is None:
+            raise AttachError(f"--method {method}: this kernel has no nbd driver loaded: "
+                              "run `modprobe nbd` (or use --method nbdfuse)")
+        if method == "netlink" and kernel != "netlink":
+            raise AttachError("--method netlink: the nbd driver has no netlink interface "
+                              "here (only /dev/nbdN ioctls): use --method ioctl")
+        return method
     if method != "auto":
         return method
     # The kernel client speaks plain NBD only; TLS URIs go through libnbd in nbdfuse.
