@@ -197,7 +197,7 @@ def test_halt_with_a_suspended_device_returns(serve: Callable[..., Server]) -> N
     server = serve("--memory=/dev/a=1M")
     server.dmsetup("create", "x", "--table", "0 8 linear /dev/a 0")
     server.dmsetup("suspend", "x")
-    done = subprocess.run([MINIDISK, "halt", server.url], capture_output=True, text=True,
+    done = subprocess.run([MINIDISK, "halt", "--force", server.url], capture_output=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert server.proc.wait(30) == 0
@@ -215,7 +215,7 @@ def test_halt_fails_requests_queued_on_a_suspended_device(serve: Callable[..., S
     try:
         time.sleep(1.0)
         assert reader.poll() is None  # queued behind the suspend, not failed
-        done = subprocess.run([MINIDISK, "halt", server.url], capture_output=True, text=True,
+        done = subprocess.run([MINIDISK, "halt", "--force", server.url], capture_output=True,
                               timeout=60)
         assert done.returncode == 0, done.stderr
         assert server.proc.wait(60) == 0

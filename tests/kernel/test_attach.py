@@ -143,3 +143,24 @@ def test_read_only_export_gives_read_only_device(md: Cli, make_export: Callable[
         f.write(bytes(4096))
     md("detach", device)
     nothing_left(attachment)
+
+
+def test_a_partial_last_sector_is_refused_or_cut_on_request(
+        md: Cli, make_export: Callable[..., str], state_dir: Path, state_of: StateOf,
+        nothing_left: NothingLeft) -> None:
+    """1000000 bytes are 1953 sectors and 64 bytes: the kernel would drop the 64 unasked."""
+    uri = make_export("1000000")
+    refused = md("attach", uri, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"Error: {uri}: the export's size 1000000 is not a multiple of its 512-byte blocks: a "
+        "block device would lose its last 64 bytes; give --truncate to attach the first "
+        "999936"]
+    assert not list(state_dir.glob("*.json"))  # nothing left attached or half set up
+    cut = md("attach", "--truncate", uri)
+    device = cut.stdout.strip()
+    assert "attached as 999936 bytes, the last 64 unreachable (--truncate)" in cut.stderr
+    attachment = state_of(device)
+    assert int(Path(f"/sys/block/{Path(device).name}/size").read_text()) * 512 == 999936
+    md("detach", device)
+    nothing_left(attachment)

@@ -8,11 +8,12 @@ answers one message at a time and a block device answers from the guest's page c
 Three read-only ext4 images are built on the host with `mke2fs -d` (no loop device, no
 mount): the interpreter's prefix without its own site-packages and test suite (the virtualenv
 does not use them), the virtualenv, and the checkout without .git, .cache and .venv (the
-editable install's sources and the tests, byte-compiled caches included). The first two are
-kept until the interpreter or the virtualenv changes; the checkout's is made anew for each
-guest, so it is the tree as it is now. The guest mounts them over the same paths, so every
-path stays valid. The host's .cache (the kernel's modules, through /lib/modules) is bound back
-over the image's empty one, so modprobe works after the mounts as before.
+editable install's sources and the tests, byte-compiled in the image: _byte_compile). The
+first two are kept until the interpreter or the virtualenv changes; the checkout's is made
+anew for each guest, so it is the tree as it is now. The guest mounts them over the same
+paths, so every path stays valid. The host's .cache (the kernel's modules, through
+/lib/modules) is bound back over the image's empty one, so modprobe works after the mounts as
+before.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ def _fingerprint(*trees: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _image(source: Path, image: Path, label: str, skipped: tuple[Path, ...] = ()) -> None:
+def _image(source: Path, image: Path, label: str, skipped: tuple[Path, ...] = (),
+           compiled: tuple[str, ...] = ()) -> None:
     """An ext4 image of `source` (without `skipped` subtrees) labelled `label`, written
-    atomically."""
+    atomically; the `compiled` subtrees (with `skipped`) byte-compiled in the image."""
     staging = image.with_suffix(".staging")
     shutil.rmtree(staging, ignore_errors=True)
     if skipped:
@@ -79,6 +81,8 @@ def _image(source: Path, image: Path, label: str, skipped: tuple[Path, ...] = ()
                                                  if os.path.join(d, n) in ignored])
         for p in skipped:  # keep the directory itself, empty, where Python looks for it
             (staging / p.relative_to(source)).mkdir(parents=True, exist_ok=True)
+        for name in compiled:
+            _byte_compile(staging / name, source / name)
         tree = staging
     else:
         tree = source.resolve()  # a checkout's .venv may be a link to another's (worktrees)
@@ -91,6 +95,20 @@ def _image(source: Path, image: Path, label: str, skipped: tuple[Path, ...] = ()
                     str(partial), f"{size_mib}M"], check=True, capture_output=True)
     partial.rename(image)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _byte_compile(tree: Path, seen_as: Path) -> None:
+    """Write `tree`'s __pycache__, naming the sources as the guest sees them (`seen_as`).
+
+    The checkout holds no byte code when PYTHONDONTWRITEBYTECODE is set (it is, in CI's
+    environment), and the image is read-only: without this every Python process in the guest
+    compiles each minidisk module it imports, at TCG speed. copytree kept the sources' mtimes,
+    which the byte code records, so the guest's Python takes it as current."""
+    import compileall
+
+    if not compileall.compile_dir(tree, quiet=1, workers=0, stripdir=str(tree),
+                                  prependdir=str(seen_as)):
+        raise RuntimeError(f"byte-compiling {seen_as} for the guest failed")
 
 
 def python_images(cache: Path, checkout_image: Path) -> PythonImages:
@@ -113,7 +131,7 @@ def python_images(cache: Path, checkout_image: Path) -> PythonImages:
         if not venv_image.exists():
             _image(VENV, venv_image, LABELS[2])
     _image(CHECKOUT, checkout_image, LABELS[1],
-           tuple(CHECKOUT / name for name in NOT_IN_CHECKOUT))
+           tuple(CHECKOUT / name for name in NOT_IN_CHECKOUT), compiled=("src", "tests"))
     # Without udev there are no /dev/disk/by-* links; mount finds a label by probing itself.
     # The checkout's image hides the host's .cache, where the kernel's modules (through
     # /lib/modules) and the kernel live: it is bound back over the image's empty .cache.

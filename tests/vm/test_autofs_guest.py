@@ -33,7 +33,7 @@ def test_autofs_tests_pass_under_debians_kernel(boot: Boot) -> None:
     script = "for m in autofs4 fuse loop; do modprobe $m || exit 98; done\n" + f"""
 export PYTHONDONTWRITEBYTECODE=1 MINIDISK_TEST_TIME_SCALE={TIME_SCALE}
 cd {ROOT}
-"$PYTHON" -m pytest -p no:cacheprovider -n 0 -q -o faulthandler_timeout=0 -m autofs \\
+"$PYTHON" -m pytest -p no:cacheprovider -n 0 -q -o faulthandler_timeout=0 -m autofs --durations=0 \\
     --junitxml="$RESULTS/junit.xml" tests/link > "$RESULTS/pytest.txt" 2>&1
 """
     run = boot("autofs", script, timeout=GUEST_TIMEOUT, python=True)

@@ -27,3 +27,22 @@ def require_server(server: str | None, url: str | None = None) -> str:
     if not chosen:
         fail("no server: give a URL or --server URL, or set MINIDISK_SERVER", code=2)
     return chosen
+
+
+def printable(text: str) -> str:
+    """Text that came from a peer (a disk name, a reason, a subject), printed so that it can
+    never start a line of its own or rewrite the terminal: backslash escapes for control,
+    format and separator characters, and for the backslash itself."""
+    from minidisk.link.names import has_control_characters  # here: most commands never print one
+
+    if not has_control_characters(text) and "\\" not in text:
+        return text
+    out = []
+    for c in text:
+        if c == "\\":
+            out.append("\\\\")
+        elif has_control_characters(c):
+            out.append(c.encode("unicode_escape").decode("ascii"))  # \n, \x1b, \u2028
+        else:
+            out.append(c)
+    return "".join(out)

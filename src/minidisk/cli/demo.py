@@ -26,7 +26,7 @@ def halt_server(url: str, sock: Path) -> None:
     """Stop the demo's server; `halt` returns before its socket is gone, so wait for that."""
     step(f"halting the server at {url}")
     try:
-        control_client.call(url, "halt")
+        control_client.call(url, "halt", {"force": True})  # its own server, its disks gone
     except control_client.ControlError as e:
         click.echo(f"    halt failed: {e}", err=True)
     for _ in range(100):

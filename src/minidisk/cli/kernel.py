@@ -28,10 +28,13 @@ from minidisk.kernel.defaults import DEFAULT_PERSIST_WAIT, DEFAULT_TIMEOUT, MAX_
 @click.option("--persist-wait", type=click.IntRange(1), metavar="SECONDS",
               help="With --persist: how long I/O waits for the server to come back before it "
                    f"fails (default {DEFAULT_PERSIST_WAIT}).")
+@click.option("--truncate", is_flag=True,
+              help="Attach an export whose size is not a whole number of blocks without its "
+                   "partial last block (refused otherwise: the kernel would cut it silently).")
 @click.option("--list", "-l", "list_", is_flag=True,
               help="List what minidisk attached: device, method, helper pid, URI.")
 def attach(uri: str | None, read_only: bool, method: str, connections: int | None,
-           timeout: int | None, persist: bool, persist_wait: int | None,
+           timeout: int | None, persist: bool, persist_wait: int | None, truncate: bool,
            list_: bool) -> None:
     """Bring NBD export URI online as a kernel block device and print its path.
 
@@ -52,7 +55,7 @@ def attach(uri: str | None, read_only: bool, method: str, connections: int | Non
         attachment = kernel.attach(uri, read_only=read_only, method=method,
                                    connections=connections, timeout=timeout,
                                    persist_wait=(persist_wait or DEFAULT_PERSIST_WAIT)
-                                   if persist else None)
+                                   if persist else None, truncate=truncate)
     except kernel.KernelError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # e.g. not root: the state directory or /dev/loop-control

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from minidisk.cli.common import fail, require_server, server_option
+from minidisk.cli.common import fail, printable, require_server, server_option
 from minidisk.control_client import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.directory import (
@@ -20,7 +20,6 @@ from minidisk.link.directory import (
 )
 from minidisk.link.modes import PasswordClass, parse_link_mode
 from minidisk.link.names import (
-    has_control_characters,
     parse_key,
     parse_owner,
     parse_principal,
@@ -38,23 +37,6 @@ def _open(ctx: click.Context, create: bool = False) -> Directory:
         return Directory(path)
     except OSError as e:
         fail(f"directory {path}: {e.strerror or e}")
-
-
-def _shown(text: str) -> str:
-    """Text that came from a peer (a disk name, a reason, a subject), printed so that it can
-    never start a line of its own or rewrite the terminal: backslash escapes for control,
-    format and separator characters, and for the backslash itself."""
-    if not has_control_characters(text) and "\\" not in text:
-        return text
-    out = []
-    for c in text:
-        if c == "\\":
-            out.append("\\\\")
-        elif has_control_characters(c):
-            out.append(c.encode("unicode_escape").decode("ascii"))  # \n, \x1b, \u2028
-        else:
-            out.append(c)
-    return "".join(out)
 
 
 def _first_line(path: str) -> str:
@@ -187,19 +169,20 @@ def ls(ctx: click.Context, audit: bool) -> None:
     if audit:
         for e in d.audit_log():
             when = datetime.datetime.fromtimestamp(e.at).isoformat(timespec="seconds")
-            click.echo(f"{when} {_shown(e.who)} {_shown(e.action)} {_shown(e.disk) or '-'} "
-                       f"{_shown(e.mode) or '-'} {_shown(e.outcome)}: {_shown(e.why)}")
+            click.echo(f"{when} {printable(e.who)} {printable(e.action)} "
+                       f"{printable(e.disk) or '-'} {printable(e.mode) or '-'} "
+                       f"{printable(e.outcome)}: {printable(e.why)}")
         return
     for owner, principal in d.owners().items():
-        click.echo(f"owner {owner} {_shown(principal)}")
+        click.echo(f"owner {owner} {printable(principal)}")
     for disk in d.disks():
         shown = {kind.value: ("none" if stored is None else "ALL" if stored == EVERYONE
                               else "set")
                  for kind, stored in disk.passwords.items()}
-        click.echo(f"disk {disk.name} {_shown(disk.server)} {_shown(disk.key)} "
+        click.echo(f"disk {disk.name} {printable(disk.server)} {printable(disk.key)} "
                    f"read={shown['read']} write={shown['write']} multi={shown['multi']}")
     for principal, disk_name, mode in d.grants():
-        click.echo(f"grant {_shown(principal)} {disk_name} {mode}")
+        click.echo(f"grant {printable(principal)} {disk_name} {mode}")
 
 
 @click.command()

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                          "path."),
     "automount": ("automount", "Serve ROOT (default /vmlink): entering ROOT/owner.disk links and "
                                "mounts the disk."),
+    "clients": ("serve", "The clients connected to a server: peer, export, mode, since, in "
+                         "flight."),
     "detach": ("kernel", "Undo `minidisk attach` for DEVICE, such as /dev/loop3."),
     "directory": ("link", "Owners, disks, passwords and grants: who may link what (z/VM's user "
                           "directory)."),
@@ -69,6 +71,7 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.version_option(package_name="minidisk", message="%(prog)s %(version)s")
 def cli(verbose: int) -> None:
     """Userspace block storage for Linux."""
     level = logging.WARNING - 10 * verbose

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ from typing import Any
 import click
 
 from minidisk import control_client
-from minidisk.cli.common import fail, require_server, server_option
+from minidisk.cli.common import fail, printable, require_server, server_option
 from minidisk.daemon.config import DaemonConfig
 from minidisk.daemon.daemon import run_daemon
 from minidisk.daemon.lifecycle import detach
@@ -20,7 +21,8 @@ from minidisk.nbd.transport import Transport
 
 
 @click.command()
-@click.option("-s", "foreground", is_flag=True, help="Stay in the foreground.")
+@click.option("-s", "-f", "--foreground", "foreground", is_flag=True,
+              help="Stay in the foreground (-s as rump_server, -f as nbdkit).")
 @click.option("-d", "drive", multiple=True, metavar="DRIVESPEC",
               help="key=/KEY,hostpath=PATH,size=SIZE|disklabel=L|partition=N,offset=,type=")
 @click.option("--memory", multiple=True, metavar="KEY=SIZE",
@@ -67,12 +69,23 @@ from minidisk.nbd.transport import Transport
               help="READ and WRITE payload bytes all clients together may have in memory; "
                    "more wait, unread (default 512M; 64M at most per connection).")
 @click.option("--log-file", metavar="FILE", help="Where a detached server logs.")
+@click.option("--pid-file", "-P", metavar="FILE",
+              help="Write the server's pid here once it serves; removed when it stops.")
+@click.option("--print-uri", is_flag=True, default=None,
+              help="Once serving, print each export's client URI on stdout (as nbdkit).")
+@click.option("--run", metavar="CMD",
+              help="Captive mode (nbdkit's): serve, run the shell command CMD with $uri, "
+                   "$sock (or $port) and $exportname set, stop when it exits, exit with its "
+                   "status. Without a URL the socket is private and temporary.")
+@click.option("--exit-with-parent", is_flag=True, default=None,
+              help="Stop when the process that started the server exits (implies -f).")
 @click.option("--dlm", metavar="URL", help="Also host the lock manager at URL (unix://PATH).")
 @click.option("--directory", metavar="FILE",
               help="The link directory (SQLite): govern who may link this server's disks.")
 @click.option("--link-dlm", metavar="URL",
               help="Lock manager for links (default: --dlm, else $MINIDISK_DLM).")
 @click.argument("url", nargs=-1, metavar="URL")
+@click.version_option(package_name="minidisk", message="%(prog)s %(version)s")
 def serve(foreground: bool, config_file: str | None, **options: Any) -> None:
     """Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - for stdio).
 
@@ -122,14 +135,16 @@ def _check_paths(config: DaemonConfig) -> None:
 @server_option
 @click.argument("url", required=False)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for exit.")
-def halt(server: str | None, url: str | None, timeout: float) -> None:
+@click.option("--force", is_flag=True,
+              help="Stop even while clients are connected (refused otherwise, naming them).")
+def halt(server: str | None, url: str | None, timeout: float, force: bool) -> None:
     """Flush caches, sync host files and stop the server at URL (or --server).
 
     Returns once the server process is gone (when it runs on this machine).
     """
     target = require_server(server, url)
     try:
-        result = control_client.call(target, "halt")
+        result = control_client.call(target, "halt", {"force": True} if force else None)
     except control_client.ControlError as e:
         fail(str(e))
     address = parse_url(target)
@@ -146,6 +161,31 @@ def halt(server: str | None, url: str | None, timeout: float) -> None:
             fail(f"server {pid} still running after {timeout:g} s")
     if errors:
         fail("server stopped, but " + "; ".join(errors))
+
+
+@click.command()
+@server_option
+@click.argument("url", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def clients(server: str | None, url: str | None, as_json: bool) -> None:
+    """The clients connected to the server at URL: peer, export, mode, since, in flight."""
+    target = require_server(server, url)
+    try:
+        rows = control_client.call(target, "clients")["clients"]
+    except control_client.ControlError as e:
+        fail(str(e))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [("PEER", "EXPORT", "MODE", "SINCE", "IN-FLIGHT")]
+    for row in rows:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row["since"])))
+        table.append((printable(str(row["peer"])), printable(str(row["export"])),
+                      "rw" if row["writable"] else "ro", since, str(row["in_flight"])))
+    widths = [max(len(line[i]) for line in table) for i in range(4)]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line[:4], widths, strict=True)]
+        click.echo("  ".join([*cells, line[4]]))
 
 
 def _running(pid: int) -> bool:
@@ -229,4 +269,5 @@ def etfs_remove(server: str | None, force: bool, key: str) -> None:
 def register(cli: click.Group) -> None:
     cli.add_command(serve)
     cli.add_command(halt)
+    cli.add_command(clients)
     cli.add_command(etfs)

@@ -24,6 +24,10 @@ The TOML file can say everything the flags say, under the flags' long names::
     peer_timeout = 120                            # --peer-timeout: drop a peer that stalls
     payload_budget = "512M"                       # --payload-budget: request bytes in memory
     log_file = "/var/log/minidisk.log"
+    pid_file = "/run/minidisk/server.pid"        # --pid-file: written once serving
+    print_uri = true                              # --print-uri: the client URIs on stdout
+    run = "nbdcopy $uri disk.img"                 # --run CMD: serve while CMD runs (captive)
+    exit_with_parent = false                      # --exit-with-parent: stop when it exits
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
     directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
     link_dlm = "unix:///run/minidisk/dlm.sock"    # --link-dlm URL: lock manager for links
@@ -49,7 +53,8 @@ _SCALARS = {"ram": str, "read_only": bool, "read_write": bool, "tls": str, "tls_
             "tls_verify_peer": bool, "log_file": str, "dlm": str,
             "directory": str, "link_dlm": str, "link_lease": int, "busy_poll_us": int,
             "max_connections": int, "handshake_timeout": int, "peer_timeout": int,
-            "payload_budget": str}
+            "payload_budget": str, "pid_file": str, "print_uri": bool, "run": str,
+            "exit_with_parent": bool}
 # Integer settings: (smallest, largest, unit for the error message).
 _BOUNDED = {"busy_poll_us": (0, 10_000, "microseconds"),
             "link_lease": (1, 86_400, "seconds"),
@@ -98,6 +103,10 @@ class DaemonConfig:
     tls_verify_peer: bool = False
     admin_subjects: list[str] = field(default_factory=list)
     log_file: str | None = None
+    pid_file: str | None = None  # written with the server's pid once it serves
+    print_uri: bool = False  # print each export's client URI once serving (nbdkit's)
+    run: str | None = None  # captive mode: serve while this shell command runs
+    exit_with_parent: bool = False  # stop when the process that started us exits
     busy_poll_us: int = 0  # 0: the NBD server never busy-polls (see minidisk.busypoll)
     max_connections: int = 1024  # open connections (any phase); more are closed at once
     handshake_timeout: int = 10  # seconds a client has to reach transmission (qemu: 10)
@@ -157,6 +166,10 @@ class DaemonConfig:
         config.tls_verify_peer = bool(m.get("tls_verify_peer", False))
         config.admin_subjects = [str(subject) for subject in m["admin_subject"]]
         config.log_file = m.get("log_file")
+        config.pid_file = os.path.abspath(m["pid_file"]) if m.get("pid_file") else None
+        config.print_uri = bool(m.get("print_uri", False))
+        config.run = m.get("run") or None
+        config.exit_with_parent = bool(m.get("exit_with_parent", False))
         for name, (low, high, unit) in _BOUNDED.items():
             value = m.get(name, getattr(config, name))
             if type(value) is not int or not low <= value <= high:
@@ -175,12 +188,19 @@ class DaemonConfig:
             raise ValueError("--tls=on/require needs --tls-certificates DIR")
         for url in config.urls:
             parse_url(url)  # reject a bad URL before detaching
-        if not config.urls and not socket_activated():
+        if config.run is not None and "-" in config.urls:
+            raise ValueError("--run and - (stdio): the command needs a socket to connect to; "
+                             "give unix://PATH or tcp://IP:PORT/ (or no URL: a private "
+                             "socket)")
+        if not config.urls and not socket_activated() and not config.run:
             raise ValueError("no URL to listen on (unix://PATH, tcp://IP:PORT/ or -)")
         return config
 
     def must_stay_in_foreground(self) -> bool:
-        return self.urls == ["-"] or socket_activated()
+        """stdio, systemd's sockets, a captive command and a parent to exit with all need the
+        process that was started (nbdkit's --run and --exit-with-parent imply -f too)."""
+        return (self.urls == ["-"] or socket_activated() or self.run is not None
+                or self.exit_with_parent)
 
 
 def socket_activated() -> bool:

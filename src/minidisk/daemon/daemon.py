@@ -10,17 +10,25 @@ devices, close every device, remove the unix socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
-from minidisk.daemon import etfs
-from minidisk.daemon.config import DaemonConfig
+from minidisk.daemon import captive, etfs
+from minidisk.daemon.config import DaemonConfig, socket_activated
 from minidisk.daemon.control import Control
-from minidisk.daemon.lifecycle import Readiness
+from minidisk.daemon.lifecycle import (
+    Readiness,
+    exit_with_parent,
+    remove_pid_file,
+    write_pid_file,
+)
 from minidisk.device.api import BlockDevice
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import MemoryDevice
@@ -39,6 +47,7 @@ from minidisk.nbd.exports import Access, Administrators, ExportPolicy, Identity,
 from minidisk.nbd.negotiation import TLSMode
 from minidisk.nbd.server import NBDServer, new_event_loop
 from minidisk.nbd.tls import server_context
+from minidisk.nbd.uri import format_uri
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,7 @@ log = logging.getLogger(__name__)
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self.parent = os.getppid()  # who started us, for --exit-with-parent
         self.stop = asyncio.Event()
         self.namespace = Namespace(config.ram if config.ram is not None else DEFAULT_CACHE_LIMIT)
         self.dm = Registry(source=self.namespace, publisher=self.namespace)
@@ -70,6 +80,7 @@ class Daemon:
                                 payload_budget=config.payload_budget)
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)
+        self.control.add("clients", self._clients)
         self.control.update(etfs.control_handlers(self.namespace))
         self.control.update(dm_control.control_handlers(self.dm))
         self.dlm: DlmService | None = None
@@ -142,9 +153,32 @@ class Daemon:
         """A suspended mapped device: not flushed at halt (it would wait for a resume)."""
         return isinstance(device, MappedDevice) and device.suspended
 
+    def clients(self) -> list[dict[str, Any]]:
+        """The connections that have opened an export: who, which, since when, how busy."""
+        rows = []
+        for conn in self.server.connections:
+            identity, export = conn.identity, conn.export
+            if identity is None or export is None:
+                continue  # still negotiating, or a control connection
+            rows.append({"peer": describe_peer(identity), "export": export.name.lstrip("/"),
+                         "writable": conn.writable, "since": conn.since,
+                         "in_flight": conn.inflight})
+        return sorted(rows, key=lambda row: (row["since"], row["peer"]))
+
+    async def _clients(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"clients": self.clients()}
+
     async def _halt(self, args: dict[str, Any]) -> dict[str, Any]:
         """Sync, then stop -- also when a device cannot be flushed (a remote export whose
-        server died): the caller is told what was not flushed, the server stops anyway."""
+        server died): the caller is told what was not flushed, the server stops anyway.
+        With clients connected it refuses (EBUSY, naming them) unless `force`: their
+        devices would fail under them, as `nbd-server` users expect a refusal."""
+        connected = self.clients()
+        if connected and not args.get("force"):
+            shown = ", ".join(f"{row['peer']} on {row['export']}" for row in connected[:5])
+            more = f" and {len(connected) - 5} more" if len(connected) > 5 else ""
+            raise OSError(errno.EBUSY, f"{len(connected)} client(s) connected ({shown}{more}): "
+                                       "`halt --force` stops the server anyway")
         errors = []
         try:
             await self.namespace.sync(self._suspended)
@@ -166,34 +200,84 @@ class Daemon:
             await self.namespace.aclose(self._suspended)
 
     async def run(self, readiness: Readiness | None) -> int:
+        """Serve until stopped; the exit status (a --run command's own, else 0)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
+        if self.config.exit_with_parent:
+            exit_with_parent(self.parent)
+        run_dir = None
+        urls = self.config.urls
+        if self.config.run is not None and not urls and not socket_activated():
+            run_dir = tempfile.mkdtemp(prefix="minidisk-run-")  # 0700, ours alone
+            urls = [f"unix://{run_dir}/nbd.sock"]
+        try:
+            return await self._serve(readiness, urls)
+        finally:
+            if self.config.pid_file:
+                remove_pid_file(self.config.pid_file)
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    async def _serve(self, readiness: Readiness | None, urls: list[str]) -> int:
         await self.populate()
         try:
             if self.config.dlm:
                 self.dlm = await start_dlm_service(self.config.dlm)
-            await self.server.start(self.config.urls)
+            await self.server.start(urls)
             if self.links is not None:
                 # Linking is for every local user; the export policy, not the socket's
                 # permissions, decides who gets what (ungoverned exports: administrators).
                 for path in self.server.unix_paths:
                     os.chmod(path, 0o666)
+            if self.config.pid_file:
+                write_pid_file(self.config.pid_file)
         except BaseException:
             await self.server.shutdown()
             await self.close_services()
             raise
+        uris = self.client_uris()
         if readiness is not None:
-            readiness.ready()
+            readiness.ready(uris if self.config.print_uri else ())
+        elif self.config.print_uri:
+            print("\n".join(uris), flush=True)
         log.info("serving %s on %s", ", ".join(self.namespace.export_names()),
-                 " ".join(self.config.urls) or "an inherited socket")
+                 " ".join(urls) or "an inherited socket")
         releaser = asyncio.ensure_future(self._release_suspended_at_stop())
+        command = None
+        if self.config.run is not None:
+            addresses = self.server.listeners.addresses()
+            names = self.namespace.export_names()
+            env = captive.variables(uris, addresses[0] if addresses else None,
+                                    names[0] if names else "")
+            command = asyncio.ensure_future(captive.run_command(self.config.run, env))
+            command.add_done_callback(lambda _: self.stop.set())
+        status = 0
         try:
             await self.server.serve_until(self.stop)
         finally:
             releaser.cancel()
+            if command is not None:
+                if command.done():
+                    status = command.result()
+                else:  # stopped first (a signal, halt): the command goes too
+                    command.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await command
+                    status = 1
         await self.close_services()
-        return 0
+        return status
+
+    def client_uris(self) -> list[str]:
+        """The URI of each export at each listening socket (--print-uri, --run's $uri)."""
+        tls = self.config.tls_mode is TLSMode.REQUIRE
+        names = self.namespace.export_names() or [""]
+        uris = []
+        for address in self.server.listeners.addresses():
+            if isinstance(address, str):
+                address = os.path.abspath(address)
+            uris += [format_uri(address, name, tls) for name in names]
+        return uris
 
     async def _release_suspended_at_stop(self) -> None:
         """Once stopping, requests queued on a suspended mapped device fail (ESHUTDOWN)
@@ -209,6 +293,15 @@ class Daemon:
         if self.dlm is not None:
             await self.dlm.close()
         await self.close_devices()
+
+
+def describe_peer(identity: Identity) -> str:
+    """A connection's peer in one short phrase: its certificate subject, process or address."""
+    if identity.subject:
+        return identity.subject
+    if identity.pid is not None:
+        return f"pid {identity.pid} (uid {identity.uid})"
+    return identity.address or identity.transport.name.lower()
 
 
 def run_daemon(config: DaemonConfig, readiness: Readiness | None) -> int:

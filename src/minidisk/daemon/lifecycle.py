@@ -3,14 +3,22 @@
 `minidisk serve` detaches by default, as rump_server does: the parent exits 0 once the
 child accepts connections, or non-zero with the child's error message, so a script can
 rely on the server being reachable the moment the command returns. The readiness report
-travels over a pipe: the child writes "ok" or "error: ..." and closes it.
+travels over a pipe: the child writes "ok" (then the lines the parent is to print: the client
+URIs of --print-uri) or "error: ..." and closes it.
+
+Also here: the pid file (nbdkit's -P: written once the server serves, removed at exit if it
+is still ours) and --exit-with-parent (the kernel's parent-death signal, prctl(2)).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+PR_SET_PDEATHSIG = 1
 
 
 class Readiness:
@@ -28,8 +36,8 @@ class Readiness:
             os.close(self.fd)
             self.fd = None
 
-    def ready(self) -> None:
-        self._write("ok")
+    def ready(self, lines: Sequence[str] = ()) -> None:
+        self._write("".join(["ok", *(f"\n{line}" for line in lines)]))
 
     def failed(self, message: str) -> None:
         self._write("error: " + message)
@@ -65,9 +73,44 @@ def detach(run: Callable[[Readiness], int], log_file: str | None) -> int:
         chunks.append(chunk)
     os.close(read_fd)
     report = b"".join(chunks).decode(errors="replace")
-    if report == "ok":
+    if report == "ok" or report.startswith("ok\n"):
+        for line in report.splitlines()[1:]:
+            print(line, flush=True)
         return 0
     _, status = os.waitpid(pid, 0)
     message = report.removeprefix("error: ") or "server exited during start-up"
     print(f"minidisk serve: {message}", file=sys.stderr)
     return os.waitstatus_to_exitcode(status) or 1
+
+
+def write_pid_file(path: str) -> None:
+    """Our pid in `path`, replaced atomically so a reader never sees a partial file."""
+    partial = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove `path` if it still names us (a second server may have written its own)."""
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def exit_with_parent(parent: int) -> None:
+    """SIGTERM when `parent` (the pid that started us) exits; if it is already gone (it may
+    have exited before the prctl), SIGTERM now."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"--exit-with-parent: prctl: {os.strerror(err)}")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)

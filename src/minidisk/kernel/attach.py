@@ -53,14 +53,16 @@ def choose_method(uri: NBDURI, method: str = "auto") -> str:
 
 def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
            connect_as: tuple[int, int] | None = None, connections: int | None = None,
-           timeout: int | None = None, persist_wait: int | None = None) -> state.Attachment:
+           timeout: int | None = None, persist_wait: int | None = None,
+           truncate: bool = False) -> state.Attachment:
     """Bring the export at `uri_text` online as a kernel block device; return its state.
     With `connect_as` (uid, gid) the NBD connections are made by a process of that identity
     (the server then admits whom that user's link admits, not root): only nbdfuse can, as
     the kernel's own client connects from this process. `connections` (default 1) and
     `timeout` (seconds, default DEFAULT_TIMEOUT) are kernel nbd's, as nbd-client's
     -C and -t. `persist_wait` (seconds) makes the device outlive a restart of its server
-    (persist.py): I/O waits that long for the server to come back.
+    (persist.py): I/O waits that long for the server to come back. An export whose size is
+    not a whole number of blocks is refused unless `truncate` (sizing.py).
 
     Returns once the device is usable; helpers it needed keep running after we exit.
     """
@@ -76,13 +78,13 @@ def attach(uri_text: str, *, read_only: bool = False, method: str = "auto",
                               "(give --method netlink or ioctl)")
         from minidisk.kernel import fuseloop
 
-        return fuseloop.attach(uri, read_only, connect_as)
+        return fuseloop.attach(uri, read_only, connect_as, truncate=truncate)
     from minidisk.kernel import nbdkernel
 
     return nbdkernel.attach(uri, read_only, use_netlink=chosen == "netlink",
                             connections=1 if connections is None else connections,
                             timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
-                            persist_wait=persist_wait)
+                            persist_wait=persist_wait, truncate=truncate)
 
 
 def device_name(device: str) -> str:

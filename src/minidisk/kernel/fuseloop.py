@@ -41,12 +41,14 @@ from minidisk.kernel import state
 from minidisk.kernel.commands import Helper, run, wait_until
 from minidisk.kernel.errors import AttachError, CommandError, DetachError
 from minidisk.kernel.mount import mounted_at, refuse_if_in_use
+from minidisk.kernel.sizing import whole_blocks
 from minidisk.nbd.uri import NBDURI
 from minidisk.privatedir import private_dir
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0  # handshake with a slow or remote server
+SECTOR = 512
 EXIT_GRACE = 10.0  # nbdfuse exits by itself once unmounted
 CONNECTIONS = 4
 
@@ -58,8 +60,8 @@ def available() -> bool:
 
 
 
-def attach(uri: NBDURI, read_only: bool,
-           connect_as: tuple[int, int] | None = None) -> state.Attachment:
+def attach(uri: NBDURI, read_only: bool, connect_as: tuple[int, int] | None = None, *,
+           truncate: bool = False) -> state.Attachment:
     workdir = private_dir(state.state_dir()) / secrets.token_hex(6)
     workdir.mkdir(mode=0o700)
     backing = workdir / "export"
@@ -72,13 +74,14 @@ def attach(uri: NBDURI, read_only: bool,
         # FUSE mount's root inode has none until someone asks for its attributes: without
         # this stat, Debian 12's kernel made a loop device of 0 bytes (seen in tests/vm).
         size = backing.stat().st_size
+        whole_blocks(uri, size, SECTOR, truncate)  # a loop device's blocks: 512 bytes
         argv = ["losetup", "--find", "--show", "--direct-io=on"]
         if read_only:
             argv.append("--read-only")
         device = run([*argv, str(backing)]).stdout.strip()
         sectors = Path(f"/sys/block/{Path(device).name}/size").read_text().strip()
-        if int(sectors) * 512 != size - size % 512:
-            raise AttachError(f"{device} has {int(sectors) * 512} bytes, not the export's "
+        if int(sectors) * SECTOR != size - size % SECTOR:
+            raise AttachError(f"{device} has {int(sectors) * SECTOR} bytes, not the export's "
                               f"{size}")
         # A read-only export makes nbdfuse's file read-only and losetup falls back to a
         # read-only loop device by itself; record what the kernel really gave us.

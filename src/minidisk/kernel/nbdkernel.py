@@ -28,6 +28,7 @@ from minidisk.kernel.defaults import DEFAULT_TIMEOUT, KEEPER, MAX_CONNECTIONS
 from minidisk.kernel.errors import AttachError, DetachError
 from minidisk.kernel.mount import refuse_if_in_use
 from minidisk.kernel.netlink import GenericNetlink, attr, attr_nested, attr_u32, attr_u64
+from minidisk.kernel.sizing import whole_blocks
 from minidisk.nbd.protocol import TFLAG_READ_ONLY
 from minidisk.nbd.uri import NBDURI
 from minidisk.privatedir import private_dir
@@ -100,8 +101,10 @@ def _connect_all(uri: NBDURI, connections: int) -> list[KernelSocket]:
 
 
 def attach(uri: NBDURI, read_only: bool, *, use_netlink: bool, connections: int = 1,
-           timeout: int = DEFAULT_TIMEOUT, persist_wait: int | None = None) -> state.Attachment:
-    """`persist_wait` (seconds) keeps the device through server restarts (persist.py)."""
+           timeout: int = DEFAULT_TIMEOUT, persist_wait: int | None = None,
+           truncate: bool = False) -> state.Attachment:
+    """`persist_wait` (seconds) keeps the device through server restarts (persist.py);
+    `truncate` lets an export of a partial last block come online without it (sizing.py)."""
     if timeout < 0:
         raise AttachError(f"--timeout {timeout}: give seconds >= 0 (0: wait forever)")
     if persist_wait is not None:
@@ -114,17 +117,18 @@ def attach(uri: NBDURI, read_only: bool, *, use_netlink: bool, connections: int 
             raise AttachError(f"--persist-wait {persist_wait}: give seconds >= 1")
     links = _connect_all(uri, connections)
     try:
+        size = whole_blocks(uri, links[0].size, links[0].block_size, truncate)
         flags = links[0].flags | (TFLAG_READ_ONLY if read_only else 0)
         read_only = read_only or links[0].read_only
         if use_netlink:
-            return _attach_netlink(uri, read_only, links, flags, timeout, persist_wait)
-        return _attach_ioctl(uri, read_only, links, flags, timeout)
+            return _attach_netlink(uri, read_only, links, size, flags, timeout, persist_wait)
+        return _attach_ioctl(uri, read_only, links, size, flags, timeout)
     finally:
         for link in links:  # the kernel holds its own references now
             link.sock.close()
 
 
-def _attach_netlink(uri: NBDURI, read_only: bool, links: list[KernelSocket],
+def _attach_netlink(uri: NBDURI, read_only: bool, links: list[KernelSocket], size: int,
                     flags: int, timeout: int, persist_wait: int | None) -> state.Attachment:
     identifier = f"minidisk-{secrets.token_hex(6)}"
     sockets = [attr_nested(NBD_SOCK_ITEM, [attr_u32(NBD_SOCK_FD, link.sock.fileno())])
@@ -136,7 +140,7 @@ def _attach_netlink(uri: NBDURI, read_only: bool, links: list[KernelSocket],
     try:
         with GenericNetlink() as nl:
             reply = nl.request(nl.family("nbd"), NBD_CMD_CONNECT, 1, [
-                attr_u64(NBD_ATTR_SIZE_BYTES, links[0].size),
+                attr_u64(NBD_ATTR_SIZE_BYTES, size),
                 attr_u64(NBD_ATTR_BLOCK_SIZE_BYTES, links[0].block_size),
                 attr_u64(NBD_ATTR_SERVER_FLAGS, flags),
                 attr_u64(NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT),
@@ -173,7 +177,7 @@ def _attach_netlink(uri: NBDURI, read_only: bool, links: list[KernelSocket],
     return attachment
 
 
-def _attach_ioctl(uri: NBDURI, read_only: bool, links: list[KernelSocket],
+def _attach_ioctl(uri: NBDURI, read_only: bool, links: list[KernelSocket], size: int,
                   flags: int, timeout: int) -> state.Attachment:
     # By number, not by count: netlink's DESTROY_ON_DISCONNECT leaves gaps (nbd0 gone, nbd1 on).
     indexes = sorted(int(p.name[3:]) for p in Path("/sys/block").glob("nbd*")
@@ -194,7 +198,7 @@ def _attach_ioctl(uri: NBDURI, read_only: bool, links: list[KernelSocket],
             for link in links[1:]:
                 fcntl.ioctl(fd, NBD_SET_SOCK, link.sock.fileno())
             fcntl.ioctl(fd, NBD_SET_BLKSIZE, links[0].block_size)
-            fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, links[0].size // links[0].block_size)
+            fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, size // links[0].block_size)
             fcntl.ioctl(fd, NBD_SET_FLAGS, flags)
             if timeout:
                 fcntl.ioctl(fd, NBD_SET_TIMEOUT, timeout)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from minidisk import busypoll
@@ -99,6 +100,7 @@ class Connection(asyncio.BufferedProtocol):
         self.disconnecting = False
         self.shutting_down = False
         self.closed = asyncio.Event()
+        self.since = time.time()  # when it was accepted (`minidisk clients`)
         self.tasks: set[asyncio.Task[None]] = set()
         # Until transmission (or a control command) a client must hurry: see connection_made.
         self.handshake_deadline: asyncio.TimerHandle | None = None

@@ -211,6 +211,16 @@ class Listeners:
                                            backlog=self.backlog)
         self.servers.append(srv)
 
+    def addresses(self) -> list[str | tuple[str, int]]:
+        """Where each listening socket is bound: a unix path or a TCP (host, port), as the
+        kernel reports it (so a port 0 in the URL shows as the port it chose)."""
+        found: list[str | tuple[str, int]] = []
+        for srv in self.servers:
+            for sock in srv.sockets:
+                name = sock.getsockname()
+                found.append(name if isinstance(name, str) else (name[0], name[1]))
+        return found
+
     def stop(self) -> None:
         """Accept no more connections (those accepted go on)."""
         for srv in self.servers:

@@ -129,3 +129,21 @@ def _timeout(uri: str, text: str | None) -> float | None:
         raise BadURI(f"bad NBD URI {uri!r}: timeout={text} is not a positive number of "
                      "seconds")
     return value
+
+
+def format_uri(address: str | tuple[str, int], export: str = "", tls: bool = False) -> str:
+    """The URI a client uses to reach `export` at a listening socket's address (a unix path,
+    or a TCP (host, port)), as nbdkit --print-uri prints it; parse() reads it back."""
+    path = "/" + urllib.parse.quote(export, safe="")
+    if isinstance(address, str):
+        socket = urllib.parse.quote(address, safe="/")
+        return f"{'nbds' if tls else 'nbd'}+unix://{path}?socket={socket}"
+    host, port = address[0], address[1]
+    if host in ("0.0.0.0", ""):  # listening everywhere: this machine reaches it on loopback
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    where = host if port == NBD_PORT else f"{host}:{port}"
+    return f"{'nbds' if tls else 'nbd'}://{where}{path}"
