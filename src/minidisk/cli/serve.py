@@ -168,7 +168,7 @@ def halt(server: str | None, url: str | None, timeout: float, force: bool) -> No
 @click.argument("url", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def clients(server: str | None, url: str | None, as_json: bool) -> None:
-    """The clients connected to the server at URL: peer, export, mode, since, in flight."""
+    """The clients connected to a server: peer, export, mode, since, in flight."""
     target = require_server(server, url)
     try:
         rows = control_client.call(target, "clients")["clients"]
