@@ -10,7 +10,7 @@ APT_PACKAGES=(
   libnbd-bin python3-libnbd                            # nbdinfo nbdcopy nbdfuse; nbd module (Debian python only)
   nbdkit qemu-utils fio                                # oracles, interop clients and benchmarks
   e2fsprogs util-linux mount kmod                      # mkfs.ext4, fsck, losetup, mount
-  etcd-server thin-provisioning-tools cryptsetup-bin fdisk  # thin_check, integritysetup, sfdisk
+  thin-provisioning-tools cryptsetup-bin fdisk        # thin_check, integritysetup, sfdisk
   qemu-system-x86 busybox-static                       # the VM harness (tests/vm)
   nbd-client                                           # compared with ours in the guest
   systemd                                              # systemd-analyze verify of the shipped units
@@ -24,8 +24,6 @@ if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-  # Debian starts etcd on :2379 when it is installed; tests start their own on free ports.
-  if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true; fi
 fi
 
 PY=${PYTHON:-python3}

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy src tests  # strict (pyproject.toml), tests included
-exec .venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -n 2 -p no:cacheprovider --durations=25 "$@"

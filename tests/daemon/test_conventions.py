@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -157,3 +158,40 @@ def test_halt_refuses_while_a_client_is_connected_and_force_stops(short_tmp: Pat
     finally:
         harness.stop_process(holder)
         server.stop()
+
+
+def test_ready_is_told_to_systemd(short_tmp: Path) -> None:
+    """Type=notify: READY=1 on $NOTIFY_SOCKET once the server accepts connections."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_tmp / "notify"))
+    notify.settimeout(scaled(60))
+    sock = short_tmp / "n.sock"
+    server = subprocess.Popen([MINIDISK, "serve", "-f", "--memory", "d=1M", f"unix://{sock}"],
+                              env={**os.environ, "NOTIFY_SOCKET": str(short_tmp / "notify")})
+    try:
+        message = notify.recv(4096).decode()
+        assert message == f"READY=1\nMAINPID={server.pid}"
+        assert harness.accepts(sock)  # ready means ready
+    finally:
+        harness.stop_process(server)
+        notify.close()
+
+
+def test_shipped_units_pass_systemd_analyze_verify(short_tmp: Path) -> None:
+    units = short_tmp / "units"
+    units.mkdir()
+    written = run_cli("units", "--install", str(units), check=True).stdout.split()
+    assert sorted(written) == sorted(str(units / name) for name in
+                                     ("minidisk@.service", "minidisk@.socket",
+                                      "minidisk-dlm.service", "minidisk-automount.service"))
+    service = (units / "minidisk@.service").read_text()
+    assert f"ExecStart={MINIDISK} serve -f --config /etc/minidisk/%i.toml\n" in service
+    # A template is verified as an instance of itself.
+    for template in ("minidisk@.service", "minidisk@.socket"):
+        instance = units / template.replace("@.", "@test.")
+        instance.write_text((units / template).read_text())
+    names = ["minidisk@test.service", "minidisk@test.socket", "minidisk-dlm.service",
+             "minidisk-automount.service"]
+    verify = subprocess.run(["systemd-analyze", "verify", *(str(units / n) for n in names)],
+                            capture_output=True, text=True, timeout=scaled(60))
+    assert verify.returncode == 0 and not verify.stderr, verify.stderr

@@ -42,6 +42,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                               "(xfstests style)."),
     "serve": ("serve", "Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - "
                        "for stdio)."),
+    "units": ("units", "The systemd units: a templated server (minidisk@NAME.service over "
+                       "/etc/minidisk/NAME.toml), its socket, the lock manager's and the "
+                       "automounter's."),
     "unlink": ("link", "Unmount, detach and unlink TARGET (owner.disk or its mount point), in "
                        "that order."),
 }

@@ -26,6 +26,7 @@ from minidisk.daemon.control import Control
 from minidisk.daemon.lifecycle import (
     Readiness,
     exit_with_parent,
+    notify_systemd,
     remove_pid_file,
     write_pid_file,
 )
@@ -241,6 +242,7 @@ class Daemon:
             readiness.ready(uris if self.config.print_uri else ())
         elif self.config.print_uri:
             print("\n".join(uris), flush=True)
+        notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
         log.info("serving %s on %s", ", ".join(self.namespace.export_names()),
                  " ".join(urls) or "an inherited socket")
         releaser = asyncio.ensure_future(self._release_suspended_at_stop())

@@ -6,6 +6,8 @@ rely on the server being reachable the moment the command returns. The readiness
 travels over a pipe: the child writes "ok" (then the lines the parent is to print: the client
 URIs of --print-uri) or "error: ..." and closes it.
 
+Under systemd (Type=notify) readiness is also told to $NOTIFY_SOCKET, as sd_notify(3) does.
+
 Also here: the pid file (nbdkit's -P: written once the server serves, removed at exit if it
 is still ours) and --exit-with-parent (the kernel's parent-death signal, prctl(2)).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -114,3 +117,15 @@ def exit_with_parent(parent: int) -> None:
         raise OSError(err, f"--exit-with-parent: prctl: {os.strerror(err)}")
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify(3): send `state` (e.g. "READY=1") to $NOTIFY_SOCKET if systemd set it; an
+    abstract socket is written with a leading '@'."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
