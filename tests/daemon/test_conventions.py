@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -195,3 +196,35 @@ def test_shipped_units_pass_systemd_analyze_verify(short_tmp: Path) -> None:
     verify = subprocess.run(["systemd-analyze", "verify", *(str(units / n) for n in names)],
                             capture_output=True, text=True, timeout=scaled(60))
     assert verify.returncode == 0 and not verify.stderr, verify.stderr
+
+
+def test_a_detached_server_without_a_log_file_logs_to_syslog(short_tmp: Path) -> None:
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(str(short_tmp / "log"))
+    syslog.settimeout(scaled(60))
+    sock = short_tmp / "d.sock"
+    try:
+        run_cli("serve", "-v", "--memory", "d=1M", f"unix://{sock}",
+                env={"MINIDISK_SYSLOG_SOCKET": str(short_tmp / "log")}, check=True)
+        # <30>: facility daemon (3 << 3), priority info (6).
+        lines: list[str] = []
+        while not any("serving d on" in line for line in lines):
+            lines.append(syslog.recv(4096).decode())
+        assert re.fullmatch(r"<30>minidisk\[\d+\]: INFO minidisk\.daemon\.daemon: serving d "
+                            rf"on unix://{sock}\x00?", lines[-1])
+    finally:
+        run_cli("halt", f"unix://{sock}")
+        syslog.close()
+
+
+def test_log_lines_have_a_time_unless_journald_reads_them(short_tmp: Path) -> None:
+    for env, stamped in (({}, True), ({"JOURNAL_STREAM": "8:1234"}, False)):
+        sock = short_tmp / "t.sock"
+        server = harness.start([MINIDISK, "serve", "-f", "-v", "--memory", "d=1M",
+                                f"unix://{sock}"], short_tmp / "t.log", harness.accepting(sock),
+                               env={**os.environ, **env})
+        server.stop()
+        line = next(line for line in server.log_text().splitlines() if "serving d" in line)
+        assert bool(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} minidisk\[", line)) \
+            == stamped, line
+        assert re.search(r"minidisk\[\d+\] INFO minidisk\.daemon\.daemon: serving d on", line)

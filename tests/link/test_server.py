@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -39,6 +40,11 @@ def test_no_grant_is_refused_and_audited(site: Site) -> None:
         site.holder(NOBODY).link("bob.0191", "R")
     assert unknown.value.errno == 2
     assert site.audit()[-1][1:4] == ("link", "bob.0191", "refused")
+    # The operator sees refusals in the server's log too, at WARNING, with a timestamp.
+    log = (site.root / "server.log").read_text().splitlines()
+    refusal = [line for line in log if f"link refused to uid:{NOBODY}: 'alice.0192'" in line]
+    assert len(refusal) == 1 and " WARNING minidisk.link.authority: " in refusal[0]
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} minidisk\[\d+\] ", refusal[0])
 
 
 def test_raw_nbd_client_needs_a_live_link(site: Site) -> None:
@@ -73,6 +79,9 @@ def test_non_administrators_get_link_commands_only(site: Site) -> None:
     with pytest.raises(ControlError) as refused:
         site.holder(NOBODY).session.call("halt")
     assert refused.value.errno == 1
+    assert any(" WARNING minidisk.daemon.control: control halt refused to " in line
+               and f"uid={NOBODY}" in line
+               for line in (site.root / "server.log").read_text().splitlines())
     assert site.holder(0).session.call("exports")["exports"]
 
 

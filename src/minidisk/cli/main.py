@@ -77,9 +77,16 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="minidisk", message="%(prog)s %(version)s")
 def cli(verbose: int) -> None:
     """Userspace block storage for Linux."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG),
-                        format="minidisk[%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(log_level(verbose))
+    # journald stamps every line itself; a terminal or a log file needs the time.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(format=stamp + "minidisk[%(process)d] %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z")
+
+
+def log_level(verbose: int) -> int:
+    """WARNING; INFO for -v, DEBUG for -vv (`minidisk -v serve` and `serve -v` alike)."""
+    return max(logging.WARNING - 10 * verbose, logging.DEBUG)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ from minidisk.nbd.transport import Transport
 
 
 @click.command()
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable), as "
+              "`minidisk -v`.")
 @click.option("-s", "-f", "--foreground", "foreground", is_flag=True,
               help="Stay in the foreground (-s as rump_server, -f as nbdkit).")
 @click.option("-d", "drive", multiple=True, metavar="DRIVESPEC",
@@ -86,13 +89,18 @@ from minidisk.nbd.transport import Transport
               help="Lock manager for links (default: --dlm, else $MINIDISK_DLM).")
 @click.argument("url", nargs=-1, metavar="URL")
 @click.version_option(package_name="minidisk", message="%(prog)s %(version)s")
-def serve(foreground: bool, config_file: str | None, **options: Any) -> None:
+def serve(verbose: int, foreground: bool, config_file: str | None, **options: Any) -> None:
     """Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - for stdio).
 
     Detaches once the server accepts connections (exit status 0), or exits non-zero with
     the error; -s stays in the foreground. Started by systemd socket activation
     (nbdinfo -- [ minidisk serve ... ]) it serves the inherited socket.
     """
+    if verbose:
+        from minidisk.cli.main import log_level
+
+        root = logging.getLogger()
+        root.setLevel(min(root.level, log_level(verbose)))
     try:
         config = DaemonConfig.load(options, config_file)
     except ValueError as e:

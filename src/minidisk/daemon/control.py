@@ -72,7 +72,7 @@ class Control:
         if handler is None:
             return _reply_error(errno.ENOSYS, f"unknown control command {shown(command)}")
         if command not in self.for_anyone and self.admin is not None and not self.admin(identity):
-            log.info("control %s refused to %s: not an administrator", command, identity)
+            log.warning("control %s refused to %s: not an administrator", command, identity)
             return _reply_error(errno.EPERM, f"{command!r} is for administrators only")
         try:
             result = await handler(args, identity)

@@ -8,13 +8,16 @@ URIs of --print-uri) or "error: ..." and closes it.
 
 Under systemd (Type=notify) readiness is also told to $NOTIFY_SOCKET, as sd_notify(3) does.
 
-Also here: the pid file (nbdkit's -P: written once the server serves, removed at exit if it
-is still ours) and --exit-with-parent (the kernel's parent-death signal, prctl(2)).
+A detached server without --log-file logs to syslog. Also here: the pid file (nbdkit's -P:
+written once the server serves, removed at exit if it is still ours) and --exit-with-parent
+(the kernel's parent-death signal, prctl(2)).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -22,6 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 PR_SET_PDEATHSIG = 1
+SYSLOG_ENV = "MINIDISK_SYSLOG_SOCKET"  # where syslog listens, if not /dev/log (tests)
 
 
 class Readiness:
@@ -64,6 +68,7 @@ def detach(run: Callable[[Readiness], int], log_file: str | None) -> int:
             os.close(log_fd)
         else:
             os.dup2(devnull, 2)
+            log_to_syslog()
         os.close(devnull)
         code = 1
         try:
@@ -84,6 +89,20 @@ def detach(run: Callable[[Readiness], int], log_file: str | None) -> int:
     message = report.removeprefix("error: ") or "server exited during start-up"
     print(f"minidisk serve: {message}", file=sys.stderr)
     return os.waitstatus_to_exitcode(status) or 1
+
+
+def log_to_syslog() -> None:
+    """A detached server without --log-file logs to syslog (journald reads /dev/log too), as
+    daemons do; where nothing listens there, logging stays as it was (to /dev/null)."""
+    path = os.environ.get(SYSLOG_ENV, "/dev/log")
+    try:
+        handler = logging.handlers.SysLogHandler(
+            address=path, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter(
+        "minidisk[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().handlers[:] = [handler]
 
 
 def write_pid_file(path: str) -> None:

@@ -413,7 +413,9 @@ class LinkAuthority:
         principal's rate limit, whose notes go into the row; an uncounted one repeated at
         once is only counted into the next row (RefusalLimiter.refused)."""
         note = self.limiter.refused(principal, counted, f"{action} {disk} {mode}: {why}")
-        if note is not None:
+        if note is not None:  # as rate-limited as the audit rows: a flood is not logged whole
+            log.warning("%s refused to %s: %r %s: %s%s", action, principal, disk, mode, why,
+                        f" ({note})" if note else "")
             await self._audit(principal, action, disk, mode, "refused",
                               f"{why} ({note})" if note else why, args)
 
