@@ -81,8 +81,8 @@ AUTOMOUNT_TIMEOUT = 2  # seconds idle before expiry; the expirer looks every tim
 @pytest.fixture
 def automounter(site: Site) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """`minidisk automount SITE/vmlink --timeout 2`; root may link alice.0191 R, nobody W."""
-    site.cli("directory", "grant", "root", "alice.0191", "--mode", "R", check=True)
-    site.cli("directory", "grant", "nobody", "alice.0191", "--mode", "W", check=True)
+    site.grant("root", "alice.0191", "R")
+    site.grant("nobody", "alice.0191", "W")
     with running_automounter(site, AUTOMOUNT_TIMEOUT) as running:
         yield running
 

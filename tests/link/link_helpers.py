@@ -28,6 +28,8 @@ from tests.pki import Authority
 
 from minidisk.control_client import ControlConnection, ControlError
 from minidisk.link.directory import Directory
+from minidisk.link.modes import parse_link_mode
+from minidisk.link.names import parse_key, parse_principal
 from minidisk.nbd.tls import client_context
 
 OWNER_UID = 1000
@@ -80,6 +82,17 @@ class Site:
 
     def directory(self) -> Directory:
         return Directory(self.directory_path)
+
+    def grant(self, who: str, disk: str, mode: str) -> None:
+        """`minidisk directory grant WHO DISK --mode MODE`, made in this process: the CLI's
+        own tests run it as a command; elsewhere (in a TCG guest above all) a process start
+        costs seconds for nothing."""
+        d = self.directory()
+        try:
+            d.grant(parse_principal(who), parse_key(disk, partition=False),
+                    parse_link_mode(mode))
+        finally:
+            d.close()
 
     def uri(self, export: str, who: str | None = None) -> str:
         """The export's NBD URI; on a TLS site, with `who`'s certificates."""

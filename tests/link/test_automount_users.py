@@ -30,7 +30,7 @@ def users_automounter(site: Site) -> Iterator[tuple[subprocess.Popen[bytes], Pat
     """The automounter with root granted R (what made /vmlink anyone's before), two users
     granted R, and a third with no grant."""
     for who in ("root", f"uid:{ALICE_READER}", f"uid:{BOB_READER}"):
-        site.cli("directory", "grant", who, "alice.0191", "--mode", "R", check=True)
+        site.grant(who, "alice.0191", "R")
     with running_automounter(site, timeout=60) as running:
         yield running
 

@@ -32,8 +32,8 @@ def _loops_over(device: str) -> list[str]:
 
 
 def test_link_a_partition(site: Site) -> None:
-    site.cli("directory", "grant", "root", "alice.0191", "--mode", "W", check=True)
-    site.cli("directory", "grant", "nobody", "alice.0191", "--mode", "W", check=True)
+    site.grant("root", "alice.0191", "W")
+    site.grant("nobody", "alice.0191", "W")
     mnt = site.root / "mnt"
     done = site.cli("link", "alice.0191.2", str(mnt))
     assert done.returncode == 0, done.stderr
@@ -60,7 +60,7 @@ def test_link_a_partition(site: Site) -> None:
 
 
 def test_a_partition_that_does_not_exist(site: Site) -> None:
-    site.cli("directory", "grant", "root", "alice.0191", "--mode", "R", check=True)
+    site.grant("root", "alice.0191", "R")
     done = site.cli("link", "alice.0191.3", str(site.root / "mnt"))
     assert done.returncode == 1 and "no partition 3" in done.stderr, done.stderr
     assert not attachments() and not linker.links()

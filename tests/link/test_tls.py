@@ -38,7 +38,7 @@ CAROL = f"subject:{subject('carol')}"
 
 
 def _grant(site: Site, who: str, disk: str, mode: str) -> None:
-    site.cli("directory", "grant", subject(who), disk, "--mode", mode, check=True)
+    site.grant(subject(who), disk, mode)
 
 
 def _nbdinfo(site: Site, export: str, who: str) -> subprocess.CompletedProcess[str]:

@@ -45,6 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "units": ("units", "The systemd units: a templated server (minidisk@NAME.service over "
                        "/etc/minidisk/NAME.toml), its socket, the lock manager's and the "
                        "automounter's."),
+    "stats": ("serve", "Requests, bytes, errors and latency per export and command (as nbdkit's "
+                       "stats)."),
     "unlink": ("link", "Unmount, detach and unlink TARGET (owner.disk or its mount point), in "
                        "that order."),
 }

@@ -196,6 +196,38 @@ def clients(server: str | None, url: str | None, as_json: bool) -> None:
         click.echo("  ".join([*cells, line[4]]))
 
 
+@click.command()
+@server_option
+@click.argument("url", required=False)
+@click.option("--json", "as_json", is_flag=True,
+              help="Everything as JSON: per export and per connection, with histograms.")
+def stats(server: str | None, url: str | None, as_json: bool) -> None:
+    """Requests, bytes, errors and latency per export and command (as nbdkit's stats)."""
+    from minidisk.nbd.stats import percentile_us
+
+    target = require_server(server, url)
+    try:
+        figures = control_client.call(target, "stats")
+    except control_client.ControlError as e:
+        fail(str(e))
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    table = [("EXPORT", "CONNS", "COMMAND", "REQUESTS", "BYTES", "ERRORS", "P50_US", "P99_US")]
+    for name, export in figures["exports"].items():
+        for command, row in export["commands"].items():
+            p50 = percentile_us(row["latency_us"], 0.5)
+            p99 = percentile_us(row["latency_us"], 0.99)
+            errors = ",".join(f"{err}:{n}" for err, n in row["errors"].items()) or "-"
+            table.append((printable(name.lstrip("/")), str(export["connections"]), command,
+                          str(row["requests"]), str(row["bytes"]), errors,
+                          "-" if p50 is None else str(p50), "-" if p99 is None else str(p99)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width)
+                             for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
 def _running(pid: int) -> bool:
     """True while `pid` runs; a zombie (a server that is its caller's own child) has exited."""
     try:
@@ -278,4 +310,5 @@ def register(cli: click.Group) -> None:
     cli.add_command(serve)
     cli.add_command(halt)
     cli.add_command(clients)
+    cli.add_command(stats)
     cli.add_command(etfs)

@@ -82,6 +82,7 @@ class Daemon:
         self.control.add("halt", self._halt)
         self.control.add("exports", self._exports)
         self.control.add("clients", self._clients)
+        self.control.add("stats", self._stats)
         self.control.update(etfs.control_handlers(self.namespace))
         self.control.update(dm_control.control_handlers(self.dm))
         self.dlm: DlmService | None = None
@@ -154,8 +155,9 @@ class Daemon:
         """A suspended mapped device: not flushed at halt (it would wait for a resume)."""
         return isinstance(device, MappedDevice) and device.suspended
 
-    def clients(self) -> list[dict[str, Any]]:
-        """The connections that have opened an export: who, which, since when, how busy."""
+    def clients(self, with_stats: bool = False) -> list[dict[str, Any]]:
+        """The connections that have opened an export: who, which, since when, how busy
+        (and, `with_stats`, their request figures)."""
         rows = []
         for conn in self.server.connections:
             identity, export = conn.identity, conn.export
@@ -163,11 +165,15 @@ class Daemon:
                 continue  # still negotiating, or a control connection
             rows.append({"peer": describe_peer(identity), "export": export.name.lstrip("/"),
                          "writable": conn.writable, "since": conn.since,
-                         "in_flight": conn.inflight})
+                         "in_flight": conn.inflight,
+                         **({"commands": conn.stats.to_json()} if with_stats else {})})
         return sorted(rows, key=lambda row: (row["since"], row["peer"]))
 
     async def _clients(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"clients": self.clients()}
+
+    async def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"exports": self.server.stats(), "connections": self.clients(with_stats=True)}
 
     async def _halt(self, args: dict[str, Any]) -> dict[str, Any]:
         """Sync, then stop -- also when a device cannot be flushed (a remote export whose

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import socket
 import time
+from time import monotonic_ns
 from typing import TYPE_CHECKING
 
 from minidisk import busypoll
@@ -32,6 +33,7 @@ from minidisk.nbd.inline import run_inline
 from minidisk.nbd.listen import drop_dead_peers, peer_identity
 from minidisk.nbd.negotiation import Negotiation, TransmissionTerms
 from minidisk.nbd.reply_writer import ReplyWriter, tune_send_buffer
+from minidisk.nbd.stats import RequestStats
 from minidisk.nbd.transport import Transport
 
 if TYPE_CHECKING:
@@ -101,6 +103,7 @@ class Connection(asyncio.BufferedProtocol):
         self.shutting_down = False
         self.closed = asyncio.Event()
         self.since = time.time()  # when it was accepted (`minidisk clients`)
+        self.stats = RequestStats()  # this connection's requests (stats.py)
         self.tasks: set[asyncio.Task[None]] = set()
         # Until transmission (or a control command) a client must hurry: see connection_made.
         self.handshake_deadline: asyncio.TimerHandle | None = None
@@ -160,6 +163,7 @@ class Connection(asyncio.BufferedProtocol):
         self.pool.clear()
         self.server.connections.discard(self)
         if self.export is not None:
+            self.server.export_stats.closed_connection(self.export.name, self.stats)
             self.export.close()
         self.closed.set()
         if exc is not None:
@@ -353,6 +357,7 @@ class Connection(asyncio.BufferedProtocol):
         self.session = session
         self.writable = not session.tflags & p.TFLAG_READ_ONLY
         srv = self.server
+        srv.export_stats.opened(export.name)
         tune_send_buffer(self.transport.get_extra_info("socket") if self.transport else None,
                          srv.budget.limit, srv.max_connections)
         self.rx = bytearray(max(RX_BUFFER, len(rest)))  # rest: at most one handshake read
@@ -404,6 +409,7 @@ class Connection(asyncio.BufferedProtocol):
                 if cmd == p.CMD_WRITE and length > MAX_DRAIN:
                     raise p.ProtocolError(f"WRITE payload of {length} bytes")
                 log.debug("%s refused: %s", p.CMD_NAMES.get(cmd, cmd), reason)
+                self.stats.refused(cmd, err)
                 self._fail(cookie, cmd, err, reason)
                 if cmd == p.CMD_WRITE:  # its payload is read and dropped, never stored
                     skip = min(end - pos, length)
@@ -463,6 +469,8 @@ class Connection(asyncio.BufferedProtocol):
                        offset: int, length: int, payload: bytearray | None,
                        charge: int) -> None:
         replies = self.replies
+        start = monotonic_ns()
+        error = 0
         try:
             if cmd == p.CMD_READ:  # here, not in a coroutine of its own: the hot path
                 session = self.session
@@ -507,11 +515,21 @@ class Connection(asyncio.BufferedProtocol):
             # Only READ and BLOCK_STATUS need structured replies; the rest may stay simple.
             replies.ok(cookie)
         except OSError as e:
-            self._fail(cookie, cmd, p.nbd_error(e.errno), e.strerror or str(e))
+            error = p.nbd_error(e.errno)
+            self._fail(cookie, cmd, error, e.strerror or str(e))
         except Exception as e:
+            error = p.NBD_EIO
             log.exception("%s failed in %s", p.CMD_NAMES[cmd], device.describe())
             self._fail(cookie, cmd, p.NBD_EIO, f"internal error: {type(e).__name__}")
         finally:
+            # The figures, inline (a method call costs more than the increments): stats.py.
+            stats = self.stats
+            stats.requests[cmd] += 1
+            stats.bytes[cmd] += length
+            stats.latency[cmd][((monotonic_ns() - start) >> 10).bit_length()] += 1
+            if error:
+                key = (cmd, error)
+                stats.errors[key] = stats.errors.get(key, 0) + 1
             if charge:
                 self._give(charge)
             self.inflight -= 1

@@ -30,6 +30,7 @@ from minidisk.nbd.exports import (
 from minidisk.nbd.listen import Listeners, raise_fd_limit
 from minidisk.nbd.malloc_tuning import TRIM_THRESHOLD, give_back, keep_buffers_on_heap
 from minidisk.nbd.negotiation import ControlHandler, TLSMode
+from minidisk.nbd.stats import ExportStats
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class NBDServer:
         self.control = control
         self.control_policy = control_policy
         self.connections: set[Connection] = set()
+        self.export_stats = ExportStats()  # per-export request figures (stats.py)
         # Connections in every phase count; one more is closed before the greeting (as
         # nbdkit's limit filter and nbd-server's maxconnections refuse), not left waiting
         # in the backlog, which is as long as the limit so that a burst is never refused.
@@ -137,6 +139,13 @@ class NBDServer:
                 conn.begin_shutdown()
                 closing.append(conn.closed)
         return closing
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Every export's request figures so far: its closed connections' and its open
+        ones' (stats.py)."""
+        return self.export_stats.snapshot([(conn.export.name, conn.stats)
+                                           for conn in self.connections
+                                           if conn.export is not None])
 
     @property
     def unix_paths(self) -> list[str]:

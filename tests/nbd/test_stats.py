@@ -1,0 +1,116 @@
+"""Request figures (nbd/stats.py): what libnbd sends is what `minidisk stats` counts, per
+export across connections, errors by errno, latencies in their buckets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests import harness
+from tests.harness import SYSTEM_PYTHON, run_cli, scaled
+
+from minidisk.nbd import protocol as p
+from minidisk.nbd.stats import ExportStats, RequestStats, bucket_bound_us, percentile_us
+
+# libnbd, not strict: it sends a WRITE to a read-only export instead of refusing it itself.
+CLIENT = """
+import sys, nbd
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+for i in range(10):
+    h.pread(4096, i * 4096)
+h.pwrite(bytes(8192), 0) if sys.argv[2] == "rw" else None
+try:
+    h.pwrite(bytes(512), 0) if sys.argv[2] == "ro" else None
+except nbd.Error as e:
+    print(e.errno)
+h.flush()
+h.shutdown()
+"""
+
+
+def _client(uri: str, mode: str) -> str:
+    return subprocess.run([SYSTEM_PYTHON, "-c", CLIENT, uri, mode], capture_output=True,
+                          text=True, check=True, timeout=scaled(60)).stdout
+
+
+def test_figures_of_closed_and_open_connections_add_up() -> None:
+    closed = RequestStats()
+    closed.requests[p.CMD_READ] = 3
+    closed.bytes[p.CMD_READ] = 3 * 4096
+    closed.latency[p.CMD_READ][4] = 3
+    live = RequestStats()
+    live.requests[p.CMD_READ] = 1
+    live.bytes[p.CMD_READ] = 512
+    live.latency[p.CMD_READ][10] = 1
+    live.refused(p.CMD_WRITE, p.NBD_EPERM)
+    live.refused(99, p.NBD_EINVAL)
+    exports = ExportStats()
+    exports.opened("d")
+    exports.opened("d")
+    exports.closed_connection("d", closed)
+    closed.requests[p.CMD_READ] = 1000  # the export kept a copy, not this object
+    snapshot = exports.snapshot([("d", live)])
+    assert snapshot == {"d": {"connections": 2, "commands": {
+        "READ": {"requests": 4, "bytes": 3 * 4096 + 512, "errors": {},
+                 "latency_us": {"16": 3, "1049": 1}},
+        "WRITE": {"requests": 1, "bytes": 0, "errors": {"EPERM": 1}, "latency_us": {}},
+        "other": {"requests": 1, "bytes": 0, "errors": {"EINVAL": 1}, "latency_us": {}}}}}
+
+
+def test_bucket_bounds_and_percentiles() -> None:
+    assert [bucket_bound_us(b) for b in range(7)] == [1, 2, 4, 8, 16, 33, 66]
+    latency = {"8": 90, "66": 9, "1049": 1}
+    assert percentile_us(latency, 0.5) == 8
+    assert percentile_us(latency, 0.99) == 66
+    assert percentile_us(latency, 1.0) == 1049
+    assert percentile_us({}, 0.5) is None
+
+
+def test_stats_counts_what_libnbd_sent(short_tmp: Path) -> None:
+    server = harness.serve(short_tmp, "--memory", "d=1M")
+    ro = harness.serve(short_tmp, "--memory", "r=1M", "--read-only", name="ro")
+    try:
+        _client(server.uri("d"), "rw")
+        _client(server.uri("d"), "rw")
+        assert _client(ro.uri("r"), "ro").strip() == "EPERM"  # from the server
+        figures = json.loads(run_cli("stats", "--json", server.url, check=True).stdout)
+        d = figures["exports"]["d"]
+        assert d["connections"] == 2
+        commands = d["commands"]
+        assert {name: (row["requests"], row["bytes"], row["errors"])
+                for name, row in commands.items()} == {
+            "READ": (20, 20 * 4096, {}), "WRITE": (2, 2 * 8192, {}), "FLUSH": (2, 0, {})}
+        assert sum(commands["READ"]["latency_us"].values()) == 20
+        assert figures["connections"] == []  # both have closed
+        refused = json.loads(run_cli("stats", "--json", ro.url, check=True).stdout)
+        assert refused["exports"]["r"]["commands"]["WRITE"] == {
+            "requests": 1, "bytes": 0, "errors": {"EPERM": 1}, "latency_us": {}}
+        table = run_cli("stats", server.url, check=True).stdout.splitlines()
+        assert table[0].split() == ["EXPORT", "CONNS", "COMMAND", "REQUESTS", "BYTES",
+                                    "ERRORS", "P50_US", "P99_US"]
+        assert table[1].split()[:6] == ["d", "2", "READ", "20", str(20 * 4096), "-"]
+    finally:
+        server.stop()
+        ro.stop()
+
+
+def test_an_open_connection_is_listed_with_its_own_figures(short_tmp: Path) -> None:
+    server = harness.serve(short_tmp, "--memory", "d=1M")
+    holder = subprocess.Popen([SYSTEM_PYTHON, "-c",
+                               "import sys, nbd\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n"
+                               "h.pread(512, 0)\nprint('read', flush=True)\nsys.stdin.read()\n",
+                               server.uri("d")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "read\n"
+        figures = json.loads(run_cli("stats", "--json", server.url, check=True).stdout)
+        [conn] = figures["connections"]
+        assert conn["peer"] == f"pid {holder.pid} (uid 0)" and conn["export"] == "d"
+        assert conn["commands"]["READ"]["requests"] == 1
+        assert figures["exports"]["d"]["commands"]["READ"]["bytes"] == 512
+    finally:
+        harness.stop_process(holder)
+        server.stop()
