@@ -83,7 +83,10 @@ def test_stats_counts_what_libnbd_sent(short_tmp: Path) -> None:
         assert {name: (row["requests"], row["bytes"], row["errors"])
                 for name, row in commands.items()} == {
             "READ": (20, 20 * 4096, {}), "WRITE": (2, 2 * 8192, {}), "FLUSH": (2, 0, {})}
-        assert sum(commands["READ"]["latency_us"].values()) == 20
+        # Timed: the first request of each connection (a READ), then every 16th.
+        assert figures["latency_sample"] == 16
+        assert sum(commands["READ"]["latency_us"].values()) == 2
+        assert sum(sum(row["latency_us"].values()) for row in commands.values()) == 2
         assert figures["connections"] == []  # both have closed
         refused = json.loads(run_cli("stats", "--json", ro.url, check=True).stdout)
         assert refused["exports"]["r"]["commands"]["WRITE"] == {

@@ -47,6 +47,7 @@ from minidisk.nbd.client import RemoteDevice
 from minidisk.nbd.exports import Access, Administrators, ExportPolicy, Identity, authenticated
 from minidisk.nbd.negotiation import TLSMode
 from minidisk.nbd.server import NBDServer, new_event_loop
+from minidisk.nbd.stats import LATENCY_SAMPLE
 from minidisk.nbd.tls import server_context
 from minidisk.nbd.uri import format_uri
 
@@ -173,7 +174,8 @@ class Daemon:
         return {"clients": self.clients()}
 
     async def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"exports": self.server.stats(), "connections": self.clients(with_stats=True)}
+        return {"exports": self.server.stats(), "connections": self.clients(with_stats=True),
+                "latency_sample": LATENCY_SAMPLE}
 
     async def _halt(self, args: dict[str, Any]) -> dict[str, Any]:
         """Sync, then stop -- also when a device cannot be flushed (a remote export whose

@@ -33,7 +33,7 @@ from minidisk.nbd.inline import run_inline
 from minidisk.nbd.listen import drop_dead_peers, peer_identity
 from minidisk.nbd.negotiation import Negotiation, TransmissionTerms
 from minidisk.nbd.reply_writer import ReplyWriter, tune_send_buffer
-from minidisk.nbd.stats import RequestStats
+from minidisk.nbd.stats import LATENCY_SAMPLE_MASK, RequestStats
 from minidisk.nbd.transport import Transport
 
 if TYPE_CHECKING:
@@ -104,6 +104,11 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = asyncio.Event()
         self.since = time.time()  # when it was accepted (`minidisk clients`)
         self.stats = RequestStats()  # this connection's requests (stats.py)
+        # Its lists, one attribute lookup away on the hot path.
+        self.stat_requests, self.stat_bytes = self.stats.requests, self.stats.bytes
+        self.stat_latency = self.stats.latency
+        # Requests begun: every LATENCY_SAMPLE-th is timed, the first one included.
+        self.served = LATENCY_SAMPLE_MASK
         self.tasks: set[asyncio.Task[None]] = set()
         # Until transmission (or a control command) a client must hurry: see connection_made.
         self.handshake_deadline: asyncio.TimerHandle | None = None
@@ -469,8 +474,10 @@ class Connection(asyncio.BufferedProtocol):
                        offset: int, length: int, payload: bytearray | None,
                        charge: int) -> None:
         replies = self.replies
-        start = monotonic_ns()
-        error = 0
+        # Timing costs two clock reads (~0.3 µs here): every 16th request is timed, while
+        # every one is counted (stats.py).
+        served = self.served = self.served + 1
+        start = 0 if served & LATENCY_SAMPLE_MASK else monotonic_ns()
         try:
             if cmd == p.CMD_READ:  # here, not in a coroutine of its own: the hot path
                 session = self.session
@@ -516,20 +523,18 @@ class Connection(asyncio.BufferedProtocol):
             replies.ok(cookie)
         except OSError as e:
             error = p.nbd_error(e.errno)
+            self.stats.failed(cmd, error)
             self._fail(cookie, cmd, error, e.strerror or str(e))
         except Exception as e:
-            error = p.NBD_EIO
             log.exception("%s failed in %s", p.CMD_NAMES[cmd], device.describe())
+            self.stats.failed(cmd, p.NBD_EIO)
             self._fail(cookie, cmd, p.NBD_EIO, f"internal error: {type(e).__name__}")
         finally:
             # The figures, inline (a method call costs more than the increments): stats.py.
-            stats = self.stats
-            stats.requests[cmd] += 1
-            stats.bytes[cmd] += length
-            stats.latency[cmd][((monotonic_ns() - start) >> 10).bit_length()] += 1
-            if error:
-                key = (cmd, error)
-                stats.errors[key] = stats.errors.get(key, 0) + 1
+            self.stat_requests[cmd] += 1
+            self.stat_bytes[cmd] += length
+            if start:
+                self.stat_latency[cmd][((monotonic_ns() - start) >> 10).bit_length()] += 1
             if charge:
                 self._give(charge)
             self.inflight -= 1

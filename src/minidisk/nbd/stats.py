@@ -10,7 +10,10 @@ its live ones', read at `snapshot` time. Nothing here does I/O: the `stats` cont
 
 Bucket b of a command's histogram counts requests served in [2**(b-1), 2**b) units of 1024
 ns (~1 µs; bucket 0: under 1 µs). Served means from the request's parse to its reply being
-queued: a request the device answers at once shows the server's own cost.
+queued: a request the device answers at once shows the server's own cost. Only every
+LATENCY_SAMPLE-th request of a connection is timed: two clock reads cost ~0.3 µs on these
+VMs, 2 % of a 4 KiB request's whole server time, where the issue allows 3 % for all the
+figures together; counts, bytes and errors are of every request.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from minidisk.nbd import protocol as p
 COMMANDS = 8  # READ .. BLOCK_STATUS: the commands a request can carry to the device
 BUCKETS = 48  # 2**47 µs is 4 years: no service time falls off the end
 UNIT_NS = 1024  # latency bucket unit (a shift, not a division, on the hot path)
+LATENCY_SAMPLE = 16  # one request in this many is timed
+LATENCY_SAMPLE_MASK = LATENCY_SAMPLE - 1
 
 
 class RequestStats:
@@ -35,6 +40,11 @@ class RequestStats:
         self.bytes = [0] * COMMANDS
         self.errors: dict[tuple[int, int], int] = {}
         self.latency = [[0] * BUCKETS for _ in range(COMMANDS)]
+
+    def failed(self, cmd: int, error: int) -> None:
+        """A request the device answered with `error` (counted as served by the caller)."""
+        key = (cmd, error)
+        self.errors[key] = self.errors.get(key, 0) + 1
 
     def refused(self, cmd: int, error: int) -> None:
         """A request answered with `error` before it reached the device (checks, shutdown)."""
@@ -60,7 +70,7 @@ class RequestStats:
 
     def to_json(self) -> dict[str, Any]:
         """Only the commands that were sent: {name: {requests, bytes, errors: {errno name:
-        count}, latency_us: {bucket upper bound: count}}}."""
+        count}, latency_us: {bucket upper bound: count of the timed sample}}}."""
         out: dict[str, Any] = {}
         for cmd in range(COMMANDS):
             errors = {ERRNO_NAMES.get(err, str(err)): count
