@@ -45,6 +45,7 @@ def test_figures_of_closed_and_open_connections_add_up() -> None:
     live.requests[p.CMD_READ] = 1
     live.bytes[p.CMD_READ] = 512
     live.latency[p.CMD_READ][10] = 1
+    live.latency_ns[p.CMD_READ] = 1000_500
     live.refused(p.CMD_WRITE, p.NBD_EPERM)
     live.refused(99, p.NBD_EINVAL)
     exports = ExportStats()
@@ -55,9 +56,11 @@ def test_figures_of_closed_and_open_connections_add_up() -> None:
     snapshot = exports.snapshot([("d", live)])
     assert snapshot == {"d": {"connections": 2, "commands": {
         "READ": {"requests": 4, "bytes": 3 * 4096 + 512, "errors": {},
-                 "latency_us": {"16": 3, "1049": 1}},
-        "WRITE": {"requests": 1, "bytes": 0, "errors": {"EPERM": 1}, "latency_us": {}},
-        "other": {"requests": 1, "bytes": 0, "errors": {"EINVAL": 1}, "latency_us": {}}}}}
+                 "latency_us": {"16": 3, "1049": 1}, "latency_sum_us": 1000.5},
+        "WRITE": {"requests": 1, "bytes": 0, "errors": {"EPERM": 1}, "latency_us": {},
+                  "latency_sum_us": 0},
+        "other": {"requests": 1, "bytes": 0, "errors": {"EINVAL": 1}, "latency_us": {},
+                  "latency_sum_us": 0}}}}
 
 
 def test_bucket_bounds_and_percentiles() -> None:
@@ -90,7 +93,8 @@ def test_stats_counts_what_libnbd_sent(short_tmp: Path) -> None:
         assert figures["connections"] == []  # both have closed
         refused = json.loads(run_cli("stats", "--json", ro.url, check=True).stdout)
         assert refused["exports"]["r"]["commands"]["WRITE"] == {
-            "requests": 1, "bytes": 0, "errors": {"EPERM": 1}, "latency_us": {}}
+            "requests": 1, "bytes": 0, "errors": {"EPERM": 1}, "latency_us": {},
+            "latency_sum_us": 0}
         table = run_cli("stats", server.url, check=True).stdout.splitlines()
         assert table[0].split() == ["EXPORT", "CONNS", "COMMAND", "REQUESTS", "BYTES",
                                     "ERRORS", "P50_US", "P99_US"]

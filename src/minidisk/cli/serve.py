@@ -80,6 +80,9 @@ from minidisk.nbd.transport import Transport
               help="Captive mode (nbdkit's): serve, run the shell command CMD with $uri, "
                    "$sock (or $port) and $exportname set, stop when it exits, exit with its "
                    "status. Without a URL the socket is private and temporary.")
+@click.option("--metrics", metavar="URL",
+              help="Serve Prometheus metrics (the figures of `minidisk stats`) over HTTP at "
+                   "tcp://IP:PORT/, path /metrics.")
 @click.option("--exit-with-parent", is_flag=True, default=None,
               help="Stop when the process that started the server exits (implies -f).")
 @click.option("--dlm", metavar="URL", help="Also host the lock manager at URL (unix://PATH).")

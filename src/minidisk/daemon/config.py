@@ -28,6 +28,7 @@ The TOML file can say everything the flags say, under the flags' long names::
     print_uri = true                              # --print-uri: the client URIs on stdout
     run = "nbdcopy $uri disk.img"                 # --run CMD: serve while CMD runs (captive)
     exit_with_parent = false                      # --exit-with-parent: stop when it exits
+    metrics = "tcp://127.0.0.1:9100/"             # --metrics URL: Prometheus /metrics
     dlm = "unix:///run/minidisk/dlm.sock"         # --dlm URL: host the lock manager too
     directory = "/var/lib/minidisk/directory.sqlite"  # --directory FILE: govern linking
     link_dlm = "unix:///run/minidisk/dlm.sock"    # --link-dlm URL: lock manager for links
@@ -47,6 +48,7 @@ from typing import Any
 from minidisk.namespace import SizeError, parse_size
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.negotiation import TLSMode
+from minidisk.nbd.transport import Transport
 
 _LISTS = ("url", "memory", "null", "file", "drive", "nbd", "table", "admin_subject")
 _SCALARS = {"ram": str, "read_only": bool, "read_write": bool, "tls": str, "tls_certificates": str,
@@ -54,7 +56,7 @@ _SCALARS = {"ram": str, "read_only": bool, "read_write": bool, "tls": str, "tls_
             "directory": str, "link_dlm": str, "link_lease": int, "busy_poll_us": int,
             "max_connections": int, "handshake_timeout": int, "peer_timeout": int,
             "payload_budget": str, "pid_file": str, "print_uri": bool, "run": str,
-            "exit_with_parent": bool}
+            "exit_with_parent": bool, "metrics": str}
 # Integer settings: (smallest, largest, unit for the error message).
 _BOUNDED = {"busy_poll_us": (0, 10_000, "microseconds"),
             "link_lease": (1, 86_400, "seconds"),
@@ -107,6 +109,7 @@ class DaemonConfig:
     print_uri: bool = False  # print each export's client URI once serving (nbdkit's)
     run: str | None = None  # captive mode: serve while this shell command runs
     exit_with_parent: bool = False  # stop when the process that started us exits
+    metrics: str | None = None  # tcp://IP:PORT/ of the Prometheus endpoint (metrics.py)
     busy_poll_us: int = 0  # 0: the NBD server never busy-polls (see minidisk.busypoll)
     max_connections: int = 1024  # open connections (any phase); more are closed at once
     handshake_timeout: int = 10  # seconds a client has to reach transmission (qemu: 10)
@@ -170,6 +173,10 @@ class DaemonConfig:
         config.print_uri = bool(m.get("print_uri", False))
         config.run = m.get("run") or None
         config.exit_with_parent = bool(m.get("exit_with_parent", False))
+        config.metrics = m.get("metrics") or None
+        if config.metrics is not None and parse_url(config.metrics).kind is not Transport.TCP:
+            raise ValueError(f"--metrics {config.metrics}: give tcp://IP:PORT/ (Prometheus "
+                             "scrapes over HTTP)")
         for name, (low, high, unit) in _BOUNDED.items():
             value = m.get(name, getattr(config, name))
             if type(value) is not int or not low <= value <= high:

@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minidisk.daemon import captive, etfs
 from minidisk.daemon.config import DaemonConfig, socket_activated
@@ -50,6 +50,9 @@ from minidisk.nbd.server import NBDServer, new_event_loop
 from minidisk.nbd.stats import LATENCY_SAMPLE
 from minidisk.nbd.tls import server_context
 from minidisk.nbd.uri import format_uri
+
+if TYPE_CHECKING:
+    from minidisk.daemon.metrics import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class Daemon:
         self.control.update(etfs.control_handlers(self.namespace))
         self.control.update(dm_control.control_handlers(self.dm))
         self.dlm: DlmService | None = None
+        self.metrics: MetricsEndpoint | None = None
         self.links: LinkAuthority | None = None
         if config.directory:
             self._start_link_layer(config.directory)
@@ -239,6 +243,13 @@ class Daemon:
                 # permissions, decides who gets what (ungoverned exports: administrators).
                 for path in self.server.unix_paths:
                     os.chmod(path, 0o666)
+            if self.config.metrics:
+                from minidisk.daemon.metrics import FiguresCollector, MetricsEndpoint
+
+                self.metrics = MetricsEndpoint(FiguresCollector(self.server.stats,
+                                                                self._open_by_export))
+                await self.metrics.start(self.config.metrics)
+                log.info("metrics on http://%s:%d/metrics", *self.metrics.address())
             if self.config.pid_file:
                 write_pid_file(self.config.pid_file)
         except BaseException:
@@ -297,7 +308,16 @@ class Daemon:
             if device.suspended:
                 device.revoke()
 
+    def _open_by_export(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for conn in self.server.connections:
+            if conn.export is not None:
+                counts[conn.export.name] = counts.get(conn.export.name, 0) + 1
+        return counts
+
     async def close_services(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.links is not None:
             await self.links.aclose()
         if self.dlm is not None:

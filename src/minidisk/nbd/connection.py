@@ -106,7 +106,7 @@ class Connection(asyncio.BufferedProtocol):
         self.stats = RequestStats()  # this connection's requests (stats.py)
         # Its lists, one attribute lookup away on the hot path.
         self.stat_requests, self.stat_bytes = self.stats.requests, self.stats.bytes
-        self.stat_latency = self.stats.latency
+        self.stat_latency, self.stat_latency_ns = self.stats.latency, self.stats.latency_ns
         # Requests begun: every LATENCY_SAMPLE-th is timed, the first one included.
         self.served = LATENCY_SAMPLE_MASK
         self.tasks: set[asyncio.Task[None]] = set()
@@ -534,7 +534,9 @@ class Connection(asyncio.BufferedProtocol):
             self.stat_requests[cmd] += 1
             self.stat_bytes[cmd] += length
             if start:
-                self.stat_latency[cmd][((monotonic_ns() - start) >> 10).bit_length()] += 1
+                took = monotonic_ns() - start
+                self.stat_latency[cmd][(took >> 10).bit_length()] += 1
+                self.stat_latency_ns[cmd] += took
             if charge:
                 self._give(charge)
             self.inflight -= 1

@@ -33,13 +33,14 @@ class RequestStats:
     """One connection's figures (or an export's sum of them). The lists are indexed by the
     command's number (protocol.CMD_*); `errors` maps (command, NBD errno) to a count."""
 
-    __slots__ = ("requests", "bytes", "errors", "latency")
+    __slots__ = ("requests", "bytes", "errors", "latency", "latency_ns")
 
     def __init__(self) -> None:
         self.requests = [0] * COMMANDS
         self.bytes = [0] * COMMANDS
         self.errors: dict[tuple[int, int], int] = {}
         self.latency = [[0] * BUCKETS for _ in range(COMMANDS)]
+        self.latency_ns = [0] * COMMANDS  # the timed requests' total time (a histogram's sum)
 
     def failed(self, cmd: int, error: int) -> None:
         """A request the device answered with `error` (counted as served by the caller)."""
@@ -57,6 +58,7 @@ class RequestStats:
         for cmd in range(COMMANDS):
             self.requests[cmd] += other.requests[cmd]
             self.bytes[cmd] += other.bytes[cmd]
+            self.latency_ns[cmd] += other.latency_ns[cmd]
             mine, theirs = self.latency[cmd], other.latency[cmd]
             for bucket in range(BUCKETS):
                 mine[bucket] += theirs[bucket]
@@ -80,12 +82,13 @@ class RequestStats:
             out[p.CMD_NAMES.get(cmd, str(cmd))] = {
                 "requests": self.requests[cmd], "bytes": self.bytes[cmd], "errors": errors,
                 "latency_us": {str(bucket_bound_us(b)): n
-                               for b, n in enumerate(self.latency[cmd]) if n}}
+                               for b, n in enumerate(self.latency[cmd]) if n},
+                "latency_sum_us": round(self.latency_ns[cmd] / 1000, 3)}
         other = {ERRNO_NAMES.get(err, str(err)): count
                  for (c, err), count in sorted(self.errors.items()) if c == -1}
         if other:
             out["other"] = {"requests": sum(other.values()), "bytes": 0, "errors": other,
-                            "latency_us": {}}
+                            "latency_us": {}, "latency_sum_us": 0}
         return out
 
 
