@@ -493,6 +493,8 @@ def main() -> int:
     settings_runtime = args.runtime or (3 if args.quick else 10)
     only: list[str] = args.only or []
     server_names = [s for s in args.servers.split(",") if s]
+    if "baseline" in server_names:  # a column --baseline adds by itself, not a server name
+        parser.error("--servers: 'baseline' is the column of --baseline REV; leave it out")
     if args.baseline:
         server_names.insert(server_names.index("minidisk") + 1 if "minidisk" in server_names
                             else 0, "baseline")
