@@ -121,3 +121,26 @@ def test_an_open_connection_is_listed_with_its_own_figures(short_tmp: Path) -> N
     finally:
         harness.stop_process(holder)
         server.stop()
+
+
+def test_top_shows_totals_and_rates(short_tmp: Path) -> None:
+    server = harness.serve(short_tmp, "--memory", "d=1M")
+    try:
+        _client(server.uri("d"), "rw")
+        top = subprocess.Popen([harness.MINIDISK, "top", "-n", "2", "-d", "5", server.url],
+                               stdout=subprocess.PIPE, text=True)
+        assert top.stdout is not None
+        first = ""
+        while not first.endswith("\n\n"):  # the first update's block, up to its blank line
+            line = top.stdout.readline()
+            assert line, f"top ended before its first update ended: {first!r}"
+            first += line
+        _client(server.uri("d"), "rw")  # between the two updates (5 s apart)
+        second, _ = top.communicate(timeout=scaled(60))
+        assert top.returncode == 0
+        reads = [line.split() for line in (first, second)
+                 for line in [next(row for row in line.splitlines() if " READ " in row)]]
+        assert reads[0][:2] == ["d", "READ"] and reads[0][4:] == ["10", "0"]
+        assert reads[1][4:] == ["20", "0"] and float(reads[1][2]) > 0  # 10 more, as a rate
+    finally:
+        server.stop()

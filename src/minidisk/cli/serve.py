@@ -231,6 +231,54 @@ def stats(server: str | None, url: str | None, as_json: bool) -> None:
                              for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
+@click.command()
+@server_option
+@click.argument("url", required=False)
+@click.option("--interval", "-d", type=click.FloatRange(0.1), default=1.0, show_default=True,
+              help="Seconds between updates.")
+@click.option("--count", "-n", type=click.IntRange(1), help="Stop after this many updates.")
+def top(server: str | None, url: str | None, interval: float, count: int | None) -> None:
+    """A live view of a server: per export and command, requests and bytes per second,
+    errors, connections; refreshed in place on a terminal, one block per update otherwise."""
+    target = require_server(server, url)
+    tty = sys.stdout.isatty()
+    before: dict[tuple[str, str], tuple[int, int]] = {}
+    shown_updates = 0
+    then = time.monotonic()
+    try:
+        while count is None or shown_updates < count:
+            try:
+                figures = control_client.call(target, "stats")
+            except control_client.ControlError as e:
+                fail(str(e))
+            now = time.monotonic()
+            lines = [f"minidisk top: {target}  {time.strftime('%H:%M:%S')}  "
+                     f"{len(figures['connections'])} connection(s)",
+                     f"{'EXPORT':<16} {'COMMAND':<12} {'REQ/S':>10} {'MB/S':>10} "
+                     f"{'REQUESTS':>12} {'ERRORS':>8}"]
+            for name, export in figures["exports"].items():
+                for command, row in export["commands"].items():
+                    key = (name, command)
+                    requests, nbytes = row["requests"], row["bytes"]
+                    old_requests, old_bytes = before.get(key, (requests, nbytes))
+                    elapsed = max(now - then, 1e-9)
+                    lines.append(f"{printable(name.lstrip('/'))[:16]:<16} {command:<12} "
+                                 f"{(requests - old_requests) / elapsed:>10.0f} "
+                                 f"{(nbytes - old_bytes) / elapsed / 1e6:>10.1f} "
+                                 f"{requests:>12} {sum(row['errors'].values()):>8}")
+                    before[key] = (requests, nbytes)
+            then = now
+            if tty:
+                click.echo("\x1b[H\x1b[2J" + "\n".join(lines))
+            else:
+                click.echo("\n".join(lines) + "\n")
+            shown_updates += 1
+            if count is None or shown_updates < count:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
 def _running(pid: int) -> bool:
     """True while `pid` runs; a zombie (a server that is its caller's own child) has exited."""
     try:
@@ -314,4 +362,5 @@ def register(cli: click.Group) -> None:
     cli.add_command(halt)
     cli.add_command(clients)
     cli.add_command(stats)
+    cli.add_command(top)
     cli.add_command(etfs)
