@@ -3,6 +3,7 @@ HTTP side as bounded as the NBD one."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from tests import harness
 from tests.harness import SYSTEM_PYTHON, scaled
 
 from minidisk.daemon.metrics import HEAD_LIMIT, MAX_SCRAPERS
+from minidisk.dlm.client import connect
+from minidisk.dlm.modes import Mode
 
 READS = """
 import sys, nbd
@@ -99,4 +102,38 @@ def test_an_oversized_request_head_is_dropped_and_scrapers_are_bounded(short_tmp
     finally:
         for sock in held:
             sock.close()
+        server.stop()
+
+
+def test_the_hosted_lock_managers_grants_and_waits(short_tmp: Path) -> None:
+    dlm_url = f"unix://{short_tmp}/dlm.sock"
+    server = harness.serve(short_tmp, "--memory", "d=1M", "--dlm", dlm_url,
+                           "--metrics", "tcp://127.0.0.1:0/", verbose=True)
+
+    async def contend() -> None:
+        async with connect(dlm_url, name="first") as first, \
+                connect(dlm_url, name="second") as second:
+            held = first.lock("dom", "res", Mode.EX)
+            assert await held.acquire()
+            waiter = second.lock("dom", "res", Mode.EX)
+            waiting = asyncio.ensure_future(waiter.acquire())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            await held.release(wait=True)
+            assert await waiting
+            await waiter.release(wait=True)
+
+    try:
+        port = _metrics_port(server)
+        asyncio.run(contend())
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(_scrape(port))
+                   for s in family.samples}
+        assert samples[("minidisk_dlm_grants_total", (("when", "at_once"),))] == 1
+        assert samples[("minidisk_dlm_grants_total", (("when", "after_wait"),))] == 1
+        assert samples[("minidisk_dlm_waits_total", ())] == 1
+        assert samples[("minidisk_dlm_waiting", ())] == 0
+        assert samples[("minidisk_dlm_wait_seconds_count", ())] == 1
+        assert samples[("minidisk_dlm_wait_seconds_sum", ())] >= 0.3  # it waited that long
+    finally:
         server.stop()

@@ -246,8 +246,9 @@ class Daemon:
             if self.config.metrics:
                 from minidisk.daemon.metrics import FiguresCollector, MetricsEndpoint
 
-                self.metrics = MetricsEndpoint(FiguresCollector(self.server.stats,
-                                                                self._open_by_export))
+                self.metrics = MetricsEndpoint(FiguresCollector(
+                    self.server.stats, self._open_by_export,
+                    lambda: self.dlm.figures if self.dlm is not None else None))
                 await self.metrics.start(self.config.metrics)
                 log.info("metrics on http://%s:%d/metrics", *self.metrics.address())
             if self.config.pid_file:

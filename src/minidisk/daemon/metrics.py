@@ -29,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from minidisk.dlm.figures import DlmFigures
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.transport import Transport
 
@@ -44,9 +45,11 @@ class FiguresCollector:
     command's result (exports → connections, commands) and `connections()` the open ones."""
 
     def __init__(self, figures: Callable[[], dict[str, dict[str, Any]]],
-                 open_connections: Callable[[], dict[str, int]]) -> None:
+                 open_connections: Callable[[], dict[str, int]],
+                 dlm: Callable[[], DlmFigures | None] = lambda: None) -> None:
         self.figures = figures
         self.open_connections = open_connections
+        self.dlm = dlm
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("minidisk_requests", "NBD requests served",
@@ -83,6 +86,34 @@ class FiguresCollector:
                 buckets.append(("+Inf", seen))
                 latency.add_metric(labels, buckets, sum_value=row["latency_sum_us"] / 1e6)
         yield from (requests, payload, errors, latency, opened, connected)
+        dlm = self.dlm()
+        if dlm is not None:
+            yield from self._lock_manager(dlm)
+
+    @staticmethod
+    def _lock_manager(dlm: DlmFigures) -> Iterator[Metric]:
+        """The hosted lock manager's (--dlm) grants and waits (dlm/figures.py)."""
+        grants = CounterMetricFamily("minidisk_dlm_grants", "Locks granted",
+                                     labels=["when"])
+        grants.add_metric(["at_once"], dlm.granted_at_once)
+        grants.add_metric(["after_wait"], dlm.granted_after_wait)
+        yield grants
+        yield CounterMetricFamily("minidisk_dlm_waits", "Lock requests that queued",
+                                  value=dlm.waited)
+        yield CounterMetricFamily("minidisk_dlm_refusals", "Lock requests answered with an "
+                                  "error", value=dlm.refused)
+        yield GaugeMetricFamily("minidisk_dlm_waiting", "Lock requests queued now",
+                                value=dlm.waiting())
+        wait = HistogramMetricFamily("minidisk_dlm_wait_seconds",
+                                     "From a queued request to its grant")
+        buckets, seen = [], 0
+        for bucket, count in enumerate(dlm.wait_latency):
+            if count:
+                seen += count
+                buckets.append((repr(round((1 << bucket) * 1.024) / 1e6), seen))
+        buckets.append(("+Inf", seen))
+        wait.add_metric([], buckets, sum_value=dlm.wait_ns / 1e9)
+        yield wait
 
 
 class MetricsEndpoint:

@@ -38,6 +38,7 @@ from typing import Any, cast
 from minidisk import busypoll
 from minidisk.dlm import protocol
 from minidisk.dlm.engine import DlmError, Engine
+from minidisk.dlm.figures import DlmFigures
 from minidisk.dlm.limits import Limits
 from minidisk.dlm.listing import Cursor
 from minidisk.dlm.messages import (
@@ -215,6 +216,7 @@ class DlmService:
         self._closed = asyncio.Event()
         self.busy_poll = busypoll.budget_from_env() if busy_poll is None else busy_poll
         self.poller: busypoll.AsyncioPoller | None = None
+        self.figures = DlmFigures()  # grants, waits, wait times (figures.py)
 
     async def start(self, path: str) -> None:
         parent = os.path.dirname(os.path.abspath(path))
@@ -299,6 +301,10 @@ class DlmService:
                 conn.refs[request.ref] = lkid
                 self._routes[lkid] = (conn, request.ref)
                 first = events[0] if events else None
+                if type(first) is Granted and first.lkid == lkid:
+                    self.figures.granted_at_once += 1
+                else:
+                    self.figures.queued(lkid)
                 if conn.granted_reply and type(first) is Granted and first.lkid == lkid:
                     # Granted at once: the grant is the reply (its own event is always first).
                     conn.send_frame(protocol.encode_granted(
@@ -325,6 +331,7 @@ class DlmService:
                 return
         except DlmError as err:
             events = err.events
+            self.figures.refused += 1
             conn.send_frame(protocol.encode_error(request.call_id, err.errno or errno.EIO,
                                                   err.detail))
         if events:
@@ -344,10 +351,13 @@ class DlmService:
 
     def deliver(self, events: list[Event]) -> None:
         routes = self._routes
+        figures = self.figures
         for event in events:
             route = routes.get(event.lkid)
             if route is None:
                 continue
+            if type(event) is Granted:
+                figures.granted(event.lkid)
             conn, ref = route
             conn.send_frame(_event_frame(event, ref))
             if type(event) is Cancelled and event.mode is None:
@@ -374,6 +384,7 @@ class DlmService:
         self.connections.discard(conn)
         for lkid in conn.refs.values():
             self._routes.pop(lkid, None)
+            self.figures.forget(lkid)
         conn.refs.clear()
         self.deliver(self.engine.owner_gone(conn))
         self.flush()
@@ -398,6 +409,7 @@ class DlmService:
         lkid = conn.refs.pop(ref, None)
         if lkid is not None:
             self._routes.pop(lkid, None)
+            self.figures.forget(lkid)
 
     def _lkid_of(self, conn: _Connection, ref: int) -> int:
         try:
