@@ -69,6 +69,14 @@ def test_one_line_naming_the_value(tmp_path: Path, args: list[str], named: str) 
     assert not list(tmp_path.iterdir())
 
 
+def _wait_for_socket(sock: Path, server: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    for _ in range(300):  # up to 15 s for the server to listen
+        if sock.exists() or server.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert sock.exists(), f"the server did not start (status {server.poll()})"
+
+
 def test_halt_of_a_tls_server_says_how(short_tmp: Path) -> None:
     from tests.pki import Authority
 
@@ -78,11 +86,7 @@ def test_halt_of_a_tls_server_says_how(short_tmp: Path) -> None:
                                "d=1M", "--tls", "require", "--tls-certificates",
                                str(short_tmp / "pki"), f"unix://{sock}"])
     try:
-        for _ in range(300):  # up to 15 s for the server to listen
-            if sock.exists() or server.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert sock.exists(), "the TLS server did not start"
+        _wait_for_socket(sock, server)
         env = {k: v for k, v in os.environ.items() if k != "MINIDISK_TLS_CERTIFICATES"}
         run = subprocess.run([sys.executable, "-m", "minidisk", "halt", f"unix://{sock}"],
                              capture_output=True, text=True, timeout=30, env=env)
@@ -112,11 +116,7 @@ def test_a_file_this_user_may_not_write_is_served_read_only(short_tmp: Path) -> 
     sock = run_dir / "s.sock"
     server = _nobody_serves(["--file", f"d={image}", f"unix://{sock}"], short_tmp)
     try:
-        for _ in range(300):  # up to 15 s for the server to listen
-            if sock.exists() or server.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert sock.exists(), "the server did not start"
+        _wait_for_socket(sock, server)
         info = subprocess.run(["nbdinfo", "--json", f"nbd+unix:///d?socket={sock}"],
                               capture_output=True, text=True, timeout=30, check=True)
         assert '"is_read_only": true' in info.stdout
