@@ -14,6 +14,7 @@ APT_PACKAGES=(
   qemu-system-x86 busybox-static                       # the VM harness (tests/vm)
   nbd-client                                           # compared with ours in the guest
   systemd                                              # systemd-analyze verify of the shipped units
+  groff-base man-db                                    # the man pages' lint and rendering
 )
 
 missing=()

@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "halt": ("serve", "Flush caches, sync host files and stop the server at URL (or --server)."),
     "link": ("link", "Link DISK (owner.disk), attach it and, given MOUNTPOINT, mount it (ro for "
                      "read links)."),
+    "man": ("manpages", "Manual pages made from the commands: print COMMAND's (troff; `man -l -` "
+                        "shows it), or write them all with --install DIR."),
     "quickstart": ("quickstart", "Serve a memory disk, attach it, mkfs.ext4, mount, write and "
                                  "read, show status."),
     "quickstart-vmlink": ("vmlink_demo", "Serve alice's disk, grant it, and read a file by "
