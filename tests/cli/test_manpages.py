@@ -47,3 +47,17 @@ def test_install_writes_man1_and_a_bad_command_is_one_line(tmp_path: Path) -> No
     bad = run_cli("man", "nosuch")
     assert bad.returncode == 2
     assert bad.stderr.splitlines() == ["minidisk: no command 'nosuch': see `minidisk --help`"]
+
+
+def _complete(words: str, shell: str = "bash") -> list[str]:
+    done = run_cli(env={"COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1),
+                        "_MINIDISK_COMPLETE": f"{shell}_complete"}, check=True)
+    return [line.split(",", 1)[1] for line in done.stdout.splitlines()]
+
+
+def test_shell_completion_as_the_readme_documents_it() -> None:
+    script = run_cli(env={"_MINIDISK_COMPLETE": "bash_source"}, check=True).stdout
+    assert "complete -o nosort -F _minidisk_completion minidisk" in script
+    assert _complete("minidisk se") == ["serve"]
+    assert _complete("minidisk serve --pid") == ["--pid-file"]
+    assert _complete("minidisk dlm s") == ["serve", "status"]
