@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import click
-from tests.harness import run_cli
+from tests.harness import ROOT, run_cli
 
 from minidisk.cli.main import COMMANDS, cli
 from minidisk.cli.manpages import pages
@@ -61,3 +62,15 @@ def test_shell_completion_as_the_readme_documents_it() -> None:
     assert _complete("minidisk se") == ["serve"]
     assert _complete("minidisk serve --pid") == ["--pid-file"]
     assert _complete("minidisk dlm s") == ["serve", "status"]
+
+
+def test_the_python_api_reference_is_what_the_code_says() -> None:
+    """docs/api.md is generated from the signatures and docstrings; a change to either
+    without regenerating it fails here."""
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "api_reference.py"),
+                            "--check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    reference = (ROOT / "docs" / "api.md").read_text()
+    for name in ("serve_object", "from_object", "BlockDevice.pwrite", "connect(",
+                 "Lock.acquire", "class `Mode`"):
+        assert name in reference, name

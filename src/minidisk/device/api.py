@@ -85,15 +85,20 @@ class BlockDevice:
     caps: Caps = Caps()
 
     async def pread(self, buf: memoryview, offset: int) -> None:
+        """Fill all of `buf` with the bytes at `offset` (the server's reply buffer)."""
         raise OSError(errno.EOPNOTSUPP, "read not implemented")
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        """Write all of `buf` at `offset`; with `fua`, durably before returning. `buf` is
+        the server's, valid until this returns: keep a copy, not the view."""
         raise OSError(errno.EOPNOTSUPP, "write not implemented")
 
     async def flush(self) -> None:
+        """Make every completed write durable (NBD_CMD_FLUSH)."""
         raise OSError(errno.EOPNOTSUPP, "flush not implemented")
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard the range: its contents become unspecified (NBD_CMD_TRIM, a hint)."""
         raise OSError(errno.EOPNOTSUPP, "trim not implemented")
 
     async def zero(

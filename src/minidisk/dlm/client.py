@@ -122,9 +122,11 @@ class DlmClient:
                     on_blocking=on_blocking)
 
     async def join(self, domain: str) -> None:
+        """Become a member of `domain` (as dlmfs's mkdir; locks join it by themselves)."""
         await self._call("join", domain=domain)
 
     async def leave(self, domain: str) -> None:
+        """Stop being a member of `domain` (EBUSY while this client holds locks in it)."""
         await self._call("leave", domain=domain)
 
     async def drop(self, domain: str, name: str) -> None:
@@ -266,6 +268,7 @@ class DlmClient:
             raise DlmError(errno.ENOTCONN, "connection to the lock manager lost")
 
     def flush_deferred(self) -> None:
+        """Write out the requests queued this loop iteration (scheduled by the client)."""
         self._flush_scheduled = False
         if self._out and not self.blocked and not self.closed:
             self.write_pending()

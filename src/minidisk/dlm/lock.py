@@ -85,6 +85,7 @@ class Lock:
 
     @property
     def held(self) -> bool:
+        """Whether the lock is granted now (in any mode)."""
         return self.mode is not None
 
     async def acquire(self, blocking: bool = True, timeout: float | None = None, *,
