@@ -19,7 +19,7 @@ import sys, nbd
 h = nbd.NBD()
 h.set_strict_mode(0)
 h.connect_uri(sys.argv[1])
-for i in range(10):
+for i in range(20):
     h.pread(4096, i * 4096)
 h.pwrite(bytes(8192), 0) if sys.argv[2] == "rw" else None
 try:
@@ -85,8 +85,9 @@ def test_stats_counts_what_libnbd_sent(short_tmp: Path) -> None:
         commands = d["commands"]
         assert {name: (row["requests"], row["bytes"], row["errors"])
                 for name, row in commands.items()} == {
-            "READ": (20, 20 * 4096, {}), "WRITE": (2, 2 * 8192, {}), "FLUSH": (2, 0, {})}
-        # Timed: the first request of each connection (a READ), then every 16th.
+            "READ": (40, 40 * 4096, {}), "WRITE": (2, 2 * 8192, {}), "FLUSH": (2, 0, {})}
+        # Timed: the requests whose cookie is a multiple of 16: libnbd counts from 1, so
+        # each connection's 16th request (a READ).
         assert figures["latency_sample"] == 16
         assert sum(commands["READ"]["latency_us"].values()) == 2
         assert sum(sum(row["latency_us"].values()) for row in commands.values()) == 2
@@ -98,7 +99,7 @@ def test_stats_counts_what_libnbd_sent(short_tmp: Path) -> None:
         table = run_cli("stats", server.url, check=True).stdout.splitlines()
         assert table[0].split() == ["EXPORT", "CONNS", "COMMAND", "REQUESTS", "BYTES",
                                     "ERRORS", "P50_US", "P99_US"]
-        assert table[1].split()[:6] == ["d", "2", "READ", "20", str(20 * 4096), "-"]
+        assert table[1].split()[:6] == ["d", "2", "READ", "40", str(40 * 4096), "-"]
     finally:
         server.stop()
         ro.stop()
@@ -140,7 +141,7 @@ def test_top_shows_totals_and_rates(short_tmp: Path) -> None:
         assert top.returncode == 0
         reads = [line.split() for line in (first, second)
                  for line in [next(row for row in line.splitlines() if " READ " in row)]]
-        assert reads[0][:2] == ["d", "READ"] and reads[0][4:] == ["10", "0"]
-        assert reads[1][4:] == ["20", "0"] and float(reads[1][2]) > 0  # 10 more, as a rate
+        assert reads[0][:2] == ["d", "READ"] and reads[0][4:] == ["20", "0"]
+        assert reads[1][4:] == ["40", "0"] and float(reads[1][2]) > 0  # 20 more, as a rate
     finally:
         server.stop()

@@ -60,8 +60,8 @@ class FiguresCollector:
         errors = CounterMetricFamily("minidisk_request_errors", "Requests that failed",
                                      labels=["export", "command", "errno"])
         latency = HistogramMetricFamily("minidisk_request_latency_seconds",
-                                        "Service time of the timed sample (one request in "
-                                        "16)", labels=["export", "command"])
+                                        "Service time of the timed sample (requests whose "
+                                        "cookie is a multiple of 16)", labels=["export", "command"])
         opened = CounterMetricFamily("minidisk_connections_opened",
                                      "Connections that opened the export",
                                      labels=["export"])
