@@ -10,8 +10,9 @@ from pathlib import Path
 from tests import harness
 from tests.harness import SYSTEM_PYTHON, run_cli, scaled
 
+from minidisk.histogram import bucket_bound_us, percentile_us
 from minidisk.nbd import protocol as p
-from minidisk.nbd.stats import ExportStats, RequestStats, bucket_bound_us, percentile_us
+from minidisk.nbd.stats import ExportStats, RequestStats
 
 # libnbd, not strict: it sends a WRITE to a read-only export instead of refusing it itself.
 CLIENT = """
@@ -54,7 +55,7 @@ def test_figures_of_closed_and_open_connections_add_up() -> None:
     exports.closed_connection("d", closed)
     closed.requests[p.CMD_READ] = 1000  # the export kept a copy, not this object
     snapshot = exports.snapshot([("d", live)])
-    assert snapshot == {"d": {"connections": 2, "commands": {
+    assert snapshot == {"d": {"connections": 2, "open": 1, "commands": {
         "READ": {"requests": 4, "bytes": 3 * 4096 + 512, "errors": {},
                  "latency_us": {"16": 3, "1049": 1}, "latency_sum_us": 1000.5},
         "WRITE": {"requests": 1, "bytes": 0, "errors": {"EPERM": 1}, "latency_us": {},

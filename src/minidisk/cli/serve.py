@@ -206,7 +206,7 @@ def clients(server: str | None, url: str | None, as_json: bool) -> None:
               help="Everything as JSON: per export and per connection, with histograms.")
 def stats(server: str | None, url: str | None, as_json: bool) -> None:
     """Requests, bytes, errors and latency per export and command (as nbdkit's stats)."""
-    from minidisk.nbd.stats import percentile_us
+    from minidisk.histogram import percentile_us
 
     target = require_server(server, url)
     try:

@@ -247,7 +247,7 @@ class Daemon:
                 from minidisk.daemon.metrics import FiguresCollector, MetricsEndpoint
 
                 self.metrics = MetricsEndpoint(FiguresCollector(
-                    self.server.stats, self._open_by_export,
+                    self.server.stats,
                     lambda: self.dlm.figures if self.dlm is not None else None))
                 await self.metrics.start(self.config.metrics)
                 log.info("metrics on http://%s:%d/metrics", *self.metrics.address())
@@ -308,13 +308,6 @@ class Daemon:
         for device in list(self.dm.devices.values()):
             if device.suspended:
                 device.revoke()
-
-    def _open_by_export(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for conn in self.server.connections:
-            if conn.export is not None:
-                counts[conn.export.name] = counts.get(conn.export.name, 0) + 1
-        return counts
 
     async def close_services(self) -> None:
         if self.metrics is not None:

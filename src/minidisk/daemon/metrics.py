@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from minidisk.dlm.figures import DlmFigures
+from minidisk.histogram import as_json
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.transport import Transport
 
@@ -40,15 +41,25 @@ HEAD_TIMEOUT = 10.0  # seconds to send them
 MAX_SCRAPERS = 16  # connections served at once; more are closed at once
 
 
+def _buckets(latency_us: dict[str, int]) -> list[tuple[str, int]]:
+    """An as_json() histogram (minidisk.histogram) as Prometheus's cumulative buckets, in
+    seconds, ending with +Inf."""
+    buckets, seen = [], 0
+    for bound, count in sorted(latency_us.items(), key=lambda item: int(item[0])):
+        seen += count
+        buckets.append((repr(int(bound) / 1e6), seen))
+    buckets.append(("+Inf", seen))
+    return buckets
+
+
 class FiguresCollector:
-    """A prometheus-client collector over `figures()`, which returns the `stats` control
-    command's result (exports → connections, commands) and `connections()` the open ones."""
+    """A prometheus-client collector over `figures()`, the per-export part of the `stats`
+    control command's result (exports → connections, open, commands), and the hosted lock
+    manager's figures, if any."""
 
     def __init__(self, figures: Callable[[], dict[str, dict[str, Any]]],
-                 open_connections: Callable[[], dict[str, int]],
                  dlm: Callable[[], DlmFigures | None] = lambda: None) -> None:
         self.figures = figures
-        self.open_connections = open_connections
         self.dlm = dlm
 
     def collect(self) -> Iterator[Metric]:
@@ -67,24 +78,18 @@ class FiguresCollector:
                                      labels=["export"])
         connected = GaugeMetricFamily("minidisk_connections", "Connections open now",
                                       labels=["export"])
-        now = self.open_connections()
         for name, export in self.figures().items():
             export_name = name.lstrip("/")
             opened.add_metric([export_name], export["connections"])
-            connected.add_metric([export_name], now.get(name, 0))
+            connected.add_metric([export_name], export["open"])
             for command, row in export["commands"].items():
                 labels = [export_name, command]
                 requests.add_metric(labels, row["requests"])
                 payload.add_metric(labels, row["bytes"])
                 for err, count in row["errors"].items():
                     errors.add_metric([*labels, err], count)
-                buckets, seen = [], 0
-                for bound, count in sorted(row["latency_us"].items(),
-                                           key=lambda item: int(item[0])):
-                    seen += count
-                    buckets.append((repr(int(bound) / 1e6), seen))
-                buckets.append(("+Inf", seen))
-                latency.add_metric(labels, buckets, sum_value=row["latency_sum_us"] / 1e6)
+                latency.add_metric(labels, _buckets(row["latency_us"]),
+                                   sum_value=row["latency_sum_us"] / 1e6)
         yield from (requests, payload, errors, latency, opened, connected)
         dlm = self.dlm()
         if dlm is not None:
@@ -106,13 +111,7 @@ class FiguresCollector:
                                 value=dlm.waiting())
         wait = HistogramMetricFamily("minidisk_dlm_wait_seconds",
                                      "From a queued request to its grant")
-        buckets, seen = [], 0
-        for bucket, count in enumerate(dlm.wait_latency):
-            if count:
-                seen += count
-                buckets.append((repr(round((1 << bucket) * 1.024) / 1e6), seen))
-        buckets.append(("+Inf", seen))
-        wait.add_metric([], buckets, sum_value=dlm.wait_ns / 1e9)
+        wait.add_metric([], _buckets(as_json(dlm.wait_latency)), sum_value=dlm.wait_ns / 1e9)
         yield wait
 
 

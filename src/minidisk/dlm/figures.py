@@ -11,7 +11,7 @@ from __future__ import annotations
 from time import monotonic_ns
 from typing import Any
 
-BUCKETS = 48
+from minidisk.histogram import BUCKETS, as_json, bucket_of
 
 
 class DlmFigures:
@@ -37,7 +37,7 @@ class DlmFigures:
         if since is not None:
             took = monotonic_ns() - since
             self.granted_after_wait += 1
-            self.wait_latency[min((took >> 10).bit_length(), BUCKETS - 1)] += 1
+            self.wait_latency[bucket_of(took)] += 1
             self.wait_ns += took
 
     def forget(self, lkid: int) -> None:
@@ -51,6 +51,5 @@ class DlmFigures:
         return {"granted_at_once": self.granted_at_once, "waited": self.waited,
                 "granted_after_wait": self.granted_after_wait, "refused": self.refused,
                 "waiting": self.waiting(),
-                "wait_us": {str(round((1 << b) * 1.024)): n
-                            for b, n in enumerate(self.wait_latency) if n},
+                "wait_us": as_json(self.wait_latency),
                 "wait_sum_us": round(self.wait_ns / 1000, 3)}

@@ -8,25 +8,24 @@ its export's (`ExportStats`), so that an export's totals are its closed connecti
 its live ones', read at `snapshot` time. Nothing here does I/O: the `stats` control command
 (daemon) and `minidisk stats` present it.
 
-Bucket b of a command's histogram counts requests served in [2**(b-1), 2**b) units of 1024
-ns (~1 µs; bucket 0: under 1 µs). Served means from the request's parse to its reply being
-queued: a request the device answers at once shows the server's own cost. Only requests
-whose cookie is a multiple of LATENCY_SAMPLE are timed (one in 16 for clients that count
-their cookies up, as libnbd, qemu and nbdkit's clients do; the kernel's are tags, so its
-sample leans to the lower tags): two clock reads and a per-connection counter cost ~0.3 µs
-on these VMs, a 4 KiB request's whole server time is ~8 µs, and the issue allows 3 % for all
-the figures together. Counts, bytes and errors are of every request.
+A command's histogram is a minidisk.histogram one (log2 buckets of ~1 µs) of service
+times, from the request's parse to its reply being queued: a request the device answers at
+once shows the server's own cost. Only requests whose cookie is a multiple of
+LATENCY_SAMPLE are timed (one in 16 for clients that count their cookies up, as libnbd, qemu
+and nbdkit's clients do; the kernel's are tags, so its sample leans to the lower tags): two
+clock reads cost ~0.4 µs on these VMs, a 4 KiB request's whole server time is ~8 µs, and
+the issue allows 3 % for all the figures together. Counts, bytes and errors are of every
+request.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from minidisk.histogram import BUCKETS, as_json
 from minidisk.nbd import protocol as p
 
 COMMANDS = 8  # READ .. BLOCK_STATUS: the commands a request can carry to the device
-BUCKETS = 48  # 2**47 µs is 4 years: no service time falls off the end
-UNIT_NS = 1024  # latency bucket unit (a shift, not a division, on the hot path)
 LATENCY_SAMPLE = 16  # one request in this many is timed
 LATENCY_SAMPLE_MASK = LATENCY_SAMPLE - 1
 
@@ -83,8 +82,7 @@ class RequestStats:
                 continue
             out[p.CMD_NAMES.get(cmd, str(cmd))] = {
                 "requests": self.requests[cmd], "bytes": self.bytes[cmd], "errors": errors,
-                "latency_us": {str(bucket_bound_us(b)): n
-                               for b, n in enumerate(self.latency[cmd]) if n},
+                "latency_us": as_json(self.latency[cmd]),
                 "latency_sum_us": round(self.latency_ns[cmd] / 1000, 3)}
         other = {ERRNO_NAMES.get(err, str(err)): count
                  for (c, err), count in sorted(self.errors.items()) if c == -1}
@@ -92,24 +90,6 @@ class RequestStats:
             out["other"] = {"requests": sum(other.values()), "bytes": 0, "errors": other,
                             "latency_us": {}, "latency_sum_us": 0}
         return out
-
-
-def bucket_bound_us(bucket: int) -> int:
-    """The upper bound of `bucket` in whole microseconds, rounded (its requests took less)."""
-    return round((1 << bucket) * UNIT_NS / 1000)
-
-
-def percentile_us(latency: dict[str, int], fraction: float) -> int | None:
-    """The bucket bound below which `fraction` of the requests in a to_json() histogram fell."""
-    total = sum(latency.values())
-    if not total:
-        return None
-    seen = 0
-    for bound, count in sorted(latency.items(), key=lambda item: int(item[0])):
-        seen += count
-        if seen >= fraction * total:
-            return int(bound)
-    return None
 
 
 ERRNO_NAMES = {p.NBD_EPERM: "EPERM", p.NBD_EIO: "EIO", p.NBD_ENOMEM: "ENOMEM",
@@ -136,10 +116,13 @@ class ExportStats:
             total.add(stats)
 
     def snapshot(self, live: list[tuple[str, RequestStats]]) -> dict[str, dict[str, Any]]:
-        """{export: {connections, commands}}: the closed connections' figures plus `live`
-        (each open connection's export name and figures)."""
+        """{export: {connections (ever), open (now), commands}}: the closed connections'
+        figures plus `live` (each open connection's export name and figures)."""
         totals = {name: stats.copy() for name, stats in self.closed.items()}
+        open_now: dict[str, int] = {}
         for name, stats in live:
             totals.setdefault(name, RequestStats()).add(stats)
+            open_now[name] = open_now.get(name, 0) + 1
         return {name: {"connections": self.connections.get(name, 0),
+                       "open": open_now.get(name, 0),
                        "commands": totals[name].to_json()} for name in sorted(totals)}
