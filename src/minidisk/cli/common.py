@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -46,3 +46,12 @@ def printable(text: str) -> str:
         else:
             out.append(c)
     return "".join(out)
+
+
+def echo_table(rows: Sequence[Sequence[str]]) -> None:
+    """Rows in columns two spaces apart, each column as wide as its widest cell; the last one
+    unpadded (it may be long: a URI), as `losetup -a` lays its columns out."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        click.echo("  ".join([*cells, row[-1]]))

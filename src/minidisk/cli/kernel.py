@@ -7,6 +7,7 @@ import os
 import click
 
 from minidisk import kernel
+from minidisk.cli.common import echo_table
 from minidisk.kernel.defaults import DEFAULT_PERSIST_WAIT, DEFAULT_TIMEOUT, MAX_CONNECTIONS
 
 
@@ -69,10 +70,7 @@ def list_attachments() -> None:
     rows = [("DEVICE", "METHOD", "PID", "URI")]
     for a in kernel.attachments():
         rows.append((a.device, a.method, str(a.helpers[0].pid) if a.helpers else "-", a.uri))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
-        click.echo("  ".join([*cells, row[3]]))
+    echo_table(rows)
 
 
 @click.command()

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from minidisk import control_client
-from minidisk.cli.common import fail, printable, require_server, server_option
+from minidisk.cli.common import echo_table, fail, printable, require_server, server_option
 from minidisk.daemon.config import DaemonConfig
 from minidisk.daemon.daemon import run_daemon
 from minidisk.daemon.lifecycle import detach
@@ -193,10 +193,7 @@ def clients(server: str | None, url: str | None, as_json: bool) -> None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row["since"])))
         table.append((printable(str(row["peer"])), printable(str(row["export"])),
                       "rw" if row["writable"] else "ro", since, str(row["in_flight"])))
-    widths = [max(len(line[i]) for line in table) for i in range(4)]
-    for line in table:
-        cells = [cell.ljust(width) for cell, width in zip(line[:4], widths, strict=True)]
-        click.echo("  ".join([*cells, line[4]]))
+    echo_table(table)
 
 
 @click.command()
@@ -225,10 +222,7 @@ def stats(server: str | None, url: str | None, as_json: bool) -> None:
             table.append((printable(name.lstrip("/")), str(export["connections"]), command,
                           str(row["requests"]), str(row["bytes"]), errors,
                           "-" if p50 is None else str(p50), "-" if p99 is None else str(p99)))
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    for line in table:
-        click.echo("  ".join(cell.ljust(width)
-                             for cell, width in zip(line, widths, strict=True)).rstrip())
+    echo_table(table)
 
 
 @click.command()

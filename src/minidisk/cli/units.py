@@ -14,10 +14,10 @@ from minidisk.cli.common import fail
 
 def _executable() -> str:
     """This command's own path, as the units are to start it."""
-    found = shutil.which("minidisk")
     argv0 = os.path.abspath(sys.argv[0])
     if os.path.basename(argv0) == "minidisk" and os.access(argv0, os.X_OK):
         return argv0
+    found = shutil.which("minidisk")
     if found:
         return os.path.abspath(found)
     fail("cannot tell where the minidisk command is: run the units command as `minidisk`")
