@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
-
-log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # a command still running when the server stops gets this long after SIGTERM
 

@@ -44,7 +44,7 @@ class Readiness:
             self.fd = None
 
     def ready(self, lines: Sequence[str] = ()) -> None:
-        self._write("".join(["ok", *(f"\n{line}" for line in lines)]))
+        self._write("\n".join(["ok", *lines]))
 
     def failed(self, message: str) -> None:
         self._write("error: " + message)
