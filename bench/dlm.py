@@ -315,7 +315,7 @@ SERVICES: dict[str, int] = {}  # lock managers and mounts by name: their pids
 @contextmanager
 def dlm_server(tmp: Path, env: dict[str, str], name: str = "dlm") -> Iterator[str]:
     path = tmp / f"{name}.sock"
-    proc = subprocess.Popen([PYTHON, "-m", "minidisk", "dlm", "serve", f"unix://{path}"],
+    proc = subprocess.Popen([PYTHON, "-m", "minidisk", "dlm", "serve", "-f", f"unix://{path}"],
                             stdout=subprocess.PIPE, text=True, env=env)
     SERVICES[name] = proc.pid
     try:
@@ -336,7 +336,7 @@ def dlmfs_mount(tmp: Path, url: str, env: dict[str, str], name: str = "mnt",
     to and fro with another's."""
     mnt = tmp / name
     mnt.mkdir()
-    proc = subprocess.Popen([PYTHON, "-m", "minidisk", "dlmfs", str(mnt), "--server", url,
+    proc = subprocess.Popen([PYTHON, "-m", "minidisk", "dlmfs", "-f", str(mnt), "--server", url,
                              *options], env=env)
     SERVICES[name] = proc.pid
     try:

@@ -16,6 +16,21 @@ import stat
 from pathlib import Path
 
 
+def state_root() -> Path:
+    """Where minidisk keeps its state (attachments, links): $MINIDISK_STATE_DIR; else
+    /run/minidisk for root, and for another user $XDG_RUNTIME_DIR/minidisk (systemd's
+    /run/user/UID), else /tmp/minidisk-UID, which private_dir accepts only as that user's
+    own 0700 directory."""
+    if configured := os.environ.get("MINIDISK_STATE_DIR"):
+        return Path(configured)
+    uid = os.geteuid()
+    if uid == 0:
+        return Path("/run/minidisk")
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(runtime) / "minidisk"
+    return Path(f"/tmp/minidisk-{uid}")
+
+
 class UntrustedDirectory(PermissionError):
     def __init__(self, message: str) -> None:
         super().__init__(errno.EPERM, message)

@@ -55,7 +55,7 @@ def serving(path: str, *options: str, env: Mapping[str, str] | None = None
             ) -> Iterator[Server]:
     """`minidisk dlm serve unix://PATH OPTIONS...` once it listens (its log PATH.log);
     stopped afterwards."""
-    started = harness.start([MINIDISK, "dlm", "serve", f"unix://{path}", *options],
+    started = harness.start([MINIDISK, "dlm", "serve", "-f", f"unix://{path}", *options],
                             Path(path).with_suffix(".log"), _listening, env=env)
     server = Server(started.proc, started.log, path)
     try:
@@ -74,7 +74,7 @@ def dlm_server(short_tmp: Path) -> Iterator[Server]:
 def dlmfs(dlm_server: Server, short_tmp: Path) -> Iterator[Mount]:
     mnt = short_tmp / "mnt"
     mnt.mkdir()
-    mount = harness.start([MINIDISK, "dlmfs", str(mnt), "--server", dlm_server.url,
+    mount = harness.start([MINIDISK, "dlmfs", "-f", str(mnt), "--server", dlm_server.url,
                            "--wait-limit", "2"], short_tmp / "dlmfs.log",
                           lambda process: os.path.ismount(mnt), timeout=15)
     try:

@@ -115,8 +115,8 @@ def other() -> Iterator[Other]:
 def mounted(server: Server, mnt: Path, *options: str) -> Iterator[Mount]:
     """`minidisk dlmfs MNT --server URL OPTIONS...` once mounted; unmounted afterwards."""
     mnt.mkdir()
-    process = subprocess.Popen([MINIDISK, "dlmfs", str(mnt), "--server", server.url, *options],
-                               text=True)
+    process = subprocess.Popen([MINIDISK, "dlmfs", "-f", str(mnt), "--server", server.url,
+                                *options], text=True)
     try:
         deadline = time.monotonic() + 15
         while not os.path.ismount(mnt):

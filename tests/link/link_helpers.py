@@ -229,7 +229,7 @@ def running_automounter(site: Site, timeout: int = 2, **env: str
     root = site.root / "vmlink"
     # The expiry is scaled too: where every step is slower, a mount must outlive the steps
     # a test takes before it looks at it.
-    automounter = harness.start([MINIDISK, "-v", "automount", str(root), "--timeout",
+    automounter = harness.start([MINIDISK, "-v", "automount", "-f", str(root), "--timeout",
                                  str(round(scaled(timeout)))], site.root / "automount.log",
                                 lambda _: autofs_mounted(root),
                                 env={**os.environ, **site.env, **env}, new_session=True)

@@ -92,7 +92,7 @@ def minidisk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     top = Path(tempfile.mkdtemp(prefix="dlmfs-oracle-", dir="/tmp"))
     top.chmod(0o755)  # the battery's nobody steps must reach the mounts
     sock = top / "dlm.sock"
-    server = subprocess.Popen([_bin("minidisk"), "dlm", "serve", f"unix://{sock}"],
+    server = subprocess.Popen([_bin("minidisk"), "dlm", "serve", "-f", f"unix://{sock}"],
                               stdout=subprocess.PIPE)
     mounts: list[tuple[Path, subprocess.Popen[bytes]]] = []
     try:
@@ -102,7 +102,7 @@ def minidisk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
             mnt = top / node
             mnt.mkdir()
             mounts.append((mnt, subprocess.Popen(
-                [_bin("minidisk"), "dlmfs", str(mnt), "--server", f"unix://{sock}"])))
+                [_bin("minidisk"), "dlmfs", "-f", str(mnt), "--server", f"unix://{sock}"])))
         deadline = time.monotonic() + 20
         for mnt, process in mounts:
             while not os.path.ismount(mnt):

@@ -7,7 +7,14 @@ import os
 
 import click
 
-from minidisk.cli.common import fail, require_server, server_option
+from minidisk.cli.common import (
+    FOREGROUND_HELP,
+    LOG_FILE_HELP,
+    fail,
+    require_server,
+    run_as_daemon,
+    server_option,
+)
 from minidisk.control_client import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.asuser import LocalUser
@@ -25,11 +32,14 @@ from minidisk.link.automount import Automounter, program_map_entry
 @click.option("--program-map", "key", metavar="KEY",
               help="Instead: link KEY and print an autofs map entry for it (for the stock "
               "automount daemon's program maps).")
+@click.option("-f", "--foreground", is_flag=True, help=FOREGROUND_HELP)
+@click.option("--log-file", metavar="FILE", help=LOG_FILE_HELP)
 def automount(server: str | None, root: str, timeout: int, tls_certificates: str | None,
-              key: str | None) -> None:
+              key: str | None, foreground: bool, log_file: str | None) -> None:
     """Serve ROOT (default /vmlink): entering ROOT/owner.disk links and mounts the disk.
 
-    Runs in the foreground until SIGTERM or Ctrl-C, then unmounts and unlinks everything.
+    It detaches once ROOT is mounted (-f: stays in the foreground) and serves until SIGTERM
+    or Ctrl-C, then unmounts and unlinks everything.
     """
     url = require_server(server)
     if key is not None:
@@ -42,11 +52,8 @@ def automount(server: str | None, root: str, timeout: int, tls_certificates: str
         return
     if os.geteuid() != 0:
         fail("the automounter mounts file systems: run it as root")
-    try:
-        Automounter(root, url, timeout, tls_certificates).run(
-            on_ready=lambda: click.echo(f"automounting {root}", err=True))
-    except OSError as e:
-        fail(str(e.strerror or e))
+    run_as_daemon("minidisk automount", foreground, log_file, lambda ready: Automounter(
+        root, url, timeout, tls_certificates).run(on_ready=lambda: ready("")))
 
 
 def _map_requester() -> LocalUser | None:

@@ -55,3 +55,41 @@ def echo_table(rows: Sequence[Sequence[str]]) -> None:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
         click.echo("  ".join([*cells, row[-1]]))
+
+
+FOREGROUND_HELP = "Stay in the foreground (by default it detaches once ready, as `serve` does)."
+LOG_FILE_HELP = "Where it logs once detached (default: syslog)."
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error: an OSError's "[Errno N] ..." prefix left out."""
+    if isinstance(err, OSError) and err.strerror and str(err).startswith("[Errno"):
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
+
+
+def run_as_daemon(command: str, foreground: bool, log_file: str | None,
+                  run: Callable[[Callable[[str], None]], None]) -> None:
+    """Run `run(ready)` here (in the foreground: `ready` prints its line, if any), or detach
+    first: the parent exits 0 once the child calls `ready`, else prints the child's one line
+    and exits non-zero, as `minidisk serve` does."""
+    if foreground:
+        try:
+            run(lambda line: print(line, flush=True) if line else None)
+        except (OSError, ValueError) as err:
+            fail(describe(err))
+        return
+    from minidisk.daemon.lifecycle import Readiness, detach
+
+    def child(readiness: Readiness) -> int:
+        try:
+            run(lambda line: readiness.ready([line] if line else []))
+        except (OSError, ValueError) as err:
+            readiness.failed(describe(err))
+            return 1
+        except BaseException as err:  # the parent must hear of it, whatever it is
+            readiness.failed(f"{type(err).__name__}: {err}")
+            raise
+        return 0
+
+    sys.exit(detach(child, log_file, command))

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from minidisk.cli.common import FOREGROUND_HELP, LOG_FILE_HELP, run_as_daemon
 from minidisk.dlm.limits import Limits
 
 SERVER_HELP = "Lock manager URL (default: $MINIDISK_DLM or unix:///run/minidisk/dlm.sock)."
@@ -28,6 +29,8 @@ def dlm() -> None:
 
 @dlm.command()
 @click.argument("url", required=False)
+@click.option("-f", "--foreground", is_flag=True, help=FOREGROUND_HELP)
+@click.option("--log-file", metavar="FILE", help=LOG_FILE_HELP)
 @click.option("--busy-poll-us", type=click.IntRange(0, 10_000), metavar="US",
               help="Keep polling this long after each request before sleeping (default: "
                    "$MINIDISK_DLM_BUSY_POLL_US, else 100; 0 = off).")
@@ -48,22 +51,22 @@ def dlm() -> None:
 @click.option("--max-resources", type=click.IntRange(1), default=Limits.resources,
               show_default=True,
               help="Resources, lock-free ones (which keep a value block) included.")
-def serve(url: str | None, busy_poll_us: int | None, max_clients: int,
-          max_prompt_clients: int, max_locks_per_client: int, max_domains_per_client: int,
-          max_locks: int, max_resources: int) -> None:
-    """Run a lock manager in the foreground on URL until SIGINT/SIGTERM. A client asking for
-    more than the limits allow gets an error (ENOLCK, EDQUOT, ENOSPC, EUSERS)."""
+def serve(url: str | None, foreground: bool, log_file: str | None, busy_poll_us: int | None,
+          max_clients: int, max_prompt_clients: int, max_locks_per_client: int,
+          max_domains_per_client: int, max_locks: int, max_resources: int) -> None:
+    """Run a lock manager on URL until SIGINT/SIGTERM; it detaches once it listens ("listening
+    on PATH"), unless -f. A client asking for more than the limits allow gets an error
+    (ENOLCK, EDQUOT, ENOSPC, EUSERS)."""
     from minidisk.dlm.service import run_dlm_service
 
     limits = Limits(clients=max_clients, prompt_clients=max_prompt_clients,
                     locks_per_client=max_locks_per_client,
                     domains_per_client=max_domains_per_client, locks=max_locks,
                     resources=max_resources)
-    try:
-        run_dlm_service(url, ready="listening on {path}", limits=limits,
-                        busy_poll=None if busy_poll_us is None else busy_poll_us / 1e6)
-    except (OSError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    busy_poll = None if busy_poll_us is None else busy_poll_us / 1e6
+    run_as_daemon("minidisk dlm serve", foreground, log_file, lambda ready: run_dlm_service(
+        url, ready=lambda path: ready(f"listening on {path}"), limits=limits,
+        busy_poll=busy_poll))
 
 
 def _with_client(url: str | None, work: Any) -> Any:
@@ -142,13 +145,15 @@ def purge(url: str | None, domain: str | None, pid: int | None) -> None:
               help="Local opens exclude each other as opens on other nodes do (an extension: "
                    "dlmfs leaves local exclusion to the programs).")
 @click.option("--debug-fuse", is_flag=True, help="Log every FUSE request.")
+@click.option("-f", "--foreground", is_flag=True, help=FOREGROUND_HELP)
+@click.option("--log-file", metavar="FILE", help=LOG_FILE_HELP)
 def dlmfs(mountpoint: str, url: str | None, wait_limit: float | None, exclusive: bool,
-          debug_fuse: bool) -> None:
-    """Mount the lock file system (OCFS2 dlmfs semantics) on MOUNTPOINT, in the foreground.
-    Unmount with `fusermount3 -u MOUNTPOINT` (or SIGINT/SIGTERM)."""
+          debug_fuse: bool, foreground: bool, log_file: str | None) -> None:
+    """Mount the lock file system (OCFS2 dlmfs semantics) on MOUNTPOINT; it detaches once
+    mounted (as `mount` returns), unless -f. Unmount with `fusermount3 -u MOUNTPOINT` (or
+    SIGINT/SIGTERM)."""
     from minidisk.dlmfs.mount import run_dlmfs
 
-    try:
-        run_dlmfs(mountpoint, url, wait_limit=wait_limit, exclusive=exclusive, debug=debug_fuse)
-    except (OSError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    run_as_daemon("minidisk dlmfs", foreground, log_file, lambda ready: run_dlmfs(
+        mountpoint, url, wait_limit=wait_limit, exclusive=exclusive, debug=debug_fuse,
+        ready=lambda: ready("")))

@@ -26,8 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "directory": ("link", "Owners, disks, passwords and grants: who may link what (z/VM's user "
                           "directory)."),
     "dlm": ("dlm", "The lock manager (VMS/Linux DLM semantics)."),
-    "dlmfs": ("dlm", "Mount the lock file system (OCFS2 dlmfs semantics) on MOUNTPOINT, in the "
-                     "foreground."),
+    "dlmfs": ("dlm", "Mount the lock file system (OCFS2 dlmfs semantics) on MOUNTPOINT; it "
+                     "detaches once mounted, unless -f."),
     "dmsetup": ("dmsetup", "Device-mapper on a running server, with dmsetup's commands and "
                            "output."),
     "etfs": ("serve", "Change the namespace of a running server (as rump_etfs)."),

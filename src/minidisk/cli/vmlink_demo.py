@@ -53,7 +53,7 @@ def _server(workdir: Path, env: dict[str, str]) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _automounter(root: Path, env: dict[str, str]) -> Iterator[None]:
-    proc = subprocess.Popen([sys.executable, "-m", "minidisk", "automount", str(root),
+    proc = subprocess.Popen([sys.executable, "-m", "minidisk", "automount", "-f", str(root),
                              "--timeout", "60"], env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 20

@@ -50,8 +50,11 @@ class Readiness:
         self._write("error: " + message)
 
 
-def detach(run: Callable[[Readiness], int], log_file: str | None) -> int:
-    """Fork; the child runs `run` in a new session; the parent waits for readiness."""
+def detach(run: Callable[[Readiness], int], log_file: str | None,
+           command: str = "minidisk serve") -> int:
+    """Fork; the child runs `run` in a new session; the parent waits for readiness and
+    returns 0 once the child is ready, or prints the child's one-line reason (prefixed with
+    `command`) and returns its exit status."""
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -86,8 +89,8 @@ def detach(run: Callable[[Readiness], int], log_file: str | None) -> int:
             print(line, flush=True)
         return 0
     _, status = os.waitpid(pid, 0)
-    message = report.removeprefix("error: ") or "server exited during start-up"
-    print(f"minidisk serve: {message}", file=sys.stderr)
+    message = report.removeprefix("error: ") or "exited during start-up"
+    print(f"{command}: {message}", file=sys.stderr)
     return os.waitstatus_to_exitcode(status) or 1
 
 

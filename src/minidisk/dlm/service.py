@@ -524,10 +524,10 @@ async def start_dlm_service(url: str | None = None, *, busy_poll: float | None =
     return service
 
 
-def run_dlm_service(url: str | None = None, *, ready: str | None = None,
+def run_dlm_service(url: str | None = None, *, ready: Callable[[str], None] | None = None,
                     busy_poll: float | None = None, limits: Limits | None = None) -> None:
-    """Serve in the foreground until SIGINT or SIGTERM (`minidisk dlm serve`). When `ready`
-    is given, print it on stdout once listening (for scripts that wait for the socket)."""
+    """Serve until SIGINT or SIGTERM (`minidisk dlm serve`). `ready` is called with the
+    socket's path once it listens (the CLI prints it, or tells the parent it detached from)."""
 
     async def main() -> None:
         service = await start_dlm_service(url, busy_poll=busy_poll, limits=limits)
@@ -535,7 +535,7 @@ def run_dlm_service(url: str | None = None, *, ready: str | None = None,
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(service.close()))
         if ready is not None:
-            print(ready.format(path=service.path), flush=True)
+            ready(service.path)
         await service.wait_closed()
 
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -17,16 +18,18 @@ log = logging.getLogger("minidisk.dlmfs")
 
 
 def run_dlmfs(mountpoint: str, url: str | None = None, *, wait_limit: float | None = None,
-              exclusive: bool = False, debug: bool = False) -> None:
-    """Mount dlmfs on `mountpoint` and serve it in the foreground. `wait_limit`: the longest a
-    blocking open waits (None: until granted); `exclusive`: local opens exclude each other."""
+              exclusive: bool = False, debug: bool = False,
+              ready: Callable[[], None] | None = None) -> None:
+    """Mount dlmfs on `mountpoint` and serve it until unmounted or signalled. `wait_limit`:
+    the longest a blocking open waits (None: until granted); `exclusive`: local opens
+    exclude each other; `ready` is called once the mount is there."""
     if wait_limit is not None and wait_limit <= 0:
         raise ValueError("the wait limit must be positive")
-    trio.run(_serve, mountpoint, url, wait_limit, exclusive, debug)
+    trio.run(_serve, mountpoint, url, wait_limit, exclusive, debug, ready)
 
 
 async def _serve(mountpoint: str, url: str | None, wait_limit: float | None, exclusive: bool,
-                 debug: bool) -> None:
+                 debug: bool, ready: Callable[[], None] | None) -> None:
     # prompt_unlock: an unlock counts once it is in the socket (the service handles it before
     # anyone's later request), so giving a lock way to another node costs no round trip.
     async with connect(url, name=f"dlmfs {mountpoint}", prompt_unlock=True) as client:
@@ -46,6 +49,8 @@ async def _serve(mountpoint: str, url: str | None, wait_limit: float | None, exc
             if debug:
                 options.add("debug")
             pyfuse3.init(fs, mountpoint, options)
+            if ready is not None:
+                ready()
             try:
                 nursery.start_soon(_terminate_on_signal)
                 await pyfuse3.main()  # returns once unmounted, or terminate()d by a signal

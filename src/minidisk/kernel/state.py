@@ -1,6 +1,7 @@
 """Per-attachment state, so that `detach` (another process, later) can find what `attach` made.
 
-Layout under the state directory ($MINIDISK_STATE_DIR, default /run/minidisk):
+Layout under the state directory (privatedir.state_root(): $MINIDISK_STATE_DIR, else
+/run/minidisk for root):
 
     attach/<dev>.json     one file per attachment, named after the kernel device (loop3, nbd0)
     attach/<id>/          private work directory (mode 0700) of an nbdfuse attachment:
@@ -24,13 +25,13 @@ from pathlib import Path
 
 from minidisk.kernel.commands import Helper
 from minidisk.kernel.errors import NotAttachedError
-from minidisk.privatedir import private_dir
+from minidisk.privatedir import private_dir, state_root
 
 STATE_VERSION = 1
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("MINIDISK_STATE_DIR", "/run/minidisk")) / "attach"
+    return state_root() / "attach"
 
 
 @dataclass

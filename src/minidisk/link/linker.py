@@ -48,7 +48,7 @@ from minidisk.link.names import DiskKey, parse_key
 from minidisk.nbd.listen import parse_url
 from minidisk.nbd.tls import client_context
 from minidisk.nbd.transport import Transport
-from minidisk.privatedir import UntrustedDirectory, private_dir
+from minidisk.privatedir import UntrustedDirectory, private_dir, state_root
 
 KEEPER_EXIT_GRACE = 10.0
 
@@ -112,7 +112,7 @@ class LinkState:
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("MINIDISK_STATE_DIR", "/run/minidisk")) / "link"
+    return state_root() / "link"
 
 
 _ID = re.compile(r"([a-z0-9][a-z0-9_-]{0,31}\.[0-9a-f]{4})(?:\.uid([0-9]{1,10}))?")

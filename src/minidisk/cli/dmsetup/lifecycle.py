@@ -30,6 +30,7 @@ from minidisk.cli.dmsetup.base import (
 )
 from minidisk.dm import report
 from minidisk.dm.commands import DmCommand
+from minidisk.dm.table import TableError, split_args
 
 
 def _read_table(table: str | None, table_file: str | None) -> str:
@@ -359,7 +360,13 @@ def message(inv: Invocation, args: tuple[str, ...]) -> None:
     if not rest[0].isdigit():
         refuse("Invalid sector.")  # dmsetup's words
     sector = int(rest[0])
-    result = inv.call(DmCommand.MESSAGE, {**device, "sector": sector, "args": list(rest[1:])},
+    # dmsetup joins its arguments with spaces and the kernel splits the message again on
+    # whitespace (dm_split_args), so `message pool 0 "create_thin 1"` is two words.
+    try:
+        words = split_args(" ".join(rest[1:]))
+    except TableError as err:
+        refuse(f"message: {err}")
+    result = inv.call(DmCommand.MESSAGE, {**device, "sector": sector, "args": words},
                       "message", label)["result"]
     if result:  # as dmsetup: a reply that ends its last line is printed as it is
         click.echo(result, nl=not result.endswith("\n"))
