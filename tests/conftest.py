@@ -4,7 +4,6 @@ tests/<area>/conftest.py; helpers that tests import live in tests/harness.py).""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import HealthCheck, settings
 from tests import harness
+
+from minidisk.link.autofs import kernel_has_autofs
 
 if TYPE_CHECKING:
     from tests.guest_scheduling import GuestUnits
@@ -46,18 +47,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     harness.stop_all()  # a server no fixture stopped must not outlive the run
-
-
-def kernel_has_autofs() -> bool:
-    """Whether this kernel mounts autofs: built in, or its module loads."""
-    def listed() -> bool:
-        with open("/proc/filesystems") as f:
-            return any(line.split()[-1:] == ["autofs"] for line in f)
-
-    if listed():
-        return True
-    subprocess.run(["modprobe", "-q", "autofs4"], capture_output=True)
-    return listed()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,45 @@ def test_a_wrong_output_or_a_failing_line_fails_the_chain() -> None:
     done, _, base = run_chain(chains(failing)[0])
     shutil.rmtree(base)
     assert done.returncode != 0 and "never" not in done.stdout
+
+
+def test_the_two_commands() -> None:
+    """The README's set-up block. Its second command is the one CI runs (.ci/run execs it:
+    this suite is its run); its first runs here as written, from the checkout, until the
+    quickstart asks for Ctrl-C, which it then gets: it must tear down and exit 0."""
+    (block,) = [b for b in BLOCKS if b.by == "test_the_two_commands"]
+    commands = [line.split("#")[0].strip() for line in block.text.splitlines()]
+    assert commands == ["./scripts/quickstart.sh", "./scripts/test.sh"]
+    assert "exec ./scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+    need_root()
+    proc = subprocess.Popen(["./scripts/quickstart.sh"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    output: list[str] = []
+    prompted = threading.Event()
+
+    def read() -> None:  # a thread: readline blocks, and the pipe's buffer hides from select
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if "Ctrl-C" in line:
+                prompted.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    prompted.wait(scaled(240))
+    try:
+        assert any("Ctrl-C" in line for line in output), "".join(output)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group
+        proc.wait(timeout=scaled(120))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+    report = "".join(output)
+    assert proc.returncode == 0, report
+    assert "done: nothing is left mounted, attached or listening" in output[-1], report
 
 
 def _mismatches(expected: list[Expectation]) -> list[str]:

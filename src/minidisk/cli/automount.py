@@ -18,6 +18,7 @@ from minidisk.cli.common import (
 from minidisk.control_client import TLS_ENV
 from minidisk.link import linker
 from minidisk.link.asuser import LocalUser
+from minidisk.link.autofs import NO_AUTOFS, kernel_has_autofs
 from minidisk.link.automount import Automounter, program_map_entry
 
 
@@ -52,6 +53,8 @@ def automount(server: str | None, root: str, timeout: int, tls_certificates: str
         return
     if os.geteuid() != 0:
         fail("the automounter mounts file systems: run it as root")
+    if not kernel_has_autofs():
+        fail(NO_AUTOFS.format(release=os.uname().release))
     run_as_daemon("minidisk automount", foreground, log_file, lambda ready: Automounter(
         root, url, timeout, tls_certificates).run(on_ready=lambda: ready("")))
 

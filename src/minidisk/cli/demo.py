@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 from pathlib import Path
@@ -17,9 +16,16 @@ def step(message: str) -> None:
 
 
 def wait_for_ctrl_c(message: str) -> None:
-    step(message)
-    with contextlib.suppress(KeyboardInterrupt):
-        signal.pause()
+    """Print `message` and wait for Ctrl-C (SIGINT) or SIGTERM. The signals are blocked
+    before the message appears and taken with sigwait, so one sent the moment the message is
+    read (by a script, or a quick hand) ends the wait instead of cutting the teardown short."""
+    waited = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    try:
+        step(message)
+        signal.sigwait(waited)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def halt_server(url: str, sock: Path) -> None:

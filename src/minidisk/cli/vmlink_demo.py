@@ -23,7 +23,9 @@ from pathlib import Path
 
 import click
 
+from minidisk.cli.common import fail
 from minidisk.cli.demo import halt_server, step, wait_for_ctrl_c
+from minidisk.link.autofs import NO_AUTOFS, kernel_has_autofs
 from minidisk.link.directory import Directory
 from minidisk.link.modes import parse_link_mode
 from minidisk.link.names import parse_key
@@ -73,12 +75,18 @@ def _autofs_at(root: Path) -> bool:
         return any(line.split()[4] == str(root) for line in f)
 
 
+# The exit status when this kernel has no autofs: scripts/quickstart.sh goes on to act 2.
+NO_AUTOFS_STATUS = 3
+
+
 @click.command(name="quickstart-vmlink")
 @click.option("--once", is_flag=True, help="Tear down right away instead of waiting.")
 def quickstart_vmlink(once: bool) -> None:
     """Serve alice's disk, grant it, and read a file by entering /vmlink/alice.0191."""
     if os.geteuid() != 0:
         raise click.ClickException("the demo attaches and mounts devices: run it as root")
+    if not kernel_has_autofs():
+        fail(NO_AUTOFS.format(release=os.uname().release), code=NO_AUTOFS_STATUS)
     workdir = Path(tempfile.mkdtemp(prefix="minidisk-vmlink-", dir="/tmp"))
     workdir.chmod(0o755)
     env = {**os.environ, "MINIDISK_DIRECTORY": str(workdir / "directory.sqlite"),

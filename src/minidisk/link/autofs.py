@@ -26,8 +26,25 @@ import errno
 import fcntl
 import os
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+NO_AUTOFS = ("this kernel ({release}) has no autofs: it is not in /proc/filesystems and "
+             "`modprobe autofs4` cannot load it, so /vmlink cannot work here")
+
+
+def kernel_has_autofs() -> bool:
+    """Whether this kernel mounts autofs: built in, or its module loads (modprobe, quietly)."""
+    def listed() -> bool:
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1:] == ["autofs"] for line in f)
+
+    if listed():
+        return True
+    subprocess.run(["modprobe", "-q", "autofs4"], capture_output=True, check=False)
+    return listed()
+
 
 PROTO_VERSION = 5
 # struct autofs_v5_packet: hdr{proto_version, type}, token, dev, ino, uid, gid, pid, tgid,
