@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minidisk.privatedir import UntrustedDirectory, private_dir
+from minidisk.privatedir import UntrustedDirectory, private_dir, state_root
 
 
 @pytest.fixture
@@ -54,3 +54,17 @@ def test_our_own_directory_that_others_may_only_read_is_narrowed(tmp_path: Path)
     os.chmod(old, 0o755)
     assert private_dir(old) == old
     assert old.stat().st_mode & 0o777 == 0o700
+
+
+def test_state_root_is_the_users_own_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's `minidisk link` once tried root's /run/minidisk and died of EACCES there."""
+    monkeypatch.delenv("MINIDISK_STATE_DIR", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert state_root() == Path("/run/minidisk")
+    monkeypatch.setattr(os, "geteuid", lambda: 2702)
+    assert state_root() == Path("/tmp/minidisk-2702")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/2702")
+    assert state_root() == Path("/run/user/2702/minidisk")
+    monkeypatch.setenv("MINIDISK_STATE_DIR", "/srv/state")
+    assert state_root() == Path("/srv/state")

@@ -114,6 +114,11 @@ def test_message_wait_and_status_through_the_cli(serve: Callable[..., Server]) -
     assert server.dmsetup("message", "dust", "0", "addbadblock", "2").stdout == ""
     assert server.dmsetup("message", "dust", "0", "queryblock", "2").stdout == \
         "dust_query_block: block 2 found in badblocklist\n"
+    # dmsetup joins its words and the kernel splits them again: one quoted argument is two
+    assert server.dmsetup("message", "dust", "0", "queryblock 2").stdout == \
+        "dust_query_block: block 2 found in badblocklist\n"
+    trailing = server.dmsetup("message", "dust", "0", "queryblock 2\\", check=False)
+    assert trailing.returncode == 1 and "backslash at end of line" in trailing.stderr
     server.dmsetup("message", "dust", "0", "enable")
     assert server.dmsetup("status", "dust").stdout == \
         "0 1024 dust 240:0 fail_read_on_bad_block verbose\n"
