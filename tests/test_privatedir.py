@@ -56,7 +56,8 @@ def test_our_own_directory_that_others_may_only_read_is_narrowed(tmp_path: Path)
     assert old.stat().st_mode & 0o777 == 0o700
 
 
-def test_state_root_is_the_users_own_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_state_root_is_the_users_own_unless_set(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
     """A user's `minidisk link` once tried root's /run/minidisk and died of EACCES there."""
     monkeypatch.delenv("MINIDISK_STATE_DIR", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
@@ -64,7 +65,9 @@ def test_state_root_is_the_users_own_unless_set(monkeypatch: pytest.MonkeyPatch)
     assert state_root() == Path("/run/minidisk")
     monkeypatch.setattr(os, "geteuid", lambda: 2702)
     assert state_root() == Path("/tmp/minidisk-2702")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/2702")
-    assert state_root() == Path("/run/user/2702/minidisk")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # root's, as sudo leaves it
+    assert state_root() == Path("/tmp/minidisk-2702")
+    os.chown(tmp_path, 2702, -1)  # the user's own
+    assert state_root() == tmp_path / "minidisk"
     monkeypatch.setenv("MINIDISK_STATE_DIR", "/srv/state")
     assert state_root() == Path("/srv/state")

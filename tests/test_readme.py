@@ -86,7 +86,8 @@ def _step(chain: Chain, index: int, base: Path) -> str:
         return f"{where}; {program} {script}"
     uid = USERS[block.user]
     return (f"{where}; setpriv --reuid={uid} --regid={uid} --clear-groups "
-            f"env USER={block.user} LOGNAME={block.user} HOME=/tmp {program} {script}")
+            f"env -u XDG_RUNTIME_DIR USER={block.user} LOGNAME={block.user} HOME=/tmp "
+            f"{program} {script}")
 
 
 def _kept(base: Path) -> tuple[str, str]:

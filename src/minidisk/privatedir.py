@@ -19,15 +19,19 @@ from pathlib import Path
 def state_root() -> Path:
     """Where minidisk keeps its state (attachments, links): $MINIDISK_STATE_DIR; else
     /run/minidisk for root, and for another user $XDG_RUNTIME_DIR/minidisk (systemd's
-    /run/user/UID), else /tmp/minidisk-UID, which private_dir accepts only as that user's
+    /run/user/UID) when that directory is the user's, else /tmp/minidisk-UID, which private_dir accepts only as that user's
     own 0700 directory."""
     if configured := os.environ.get("MINIDISK_STATE_DIR"):
         return Path(configured)
     uid = os.geteuid()
     if uid == 0:
         return Path("/run/minidisk")
-    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(runtime) / "minidisk"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    try:  # only the user's own: one inherited from root (sudo, setpriv) is not writable
+        if runtime and os.stat(runtime).st_uid == uid:
+            return Path(runtime) / "minidisk"
+    except OSError:
+        pass
     return Path(f"/tmp/minidisk-{uid}")
 
 
