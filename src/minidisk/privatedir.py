@@ -19,8 +19,8 @@ from pathlib import Path
 def state_root() -> Path:
     """Where minidisk keeps its state (attachments, links): $MINIDISK_STATE_DIR; else
     /run/minidisk for root, and for another user $XDG_RUNTIME_DIR/minidisk (systemd's
-    /run/user/UID) when that directory is the user's, else /tmp/minidisk-UID, which private_dir accepts only as that user's
-    own 0700 directory."""
+    /run/user/UID) when that directory is the user's, else /tmp/minidisk-UID, which
+    private_dir accepts only as that user's own 0700 directory."""
     if configured := os.environ.get("MINIDISK_STATE_DIR"):
         return Path(configured)
     uid = os.geteuid()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from tests.dm.dm_helpers import SECTOR, Server, pattern
 from tests.dm.test_placement import kernel_stripe_map
-from tests.harness import MINIDISK
+from tests.harness import MINIDISK, SYSTEM_PYTHON
 
 from minidisk.control_client import call
 
@@ -238,3 +238,22 @@ def test_log_writes_over_nbd_replays_to_each_mark(
         subprocess.run([MINIDISK, "replay-log", "--log", str(log), "--replay", str(target),
                         "--end-mark", mark], check=True, timeout=60)
         assert target.read_bytes() == expected, mark
+
+
+def test_remove_retry_shows_its_wait_and_succeeds_once_let_go(
+        serve: Callable[..., Server]) -> None:
+    """`remove --retry` keeps trying while a client holds the device (issue 18 item 6: a wait
+    past a second shows, on a pipe as plain lines on stderr); dmsetup's stdout is untouched."""
+    server = serve("--memory=/dev/a=16M")
+    server.dmsetup("create", "d", "--table", "0 2048 linear /dev/a 0")
+    holder = subprocess.Popen([SYSTEM_PYTHON, "-m", "nbd", "-u", server.uri("/dev/mapper/d"), "-c",
+                               "print('open', flush=True); import time; time.sleep(2.5)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+    done = server.dmsetup("remove", "--retry", "d")
+    holder.wait(30)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines and lines[0].startswith("minidisk: removing d: busy, retrying: "), lines
+    assert lines[-1].startswith("minidisk: removing d: busy, retrying: done after "), lines
+    assert server.dmsetup("ls").stdout == "No devices found\n"

@@ -7,11 +7,12 @@ unix:///run/minidisk/dlm.sock (`unix:///abs/path`, `unix://relative/path` or a b
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
 
-from minidisk.cli.common import FOREGROUND_HELP, LOG_FILE_HELP, run_as_daemon
+from minidisk.cli.common import FOREGROUND_HELP, LOG_FILE_HELP, fail, run_as_daemon
 from minidisk.dlm.limits import Limits
 
 SERVER_HELP = "Lock manager URL (default: $MINIDISK_DLM or unix:///run/minidisk/dlm.sock)."
@@ -122,6 +123,71 @@ def format_status(snapshot: dict[str, Any]) -> list[str]:
     for client in clients:
         lines.append(f"  {client['owner']:<24} locks {client['locks']}")
     return lines
+
+
+CONFLICT_EXIT = 1  # flock(1)'s status when the lock is not granted (-E changes it)
+
+
+@dlm.command(context_settings={"ignore_unknown_options": True})
+@click.option("--server", "url", help=SERVER_HELP)
+@click.option("-m", "--mode", default="EX", show_default=True,
+              help="Lock mode: NL CR CW PR PW EX.")
+@click.option("-n", "--nonblock", is_flag=True,
+              help="Fail at once instead of waiting when the lock is not grantable.")
+@click.option("-w", "--timeout", type=click.FloatRange(min=0, min_open=True),
+              metavar="SECONDS", help="Fail after waiting this long.")
+@click.option("-E", "--conflict-exit-code", type=click.IntRange(0, 255),
+              default=CONFLICT_EXIT, show_default=True,
+              help="Exit status when the lock is not granted.")
+@click.argument("domain")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lock(url: str | None, mode: str, nonblock: bool, timeout: float | None,
+         conflict_exit_code: int, domain: str, name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND while holding lock NAME in DOMAIN, as flock(1) does with a file.
+
+    A wait longer than a second shows its progress (on stderr). COMMAND gets the lock's
+    fencing token in $MINIDISK_LOCK_TOKEN; the exit status is COMMAND's, or
+    --conflict-exit-code when the lock was not granted.
+    """
+    import os
+    import subprocess
+
+    import anyio
+
+    from minidisk.cli.progress import Progress
+    from minidisk.dlm import Mode
+
+    try:
+        wanted = Mode.parse(mode)
+    except (KeyError, ValueError):
+        fail(f"--mode {mode!r}: expected one of {' '.join(m.name for m in Mode)}", code=2)
+
+    async def hold(client: Any) -> int | None:
+        handle = client.lock(domain, name, wanted)
+        with Progress(f"waiting for {wanted.name} on {domain}/{name}"):
+            granted = await handle.acquire(blocking=not nonblock, timeout=timeout)
+        if not granted:
+            return None
+        client.on_lost = lambda: click.echo(
+            f"minidisk: {domain}/{name}: lost the lock manager: the lock is gone", err=True)
+        env = {**os.environ, "MINIDISK_LOCK_TOKEN": str(handle.token)}
+        try:
+            return int(await anyio.to_thread.run_sync(
+                lambda: subprocess.call(list(command), env=env)))
+        except OSError as err:
+            click.echo(f"minidisk: {command[0]}: {err.strerror}", err=True)
+            return 127 if isinstance(err, FileNotFoundError) else 126
+        finally:
+            if not client.closed:  # a lost connection took the lock with it
+                await handle.release()
+
+    status = _with_client(url, hold)
+    if status is None:
+        why = ("not grantable now" if nonblock or timeout is None
+               else f"not granted within {timeout:g} s")
+        fail(f"{domain}/{name}: {wanted.name} {why}", code=conflict_exit_code)
+    sys.exit(status if status >= 0 else 128 - status)
 
 
 @dlm.command()

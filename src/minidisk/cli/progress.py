@@ -105,7 +105,9 @@ class Progress:
             if self.style == "tty":
                 self._start_rich()
                 return  # rich's own thread redraws it from here on
-            self._line(" ".join(filter(None, ["waiting", self._figures()])))
+            figures = self._figures()
+            print(f"minidisk: {self.label}" + (f": {figures}" if figures else ""),
+                  file=self.stream, flush=True)
         while not self._stop.wait(PLAIN_EVERY):
             with self._lock:
                 self._line(" ".join(filter(None, [self._elapsed(), self._figures()])))

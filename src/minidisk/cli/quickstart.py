@@ -24,6 +24,7 @@ import click
 from minidisk import control_client
 from minidisk.cli.common import fail
 from minidisk.cli.demo import halt_server, step, wait_for_ctrl_c
+from minidisk.cli.progress import Progress
 from minidisk.kernel import mount as kernel_mount
 from minidisk.kernel.attach import attach, detach
 from minidisk.namespace.sizes import SizeError, parse_size
@@ -108,7 +109,8 @@ def quickstart(once: bool, size: str) -> None:
             step(f"serving a {size} memory disk at {url} (export 'disk')")
             with _attached(uri) as device:
                 step(f"attached {uri} as {device}")
-                kernel_mount.mkfs(device, "ext4", label="minidisk")
+                with Progress(f"making an ext4 file system on {device}"):
+                    kernel_mount.mkfs(device, "ext4", label="minidisk")
                 step(f"made an ext4 file system on {device}")
                 with _mounted(device, workdir / "mnt") as mountpoint:
                     step(f"mounted {device} at {mountpoint}")

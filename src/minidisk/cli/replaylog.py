@@ -22,6 +22,7 @@ from typing import TextIO
 
 import click
 
+from minidisk.cli.progress import Progress
 from minidisk.dm.writelog import DISCARD, FLUSH, FUA, MARK, LogCursor, LogError, Replayer, matches
 
 U64 = (1 << 64) - 1
@@ -308,16 +309,23 @@ def _run(o: Options, fds: list[int], echo: Callable[[str], None], stdout: TextIO
     replayer = Replayer(log, fds[1], discard=o.discard, start_sector=o.start_sector,
                         end_sector=o.end_sector, verbose=o.verbose, echo=echo)
     count = 0
+    # On a terminal only: the original prints nothing while it replays, and scripts read
+    # its stderr.
+    progress = Progress(f"replaying {o.log}", total=log.nr_entries, unit=" entries",
+                        plain=False, stream=stderr)
     try:
-        while (entry := replayer.next()) is not None:
-            count += 1
-            if o.fsck is not None and _check_due(o.check, count, entry.flags):
-                failure = _fsck(o.fsck, replayer, stdout)
-                if failure:
-                    stderr.write(f"Fsck errored out on entry {entry.index} ({failure})\n")
-                    return 1
-            if (o.limit and count == o.limit) or matches(entry, o.stop_flags, o.end_mark):
-                break
+        with progress:
+            while (entry := replayer.next()) is not None:
+                count += 1
+                progress.update(entry.index + 1)
+                if o.fsck is not None and _check_due(o.check, count, entry.flags):
+                    failure = _fsck(o.fsck, replayer, stdout)
+                    if failure:
+                        stderr.write(f"Fsck errored out on entry {entry.index} ({failure})\n")
+                        return 1
+                if (o.limit and count == o.limit) or matches(entry, o.stop_flags,
+                                                              o.end_mark):
+                    break
     finally:
         try:
             replayer.sync()

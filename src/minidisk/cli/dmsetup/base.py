@@ -20,6 +20,7 @@ import click
 
 from minidisk.cli.common import require_server, server_option
 from minidisk.cli.dmsetup.usage import USAGE
+from minidisk.cli.progress import Progress
 from minidisk.dm import report
 from minidisk.dm.commands import DmCommand
 
@@ -82,8 +83,11 @@ class Invocation:
         """The control command, or dmsetup's words for its failure and exit 1."""
         from minidisk.control_client import ControlError, call
 
+        # A resume may take long (integrity's recalculate, a thin pool's first format): on a
+        # terminal a wait past a second shows; elsewhere dmsetup's output stays its own.
         try:
-            return call(require_server(self.server), command, args)
+            with Progress(f"dmsetup {op} {name or ''}".rstrip(), plain=False):
+                return call(require_server(self.server), command, args)
         except ControlError as e:
             if e.errno == errno.ENXIO and op in ("info", "status"):  # dmsetup's own words
                 refuse("Device does not exist.")

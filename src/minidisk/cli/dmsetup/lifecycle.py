@@ -28,6 +28,7 @@ from minidisk.cli.dmsetup.base import (
     uint_arg,
     usage_exit,
 )
+from minidisk.cli.progress import Progress
 from minidisk.dm import report
 from minidisk.dm.commands import DmCommand
 from minidisk.dm.table import TableError, split_args
@@ -265,15 +266,17 @@ def remove(inv: Invocation, names: tuple[str, ...], force: bool, deferred: bool,
     for device, label in inv.each_device(names):
         args = {**device, "force": force, "deferred": deferred}
         tries = REMOVE_RETRIES if retry else 1
-        for attempt in range(tries):
-            try:
-                call(url, DmCommand.REMOVE, args)
-                break
-            except ControlError as e:
-                if e.errno == errno.EBUSY and attempt + 1 < tries:
-                    time.sleep(REMOVE_RETRY_DELAY_S)
-                    continue
-                failed("remove", label, e.errno)
+        with Progress(f"removing {label}: busy, retrying", total=tries, unit=" tries") as shown:
+            for attempt in range(tries):
+                try:
+                    call(url, DmCommand.REMOVE, args)
+                    break
+                except ControlError as e:
+                    if e.errno == errno.EBUSY and attempt + 1 < tries:
+                        shown.update(attempt + 1)
+                        time.sleep(REMOVE_RETRY_DELAY_S)
+                        continue
+                    failed("remove", label, e.errno)
 
 
 @dmsetup.command(name="wipe_table")
