@@ -4,6 +4,8 @@ export across connections, errors by errno, latencies in their buckets."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 from pathlib import Path
 
@@ -146,3 +148,31 @@ def test_top_shows_totals_and_rates(short_tmp: Path) -> None:
         assert reads[1][4:] == ["40", "0"] and float(reads[1][2]) > 0  # 20 more, as a rate
     finally:
         server.stop()
+
+
+def test_top_on_a_terminal_is_a_rich_table(short_tmp: Path) -> None:
+    server = harness.serve(short_tmp, "--memory", "d=1M")
+    leader, follower = pty.openpty()
+    try:
+        _client(server.uri("d"), "rw")
+        top = subprocess.Popen([harness.MINIDISK, "top", "-n", "1", server.url],
+                               stdin=follower, stdout=follower, stderr=follower,
+                               env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
+        os.close(follower)
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert top.wait(scaled(60)) == 0
+    finally:
+        os.close(leader)
+        server.stop()
+    text = screen.decode(errors="replace")
+    assert "\x1b[" in text and "REQUESTS" in text, text  # drawn by rich, not plain lines
+    row = next(line for line in text.splitlines() if " READ " in line)
+    assert row.split()[:2] == ["d", "READ"] and row.split()[-2:] == ["20", "0"], text

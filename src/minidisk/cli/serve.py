@@ -233,9 +233,10 @@ def stats(server: str | None, url: str | None, as_json: bool) -> None:
 @click.option("--count", "-n", type=click.IntRange(1), help="Stop after this many updates.")
 def top(server: str | None, url: str | None, interval: float, count: int | None) -> None:
     """A live view of a server: per export and command, requests and bytes per second,
-    errors, connections; refreshed in place on a terminal, one block per update otherwise."""
+    errors, connections; drawn in place by rich on a terminal, one block per update
+    otherwise."""
     target = require_server(server, url)
-    tty = sys.stdout.isatty()
+    live = _RichTop() if sys.stdout.isatty() else None
     before: dict[tuple[str, str], tuple[int, int]] = {}
     shown_updates = 0
     then = time.monotonic()
@@ -246,31 +247,63 @@ def top(server: str | None, url: str | None, interval: float, count: int | None)
             except control_client.ControlError as e:
                 fail(str(e))
             now = time.monotonic()
-            lines = [f"minidisk top: {target}  {time.strftime('%H:%M:%S')}  "
-                     f"{len(figures['connections'])} connection(s)",
-                     f"{'EXPORT':<16} {'COMMAND':<12} {'REQ/S':>10} {'MB/S':>10} "
-                     f"{'REQUESTS':>12} {'ERRORS':>8}"]
+            elapsed = max(now - then, 1e-9)
+            title = (f"minidisk top: {target}  {time.strftime('%H:%M:%S')}  "
+                     f"{len(figures['connections'])} connection(s)")
+            rows: list[tuple[str, ...]] = []
             for name, export in figures["exports"].items():
                 for command, row in export["commands"].items():
                     key = (name, command)
                     requests, nbytes = row["requests"], row["bytes"]
                     old_requests, old_bytes = before.get(key, (requests, nbytes))
-                    elapsed = max(now - then, 1e-9)
-                    lines.append(f"{printable(name.lstrip('/'))[:16]:<16} {command:<12} "
-                                 f"{(requests - old_requests) / elapsed:>10.0f} "
-                                 f"{(nbytes - old_bytes) / elapsed / 1e6:>10.1f} "
-                                 f"{requests:>12} {sum(row['errors'].values()):>8}")
+                    rows.append((printable(name.lstrip("/"))[:16], command,
+                                 f"{(requests - old_requests) / elapsed:.0f}",
+                                 f"{(nbytes - old_bytes) / elapsed / 1e6:.1f}",
+                                 str(requests), str(sum(row["errors"].values()))))
                     before[key] = (requests, nbytes)
             then = now
-            if tty:
-                click.echo("\x1b[H\x1b[2J" + "\n".join(lines))
+            if live is not None:
+                live.show(title, rows)
             else:
+                lines = [title, f"{'EXPORT':<16} {'COMMAND':<12} {'REQ/S':>10} {'MB/S':>10} "
+                                f"{'REQUESTS':>12} {'ERRORS':>8}"]
+                lines += [f"{a:<16} {b:<12} {c:>10} {d:>10} {e:>12} {f:>8}"
+                          for a, b, c, d, e, f in rows]
                 click.echo("\n".join(lines) + "\n")
             shown_updates += 1
             if count is None or shown_updates < count:
                 time.sleep(interval)
     except KeyboardInterrupt:
         pass
+    finally:
+        if live is not None:
+            live.stop()
+
+
+TOP_COLUMNS = ("EXPORT", "COMMAND", "REQ/S", "MB/S", "REQUESTS", "ERRORS")
+
+
+class _RichTop:
+    """`minidisk top` on a terminal: one rich table, redrawn in place."""
+
+    def __init__(self) -> None:
+        from rich.live import Live
+
+        self.live = Live(auto_refresh=False, transient=False)
+        self.live.start()
+
+    def show(self, title: str, rows: list[tuple[str, ...]]) -> None:
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left", box=None)
+        for i, column in enumerate(TOP_COLUMNS):
+            table.add_column(column, justify="left" if i < 2 else "right")
+        for row in rows:
+            table.add_row(*row)
+        self.live.update(table, refresh=True)
+
+    def stop(self) -> None:
+        self.live.stop()
 
 
 def _running(pid: int) -> bool:
