@@ -58,10 +58,14 @@ chmod 1777 /tmp
 {restore}
 mount --bind {base}/passwd /etc/passwd
 mount --bind {base}/group /etc/group
+others() {{  # builtins only: a process of its own would count itself
+    for p in /proc/[0-9]*; do [ "${{p#/proc/}}" != 1 ] && return 0; done
+    return 1
+}}
 teardown() {{
     kill -TERM -1 2>/dev/null || true
     for _ in $(seq {teardown}0); do
-        [ -z "$(ls /proc | grep -E '^[0-9]+$' | grep -vx 1)" ] && break
+        others || break
         sleep 0.1
     done
     kill -KILL -1 2>/dev/null || true
@@ -104,9 +108,10 @@ def _kept(base: Path) -> tuple[str, str]:
 
     def move(path: Path) -> None:
         aside = base / f"keep{len(keep)}"
-        keep.append(f"mkdir -p {aside} && mount --bind {shlex.quote(str(path))} {aside}")
+        # --rbind: the guest mounts the venv and the interpreter below the checkout
+        keep.append(f"mkdir -p {aside} && mount --rbind {shlex.quote(str(path))} {aside}")
         restore.append(f"mkdir -p {shlex.quote(str(path))} && "
-                       f"mount --bind {aside} {shlex.quote(str(path))}")
+                       f"mount --rbind {aside} {shlex.quote(str(path))}")
 
     if any(ROOT.is_relative_to(d) for d in FRESH_DIRECTORIES):
         move(ROOT)

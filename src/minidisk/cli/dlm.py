@@ -216,8 +216,10 @@ def purge(url: str | None, domain: str | None, pid: int | None) -> None:
 def dlmfs(mountpoint: str, url: str | None, wait_limit: float | None, exclusive: bool,
           debug_fuse: bool, foreground: bool, log_file: str | None) -> None:
     """Mount the lock file system (OCFS2 dlmfs semantics) on MOUNTPOINT; it detaches once
-    mounted (as `mount` returns), unless -f. Unmount with `fusermount3 -u MOUNTPOINT` (or
-    SIGINT/SIGTERM)."""
+    mounted, unless -f.
+
+    It returns as `mount` does, once the mount is there. Unmount with `fusermount3 -u
+    MOUNTPOINT` (or SIGINT/SIGTERM)."""
     from minidisk.dlmfs.mount import run_dlmfs
 
     run_as_daemon("minidisk dlmfs", foreground, log_file, lambda ready: run_dlmfs(

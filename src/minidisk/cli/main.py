@@ -45,8 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "Serve block devices over NBD at URL (unix://PATH, tcp://IP:PORT/, or - "
                        "for stdio)."),
     "top": ("serve", "A live view of a server: per export and command, requests and bytes per "
-                     "second, errors, connections; refreshed in place on a terminal, one block "
-                     "per update otherwise."),
+                     "second, errors, connections; drawn in place by rich on a terminal, one "
+                     "block per update otherwise."),
     "units": ("units", "The systemd units: a templated server (minidisk@NAME.service over "
                        "/etc/minidisk/NAME.toml), its socket, the lock manager's and the "
                        "automounter's."),
