@@ -50,7 +50,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         style = _style(self.stream)
         self.style = "never" if style == "plain" and not plain else style
-        self.started = time.monotonic()
+        self.started = 0.0  # set on entering
         self.shown = False
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -265,10 +265,8 @@ def top(server: str | None, url: str | None, interval: float, count: int | None)
             if live is not None:
                 live.show(title, rows)
             else:
-                lines = [title, f"{'EXPORT':<16} {'COMMAND':<12} {'REQ/S':>10} {'MB/S':>10} "
-                                f"{'REQUESTS':>12} {'ERRORS':>8}"]
-                lines += [f"{a:<16} {b:<12} {c:>10} {d:>10} {e:>12} {f:>8}"
-                          for a, b, c, d, e, f in rows]
+                header = tuple(column for column, _ in TOP_COLUMNS)
+                lines = [title, *(_plain_row(row) for row in [header, *rows])]
                 click.echo("\n".join(lines) + "\n")
             shown_updates += 1
             if count is None or shown_updates < count:
@@ -280,7 +278,14 @@ def top(server: str | None, url: str | None, interval: float, count: int | None)
             live.stop()
 
 
-TOP_COLUMNS = ("EXPORT", "COMMAND", "REQ/S", "MB/S", "REQUESTS", "ERRORS")
+# `top`'s columns and their plain-text alignment (rich's table justifies them the same way).
+TOP_COLUMNS = (("EXPORT", "<16"), ("COMMAND", "<12"), ("REQ/S", ">10"), ("MB/S", ">10"),
+               ("REQUESTS", ">12"), ("ERRORS", ">8"))
+
+
+def _plain_row(cells: tuple[str, ...]) -> str:
+    return " ".join(format(cell, spec) for cell, (_, spec) in zip(cells, TOP_COLUMNS,
+                                                                   strict=True))
 
 
 class _RichTop:
@@ -296,8 +301,8 @@ class _RichTop:
         from rich.table import Table
 
         table = Table(title=title, title_justify="left", box=None)
-        for i, column in enumerate(TOP_COLUMNS):
-            table.add_column(column, justify="left" if i < 2 else "right")
+        for column, spec in TOP_COLUMNS:
+            table.add_column(column, justify="left" if spec.startswith("<") else "right")
         for row in rows:
             table.add_row(*row)
         self.live.update(table, refresh=True)
