@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 
@@ -12,7 +13,7 @@ from minidisk.cli.progress import ENV, Progress
 
 def _waited(seconds: float, *, plain: bool = True, fail: bool = False) -> str:
     stream = io.StringIO()
-    with pytest.raises(RuntimeError) if fail else _nothing():
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
         with Progress("copying", total=10, unit=" MiB", delay=0.05, plain=plain,
                       stream=stream) as progress:
             progress.update(3)
@@ -20,14 +21,6 @@ def _waited(seconds: float, *, plain: bool = True, fail: bool = False) -> str:
             if fail:
                 raise RuntimeError("broken")
     return stream.getvalue()
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def test_a_short_wait_shows_nothing() -> None:
