@@ -18,6 +18,7 @@ few boots.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,6 +33,20 @@ KERNEL_CACHE = ROOT / ".cache" / "kernel"
 GUEST_SCRIPTS = Path(__file__).resolve().parent / "guest"
 KVM_PROBE_SECONDS = 8.0  # a working KVM prints the kernel banner in well under a second
 BANNER = b"Linux version "
+
+
+# What 6.1 logs when it oopses or finds its own memory corrupted: once it has, the guest's
+# answers are the broken kernel's, not 6.1's.
+KERNEL_CRASH = re.compile(r"^.*(?:BUG:|Oops:|kernel BUG at|list_del corruption|"
+                          r"general protection fault).*$", re.M)
+
+
+def kernel_crash(dmesg: str) -> str:
+    """The first lines of the kernel's own report of a crash in `dmesg`, or ''."""
+    match = KERNEL_CRASH.search(dmesg)
+    if match is None:
+        return ""
+    return "\n".join(dmesg[match.start():].splitlines()[:30]) + "\n"
 
 
 class HarnessError(Exception):
