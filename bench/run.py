@@ -466,6 +466,33 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def begin(title: str, runtime_s: int, repeat: int) -> tuple[str, dict]:
+    """A run's start time and the report's opening fields, with its header and the load it
+    starts under printed (userpath.py starts the same way)."""
+    started = time.strftime("%Y%m%d-%H%M%S")
+    report: dict = {"started": started, "argv": sys.argv[1:], "runtime_s": runtime_s,
+                    "repeat": repeat, "nproc": os.cpu_count(), "uptime_start": uptime()}
+    print(f"# {title} {started}: {runtime_s} s runs, median of {repeat}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    print(f"load at start: {report['uptime_start']}", flush=True)
+    return started, report
+
+
+@contextmanager
+def scratch_directories(prefix: str) -> Iterator[tuple[Path, Path]]:
+    """(a directory in /tmp, one in /dev/shm) for a run's files, removed afterwards with
+    whatever is mounted below them left alone."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        shm = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm"))
+        try:
+            yield scratch, shm
+        finally:
+            subprocess.run(["rm", "-rf", "--one-file-system", str(shm)], check=False)
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(scratch)], check=False)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 s runs instead of 10 s")
@@ -510,19 +537,11 @@ def main() -> int:
                                       if "core" in sections and selected(w)]
     dm_workloads = [w for w in FIO_JOBS if "dm" in sections and selected(w)]
 
-    started = time.strftime("%Y%m%d-%H%M%S")
-    report: dict = {"started": started, "argv": sys.argv[1:], "runtime_s": settings_runtime,
-                    "repeat": args.repeat, "nproc": os.cpu_count(), "uptime_start": uptime()}
-    print(f"# minidisk bench {started}: {settings_runtime} s runs, median of {args.repeat}, "
-          f"{os.cpu_count()} CPUs", flush=True)
-    print(f"load at start: {report['uptime_start']}", flush=True)
-
+    started, report = begin("minidisk bench", settings_runtime, args.repeat)
     loads: list[float] = []
     output: list[str] = []
     verdicts: list[tuple[str, str]] = []
-    scratch = Path(tempfile.mkdtemp(prefix="minidisk-bench-", dir="/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="minidisk-bench-", dir="/dev/shm"))
-    try:
+    with scratch_directories("minidisk-bench-") as (scratch, shm):
         settings = Settings(settings_runtime, args.repeat, shm / "source.img")
         make_source_image(settings.source_image)
         minidisk = Minidisk(snapshot(args.snapshot, scratch) if args.snapshot else None,
@@ -578,9 +597,6 @@ def main() -> int:
                                     "stripe_chunk_sectors": STRIPE_CHUNK_SECTORS}
                     for goal in DM_GOALS:
                         verdicts += goal.check(medians)
-    finally:
-        for directory in (scratch, shm):
-            subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
 
     finish(report, output, loads, verdicts, f"{started}.json")
     return 0

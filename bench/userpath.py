@@ -24,8 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from run import (  # noqa: E402  (bench/ is a directory of scripts, not a packag
     MiB,
     Minidisk,
     Server,
+    begin,
     finish,
     make_source_image,
     median_table,
@@ -49,8 +48,8 @@ from run import (  # noqa: E402  (bench/ is a directory of scripts, not a packag
     parse_fio_json,
     process_cpu_s,
     running,
+    scratch_directories,
     snapshot,
-    uptime,
 )
 
 # CPU cost rows: lower is better, never judged against a target.
@@ -238,17 +237,10 @@ def main() -> int:
     jobs = [j for j in FIO_JOBS if not args.only or any(w in j.name for w in args.only)]
     server_names = [s for s in args.servers.split(",") if s]
 
-    started = time.strftime("%Y%m%d-%H%M%S")
-    report: dict = {"started": started, "argv": sys.argv[1:], "runtime_s": runtime_s,
-                    "repeat": args.repeat, "nproc": os.cpu_count(), "uptime_start": uptime()}
-    print(f"# minidisk user-path bench {started}: fio libaio direct=1 on nbdfuse + loop, "
-          f"{runtime_s} s runs, median of {args.repeat}, {os.cpu_count()} CPUs", flush=True)
-    print(f"load at start: {report['uptime_start']}", flush=True)
-
+    started, report = begin("minidisk user-path bench (fio libaio direct=1 on nbdfuse + loop)",
+                            runtime_s, args.repeat)
     loads: list[float] = []
-    scratch = Path(tempfile.mkdtemp(prefix="minidisk-bench-user-", dir="/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="minidisk-bench-user-", dir="/dev/shm"))
-    try:
+    with scratch_directories("minidisk-bench-user-") as (scratch, shm):
         source = shm / "source.img"
         make_source_image(source)
         src = snapshot(args.snapshot, scratch) if args.snapshot else None
@@ -287,9 +279,6 @@ def main() -> int:
             print(f"multi-conn advertised: {report['multi_conn']} "
                   "(nbdfuse opens 4 connections where it is, 1 where not)", flush=True)
             samples = measure(jobs, targets, settings, loads)
-    finally:
-        for directory in (scratch, shm):
-            subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
 
     ratios = [("minidisk", "nbdkit")] if {"minidisk", "nbdkit"} <= set(server_names) else []
     columns = list(server_names)

@@ -188,6 +188,28 @@ def start(argv: Sequence[str], log: Path, ready: Callable[[Process], bool], *,
     return _started(Process(proc, log), argv, ready, timeout)
 
 
+def mount_dlmfs(mnt: Path, server_url: str, *options: str, log: Path,
+                timeout: float = 15) -> Process:
+    """`minidisk dlmfs -f MNT --server URL OPTIONS...` (its output in `log`), once MNT is a
+    mount point; `unmount_fuse` takes it down."""
+    return start([MINIDISK, "dlmfs", "-f", str(mnt), "--server", server_url, *options], log,
+                 lambda process: os.path.ismount(mnt), timeout=timeout)
+
+
+def unmount_fuse(mnt: Path, process: Process, timeout: float = 5) -> None:
+    """Unmount a FUSE file system that `process` serves in the foreground and reap it: it
+    exits by itself once unmounted; if it has not within `timeout`, the mount is detached
+    lazily and the process stopped."""
+    if os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, stderr=subprocess.DEVNULL)
+    try:
+        process.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    process.stop()
+
+
 def accepting(path: str | Path) -> Callable[[Process], bool]:
     """A `ready` for start(): a connect to the unix socket `path` succeeds."""
     return lambda process: accepts(path)

@@ -4,7 +4,6 @@ dlmfs mount on its own directory, both started by tests/harness.py and always to
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -74,20 +73,12 @@ def dlm_server(short_tmp: Path) -> Iterator[Server]:
 def dlmfs(dlm_server: Server, short_tmp: Path) -> Iterator[Mount]:
     mnt = short_tmp / "mnt"
     mnt.mkdir()
-    mount = harness.start([MINIDISK, "dlmfs", "-f", str(mnt), "--server", dlm_server.url,
-                           "--wait-limit", "2"], short_tmp / "dlmfs.log",
-                          lambda process: os.path.ismount(mnt), timeout=15)
+    mount = harness.mount_dlmfs(mnt, dlm_server.url, "--wait-limit", "2",
+                                log=short_tmp / "dlmfs.log")
     try:
         yield Mount(mnt, dlm_server, mount.proc)
     finally:
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False,
-                           stderr=subprocess.DEVNULL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            mount.proc.wait(5)  # unmounted, it exits by itself
-        if os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        mount.stop(5)
+        harness.unmount_fuse(mnt, mount)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

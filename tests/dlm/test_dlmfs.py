@@ -22,8 +22,8 @@ from typing import Any
 
 import anyio
 import pytest
+from tests import harness
 from tests.dlm.conftest import WORKER, Mount, Server
-from tests.harness import MINIDISK
 
 from minidisk.dlm.client import connect
 
@@ -115,25 +115,11 @@ def other() -> Iterator[Other]:
 def mounted(server: Server, mnt: Path, *options: str) -> Iterator[Mount]:
     """`minidisk dlmfs MNT --server URL OPTIONS...` once mounted; unmounted afterwards."""
     mnt.mkdir()
-    process = subprocess.Popen([MINIDISK, "dlmfs", "-f", str(mnt), "--server", server.url,
-                                *options], text=True)
+    process = harness.mount_dlmfs(mnt, server.url, *options, log=mnt.parent / f"{mnt.name}.log")
     try:
-        deadline = time.monotonic() + 15
-        while not os.path.ismount(mnt):
-            assert process.poll() is None, "dlmfs exited before mounting"
-            assert time.monotonic() < deadline, "dlmfs did not mount"
-            time.sleep(0.05)
-        yield Mount(mnt, server, process)
+        yield Mount(mnt, server, process.proc)
     finally:
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False,
-                           stderr=subprocess.DEVNULL)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-            process.kill()
-            process.wait(5)
+        harness.unmount_fuse(mnt, process)
 
 
 @pytest.fixture

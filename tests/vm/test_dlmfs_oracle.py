@@ -19,17 +19,16 @@ domain leaves, one 2 s wait and two perl openers), up to ~2.5 min on a loaded ma
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests import harness
+from tests.harness import MINIDISK
 from tests.vm.harness import GUEST_SCRIPTS, Boot, GuestRun, guest_script
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
@@ -72,43 +71,23 @@ def kernel(kernel_run: GuestRun) -> dict[str, str]:
     return read_observations(obs)
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="module")
 def minidisk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The battery on two minidisk dlmfs mounts (nodes A and B) over one lock manager."""
     top = Path(tempfile.mkdtemp(prefix="dlmfs-oracle-", dir="/tmp"))
     top.chmod(0o755)  # the battery's nobody steps must reach the mounts
     sock = top / "dlm.sock"
-    server = subprocess.Popen([_bin("minidisk"), "dlm", "serve", "-f", f"unix://{sock}"],
+    server = subprocess.Popen([MINIDISK, "dlm", "serve", "-f", f"unix://{sock}"],
                               stdout=subprocess.PIPE)
-    mounts: list[tuple[Path, subprocess.Popen[bytes]]] = []
+    mounts: list[tuple[Path, harness.Process]] = []
     try:
         assert server.stdout is not None
         assert server.stdout.readline().startswith(b"listening on")
         for node in ("a", "b"):
             mnt = top / node
             mnt.mkdir()
-            mounts.append((mnt, subprocess.Popen(
-                [_bin("minidisk"), "dlmfs", "-f", str(mnt), "--server", f"unix://{sock}"])))
-        deadline = time.monotonic() + 20
-        for mnt, process in mounts:
-            while not os.path.ismount(mnt):
-                assert process.poll() is None, "dlmfs exited before mounting"
-                assert time.monotonic() < deadline, "dlmfs did not mount"
-                time.sleep(0.05)
+            mounts.append((mnt, harness.mount_dlmfs(mnt, f"unix://{sock}",
+                                                    log=top / f"{node}.log", timeout=20)))
         out = tmp_path_factory.mktemp("dlmfs-minidisk") / "obs"
         run = subprocess.run(["bash", str(BATTERY), str(top / "a"), str(top / "b"), str(out)],
                              capture_output=True, text=True, timeout=600)
@@ -116,14 +95,8 @@ def minidisk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         yield read_observations(out)
     finally:
         for mnt, process in mounts:
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False,
-                           stderr=subprocess.DEVNULL)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                subprocess.run(["umount", "-l", str(mnt)], check=False)
-                _stop(process)
-        _stop(server)
+            harness.unmount_fuse(mnt, process, timeout=10)
+        harness.stop_process(server, 10)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -225,8 +225,7 @@ class Negotiation:
         try:
             export, read_only = self._open(name)
         except OSError as e:
-            reply = p.REP_ERR_POLICY if e.errno == errno.EACCES else p.REP_ERR_UNKNOWN
-            return self._error(opt, reply, e.strerror or str(e))
+            return self._not_opened(opt, e)
         tflags = transmission_flags(export, read_only, self.structured)
         device = export.device
         replies = [p.option_reply(opt, p.REP_INFO, p.INFO_EXPORT.pack(
@@ -247,6 +246,11 @@ class Negotiation:
             return Outcome(replies)
         self._enter(export, tflags)
         return Outcome(replies, Action.TRANSMIT, export)
+
+    def _not_opened(self, opt: int, e: OSError) -> Outcome:
+        """The reply when `_open` failed: POLICY where the policy said no, else UNKNOWN."""
+        reply = p.REP_ERR_POLICY if e.errno == errno.EACCES else p.REP_ERR_UNKNOWN
+        return self._error(opt, reply, e.strerror or str(e))
 
     def _enter(self, export: OpenedExport, tflags: int) -> None:
         base_allocation = (self.structured and self.meta_selected
@@ -272,8 +276,7 @@ class Negotiation:
         try:
             export, _ = self._open(name)
         except OSError as e:
-            reply = p.REP_ERR_POLICY if e.errno == errno.EACCES else p.REP_ERR_UNKNOWN
-            return self._error(opt, reply, e.strerror or str(e))
+            return self._not_opened(opt, e)
         export.close()
         if setting:
             matched = p.META_BASE_ALLOCATION in queries

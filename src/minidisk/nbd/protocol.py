@@ -406,16 +406,23 @@ def _take_string(data: bytes, pos: int, length: int, what: str) -> tuple[str, in
         raise OptionDataError(f"{what} is not UTF-8") from None
 
 
-def parse_info_request(data: bytes) -> tuple[str, list[int]]:
-    """OPT_INFO / OPT_GO data: name length u32, name, count u16, count × info type u16."""
-    if len(data) < 6:
-        raise OptionDataError("INFO/GO data too short")
+def _name_and_count(data: bytes, count: struct.Struct, what: str,
+                    counted: str) -> tuple[str, int, int]:
+    """The export name that INFO/GO and META_CONTEXT data start with, and the count after
+    it (u16 or u32): (name, count, where the counted items start)."""
+    if len(data) < 4 + count.size:
+        raise OptionDataError(f"{what} data too short")
     (name_len,) = U32.unpack_from(data)
     name, pos = _take_string(data, 4, name_len, "export name")
-    if pos + 2 > len(data):
-        raise OptionDataError("INFO/GO request count missing")
-    (count,) = U16.unpack_from(data, pos)
-    pos += 2
+    if pos + count.size > len(data):
+        raise OptionDataError(f"{what} {counted} count missing")
+    (n,) = count.unpack_from(data, pos)
+    return name, n, pos + count.size
+
+
+def parse_info_request(data: bytes) -> tuple[str, list[int]]:
+    """OPT_INFO / OPT_GO data: name length u32, name, count u16, count × info type u16."""
+    name, count, pos = _name_and_count(data, U16, "INFO/GO", "request")
     if len(data) != pos + 2 * count:
         raise OptionDataError(f"INFO/GO declares {count} requests in {len(data) - pos} bytes")
     infos = [U16.unpack_from(data, pos + 2 * i)[0] for i in range(count)]
@@ -424,14 +431,7 @@ def parse_info_request(data: bytes) -> tuple[str, list[int]]:
 
 def parse_meta_context_request(data: bytes) -> tuple[str, list[str]]:
     """LIST/SET_META_CONTEXT data: name length u32, name, count u32, count × (len u32, query)."""
-    if len(data) < 8:
-        raise OptionDataError("meta context data too short")
-    (name_len,) = U32.unpack_from(data)
-    name, pos = _take_string(data, 4, name_len, "export name")
-    if pos + 4 > len(data):
-        raise OptionDataError("meta context query count missing")
-    (count,) = U32.unpack_from(data, pos)
-    pos += 4
+    name, count, pos = _name_and_count(data, U32, "meta context", "query")
     queries = []
     for _ in range(count):
         if pos + 4 > len(data):
