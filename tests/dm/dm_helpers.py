@@ -53,9 +53,35 @@ async def until(condition: Callable[[], bool], passes: int = 10_000) -> None:
     raise AssertionError(f"not reached in {passes} loop passes: {condition}")
 
 
+async def idle_passes(passes: int = 200) -> None:
+    """Let the loop run `passes` times round: what the loop alone would do (no thread, no
+    timer) has then been done, so a test can assert that something did not happen -- a
+    deferred removal of a device still in use, say -- without sleeping for a guessed time."""
+    for _ in range(passes):
+        await asyncio.sleep(0)
+
+
 def memory_namespace(**sizes: int) -> DeviceDict:
     """`/dev/<name>` -> MemoryDevice of the given size, for each keyword."""
     return DeviceDict({f"/dev/{k}": MemoryDevice(v) for k, v in sizes.items()})
+
+
+class HeldDevice(MemoryDevice):
+    """A memory device whose writes wait until the test lets them go (`release`): I/O kept
+    in flight as long as a test needs, with no timer. `held` counts the writes waiting."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.release = asyncio.Event()
+        self.held = 0
+
+    async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        self.held += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.held -= 1
+        await super().pwrite(buf, offset, fua)
 
 
 def registry_over(ns: DeviceDict) -> Registry:

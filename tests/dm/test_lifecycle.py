@@ -8,6 +8,8 @@ import errno
 import pytest
 from tests.dm.dm_helpers import (
     SECTOR,
+    HeldDevice,
+    idle_passes,
     memory_namespace,
     pattern,
     read,
@@ -17,10 +19,7 @@ from tests.dm.dm_helpers import (
     write,
 )
 
-from minidisk.dm import Registry, TableError
-
-# Long enough for a deferred removal that should not happen to have happened.
-SETTLE_S = 0.3
+from minidisk.dm import DeviceDict, Registry, TableError
 
 
 def test_create_with_table_is_live_and_without_is_empty() -> None:
@@ -199,18 +198,20 @@ def test_suspend_queues_io_and_resume_releases_it_onto_the_new_table() -> None:
 
 
 def test_suspend_waits_for_io_in_flight() -> None:
-    ns = memory_namespace(a=1 << 20)
+    held = HeldDevice(1 << 20)
+    ns = DeviceDict({"/dev/a": held})
     reg = registry_over(ns)
 
     async def go() -> None:
-        await reg.create("slow", "0 64 delay /dev/a 0 300")
-        dev = await reg.create("d", "0 64 linear /dev/mapper/slow 0")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        dev = await reg.create("d", "0 64 linear /dev/a 0")
         inflight = asyncio.ensure_future(write(dev, 0, b"W" * SECTOR))
-        await asyncio.sleep(0.02)
-        await reg.suspend("d")  # the upper device has to wait for the delayed write
-        assert inflight.done() and loop.time() - started >= 0.25
+        await until(lambda: held.held == 1)
+        suspending = asyncio.ensure_future(reg.suspend("d"))
+        await idle_passes()
+        assert not suspending.done()  # the write is still in flight below it
+        held.release.set()
+        await suspending
+        assert inflight.done() and await read(held, 0, SECTOR) == b"W" * SECTOR
         await reg.resume("d")
 
     run(go())
@@ -224,7 +225,7 @@ def test_wait_returns_when_a_target_raises_an_event() -> None:
         await reg.create("bad", "0 16 error")
         dev = await reg.create("s", "0 32 striped 2 8 /dev/a 0 /dev/mapper/bad 0")
         waiter = asyncio.ensure_future(reg.wait("s", 0))
-        await asyncio.sleep(0.01)
+        await idle_passes()
         assert not waiter.done()
         await read(dev, 0, SECTOR)  # stripe 0 is fine
         with pytest.raises(OSError):
@@ -266,12 +267,9 @@ def test_read_only_device_refuses_writes() -> None:
     run(go())
 
 
-async def _gone(reg: Registry, name: str, timeout: float = 5) -> None:
+async def _gone(reg: Registry, name: str) -> None:
     """Wait for a deferred removal, which happens after the call that let go returns."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while name in reg.devices:
-        assert asyncio.get_running_loop().time() < deadline, f"{name} was not removed"
-        await asyncio.sleep(0.01)
+    await until(lambda: name not in reg.devices)
 
 
 def test_deferred_remove_waits_for_the_table_above_to_let_go() -> None:
@@ -290,7 +288,7 @@ def test_deferred_remove_waits_for_the_table_above_to_let_go() -> None:
         with pytest.raises(OSError) as e:
             await reg.remove("low")  # a plain remove of an open device is still EBUSY
         assert e.value.errno == errno.EBUSY and reg.info("low").deferred_remove
-        await asyncio.sleep(SETTLE_S)  # waiting, with nothing to poll for
+        await idle_passes()  # the reaper has looked, and left it
         assert reg.info("low").deferred_remove
         await reg.remove("top")  # its table lets go of low: low goes too
         await _gone(reg, "low")
@@ -307,11 +305,11 @@ def test_deferred_remove_waits_for_clients_of_the_export() -> None:
         await reg.create("d", "0 8 linear /dev/a 0")
         client = ns.hold("/dev/mapper/d")  # what an NBD connection holds
         assert not await reg.remove("d", deferred=True)
-        await asyncio.sleep(SETTLE_S)
+        await idle_passes()
         assert reg.info("d").deferred_remove  # still in use
         second = ns.hold("/dev/mapper/d")
         client.release()  # one of two clients gone: it stays
-        await asyncio.sleep(SETTLE_S)
+        await idle_passes()
         assert reg.info("d").deferred_remove and reg.names() == ["d"]
         second.release()  # the last one: the namespace says so, and it goes
         await _gone(reg, "d")
@@ -330,7 +328,7 @@ def test_cancel_deferred_remove_keeps_the_device() -> None:
         assert await reg.message("low", 0, ["@cancel_deferred_remove"]) is None
         assert not reg.info("low").deferred_remove
         await reg.remove("top")
-        await asyncio.sleep(SETTLE_S)
+        await idle_passes()
         assert reg.names() == ["low"]
         for words, reason in ((["@cancel_deferred_remove", "now"], "Invalid arguments"),
                               (["@nosuch"], "Unsupported message sent to DM core")):

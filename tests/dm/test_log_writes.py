@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.dm.dm_helpers import SECTOR, memory_namespace, pattern, read, registry_over, run, write
+from tests.harness import MINIDISK
 
 from minidisk.cli import replaylog
 from minidisk.device.api import BlockDevice
@@ -18,7 +18,6 @@ from minidisk.dm import DeviceDict, Registry, writelog
 
 DATA = 1 << 20
 LOG = 8 << 20
-MINIDISK = str(Path(sys.executable).parent / "minidisk")
 
 
 def decode_log(raw: bytes) -> list[tuple[int, int, int, bytes]]:

@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -42,12 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.harness import SYSTEM_PYTHON
+from tests.harness import MINIDISK, SYSTEM_PYTHON
 from tests.vm.harness import GUEST_SCRIPTS, Boot, GuestRun, guest_script, kernel_crash
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
-MINIDISK = str(Path(sys.executable).parent / "minidisk")
 DISK_SIZE = "8M"  # as the guest's loop files
 HOST_DM_MAJOR = 253  # minidisk.dm.mapped.DM_MAJOR
 
