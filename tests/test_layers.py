@@ -128,3 +128,38 @@ def test_the_check_sees_imports_inside_functions(tmp_path: Path) -> None:
                      "minidisk/low/b.py:2: low imports high, above it"]
     assert "minidisk/high/a.py:1: high imports low, beside it" in \
         violations(source, [["high", "low"], ["leaf"]])
+
+
+def unnamed_modules(source: Path, architecture: str) -> list[str]:
+    """The modules of `source` (but package __init__ and __main__) that ARCHITECTURE.md's
+    section of their package ("## dm/ — ...") never names in backquotes -- as `stem`,
+    `stem.py` or within a path. Top-level modules, and those of a package without a section
+    of its own, may be named anywhere."""
+    sections: dict[str, str] = {}
+    for section in re.split(r"^## ", architecture, flags=re.M)[1:]:
+        for package in re.findall(r"(\w+)/", section.split("\n", 1)[0]):
+            sections[package] = section
+    missing = []
+    for path in sorted(source.rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        parts = path.relative_to(source).parts
+        text = sections.get(parts[0], architecture) if len(parts) > 1 else architecture
+        if not re.search(rf"`[^`\n]*\b{re.escape(path.stem)}\b[^`\n]*`", text):
+            missing.append(str(path.relative_to(source)))
+    return missing
+
+
+def test_architecture_names_every_module() -> None:
+    """Every module has its one job said in ARCHITECTURE.md, in its package's section."""
+    assert unnamed_modules(SOURCE, (ROOT / "ARCHITECTURE.md").read_text()) == []
+
+
+def test_the_module_check_sees_an_unnamed_module(tmp_path: Path) -> None:
+    source = tmp_path / "minidisk"
+    (source / "dm").mkdir(parents=True)
+    for name in ("named.py", "other.py", "__init__.py"):
+        (source / "dm" / name).write_text("")
+    (source / "leaf.py").write_text("")
+    text = "# x\n`leaf.py` is a leaf\n## dm/ — dm\n`named.py` is named; other is not\n"
+    assert unnamed_modules(source, text) == ["dm/other.py"]
