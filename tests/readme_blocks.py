@@ -42,6 +42,13 @@ FRESH_DIRECTORIES = ("/tmp", "/srv", "/mnt", "/run/minidisk", "/etc/minidisk",
 USERS = {"alice": 2701, "bob": 2702}  # made in each chain's own /etc/passwd and /etc/group
 
 
+def named_directories(text: str) -> list[str]:
+    """The FRESH_DIRECTORIES that `text` names as a path of its own (`/dlm/x`, `"/dlm"`), not
+    as the tail of another one (`unix:///run/minidisk/dlm.sock` names no /dlm)."""
+    return [name for name in FRESH_DIRECTORIES
+            if re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", text)]
+
+
 class ReadmeError(ValueError):
     """A fence or directive this runner cannot read; the message names its line."""
 

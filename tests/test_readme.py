@@ -29,6 +29,7 @@ from tests.readme_blocks import (
     Expectation,
     ReadmeError,
     chains,
+    named_directories,
     parse,
     shell_script,
 )
@@ -180,7 +181,7 @@ def _mount_points(chain: Chain) -> list[Path]:
     gets a tmpfs there (and removed by the caller afterwards; each is named by one chain
     only, so no other chain's mount is below it meanwhile). /run/minidisk, minidisk's own
     runtime directory on a tmpfs, is made and kept: every attach uses it, named or not."""
-    text = "".join(block.text for block in chain.blocks)
+    named = named_directories("".join(block.text for block in chain.blocks))
     made = []
     for name in FRESH_DIRECTORIES:
         directory = Path(name)
@@ -188,10 +189,18 @@ def _mount_points(chain: Chain) -> list[Path]:
             continue
         if name == "/run/minidisk":
             directory.mkdir(mode=0o755)
-        elif name in text:
+        elif name in named:
             directory.mkdir(mode=0o755)
             made.append(directory)
     return made
+
+
+def test_a_directory_is_named_as_a_path_only() -> None:
+    """A chain gets a fresh /dlm only where it uses /dlm: not for the dlm.sock below
+    /run/minidisk (a guest, whose root is read-only, cannot make one)."""
+    assert named_directories('dlm = "unix:///run/minidisk/dlm.sock"') == ["/run/minidisk"]
+    assert named_directories("mount /dlm/x; ls '/vmlink'") == ["/dlm", "/vmlink"]
+    assert named_directories("/srvx /mnt.d x/etc/minidisk") == []
 
 
 def test_every_fence_says_whether_it_runs() -> None:

@@ -47,7 +47,11 @@ cd {ROOT}
     if made:
         vmlink.mkdir(mode=0o755)
     try:
-        run = boot("autofs", script, timeout=GUEST_TIMEOUT, python=True)
+        # /etc/minidisk and /var/lib/minidisk, which the README's chains get fresh, need
+        # not exist on the host: the guest sees /etc and /var/lib through writable
+        # overlays, where the chains can make them (nothing reaches the host).
+        run = boot("autofs", script, timeout=GUEST_TIMEOUT, python=True,
+                   vng_args=["--overlay-rwdir=/etc", "--overlay-rwdir=/var/lib"])
     finally:
         if made:
             vmlink.rmdir()
