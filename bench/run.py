@@ -41,6 +41,8 @@ DEVICE_SIZE = GiB
 # 64 KiB chunks, LVM's default stripe size, so a 1 MiB request crosses every stripe.
 STRIPE_CHUNK_SECTORS = 128
 STRIPES = 4
+THIN_BLOCK_SECTORS = 128  # 64 KiB, Docker's and LVM's default
+SNAPSHOT_CHUNK_SECTORS = 16  # 8 KiB, LVM's default
 
 
 @dataclass(frozen=True)
@@ -362,7 +364,11 @@ def dm_unavailable_reason(minidisk: Minidisk) -> str | None:
 def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk: Minidisk,
            loads: list[float]) -> Samples:
     """Issue 4: raw memory vs linear over memory vs 4-way striped over memory, one server;
-    issue 14: crypt (aes-xts-plain64, a fixed bench key) over memory, against linear."""
+    issue 14: crypt (aes-xts-plain64, a fixed bench key) over memory, against linear;
+    issue 13: a thin volume of a pool over memory, and a persistent snapshot of a memory
+    origin (16-sector chunks), both against linear. The prefill provisions every block of
+    the thin volume and gives the snapshot an exception for every chunk, so the rows measure
+    provisioned thin I/O and I/O to a snapshot's own chunks (first writes are not measured)."""
     sectors = DEVICE_SIZE // SECTOR
     stripe_sectors = sectors // STRIPES
     tables = {
@@ -370,9 +376,15 @@ def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk:
         "str": f"0 {sectors} striped {STRIPES} {STRIPE_CHUNK_SECTORS} "
                + " ".join(f"/dev/stripe{i} 0" for i in range(STRIPES)) + "\n",
         "cry": f"0 {sectors} crypt aes-xts-plain64 {bytes(range(64)).hex()} 0 /dev/cryptbase 0\n",
+        "pool": f"0 {sectors} thin-pool /dev/thinmeta /dev/thindata {THIN_BLOCK_SECTORS} 0\n",
+        "snap": f"0 {sectors} snapshot /dev/snaporigin /dev/snapcow P {SNAPSHOT_CHUNK_SECTORS}\n",
     }
     serve_args = ["--memory", f"/dev/raw={DEVICE_SIZE}", "--memory", f"/dev/linbase={DEVICE_SIZE}",
-                  "--memory", f"/dev/cryptbase={DEVICE_SIZE}"]
+                  "--memory", f"/dev/cryptbase={DEVICE_SIZE}",
+                  "--memory", "/dev/thinmeta=64M", "--memory", f"/dev/thindata={DEVICE_SIZE}",
+                  "--memory", f"/dev/snaporigin={DEVICE_SIZE}",
+                  # every chunk an exception, with room for the areas that index them
+                  "--memory", f"/dev/snapcow={DEVICE_SIZE + DEVICE_SIZE // 16}"]
     serve_args += [arg for i in range(STRIPES)
                    for arg in ("--memory", f"/dev/stripe{i}={stripe_sectors * SECTOR}")]
     for name, text in tables.items():
@@ -386,10 +398,18 @@ def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk:
     with running(server, "dev/mapper/str"):
         assert server.process is not None
         pid = server.process.pid
+        dmsetup = Minidisk(minidisk.snapshot_src).argv("dmsetup", "--server", f"unix://{socket}")
+        for command in (["message", "pool", "0", "create_thin 0"],
+                        ["create", "thin", "--table",
+                         f"0 {sectors} thin /dev/mapper/pool 0"]):
+            subprocess.run([*dmsetup, *command], check=True, env=minidisk.env(),
+                           capture_output=True, text=True)
         targets = [Target("raw", socket, "dev/raw", pid),
                    Target("linear", socket, "dev/mapper/lin", pid),
                    Target("striped", socket, "dev/mapper/str", pid),
-                   Target("crypt", socket, "dev/mapper/cry", pid)]
+                   Target("crypt", socket, "dev/mapper/cry", pid),
+                   Target("thin", socket, "dev/mapper/thin", pid),
+                   Target("snapshot", socket, "dev/mapper/snap", pid)]
         prefill(targets, settings)
         return measure(list(workloads), targets, settings, loads)
 
@@ -451,6 +471,11 @@ DM_ROWS = tuple(row_name(job, m) for job in FIO_JOBS for m in job.metrics if m.h
 DM_GOALS = [Goal("linear ≥ 0.9× raw", DM_ROWS, "linear", "raw", 0.9, False),
             Goal("4-way striped ≥ 0.85× raw", DM_ROWS, "striped", "raw", 0.85, False),
             Goal("issue 14: crypt aes-xts ≥ 0.5× linear", DM_ROWS, "crypt", "linear", 0.5,
+                 False),
+            Goal("issue 13: thin, provisioned, ≥ 0.8× linear", DM_ROWS, "thin", "linear", 0.8,
+                 False),
+            Goal("issue 13: snapshot reads ≥ 0.8× linear",
+                 tuple(row for row in DM_ROWS if "read" in row), "snapshot", "linear", 0.8,
                  False)]
 
 
@@ -587,10 +612,11 @@ def main() -> int:
                     output += ["", f"dm not available: {e}"]
                     report["dm"] = {"unavailable": str(e)}
                 else:
-                    columns = ["raw", "linear", "striped", "crypt"]
+                    columns = ["raw", "linear", "striped", "crypt", "thin", "snapshot"]
                     lines, medians = median_table(samples, columns,
                                                   [("linear", "raw"), ("striped", "raw"),
-                                                   ("crypt", "linear")])
+                                                   ("crypt", "linear"), ("thin", "linear"),
+                                                   ("snapshot", "linear")])
                     output += ["", "## device-mapper over memory devices (medians, one server)",
                                "", *lines]
                     report["dm"] = {"samples": samples, "medians": medians,

@@ -123,6 +123,32 @@ def test_origin_writes_copy_out_to_every_snapshot() -> None:
     run(main())
 
 
+def test_reads_spanning_runs_of_exceptions_and_origin_chunks() -> None:
+    """A snapshot reads a run of chunks at once (exceptions next to each other in the COW
+    device, or chunks without one); every span, from any offset, reads what 512-byte reads
+    of it read, also where writes in reverse order left exceptions out of order."""
+    async def main() -> None:
+        reg, ns = setup(2 << 20)
+        before = await fill_origin(ns)
+        await snapshots(reg, "P 8")  # 4 KiB chunks
+        snap = reg.get("snap0")
+        expected = bytearray(before)
+        writes = [(0, 3 * K), (5 * K, K), (9 * K + 512, 2 * K), (20 * K, 4 * K)]
+        writes += [(40 * K - i * K, K) for i in range(4)]  # exceptions in reverse order
+        for n, (offset, length) in enumerate(writes):
+            data = pattern(50 + n, length)
+            await write(snap, offset, data)
+            expected[offset:offset + length] = data
+        rng = random.Random(5)
+        for _ in range(200):
+            offset = rng.randrange(0, 48 * K // SECTOR) * SECTOR
+            length = rng.randrange(1, 24 * K // SECTOR) * SECTOR
+            assert await read(snap, offset, length) == expected[offset:offset + length], \
+                (offset, length)
+        assert await read(snap, 0, ORIGIN) == bytes(expected)
+    run(main())
+
+
 def test_stomping_origin_and_snapshots_at_once() -> None:
     """Writes to the snapshots never reach the origin nor each other; writes to the origin
     never reach a snapshot; all at the same time, chunks shared between them."""
