@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests import harness
 from tests.dm.dm_helpers import Server, pattern
+from tests.dm.dm_helpers import serve as serve_dm
 
 from minidisk.device.file import FileDevice
 
@@ -52,8 +52,7 @@ def serve(short_tmp: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def start(*options: str) -> Server:
-        server = harness.serve(short_tmp, *options, name=f"s{len(started)}")
-        started.append(Server(server.proc, server.log, server.socket))
+        started.append(serve_dm(short_tmp, *options, name=f"s{len(started)}"))
         return started[-1]
 
     yield start

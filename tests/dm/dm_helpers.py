@@ -106,3 +106,10 @@ class Server(harness.Server):
         return subprocess.run([MINIDISK, "dmsetup", "--server", self.url, *args],
                               capture_output=True, text=True, check=check, timeout=timeout,
                               input=stdin)
+
+
+def serve(directory: Path, *options: str, name: str = "s") -> Server:
+    """`minidisk serve -s OPTIONS` on DIRECTORY/NAME.sock (harness.serve), as a Server that
+    runs `minidisk dmsetup` against itself."""
+    server = harness.serve(directory, *options, name=name)
+    return Server(server.proc, server.log, server.socket)

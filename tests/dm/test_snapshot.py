@@ -125,8 +125,9 @@ def test_origin_writes_copy_out_to_every_snapshot() -> None:
 
 def test_reads_spanning_runs_of_exceptions_and_origin_chunks() -> None:
     """A snapshot reads a run of chunks at once (exceptions next to each other in the COW
-    device, or chunks without one); every span, from any offset, reads what 512-byte reads
-    of it read, also where writes in reverse order left exceptions out of order."""
+    device, or chunks without one); every span, from any offset, reads what was written
+    there or else the origin's bytes, also where writes in reverse order left exceptions out
+    of order in the COW device."""
     async def main() -> None:
         reg, ns = setup(2 << 20)
         before = await fill_origin(ns)

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests import harness
-from tests.dm.dm_helpers import Server
+from tests.dm.dm_helpers import Server, serve
 from tests.kernel.conftest import Cli
 
 from minidisk.kernel import mount
@@ -45,11 +44,9 @@ def pool(short_tmp: Path) -> Iterator[tuple[Server, Path]]:
     """A server with the pool's metadata in a file (for thin_check) and data in memory."""
     meta = short_tmp / "meta.img"
     meta.write_bytes(bytes(16 << 20))
-    server = harness.serve(short_tmp, "--file", f"/dev/meta={meta}",
-                           "--memory", f"/dev/data={DATA_SIZE}")
-    wrapped = Server(server.proc, server.log, server.socket)
+    server = serve(short_tmp, "--file", f"/dev/meta={meta}", "--memory", f"/dev/data={DATA_SIZE}")
     try:
-        yield wrapped, meta
+        yield server, meta
     finally:
         server.stop()
 
