@@ -11,18 +11,22 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.dm.dm_helpers import SECTOR, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import SECTOR, idle_passes, pattern, read, registry_over, run, write
 
 from minidisk.device.file import FileDevice
+from minidisk.device.memory import MemoryDevice
 from minidisk.dm import DeviceDict, Registry
 from minidisk.dm.mapped import MappedDevice
 from minidisk.dm.table import TableError
 from minidisk.dm.targets import thin_pool
+from minidisk.dm.targets.thin import Thin
+from minidisk.dm.thin.btree import MISSING
 
 MB = 1 << 20
 BLOCK = 128  # sectors: 64 KiB data blocks
@@ -241,6 +245,122 @@ def test_snapshots_share_blocks_until_written(thin: ThinSetup) -> None:
     assert dump.count("<device ") == 2
     # Six blocks still shared: the same data blocks appear under both devices.
     assert 'creation_time="1"' in dump and 'snap_time="1"' in dump
+
+
+def pool_of(device: MappedDevice) -> thin_pool.Pool:
+    target = device.live.targets[0]
+    assert isinstance(target, Thin)
+    return target.pool
+
+
+def test_reads_and_writes_across_mapped_unmapped_and_shared_blocks_match_a_model(
+        thin: ThinSetup) -> None:
+    """Random spans (inside one block, across several, unaligned) written to a thin and its
+    snapshot, then read back at random spans: reads coalesce runs of blocks that lie next
+    to each other on the data device, fill runs of unmapped blocks, and take a one-block
+    request on a fast path with no lock; every byte must still be the model's."""
+    reg = thin.registry()
+    span = 40 * BB  # 40 of the pool's 256 blocks, for the origin and its snapshot each
+    rng = random.Random(5)
+
+    async def go() -> None:
+        origin, = await make_pool(thin, reg)
+        models = {"origin": bytearray(span)}
+        devices = {"origin": origin}
+
+        async def scribble(name: str, writes: int) -> None:
+            for _ in range(writes):
+                length = rng.choice([512, 4096, BB, BB + 4096, 3 * BB - 512])
+                at = rng.randrange(0, span - length, 512)
+                data = rng.randbytes(length)
+                await write(devices[name], at, data)
+                models[name][at:at + length] = data
+
+        # Blocks provisioned out of order, so that some neighbours are next to each other
+        # on the data device and some are not, and a third of the span stays unmapped.
+        await scribble("origin", 25)
+        await reg.suspend("thin1")
+        await reg.message("pool", 0, ["create_snap", "2", "1"])
+        await reg.resume("thin1")
+        devices["snap"] = await reg.create("snap", f"0 {64 * MB // SECTOR} thin "
+                                                   f"/dev/mapper/pool 2")
+        models["snap"] = bytearray(models["origin"])
+        await scribble("origin", 10)
+        await scribble("snap", 10)
+        for _ in range(300):
+            name = rng.choice(["origin", "snap"])
+            length = rng.choice([512, 4096, BB, 2 * BB, 7 * BB + 1536, span // 2])
+            at = rng.randrange(0, span - length + 1, 512)
+            got = await read(devices[name], at, length)
+            assert got == models[name][at:at + length], (name, at, length)
+        await teardown(reg)
+
+    run(go())
+
+
+@pytest.mark.parametrize("data_kind", ["file", "memory"])
+@pytest.mark.parametrize("zeroing", [True, False])
+def test_a_partial_first_write_zeroes_the_rest_of_its_block(thin: ThinSetup, data_kind: str,
+                                                            zeroing: bool) -> None:
+    """The data device holds old bytes everywhere (a block freed by a deleted thin, say):
+    a partial write to a new block must leave the rest of it reading zeroes, whether the
+    zeroes are written as a buffer or by the data device's write-zeroes; with
+    skip_block_zeroing the old bytes show through, as in the kernel."""
+    with open(thin.data, "r+b") as f:
+        f.write(b"\xaa" * (thin.data_sectors * SECTOR))
+    ns = thin.namespace()
+    memory = MemoryDevice(thin.data_sectors * SECTOR)
+    if data_kind == "memory":
+        meta = FileDevice(str(thin.meta))
+        thin.devs.append(meta)
+        ns = DeviceDict({"/dev/meta": meta, "/dev/data": memory})
+    reg = registry_over(ns)
+
+    async def go() -> None:
+        if data_kind == "memory":
+            await write(memory, 0, b"\xaa" * (thin.data_sectors * SECTOR))
+        features = () if zeroing else ("skip_block_zeroing",)
+        t1, = await make_pool(thin, reg, *features)
+        rest = b"\0" if zeroing else b"\xaa"
+        await write(t1, 5 * BB + 4096, b"d" * 4096)
+        assert await read(t1, 5 * BB, BB) == rest * 4096 + b"d" * 4096 + rest * (BB - 8192)
+        await write(t1, 9 * BB, b"e" * 512)
+        assert await read(t1, 9 * BB, BB) == b"e" * 512 + rest * (BB - 512)
+        await write(t1, 11 * BB + BB - 512, b"f" * 512)
+        assert await read(t1, 11 * BB, BB) == rest * (BB - 512) + b"f" * 512
+        await teardown(reg)
+
+    run(go())
+
+
+def test_lookups_without_the_lock_wait_while_a_metadata_change_is_half_done(
+        thin: ThinSetup) -> None:
+    """The lock-free lookup (`Pool.lookup_cached`) is safe only because nothing changes the
+    btrees between two awaits: while the pool's lock is held (a change in progress, which
+    may await a node read with a split half done), or a block is being provisioned, it
+    must give way to the locked lookup."""
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        await write(t1, 0, pattern(1, BB))
+        pool = pool_of(t1)
+        assert pool.lookup_cached(1, 0) not in (None, MISSING)
+        async with pool.lock:
+            assert pool.lookup_cached(1, 0) is MISSING
+            reader = asyncio.create_task(read(t1, 0, 4096))
+            writer = asyncio.create_task(write(t1, 4096, b"w" * 4096))
+            await idle_passes()
+            assert not reader.done() and not writer.done()
+        assert await reader == pattern(1, BB)[:4096]
+        await writer
+        assert await read(t1, 4096, 4096) == b"w" * 4096
+        pool.cells[1, 0] = asyncio.Event()
+        assert pool.lookup_cached(1, 0) is MISSING
+        del pool.cells[1, 0]
+        await teardown(reg)
+
+    run(go())
 
 
 def test_pool_usage_grows_only_by_blocks_written(thin: ThinSetup) -> None:

@@ -18,6 +18,7 @@ from minidisk.dm.status_table import ThinTable
 from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, parse_uint
 from minidisk.dm.targets.thin_pool import FAIL, Pool, ThinPool
+from minidisk.dm.thin.btree import Missing
 from minidisk.dm.thin.metadata import MAX_DEV_ID
 
 
@@ -91,7 +92,7 @@ class Thin(Target):
     async def flush(self) -> None:
         await self.pool.commit()
 
-    # I/O, one data block at a time
+    # I/O
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """(virtual block, offset in it, position in request, bytes)."""
@@ -106,14 +107,39 @@ class Thin(Target):
         return out
 
     async def pread(self, buf: memoryview, offset: int) -> None:
-        pool = self.pool
+        """Block by block, but one read of the data device for each run of blocks that lie
+        next to each other there (sequential writes provision them so), and one fill for
+        each run of unmapped ones."""
+        pool, bs = self.pool, self.bs
+        vblock, within = divmod(offset, bs)
+        if within + len(buf) <= bs:  # inside one provisioned block: the common case
+            found = pool.lookup_cached(self.dev_id, vblock)
+            if type(found) is tuple:
+                await pool.data.pread(buf, found[0] * bs + within)
+                return
+        run_start = run_at = -1  # the open run: its position in buf, its data-device offset
+        run_end = 0
+        unmapped = False
         for vblock, within, pos, n in self._pieces(offset, len(buf)):
-            view = buf[pos:pos + n]
-            found = await pool.lookup(self.dev_id, vblock)
-            if found is not None:
-                await pool.data.pread(view, found[0] * self.bs + within)
-            else:
-                await self._read_unmapped(view, vblock * self.bs + within)
+            found = pool.lookup_cached(self.dev_id, vblock)
+            if isinstance(found, Missing):
+                found = await pool.lookup(self.dev_id, vblock)
+            at = -1 if found is None else found[0] * bs + within
+            if run_start >= 0 and (unmapped if at < 0 else at == run_at + run_end - run_start):
+                run_end = pos + n
+                continue
+            if run_start >= 0:
+                await self._read_run(buf[run_start:run_end], run_at, offset + run_start,
+                                     unmapped)
+            run_start, run_end, run_at, unmapped = pos, pos + n, at, at < 0
+        if run_start >= 0:
+            await self._read_run(buf[run_start:run_end], run_at, offset + run_start, unmapped)
+
+    async def _read_run(self, view: memoryview, at: int, virtual: int, unmapped: bool) -> None:
+        if unmapped:
+            await self._read_unmapped(view, virtual)
+        else:
+            await self.pool.data.pread(view, at)
 
     async def _read_unmapped(self, view: memoryview, at: int) -> None:
         """Zeroes, or the external origin's bytes as far as it reaches."""
@@ -122,15 +148,27 @@ class Thin(Target):
             inside = max(0, min(len(view), self.origin_ref.device.size - at))
             if inside:
                 await self.origin_ref.device.pread(view[:inside], at)
-        view[inside:] = self._zeroes[:len(view) - inside]
+        zeroes = self._zeroes
+        for at in range(inside, len(view), len(zeroes)):  # a run may span several blocks
+            n = min(len(zeroes), len(view) - at)
+            view[at:at + n] = zeroes[:n]
 
     async def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         if self.caps.read_only:
             raise OSError(errno.EROFS, "thin device is read-only")
+        pool, bs = self.pool, self.bs
+        vblock, within = divmod(offset, bs)
+        if within + len(buf) <= bs:  # inside one provisioned, unshared block: the common case
+            found = pool.lookup_cached(self.dev_id, vblock)
+            if type(found) is tuple and not found[1]:
+                await pool.data.pwrite(buf, found[0] * bs + within)
+                if fua:
+                    await pool.commit()
+                return
         for vblock, within, pos, n in self._pieces(offset, len(buf)):
             await self._write_block(buf[pos:pos + n], vblock, within)
         if fua:
-            await self.pool.commit()
+            await pool.commit()
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Unmap the whole blocks inside the range; parts of blocks stay as they are (as
@@ -148,7 +186,9 @@ class Thin(Target):
     async def _write_block(self, view: memoryview, vblock: int, within: int) -> None:
         pool, bs = self.pool, self.bs
         while True:
-            found = await pool.lookup(self.dev_id, vblock)
+            found = pool.lookup_cached(self.dev_id, vblock)
+            if isinstance(found, Missing):
+                found = await pool.lookup(self.dev_id, vblock)
             if found is not None and not found[1]:
                 await pool.data.pwrite(view, found[0] * bs + within)
                 return
@@ -170,9 +210,19 @@ class Thin(Target):
         if len(view) == bs:
             await pool.data.pwrite(view, at)
             return
-        if old is None and self.origin_ref is None and not pool.zero_new_blocks:
-            await pool.data.pwrite(view, at + within)
-            return
+        if old is None and self.origin_ref is None:
+            end = within + len(view)
+            if pool.zero_new_blocks and pool.data.caps.zero:
+                # The rest of the block by write-zeroes, as 6.1's ll_zero has dm-kcopyd do
+                # when the data device supports it: a sparse device (a memory device, a
+                # file) then allocates nothing for the zeroes, and no zero buffer is copied.
+                if within:
+                    await pool.data.zero(at, within)
+                if end < bs:
+                    await pool.data.zero(at + end, bs - end)
+            if not pool.zero_new_blocks or pool.data.caps.zero:
+                await pool.data.pwrite(view, at + within)
+                return
         whole = bytearray(bs)
         if old is not None:
             await pool.data.pread(memoryview(whole), old * bs)

@@ -153,6 +153,33 @@ def empty(store: Store, value_size: int) -> int:
     return b
 
 
+class Missing:
+    """A walk that would have to read a node from the device."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = Missing()
+
+
+def lookup_cached(store: Store, root: int, key: int) -> int | None | Missing:
+    """`lookup` from the nodes in memory alone, with no await: MISSING when the walk needs
+    a node that is not there. Without an await nothing can change the tree during the walk,
+    so a caller that knows no change is half done (the pool's lock is free) needs no lock."""
+    node = store.dirty.get(root) or store.clean.get(root)
+    while node is not None:
+        keys = node.keys
+        i = bisect.bisect_right(keys, key) - 1
+        if node.flags == LEAF_NODE:
+            return node.values[i] if i >= 0 and keys[i] == key else None
+        if i < 0:
+            return None
+        b = node.values[i]
+        node = store.dirty.get(b) or store.clean.get(b)
+    return MISSING
+
+
 async def lookup(store: Store, root: int, key: int) -> int | None:
     node = await store.node(root)
     while True:

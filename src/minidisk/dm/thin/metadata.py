@@ -383,6 +383,18 @@ class PoolMetadata:
         block, time = unpack_mapping(value)
         return block, self.devices[dev_id].snapshotted_time > time
 
+    def find_block_cached(self, dev_id: int,
+                          vblock: int) -> tuple[int, bool] | None | btree.Missing:
+        """`find_block` from memory alone (btree.lookup_cached), or MISSING."""
+        root = self._roots.get(dev_id)
+        if root is None:
+            return btree.MISSING
+        value = btree.lookup_cached(self.store, root, vblock)
+        if not isinstance(value, int):
+            return value  # unmapped, or MISSING
+        block, time = value >> 24, value & 0xFFFFFF  # unpack_mapping, inlined: hot path
+        return block, self.devices[dev_id].snapshotted_time > time
+
     async def insert_block(self, dev_id: int, vblock: int, data_block: int) -> None:
         """Map `vblock` to `data_block`, whose one reference the mapping takes over."""
         d = self.devices[dev_id]
