@@ -42,6 +42,10 @@ DEVICE_SIZE = GiB
 STRIPE_CHUNK_SECTORS = 128
 STRIPES = 4
 THIN_BLOCK_SECTORS = 128  # 64 KiB, Docker's and LVM's default
+# A first-write thin is this large (its pool's data device is DEVICE_SIZE): 4 KiB writes
+# at random 64 KiB-aligned offsets in it almost never meet a block written before.
+FIRST_WRITE_THIN_SIZE = 64 * GiB
+FIRST_WRITE_SPAN = 512 * MiB  # what one first-write run may use of a device, at most
 SNAPSHOT_CHUNK_SECTORS = 16  # 8 KiB, LVM's default
 
 
@@ -86,13 +90,22 @@ class FioJob:
     block_size: str
     iodepth: int
     metrics: tuple[Metric, ...]
+    # A first-write job moves a fixed amount instead of running for a time: every write
+    # must land where the device has nothing of its own yet, which a timed run would use up.
+    io_bytes: int | None = None
 
-    def run(self, uri: str, settings: Settings, server_pid: int) -> dict[str, float]:
+    def run(self, uri: str, settings: Settings, server_pid: int, size: int = DEVICE_SIZE,
+            align: int | None = None) -> dict[str, float]:
         argv = ["fio", f"--name={self.name}", "--ioengine=nbd", f"--uri={uri}",
                 f"--rw={self.rw}", f"--bs={self.block_size}", f"--iodepth={self.iodepth}",
-                f"--size={DEVICE_SIZE}", "--time_based", f"--runtime={settings.runtime_s}",
-                # The first second fills pipelines and warms caches; leave it out.
-                "--ramp_time=1", "--output-format=json"]
+                f"--size={size}", "--output-format=json"]
+        if self.io_bytes is None:
+            # The first second fills pipelines and warms caches; leave it out.
+            argv += ["--time_based", f"--runtime={settings.runtime_s}", "--ramp_time=1"]
+        else:
+            argv += [f"--io_size={self.io_bytes}", "--norandommap"]
+        if align is not None:
+            argv.append(f"--blockalign={align}")
         cpu_before = process_cpu_s(server_pid)
         done = subprocess.run(argv, capture_output=True, text=True,
                               timeout=settings.runtime_s + 120)
@@ -103,11 +116,12 @@ class FioJob:
         if job.get("error"):
             raise RuntimeError(f"fio {self.name} reported error {job['error']}")
         side = job["read" if "read" in self.rw else "write"]
-        # The CPU counter covers the ramp second too; fio's counts leave it out, so its
-        # steady rate is scaled to the run's wall time (as bench/userpath.py does).
-        elapsed_s = settings.runtime_s + 1
+        # The CPU counter of a timed run covers the ramp second too; fio's counts leave it
+        # out, so its steady rate is scaled to the run's wall time (as bench/userpath.py
+        # does). A bounded run has no ramp: its own runtime is the wall time.
+        elapsed_s = settings.runtime_s + 1 if self.io_bytes is None else side["runtime"] / 1000
         return {"iops": side["iops"], "lat_us": side["lat_ns"]["mean"] / 1000,
-                "mib_s": side["bw_bytes"] / MiB,
+                "mib_s": side["bw_bytes"] / MiB, "ios": side["total_ios"],
                 "server_us_per_req": cpu_s * 1e6 / max(side["iops"] * elapsed_s, 1),
                 "server_us_per_mib": cpu_s * 1e6 / max(side["bw_bytes"] / MiB * elapsed_s, 1)}
 
@@ -142,6 +156,14 @@ FIO_JOBS: list[FioJob] = [
     FioJob("1m-write-qd1", "write", "1m", 1, (BANDWIDTH, SERVER_CPU_MIB)),
 ]
 COPY_JOBS: list[CopyJob] = [CopyJob("nbdcopy-1g-in", True), CopyJob("nbdcopy-1g-out", False)]
+# Issue 13's first writes: 8192 random 4 KiB writes, or 256 MiB written in order, each to a
+# device made fresh for that one run (a new thin, a new snapshot of the origin).
+FIRST_WRITE_JOBS: list[FioJob] = [
+    FioJob("4k-randwrite-qd32-first", "randwrite", "4k", 32, (IOPS, SERVER_CPU_REQ),
+           io_bytes=8192 * 4096),
+    FioJob("1m-write-qd8-first", "write", "1m", 8, (BANDWIDTH, SERVER_CPU_MIB),
+           io_bytes=256 * MiB),
+]
 
 
 def parse_fio_json(stdout: str) -> dict:
@@ -361,14 +383,15 @@ def dm_unavailable_reason(minidisk: Minidisk) -> str | None:
     return None
 
 
-def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk: Minidisk,
-           loads: list[float]) -> Samples:
+def run_dm(workloads: list[FioJob], first_writes: list[FioJob], settings: Settings,
+           scratch: Path, minidisk: Minidisk, loads: list[float]) -> tuple[Samples, Samples]:
     """Issue 4: raw memory vs linear over memory vs 4-way striped over memory, one server;
     issue 14: crypt (aes-xts-plain64, a fixed bench key) over memory, against linear;
     issue 13: a thin volume of a pool over memory, and a persistent snapshot of a memory
     origin (16-sector chunks), both against linear. The prefill provisions every block of
-    the thin volume and gives the snapshot an exception for every chunk, so the rows measure
-    provisioned thin I/O and I/O to a snapshot's own chunks (first writes are not measured)."""
+    the thin volume and gives the snapshot an exception for every chunk, so these rows
+    measure provisioned thin I/O and I/O to a snapshot's own chunks. Then the first writes
+    (`run_first_writes`): the second Samples."""
     sectors = DEVICE_SIZE // SECTOR
     stripe_sectors = sectors // STRIPES
     tables = {
@@ -378,13 +401,29 @@ def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk:
         "cry": f"0 {sectors} crypt aes-xts-plain64 {bytes(range(64)).hex()} 0 /dev/cryptbase 0\n",
         "pool": f"0 {sectors} thin-pool /dev/thinmeta /dev/thindata {THIN_BLOCK_SECTORS} 0\n",
         "snap": f"0 {sectors} snapshot /dev/snaporigin /dev/snapcow P {SNAPSHOT_CHUNK_SECTORS}\n",
+        # First writes: an origin whose snapshots come and go (and a pool, below).
+        "cworig": f"0 {sectors} snapshot-origin /dev/cwbase\n",
     }
     serve_args = ["--memory", f"/dev/raw={DEVICE_SIZE}", "--memory", f"/dev/linbase={DEVICE_SIZE}",
                   "--memory", f"/dev/cryptbase={DEVICE_SIZE}",
                   "--memory", "/dev/thinmeta=64M", "--memory", f"/dev/thindata={DEVICE_SIZE}",
                   "--memory", f"/dev/snaporigin={DEVICE_SIZE}",
                   # every chunk an exception, with room for the areas that index them
-                  "--memory", f"/dev/snapcow={DEVICE_SIZE + DEVICE_SIZE // 16}"]
+                  "--memory", f"/dev/snapcow={DEVICE_SIZE + DEVICE_SIZE // 16}",
+                  "--memory", f"/dev/cwbase={DEVICE_SIZE}"]
+    # Each first-write run has fresh memory of its own: a COW device, a memory device for
+    # linear-fresh, and room in the pool's data device that no thin used before (the pool
+    # allocates onwards from its last allocation). A memory device holds only what is
+    # written, and fresh RAM is what a first write costs there (see run_first_writes).
+    runs = len(first_writes) * settings.repeat
+    fresh = [(f"/dev/cow{i}", f"/dev/lfresh{i}") for i in range(runs)]
+    for cow, memory in fresh:
+        serve_args += ["--memory", f"{cow}={FIRST_WRITE_SPAN * 9 // 8}",
+                       "--memory", f"{memory}={DEVICE_SIZE}"]
+    fwdata = max(runs, 1) * FIRST_WRITE_SPAN
+    serve_args += ["--memory", "/dev/fwmeta=64M", "--memory", f"/dev/fwdata={fwdata}"]
+    tables["fwpool"] = (f"0 {fwdata // SECTOR} thin-pool /dev/fwmeta /dev/fwdata "
+                        f"{THIN_BLOCK_SECTORS} 0\n")
     serve_args += [arg for i in range(STRIPES)
                    for arg in ("--memory", f"/dev/stripe{i}={stripe_sectors * SECTOR}")]
     for name, text in tables.items():
@@ -398,20 +437,106 @@ def run_dm(workloads: list[FioJob], settings: Settings, scratch: Path, minidisk:
     with running(server, "dev/mapper/str"):
         assert server.process is not None
         pid = server.process.pid
-        dmsetup = Minidisk(minidisk.snapshot_src).argv("dmsetup", "--server", f"unix://{socket}")
-        for command in (["message", "pool", "0", "create_thin 0"],
-                        ["create", "thin", "--table",
-                         f"0 {sectors} thin /dev/mapper/pool 0"]):
-            subprocess.run([*dmsetup, *command], check=True, env=minidisk.env(),
-                           capture_output=True, text=True)
+        dmsetup = DmSetup(Minidisk(minidisk.snapshot_src).argv("dmsetup", "--server",
+                                                               f"unix://{socket}"),
+                          minidisk.env())
+        dmsetup("message", "pool", "0", "create_thin 0")
+        dmsetup("create", "thin", "--table", f"0 {sectors} thin /dev/mapper/pool 0")
         targets = [Target("raw", socket, "dev/raw", pid),
                    Target("linear", socket, "dev/mapper/lin", pid),
                    Target("striped", socket, "dev/mapper/str", pid),
                    Target("crypt", socket, "dev/mapper/cry", pid),
                    Target("thin", socket, "dev/mapper/thin", pid),
                    Target("snapshot", socket, "dev/mapper/snap", pid)]
-        prefill(targets, settings)
-        return measure(list(workloads), targets, settings, loads)
+        prefill([*targets, Target("origin", socket, "dev/mapper/cworig", pid)], settings)
+        samples = measure(list(workloads), targets, settings, loads)
+        first = run_first_writes(first_writes, settings, dmsetup, targets[1], fresh, loads)
+        return samples, first
+
+
+@dataclass(frozen=True)
+class DmSetup:
+    """`minidisk dmsetup` against the bench's dm server."""
+    argv: list[str]
+    env: dict[str, str] | None
+
+    def __call__(self, *args: str) -> str:
+        return subprocess.run([*self.argv, *args], check=True, env=self.env,
+                              capture_output=True, text=True, timeout=120).stdout
+
+
+def run_first_writes(jobs: list[FioJob], settings: Settings, dmsetup: DmSetup,
+                     linear: Target, fresh: list[tuple[str, str]],
+                     loads: list[float]) -> Samples:
+    """Issue 13's first writes, each run on a device made for it: a new thin of `fwpool`
+    (FIRST_WRITE_THIN_SIZE, 4 KiB writes at 64 KiB-aligned offsets: each provisions a
+    block and zeroes the rest of it), and the origin `cworig` with a new persistent
+    snapshot on a fresh COW device (8 KiB-aligned: each write copies a chunk out first).
+    The baselines run the same job: `linear` over memory written before (the issue's
+    "linear over the same memory device"), and `linear-fresh`, a new linear over a memory
+    device nothing wrote yet. A first write to a memory device costs fresh RAM, and page
+    faults are dear on this VM (a 32 KiB page ~110 µs where a reused one costs ~15), so
+    linear-fresh shows what of the thin's cost is the memory device's, not the target's.
+    Random offsets may meet a block or chunk written before in the same run: each run
+    counts the blocks and chunks it made, and the share of first writes is reported."""
+    samples: Samples = {}
+    chunk = SNAPSHOT_CHUNK_SECTORS * SECTOR
+    thin_block = THIN_BLOCK_SECTORS * SECTOR
+    runs = 0
+
+    def record(job: FioJob, label: str, values: dict[str, float], first: float | None) -> None:
+        loads.append(os.getloadavg()[0])
+        shown = ", ".join(f"{values[m.key]:.1f} {m.unit}" for m in job.metrics)
+        share = f", {first:.1%} first writes" if first is not None else ""
+        print(f"  {job.name} {label}: {shown}{share}", flush=True)
+        for metric in job.metrics:
+            samples.setdefault(row_name(job, metric), {}).setdefault(label, []).append(
+                values[metric.key])
+        if first is not None:
+            samples.setdefault(f"{job.name} first-write share %", {}).setdefault(
+                label, []).append(first * 100)
+
+    def uri(name: str) -> str:
+        return nbd_uri(linear.socket, f"dev/mapper/{name}")
+
+    for job in jobs:
+        for _ in range(settings.repeat):
+            cow, memory = fresh[runs]
+            random_offsets = job.rw.startswith("rand")
+            record(job, "linear", job.run(linear.uri, settings, linear.pid, DEVICE_SIZE,
+                                          thin_block), None)
+
+            name = f"lf{runs}"
+            dmsetup("create", name, "--table", f"0 {DEVICE_SIZE // SECTOR} linear {memory} 0")
+            record(job, "linear-fresh", job.run(uri(name), settings, linear.pid, DEVICE_SIZE,
+                                                thin_block), None)
+            dmsetup("remove", name)
+
+            thin_id = 100 + runs
+            name = f"fw{thin_id}"
+            dmsetup("message", "fwpool", "0", f"create_thin {thin_id}")
+            dmsetup("create", name, "--table",
+                    f"0 {FIRST_WRITE_THIN_SIZE // SECTOR} thin /dev/mapper/fwpool {thin_id}")
+            values = job.run(uri(name), settings, linear.pid, FIRST_WRITE_THIN_SIZE, thin_block)
+            mapped_sectors = int(dmsetup("status", name).split()[3])
+            record(job, "thin", values, mapped_sectors / THIN_BLOCK_SECTORS / values["ios"]
+                   if random_offsets else None)
+            dmsetup("remove", name)
+            dmsetup("message", "fwpool", "0", f"delete {thin_id}")
+
+            snap = f"cws{runs}"
+            dmsetup("suspend", "cworig")
+            dmsetup("create", snap, "--table", f"0 {DEVICE_SIZE // SECTOR} snapshot "
+                    f"/dev/cwbase {cow} P {SNAPSHOT_CHUNK_SECTORS}")
+            dmsetup("resume", "cworig")
+            values = job.run(uri("cworig"), settings, linear.pid, DEVICE_SIZE, chunk)
+            # <allocated>/<total> <metadata>, in sectors
+            allocated, metadata = dmsetup("status", snap).split()[3:5]
+            chunks = (int(allocated.split("/")[0]) - int(metadata)) // SNAPSHOT_CHUNK_SECTORS
+            record(job, "origin", values, chunks / values["ios"] if random_offsets else None)
+            dmsetup("remove", snap)
+            runs += 1
+    return samples
 
 
 def median_table(samples: Samples, columns: list[str],
@@ -477,6 +602,13 @@ DM_GOALS = [Goal("linear ≥ 0.9× raw", DM_ROWS, "linear", "raw", 0.9, False),
             Goal("issue 13: snapshot reads ≥ 0.8× linear",
                  tuple(row for row in DM_ROWS if "read" in row), "snapshot", "linear", 0.8,
                  False)]
+
+FIRST_WRITE_ROWS = tuple(row_name(job, m) for job in FIRST_WRITE_JOBS for m in job.metrics
+                         if m.higher_is_better)
+FIRST_WRITE_GOALS = [Goal("issue 13: thin first writes ≥ 0.3× linear", FIRST_WRITE_ROWS,
+                          "thin", "linear", 0.3, False),
+                     Goal("issue 13: thin first writes ≥ 0.3× linear over fresh memory",
+                          FIRST_WRITE_ROWS, "thin", "linear-fresh", 0.3, False)]
 
 
 def make_source_image(path: Path) -> None:
@@ -561,6 +693,7 @@ def main() -> int:
     core_workloads: list[Workload] = [w for w in [*COPY_JOBS, *FIO_JOBS]
                                       if "core" in sections and selected(w)]
     dm_workloads = [w for w in FIO_JOBS if "dm" in sections and selected(w)]
+    first_writes = [w for w in FIRST_WRITE_JOBS if "dm" in sections and selected(w)]
 
     started, report = begin("minidisk bench", settings_runtime, args.repeat)
     loads: list[float] = []
@@ -598,7 +731,7 @@ def main() -> int:
             report["core"] = {"samples": samples, "medians": medians}
             for goal in CORE_GOALS:
                 verdicts += goal.check(medians)
-        if dm_workloads:
+        if dm_workloads or first_writes:
             reason = dm_unavailable_reason(minidisk)
             if reason:
                 output += ["", f"dm not available: {reason}"]
@@ -606,8 +739,8 @@ def main() -> int:
             else:
                 print("## device-mapper", flush=True)
                 try:
-                    samples = run_dm(dm_workloads, settings, scratch,
-                                     minidisk.profiled_as(".dm"), loads)
+                    samples, first = run_dm(dm_workloads, first_writes, settings, scratch,
+                                            minidisk.profiled_as(".dm"), loads)
                 except (RuntimeError, subprocess.SubprocessError) as e:
                     output += ["", f"dm not available: {e}"]
                     report["dm"] = {"unavailable": str(e)}
@@ -623,6 +756,16 @@ def main() -> int:
                                     "stripe_chunk_sectors": STRIPE_CHUNK_SECTORS}
                     for goal in DM_GOALS:
                         verdicts += goal.check(medians)
+                    if first:
+                        lines, medians = median_table(
+                            first, ["linear", "linear-fresh", "thin", "origin"],
+                            [("thin", "linear"), ("thin", "linear-fresh"),
+                             ("origin", "linear"), ("origin", "linear-fresh")])
+                        output += ["", "## first writes: a new thin, and origin writes that copy "
+                                   "out to a new snapshot (medians, same server)", "", *lines]
+                        report["dm"]["first_writes"] = {"samples": first, "medians": medians}
+                        for goal in FIRST_WRITE_GOALS:
+                            verdicts += goal.check(medians)
 
     finish(report, output, loads, verdicts, f"{started}.json")
     return 0

@@ -17,7 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.dm.dm_helpers import SECTOR, idle_passes, pattern, read, registry_over, run, write
+from tests.dm.dm_helpers import (
+    SECTOR,
+    HeldDevice,
+    idle_passes,
+    pattern,
+    read,
+    registry_over,
+    run,
+    until,
+    write,
+)
 
 from minidisk.device.file import FileDevice
 from minidisk.device.memory import MemoryDevice
@@ -622,6 +632,178 @@ def test_failed_commit_sets_needs_check_and_read_only(thin: ThinSetup) -> None:
     run(again())
 
 
+def test_metadata_write_errors_under_load_leave_a_read_only_pool_that_keeps_flushed_data(
+        thin: ThinSetup) -> None:
+    """Fault injection under load: four writers keep provisioning blocks of two thins,
+    writing into blocks they provisioned and flushing, when the metadata device's table is
+    swapped for flakey with error_writes (always down) behind the superblock. The next
+    commit fails; the pool marks needs_check and goes read-only (reads still work, so the
+    transaction is aborted to the committed one, as 6.1 does). Then new blocks are
+    refused; a thin untouched since its last commit still takes writes into its blocks,
+    and its flush goes down to the data device. Loaded again over the good device, the
+    pool is read-only with needs_check, every write acknowledged before a flush that
+    returned with the pool still rw reads back, and so does the untouched thin's write;
+    `thin_check --clear-needs-check-flag` makes the pool writable again."""
+    reg = thin.registry()
+    meta_sectors = 4 * MB // SECTOR
+    durable: dict[tuple[int, int], bytes] = {}  # (thin, offset) -> bytes; each written once
+    refused = [0]
+
+    async def go() -> None:
+        await reg.create("meta", f"0 {meta_sectors} linear /dev/meta 0")
+        await reg.create("pool", f"0 {thin.data_sectors} thin-pool /dev/mapper/meta "
+                                 f"/dev/data {BLOCK} 0")
+        thins = {}
+        for i in (1, 2, 3):
+            await reg.message("pool", 0, ["create_thin", str(i)])
+            thins[i] = await reg.create(f"thin{i}", f"0 {64 * MB // SECTOR} thin "
+                                                   f"/dev/mapper/pool {i}")
+        await write(thins[3], 0, pattern(3, 4096))
+        await thins[3].flush()
+        durable[3, 0] = pattern(3, 4096)
+        swapped = asyncio.Event()
+
+        async def writer(seed: int) -> None:
+            rng = random.Random(seed)
+            # Each writer its own virtual blocks, each offset written once: what a read
+            # finds later is the one value written there, or what it was before.
+            blocks = list(range(seed, 240, 4))
+            rng.shuffle(blocks)
+            pending: dict[tuple[int, int], bytes] = {}
+            failures = 0
+            for vblock in blocks:
+                t = 1 + vblock % 2
+                for within in (0, 8192):  # a new block, then a write into it
+                    data = rng.randbytes(4096)
+                    try:
+                        await write(thins[t], vblock * BB + within, data)
+                        pending[t, vblock * BB + within] = data
+                        if rng.random() < 0.3:
+                            await thins[t].flush()
+                            # Returned with the pool still rw: all of it committed. (Once
+                            # it is read-only a flush may pass, as 6.1's does for a thin
+                            # whose changes went into the commit that failed.)
+                            if pool_fields(reg)[4] == "rw":
+                                durable.update(pending)
+                            pending.clear()
+                    except OSError:
+                        pending.clear()
+                        failures += 1
+                        refused[0] += 1
+                    await asyncio.sleep(0)
+                if swapped.is_set() and failures >= 5:
+                    return
+
+        tasks = [asyncio.create_task(writer(seed)) for seed in range(4)]
+
+        async def forty_flushed() -> None:  # flushes fsync the files: real time, not passes
+            while len(durable) < 40:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(forty_flushed(), 30)
+        await reg.load("meta", f"0 8 linear /dev/meta 0\n"
+                               f"8 {meta_sectors - 8} flakey /dev/meta 8 0 1 1 error_writes")
+        await reg.resume("meta")
+        swapped.set()
+        await asyncio.gather(*tasks)
+        fields = pool_fields(reg)
+        assert fields[4] == "ro" and fields[7] == "needs_check", fields
+        with pytest.raises(OSError):
+            await write(thins[1], 250 * BB, b"n" * 4096)  # a new block: refused
+        await write(thins[3], 4096, b"u" * 4096)  # into a committed block of its own
+        await thins[3].flush()
+        durable[3, 4096] = b"u" * 4096
+        for i in thins:
+            await reg.remove(f"thin{i}")
+        await reg.remove("pool")
+        await reg.remove("meta")
+
+    run(go())
+    assert refused[0] > 0 and len(durable) >= 40
+
+    async def reload() -> None:
+        reg2 = registry_over(thin.namespace())
+        await reg2.create("pool", thin.pool_table())
+        fields = pool_fields(reg2)
+        assert fields[4] == "ro" and fields[7] == "needs_check", fields
+        for i in (1, 2, 3):
+            t = await reg2.create(f"thin{i}", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool {i}")
+            for (which, offset), data in durable.items():
+                if which == i:
+                    assert await read(t, offset, len(data)) == data, (i, offset)
+        await teardown(reg2)
+
+    run(reload())
+    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
+                   capture_output=True, timeout=60)
+
+    async def writable() -> None:
+        reg2 = registry_over(thin.namespace())
+        await reg2.create("pool", thin.pool_table())
+        assert pool_fields(reg2)[4] == "rw"
+        await teardown(reg2)
+
+    run(writable())
+
+
+def test_a_flush_waits_for_the_commit_that_took_its_thins_changes() -> None:
+    """A commit under way has already taken the thin's changes (the thin no longer shows
+    any), so a second flush finds nothing of its own to commit; it must still wait for
+    that commit, which may fail, before it returns -- as 6.1's one worker ends a commit
+    before it looks at the next flush. Held metadata writes keep the commit under way."""
+    meta = HeldDevice(4 * MB)
+    meta.release.set()
+    reg = registry_over(DeviceDict({"/dev/meta": meta, "/dev/data": MemoryDevice(16 * MB)}))
+
+    async def go() -> None:
+        await reg.create("pool", f"0 {16 * MB // SECTOR} thin-pool /dev/meta /dev/data "
+                                 f"{BLOCK} 0")
+        await reg.message("pool", 0, ["create_thin", "1"])
+        t1 = await reg.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        await write(t1, 0, b"x" * 4096)
+        meta.release.clear()
+        first = asyncio.create_task(t1.flush())
+        await until(lambda: meta.held > 0)
+        second = asyncio.create_task(t1.flush())
+        await idle_passes()
+        assert not second.done()
+        meta.release.set()
+        await first
+        await second
+        await teardown(reg)
+
+    run(go())
+
+
+def test_a_flush_fails_on_a_thin_whose_changes_an_abort_lost(thin: ThinSetup) -> None:
+    """6.1's aborted_with_changes: when a metadata operation fails and the transaction is
+    aborted, a thin that had changed since the last commit fails every later flush (its
+    writes are gone), while one that had not still flushes; both stay readable."""
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, t2 = await make_pool(thin, reg, thins=2)
+        await write(t2, 0, pattern(2, BB))
+        await t2.flush()
+        await write(t1, 0, pattern(1, BB))  # provisioned, not committed
+        pool = pool_of(t1)
+        await pool.metadata_failed(OSError(errno.EIO, "injected"))
+        assert pool_fields(reg)[4] == "ro" and pool_fields(reg)[7] == "needs_check"
+        with pytest.raises(OSError):
+            await t1.flush()
+        with pytest.raises(OSError):
+            await write(t1, 0, b"x" * 512, fua=True)  # its block went with the abort
+        await write(t2, 4096, b"y" * 4096, fua=True)
+        await t2.flush()
+        assert await read(t2, 0, 8192) == pattern(2, BB)[:4096] + b"y" * 4096
+        assert await read(t1, 0, 512) == bytes(512)
+        await teardown(reg)
+
+    run(go())
+    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
+                   capture_output=True, timeout=60)
+
+
 def test_table_errors(thin: ThinSetup) -> None:
     reg = thin.registry()
 
@@ -690,9 +872,11 @@ def test_read_only_pool(thin: ThinSetup) -> None:
             await reg.create("pool", thin.pool_table("read_only"))
         assert e.value.errno == errno.EPERM
         assert not any(thin.meta.read_bytes()[:4096])
+        assert not thin_pool._POOLS  # the refused table's pool is gone with it
         t1, = await make_pool(thin, reg)
         await write(t1, 0, pattern(1, BB))
         await teardown(reg)
+        assert "mapping" in thin.dump()  # the pool was closed, so its mapping committed
         before = thin.meta.read_bytes()
         await reg.create("pool", thin.pool_table("read_only"))
         t1 = await reg.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")

@@ -169,7 +169,13 @@ class MappedDevice(RoutedIO, Revocable):
         if self.inactive is not None:
             await self.suspend()
             new, self.inactive = self.inactive, None
-            await new.resume()
+            try:
+                await new.resume()
+            except BaseException:
+                # Not lost: a removal destroys it (a refused `create` removes the device,
+                # as libdevmapper does), a later resume tries it again.
+                self.inactive = new
+                raise
             old = self.live if self.has_live else None
             self._apply(new)
             self.has_live = True

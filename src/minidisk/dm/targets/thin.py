@@ -3,7 +3,8 @@
 The pool is found through its mapped device's table, as the kernel's thin_ctr finds it
 through the pool's mapped device. The thin's size is its table's length; the pool keeps
 none. Reads of unmapped blocks give zeroes, or the external origin's bytes where it has
-them; writes are provisioned by the pool (thin_pool.py). FLUSH and FUA commit the pool.
+them; writes are provisioned by the pool (thin_pool.py). FLUSH and FUA commit the pool when
+the thin changed (Pool.flush_thin).
 Status: `<mapped sectors> <highest mapped sector>` (`-` when nothing is mapped), or Fail.
 """
 
@@ -90,7 +91,7 @@ class Thin(Target):
             self.pool.close_thin(self.dev_id)
 
     async def flush(self) -> None:
-        await self.pool.commit()
+        await self.pool.flush_thin(self.dev_id)
 
     # I/O
 
@@ -163,12 +164,12 @@ class Thin(Target):
             if type(found) is tuple and not found[1]:
                 await pool.data.pwrite(buf, found[0] * bs + within)
                 if fua:
-                    await pool.commit()
+                    await pool.flush_thin(self.dev_id)
                 return
         for vblock, within, pos, n in self._pieces(offset, len(buf)):
             await self._write_block(buf[pos:pos + n], vblock, within)
         if fua:
-            await pool.commit()
+            await pool.flush_thin(self.dev_id)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Unmap the whole blocks inside the range; parts of blocks stay as they are (as
@@ -181,7 +182,7 @@ class Thin(Target):
         for vblock in range(-(-offset // bs), (offset + length) // bs):
             await self.pool.discard(self.dev_id, vblock)
         if fua:
-            await self.pool.commit()
+            await self.pool.flush_thin(self.dev_id)
 
     async def _write_block(self, view: memoryview, vblock: int, within: int) -> None:
         pool, bs = self.pool, self.bs

@@ -84,6 +84,9 @@ class Pool:
         self.provisions = 0
         self.committers = 0
         self.cells: dict[tuple[int, int], asyncio.Event] = {}
+        # Thins whose changes an aborted transaction lost (6.1's aborted_with_changes): a
+        # flush on one fails from then on, until the pool's metadata is opened afresh.
+        self.aborted_with_changes: set[int] = set()
         self.space = asyncio.Event()  # set when writes waiting for space may retry
         self.low_water = 0
         self.low_water_triggered = False
@@ -111,6 +114,7 @@ class Pool:
                 # read_only "cannot be specified on initial thin-pool creation" (the doc).
                 await md.open(may_format=not target.read_only)
                 self.md = md
+                self.aborted_with_changes.clear()
                 for dev_id in md.devices:
                     self.highest[dev_id] = await md.highest_mapped(dev_id)
                 if md.needs_check:
@@ -175,6 +179,7 @@ class Pool:
         log.error("thin-pool: metadata operation failed: %s", e)
         try:
             md = self.metadata()
+            self.aborted_with_changes |= {d.id for d in md.devices.values() if d.changed}
             await md.set_needs_check()
             fresh = PoolMetadata(self.metadata_dev, self.block_sectors)
             await fresh.open()
@@ -235,6 +240,32 @@ class Pool:
             async with self.gate:
                 self.committers -= 1
                 self.gate.notify_all()
+
+    async def flush_thin(self, dev_id: int) -> None:
+        """A FLUSH (or FUA) to thin `dev_id`, as 6.1 handles one: it commits only when
+        that thin changed in this transaction (bio_triggers_commit), else it goes down to
+        the data device; it fails when the pool has failed, when an aborted transaction
+        lost that thin's changes, or when the commit it needs is refused (read-only and
+        out-of-metadata-space pools: 6.1's commit() gives -EINVAL and errors the flush)."""
+        md = self.md
+        if self.mode == FAIL or md is None:
+            raise _pool_error("thin-pool has failed")
+        if dev_id in self.aborted_with_changes:
+            raise _pool_error(f"thin {dev_id}: changes were lost when the pool's metadata "
+                              "transaction was aborted")
+        d = md.devices.get(dev_id)
+        if d is None or not d.changed:
+            # Unchanged, or its changes are in a commit under way (which holds the lock):
+            # that commit ends first, as 6.1's one worker ends a commit before it looks at
+            # the next flush, so a flush that returns in rw mode has its writes committed.
+            async with self.lock:
+                pass
+            await flush_device(self.data)
+            return
+        if self.mode in _NO_METADATA_CHANGES:
+            state = "read-only" if self.mode == READ_ONLY else "out of metadata space"
+            raise _pool_error(f"thin-pool is {state}: cannot commit")
+        await self.commit()
 
     # Lookups and provisioning (for thin.py)
 

@@ -404,7 +404,7 @@ class PoolMetadata:
         await self._store_root(dev_id, old, root)
         if new:
             d.mapped_blocks += 1
-            d.changed = True
+        d.changed = True  # as 6.1's __insert: a remap changes the thin too
         self._touch()
 
     async def remove_block(self, dev_id: int, vblock: int) -> bool:
