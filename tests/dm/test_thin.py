@@ -433,6 +433,12 @@ def test_flush_commits_and_nothing_else_does(thin: ThinSetup,
         assert 'origin_block="0"' in thin.dump()
         await write(t1, 5 * BB, pattern(1, BB), fua=True)
         assert 'origin_block="5"' in thin.dump()
+        # A FUA write into a block provisioned but not committed commits it, though the
+        # block itself needs nothing new (the fast path must not take it: route.py).
+        await write(t1, 7 * BB, b"p" * 4096)
+        assert 'origin_block="7"' not in thin.dump()
+        await write(t1, 7 * BB + 4096, b"f" * 4096, fua=True)
+        assert 'origin_block="7"' in thin.dump()
         thin.check()
         await teardown(reg)
 
@@ -802,6 +808,38 @@ def test_a_flush_fails_on_a_thin_whose_changes_an_abort_lost(thin: ThinSetup) ->
     run(go())
     subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
                    capture_output=True, timeout=60)
+
+
+def test_a_reload_refused_at_resume_leaves_the_device_suspended_on_the_new_table(
+        thin: ThinSetup) -> None:
+    """What 6.1 did in the guest: a pool reloaded shorter than its metadata's data size
+    fails its preresume; `dmsetup info` then shows SUSPENDED with only a LIVE table, which
+    is the new one (the old one is gone), and a second resume fails the same way. Loaded
+    again with the right size, it resumes; the thin still reads its block."""
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        await write(t1, 0, pattern(1, BB))
+        await t1.flush()
+        await reg.remove("thin1")
+        await reg.load("pool", thin.pool_table(sectors=thin.data_sectors // 2))
+        for _ in range(2):
+            with pytest.raises(OSError) as e:
+                await reg.resume("pool")
+            assert e.value.errno == errno.EINVAL
+            info = reg.info("pool")
+            assert info.suspended and info.live_table and not info.inactive_table
+            (_, length, _, _), = reg.table("pool")
+            assert length == thin.data_sectors // 2
+        await reg.load("pool", thin.pool_table())
+        await reg.resume("pool")
+        assert not reg.info("pool").suspended
+        t1 = await reg.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        assert await read(t1, 0, BB) == pattern(1, BB)
+        await teardown(reg)
+
+    run(go())
 
 
 def test_table_errors(thin: ThinSetup) -> None:

@@ -38,7 +38,7 @@ BANNER = b"Linux version "
 # What 6.1 logs when it oopses or finds its own memory corrupted: once it has, the guest's
 # answers are the broken kernel's, not 6.1's.
 KERNEL_CRASH = re.compile(r"^.*(?:BUG:|Oops:|kernel BUG at|list_del corruption|"
-                          r"general protection fault).*$", re.M)
+                          r"general protection fault|Kernel panic).*$", re.M)
 
 
 def kernel_crash(dmesg: str) -> str:

@@ -163,28 +163,24 @@ class MappedDevice(RoutedIO, Revocable):
         if not noflush and self.has_live:
             await live.flush()
 
-    async def resume(self) -> Mapping | None:
-        """Swap in the inactive table if there is one; return the table it replaced."""
-        old: Mapping | None = None
-        if self.inactive is not None:
-            await self.suspend()
-            new, self.inactive = self.inactive, None
-            try:
-                await new.resume()
-            except BaseException:
-                # Not lost: a removal destroys it (a refused `create` removes the device,
-                # as libdevmapper does), a later resume tries it again.
-                self.inactive = new
-                raise
-            old = self.live if self.has_live else None
-            self._apply(new)
-            self.has_live = True
-        elif self._suspended and self.has_live:
+    def swap_tables(self) -> Mapping | None:
+        """dm_swap_table, on a suspended device: the inactive table goes live, before its
+        targets' preresume (`resume`); returns the table it replaced."""
+        assert self._suspended and self.inactive is not None
+        new, self.inactive = self.inactive, None
+        old = self.live if self.has_live else None
+        self._apply(new)
+        self.has_live = True
+        return old
+
+    async def resume(self) -> None:
+        """Resume the live table's targets and let I/O through. A target that refuses
+        (its preresume) leaves the device suspended; a later resume tries again."""
+        if self._suspended and self.has_live:
             await self.live.resume()
         self._suspended = False
         self._blocked = self.revoked
         self._resumed.set()
-        return old
 
     def take_tables(self) -> list[Mapping]:
         """For removal: empty both slots and fail queued I/O; return the tables to destroy."""

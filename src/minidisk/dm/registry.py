@@ -190,8 +190,7 @@ class Registry:
         try:
             if segments is not None:
                 await self._load(dev, segments)
-                old = await dev.resume()
-                assert old is None
+                await self._resume(dev)
             if self.publisher is not None:
                 self.publisher.register_device(dev.mapper_key, dev, f"dm {name}")
         except BaseException:
@@ -249,7 +248,21 @@ class Registry:
     async def resume(self, name: str) -> None:
         dev = self.get(name)
         async with self._lock(dev):
-            old = await dev.resume()
+            await self._resume(dev)
+
+    @staticmethod
+    async def _resume(dev: MappedDevice) -> None:
+        """6.1's do_resume: an inactive table goes live first (dm_swap_table), then the
+        targets resume; if one refuses, the device stays suspended on the new table (a
+        refused `create` is removed, as libdevmapper reverts it). The replaced table is
+        destroyed either way, as the kernel destroys it."""
+        old = None
+        if dev.inactive is not None:
+            await dev.suspend()
+            old = dev.swap_tables()
+        try:
+            await dev.resume()
+        finally:
             if old is not None:
                 await old.destroy()
 
@@ -281,9 +294,7 @@ class Registry:
             return True
         if force and dev.has_live:
             await self._load(dev, [Segment(0, dev.live.sectors, "error", ())])
-            old = await dev.resume()
-            if old is not None:
-                await old.destroy()
+            await self._resume(dev)
         if deferred:
             dev.deferred_remove = True
             if self._reaper is None:

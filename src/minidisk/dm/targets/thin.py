@@ -14,6 +14,7 @@ import errno
 
 from minidisk.device.api import BlockSize, Caps
 from minidisk.dm.mapped import MappedDevice
+from minidisk.dm.route import Hop, unwrap
 from minidisk.dm.status import ThinStatus
 from minidisk.dm.status_table import ThinTable
 from minidisk.dm.table import SECTOR
@@ -58,6 +59,27 @@ class Thin(Target):
                          rotational=data.caps.rotational)
         self.block_size = BlockSize(SECTOR, 4096)
         self._zeroes = bytes(self.bs)
+        self._data_gate, self._data_device = unwrap(data)
+        self.routable = data.caps.extents  # route.py: holes are the data device's to tell
+
+    def route(self, offset: int, length: int) -> Hop | None:
+        """A read or write inside one provisioned block goes straight to the data device
+        (route.py), when the lookup needs no lock (`Pool.lookup_cached`), no snapshot
+        shares the block (a write must not go there) and the thin has no uncommitted
+        change (a FUA write would have to commit it): it then costs what linear's does.
+        Anything else comes to pread and pwrite below."""
+        bs = self.bs
+        vblock, within = divmod(offset, bs)
+        if within + length > bs:
+            return None
+        pool = self.pool
+        found = pool.lookup_cached(self.dev_id, vblock)
+        if type(found) is not tuple or found[1]:
+            return None
+        md = pool.md
+        if md is None or md.devices[self.dev_id].changed:
+            return None
+        return self._data_gate, self._data_device, found[0] * bs + within, 0
 
     def status_table(self) -> ThinTable:
         return ThinTable(self.pool_ref.key, self.dev_id,
