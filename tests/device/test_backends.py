@@ -12,8 +12,9 @@ import pytest
 
 from minidisk.device.api import EXTENT_HOLE, EXTENT_ZERO, Extent
 from minidisk.device.file import FileDevice
-from minidisk.device.memory import PAGE, MemoryDevice
+from minidisk.device.memory import MemoryDevice
 from minidisk.device.null import NullDevice, ZeroDevice
+from minidisk.device.pages import PAGE
 
 HOLE = EXTENT_HOLE | EXTENT_ZERO
 

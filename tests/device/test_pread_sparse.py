@@ -16,7 +16,8 @@ from tests import harness
 
 from minidisk.device.api import EXTENT_ZERO, BlockDevice
 from minidisk.device.file import FileDevice
-from minidisk.device.memory import PAGE, MemoryDevice
+from minidisk.device.memory import MemoryDevice
+from minidisk.device.pages import PAGE
 from minidisk.device.revocable import RevocableDevice
 from minidisk.dm.devices import DeviceDict
 from minidisk.dm.registry import Registry
