@@ -343,6 +343,60 @@ def test_a_partial_first_write_zeroes_the_rest_of_its_block(thin: ThinSetup, dat
     run(go())
 
 
+def test_blocks_a_thin_remembers_for_its_fast_path_are_forgotten_when_metadata_changes(
+        thin: ThinSetup) -> None:
+    """route() remembers where provisioned blocks are; a snapshot (the blocks become
+    shared), a discard (a block unmapped) or an aborted transaction must each stop it
+    sending a read or write there."""
+    reg = thin.registry()
+
+    async def go() -> None:
+        t1, = await make_pool(thin, reg)
+        for b in range(4):
+            await write(t1, b * BB, pattern(b, BB))
+        await t1.flush()
+        for b in range(4):
+            assert await read(t1, b * BB, 4096) == pattern(b, BB)[:4096]
+        target = t1.live.targets[0]
+        assert isinstance(target, Thin) and len(target._fast) == 4
+        # Unmapped, then written again: the write provisions a new block, which is where
+        # the metadata (read again from disk at the end) says block 2 is.
+        await t1.trim(2 * BB, BB)
+        await write(t1, 2 * BB, b"r" * 4096)
+        await t1.flush()
+        assert await read(t1, 2 * BB, 4096) == b"r" * 4096
+        await reg.suspend("thin1")
+        await reg.message("pool", 0, ["create_snap", "2", "1"])
+        await reg.resume("thin1")
+        snap = await reg.create("snap", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 2")
+        await write(t1, 0, b"o" * 4096)  # shared now: a new block, not the remembered one
+        assert await read(snap, 0, 4096) == pattern(0, BB)[:4096]
+        assert await read(t1, 0, 4096) == b"o" * 4096
+        await t1.trim(BB, BB)
+        assert await read(t1, BB, 4096) == bytes(4096)
+        assert await read(snap, BB, 4096) == pattern(1, BB)[:4096]
+        assert await read(snap, 2 * BB, 4096) == b"r" * 4096
+        await t1.flush()
+        assert await read(t1, 3 * BB, 4096) == pattern(3, BB)[:4096]  # remembered again
+        await write(t1, 5 * BB, b"n" * 4096)  # provisioned in the transaction about to go
+        await pool_of(t1).metadata_failed(OSError(errno.EIO, "injected"))
+        assert await read(t1, 5 * BB, 4096) == bytes(4096)
+        await teardown(reg)
+
+    run(go())
+    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
+                   capture_output=True, timeout=60)
+
+    async def reopened() -> None:
+        reg2 = registry_over(thin.namespace())
+        await reg2.create("pool", thin.pool_table())
+        t1 = await reg2.create("thin1", f"0 {64 * MB // SECTOR} thin /dev/mapper/pool 1")
+        assert await read(t1, 2 * BB, 4096) == b"r" * 4096
+        await teardown(reg2)
+
+    run(reopened())
+
+
 def test_lookups_without_the_lock_wait_while_a_metadata_change_is_half_done(
         thin: ThinSetup) -> None:
     """The lock-free lookup (`Pool.lookup_cached`) is safe only because nothing changes the

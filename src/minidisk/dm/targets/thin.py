@@ -21,7 +21,9 @@ from minidisk.dm.table import SECTOR
 from minidisk.dm.target import DeviceRef, Target, TargetContext, TargetError, parse_uint
 from minidisk.dm.targets.thin_pool import FAIL, Pool, ThinPool
 from minidisk.dm.thin.btree import Missing
-from minidisk.dm.thin.metadata import MAX_DEV_ID
+from minidisk.dm.thin.metadata import MAX_DEV_ID, PoolMetadata
+
+FAST_BLOCKS = 1 << 18  # blocks a thin remembers for route(): 16 GiB of 64 KiB blocks
 
 
 def _find_pool(device: object) -> Pool:
@@ -61,25 +63,41 @@ class Thin(Target):
         self._zeroes = bytes(self.bs)
         self._data_gate, self._data_device = unwrap(data)
         self.routable = data.caps.extents  # route.py: holes are the data device's to tell
+        self._fast: dict[int, int] = {}  # virtual block -> its data block's byte offset
+        self._fast_md: PoolMetadata | None = None
+        self._fast_generation = -1
 
     def route(self, offset: int, length: int) -> Hop | None:
         """A read or write inside one provisioned block goes straight to the data device
         (route.py), when the lookup needs no lock (`Pool.lookup_cached`), no snapshot
         shares the block (a write must not go there) and the thin has no uncommitted
         change (a FUA write would have to commit it): it then costs what linear's does.
+        Blocks found so are remembered (`_fast`) while the metadata's generation holds
+        still: any change of mappings, sharing or devices starts by bumping it, and a
+        change half done holds the pool's lock, under which nothing is remembered.
         Anything else comes to pread and pwrite below."""
         bs = self.bs
         vblock, within = divmod(offset, bs)
         if within + length > bs:
             return None
         pool = self.pool
-        found = pool.lookup_cached(self.dev_id, vblock)
-        if type(found) is not tuple or found[1]:
-            return None
         md = pool.md
-        if md is None or md.devices[self.dev_id].changed:
+        if md is None or pool.mode == FAIL:
             return None
-        return self._data_gate, self._data_device, found[0] * bs + within, 0
+        if md is self._fast_md and md.generation == self._fast_generation:
+            at = self._fast.get(vblock)
+            if at is not None:
+                return self._data_gate, self._data_device, at + within, 0
+        else:
+            self._fast.clear()
+            self._fast_md, self._fast_generation = md, md.generation
+        found = pool.lookup_cached(self.dev_id, vblock)
+        if type(found) is not tuple or found[1] or md.devices[self.dev_id].changed:
+            return None
+        at = found[0] * bs
+        if len(self._fast) < FAST_BLOCKS:
+            self._fast[vblock] = at
+        return self._data_gate, self._data_device, at + within, 0
 
     def status_table(self) -> ThinTable:
         return ThinTable(self.pool_ref.key, self.dev_id,

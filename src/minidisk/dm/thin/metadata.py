@@ -122,6 +122,10 @@ class PoolMetadata:
         # top-level tree drop the entry.
         self._roots: dict[int, int] = {}
         self.changed = False
+        # Bumped as each change of mappings, sharing or devices begins (before its first
+        # await): what a thin remembers of its mappings (thin.py's route) is good only
+        # while this holds still.
+        self.generation = 0
 
     # Opening
 
@@ -284,6 +288,7 @@ class PoolMetadata:
         return d
 
     async def create_thin(self, dev_id: int) -> None:
+        self.generation += 1
         if dev_id in self.devices:
             raise OSError(errno.EEXIST, f"device {dev_id} already exists")
         root = btree.empty(self.store, 8)
@@ -294,6 +299,7 @@ class PoolMetadata:
         self._touch()
 
     async def create_snap(self, dev_id: int, origin_id: int) -> None:
+        self.generation += 1
         if dev_id in self.devices:
             raise OSError(errno.EEXIST, f"device {dev_id} already exists")
         origin = self.devices.get(origin_id)
@@ -312,6 +318,7 @@ class PoolMetadata:
         self._touch()
 
     async def delete(self, dev_id: int) -> None:
+        self.generation += 1
         d = self.devices.get(dev_id)
         if d is None:
             raise OSError(errno.ENODATA, f"device {dev_id} does not exist")
@@ -397,6 +404,7 @@ class PoolMetadata:
 
     async def insert_block(self, dev_id: int, vblock: int, data_block: int) -> None:
         """Map `vblock` to `data_block`, whose one reference the mapping takes over."""
+        self.generation += 1
         d = self.devices[dev_id]
         old = await self.device_root(dev_id)
         root, new = await btree.insert(self.store, old, vblock,
@@ -408,6 +416,7 @@ class PoolMetadata:
         self._touch()
 
     async def remove_block(self, dev_id: int, vblock: int) -> bool:
+        self.generation += 1
         d = self.devices[dev_id]
         old = await self.device_root(dev_id)
         root, found = await btree.remove(self.store, old, vblock, self.data_refs)
