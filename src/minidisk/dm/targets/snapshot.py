@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 
 from minidisk.dm.cowstore import ExceptionStore, StoreError, create_store
+from minidisk.dm.route import Hop, unwrap
 from minidisk.dm.snapshot_origins import (
     ChunkCounts,
     Origin,
@@ -130,6 +131,25 @@ class Snapshot(Target):
         self._allocated = 0
         self._committed = 0
         self._turn = asyncio.Event()
+        self._cow_gate, self._cow_device = unwrap(self.cow)
+        # route.py: the COW device tells its holes; a merge counts the writes it waits for.
+        self.routable = not self.merge and self.cow.caps.extents
+
+    def route(self, offset: int, length: int) -> Hop | None:
+        """A read or write inside one chunk whose exception is complete goes straight to
+        its COW chunk (route.py): both go there, so the hop does not depend on which it
+        is. Chunks without one (reads go to the origin, writes make the exception) and
+        anything once the snapshot is invalid or overflowed come to pread and pwrite."""
+        if not self.valid or self.overflowed:
+            return None
+        cb = self.store.chunk_bytes
+        chunk, inside = divmod(offset, cb)
+        if inside + length > cb:
+            return None
+        new = self.complete.get(chunk)
+        if new is None:
+            return None
+        return self._cow_gate, self._cow_device, new * cb + inside, 0
 
     @staticmethod
     def _parse_features(words: list[str]) -> list[str]:
