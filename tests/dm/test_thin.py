@@ -87,6 +87,12 @@ class ThinSetup:
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout + done.stderr
 
+    def repair(self) -> None:
+        """`thin_check --clear-needs-check-flag`: what an administrator runs on a pool
+        that failed a commit, before it may be writable again."""
+        subprocess.run(["thin_check", "--clear-needs-check-flag", str(self.meta)], check=True,
+                       capture_output=True, timeout=60)
+
     def dump(self, *options: str) -> str:
         return subprocess.run(["thin_dump", *options, str(self.meta)], capture_output=True,
                               text=True, check=True, timeout=60).stdout
@@ -384,8 +390,7 @@ def test_blocks_a_thin_remembers_for_its_fast_path_are_forgotten_when_metadata_c
         await teardown(reg)
 
     run(go())
-    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
-                   capture_output=True, timeout=60)
+    thin.repair()
 
     async def reopened() -> None:
         reg2 = registry_over(thin.namespace())
@@ -679,8 +684,7 @@ def test_failed_commit_sets_needs_check_and_read_only(thin: ThinSetup) -> None:
         await teardown(reg2)
 
     run(read_only())
-    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
-                   capture_output=True, timeout=60)
+    thin.repair()
     assert 'flags="0"' in thin.dump()
 
     async def again() -> None:
@@ -794,8 +798,7 @@ def test_metadata_write_errors_under_load_leave_a_read_only_pool_that_keeps_flus
         await teardown(reg2)
 
     run(reload())
-    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
-                   capture_output=True, timeout=60)
+    thin.repair()
 
     async def writable() -> None:
         reg2 = registry_over(thin.namespace())
@@ -835,6 +838,48 @@ def test_a_flush_waits_for_the_commit_that_took_its_thins_changes() -> None:
     run(go())
 
 
+def test_a_commit_waits_for_a_provisioning_under_way_and_new_ones_wait_for_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Committed metadata never maps a block whose data is not written: a commit (thin2's
+    flush) that comes while a new block of thin1's is being written (held here) waits for
+    it, and a
+    provisioning that starts while that commit waits is held back until it is done."""
+    monkeypatch.setattr(thin_pool, "COMMIT_PERIOD", 3600.0)  # no timer commit to wake it
+    data = HeldDevice(16 * MB)
+    data.release.set()
+    meta = MemoryDevice(4 * MB)
+    reg = registry_over(DeviceDict({"/dev/meta": meta, "/dev/data": data}))
+
+    async def go() -> None:
+        await reg.create("pool", f"0 {16 * MB // SECTOR} thin-pool /dev/meta /dev/data "
+                                 f"{BLOCK} 0")
+        thins = []
+        for i in (1, 2):
+            await reg.message("pool", 0, ["create_thin", str(i)])
+            thins.append(await reg.create(f"thin{i}", f"0 {64 * MB // SECTOR} thin "
+                                                      f"/dev/mapper/pool {i}"))
+        t1, t2 = thins
+        pool = pool_of(t1)
+        await write(t2, 0, b"c" * 4096)  # a change of thin2's, for its flush to commit
+        data.release.clear()
+        first = asyncio.create_task(write(t1, 0, b"a" * 4096))
+        await until(lambda: data.held > 0)
+        flush = asyncio.create_task(t2.flush())
+        await until(lambda: pool.committers > 0)
+        second = asyncio.create_task(write(t1, 3 * BB, b"b" * 4096))
+        await idle_passes()
+        assert not flush.done() and not second.done() and pool.provisions == 1
+        data.release.set()
+        await first
+        await asyncio.wait_for(flush, 10)
+        await asyncio.wait_for(second, 10)
+        assert await read(t1, 0, 4096) == b"a" * 4096
+        assert await read(t1, 3 * BB, 4096) == b"b" * 4096
+        await teardown(reg)
+
+    run(go())
+
+
 def test_a_flush_fails_on_a_thin_whose_changes_an_abort_lost(thin: ThinSetup) -> None:
     """6.1's aborted_with_changes: when a metadata operation fails and the transaction is
     aborted, a thin that had changed since the last commit fails every later flush (its
@@ -860,8 +905,7 @@ def test_a_flush_fails_on_a_thin_whose_changes_an_abort_lost(thin: ThinSetup) ->
         await teardown(reg)
 
     run(go())
-    subprocess.run(["thin_check", "--clear-needs-check-flag", str(thin.meta)], check=True,
-                   capture_output=True, timeout=60)
+    thin.repair()
 
 
 def test_a_reload_refused_at_resume_leaves_the_device_suspended_on_the_new_table(

@@ -320,9 +320,7 @@ class Pool:
                         owner.free_data_block(block)
                 raise
             finally:
-                async with self.gate:
-                    self.provisions -= 1
-                    self.gate.notify_all()
+                await self._count_out()
         finally:
             del self.cells[key]
             cell.set()
@@ -331,8 +329,11 @@ class Pool:
     async def _enter_and_alloc(self) -> int | None:
         """Count a provisioning in (not while a commit waits) and allocate; None (and
         counted out again) when the data device is full and the caller should wait."""
-        async with self.gate:
-            await self.gate.wait_for(lambda: not self.committers)
+        if self.committers:  # a commit waits for provisionings to end: none start meanwhile
+            async with self.gate:
+                await self.gate.wait_for(lambda: not self.committers)
+                self.provisions += 1
+        else:  # nothing to wait for (the common case), so no trip through the gate
             self.provisions += 1
         try:
             self.check_writable()
@@ -349,13 +350,9 @@ class Pool:
                 except NoSpace:
                     pass
         except BaseException:
-            async with self.gate:
-                self.provisions -= 1
-                self.gate.notify_all()
+            await self._count_out()
             raise
-        async with self.gate:
-            self.provisions -= 1
-            self.gate.notify_all()
+        await self._count_out()
         # Blocks freed in this transaction become usable once it commits.
         await self.commit()
         async with self.lock:
@@ -366,6 +363,13 @@ class Pool:
         if self.error_if_no_space:
             raise OSError(errno.ENOSPC, "thin-pool is out of data space")
         return None
+
+    async def _count_out(self) -> None:
+        """A provisioning has ended; a commit waiting for none to be left hears of it."""
+        self.provisions -= 1
+        if self.committers:
+            async with self.gate:
+                self.gate.notify_all()
 
     async def _wait_for_space(self) -> None:
         """Queue until a resume (that may have grown the data device) or the timeout."""
