@@ -5,7 +5,9 @@ Starts the three servers side by side (each on its own unix socket under a fresh
 directory), prefills every device, then runs each workload on each server in turn, repeated
 and interleaved so that noise on this shared VM spreads evenly over the servers; the median of
 the repeats is reported.  Issue 4's device-mapper rows (linear and 4-way striped over memory
-devices against the raw memory device) are added when `minidisk serve` has `--table`.
+devices against the raw memory device; crypt, thin and snapshot against linear; first writes
+to a new thin and to an origin with a new snapshot) are added when `minidisk serve` has
+`--table`.
 
 Next to each throughput it prints the CPU each server spent (/proc/PID/stat, all threads) per
 4 KiB request or per MiB moved, so that a ratio set by the client rather than by the server
