@@ -150,6 +150,33 @@ def test_reads_spanning_runs_of_exceptions_and_origin_chunks() -> None:
     run(main())
 
 
+def test_writes_spanning_runs_of_exceptions_and_new_chunks() -> None:
+    """A snapshot writes a run of chunks whose exceptions follow each other in the COW
+    device at once; random spans over such runs, over exceptions out of order and over
+    chunks that have none yet (unaligned at both ends) leave exactly the model's bytes,
+    and the origin keeps its own."""
+    async def main() -> None:
+        reg, ns = setup(2 << 20)
+        before = await fill_origin(ns)
+        await snapshots(reg, "P 8")  # 4 KiB chunks
+        snap = reg.get("snap0")
+        expected = bytearray(before)
+        rng = random.Random(7)
+        for i in range(4):  # exceptions in reverse order
+            data = pattern(70 + i, K)
+            await write(snap, (30 - i) * K, data)
+            expected[(30 - i) * K:(31 - i) * K] = data
+        for n in range(150):
+            offset = rng.randrange(0, 40 * K // SECTOR) * SECTOR
+            length = rng.randrange(1, 12 * K // SECTOR) * SECTOR
+            data = pattern(100 + n, length)
+            await write(snap, offset, data)
+            expected[offset:offset + length] = data
+        assert await read(snap, 0, ORIGIN) == bytes(expected)
+        assert await read(reg.get("base"), 0, ORIGIN) == before
+    run(main())
+
+
 def test_stomping_origin_and_snapshots_at_once() -> None:
     """Writes to the snapshots never reach the origin nor each other; writes to the origin
     never reach a snapshot; all at the same time, chunks shared between them."""
