@@ -123,16 +123,22 @@ def test_origin_writes_copy_out_to_every_snapshot() -> None:
     run(main())
 
 
+async def one_snapshot_of_4k_chunks() -> tuple[Registry, BlockDevice, bytes]:
+    """(registry, snapshot `snap0` (P, 4 KiB chunks) of a filled origin, the origin's
+    bytes)."""
+    reg, ns = setup(2 << 20)
+    before = await fill_origin(ns)
+    await snapshots(reg, "P 8")
+    return reg, reg.get("snap0"), before
+
+
 def test_reads_spanning_runs_of_exceptions_and_origin_chunks() -> None:
     """A snapshot reads a run of chunks at once (exceptions next to each other in the COW
     device, or chunks without one); every span, from any offset, reads what was written
     there or else the origin's bytes, also where writes in reverse order left exceptions out
     of order in the COW device."""
     async def main() -> None:
-        reg, ns = setup(2 << 20)
-        before = await fill_origin(ns)
-        await snapshots(reg, "P 8")  # 4 KiB chunks
-        snap = reg.get("snap0")
+        reg, snap, before = await one_snapshot_of_4k_chunks()
         expected = bytearray(before)
         writes = [(0, 3 * K), (5 * K, K), (9 * K + 512, 2 * K), (20 * K, 4 * K)]
         writes += [(40 * K - i * K, K) for i in range(4)]  # exceptions in reverse order
@@ -156,10 +162,7 @@ def test_writes_spanning_runs_of_exceptions_and_new_chunks() -> None:
     chunks that have none yet (unaligned at both ends) leave exactly the model's bytes,
     and the origin keeps its own."""
     async def main() -> None:
-        reg, ns = setup(2 << 20)
-        before = await fill_origin(ns)
-        await snapshots(reg, "P 8")  # 4 KiB chunks
-        snap = reg.get("snap0")
+        reg, snap, before = await one_snapshot_of_4k_chunks()
         expected = bytearray(before)
         rng = random.Random(7)
         for i in range(4):  # exceptions in reverse order
