@@ -51,25 +51,29 @@ def boot(guest_kernel: Kernel, use_kvm: bool, tmp_path_factory: pytest.TempPathF
     imports ~5x faster. Boot times go to vm-boots.txt in pytest's base temporary directory.
     """
     def run(name: str, script: str, timeout: float = BOOT_TIMEOUT,
-            vng_args: Sequence[str] = (), python: bool = False) -> GuestRun:
+            vng_args: Sequence[str] = (), python: bool = False,
+            crash_grace: float = 60.0) -> GuestRun:
         results = tmp_path_factory.mktemp(f"vm-{name}")
         if python:  # a script that runs minidisk: its Python from virtio disks (pyimage.py)
             images = python_images(ROOT / ".cache" / "vm-images", results / "checkout.img")
             script = images.mount_script + script
             vng_args = [*vng_args, *images.vng_args()]
         guest = run_in_guest(script, results, kernel=guest_kernel, kvm=use_kvm, timeout=timeout,
-                             vng_args=vng_args)
+                             vng_args=vng_args, crash_grace=crash_grace)
         log(name, guest)
         crash = kernel_crash(guest.console) if guest.status is None else ""
         if crash:
             # 6.1 under TCG sometimes panics on its own (seen: "corrupted stack end detected
-            # inside scheduler" in 9p's client, with no dm or nbd on the stack): that boot
-            # says nothing of the script, so it gets one fresh guest. Two panics fail.
+            # inside scheduler" in 9p's client, with no dm or nbd on the stack), or finds its
+            # memory corrupt and hangs ("BUG: Bad page state"; the harness ends such a guest
+            # crash_grace seconds later): that boot says nothing of the script, so it gets
+            # one fresh guest. Two crashes fail.
             first = guest
             results = tmp_path_factory.mktemp(f"vm-{name}-again")  # the images are read-only
             guest = run_in_guest(script, results, kernel=guest_kernel, kvm=use_kvm,
-                                 timeout=timeout, vng_args=vng_args)
-            log(f"{name} (again: the first boot's kernel panicked)", guest)
+                                 timeout=timeout, vng_args=vng_args,
+                                 crash_grace=crash_grace)
+            log(f"{name} (again: the first boot's kernel crashed)", guest)
             if guest.status is None:
                 pytest.fail(f"guest {name} did not finish its script twice; the first "
                             f"kernel crashed:\n{crash}\n{guest.explain()}\n"
